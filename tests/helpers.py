@@ -1,0 +1,29 @@
+"""Shared test fixtures: small configs built from the shipped presets."""
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_preset(name: str):
+  path = os.path.join(ROOT, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'cfg_{name.replace("/", "_")}', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def small_tiny(**over):
+  """configs/tiny.py with CI-sized data and steps; every component still on."""
+  c = load_preset('tiny')
+  c.model.n_layers = 2
+  c.engram.layer_ids = (1,)
+  c.dsa.topk = 8
+  c.data.update(seq_len=32, global_batch=8, max_docs=24)
+  c.train.update(steps=6, log_every=1, eval_every=0, eval_steps=1)
+  c.checkpoint.update(every=2, async_save=False)
+  c.log.update(tensorboard=False, progress=False)
+  for k, v in over.items():
+    sec, field = k.split('.')
+    c[sec][field] = v
+  return c

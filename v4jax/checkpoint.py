@@ -1,0 +1,68 @@
+"""Orbax checkpoints: train state, data iterator, config and frozen artefacts (Engram hash).
+
+Items per step: `state` (params, router biases, optimizer state, counters; restored into the
+current mesh's shardings, so a restore may change the mesh), `data_iter` (Grain iterator state),
+`meta` (JSON: the config and the Engram hash constants, which are never regenerated on resume).
+Orbax writes each step to a temporary directory and renames it when complete, so a crash leaves
+only whole steps and `latest_step()` is always a valid one.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be read; the message names the directory and the problem."""
+
+
+def manager(workdir: str, cfg) -> ocp.CheckpointManager:
+  opts = ocp.CheckpointManagerOptions(
+      max_to_keep=cfg.checkpoint.max_to_keep,
+      enable_async_checkpointing=cfg.checkpoint.async_save,
+      create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=opts,
+                               item_names=('state', 'data_iter', 'meta'))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict,
+         force: bool = False) -> bool:
+  args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data_iter=grain.checkpoint.CheckpointSave(data_iter),
+      meta=ocp.args.JsonSave(meta))
+  return mngr.save(step, args=args, force=force)
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  except Exception as e:  # noqa: BLE001 - reported with the path
+    raise CheckpointError(f'checkpoint {mngr.directory}/{step}: cannot read meta ({e})') from e
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
+  """Restores `state` into the shardings of `abstract_state` and the iterator in place."""
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+  except Exception as e:  # noqa: BLE001 - reported with the path
+    raise CheckpointError(
+        f'checkpoint {mngr.directory}/{step} is corrupt or does not match this config: '
+        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
+  return out['state']
+
+
+def abstract_of(state_shapes, shardings):
+  """ShapeDtypeStructs carrying the target shardings (for resharding restores)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      state_shapes, shardings)
+
+
+def config_json(cfg) -> str:
+  return json.dumps(cfg.to_dict(), default=list, sort_keys=True)

@@ -1,0 +1,320 @@
+"""Typed, nested run configuration: defaults, presets and validation.
+
+Every field has a default here; `configs/*.py` presets override a few and return the result of
+`get_config()`. ml_collections' ConfigDict keeps each field's type, so a command-line override of
+the wrong type fails at parse time; `validate` checks ranges and cross-field rules before anything
+compiles and raises `ConfigError` with one line naming the field and what was expected.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config field is out of range; the message names the field and the expectation."""
+
+
+def default_config() -> ConfigDict:
+  c = ConfigDict()
+
+  c.model = ConfigDict(dict(
+      vocab_size=258,          # byte tokenizer: 256 bytes + <eos> + <pad>
+      d_model=64,
+      n_layers=4,
+      n_dense_layers=1,        # L_d: leading layers with a dense FFN
+      d_ff=128,
+      n_heads=4,
+      q_lora_rank=32,
+      kv_lora_rank=32,
+      qk_nope_dim=16,
+      qk_rope_dim=8,
+      v_head_dim=16,
+      init_std=0.006,          # sigma_0 (SPEC §0); HF's 0.02 is not DeepSeek's value
+      norm_eps=1e-6,
+      dtype='float32',         # compute dtype: float32 | bfloat16
+      param_dtype='float32',   # master weights
+      remat='block',           # none | block | full
+      logits_chunk=0,          # vocab-chunked cross entropy; 0 = one chunk
+  ))
+  c.rope = ConfigDict(dict(
+      base=10000.0,
+      yarn_mode='off',         # off | on | auto (SPEC §1)
+      yarn_factor=40.0,
+      original_max_len=4096,
+      beta_fast=32.0,
+      beta_slow=1.0,
+      mscale=1.0,
+      mscale_all_dim=1.0,
+  ))
+  c.moe = ConfigDict(dict(
+      enabled=True,
+      num_experts=8,           # N_r
+      num_shared=1,            # N_s
+      top_k=2,                 # K_r
+      d_expert=32,             # d_e
+      n_groups=4,              # G_e
+      topk_groups=2,           # M_g
+      route_scale=2.5,         # rho
+      bias_update_rate=1e-3,   # gamma
+      bias_update_stop_frac=0.966,  # gamma = 0 for the final ~3.4% of steps
+      bal_loss_alpha=1e-4,
+      bal_indicator='selected',  # selected | unbiased_topk
+      dispatch='dropless',     # dropless | capacity
+      capacity_factor=1.25,
+  ))
+  c.dsa = ConfigDict(dict(
+      enabled=False,
+      stage='dense',           # dense | warmup | sparse (SPEC §3 training stages)
+      n_heads=2,               # H_I
+      head_dim=16,             # d_I
+      topk=8,                  # K
+      min_seq_len=0,           # below or at this T attention stays dense (T <= K always dense)
+      loss_weight=1.0,         # lambda_I
+      warmup_lr=1e-3,
+      warmup_lr_warmup_steps=50,
+      query_block=512,         # query rows per gather block in the sparse path
+      hadamard=False,
+  ))
+  c.mhc = ConfigDict(dict(
+      streams=1,               # n; 1 = mHC off (exact plain residual)
+      sinkhorn_iters=20,
+      eps=1e-6,
+      bias_init='zero',        # zero | identity
+      fn_init_std=0.006,
+      alpha_init=0.01,
+      head='hyper',            # hyper | sum | first
+      tf32=False,              # coefficient GEMM x.fn in TF32 (DeepSeek's speed mode) instead of fp32 HIGHEST
+  ))
+  c.engram = ConfigDict(dict(
+      enabled=False,
+      layer_ids=(1,),          # 0-based block indices
+      max_ngram=3,             # N: orders 2..N
+      heads_per_ngram=2,       # K_e
+      d_mem=32,
+      base_rows=101,           # R_n (same for every order)
+      conv_kernel=4,           # w
+      conv_dilation=0,         # delta; 0 = max_ngram
+      use_short_conv=True,
+      pad_id=257,              # tokenizer pad id (compressed through the lookup)
+      seed=0,
+      table_memory='device',   # device | host
+      table_optimizer='lazy_adam',  # lazy_adam | dense_adam
+      table_init_std=0.006,
+      lr_mult=5.0,
+      proj_bias=True,
+      norm_eps=1e-6,
+      conv_norm_eps=1e-5,
+  ))
+  c.mtp = ConfigDict(dict(
+      depth=0,                 # D_mtp; 0 = off
+      loss_weight=0.3,
+      loss_weight_late=0.1,
+      late_frac=0.68,          # fraction of steps after which loss_weight_late applies
+  ))
+  c.kernels = ConfigDict(dict(
+      impl='auto',             # auto | reference | pallas (per-op seams)
+      grouped_matmul='auto',   # auto | ragged_dot | mgpu | megablox
+  ))
+  c.mesh = ConfigDict(dict(
+      data=1, fsdp=-1, expert=1, tensor=1,      # ICI sizes; -1 = the rest
+      dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1,
+      rules='fsdp',            # fsdp | fsdp_ep | fsdp_tp
+  ))
+  c.data = ConfigDict(dict(
+      source='builtin',        # builtin | array_record
+      path='',                 # ArrayRecord directory (tools/prepare_data.py output)
+      seq_len=128,
+      global_batch=16,
+      respect_doc_boundaries=False,
+      shuffle_seed=0,
+      val_fraction=0.02,
+      num_workers=0,
+      max_docs=0,              # builtin corpus: 0 = all files
+  ))
+  c.optim = ConfigDict(dict(
+      lr=3e-3,
+      warmup_steps=20,
+      schedule='cosine',       # cosine | constant
+      min_lr_ratio=0.1,
+      b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,
+      indexer_clip_norm=1.0,
+  ))
+  c.train = ConfigDict(dict(
+      steps=200,
+      seed=0,
+      log_every=10,
+      eval_every=100,
+      eval_steps=4,
+      grad_accum=1,
+  ))
+  c.checkpoint = ConfigDict(dict(
+      enabled=True,
+      every=100,
+      max_to_keep=3,
+      async_save=True,
+  ))
+  c.log = ConfigDict(dict(
+      tensorboard=True,
+      progress=True,
+  ))
+  return c
+
+
+_CHOICES = {
+    'model.dtype': ('float32', 'bfloat16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.remat': ('none', 'block', 'full'),
+    'rope.yarn_mode': ('off', 'on', 'auto'),
+    'moe.bal_indicator': ('selected', 'unbiased_topk'),
+    'moe.dispatch': ('dropless', 'capacity'),
+    'dsa.stage': ('dense', 'warmup', 'sparse'),
+    'mhc.bias_init': ('zero', 'identity'),
+    'mhc.head': ('hyper', 'sum', 'first'),
+    'engram.table_memory': ('device', 'host'),
+    'engram.table_optimizer': ('lazy_adam', 'dense_adam'),
+    'kernels.impl': ('auto', 'reference', 'pallas'),
+    'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),
+    'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),
+    'data.source': ('builtin', 'array_record'),
+    'optim.schedule': ('cosine', 'constant'),
+}
+
+
+def _get(c: ConfigDict, path: str):
+  for part in path.split('.'):
+    c = c[part]
+  return c
+
+
+def _fail(path, value, expected):
+  raise ConfigError(f'config.{path}={value!r} {expected}')
+
+
+def validate(c: ConfigDict) -> ConfigDict:
+  """Checks ranges and cross-field rules; raises ConfigError naming the first bad field."""
+  for path, allowed in _CHOICES.items():
+    v = _get(c, path)
+    if v not in allowed:
+      _fail(path, v, f'is not one of {allowed}')
+  positive = ['model.vocab_size', 'model.d_model', 'model.n_layers', 'model.d_ff',
+              'model.n_heads', 'model.q_lora_rank', 'model.kv_lora_rank', 'model.qk_nope_dim',
+              'model.qk_rope_dim', 'model.v_head_dim', 'data.seq_len', 'data.global_batch',
+              'train.steps', 'train.log_every', 'train.grad_accum', 'mhc.streams',
+              'mhc.sinkhorn_iters', 'checkpoint.every', 'checkpoint.max_to_keep']
+  for path in positive:
+    v = _get(c, path)
+    if not isinstance(v, int) or v <= 0:
+      _fail(path, v, 'must be a positive integer')
+  for path in ['model.init_std', 'model.norm_eps', 'optim.lr', 'optim.eps', 'rope.base']:
+    if not _get(c, path) > 0:
+      _fail(path, _get(c, path), 'must be > 0')
+  m = c.model
+  if m.qk_rope_dim % 2:
+    _fail('model.qk_rope_dim', m.qk_rope_dim, 'must be even (RoPE rotates pairs)')
+  if not 0 <= m.n_dense_layers <= m.n_layers:
+    _fail('model.n_dense_layers', m.n_dense_layers, f'must be in [0, model.n_layers={m.n_layers}]')
+  for path in ['optim.b1', 'optim.b2']:
+    if not 0 <= _get(c, path) < 1:
+      _fail(path, _get(c, path), 'must be in [0, 1)')
+  if not 0 <= c.optim.min_lr_ratio <= 1:
+    _fail('optim.min_lr_ratio', c.optim.min_lr_ratio, 'must be in [0, 1]')
+  if c.optim.warmup_steps < 0:
+    _fail('optim.warmup_steps', c.optim.warmup_steps, 'must be >= 0')
+  if c.optim.clip_norm <= 0 or c.optim.indexer_clip_norm <= 0:
+    _fail('optim.clip_norm', c.optim.clip_norm, 'and optim.indexer_clip_norm must be > 0')
+  if c.rope.yarn_mode != 'off' and c.rope.yarn_factor < 1:
+    _fail('rope.yarn_factor', c.rope.yarn_factor, 'must be >= 1 when YaRN is used')
+
+  e = c.moe
+  if e.enabled and m.n_dense_layers < m.n_layers:
+    if e.num_experts <= 0:
+      _fail('moe.num_experts', e.num_experts, 'must be a positive integer')
+    if not 1 <= e.top_k <= e.num_experts:
+      _fail('moe.top_k', e.top_k, f'must be in [1, moe.num_experts={e.num_experts}]')
+    if e.d_expert <= 0:
+      _fail('moe.d_expert', e.d_expert, 'must be a positive integer')
+    if e.num_shared < 0:
+      _fail('moe.num_shared', e.num_shared, 'must be >= 0')
+    if e.n_groups <= 0 or e.num_experts % e.n_groups:
+      _fail('moe.n_groups', e.n_groups, f'must divide moe.num_experts={e.num_experts}')
+    if not 1 <= e.topk_groups <= e.n_groups:
+      _fail('moe.topk_groups', e.topk_groups, f'must be in [1, moe.n_groups={e.n_groups}]')
+    per_group = e.num_experts // e.n_groups
+    if e.n_groups > 1 and per_group < 2:
+      _fail('moe.n_groups', e.n_groups, 'leaves fewer than 2 experts per group (group score sums the top 2)')
+    if e.n_groups > 1 and e.topk_groups * per_group < e.top_k:
+      _fail('moe.topk_groups', e.topk_groups,
+            f'keeps {e.topk_groups * per_group} experts, fewer than moe.top_k={e.top_k}')
+    if e.capacity_factor <= 0:
+      _fail('moe.capacity_factor', e.capacity_factor, 'must be > 0')
+
+  d = c.dsa
+  if d.enabled:
+    if d.n_heads <= 0 or d.topk <= 0:
+      _fail('dsa.topk' if d.topk <= 0 else 'dsa.n_heads', d.topk if d.topk <= 0 else d.n_heads,
+            'must be a positive integer')
+    if d.head_dim <= m.qk_rope_dim:
+      _fail('dsa.head_dim', d.head_dim, f'must be > model.qk_rope_dim={m.qk_rope_dim}')
+    if d.query_block <= 0:
+      _fail('dsa.query_block', d.query_block, 'must be a positive integer')
+  elif d.stage != 'dense':
+    _fail('dsa.stage', d.stage, "needs dsa.enabled=True (or set dsa.stage='dense')")
+
+  h = c.mhc
+  if h.streams > 1 and h.alpha_init <= 0:
+    _fail('mhc.alpha_init', h.alpha_init, 'must be > 0')
+
+  g = c.engram
+  if g.enabled:
+    if not g.layer_ids:
+      _fail('engram.layer_ids', g.layer_ids, 'must name at least one layer when engram.enabled')
+    for lid in g.layer_ids:
+      if not 0 <= lid < m.n_layers:
+        _fail('engram.layer_ids', g.layer_ids, f'must lie in [0, model.n_layers={m.n_layers})')
+    if len(set(g.layer_ids)) != len(g.layer_ids):
+      _fail('engram.layer_ids', g.layer_ids, 'must not repeat a layer')
+    if g.max_ngram < 2:
+      _fail('engram.max_ngram', g.max_ngram, 'must be >= 2 (orders 2..N)')
+    j = (g.max_ngram - 1) * g.heads_per_ngram
+    if g.heads_per_ngram <= 0 or g.d_mem % j:
+      _fail('engram.d_mem', g.d_mem, f'must be divisible by (max_ngram-1)*heads_per_ngram={j}')
+    if g.base_rows < 2:
+      _fail('engram.base_rows', g.base_rows, 'must be >= 2')
+    if not 0 <= g.pad_id < m.vocab_size:
+      _fail('engram.pad_id', g.pad_id, f'must be a token id in [0, model.vocab_size={m.vocab_size})')
+    if g.use_short_conv and g.conv_kernel <= 0:
+      _fail('engram.conv_kernel', g.conv_kernel, 'must be a positive integer')
+    if g.lr_mult <= 0:
+      _fail('engram.lr_mult', g.lr_mult, 'must be > 0')
+
+  if c.mtp.depth < 0:
+    _fail('mtp.depth', c.mtp.depth, 'must be >= 0')
+  if c.mtp.depth >= c.data.seq_len:
+    _fail('mtp.depth', c.mtp.depth, f'must be < data.seq_len={c.data.seq_len}')
+
+  for ax in ('data', 'fsdp', 'expert', 'tensor'):
+    v = c.mesh[ax]
+    if v != -1 and v <= 0:
+      _fail(f'mesh.{ax}', v, 'must be a positive integer or -1 (the rest)')
+    if c.mesh[f'dcn_{ax}'] <= 0:
+      _fail(f'mesh.dcn_{ax}', c.mesh[f'dcn_{ax}'], 'must be a positive integer')
+  if sum(c.mesh[a] == -1 for a in ('data', 'fsdp', 'expert', 'tensor')) > 1:
+    _fail('mesh', 'several -1', 'may use -1 for at most one axis')
+
+  if c.data.source == 'array_record' and not c.data.path:
+    _fail('data.path', c.data.path, "must name a directory when data.source='array_record'")
+  if not 0 < c.data.val_fraction < 1:
+    _fail('data.val_fraction', c.data.val_fraction, 'must be in (0, 1)')
+  if c.data.global_batch % c.train.grad_accum:
+    _fail('train.grad_accum', c.train.grad_accum,
+          f'must divide data.global_batch={c.data.global_batch}')
+  return c
+
+
+def get_config() -> ConfigDict:
+  """The default preset (same as configs/tiny.py without the V4 components)."""
+  return default_config()

@@ -1,0 +1,229 @@
+"""The V4 decoder: embedding -> n mHC streams -> blocks -> stream reduction -> norm -> head, + MTP.
+
+Dims: B batch, T positions, N mHC streams (SPEC's n), D model dim, V vocabulary, L layers.
+
+Each block (SPEC §8): [Engram injection if the layer is listed] -> HC(attn_norm -> MLA/DSA)
+-> HC(ffn_norm -> dense FFN or MoE). With `mhc.streams == 1` an HC site is the plain pre-norm
+residual X + F(X). The streams are always carried as X_BTND (N = 1 without mHC).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.model.layers import RMSNorm, constrain, dtype_of, matmul, param
+from v4jax.model.mla import MLA
+from v4jax.model.moe import DenseFFN, MoE
+
+ACT_BTND = ('batch', 'seq', 'streams', 'act_embed')
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockInputs:
+  """Per-step inputs every block sees."""
+  positions_BT: jax.Array
+  segment_ids_BT: jax.Array | None   # None: attention may cross documents (SPEC §13 #7)
+  valid_BT: jax.Array                # tokens whose loss counts
+  engram_rows: dict[int, jax.Array] | None = None   # layer id -> rows [B,T,J]
+
+
+class Block(nnx.Module):
+  """One decoder block; `is_mtp` blocks always use MoE and never Engram."""
+
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, engram_rows: int | None = None,
+               is_mtp: bool = False):
+    m = cfg.model
+    self.layer_idx = layer_idx
+    self.n_streams = cfg.mhc.streams
+    self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
+    self.attn = MLA(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(m.d_model, m.norm_eps)
+    use_moe = cfg.moe.enabled and (is_mtp or layer_idx >= m.n_dense_layers)
+    self.ffn = MoE(cfg, rngs=rngs) if use_moe else DenseFFN(cfg, m.d_ff, rngs=rngs)
+    if self.n_streams > 1:
+      from v4jax.model.mhc import HCSite
+      self.hc_attn = HCSite(cfg, 2 * layer_idx, rngs=rngs)
+      self.hc_ffn = HCSite(cfg, 2 * layer_idx + 1, rngs=rngs)
+    self.engram = None
+    if engram_rows is not None:
+      from v4jax.model.engram import Engram
+      self.engram = Engram(cfg, layer_idx, engram_rows, rngs=rngs)
+
+  def _site(self, hc, X_BTND, f):
+    if self.n_streams == 1:
+      y_BTD, aux = f(X_BTND[:, :, 0])
+      return X_BTND + y_BTD[:, :, None].astype(X_BTND.dtype), aux
+    return hc(X_BTND, f)
+
+  def __call__(self, X_BTND: jax.Array, inp: BlockInputs):
+    aux: dict[str, Any] = {}
+    if self.engram is not None:
+      X_BTND = X_BTND + self.engram(X_BTND, inp.engram_rows[self.layer_idx]).astype(X_BTND.dtype)
+
+    def attn(u_BTD):
+      return self.attn(self.attn_norm(u_BTD), inp.positions_BT, inp.segment_ids_BT, inp.valid_BT)
+
+    def ffn(u_BTD):
+      h_BTD = self.ffn_norm(u_BTD)
+      if isinstance(self.ffn, MoE):
+        return self.ffn(h_BTD, inp.valid_BT)
+      return self.ffn(h_BTD), {}
+
+    X_BTND, a = self._site(getattr(self, 'hc_attn', None), X_BTND, attn)
+    aux.update(a)
+    X_BTND, f = self._site(getattr(self, 'hc_ffn', None), X_BTND, ffn)
+    aux.update(f)
+    return constrain(X_BTND, ACT_BTND), aux
+
+
+def _remat(cfg, fn):
+  policy = {
+      'none': None,
+      'block': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      'full': jax.checkpoint_policies.nothing_saveable,
+  }[cfg.model.remat]
+  return fn if cfg.model.remat == 'none' else nnx.remat(fn, policy=policy)
+
+
+class StreamHead(nnx.Module):
+  """Reduces N streams to one hidden state (mHC HyperHead; identity when N = 1)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.n_streams = cfg.mhc.streams
+    if self.n_streams > 1:
+      from v4jax.model.mhc import HyperHead
+      self.hyper = HyperHead(cfg, rngs=rngs)
+
+  def __call__(self, X_BTND):
+    return X_BTND[:, :, 0] if self.n_streams == 1 else self.hyper(X_BTND)
+
+
+class MTPModule(nnx.Module):
+  """One MTP depth (SPEC §7): [enorm(emb of x_{t+k}) ; hnorm(X)] @ eh_proj -> block -> head."""
+
+  def __init__(self, cfg, depth: int, *, rngs: nnx.Rngs):
+    m = cfg.model
+    self.enorm = RMSNorm(m.d_model, m.norm_eps)
+    self.hnorm = RMSNorm(m.d_model, m.norm_eps)
+    self.eh_proj = param(rngs, (2 * m.d_model, m.d_model), (None, 'embed'), m.init_std)
+    self.block = Block(cfg, m.n_layers + depth, rngs=rngs, is_mtp=True)
+    self.head_reduce = StreamHead(cfg, rngs=rngs)
+    self.norm = RMSNorm(m.d_model, m.norm_eps)
+
+
+class Transformer(nnx.Module):
+  """The full network. `engram_rows_per_layer` gives each Engram layer's table size R_l."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, engram_rows_per_layer: dict[int, int] | None = None):
+    m = cfg.model
+    self.cfg = cfg
+    self.dtype = dtype_of(m.dtype)
+    self.embed = param(rngs, (m.vocab_size, m.d_model), ('vocab', 'embed'), m.init_std)
+    engram = engram_rows_per_layer if cfg.engram.enabled else {}
+    if cfg.engram.enabled and set(engram) != set(cfg.engram.layer_ids):
+      raise ValueError(f'engram_rows_per_layer has layers {sorted(engram)}, '
+                       f'config.engram.layer_ids={tuple(cfg.engram.layer_ids)}')
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs, engram_rows=engram.get(i))
+                            for i in range(m.n_layers)])
+    self.head_reduce = StreamHead(cfg, rngs=rngs)
+    self.norm = RMSNorm(m.d_model, m.norm_eps)
+    self.head = param(rngs, (m.d_model, m.vocab_size), ('embed', 'vocab'), m.init_std)
+    self.mtp = nnx.List([MTPModule(cfg, k, rngs=rngs) for k in range(cfg.mtp.depth)])
+
+  def moe_layers(self) -> list[MoE]:
+    """MoE layers in forward order (main blocks, then MTP blocks): the order of expert counts."""
+    blocks = list(self.blocks) + [m.block for m in self.mtp]
+    return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+  def embed_tokens(self, tokens_BT):
+    return jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.dtype)
+
+  def trunk(self, tokens_BT, inp: BlockInputs):
+    """Embedding through the last block: final streams X_L [B,T,N,D] and per-layer aux."""
+    n = self.cfg.mhc.streams
+    e_BTD = self.embed_tokens(tokens_BT)
+    X_BTND = constrain(jnp.broadcast_to(e_BTD[:, :, None], e_BTD.shape[:2] + (n,) + e_BTD.shape[2:]),
+                       ACT_BTND)
+    auxes = []
+    step = _remat(self.cfg, lambda blk, X, i: blk(X, i))
+    for blk in self.blocks:
+      X_BTND, aux = step(blk, X_BTND, inp)
+      auxes.append(aux)
+    return X_BTND, auxes
+
+  def __call__(self, batch: dict[str, jax.Array], mtp_weight: float | jax.Array = 0.0):
+    """Losses for one batch; returns (total_loss, metrics). Losses follow SPEC §9."""
+    cfg = self.cfg
+    tokens_BT, targets_BT = batch['tokens'], batch['targets']
+    valid_BT = batch['loss_mask'] > 0
+    seg = batch['segment_ids'] if cfg.data.respect_doc_boundaries else None
+    rows = {lid: batch[f'engram_rows_{lid}'] for lid in cfg.engram.layer_ids} \
+        if cfg.engram.enabled else None
+    inp = BlockInputs(batch['positions'], seg, valid_BT, rows)
+    n_valid = jnp.maximum(jnp.sum(valid_BT.astype(jnp.float32)), 1.0)
+
+    X_BTND, auxes = self.trunk(tokens_BT, inp)
+    h_BTD = self.norm(self.head_reduce(X_BTND))
+    lm_sum = cross_entropy_sum(h_BTD, self.head[...], targets_BT, valid_BT, self.dtype,
+                               cfg.model.logits_chunk)
+    lm = lm_sum / n_valid
+
+    mtp_losses = []
+    X_prev = X_BTND
+    for k, mod in enumerate(self.mtp, start=1):
+      ids_BT = jnp.roll(tokens_BT, -k, axis=1)
+      tgt_BT = jnp.roll(targets_BT, -k, axis=1)
+      T = tokens_BT.shape[1]
+      ok_BT = jnp.roll(valid_BT, -k, axis=1) & (jnp.arange(T) < T - k)[None]
+      e_BTD = mod.enorm(self.embed_tokens(ids_BT))
+      e_BTND = jnp.broadcast_to(e_BTD[:, :, None], X_prev.shape)
+      z = jnp.concatenate([e_BTND, mod.hnorm(X_prev)], axis=-1)
+      Z_BTND = matmul('btnf,fd->btnd', z, mod.eh_proj[...], self.dtype)
+      mtp_inp = dataclasses.replace(inp, valid_BT=ok_BT, engram_rows=None)
+      X_prev, aux = _remat(cfg, lambda blk, X, i: blk(X, i))(mod.block, Z_BTND, mtp_inp)
+      auxes.append(aux)
+      hk_BTD = mod.norm(mod.head_reduce(X_prev))
+      n_k = jnp.maximum(jnp.sum(ok_BT.astype(jnp.float32)), 1.0)
+      mtp_losses.append(cross_entropy_sum(hk_BTD, self.head[...], tgt_BT, ok_BT, self.dtype,
+                                          cfg.model.logits_chunk) / n_k)
+    mtp = sum(mtp_losses) / len(mtp_losses) if mtp_losses else jnp.zeros((), jnp.float32)
+
+    bal = sum((a['bal_loss'] for a in auxes if 'bal_loss' in a), jnp.zeros((), jnp.float32))
+    kl = sum((a['indexer_kl'] for a in auxes if 'indexer_kl' in a), jnp.zeros((), jnp.float32))
+    idx_loss = cfg.dsa.loss_weight * kl / n_valid
+    total = lm + mtp_weight * mtp + bal + idx_loss
+    counts = [a['expert_counts'] for a in auxes if 'expert_counts' in a]
+    metrics = {
+        'loss': lm, 'mtp_loss': mtp, 'bal_loss': bal, 'indexer_loss': idx_loss,
+        'n_valid': n_valid,
+        'expert_counts': jnp.stack(counts) if counts else jnp.zeros((0,), jnp.float32),
+        'dropped': sum((a['dropped'] for a in auxes if 'dropped' in a), jnp.zeros((), jnp.float32)),
+    }
+    return total, metrics
+
+
+def cross_entropy_sum(h_BTD, head_DV, targets_BT, valid_BT, dtype, chunk: int = 0):
+  """Sum over valid tokens of -log softmax(h @ head)[target], fp32 log-softmax.
+
+  With `chunk > 0` the sequence is processed in chunks of `chunk` positions under remat, so the
+  full [B,T,V] fp32 logits are never held at once (needed for 129K vocabularies).
+  """
+  def piece(h, t, v):
+    logits = matmul('btd,dv->btv', h, head_DV, dtype).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(v, lse - tgt, 0.0))
+
+  T = h_BTD.shape[1]
+  if chunk <= 0 or chunk >= T or T % chunk:
+    return piece(h_BTD, targets_BT, valid_BT)
+  n = T // chunk
+  split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
+  body = jax.checkpoint(lambda c, xs: (c + piece(*xs), None))
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (split(h_BTD), split(targets_BT), split(valid_BT)))
+  return total

@@ -1,0 +1,153 @@
+"""Optimizer: parameter groups, per-group clipping, schedules (SPEC §9).
+
+Groups, chosen by parameter path:
+  main     all trainable weights except the indexer and the Engram tables: AdamW, wd on >=2-D
+           weights except norms/biases/mHC base & scale; clipped with the table row grads by one
+           global norm (optim.clip_norm).
+  indexer  DSA indexer weights: own global-norm clip (optim.indexer_clip_norm), AdamW; warm-up
+           stage uses dsa.warmup_lr.
+  table    Engram tables: Adam at engram.lr_mult x the schedule, wd 0, the main clip factor;
+           `lazy_adam` leaves rows with no gradient bit-identical (moments included).
+  frozen   by stage: DSA warm-up trains only the indexer; the dense stage never runs it.
+The router bias is not an nnx.Param, so it is never here (SPEC §4).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+GROUPS = ('main', 'indexer', 'table', 'frozen')
+
+
+def path_str(path) -> str:
+  parts = []
+  for k in path:
+    k = getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))
+    parts.append(str(k))
+  return '/'.join(parts)
+
+
+def label_of(path: str, ndim: int, cfg) -> str:
+  is_indexer = '/indexer/' in f'/{path}/'
+  is_table = '/engram/' in f'/{path}/' and path.split('/')[-2:][0] == 'table'
+  if cfg.dsa.stage == 'warmup':
+    return 'indexer' if is_indexer else 'frozen'
+  if is_indexer:
+    return 'frozen' if cfg.dsa.stage == 'dense' else 'indexer'
+  if is_table:
+    return 'table'
+  return 'main'
+
+
+def _strip_value(path) -> str:
+  s = path_str(path)
+  return s[:-len('/value')] if s.endswith('/value') else s
+
+
+def labels(params, cfg):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: label_of(_strip_value(p), x.ndim, cfg), params)
+
+
+def decay_mask(params):
+  """Weight decay on >=2-D weights except the Engram tables and mHC coefficients' base/scale."""
+  def mask(p, x):
+    s = _strip_value(p)
+    leaf = s.split('/')[-1]
+    return x.ndim >= 2 and leaf not in ('table', 'base', 'scale', 'bias')
+  return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def schedule(cfg, peak: float):
+  o, steps = cfg.optim, cfg.train.steps
+  warm = min(o.warmup_steps, max(steps - 1, 0))
+  if o.schedule == 'constant':
+    return optax.linear_schedule(0.0, peak, max(warm, 1)) if warm else optax.constant_schedule(peak)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, max(warm, 1), max(steps, warm + 1),
+                                            end_value=peak * o.min_lr_ratio)
+
+
+def warmup_indexer_schedule(cfg):
+  d = cfg.dsa
+  return optax.join_schedules([optax.linear_schedule(0.0, d.warmup_lr, max(d.warmup_lr_warmup_steps, 1)),
+                               optax.constant_schedule(d.warmup_lr)], [d.warmup_lr_warmup_steps])
+
+
+class LazyAdamState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def lazy_adam(lr, b1, b2, eps) -> optax.GradientTransformation:
+  """Row-wise Adam: rows whose gradient is all zero keep their moments and values (SPEC §6.4);
+  bias correction uses the global step."""
+  def init(params):
+    z = jax.tree.map(jnp.zeros_like, params)
+    return LazyAdamState(jnp.zeros((), jnp.int32), z, jax.tree.map(jnp.zeros_like, params))
+
+  def update(g, state, params=None):
+    count = state.count + 1
+    lr_t = lr(state.count) if callable(lr) else lr
+
+    def one(g, m, v):
+      touched = jnp.any(g != 0, axis=tuple(range(1, g.ndim)), keepdims=True)
+      m2 = jnp.where(touched, b1 * m + (1 - b1) * g, m)
+      v2 = jnp.where(touched, b2 * v + (1 - b2) * g * g, v)
+      mh = m2 / (1 - b1 ** count.astype(jnp.float32))
+      vh = v2 / (1 - b2 ** count.astype(jnp.float32))
+      return jnp.where(touched, -lr_t * mh / (jnp.sqrt(vh) + eps), 0.0), m2, v2
+
+    out = jax.tree.map(one, g, state.mu, state.nu)
+    is_t = lambda x: isinstance(x, tuple)
+    upd = jax.tree.map(lambda o: o[0], out, is_leaf=is_t)
+    mu = jax.tree.map(lambda o: o[1], out, is_leaf=is_t)
+    nu = jax.tree.map(lambda o: o[2], out, is_leaf=is_t)
+    return upd, LazyAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(cfg, params) -> optax.GradientTransformation:
+  """The multi-group optimizer for `params` (an nnx.State of Params). Clipping happens in
+  `clip_grads`, before this transform, because the main and table groups share one norm."""
+  o = cfg.optim
+  main_lr = schedule(cfg, o.lr)
+  idx_lr = warmup_indexer_schedule(cfg) if cfg.dsa.stage == 'warmup' else main_lr
+  table_lr = schedule(cfg, o.lr * cfg.engram.lr_mult)
+  if cfg.engram.table_optimizer == 'lazy_adam':
+    table_tx = lazy_adam(table_lr, o.b1, o.b2, o.eps)
+  else:
+    table_tx = optax.adam(table_lr, o.b1, o.b2, o.eps)
+  txs = {
+      'main': optax.adamw(main_lr, o.b1, o.b2, o.eps, weight_decay=o.weight_decay,
+                          mask=decay_mask),
+      'indexer': optax.adamw(idx_lr, o.b1, o.b2, o.eps, weight_decay=o.weight_decay,
+                             mask=decay_mask),
+      'table': table_tx,
+      'frozen': optax.set_to_zero(),
+  }
+  return optax.multi_transform(txs, labels(params, cfg))
+
+
+def global_norm(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_grads(grads, cfg):
+  """Per-group global-norm clipping; returns (clipped grads, {'grad_norm', 'indexer_grad_norm'})."""
+  lab = labels(grads, cfg)
+  pick = lambda names: jax.tree.map(lambda g, l: g if l in names else jnp.zeros_like(g), grads, lab)
+  main_norm = global_norm(pick(('main', 'table')))
+  idx_norm = global_norm(pick(('indexer',)))
+  f_main = jnp.minimum(1.0, cfg.optim.clip_norm / (main_norm + 1e-6))
+  f_idx = jnp.minimum(1.0, cfg.optim.indexer_clip_norm / (idx_norm + 1e-6))
+  scale = {'main': f_main, 'table': f_main, 'indexer': f_idx, 'frozen': jnp.zeros(())}
+  clipped = jax.tree.map(lambda g, l: g * scale[l].astype(g.dtype), grads, lab)
+  return clipped, {'grad_norm': main_norm, 'indexer_grad_norm': idx_norm}

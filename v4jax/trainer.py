@@ -1,0 +1,277 @@
+"""Trainer: sharded state init, one jitted train step, eval, checkpoints, metrics, preemption.
+
+State (a pytree, created already sharded by `jax.jit(init, out_shardings=...)`):
+  step, params (nnx.State of Params, fp32 master), rest (non-trainable variables: router biases),
+  opt (optax state), skipped (count of updates skipped for a non-finite loss or gradient).
+The train step is one jitted function with the state donated: micro-batch gradient accumulation,
+per-group clipping, optimizer, non-finite guard, then the aux-loss-free router-bias update from the
+step's global expert counts (outside the gradient, SPEC §4).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from v4jax import checkpoint as ckpt
+from v4jax import flops as flops_lib
+from v4jax.config import ConfigError, validate
+from v4jax.metrics import MetricWriter
+from v4jax.model.moe import update_router_bias
+from v4jax.model.transformer import Transformer
+from v4jax.optim import clip_grads, make_optimizer, path_str, schedule
+from v4jax.parallel import rules as rules_lib
+from v4jax.parallel.mesh import make_mesh
+
+is_var = lambda x: isinstance(x, nnx.Variable)
+
+
+def engram_setup(cfg, meta: dict | None):
+  """The frozen Engram hash constants: from the checkpoint when resuming, else built once."""
+  if not cfg.engram.enabled:
+    return None, None
+  from v4jax.data.engram_hash import EngramHashSpec, make_hash_spec
+  spec = (EngramHashSpec.from_json(meta['engram_hash']) if meta and meta.get('engram_hash')
+          else make_hash_spec(cfg))
+  return spec, {lid: int(spec.rows_per_layer[lid]) for lid in cfg.engram.layer_ids}
+
+
+def var_shardings(tree, mesh, rules):
+  """NamedShardings for a State of Variables from their `logical_axes` metadata."""
+  def one(v):
+    axes = v.get_metadata().get('logical_axes', (None,) * len(v.value.shape))
+    return v.replace(value=rules_lib.named_sharding(mesh, axes, rules, v.value.shape))
+  return jax.tree.map(one, tree, is_leaf=is_var)
+
+
+def opt_shardings(opt_shapes, param_shardings, mesh):
+  """Optimizer leaves that mirror a parameter take its sharding (matched by path suffix)."""
+  by_path = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  rep = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    parts = path_str(path).split('/')
+    for i in range(len(parts)):
+      s = by_path.get('/'.join(parts[i:]))
+      if s is not None and len(s.spec) <= leaf.ndim:
+        return s
+    return rep
+  return jax.tree_util.tree_map_with_path(one, opt_shapes)
+
+
+class Trainer:
+  def __init__(self, cfg, workdir: str, *, devices=None):
+    self.cfg = validate(cfg)
+    if cfg.engram.enabled and cfg.engram.table_memory == 'host':
+      raise NotImplementedError(
+          'config.engram.table_memory=host: host-memory Engram tables are not implemented yet '
+          "(issue 5); use engram.table_memory='device'")
+    self.workdir = workdir
+    self.mesh = make_mesh(cfg.mesh, devices)
+    self.rules = rules_lib.RULES[cfg.mesh.rules]
+    self.mngr = ckpt.manager(workdir, cfg) if cfg.checkpoint.enabled else None
+    latest = self.mngr.latest_step() if self.mngr else None
+    meta = ckpt.restore_meta(self.mngr, latest) if latest is not None else None
+    self.hash_spec, rows = engram_setup(cfg, meta)
+    self._check_batch()
+
+    def build(seed):
+      return Transformer(cfg, rngs=nnx.Rngs(params=seed), engram_rows_per_layer=rows)
+
+    abs_model = nnx.eval_shape(lambda: build(0))
+    self.graphdef, abs_params, abs_rest = nnx.split(abs_model, nnx.Param, ...)
+    self.tx = make_optimizer(cfg, abs_params)
+    p_sh = var_shardings(abs_params, self.mesh, self.rules)
+    r_sh = var_shardings(abs_rest, self.mesh, self.rules)
+    opt_shapes = jax.eval_shape(self.tx.init, abs_params)
+    rep = NamedSharding(self.mesh, P())
+    self.state_shardings = {'step': rep, 'params': p_sh, 'rest': r_sh,
+                            'opt': opt_shardings(opt_shapes, p_sh, self.mesh), 'skipped': rep}
+
+    def init(seed):
+      _, params, rest = nnx.split(build(seed), nnx.Param, ...)
+      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'rest': rest,
+              'opt': self.tx.init(params), 'skipped': jnp.zeros((), jnp.int32)}
+
+    self._init = jax.jit(init, static_argnums=0, out_shardings=self.state_shardings)
+    self.train_iter, self.eval_ds = self._make_data()
+    if latest is not None:
+      abstract = ckpt.abstract_of(jax.eval_shape(init, cfg.train.seed), self.state_shardings)
+      self.state = ckpt.restore(self.mngr, latest, abstract, self.train_iter)
+      print(f'resumed from {self.mngr.directory}/{latest}', flush=True)
+    else:
+      self.state = self._init(cfg.train.seed)
+    self._train_step = jax.jit(self._step, donate_argnums=0,
+                               out_shardings=(self.state_shardings, None))
+    self._eval_step = jax.jit(self._eval)
+    self._stop = False
+
+  # ---- data -------------------------------------------------------------------------------
+  def _batch_axes_size(self):
+    return math.prod(self.mesh.shape[a] for a in rules_lib.BATCH)
+
+  def _check_batch(self):
+    b, a = self.cfg.data.global_batch, self.cfg.train.grad_accum
+    n = self._batch_axes_size()
+    if (b // a) % n:
+      raise ConfigError(f'config.data.global_batch={b} gives micro-batches of {b // a} sequences, '
+                        f'not divisible by the batch mesh axes data*fsdp*expert={n}')
+    if b % jax.process_count():
+      raise ConfigError(f'config.data.global_batch={b} is not divisible by the '
+                        f'{jax.process_count()} processes')
+
+  def _make_data(self):
+    from v4jax.data.pipeline import make_dataset
+    kw = dict(hash_spec=self.hash_spec, process_index=jax.process_index(),
+              process_count=jax.process_count())
+    return iter(make_dataset(self.cfg, 'train', **kw)), make_dataset(self.cfg, 'validation', **kw)
+
+  def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Process-local numpy rows -> global arrays sharded over the batch axes."""
+    out = {}
+    for k, v in batch.items():
+      spec = rules_lib.logical_to_spec(('batch',) + (None,) * (v.ndim - 1), self.rules)
+      out[k] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), v)
+    return out
+
+  # ---- step -------------------------------------------------------------------------------
+  def _loss(self, params, rest, batch, mtp_weight):
+    with rules_lib.activate(self.mesh, self.rules):
+      model = nnx.merge(self.graphdef, params, rest)
+      return model(batch, mtp_weight)
+
+  def _mtp_weight(self, step):
+    m = self.cfg.mtp
+    return jnp.where(step < int(m.late_frac * self.cfg.train.steps), m.loss_weight, m.loss_weight_late)
+
+  def _step(self, state, batch):
+    cfg = self.cfg
+    params, rest, step = state['params'], state['rest'], state['step']
+    mtp_w = self._mtp_weight(step)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    A = cfg.train.grad_accum
+    if A == 1:
+      (_, metrics), grads = grad_fn(params, rest, batch, mtp_w)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(acc, mb):
+        (_, m), g = grad_fn(params, rest, mb, mtp_w)
+        return jax.tree.map(jnp.add, acc, (g, m)), None
+      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(lambda x: x[0], micro), mtp_w)))
+      (grads, metrics), _ = jax.lax.scan(body, (zero[1], zero[0][1]), micro)
+      grads = jax.tree.map(lambda g: g / A, grads)
+      metrics = {k: (v if k in ('expert_counts', 'n_valid', 'dropped') else v / A)
+                 for k, v in metrics.items()}
+    grads, norms = clip_grads(grads, cfg)
+    updates, new_opt = self.tx.update(grads, state['opt'], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(norms['grad_norm']) & \
+        jnp.isfinite(norms['indexer_grad_norm'])
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_params, new_opt = keep(new_params, params), keep(new_opt, state['opt'])
+    new_rest = self._update_biases(new_params, rest, metrics, step, finite)
+    out = {'step': step + 1, 'params': new_params, 'rest': new_rest, 'opt': new_opt,
+           'skipped': state['skipped'] + (~finite).astype(jnp.int32)}
+    counts = metrics['expert_counts']
+    load = (jnp.max(counts, axis=-1) / jnp.maximum(jnp.mean(counts, axis=-1), 1e-9)).mean() \
+        if counts.size else jnp.zeros(())
+    scalars = {k: v for k, v in metrics.items() if k != 'expert_counts'}
+    scalars.update(norms, lr=schedule(cfg, cfg.optim.lr)(step), skipped=out['skipped'],
+                   finite=finite, expert_load_max_over_mean=load)
+    return out, scalars
+
+  def _update_biases(self, params, rest, metrics, step, finite):
+    cfg = self.cfg
+    counts = metrics['expert_counts']
+    if not counts.size:
+      return rest
+    stop = int(cfg.moe.bias_update_stop_frac * cfg.train.steps)
+    on = (step < stop) & finite & (cfg.dsa.stage != 'warmup')
+    gamma = jnp.where(on, cfg.moe.bias_update_rate, 0.0)
+    model = nnx.merge(self.graphdef, params, rest)
+    moes = model.moe_layers()
+    assert len(moes) == counts.shape[0], (len(moes), counts.shape)
+    n_tok = metrics['n_valid']
+    for moe, c in zip(moes, counts):
+      moe.router.bias.value = update_router_bias(moe.router.bias.value, c, cfg.moe.top_k, n_tok, gamma)
+    return nnx.split(model, nnx.Param, ...)[2]
+
+  def _eval(self, state, batch):
+    _, m = self._loss(state['params'], state['rest'], batch, 0.0)
+    return m['loss'] * m['n_valid'], m['n_valid']
+
+  # ---- loop -------------------------------------------------------------------------------
+  def step(self, batch_np) -> dict:
+    self.state, scalars = self._train_step(self.state, self.to_global(batch_np))
+    return scalars
+
+  def evaluate(self) -> float:
+    tot, n = 0.0, 0.0
+    it = iter(self.eval_ds)
+    for _ in range(self.cfg.train.eval_steps):
+      s, c = self._eval_step(self.state, self.to_global(next(it)))
+      tot, n = tot + float(s), n + float(c)
+    return tot / max(n, 1.0)
+
+  def _meta(self):
+    return {'config': ckpt.config_json(self.cfg),
+            'engram_hash': self.hash_spec.to_json() if self.hash_spec is not None else None}
+
+  def save(self, force=False):
+    if self.mngr is None:
+      return
+    ckpt.save(self.mngr, int(self.state['step']), self.state, self.train_iter, self._meta(), force)
+
+  def _on_sigterm(self, *_):
+    self._stop = True
+
+  def run(self) -> list[float]:
+    """Trains to `train.steps`; returns the per-step losses it ran (for tests and tools)."""
+    cfg = self.cfg
+    writer = MetricWriter(self.workdir, cfg.log.tensorboard, cfg.log.progress,
+                          enabled=jax.process_index() == 0, total_steps=cfg.train.steps)
+    try:
+      signal.signal(signal.SIGTERM, self._on_sigterm)
+    except ValueError:  # not the main thread
+      pass
+    fl = flops_lib.flops_per_token(cfg)
+    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+    peak = flops_lib.peak_tflops_for(jax.devices()[0])
+    n_dev = jax.device_count()
+    losses: list[float] = []
+    step = int(self.state['step'])
+    t_last, s_last = time.time(), step
+    while step < cfg.train.steps and not self._stop:
+      scalars = self.step(next(self.train_iter))
+      step += 1
+      loss = float(scalars['loss'])
+      losses.append(loss)
+      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        dt = time.time() - t_last
+        tps = tokens_per_step * (step - s_last) / max(dt, 1e-9)
+        tflops = fl.model_train_per_token * tps / n_dev / 1e12
+        row = {k: float(v) for k, v in jax.device_get(scalars).items()}
+        row.update(tokens_per_sec=tps, tflops_per_device=tflops,
+                   mfu=(tflops / peak) if peak else None)
+        writer.write(step, row)
+        t_last, s_last = time.time(), step
+      if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+        writer.write(step, {'eval_loss': self.evaluate()})
+      if self.mngr and step % cfg.checkpoint.every == 0:
+        self.save()
+    if self.mngr:
+      if self._stop or self.mngr.latest_step() != step:
+        self.save(force=True)
+      self.mngr.wait_until_finished()
+    writer.close()
+    return losses
