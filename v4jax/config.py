@@ -37,6 +37,7 @@ def default_config() -> ConfigDict:
       param_dtype='float32',   # master weights
       remat='block',           # none | block | full
       logits_chunk=0,          # vocab-chunked cross entropy; 0 = one chunk
+      attn_query_block=512,    # query rows per block in dense attention (and the dense KL); 0 = one block
   ))
   c.rope = ConfigDict(dict(
       base=10000.0,
@@ -125,6 +126,7 @@ def default_config() -> ConfigDict:
   c.data = ConfigDict(dict(
       source='builtin',        # builtin | array_record
       path='',                 # ArrayRecord directory (tools/prepare_data.py output)
+      tokenizer='byte',        # builtin source: 'byte' or a tokenizer.json path (ArrayRecord: its manifest decides)
       seq_len=128,
       global_batch=16,
       respect_doc_boundaries=False,
@@ -213,6 +215,8 @@ def validate(c: ConfigDict) -> ConfigDict:
     if not _get(c, path) > 0:
       _fail(path, _get(c, path), 'must be > 0')
   m = c.model
+  if m.attn_query_block < 0:
+    _fail('model.attn_query_block', m.attn_query_block, 'must be >= 0 (0 = one block)')
   if m.qk_rope_dim % 2:
     _fail('model.qk_rope_dim', m.qk_rope_dim, 'must be even (RoPE rotates pairs)')
   if not 0 <= m.n_dense_layers <= m.n_layers:
