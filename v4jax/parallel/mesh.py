@@ -1,6 +1,7 @@
 """Device mesh from `config.mesh`: ICI x DCN sizes per axis, `-1` for the rest, multi-host init."""
 from __future__ import annotations
 
+import glob
 import math
 import os
 
@@ -51,14 +52,20 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def _on_cloud_tpu_vm() -> bool:
+  """A TPU VM exposes its chips as /dev/accel* (v4/v5p) or /dev/vfio/<n> (v5e/v6e)."""
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
 def maybe_initialize_distributed(coordinator_address: str | None = None,
                                  num_processes: int | None = None,
                                  process_id: int | None = None) -> None:
-  """Starts JAX's multi-host runtime: explicit flags, or auto-detected on Cloud TPU / SLURM."""
+  """Starts JAX's multi-host runtime: explicit flags; or jax's own cluster detection on a Cloud TPU
+  VM (metadata server; GKE's TPU_WORKER_HOSTNAMES) and under SLURM with more than one task."""
   if coordinator_address:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
-  elif 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+  elif _on_cloud_tpu_vm():
     jax.distributed.initialize()
-  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
+  elif 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
     jax.distributed.initialize()
