@@ -201,8 +201,8 @@ class Trainer:
     model = nnx.merge(self.graphdef, params, rest)
     moes = model.moe_layers()
     assert len(moes) == counts.shape[0], (len(moes), counts.shape)
-    n_tok = metrics['n_valid']
-    for moe, c in zip(moes, counts):
+    for moe, c in zip(moes, counts):  # each layer's own token count (the MTP block masks more)
+      n_tok = jnp.sum(c) / cfg.moe.top_k
       moe.router.bias.value = update_router_bias(moe.router.bias.value, c, cfg.moe.top_k, n_tok, gamma)
     return nnx.split(model, nnx.Param, ...)[2]
 
