@@ -42,7 +42,7 @@ def engram_setup(cfg, meta: dict | None):
   from v4jax.data.engram_hash import EngramHashSpec, make_hash_spec
   spec = (EngramHashSpec.from_json(meta['engram_hash']) if meta and meta.get('engram_hash')
           else make_hash_spec(cfg))
-  return spec, {lid: int(spec.rows_per_layer[lid]) for lid in cfg.engram.layer_ids}
+  return spec, {lid: int(spec.rows_in_layer(lid)) for lid in cfg.engram.layer_ids}
 
 
 def var_shardings(tree, mesh, rules):

@@ -1,0 +1,188 @@
+"""mHC: manifold-constrained hyper-connections over N residual streams (SPEC §5).
+
+Dims: B batch, T positions, N mHC streams (SPEC's n), D model dim, C = (2+N)N coefficient slots.
+
+The residual is N streams X [B,T,N,D]. Each site (attention, FFN) reads one input
+u = sum_m pre_m X_m, runs its sub-layer F, and writes X'_k = post_k y + sum_j comb[j,k] X_j, where
+comb is doubly stochastic (Sinkhorn) so the residual gain stays near 1. The coefficients come from
+one RMS-normalised matmul over all ND features of a token, in fp32. comb[j,k] has the source stream
+j first; the paper's H^res is comb^T.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.model.layers import const_param, constrain, param
+
+__all__ = ['sinkhorn', 'HCSite', 'HyperHead', 'expand_streams']
+
+_F32 = jnp.float32
+
+
+def _sinkhorn_unrolled(logits_NN: jax.Array, iters: int, eps: float) -> jax.Array:
+  """Row softmax + eps, column step, then (iters-1) x (row step, column step); last two axes."""
+  m = jax.nn.softmax(logits_NN.astype(_F32), axis=-1) + eps
+  m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+
+  def body(_, m):
+    m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
+    return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+
+  return jax.lax.fori_loop(0, iters - 1, body, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def sinkhorn(logits_NN: jax.Array, iters: int, eps: float) -> jax.Array:
+  """SPEC §5 Sinkhorn on the last two axes [.., j, k], fp32, any leading dims.
+
+  The backward is the exact derivative through all `iters` iterations; it saves only the logits
+  and recomputes the iterations, so no per-iteration [N,N] tensors live between passes.
+  """
+  return _sinkhorn_unrolled(logits_NN, iters, eps)
+
+
+def _sinkhorn_fwd(logits_NN, iters, eps):
+  return _sinkhorn_unrolled(logits_NN, iters, eps), logits_NN
+
+
+def _sinkhorn_bwd(iters, eps, logits_NN, g_NN):
+  _, vjp = jax.vjp(lambda l: _sinkhorn_unrolled(l, iters, eps), logits_NN)
+  return vjp(g_NN)
+
+
+sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
+
+
+def expand_streams(e_BTD: jax.Array, n: int) -> jax.Array:
+  """N identical copies of the embedding: X0[m] = e (SPEC §5 'Streams in')."""
+  B, T, D = e_BTD.shape
+  return jnp.broadcast_to(e_BTD[:, :, None, :], (B, T, n, D))
+
+
+def _normed_mix(X_BTND: jax.Array, fn: jax.Array, eps: float, tf32: bool) -> jax.Array:
+  """mu = (x . fn) / sqrt(mean(x^2) + eps) over the flattened ND features, fp32."""
+  B, T, N, D = X_BTND.shape
+  x = X_BTND.astype(_F32).reshape(B, T, N * D)
+  prec = jax.lax.Precision.DEFAULT if tf32 else jax.lax.Precision.HIGHEST
+  mu = jnp.einsum('btk,kc->btc', x, fn.astype(_F32), precision=prec,
+                  preferred_element_type=_F32)
+  return mu * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _check_streams(X_BTND: jax.Array, n: int, d: int, who: str):
+  if X_BTND.ndim != 4 or X_BTND.shape[2:] != (n, d):
+    raise ValueError(f'{who}: X_BTND has shape {X_BTND.shape}, expected [B, T, '
+                     f'mhc.streams={n}, model.d_model={d}]')
+
+
+def _diagnostics(comb_BTNN: jax.Array) -> dict[str, jax.Array]:
+  """Token-averaged gains and Sinkhorn residuals of one site (no gradient)."""
+  c = jax.lax.stop_gradient(jnp.abs(comb_BTNN))
+  col, row = jnp.sum(c, axis=-2), jnp.sum(c, axis=-1)    # [B,T,N] over j / over k
+  return {
+      'mhc_fwd_gain': jnp.mean(jnp.max(col, axis=-1)),
+      'mhc_bwd_gain': jnp.mean(jnp.max(row, axis=-1)),
+      'mhc_col_residual': jnp.mean(jnp.max(jnp.abs(col - 1.0), axis=-1)),
+      'mhc_row_residual': jnp.mean(jnp.max(jnp.abs(row - 1.0), axis=-1)),
+  }
+
+
+class HCSite(nnx.Module):
+  """One hyper-connection site (`hc_attn` or `hc_ffn`): coefficients, read-in and write-back.
+
+  fn columns are [pre 0..N-1 | post N..2N-1 | comb 2N..2N+N^2-1], comb[j,k] at 2N + jN + k.
+  With N = 1 the site has no parameters and is the plain residual X + F(X).
+  """
+
+  def __init__(self, cfg, site_index: int, *, rngs: nnx.Rngs):
+    h = cfg.mhc
+    self.n, self.d = h.streams, cfg.model.d_model
+    self.iters, self.eps, self.norm_eps, self.tf32 = (
+        h.sinkhorn_iters, h.eps, cfg.model.norm_eps, h.tf32)
+    if self.n == 1:
+      return
+    n = self.n
+    c = (2 + n) * n
+    self.fn = param(rngs, (n * self.d, c), (None, 'hc_coeff'), h.fn_init_std)
+    self.base = const_param(0.0, (c,), ('hc_coeff',))
+    if h.bias_init == 'identity':     # pre: +3 at the home stream, -3 elsewhere; comb ~ I
+      b_pre = jnp.full((n,), -3.0, _F32).at[site_index % n].set(3.0)
+      b_res = 6.0 * jnp.eye(n, dtype=_F32) - 3.0
+      self.base[...] = jnp.concatenate([b_pre, jnp.zeros((n,), _F32), b_res.reshape(-1)])
+    elif h.bias_init != 'zero':
+      raise ValueError(f"config.mhc.bias_init={h.bias_init!r} is not one of ('zero', 'identity')")
+    self.scale = const_param(h.alpha_init, (3,), (None,))
+
+  def coeffs(self, X_BTND: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(pre [B,T,N], post [B,T,N], comb [B,T,N,N]) in fp32 (SPEC §5 steps 1-5)."""
+    _check_streams(X_BTND, self.n, self.d, 'HCSite.coeffs')
+    n = self.n
+    mu = _normed_mix(X_BTND, self.fn[...], self.norm_eps, self.tf32)
+    b, a = self.base[...].astype(_F32), self.scale[...].astype(_F32)
+    pre = jax.nn.sigmoid(a[0] * mu[..., :n] + b[:n]) + self.eps
+    post = 2.0 * jax.nn.sigmoid(a[1] * mu[..., n:2 * n] + b[n:2 * n])
+    lam = a[2] * mu[..., 2 * n:] + b[2 * n:]
+    comb = sinkhorn(lam.reshape(*lam.shape[:-1], n, n), self.iters, self.eps)
+    return pre, post, comb
+
+  def __call__(self, X_BTND: jax.Array,
+               f: Callable[[jax.Array], tuple[jax.Array, Any]]) -> tuple[jax.Array, dict]:
+    """X' = comb^T X + post (x) f(sum_m pre_m X_m).
+
+    Returns (X', aux): f's aux dict plus this site's mhc_* diagnostics.
+    """
+    _check_streams(X_BTND, self.n, self.d, 'HCSite')
+    dtype = X_BTND.dtype
+    if self.n == 1:
+      y, aux = f(X_BTND[:, :, 0])
+      return X_BTND + y.astype(dtype)[:, :, None, :], _as_dict(aux)
+    pre, post, comb = self.coeffs(X_BTND)
+    Xf = X_BTND.astype(_F32)
+    u = constrain(jnp.sum(pre[..., None] * Xf, axis=2).astype(dtype), ('batch', 'seq', 'act_embed'))
+    y, aux = f(u)
+    res = jnp.sum(comb[..., None] * Xf[:, :, :, None, :], axis=2)        # sum over source j
+    out = (post[..., None] * y.astype(_F32)[:, :, None, :] + res).astype(dtype)
+    out = constrain(out, ('batch', 'seq', 'streams', 'act_embed'))
+    return out, {**_as_dict(aux), **_diagnostics(comb)}
+
+
+def _as_dict(aux) -> dict:
+  if aux is None:
+    return {}
+  if not isinstance(aux, dict):
+    raise TypeError(f'HCSite: the sub-layer must return (y, aux) with aux a dict or None, '
+                    f'got {type(aux).__name__}')
+  return aux
+
+
+class HyperHead(nnx.Module):
+  """Stream reduction before the final norm (cfg.mhc.head): hyper = sum_m a_m X_m with learned
+  a_m = sigmoid(alpha mu_m + b_m) + eps; sum = sum_m X_m; first = X_0. N = 1 is the identity."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    h = cfg.mhc
+    self.n, self.d, self.mode = h.streams, cfg.model.d_model, h.head
+    self.eps, self.norm_eps, self.tf32 = h.eps, cfg.model.norm_eps, h.tf32
+    if self.mode not in ('hyper', 'sum', 'first'):
+      raise ValueError(f"config.mhc.head={self.mode!r} is not one of ('hyper', 'sum', 'first')")
+    if self.n > 1 and self.mode == 'hyper':
+      self.fn = param(rngs, (self.n * self.d, self.n), (None, 'hc_coeff'), h.fn_init_std)
+      self.base = const_param(0.0, (self.n,), ('hc_coeff',))
+      self.scale = const_param(h.alpha_init, (1,), (None,))
+
+  def __call__(self, X_BTND: jax.Array) -> jax.Array:
+    _check_streams(X_BTND, self.n, self.d, 'HyperHead')
+    if self.n == 1 or self.mode == 'first':
+      return X_BTND[:, :, 0]
+    Xf = X_BTND.astype(_F32)
+    if self.mode == 'sum':
+      return jnp.sum(Xf, axis=2).astype(X_BTND.dtype)
+    mu = _normed_mix(X_BTND, self.fn[...], self.norm_eps, self.tf32)
+    a = jax.nn.sigmoid(self.scale[...].astype(_F32)[0] * mu + self.base[...].astype(_F32))
+    a = a + self.eps
+    return jnp.sum(a[..., None] * Xf, axis=2).astype(X_BTND.dtype)
