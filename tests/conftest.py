@@ -7,3 +7,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent compilation cache per test session (inherited by subprocess runs), so the many
+# identical tiny-model compiles across tests and child processes are paid once.
+import tempfile
+
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='v4jax-jit-cache-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')

@@ -64,6 +64,10 @@ def default_config() -> ConfigDict:
       bal_indicator='selected',  # selected | unbiased_topk
       dispatch='dropless',     # dropless | capacity
       capacity_factor=1.25,
+      # expert parallelism (v4jax/parallel/expert.py; dropless dispatch on a mesh whose rules
+      # shard 'exp'): exchange auto (ragged_all_to_all; padded all_to_all on CPU) | ragged | padded
+      ep_exchange='auto',
+      ep_capacity_factor=0.0,  # exchange buffers: 0 = worst case (never drops); f = f x balanced load
   ))
   c.dsa = ConfigDict(dict(
       enabled=False,
@@ -173,6 +177,7 @@ _CHOICES = {
     'rope.yarn_mode': ('off', 'on', 'auto'),
     'moe.bal_indicator': ('selected', 'unbiased_topk'),
     'moe.dispatch': ('dropless', 'capacity'),
+    'moe.ep_exchange': ('auto', 'ragged', 'padded'),
     'dsa.stage': ('dense', 'warmup', 'sparse'),
     'mhc.bias_init': ('zero', 'identity'),
     'mhc.head': ('hyper', 'sum', 'first'),
@@ -255,6 +260,8 @@ def validate(c: ConfigDict) -> ConfigDict:
             f'keeps {e.topk_groups * per_group} experts, fewer than moe.top_k={e.top_k}')
     if e.capacity_factor <= 0:
       _fail('moe.capacity_factor', e.capacity_factor, 'must be > 0')
+    if e.ep_capacity_factor < 0:
+      _fail('moe.ep_capacity_factor', e.ep_capacity_factor, 'must be >= 0 (0 = worst-case buffers)')
 
   d = c.dsa
   if d.enabled:

@@ -93,19 +93,13 @@ def lazy_adam(lr, b1, b2, eps) -> optax.GradientTransformation:
     count = state.count + 1
     lr_t = lr(state.count) if callable(lr) else lr
 
-    def one(g, m, v):
-      touched = jnp.any(g != 0, axis=tuple(range(1, g.ndim)), keepdims=True)
-      m2 = jnp.where(touched, b1 * m + (1 - b1) * g, m)
-      v2 = jnp.where(touched, b2 * v + (1 - b2) * g * g, v)
-      mh = m2 / (1 - b1 ** count.astype(jnp.float32))
-      vh = v2 / (1 - b2 ** count.astype(jnp.float32))
-      return jnp.where(touched, -lr_t * mh / (jnp.sqrt(vh) + eps), 0.0), m2, v2
-
-    out = jax.tree.map(one, g, state.mu, state.nu)
-    is_t = lambda x: isinstance(x, tuple)
-    upd = jax.tree.map(lambda o: o[0], out, is_leaf=is_t)
-    mu = jax.tree.map(lambda o: o[1], out, is_leaf=is_t)
-    nu = jax.tree.map(lambda o: o[2], out, is_leaf=is_t)
+    c = count.astype(jnp.float32)
+    touched = lambda g: jnp.any(g != 0, axis=tuple(range(1, g.ndim)), keepdims=True)
+    mu = jax.tree.map(lambda g, m: jnp.where(touched(g), b1 * m + (1 - b1) * g, m), g, state.mu)
+    nu = jax.tree.map(lambda g, v: jnp.where(touched(g), b2 * v + (1 - b2) * g * g, v), g, state.nu)
+    upd = jax.tree.map(
+        lambda g, m, v: jnp.where(touched(g), -lr_t * (m / (1 - b1 ** c))
+                                  / (jnp.sqrt(v / (1 - b2 ** c)) + eps), 0.0), g, mu, nu)
     return upd, LazyAdamState(count, mu, nu)
 
   return optax.GradientTransformation(init, update)

@@ -203,7 +203,7 @@ class Trainer:
     assert len(moes) == counts.shape[0], (len(moes), counts.shape)
     for moe, c in zip(moes, counts):  # each layer's own token count (the MTP block masks more)
       n_tok = jnp.sum(c) / cfg.moe.top_k
-      moe.router.bias.value = update_router_bias(moe.router.bias.value, c, cfg.moe.top_k, n_tok, gamma)
+      moe.router.bias[...] = update_router_bias(moe.router.bias[...], c, cfg.moe.top_k, n_tok, gamma)
     return nnx.split(model, nnx.Param, ...)[2]
 
   def _eval(self, state, batch):

@@ -19,6 +19,7 @@ from flax import nnx
 
 from v4jax.kernels.grouped_matmul import grouped_matmul
 from v4jax.model.layers import constrain, dtype_of, matmul, param
+from v4jax.parallel import expert
 
 f32 = jnp.float32
 
@@ -75,12 +76,20 @@ class Experts(nnx.Module):
 
   def sorted_rows(self, x_MD: jax.Array, sizes_E: jax.Array) -> jax.Array:
     """Rows sorted by expert (sizes_E rows each) through their expert: grouped matmuls."""
+    return self.ffn(x_MD, *self.weights(), sizes_E)
+
+  def weights(self):
+    """(w_gate, w_up, w_down) in the compute dtype."""
+    return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+
+  def ffn(self, x_MD, w_gate, w_up, w_down, sizes_E):
+    """Grouped SwiGLU of rows sorted by expert through the given expert weights."""
     dt = self.dtype
     gmm = functools.partial(grouped_matmul, impl=self.impl, preferred_element_type=f32)
     x_MD = x_MD.astype(dt)
-    g_MF = gmm(x_MD, self.w_gate[...].astype(dt), sizes_E).astype(dt)
-    u_MF = gmm(x_MD, self.w_up[...].astype(dt), sizes_E).astype(dt)
-    return gmm(jax.nn.silu(g_MF) * u_MF, self.w_down[...].astype(dt), sizes_E).astype(dt)
+    g_MF = gmm(x_MD, w_gate, sizes_E).astype(dt)
+    u_MF = gmm(x_MD, w_up, sizes_E).astype(dt)
+    return gmm(jax.nn.silu(g_MF) * u_MF, w_down, sizes_E).astype(dt)
 
   def padded(self, x_ECD: jax.Array) -> jax.Array:
     """Fixed-capacity buffers [E,C,D] through their expert: batched matmuls."""
@@ -168,6 +177,9 @@ class MoE(nnx.Module):
     self.n_groups, self.topk_groups, self.route_scale = e.n_groups, e.topk_groups, e.route_scale
     self.alpha, self.bal_indicator = e.bal_loss_alpha, e.bal_indicator
     self.dispatch, self.capacity_factor = e.dispatch, e.capacity_factor
+    self.ep_args = dict(n_experts=e.num_experts, d_expert=e.d_expert, dtype=self.dtype,
+                        impl=cfg.kernels.grouped_matmul, exchange=e.ep_exchange,
+                        capacity_factor=e.ep_capacity_factor)
 
   def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
     """aux: bal_loss (fp32 scalar, includes alpha), expert_counts (fp32 [E], valid
@@ -187,11 +199,16 @@ class MoE(nnx.Module):
                                n_groups=self.n_groups, topk_groups=self.topk_groups,
                                route_scale=self.route_scale)
     valid_A = valid_BT.reshape(A)
-    if self.dispatch == 'capacity':
-      y_AKD, dropped = self._capacity(x_AD, sel_AK, valid_A)
+    ep = expert.plan(**self.ep_args) if self.dispatch == 'dropless' else None
+    if ep is not None:  # the active mesh shards experts (or needs per-device kernels)
+      y_AD, dropped = expert.moe_ep(ep, x_AD, sel_AK, g_AK, valid_A, *self.experts.weights(),
+                                    self.experts.ffn)
     else:
-      y_AKD, dropped = self._dropless(x_AD, sel_AK), jnp.zeros((), f32)
-    y_AD = jnp.einsum('ak,akd->ad', g_AK, y_AKD.astype(f32))
+      if self.dispatch == 'capacity':
+        y_AKD, dropped = self._capacity(x_AD, sel_AK, valid_A)
+      else:
+        y_AKD, dropped = self._dropless(x_AD, sel_AK), jnp.zeros((), f32)
+      y_AD = jnp.einsum('ak,akd->ad', g_AK, y_AKD.astype(f32))
     y_BTD = y_AD.reshape(B, T, D).astype(self.dtype)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)

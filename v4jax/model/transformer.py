@@ -48,8 +48,8 @@ class Block(nnx.Module):
       from v4jax.model.mhc import HCSite
       self.hc_attn = HCSite(cfg, 2 * layer_idx, rngs=rngs)
       self.hc_ffn = HCSite(cfg, 2 * layer_idx + 1, rngs=rngs)
-    self.engram = None
-    if engram_rows is not None:
+    self.has_engram = engram_rows is not None
+    if self.has_engram:
       from v4jax.model.engram import Engram
       self.engram = Engram(cfg, layer_idx, engram_rows, rngs=rngs)
 
@@ -61,7 +61,7 @@ class Block(nnx.Module):
 
   def __call__(self, X_BTND: jax.Array, inp: BlockInputs):
     aux: dict[str, Any] = {}
-    if self.engram is not None:
+    if self.has_engram:
       X_BTND = X_BTND + self.engram(X_BTND, inp.engram_rows[self.layer_idx]).astype(X_BTND.dtype)
 
     def attn(u_BTD):
@@ -159,16 +159,17 @@ class Transformer(nnx.Module):
     """Losses for one batch; returns (total_loss, metrics). Losses follow SPEC §9."""
     cfg = self.cfg
     tokens_BT, targets_BT = batch['tokens'], batch['targets']
-    valid_BT = batch['loss_mask'] > 0
+    weight_BT = batch['loss_mask'].astype(jnp.float32)   # 0 on padding; a NaN here poisons the loss
+    valid_BT = weight_BT > 0
     seg = batch['segment_ids'] if cfg.data.respect_doc_boundaries else None
     rows = {lid: batch[f'engram_rows_{lid}'] for lid in cfg.engram.layer_ids} \
         if cfg.engram.enabled else None
     inp = BlockInputs(batch['positions'], seg, valid_BT, rows)
-    n_valid = jnp.maximum(jnp.sum(valid_BT.astype(jnp.float32)), 1.0)
+    n_valid = jnp.maximum(jnp.sum(weight_BT), 1.0)
 
     X_BTND, auxes = self.trunk(tokens_BT, inp)
     h_BTD = self.norm(self.head_reduce(X_BTND))
-    lm_sum = cross_entropy_sum(h_BTD, self.head[...], targets_BT, valid_BT, self.dtype,
+    lm_sum = cross_entropy_sum(h_BTD, self.head[...], targets_BT, weight_BT, self.dtype,
                                cfg.model.logits_chunk)
     lm = lm_sum / n_valid
 
@@ -178,7 +179,8 @@ class Transformer(nnx.Module):
       ids_BT = jnp.roll(tokens_BT, -k, axis=1)
       tgt_BT = jnp.roll(targets_BT, -k, axis=1)
       T = tokens_BT.shape[1]
-      ok_BT = jnp.roll(valid_BT, -k, axis=1) & (jnp.arange(T) < T - k)[None]
+      w_BT = jnp.roll(weight_BT, -k, axis=1) * (jnp.arange(T) < T - k)[None]
+      ok_BT = w_BT > 0
       e_BTD = mod.enorm(self.embed_tokens(ids_BT))
       e_BTND = jnp.broadcast_to(e_BTD[:, :, None], X_prev.shape)
       z = jnp.concatenate([e_BTND, mod.hnorm(X_prev)], axis=-1)
@@ -187,8 +189,8 @@ class Transformer(nnx.Module):
       X_prev, aux = _remat(cfg, lambda blk, X, i: blk(X, i))(mod.block, Z_BTND, mtp_inp)
       auxes.append(aux)
       hk_BTD = mod.norm(mod.head_reduce(X_prev))
-      n_k = jnp.maximum(jnp.sum(ok_BT.astype(jnp.float32)), 1.0)
-      mtp_losses.append(cross_entropy_sum(hk_BTD, self.head[...], tgt_BT, ok_BT, self.dtype,
+      n_k = jnp.maximum(jnp.sum(w_BT), 1.0)
+      mtp_losses.append(cross_entropy_sum(hk_BTD, self.head[...], tgt_BT, w_BT, self.dtype,
                                           cfg.model.logits_chunk) / n_k)
     mtp = sum(mtp_losses) / len(mtp_losses) if mtp_losses else jnp.zeros((), jnp.float32)
 
@@ -206,24 +208,25 @@ class Transformer(nnx.Module):
     return total, metrics
 
 
-def cross_entropy_sum(h_BTD, head_DV, targets_BT, valid_BT, dtype, chunk: int = 0):
-  """Sum over valid tokens of -log softmax(h @ head)[target], fp32 log-softmax.
+def cross_entropy_sum(h_BTD, head_DV, targets_BT, weight_BT, dtype, chunk: int = 0):
+  """Sum over tokens of weight * -log softmax(h @ head)[target], fp32 log-softmax (weight 0 on
+  padding).
 
   With `chunk > 0` the sequence is processed in chunks of `chunk` positions under remat, so the
   full [B,T,V] fp32 logits are never held at once (needed for 129K vocabularies).
   """
-  def piece(h, t, v):
+  def piece(h, t, w):
     logits = matmul('btd,dv->btv', h, head_DV, dtype).astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(v, lse - tgt, 0.0))
+    return jnp.sum((lse - tgt) * w)
 
   T = h_BTD.shape[1]
   if chunk <= 0 or chunk >= T or T % chunk:
-    return piece(h_BTD, targets_BT, valid_BT)
+    return piece(h_BTD, targets_BT, weight_BT)
   n = T // chunk
   split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
   body = jax.checkpoint(lambda c, xs: (c + piece(*xs), None))
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                          (split(h_BTD), split(targets_BT), split(valid_BT)))
+                          (split(h_BTD), split(targets_BT), split(weight_BT)))
   return total

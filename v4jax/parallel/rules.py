@@ -95,6 +95,11 @@ def activate(mesh: jax.sharding.Mesh, preset: str | Mapping[str, object]):
     _current.pop()
 
 
+def current() -> tuple[jax.sharding.Mesh, Mapping[str, object]] | None:
+  """The active (mesh, rules), or None outside `activate`."""
+  return _current[-1] if _current else None
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; a no-op when no preset is active."""
   if not _current:

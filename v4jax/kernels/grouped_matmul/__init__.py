@@ -3,10 +3,19 @@
 Dims: M rows (token-slots sorted by expert), K contraction, N output, G groups (experts).
 
 `impl` takes the values of `config.kernels.grouped_matmul`:
-  auto | ragged_dot | reference -> `jax.lax.ragged_dot` (reference.py);
-  mgpu (Hopper Pallas Mosaic-GPU ragged_dot) | megablox (TPU gmm) -> not yet here.
+  ragged_dot | reference -> `jax.lax.ragged_dot` (reference.py; every backend, slow on GPU);
+  mgpu -> the Pallas Mosaic-GPU ragged_dot kernels in jax (mgpu.py; Hopper, bf16/fp16);
+  megablox -> the Pallas TPU gmm/tgmm kernels in jax (megablox.py; TPU, interpret mode on CPU);
+  auto -> mgpu on a Hopper GPU (bf16/fp16 inputs), megablox on TPU, ragged_dot otherwise.
+Rows past sum(group_sizes) come out zero with every impl.
+
+`target_platform()` is the platform code is compiled for: the backend, or the
+V4JAX_TARGET_PLATFORM environment variable (tools/aot_compile.py sets it to 'tpu' when it
+compiles for a TPU topology on a CPU machine).
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +23,28 @@ import jax.numpy as jnp
 from v4jax.kernels.grouped_matmul import reference
 
 IMPLS = ('auto', 'ragged_dot', 'reference', 'mgpu', 'megablox')
+PALLAS_IMPLS = ('mgpu', 'megablox')   # kernels that must run per device (inside shard_map)
+HOPPER = ('H100', 'H200', 'H800', 'GH200')
+
+
+def target_platform() -> str:
+  return os.environ.get('V4JAX_TARGET_PLATFORM') or jax.default_backend()
+
+
+def resolve_impl(impl: str, dtype) -> str:
+  """The concrete impl `auto` stands for on this platform and input dtype."""
+  if impl not in IMPLS:
+    raise ValueError(f'config.kernels.grouped_matmul={impl!r} is not one of {IMPLS}')
+  if impl != 'auto':
+    return impl
+  platform = target_platform()
+  if platform == 'tpu':
+    return 'megablox'
+  if platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    kind = jax.devices()[0].device_kind
+    if any(h in kind for h in HOPPER):
+      return 'mgpu'
+  return 'ragged_dot'
 
 
 def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *,
@@ -25,11 +56,18 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, 
   if group_sizes_G.shape != (w_GKN.shape[0],):
     raise ValueError(f'grouped_matmul: group_sizes_G {group_sizes_G.shape} must be '
                      f'[G={w_GKN.shape[0]}]')
-  if impl in ('auto', 'ragged_dot', 'reference'):
-    return reference.grouped_matmul(x_MK, w_GKN, group_sizes_G,
-                                    preferred_element_type=preferred_element_type)
-  if impl in ('mgpu', 'megablox'):
-    raise NotImplementedError(
-        f'grouped_matmul impl={impl!r} lands with issue 4 (pod-scale parallelism); '
-        "use config.kernels.grouped_matmul='auto' (jax.lax.ragged_dot) for now")
-  raise ValueError(f'config.kernels.grouped_matmul={impl!r} is not one of {IMPLS}')
+  impl = resolve_impl(impl, x_MK.dtype)
+  if impl == 'mgpu':
+    if target_platform() != 'gpu':
+      raise ValueError(f'grouped_matmul impl=mgpu needs a Hopper GPU; this is {target_platform()!r} '
+                       "(use config.kernels.grouped_matmul='auto')")
+    from v4jax.kernels.grouped_matmul import mgpu
+    return mgpu.grouped_matmul(x_MK, w_GKN, group_sizes_G,
+                               preferred_element_type=preferred_element_type)
+  if impl == 'megablox':
+    from v4jax.kernels.grouped_matmul import megablox
+    interpret = False if target_platform() == 'tpu' else None
+    return megablox.grouped_matmul(x_MK, w_GKN, group_sizes_G, interpret=interpret,
+                                   preferred_element_type=preferred_element_type)
+  return reference.grouped_matmul(x_MK, w_GKN, group_sizes_G,
+                                  preferred_element_type=preferred_element_type)
