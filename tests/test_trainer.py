@@ -71,7 +71,7 @@ def _losses(workdir):
 
 def _env():
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0'
   return env
 
 

@@ -1,0 +1,55 @@
+"""Query-block helpers shared by the attention/indexer references and the model.
+
+Dims: B batch, T query positions, S key positions.
+
+`map_query_blocks` runs a per-block function over query rows with `lax.map` under
+`jax.checkpoint`, so neither the forward nor the saved residuals ever hold a [B,T,...,S]
+tensor for all T at once: only one block of rows is live.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def allowed_mask(q_offset, t_len: int, s_len: int, segment_ids_q_BT=None,
+                 segment_ids_k_BS=None) -> jax.Array:
+  """Bool [B|1, t_len, s_len]: key s is allowed for query row q_offset+t (s <= t, same segment)."""
+  t = q_offset + jnp.arange(t_len)
+  mask = (jnp.arange(s_len)[None, :] <= t[:, None])[None]
+  if segment_ids_q_BT is not None:
+    mask = mask & (segment_ids_q_BT[:, :, None] == segment_ids_k_BS[:, None, :])
+  return mask
+
+
+def map_query_blocks(fn: Callable, block: int, *xs):
+  """Applies fn(q_offset, *x_blocks) over blocks of `block` query rows and joins the outputs.
+
+  Each x in xs is [B,T,...] (or None, passed through as None). fn returns a pytree of [B,Tq,...]
+  arrays. T is padded up to a multiple of `block` by repeating the last row (so padded rows stay
+  well-defined); padded output rows are dropped. block <= 0 or >= T means one block.
+  """
+  present = [x for x in xs if x is not None]
+  B, T = present[0].shape[:2]
+  if block <= 0 or block >= T:
+    return fn(0, *xs)
+  n = -(-T // block)
+  pad = n * block - T
+
+  def split(x):
+    if x is None:
+      return None
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode='edge')
+    return jnp.swapaxes(x.reshape((B, n, block) + x.shape[2:]), 0, 1)
+
+  def body(args):
+    return fn(args[0], *args[1:])
+
+  out = jax.lax.map(jax.checkpoint(body), (jnp.arange(n) * block,) + tuple(split(x) for x in xs))
+
+  def join(o):
+    o = jnp.swapaxes(o, 0, 1)
+    return o.reshape((B, n * block) + o.shape[3:])[:, :T]
+  return jax.tree.map(join, out)

@@ -1,0 +1,60 @@
+"""Lightning-indexer seam (SPEC §3): scores and causal top-k.
+
+Dims: B batch, T query positions, S key positions, H indexer heads, D indexer head dim, K top-k.
+
+`impl` takes `config.kernels.impl`: reference -> plain jnp (reference.py); pallas -> gpu.py
+(Triton; interpret mode on CPU) or tpu.py (Mosaic); auto -> pallas when compiling for GPU/TPU,
+reference on CPU. The model calls only these dispatch functions.
+"""
+from __future__ import annotations
+
+import jax
+
+from v4jax.kernels import pallas_common
+from v4jax.kernels.indexer import reference
+
+IMPLS = ('auto', 'reference', 'pallas')
+
+
+def _check(q_BTHD, k_BSD, w_BTH, impl):
+  if q_BTHD.ndim != 4 or k_BSD.ndim != 3 or w_BTH.shape != q_BTHD.shape[:3]:
+    raise ValueError(f'indexer: q_BTHD {q_BTHD.shape}, k_BSD {k_BSD.shape}, w_BTH {w_BTH.shape} '
+                     'must be [B,T,H,D], [B,S,D], [B,T,H]')
+  if k_BSD.shape[0] != q_BTHD.shape[0] or k_BSD.shape[2] != q_BTHD.shape[3]:
+    raise ValueError(f'indexer: k_BSD {k_BSD.shape} must match q_BTHD {q_BTHD.shape} in B and D')
+  if impl not in IMPLS:
+    raise ValueError(f'config.kernels.impl={impl!r} is not one of {IMPLS}')
+
+
+def _kernels():
+  """gpu.py (Triton; interpret mode on CPU) or tpu.py (Mosaic) for the target platform."""
+  from v4jax.kernels.indexer import gpu, tpu
+  return tpu if pallas_common.target_platform() == 'tpu' else gpu
+
+
+_Q, _KW = ('batch', None, None, None), ('batch', None, None)
+
+
+def indexer_scores(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, *,
+                   impl: str = 'auto') -> jax.Array:
+  """Unmasked fp32 I [B,T,S] = Σ_h w·ReLU(q_h·k_s) (scales already folded into w)."""
+  _check(q_BTHD, k_BSD, w_BTH, impl)
+  if pallas_common.use_pallas(impl):
+    return pallas_common.per_device(_kernels().indexer_scores, (_Q, _KW, _KW), (_KW,))(
+        q_BTHD, k_BSD, w_BTH)
+  return reference.indexer_scores(q_BTHD, k_BSD, w_BTH)
+
+
+def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: int,
+                 segment_ids_BT: jax.Array | None = None, *, query_block: int = 0,
+                 impl: str = 'auto') -> jax.Array:
+  """int32 idx [B,T,K] of the top-K allowed keys per token (ties to the lower s; -1 = empty)."""
+  _check(q_BTHD, k_BSD, w_BTH, impl)
+  if topk <= 0:
+    raise ValueError(f'indexer_topk: topk={topk} must be a positive integer (config.dsa.topk)')
+  if pallas_common.use_pallas(impl):
+    fn = lambda q, k, w, seg: _kernels().indexer_topk(q, k, w, topk, seg)
+    return pallas_common.per_device(fn, (_Q, _KW, _KW, ('batch', None)), (_KW,))(
+        q_BTHD, k_BSD, w_BTH, segment_ids_BT)
+  return reference.indexer_topk(q_BTHD, k_BSD, w_BTH, topk, segment_ids_BT,
+                                query_block=query_block)

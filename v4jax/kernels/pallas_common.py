@@ -1,0 +1,84 @@
+"""Small helpers shared by the Pallas kernels (GPU Triton-style and TPU Mosaic).
+
+Every kernel builds its `pl.pallas_call` inside the op function, so the interpret mode is read at
+call time: on a CPU backend GPU-flavoured kernels run under `interpret=True` and TPU kernels under
+`pltpu.InterpretParams()` (what `pltpu.force_tpu_interpret_mode()` also switches on).
+
+Pallas calls cannot be partitioned by XLA, so the dispatchers run them per device with
+`per_device` (a shard_map over the active `parallel.rules` mesh, specs from logical names).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.parallel import rules as _rules
+
+NEG_INF = float('-inf')
+
+
+def next_pow2(n: int) -> int:
+  return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def target_platform() -> str:
+  """The platform code is compiled for: V4JAX_TARGET_PLATFORM (AOT for TPU on a CPU host) or
+  the default backend."""
+  return os.environ.get('V4JAX_TARGET_PLATFORM') or jax.default_backend()
+
+
+def use_pallas(impl: str) -> bool:
+  """config.kernels.impl -> whether the Pallas kernels run: 'auto' picks them on GPU and TPU."""
+  return impl == 'pallas' or (impl == 'auto' and target_platform() in ('gpu', 'tpu'))
+
+
+def gpu_interpret(interpret):
+  """None -> interpret only when compiling for CPU (the Triton lowering needs a GPU)."""
+  if interpret is None:
+    return target_platform() == 'cpu'
+  return interpret
+
+
+def tpu_interpret(interpret):
+  """None -> TPU interpret mode (simulated VMEM/SMEM/DMA) when compiling for CPU."""
+  if interpret is None and target_platform() == 'cpu':
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
+  return bool(interpret) if interpret in (None, False, True) else interpret
+
+
+def per_device(fn: Callable, in_axes: Sequence, out_axes: Sequence) -> Callable:
+  """fn run on each device's shard (shard_map) when a multi-device `rules.activate` mesh is
+  current; fn itself otherwise. in_axes / out_axes: logical names per array (None = whole dim).
+  """
+  cur = _rules.current()
+  if cur is None or cur[0].size == 1:
+    return fn
+  mesh, table = cur
+
+  def wrapped(*args):
+    spec = lambda axes, shape: _rules.logical_to_spec(axes, table, mesh, shape)
+    in_specs = tuple(None if a is None else spec(ax, a.shape) for ax, a in zip(in_axes, args))
+    outs = jax.eval_shape(fn, *args)
+    flat = outs if isinstance(outs, (tuple, list)) else (outs,)
+    out_specs = tuple(spec(ax, o.shape) for ax, o in zip(out_axes, flat))
+    out_specs = out_specs if isinstance(outs, (tuple, list)) else out_specs[0]
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+  return wrapped
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+  """Pads axis `axis` of x at the end up to `size`."""
+  if x.shape[axis] == size:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pads, constant_values=value)

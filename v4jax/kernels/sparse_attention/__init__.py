@@ -1,0 +1,41 @@
+"""Sparse MLA seam (SPEC §3): absorbed-form attention over a per-token set of K keys.
+
+Dims: B batch, T query positions, S key positions, H heads, C entry width (r_kv + d_r),
+V value width (r_kv), K selected keys per token.
+
+`impl` takes `config.kernels.impl`: reference -> gather + jnp softmax (reference.py);
+pallas -> gpu.py (Triton; interpret mode on CPU) or tpu.py (Mosaic); auto -> pallas when
+compiling for GPU/TPU, reference on CPU. The model calls only `sparse_mla`.
+"""
+from __future__ import annotations
+
+import jax
+
+from v4jax.kernels import pallas_common
+from v4jax.kernels.sparse_attention import reference
+
+IMPLS = ('auto', 'reference', 'pallas')
+
+
+def sparse_mla(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array, v_dim: int,
+               scale: float, *, query_block: int = 0,
+               impl: str = 'auto') -> tuple[jax.Array, jax.Array]:
+  """(o [B,T,H,V], lse [B,T,H] fp32) of softmax attention over the entries kv[idx] (-1 masked)."""
+  if q_BTHC.ndim != 4 or kv_BSC.ndim != 3 or idx_BTK.ndim != 3:
+    raise ValueError(f'sparse_mla: q_BTHC {q_BTHC.shape}, kv_BSC {kv_BSC.shape}, idx_BTK '
+                     f'{idx_BTK.shape} must be [B,T,H,C], [B,S,C], [B,T,K]')
+  if kv_BSC.shape[2] != q_BTHC.shape[3] or idx_BTK.shape[:2] != q_BTHC.shape[:2]:
+    raise ValueError(f'sparse_mla: C of q_BTHC {q_BTHC.shape} and kv_BSC {kv_BSC.shape}, and '
+                     f'[B,T] of idx_BTK {idx_BTK.shape} must agree')
+  if not 0 < v_dim <= kv_BSC.shape[2]:
+    raise ValueError(f'sparse_mla: v_dim={v_dim} must be in [1, C={kv_BSC.shape[2]}]')
+  if impl not in IMPLS:
+    raise ValueError(f'config.kernels.impl={impl!r} is not one of {IMPLS}')
+  if pallas_common.use_pallas(impl):   # GPU Triton / TPU Mosaic kernels, per device
+    from v4jax.kernels.sparse_attention import gpu, tpu
+    mod = tpu if pallas_common.target_platform() == 'tpu' else gpu
+    fn = lambda q, kv, idx: mod.sparse_mla(q, kv, idx, v_dim, scale)
+    q_axes = ('batch', 'seq', 'act_heads', None)
+    return pallas_common.per_device(fn, (q_axes, ('batch', None, None), ('batch', 'seq', None)),
+                                    (q_axes, q_axes[:3]))(q_BTHC, kv_BSC, idx_BTK)
+  return reference.sparse_mla(q_BTHC, kv_BSC, idx_BTK, v_dim, scale, query_block=query_block)

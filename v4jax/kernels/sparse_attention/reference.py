@@ -1,0 +1,38 @@
+"""Reference gather-based sparse MLA in absorbed (MQA) form (SPEC §2 step 6, §3).
+
+Dims: B batch, T query positions, S key positions, H heads, C entry width (r_kv + d_r),
+V value width (the first V dims of an entry: the latent c_kv), K selected keys per token.
+
+Every head of a token attends to the same K gathered entries e_s = [c_kv,s ; k_r,s]; slots
+holding -1 are clamped to row 0 for the gather and masked to -inf. Autodiff of the gather is the
+scatter-add into the entries.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.kernels.blockwise import map_query_blocks
+
+
+def gather_entries(kv_BSC: jax.Array, idx_BTK: jax.Array) -> jax.Array:
+  """kv[b, idx[b,t,k]] -> [B,T,K,C], with -1 read as row 0."""
+  return jax.vmap(lambda kv_SC, i_TK: kv_SC[i_TK])(kv_BSC, jnp.maximum(idx_BTK, 0))
+
+
+def sparse_mla(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array, v_dim: int,
+               scale: float, *, query_block: int = 0) -> tuple[jax.Array, jax.Array]:
+  """o [B,T,H,V] = Σ_k softmax_k(scale·q·e_k)·e_k[:V] and lse [B,T,H] (fp32, natural log)."""
+
+  def block(_, q_blk, idx_blk):
+    e_BTKC = gather_entries(kv_BSC, idx_blk)
+    logits_BTHK = scale * jnp.einsum('bthc,btkc->bthk', q_blk, e_BTKC,
+                                     preferred_element_type=jnp.float32)
+    logits_BTHK = jnp.where((idx_blk >= 0)[:, :, None, :], logits_BTHK, -jnp.inf)
+    lse_BTH = jax.nn.logsumexp(logits_BTHK, axis=-1)
+    p_BTHK = jnp.exp(logits_BTHK - jnp.where(jnp.isfinite(lse_BTH), lse_BTH, 0.0)[..., None])
+    o_BTHV = jnp.einsum('bthk,btkv->bthv', p_BTHK.astype(q_blk.dtype), e_BTKC[..., :v_dim],
+                        preferred_element_type=jnp.float32)
+    return o_BTHV.astype(q_blk.dtype), lse_BTH
+
+  return map_query_blocks(block, query_block, q_BTHC, idx_BTK)
