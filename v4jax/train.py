@@ -5,7 +5,7 @@ included. SIGTERM (preemption) saves a checkpoint and exits 0.
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Preset file, e.g. configs/tiny.py.',
@@ -20,6 +20,7 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
   from v4jax.parallel.mesh import maybe_initialize_distributed
   maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
   from v4jax.config import ConfigError

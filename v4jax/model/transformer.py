@@ -20,15 +20,18 @@ from v4jax.model.mla import MLA
 from v4jax.model.moe import DenseFFN, MoE
 
 ACT_BTND = ('batch', 'seq', 'streams', 'act_embed')
+MHC_DIAGNOSTICS = ('mhc_fwd_gain', 'mhc_bwd_gain', 'mhc_col_residual', 'mhc_row_residual')
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockInputs:
-  """Per-step inputs every block sees."""
+  """Per-step inputs every block sees (a pytree: it passes through nnx.remat)."""
   positions_BT: jax.Array
   segment_ids_BT: jax.Array | None   # None: attention may cross documents (SPEC §13 #7)
   valid_BT: jax.Array                # tokens whose loss counts
   engram_rows: dict[int, jax.Array] | None = None   # layer id -> rows [B,T,J]
+  engram_emb: dict[int, jax.Array] | None = None    # layer id -> gathered e [B,T,M] (host tables)
 
 
 class Block(nnx.Module):
@@ -62,7 +65,9 @@ class Block(nnx.Module):
   def __call__(self, X_BTND: jax.Array, inp: BlockInputs):
     aux: dict[str, Any] = {}
     if self.has_engram:
-      X_BTND = X_BTND + self.engram(X_BTND, inp.engram_rows[self.layer_idx]).astype(X_BTND.dtype)
+      y = self.engram.mix(X_BTND, inp.engram_emb[self.layer_idx]) if inp.engram_emb else \
+          self.engram(X_BTND, inp.engram_rows[self.layer_idx])
+      X_BTND = X_BTND + y.astype(X_BTND.dtype)
 
     def attn(u_BTD):
       return self.attn(self.attn_norm(u_BTD), inp.positions_BT, inp.segment_ids_BT, inp.valid_BT)
@@ -73,10 +78,9 @@ class Block(nnx.Module):
         return self.ffn(h_BTD, inp.valid_BT)
       return self.ffn(h_BTD), {}
 
-    X_BTND, a = self._site(getattr(self, 'hc_attn', None), X_BTND, attn)
-    aux.update(a)
-    X_BTND, f = self._site(getattr(self, 'hc_ffn', None), X_BTND, ffn)
-    aux.update(f)
+    for site, f in (('attn', attn), ('ffn', ffn)):
+      X_BTND, a = self._site(getattr(self, f'hc_{site}', None), X_BTND, f)
+      aux.update({(f'{site}_{k}' if k.startswith('mhc_') else k): v for k, v in a.items()})
     return constrain(X_BTND, ACT_BTND), aux
 
 
@@ -86,7 +90,13 @@ def _remat(cfg, fn):
       'block': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
       'full': jax.checkpoint_policies.nothing_saveable,
   }[cfg.model.remat]
-  return fn if cfg.model.remat == 'none' else nnx.remat(fn, policy=policy)
+  if cfg.model.remat == 'none':
+    return fn
+  # jax.checkpoint over a pure function of the block's state: nnx.remat would write the state
+  # back afterwards, which fails for the non-differentiated RouterBias inside value_and_grad.
+  pure = jax.checkpoint(lambda gdef, state, X, i: fn(nnx.merge(gdef, state), X, i),
+                        policy=policy, static_argnums=(0,))
+  return lambda blk, X, i: pure(*nnx.split(blk), X, i)
 
 
 class StreamHead(nnx.Module):
@@ -162,9 +172,12 @@ class Transformer(nnx.Module):
     weight_BT = batch['loss_mask'].astype(jnp.float32)   # 0 on padding; a NaN here poisons the loss
     valid_BT = weight_BT > 0
     seg = batch['segment_ids'] if cfg.data.respect_doc_boundaries else None
-    rows = {lid: batch[f'engram_rows_{lid}'] for lid in cfg.engram.layer_ids} \
-        if cfg.engram.enabled else None
-    inp = BlockInputs(batch['positions'], seg, valid_BT, rows)
+    rows = emb = None
+    if cfg.engram.enabled and f'engram_emb_{cfg.engram.layer_ids[0]}' in batch:
+      emb = {lid: batch[f'engram_emb_{lid}'] for lid in cfg.engram.layer_ids}
+    elif cfg.engram.enabled:
+      rows = {lid: batch[f'engram_rows_{lid}'] for lid in cfg.engram.layer_ids}
+    inp = BlockInputs(batch['positions'], seg, valid_BT, rows, emb)
     n_valid = jnp.maximum(jnp.sum(weight_BT), 1.0)
 
     X_BTND, auxes = self.trunk(tokens_BT, inp)
@@ -185,7 +198,7 @@ class Transformer(nnx.Module):
       e_BTND = jnp.broadcast_to(e_BTD[:, :, None], X_prev.shape)
       z = jnp.concatenate([e_BTND, mod.hnorm(X_prev)], axis=-1)
       Z_BTND = matmul('btnf,fd->btnd', z, mod.eh_proj[...], self.dtype)
-      mtp_inp = dataclasses.replace(inp, valid_BT=ok_BT, engram_rows=None)
+      mtp_inp = dataclasses.replace(inp, valid_BT=ok_BT, engram_rows=None, engram_emb=None)
       X_prev, aux = _remat(cfg, lambda blk, X, i: blk(X, i))(mod.block, Z_BTND, mtp_inp)
       auxes.append(aux)
       hk_BTD = mod.norm(mod.head_reduce(X_prev))
@@ -205,6 +218,10 @@ class Transformer(nnx.Module):
         'expert_counts': jnp.stack(counts) if counts else jnp.zeros((0,), jnp.float32),
         'dropped': sum((a['dropped'] for a in auxes if 'dropped' in a), jnp.zeros((), jnp.float32)),
     }
+    for key in MHC_DIAGNOSTICS:   # worst site of the network, per diagnostic
+      vals = [a[f'{s}_{key}'] for a in auxes for s in ('attn', 'ffn') if f'{s}_{key}' in a]
+      if vals:
+        metrics[key] = jnp.max(jnp.stack(vals))
     return total, metrics
 
 
