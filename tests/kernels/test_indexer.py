@@ -1,0 +1,166 @@
+"""Lightning-indexer Pallas kernels vs the jnp reference and a numpy top-k oracle (interpret mode).
+
+GPU-flavoured (Triton) kernels run under interpret=True, the TPU score kernel under
+pltpu.InterpretParams at a tiny shape. Top-k sets are compared as sets (the kernels order slots
+by position, the reference by score); with continuous random inputs the sets must be identical.
+The tie rule (ties to the smaller s, -0.0 == +0.0, -1 past the allowed count) is checked on
+integer-valued score slabs against a numpy stable sort.
+
+Tolerances: scores and their gradients (the reference VJP) within 1e-5 x max|reference| (fp32,
+summation order only); selected scores equal the reference scores at the selected keys within
+the same tolerance.
+"""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.kernels.indexer import gpu, indexer_scores, indexer_topk, reference, tpu
+
+FAST = {'xla_backend_optimization_level': 0}
+
+
+def _inputs(B, T, S, H, D, seed):
+  rs = np.random.RandomState(seed)
+  return (jnp.asarray(rs.randn(B, T, H, D), jnp.float32), jnp.asarray(rs.randn(B, S, D), jnp.float32),
+          jnp.asarray(rs.randn(B, T, H), jnp.float32))
+
+
+def _segments(B, T, seed):
+  rs = np.random.RandomState(seed)
+  return jnp.asarray(np.cumsum(rs.rand(B, T) < 0.15, axis=1), jnp.int32)
+
+
+def _jit(f, *args):
+  return jax.jit(f).lower(*args).compile(FAST)(*args)
+
+
+def _close(a, b, rel=1e-5):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape
+  assert np.max(np.abs(a - b)) <= rel * np.max(np.abs(b)), np.max(np.abs(a - b))
+
+
+def _same_sets(idx, ref):
+  np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref), -1))
+
+
+def _selected_scores(q, k, w, idx):
+  full = np.asarray(reference.indexer_scores(q, k, w))
+  i = np.asarray(idx)
+  return np.where(i >= 0, np.take_along_axis(full, np.maximum(i, 0), -1), -np.inf)
+
+
+def _score_and_grads(f, q, k, w):
+  r = jnp.asarray(np.random.RandomState(9).randn(q.shape[0], q.shape[1], k.shape[1]), jnp.float32)
+  return _jit(lambda q, k, w: (f(q, k, w),) + jax.grad(lambda *a: jnp.sum(f(*a) * r),
+                                                       argnums=(0, 1, 2))(q, k, w), q, k, w)
+
+
+def test_gpu_scores_and_reference_vjp():
+  q, k, w = _inputs(2, 37, 29, 3, 16, seed=0)       # T, S not multiples of the 16 blocks
+  got = _score_and_grads(lambda *a: gpu.indexer_scores(*a, block_t=16, block_s=16, interpret=True),
+                         q, k, w)
+  want = _score_and_grads(reference.indexer_scores, q, k, w)
+  for a, b in zip(got, want):
+    _close(a, b)
+
+
+# B, T, H, D, K, segments: a slab budget of 24 rows (several query chunks, the last one ragged),
+# chunk 16 (several key chunks per row), K > #allowed for early rows, K > T.
+@pytest.mark.parametrize('B,T,H,D,K,seg', [(2, 37, 3, 16, 8, True), (1, 20, 2, 16, 32, False)])
+def test_gpu_topk_matches_reference(B, T, H, D, K, seg):
+  q, k, w = _inputs(B, T, T, H, D, seed=T)
+  segs = _segments(B, T, seed=1) if seg else None
+  f = lambda q, k, w, s: gpu.indexer_topk(q, k, w, K, s, return_scores=True, block_t=16,
+                                          block_s=16, chunk=16, slab_bytes=4 * B * 48 * 24,
+                                          interpret=True)
+  idx, val = _jit(f, q, k, w, segs)
+  ref = reference.indexer_topk(q, k, w, K, segs)
+  assert idx.dtype == jnp.int32 and idx.shape == (B, T, K)
+  _same_sets(idx, ref)
+  sel = _selected_scores(q, k, w, idx)
+  np.testing.assert_array_equal(np.isfinite(val), np.asarray(idx) >= 0)
+  fin = np.isfinite(sel)
+  _close(np.where(fin, val, 0.0), np.where(fin, sel, 0.0))
+
+
+def _topk_oracle(slab, K, t0):
+  """Stable sort by (-score, position) over allowed (finite) keys; -0.0 counts as +0.0."""
+  B, R, _ = slab.shape
+  out = np.full((B, R, K), -1, np.int32)
+  for b in range(B):
+    for r in range(R):
+      row = slab[b, r, :t0 + r + 1] + 0.0
+      ok = np.flatnonzero(np.isfinite(row))
+      order = ok[np.argsort(-row[ok], kind='stable')][:K]
+      out[b, r, :len(order)] = np.sort(order)
+  return out
+
+
+def test_gpu_topk_ties_toward_smaller_position():
+  rs = np.random.RandomState(4)
+  B, R, S, K, t0 = 2, 9, 64, 12, 23
+  slab = rs.randint(-3, 3, (B, R, S)).astype(np.float32)
+  slab[slab == 0] = np.where(rs.rand(int((slab == 0).sum())) < 0.5, -0.0, 0.0)
+  slab[0, 2, 5:20] = -np.inf                                    # another segment's keys
+  pos = np.arange(S)[None, None, :]
+  slab = np.where(pos <= t0 + np.arange(R)[None, :, None], slab, -np.inf)
+  idx, val = _jit(lambda s: gpu._topk_slab(s, K, t0=t0, ch=16, interpret=True), jnp.asarray(slab))
+  np.testing.assert_array_equal(idx, _topk_oracle(slab, K, t0))   # both position-ordered
+  np.testing.assert_array_equal(np.asarray(val), np.where(
+      np.asarray(idx) >= 0, np.take_along_axis(slab, np.maximum(np.asarray(idx), 0), -1), -np.inf))
+
+
+def test_tpu_scores_and_topk_interpret():
+  B, T, H, D, K = 1, 12, 2, 8, 16                               # K > T: -1 tails on every row
+  q, k, w = _inputs(B, T, T, H, D, seed=2)
+  segs = _segments(B, T, seed=2)
+  s = _jit(lambda *a: tpu.indexer_scores(*a, block_t=8), q, k, w)
+  _close(s, reference.indexer_scores(q, k, w))
+  idx, val = _jit(lambda *a: tpu.indexer_topk(*a, K, segs, return_scores=True, block_t=8), q, k, w)
+  _same_sets(idx, reference.indexer_topk(q, k, w, K, segs))
+  np.testing.assert_array_equal(np.isfinite(val), np.asarray(idx) >= 0)
+
+
+def test_dispatch_pallas_on_cpu_and_errors():
+  q, k, w = _inputs(1, 10, 10, 2, 16, seed=3)
+  _same_sets(_jit(lambda *a: indexer_topk(*a, 4, impl='pallas'), q, k, w),
+             indexer_topk(q, k, w, 4, impl='reference'))
+  _close(_jit(lambda *a: indexer_scores(*a, impl='pallas'), q, k, w),
+         indexer_scores(q, k, w, impl='reference'))
+  # Top-k passes no gradient, and autodiff around it must not reach into the kernels.
+  g = _jit(jax.grad(lambda q: jnp.sum(jnp.take_along_axis(
+      indexer_scores(q, k, w, impl='reference'),
+      jnp.maximum(indexer_topk(q, k, w, 4, impl='pallas'), 0), -1))), q)
+  assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+  with pytest.raises(ValueError, match='config.kernels.impl'):
+    indexer_topk(q, k, w, 4, impl='cuda')
+  with pytest.raises(ValueError, match='chunk=24'):
+    gpu.indexer_topk(q, k, w, 4, chunk=24)
+  with pytest.raises(ValueError, match='block_s=64'):
+    tpu.indexer_topk(q, k, w, 4, block_s=64)
+
+
+def test_gpu_scores_at_selected_keys_values_and_grads():
+  """The sparse-KL student I[t, idx] and its q, k, w gradients vs gathered jnp."""
+  B, T, H, D, K = 2, 7, 3, 24, 16                               # D padded to 32, K > allowed
+  q, k, w = _inputs(B, T, T, H, D, seed=5)
+  idx = reference.indexer_topk(q, k, w, K)
+  idx = idx.at[:, 4, 1].set(-1)                                 # a hole mid-row
+
+  def oracle(q, k, w):
+    kg = jax.vmap(lambda k, i: k[jnp.maximum(i, 0)])(k, idx)
+    s = jnp.einsum('bthk,bth->btk', jax.nn.relu(jnp.einsum('bthd,btkd->bthk', q, kg)), w)
+    return jnp.where(idx >= 0, s, -jnp.inf)
+
+  r = jnp.asarray(np.random.RandomState(6).randn(B, T, K), jnp.float32)
+  run = lambda f: _jit(lambda q, k, w: (f(q, k, w),) + jax.grad(
+      lambda *a: jnp.sum(jnp.where(idx >= 0, f(*a), 0.0) * r), argnums=(0, 1, 2))(q, k, w), q, k, w)
+  got = run(lambda *a: gpu.indexer_scores_at(*a, idx, interpret=True))
+  want = run(oracle)
+  np.testing.assert_array_equal(np.isfinite(got[0]), np.asarray(idx) >= 0)
+  _close(np.where(np.isfinite(want[0]), got[0], 0.0), np.where(np.isfinite(want[0]), want[0], 0.0))
+  for a, b in zip(got[1:], want[1:]):
+    _close(a, b)

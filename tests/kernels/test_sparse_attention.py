@@ -1,0 +1,146 @@
+"""Sparse MLA Pallas kernels vs the jnp reference, in Pallas interpret mode on CPU.
+
+GPU-flavoured (Triton) kernels run under interpret=True, the TPU (Mosaic) kernels under
+pltpu.InterpretParams at tiny shapes (TPU interpret costs ~12 ms per grid step and ~2.6 ms per
+DMA). Each case checks o, lse and the gradients of q and kv for random cotangents of o and lse, in
+one compile (XLA CPU backend at -O0 to keep compile time down).
+
+Tolerances: fp32 inputs, max |kernel - reference| <= 2e-5 x max|reference| (summation order only);
+bf16 inputs, <= 3e-2 x max|reference| against the reference run on the same bf16 values in fp32
+(the kernels round p and ds to bf16 before their matmuls, as the reference rounds p).
+"""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh
+
+from v4jax.kernels.sparse_attention import gpu, reference, sparse_mla, tpu
+from v4jax.parallel import rules
+
+FAST = {'xla_backend_optimization_level': 0}
+
+
+def _inputs(B, T, S, H, C, K, dtype, seed):
+  """q, kv, idx with distinct allowed indices per token (s <= t + S - T) in random order, fewer
+  than K where few keys are allowed, and -1 holes in the middle of some rows."""
+  rs = np.random.RandomState(seed)
+  q = jnp.asarray(rs.randn(B, T, H, C), dtype)
+  kv = jnp.asarray(rs.randn(B, S, C), dtype)
+  idx = np.full((B, T, K), -1, np.int32)
+  for b in range(B):
+    for t in range(T):
+      allowed = t + S - T + 1
+      n = min(K, allowed)
+      idx[b, t, :n] = rs.permutation(allowed)[:n]
+      if t % 3 == 1:
+        idx[b, t, rs.randint(0, K)] = -1
+      idx[b, t] = rs.permutation(idx[b, t])
+  return q, kv, jnp.asarray(idx)
+
+
+def _run(f, q, kv, idx, v_dim, scale, seed, **kw):
+  """(o, lse, dq, dkv) of f(q, kv, idx, v_dim, scale, **kw) for random cotangents; rows whose
+  lse is -inf get a zero lse cotangent."""
+  B, T, H, _ = q.shape
+  rs = np.random.RandomState(seed + 100)
+  do = jnp.asarray(rs.randn(B, T, H, v_dim), q.dtype)
+  dlse = jnp.asarray(rs.randn(B, T, H), jnp.float32)
+
+  def g(q, kv):
+    (o, lse), vjp = jax.vjp(lambda q, kv: f(q, kv, idx, v_dim, scale, **kw), q, kv)
+    return (o, lse) + vjp((do, jnp.where(jnp.isfinite(lse), dlse, 0.0)))
+  return jax.jit(g).lower(q, kv).compile(FAST)(q, kv)
+
+
+def _check(got, want, rel):
+  names = ('o', 'lse', 'dq', 'dkv')
+  for name, a, b in zip(names, got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    fin = np.isfinite(b)
+    np.testing.assert_array_equal(np.isfinite(a), fin, err_msg=name)
+    err = np.max(np.abs(np.where(fin, a, 0.0) - np.where(fin, b, 0.0)))
+    assert err <= rel * np.max(np.abs(b[fin])), (name, err)
+
+
+# B, T, S, H, C, V, K, block_h, block_k: K above the allowed count for early rows and not a
+# multiple of block_k; H below / above block_h (two head blocks share dkv rows); V and C - V
+# both powers of two (V3 style), or not (padded split); S > T (keys before the first query).
+GPU_CASES = [
+    (2, 7, 7, 4, 40, 32, 16, 16, 16),
+    (1, 5, 9, 3, 48, 24, 20, 16, 16),
+    (1, 4, 6, 32, 64, 32, 8, 16, 16),
+]
+
+
+@pytest.mark.parametrize('case', GPU_CASES)
+def test_gpu_kernel_matches_reference_fp32(case):
+  B, T, S, H, C, V, K, bh, bk = case
+  q, kv, idx = _inputs(B, T, S, H, C, K, jnp.float32, seed=sum(case))
+  scale = C ** -0.5
+  got = _run(gpu.sparse_mla, q, kv, idx, V, scale, 0, block_h=bh, block_k=bk, interpret=True)
+  want = _run(reference.sparse_mla, q, kv, idx, V, scale, 0)
+  _check(got, want, 2e-5)
+
+
+def test_gpu_kernel_bf16_and_empty_row():
+  B, T, S, H, C, V, K = 1, 4, 6, 16, 64, 48, 16
+  q, kv, idx = _inputs(B, T, S, H, C, K, jnp.bfloat16, seed=3)
+  idx = idx.at[0, 1].set(-1)                     # a token with no key at all: o = 0, lse = -inf
+  scale = C ** -0.5
+  got = _run(gpu.sparse_mla, q, kv, idx, V, scale, 1, interpret=True)
+  want = _run(reference.sparse_mla, q.astype(jnp.float32), kv.astype(jnp.float32), idx, V, scale,
+              1)
+  assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+  assert np.all(np.asarray(got[0][0, 1]) == 0) and np.all(np.isneginf(np.asarray(got[1][0, 1])))
+  _check(got, want, 3e-2)
+
+
+def test_tpu_kernel_matches_reference_interpret():
+  # block_k=4 < K=8: two chunks per token, so the double-buffered DMA path runs.
+  B, T, S, H, C, V, K = 1, 4, 6, 4, 40, 32, 8
+  q, kv, idx = _inputs(B, T, S, H, C, K, jnp.float32, seed=5)
+  scale = C ** -0.5
+  got = _run(tpu.sparse_mla, q, kv, idx, V, scale, 2, block_k=4)
+  want = _run(reference.sparse_mla, q, kv, idx, V, scale, 2)
+  _check(got, want, 2e-5)
+
+
+def test_dispatch_pallas_per_device_on_mesh():
+  """impl='pallas' on CPU = the GPU kernels in interpret mode, per device over a mesh with
+  batch and heads sharded (dkv is summed over the head shards)."""
+  B, T, S, H, C, V, K = 2, 5, 5, 8, 40, 32, 8
+  q, kv, idx = _inputs(B, T, S, H, C, K, jnp.float32, seed=7)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 1, 4), ('data', 'fsdp', 'expert', 'tensor'),
+              axis_types=(AxisType.Auto,) * 4)
+  with rules.activate(mesh, 'fsdp_tp'), jax.set_mesh(mesh):
+    got = _run(sparse_mla, q, kv, idx, V, 0.2, 3, impl='pallas')
+  want = _run(reference.sparse_mla, q, kv, idx, V, 0.2, 3)
+  _check(got, want, 2e-5)
+
+
+def test_bad_arguments_raise():
+  q, kv, idx = _inputs(1, 2, 2, 2, 8, 2, jnp.float32, seed=0)
+  with pytest.raises(ValueError, match='config.kernels.impl'):
+    sparse_mla(q, kv, idx, 4, 1.0, impl='triton')
+  with pytest.raises(ValueError, match='block_h=24'):
+    gpu.sparse_mla(q, kv, idx, 4, 1.0, block_h=24)
+  with pytest.raises(ValueError, match='block_k=64 must be a multiple of 128'):
+    tpu.sparse_mla(q, kv, jnp.zeros((1, 2, 200), jnp.int32), 4, 1.0, block_k=64, interpret=False)
+
+
+def test_gpu_probs_mean_is_the_sparse_kl_teacher():
+  """(1/H) Σ_h softmax over the selected keys, from the kernel's lse, vs a gathered oracle."""
+  B, T, S, H, C, V, K = 1, 6, 8, 20, 40, 32, 16                 # H padded to two head blocks
+  q, kv, idx = _inputs(B, T, S, H, C, K, jnp.float32, seed=11)
+  scale = C ** -0.5
+  _, lse = reference.sparse_mla(q, kv, idx, V, scale)
+  p = jax.jit(lambda *a: gpu.attention_probs_mean(*a, V, scale, block_h=16, interpret=True)).lower(
+      q, kv, idx, lse).compile(FAST)(q, kv, idx, lse)
+  e = np.asarray(reference.gather_entries(kv, idx))
+  logits = scale * np.einsum('bthc,btkc->bthk', np.asarray(q), e)
+  want = np.where(np.asarray(idx)[:, :, None] >= 0, np.exp(logits - np.asarray(lse)[..., None]), 0)
+  np.testing.assert_allclose(np.asarray(p), want.mean(axis=2), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(p).sum(-1), 1.0, atol=1e-5)

@@ -1,0 +1,396 @@
+"""Benchmark the DSA Pallas kernels (sparse MLA fwd/bwd, indexer scores + top-k) on one GPU.
+
+One command writes everything to --out (JSON; default $OUT/bench_kernels.json):
+
+  python tools/bench_kernels.py                  # H200: checks, sweep, V3.2 + bench shapes
+  python tools/bench_kernels.py --smoke          # CPU: tiny shapes, Pallas interpret mode
+
+Sections (--sections, comma list; default all):
+  matmul   dense bf16 8192^3 matmul: the peak every kernel is quoted against (frac_dense);
+  check    kernel vs jnp reference parity on the device (values, grads, top-k sets);
+  sweep    block / warp configurations of the sparse MLA kernels at V3.2 T=4096, best kept;
+  sparse   sparse MLA fwd and bwd (kernel and XLA reference) at V3.2 and bench shapes;
+  indexer  indexer scores-only and scores + top-k (kernel and XLA reference);
+  kl       sparse indexer-KL pieces: teacher probabilities and student scores at idx (fwd+bwd);
+  dense    cuDNN causal flash attention fwd+bwd (MLA MHA shapes) and the DSA crossover.
+
+FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C+2V) (recomputed
+logits, dp, dq, dkv: the flash-attention 2.5x convention); indexer 2·H·D per allowed (t, s)
+pair (s <= t); cuDNN causal fwd 2·H·T(T+1)/2·(d_qk+d_v) per sequence, bwd 2.5x that.
+Index sets are random: for each token K distinct allowed positions, stratified over [0, t].
+The check section runs before the sweep, with the default kernel configuration.
+Every measurement is guarded: a failure is recorded in the JSON and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from v4jax.kernels.indexer import gpu as ix_gpu  # noqa: E402
+from v4jax.kernels.indexer import reference as ix_ref  # noqa: E402
+from v4jax.kernels.sparse_attention import gpu as sa_gpu  # noqa: E402
+from v4jax.kernels.sparse_attention import reference as sa_ref  # noqa: E402
+
+V3 = dict(B=1, H=128, C=576, V=512, K=2048, HI=64, DI=128)
+BENCH = dict(B=4, H=16, C=576, V=512, K=1024, HI=16, DI=128)
+SMOKE = dict(B=1, H=16, C=40, V=32, K=16, HI=2, DI=16)
+
+
+class Bench:
+  def __init__(self, smoke: bool):
+    self.smoke = smoke
+    self.dtype = jnp.float32 if smoke else jnp.bfloat16
+    self.out = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
+                    jax=jax.__version__, smoke=smoke, started=time.strftime('%Y-%m-%d %H:%M:%S'),
+                    dense_matmul_tflops=None, checks=[], sweep=[], results=[], crossover=[])
+    self.sa_cfg = {}   # best sparse-MLA kernel options (sweep)
+
+  # -------------------------------------------------------------- helpers
+  def timeit(self, f, *args, min_time=0.3, max_iters=20):
+    jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*args))
+    times = []
+    t_end = time.perf_counter() + min_time
+    while len(times) < max_iters and (len(times) < 3 or time.perf_counter() < t_end):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+  def record(self, section, name, shape, fn, flops=None):
+    row = dict(section=section, name=name, **shape)
+    try:
+      ms = fn()
+      row['ms'] = round(ms, 4)
+      if flops:
+        tf = flops / ms / 1e9
+        row['tflops'] = round(tf, 2)
+        if self.out['dense_matmul_tflops']:
+          row['frac_dense'] = round(tf / self.out['dense_matmul_tflops'], 4)
+    except Exception as e:  # noqa: BLE001 - keep benchmarking
+      row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
+      traceback.print_exc(limit=2)
+    self.out['results'].append(row)
+    print(json.dumps(row, default=_plain), flush=True)
+    return row
+
+  def idx(self, B, T, K, seed=0):
+    """K distinct positions <= t per token (stratified, one random phase per token; distinct
+    because the stride (t+1)/K >= 1), -1 past t+1."""
+    key = jax.random.key(seed)
+    t = jnp.arange(T)[:, None]
+    j = jnp.arange(K)[None, :]
+    u = jax.random.uniform(key, (B, T, 1))
+    strat = jnp.floor((j + u) * (t + 1) / K).astype(jnp.int32)
+    early = jnp.broadcast_to(jnp.where(j <= t, j, -1), (B, T, K))
+    return jnp.where(t + 1 >= K, strat, early).astype(jnp.int32)
+
+  def sparse_inputs(self, s, T):
+    k1, k2 = jax.random.split(jax.random.key(1))
+    q = jax.random.normal(k1, (s['B'], T, s['H'], s['C']), self.dtype)
+    kv = jax.random.normal(k2, (s['B'], T, s['C']), self.dtype)
+    return q, kv, self.idx(s['B'], T, s['K'])
+
+  def indexer_inputs(self, s, T):
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(k1, (s['B'], T, s['HI'], s['DI']), self.dtype)
+    k = jax.random.normal(k2, (s['B'], T, s['DI']), self.dtype)
+    w = jax.random.normal(k3, (s['B'], T, s['HI']), jnp.float32) * s['HI'] ** -0.5
+    return q, k, w
+
+  # -------------------------------------------------------------- sections
+  def matmul(self):
+    n = 512 if self.smoke else 8192
+    a = jnp.ones((n, n), self.dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
+    row = self.record('matmul', 'dense_matmul', dict(n=n), lambda: self.timeit(f, a, a),
+                      flops=2 * n ** 3)
+    self.out['dense_matmul_tflops'] = row.get('tflops')
+    if 'tflops' in row:
+      row['frac_dense'] = 1.0
+
+  def sparse_fns(self, s, **cfg):
+    scale = s['C'] ** -0.5
+
+    def make(op):
+      fwd = jax.jit(lambda q, kv, idx: op(q, kv, idx, s['V'], scale))
+
+      def loss(q, kv, idx):
+        o, lse = op(q, kv, idx, s['V'], scale)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+      both = jax.jit(jax.grad(loss, argnums=(0, 1)))
+      return fwd, both
+    kern = make(lambda *a: sa_gpu.sparse_mla(*a, **cfg))
+    ref = make(lambda *a: sa_ref.sparse_mla(*a, query_block=0 if self.smoke else 1024))
+    return kern, ref
+
+  def check(self):
+    """Parity on the device: sparse MLA values and grads, indexer top-k sets."""
+    s = dict(SMOKE if self.smoke else dict(V3, B=1, K=256))
+    T = 64 if self.smoke else 512
+    q, kv, idx = self.sparse_inputs(s, T)
+    (kf, kb), (rf, rb) = self.sparse_fns(s, **self.sa_cfg)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    row = dict(section='check', name='sparse_mla', T=T, **s)
+    try:
+      got, want = kf(q, kv, idx), rf(f32(q), f32(kv), idx)
+      gg, gw = kb(q, kv, idx), rb(f32(q), f32(kv), idx)
+      rel = lambda a, b: float(jnp.max(jnp.abs(f32(a) - f32(b))) / jnp.max(jnp.abs(f32(b))))
+      fin = jnp.isfinite(want[1])
+      row.update(o_rel=rel(got[0], want[0]),
+                 lse_rel=rel(jnp.where(fin, got[1], 0), jnp.where(fin, want[1], 0)),
+                 dq_rel=rel(gg[0], gw[0]), dkv_rel=rel(gg[1], gw[1]))
+      row['ok'] = all(row[k] < 3e-2 for k in ('o_rel', 'lse_rel', 'dq_rel', 'dkv_rel'))
+    except Exception as e:  # noqa: BLE001
+      row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
+      traceback.print_exc(limit=2)
+    self.out['checks'].append(row)
+    print(json.dumps(row, default=_plain), flush=True)
+
+    T = 64 if self.smoke else 1024
+    qi, ki, wi = self.indexer_inputs(s, T)
+    row = dict(section='check', name='indexer_topk', T=T, K=s['K'])
+    try:
+      idx_k, val_k = jax.jit(lambda *a: ix_gpu.indexer_topk(*a, s['K'], return_scores=True))(
+          qi, ki, wi)
+      idx_r = ix_ref.indexer_topk(qi, ki, wi, s['K'])
+      a, b = np.sort(np.asarray(idx_k), -1), np.sort(np.asarray(idx_r), -1)
+      row['rows_equal_frac'] = float(np.mean(np.all(a == b, -1)))
+      # Near-ties differ only by rounding: compare the reference scores of both sets.
+      full = np.asarray(ix_ref.indexer_scores(qi, ki, wi))
+      pick = lambda i: np.sort(np.where(i >= 0, np.take_along_axis(full, np.maximum(i, 0), -1),
+                                        -np.inf), -1)
+      pa, pb = pick(np.asarray(idx_k)), pick(np.asarray(idx_r))
+      fin = np.isfinite(pb)
+      row['score_sets_max_diff'] = float(np.max(np.abs(np.where(fin, pa - pb, 0))))
+      row['same_valid_count'] = bool(np.all(np.isfinite(pa) == fin))
+      row['ok'] = bool(row['same_valid_count'] and row['score_sets_max_diff'] < 1e-2 * np.max(
+          np.abs(full[np.isfinite(full)])))
+    except Exception as e:  # noqa: BLE001
+      row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
+      traceback.print_exc(limit=2)
+    self.out['checks'].append(row)
+    print(json.dumps(row, default=_plain), flush=True)
+
+  def sweep(self):
+    s, T = (SMOKE, 64) if self.smoke else (V3, 4096)
+    q, kv, idx = self.sparse_inputs(s, T)
+    n_valid = int(jnp.sum(idx >= 0))
+    configs = [dict(block_h=16, block_k=16)] if self.smoke else [
+        dict(block_h=64, block_k=32, num_warps=8, num_stages=2),
+        dict(block_h=64, block_k=64, num_warps=8, num_stages=2),
+        dict(block_h=32, block_k=64, num_warps=4, num_stages=2),
+        dict(block_h=64, block_k=32, num_warps=4, num_stages=3),
+        dict(block_h=128, block_k=32, num_warps=8, num_stages=2),
+        dict(block_h=16, block_k=64, num_warps=4, num_stages=2)]
+    best = {}
+    for cfg in configs:
+      (kf, kb), _ = self.sparse_fns(s, **cfg)
+      for part, fn, fl in (('fwd', kf, 2 * s['H'] * n_valid * (s['C'] + s['V'])),
+                           ('fwd+bwd', kb, 2 * s['H'] * n_valid * (4 * s['C'] + 3 * s['V']))):
+        row = self.record('sweep', f'sparse_mla_{part}', dict(T=T, **cfg),
+                          lambda: self.timeit(fn, q, kv, idx), flops=fl)
+        self.out['sweep'].append(row)
+        if 'ms' in row and row['ms'] < best.get(part, (1e30, None))[0]:
+          best[part] = (row['ms'], cfg)
+    # One config serves both passes (they share the custom_vjp); pick the fastest fwd+bwd.
+    if 'fwd+bwd' in best:
+      self.sa_cfg = best['fwd+bwd'][1]
+    self.out['sparse_config'] = self.sa_cfg
+
+  def sparse(self, seqs):
+    cases = [('v3.2', SMOKE, 64)] if self.smoke else (
+        [('bench', BENCH, 4096)] + [('v3.2', V3, t) for t in seqs])
+    for label, s, T in cases:
+      q, kv, idx = self.sparse_inputs(s, T)
+      n_valid = int(jnp.sum(idx >= 0))
+      fl_f = 2 * s['H'] * n_valid * (s['C'] + s['V'])
+      fl_b = 2 * s['H'] * n_valid * (3 * s['C'] + 2 * s['V'])
+      shape = dict(shapes=label, T=T, B=s['B'], H=s['H'], K=s['K'])
+      (kf, kb), (rf, rb) = self.sparse_fns(s, **self.sa_cfg)
+      runs = [('pallas', kf, kb)]
+      if self.smoke or T <= 8192:
+        runs.append(('xla_reference', rf, rb))
+      for impl, f, b in runs:
+        fw = self.record('sparse', 'sparse_mla_fwd', dict(shape, impl=impl),
+                         lambda: self.timeit(f, q, kv, idx), flops=fl_f)
+        both = self.record('sparse', 'sparse_mla_fwd+bwd', dict(shape, impl=impl),
+                           lambda: self.timeit(b, q, kv, idx), flops=fl_f + fl_b)
+        if 'ms' in fw and 'ms' in both:
+          bw_ms = both['ms'] - fw['ms']
+          row = dict(section='sparse', name='sparse_mla_bwd', impl=impl, **shape,
+                     ms=round(bw_ms, 4), tflops=round(fl_b / bw_ms / 1e9, 2),
+                     note='fwd+bwd minus fwd')
+          if self.out['dense_matmul_tflops']:
+            row['frac_dense'] = round(row['tflops'] / self.out['dense_matmul_tflops'], 4)
+          self.out['results'].append(row)
+          print(json.dumps(row, default=_plain), flush=True)
+      del q, kv, idx
+
+  def indexer(self, seqs):
+    cases = [('v3.2', SMOKE, 64)] if self.smoke else (
+        [('bench', BENCH, 4096)] + [('v3.2', V3, t) for t in seqs])
+    for label, s, T in cases:
+      q, k, w = self.indexer_inputs(s, T)
+      pairs = s['B'] * T * (T + 1) // 2
+      fl = 2 * s['HI'] * s['DI'] * pairs
+      shape = dict(shapes=label, T=T, B=s['B'], H=s['HI'], D=s['DI'], K=s['K'])
+      topk = jax.jit(lambda q, k, w: ix_gpu.indexer_topk(q, k, w, s['K']))
+      scores = jax.jit(lambda q, k, w: _scores_only(q, k, w))
+      self.record('indexer', 'indexer_scores_only', dict(shape, impl='pallas'),
+                  lambda: self.timeit(scores, q, k, w), flops=fl)
+      self.record('indexer', 'indexer_scores+topk', dict(shape, impl='pallas'),
+                  lambda: self.timeit(topk, q, k, w), flops=fl)
+      if self.smoke or T <= 8192:
+        ref = jax.jit(lambda q, k, w: ix_ref.indexer_topk(q, k, w, s['K'],
+                                                          query_block=0 if self.smoke else 1024))
+        self.record('indexer', 'indexer_scores+topk', dict(shape, impl='xla_reference'),
+                    lambda: self.timeit(ref, q, k, w), flops=fl)
+      del q, k, w
+
+  def kl(self, seqs):
+    """Sparse-stage indexer KL pieces: teacher p^S (head-mean probabilities at the selected
+    keys) and student I[t, idx] fwd+bwd, kernels vs gathered jnp (as model/dsa.py does)."""
+    cases = [('v3.2', SMOKE, 64)] if self.smoke else [('bench', BENCH, 4096), ('v3.2', V3, 4096)]
+    for label, s, T in cases:
+      q, kv, idx = self.sparse_inputs(s, T)
+      qi, ki, wi = self.indexer_inputs(s, T)
+      scale = s['C'] ** -0.5
+      _, lse = jax.jit(lambda *a: sa_gpu.sparse_mla(*a, s['V'], scale, **self.sa_cfg))(q, kv, idx)
+      n_valid = int(jnp.sum(idx >= 0))
+      shape = dict(shapes=label, T=T, B=s['B'], H=s['H'], HI=s['HI'], K=s['K'])
+      gather = lambda x, i: jax.vmap(lambda x, i: x[jnp.maximum(i, 0)])(x, i)
+
+      def probs_ref(q, kv, idx, lse):
+        lg = scale * jnp.einsum('bthc,btkc->bthk', q, gather(kv, idx),
+                                preferred_element_type=jnp.float32)
+        return jnp.mean(jnp.where((idx >= 0)[:, :, None], jnp.exp(lg - lse[..., None]), 0), 2)
+
+      def student_ref(qi, ki, wi, idx):
+        d = jnp.einsum('bthd,btkd->bthk', qi, gather(ki, idx), preferred_element_type=jnp.float32)
+        return jnp.einsum('bthk,bth->btk', jax.nn.relu(d), wi)
+      student_k = lambda *a: ix_gpu.indexer_scores_at(*a)
+      for impl, pf, sf in (('pallas', lambda *a: sa_gpu.attention_probs_mean(
+          *a, s['V'], scale, **{k: v for k, v in self.sa_cfg.items() if k != 'num_stages'}),
+                            student_k), ('xla_reference', probs_ref, student_ref)):
+        pj = jax.jit(pf)
+        self.record('kl', 'teacher_probs_mean', dict(shape, impl=impl),
+                    lambda: self.timeit(pj, q, kv, idx, lse),
+                    flops=2 * s['H'] * n_valid * s['C'])
+        sj = jax.jit(jax.value_and_grad(
+            lambda qi, ki, wi: jnp.sum(jnp.where(idx >= 0, sf(qi, ki, wi, idx), 0)),
+            argnums=(0, 1, 2)))
+        self.record('kl', 'student_scores_at_fwd+bwd', dict(shape, impl=impl),
+                    lambda: self.timeit(sj, qi, ki, wi), flops=2 * s['HI'] * n_valid * s['DI'] * 4)
+      del q, kv, idx, qi, ki, wi
+
+  def dense(self, seqs):
+    """cuDNN causal flash attention (MLA MHA form: d_qk 192, d_v 128) fwd+bwd vs DSA."""
+    if self.smoke:
+      return
+    H, dqk, dv = V3['H'], 192, 128
+    for T in seqs:
+      ks = jax.random.split(jax.random.key(3), 3)
+      q = jax.random.normal(ks[0], (1, T, H, dqk), jnp.bfloat16)
+      k = jax.random.normal(ks[1], (1, T, H, dqk), jnp.bfloat16)
+      v = jax.random.normal(ks[2], (1, T, H, dv), jnp.bfloat16)
+
+      def loss(q, k, v):
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+        return jnp.sum(o.astype(jnp.float32))
+      g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      fl = 3.5 * 2 * H * (T * (T + 1) // 2) * (dqk + dv)
+      row = self.record('dense', 'cudnn_flash_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dv),
+                        lambda: self.timeit(g, q, k, v), flops=fl)
+      if 'error' in row:   # cuDNN without d_v != d_qk support: pad v to d_qk (upper bound)
+        vp = jnp.pad(v, [(0, 0), (0, 0), (0, 0), (0, dqk - dv)])
+        self.record('dense', 'cudnn_flash_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dqk),
+                    lambda: self.timeit(g, q, k, vp), flops=fl)
+      del q, k, v
+    self.crossover(seqs)
+
+  def crossover(self, seqs):
+    res = self.out['results']
+    get = lambda name, T, impl='pallas': next(
+        (r['ms'] for r in res if r['name'] == name and r.get('T') == T and r.get('impl', impl) ==
+         impl and r.get('shapes', 'v3.2') == 'v3.2' and 'ms' in r), None)
+    for T in seqs:
+      parts = [get('indexer_scores+topk', T), get('sparse_mla_fwd+bwd', T)]
+      dense = get('cudnn_flash_fwd+bwd', T)
+      if None in parts or dense is None:
+        continue
+      dsa = sum(parts)
+      self.out['crossover'].append(dict(T=T, dsa_ms=round(dsa, 3), dense_cudnn_ms=round(dense, 3),
+                                        dsa_faster=dsa < dense))
+
+
+def _plain(x):
+  """JSON for numpy scalars."""
+  return x.item() if hasattr(x, 'item') else str(x)
+
+
+def _scores_only(q, k, w):
+  """The masked score slabs indexer_topk would build (same chunking), without the selection."""
+  B, T = q.shape[:2]
+  bt, bs = min(64, max(16, 1 << (T - 1).bit_length())), 64
+  ch = min(1024, max(bs, 1 << (k.shape[1] - 1).bit_length()))
+  qT, kp, wT, sq, sk = ix_gpu._layout(q, k, w, None, bt, bs, max(bs, ch))
+  Tp, Sp = qT.shape[2], kp.shape[1]
+  rows = max(bt, min(Tp, ((1 << 30) // (4 * B * Sp)) // bt * bt))
+  total = jnp.float32(0)
+  for t0 in range(0, Tp, rows):
+    n = min(rows, Tp - t0)
+    n_cols = min(Sp, -(-(t0 + n) // max(bs, ch)) * max(bs, ch))
+    slab = ix_gpu._score_slab(qT, kp, wT, sq, sk, t0=t0, rows=n, n_cols=n_cols, n_keys=k.shape[1],
+                              masked=True, bt=bt, bs=bs, interpret=jax.default_backend() == 'cpu')
+    total = total + slab[:, :, 0].sum()
+  return total
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--out', default=os.path.join(os.environ.get('OUT', '.'), 'bench_kernels.json'))
+  ap.add_argument('--smoke', action='store_true', help='tiny shapes (CPU interpret mode)')
+  ap.add_argument('--sections', default='matmul,check,sweep,sparse,indexer,kl,dense')
+  ap.add_argument('--seqs', default='4096,8192,16384,32768', help='V3.2-shape sequence lengths')
+  args = ap.parse_args()
+  seqs = [64] if args.smoke else [int(t) for t in args.seqs.split(',')]
+  b = Bench(args.smoke)
+  sections = args.sections.split(',')
+  t0 = time.time()
+  for name in ('matmul', 'check', 'sweep', 'sparse', 'indexer', 'kl', 'dense'):
+    if name not in sections:
+      continue
+    print(f'== {name} ({time.time() - t0:.0f}s)', flush=True)
+    try:
+      fn = getattr(b, name)
+      fn(seqs) if name in ('sparse', 'indexer', 'kl', 'dense') else fn()
+    except Exception as e:  # noqa: BLE001
+      b.out.setdefault('section_errors', {})[name] = f'{type(e).__name__}: {str(e)[:400]}'
+      traceback.print_exc()
+    b.out['elapsed_s'] = round(time.time() - t0, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+      json.dump(b.out, f, indent=1, default=_plain)
+  print(f'wrote {args.out} ({time.time() - t0:.0f}s)')
+  for r in b.out['results']:
+    if 'tflops' in r or 'error' in r:
+      print(f"{r['section']:8s} {r['name']:24s} {r.get('impl', ''):14s} T={r.get('T', r.get('n'))}"
+            f" {r.get('ms', float('nan')):9.3f} ms {r.get('tflops', float('nan')):8.1f} TFLOP/s"
+            f" {r.get('frac_dense', float('nan')):6.3f} {r.get('error', '')[:80]}")
+  for c in b.out['crossover']:
+    print('crossover', c)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,167 @@
+"""Lightning indexer on TPU: fused Pallas Mosaic score kernel, then XLA top-k per query chunk.
+
+Dims: B batch, T query positions, S key positions, H indexer heads, D indexer head dim, K top-k.
+
+The score kernel tiles (query block bt, key block bs): for each head (unrolled; H is static) a
+[bt,D]x[D,bs] MXU dot, ReLU, times the head weight column, summed in fp32; the causal / segment
+mask is applied in the epilogue and tiles above the diagonal only write -inf. -0.0 is written as
++0.0 so ties at zero go to the smaller s. Queries run in chunks whose [B, Tc, S_c] fp32 slab fits
+`slab_bytes` (S_c ends at the chunk's last row), so no T x T matrix exists for long T.
+
+Selection uses `lax.top_k` on each slab (Mosaic has no sort or scatter to compact a radix
+select) and re-masks non-allowed picks to -1, like the reference. The gradient of
+`indexer_scores` reuses the jnp reference's VJP.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from v4jax.kernels.indexer import reference
+from v4jax.kernels.pallas_common import NEG_INF, pad_axis, round_up, tpu_interpret
+
+_NT = (((1,), (1,)), ((), ()))
+
+
+def _score_kernel(q_ref, k_ref, w_ref, sq_ref, sk_ref, o_ref, *, bt, bs, t0, n_keys, masked):
+  qi, si = pl.program_id(1), pl.program_id(2)
+
+  def compute():
+    k = k_ref[...]
+    w = w_ref[...]                                                   # [bt, H]
+    acc = jnp.zeros((bt, bs), jnp.float32)
+    for h in range(q_ref.shape[0]):
+      d = jax.lax.dot_general(q_ref[h], k, _NT, preferred_element_type=jnp.float32)
+      acc = acc + w[:, h:h + 1] * jnp.maximum(d, 0.0)
+    if masked:
+      t_idx = t0 + qi * bt + jax.lax.broadcasted_iota(jnp.int32, (bt, bs), 0)
+      s_idx = si * bs + jax.lax.broadcasted_iota(jnp.int32, (bt, bs), 1)
+      ok = (s_idx <= t_idx) & (s_idx < n_keys) & (sq_ref[...] == sk_ref[...])
+      acc = jnp.where(ok, jnp.where(acc == 0.0, 0.0, acc), NEG_INF)
+    o_ref[...] = acc
+
+  if not masked:
+    compute()
+    return
+  live = si * bs <= t0 + qi * bt + bt - 1
+
+  @pl.when(live)
+  def _():
+    compute()
+
+  @pl.when(jnp.logical_not(live))
+  def _():
+    o_ref[...] = jnp.full((bt, bs), NEG_INF, jnp.float32)
+
+
+def _score_slab(qT, k, w, seg_q, seg_k, *, t0, rows, n_cols, n_keys, masked, bt, bs, interpret):
+  """fp32 scores [B, rows, n_cols] of query rows [t0, t0+rows) against keys [0, n_cols).
+
+  qT [B,H,Tp,D], w [B,Tp,H], seg_q [B,Tp,1], k [B,Sp,D], seg_k [B,1,Sp], padded to the blocks.
+  """
+  B, H, _, D = qT.shape
+  kernel = functools.partial(_score_kernel, bt=bt, bs=bs, t0=t0, n_keys=n_keys, masked=masked)
+  r0 = t0 // bt
+  return pl.pallas_call(
+      kernel,
+      grid=(B, rows // bt, n_cols // bs),
+      in_specs=[pl.BlockSpec((None, H, bt, D), lambda b, i, j: (b, 0, r0 + i, 0)),
+                pl.BlockSpec((None, bs, D), lambda b, i, j: (b, j, 0)),
+                pl.BlockSpec((None, bt, H), lambda b, i, j: (b, r0 + i, 0)),
+                pl.BlockSpec((None, bt, 1), lambda b, i, j: (b, r0 + i, 0)),
+                pl.BlockSpec((None, 1, bs), lambda b, i, j: (b, 0, j))],
+      out_specs=pl.BlockSpec((None, bt, bs), lambda b, i, j: (b, i, j)),
+      out_shape=jax.ShapeDtypeStruct((B, rows, n_cols), jnp.float32),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=('parallel', 'parallel', 'parallel')),
+      interpret=interpret, name='indexer_scores_tpu',
+  )(qT, k, w, seg_q, seg_k)
+
+
+def _layout(q, k, w, seg, bt, bs):
+  B, T, H, D = q.shape
+  S = k.shape[1]
+  Tp, Sp = round_up(T, bt), round_up(S, bs)
+  qT = pad_axis(jnp.transpose(q, (0, 2, 1, 3)), 2, Tp)
+  wp = pad_axis(w.astype(jnp.float32), 1, Tp)
+  kp = pad_axis(k.astype(q.dtype), 1, Sp)
+  if seg is None:
+    seg_q, seg_k = jnp.zeros((B, Tp, 1), jnp.int32), jnp.zeros((B, 1, Sp), jnp.int32)
+  else:
+    seg_q = pad_axis(seg.astype(jnp.int32), 1, Tp, value=-1)[:, :, None]
+    seg_k = pad_axis(seg.astype(jnp.int32), 1, Sp, value=-2)[:, None, :]
+  return qT, kp, wp, seg_q, seg_k
+
+
+def _check_blocks(bt, bs):
+  if bt % 8 or bs % 128:
+    raise ValueError(f'indexer tpu: block_t={bt} must be a multiple of 8 and block_s={bs} of 128')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _scores(q, k, w, opts):
+  bt, bs, interpret = opts
+  T, S = q.shape[1], k.shape[1]
+  qT, kp, wp, sq, sk = _layout(q, k, w, None, bt, bs)
+  out = _score_slab(qT, kp, wp, sq, sk, t0=0, rows=qT.shape[2], n_cols=kp.shape[1], n_keys=S,
+                    masked=False, bt=bt, bs=bs, interpret=interpret)
+  return out[:, :T, :S]
+
+
+def _scores_fwd(q, k, w, opts):
+  return _scores(q, k, w, opts), (q, k, w)
+
+
+def _scores_bwd(opts, res, g):
+  _, vjp = jax.vjp(reference.indexer_scores, *res)
+  return vjp(g)
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
+def indexer_scores(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, *, block_t: int = 128,
+                   block_s: int = 128, interpret=None) -> jax.Array:
+  """Unmasked fp32 I [B,T,S] by the score kernel; the VJP is the jnp reference's."""
+  _check_blocks(block_t, block_s)
+  return _scores(q_BTHD, k_BSD, w_BTH, (block_t, block_s, tpu_interpret(interpret)))
+
+
+def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: int,
+                 segment_ids_BT: jax.Array | None = None, *, return_scores: bool = False,
+                 block_t: int = 128, block_s: int = 128, slab_bytes: int = 1 << 30,
+                 interpret=None):
+  """int32 idx [B,T,K] of the top-K allowed keys per token (ties to the smaller s, -1 empty).
+
+  With return_scores, also the fp32 scores [B,T,K] of the selected keys (-inf at -1 slots).
+  """
+  _check_blocks(block_t, block_s)
+  interpret = tpu_interpret(interpret)
+  B, T, H, D = q_BTHD.shape
+  S = k_BSD.shape[1]
+  if segment_ids_BT is not None and S != T:
+    raise ValueError(f'indexer_topk: segment_ids_BT needs S == T, got k_BSD {k_BSD.shape}')
+  # Selection carries no gradient (SPEC §3): keep autodiff away from the kernels.
+  q_BTHD, k_BSD, w_BTH = (jax.lax.stop_gradient(x) for x in (q_BTHD, k_BSD, w_BTH))
+  qT, kp, wp, sq, sk = _layout(q_BTHD, k_BSD, w_BTH, segment_ids_BT, block_t, block_s)
+  Tp, Sp = qT.shape[2], kp.shape[1]
+  rows = max(block_t, min(Tp, (slab_bytes // (4 * B * Sp)) // block_t * block_t))
+  idx_parts, val_parts = [], []
+  for t0 in range(0, Tp, rows):
+    n = min(rows, Tp - t0)
+    n_cols = min(Sp, round_up(t0 + n, block_s))
+    slab = _score_slab(qT, kp, wp, sq, sk, t0=t0, rows=n, n_cols=n_cols, n_keys=S, masked=True,
+                       bt=block_t, bs=block_s, interpret=interpret)
+    kk = min(topk, n_cols)
+    val, idx = jax.lax.top_k(slab, kk)
+    ok = val > NEG_INF
+    idx_parts.append(pad_axis(jnp.where(ok, idx, -1), 2, topk, value=-1))
+    val_parts.append(pad_axis(val, 2, topk, value=NEG_INF))
+  idx = jnp.concatenate(idx_parts, axis=1)[:, :T].astype(jnp.int32)
+  if not return_scores:
+    return idx
+  return idx, jnp.concatenate(val_parts, axis=1)[:, :T]
