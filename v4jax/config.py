@@ -105,6 +105,7 @@ def default_config() -> ConfigDict:
       pad_id=257,              # tokenizer pad id (compressed through the lookup)
       seed=0,
       table_memory='device',   # device | host
+      host_gather='numpy',     # host tables: numpy (threads, zero-copy view) | xla (compute_on)
       table_optimizer='lazy_adam',  # lazy_adam | dense_adam
       table_init_std=0.006,
       lr_mult=5.0,
@@ -128,7 +129,7 @@ def default_config() -> ConfigDict:
       rules='fsdp',            # fsdp | fsdp_ep | fsdp_tp
   ))
   c.data = ConfigDict(dict(
-      source='builtin',        # builtin | array_record
+      source='builtin',        # builtin | array_record | synthetic (random ids, for benchmarks)
       path='',                 # ArrayRecord directory (tools/prepare_data.py output)
       tokenizer='byte',        # builtin source: 'byte' or a tokenizer.json path (ArrayRecord: its manifest decides)
       seq_len=128,
@@ -182,11 +183,12 @@ _CHOICES = {
     'mhc.bias_init': ('zero', 'identity'),
     'mhc.head': ('hyper', 'sum', 'first'),
     'engram.table_memory': ('device', 'host'),
+    'engram.host_gather': ('numpy', 'xla'),
     'engram.table_optimizer': ('lazy_adam', 'dense_adam'),
     'kernels.impl': ('auto', 'reference', 'pallas'),
     'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),
     'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),
-    'data.source': ('builtin', 'array_record'),
+    'data.source': ('builtin', 'array_record', 'synthetic'),
     'optim.schedule': ('cosine', 'constant'),
 }
 

@@ -12,6 +12,9 @@ batch and every process's iterator state are independent of the process count.
 
 Batch fields (b rows, T = data.seq_len): tokens, targets (next token), positions, segment_ids
 int32 [b, T]; loss_mask float32 [b, T]; engram_rows_<layer> int32 [b, T, J] when Engram is on.
+
+data.source='synthetic' (benchmarks) skips documents and packing: `SyntheticRows` draws each
+global row from its own seeded generator, with the same batch fields.
 """
 from __future__ import annotations
 
@@ -118,6 +121,34 @@ class _PackedRowsIterator(grain.DatasetIterator):
       self._off = int(state['doc_offset'])
 
 
+class SyntheticRows:
+  """Random-access batches of uniform random token ids in [0, vocab_size) (data.source='synthetic').
+
+  Item k = rows [first_row, first_row + num_rows) of global batch k in PackedRows' form
+  ({'tokens': int32 [num_rows, row_len], 'doc_start': bool}). Global row j of batch k comes from
+  its own generator seeded (seed, split, k, j), so batches do not depend on the process count and
+  Grain's iterator state (the next index) resumes exactly. Each row is one document without
+  <eos> (segment 1, positions 0..T-1), like MaxText's synthetic data.
+  """
+
+  def __init__(self, *, vocab_size: int, row_len: int, first_row: int, num_rows: int, seed: int,
+               split: str):
+    self.vocab_size, self.row_len = vocab_size, row_len
+    self.first_row, self.num_rows = first_row, num_rows
+    self.seed, self.split_id = seed, sources.SPLITS.index(split)
+
+  def __len__(self):
+    return 2**31 - 1
+
+  def __getitem__(self, k):
+    draw = lambda j: np.random.default_rng([self.seed, self.split_id, int(k), j]).integers(
+        0, self.vocab_size, self.row_len, dtype=np.int32)
+    tokens = np.stack([draw(self.first_row + i) for i in range(self.num_rows)])
+    starts = np.zeros(tokens.shape, np.bool_)
+    starts[:, 0] = True
+    return {'tokens': tokens, 'doc_start': starts}
+
+
 class RowFeatures:
   """Packed rows [b, T+1] -> the model's batch dict (see the module docstring).
 
@@ -192,6 +223,18 @@ def make_dataset(cfg, split: str, *, hash_spec=None, process_index: int = 0,
     raise ConfigError(f'config.data.seq_len={d.seq_len} must be a positive integer')
   if not 0 <= d.shuffle_seed < 2**32:
     raise ConfigError(f'config.data.shuffle_seed={d.shuffle_seed} must be in [0, 2**32)')
+  if d.source == 'synthetic':   # features (and Engram hashing) run in Grain's read threads
+    rows = d.global_batch // process_count
+    src = SyntheticRows(vocab_size=cfg.model.vocab_size, row_len=d.seq_len + 1,
+                        first_row=process_index * rows, num_rows=rows, seed=d.shuffle_seed,
+                        split=split)
+    feats = RowFeatures(seq_len=d.seq_len, respect_doc_boundaries=d.respect_doc_boundaries,
+                        pad_id=None, hash_spec=hash_spec if cfg.engram.enabled else None)
+    it = grain.MapDataset.source(src).map(feats).to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    if d.num_workers > 0:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+    return it
   src, tok, vocab_size, eos_id, pad_id = open_source(cfg, split)
   if vocab_size > cfg.model.vocab_size:
     raise ConfigError(f'config.model.vocab_size={cfg.model.vocab_size} is smaller than the data '

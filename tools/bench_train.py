@@ -1,0 +1,698 @@
+"""End-to-end training-step benchmark: compile time, step time, tokens/s, TFLOP/s, MFU, memory,
+and (--profile) the share of step time per model component.
+
+  python tools/bench_train.py --config configs/peer_maxtext_small.py[:dsa|:full] \\
+      [--steps 30 --warmup 5 --out bench.json --profile --ablate dsa,mhc,engram] \\
+      [--per_device_batch 8] [--config.model.remat=full ...]
+  python tools/bench_train.py --config configs/tiny.py --steps 3 --warmup 1     # CPU smoke
+
+Method (docs/performance.md):
+- The Trainer is built as for training (checkpoints, eval and TensorBoard off). Its jitted step is
+  lowered and compiled ahead of time on the first batch, so tracing+lowering and XLA compilation
+  are timed apart; the steps then run that same executable through `Trainer.step` (host-table
+  Engram protocol, data pipeline and host->device batch transfer included).
+- After `--warmup` steps, `--steps` steps run back to back (the host dispatches ahead, as in
+  training) in windows of `--window` steps, each closed by waiting for the state (and the Engram
+  host tables' write-back). step_time_s = total / steps; the window medians are reported too.
+- FLOPs: SPEC §10 model FLOPs (v4jax/flops.py, MaxText-compatible: 3 x forward matmul FLOPs, no
+  remat). TFLOP/s per device = FLOPs/token x tokens/s / devices; MFU against the chip's dense bf16
+  peak (None on CPU). XLA's own count of the compiled step (which includes remat recompute) is
+  reported as xla_tflops_per_device.
+- Memory: the largest `peak_bytes_in_use` of the local devices (None where the backend keeps no
+  statistics, e.g. CPU), and the compiled step's memory analysis.
+- Profile (--profile): `--profile_steps` steps under jax.profiler.trace. The trace (.xplane.pb) is
+  read with jax.profiler.ProfileData (in jaxlib: no TensorBoard plugin needed). Each device op
+  event carries its HLO instruction name; the compiled step's HLO text maps that name to its
+  op_name metadata, which holds the jax.named_scope path. The model is instrumented for the run
+  by wrapping component entry points in named scopes (`instrument`; nothing in v4jax is edited,
+  the originals are restored afterwards); the innermost `v4_<tag>` scope names the component.
+  Self time per event (children on the same line subtracted) is summed per component; memcpy
+  events and host-memory copies count as host transfers; ops of other programs (Engram table
+  gather/scatter jits, transfers) are listed per program. If the trace cannot be read, the
+  profile section says so and `--ablate` (timing with one component switched off at a time) is
+  the fallback.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import contextlib
+import functools
+import gc
+import glob
+import importlib
+import importlib.util
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from v4jax.cli import ToolError, run_tool  # noqa: E402
+
+# Components switched off by --ablate, as config overrides.
+ABLATIONS = {
+    'dsa': {'dsa.enabled': False, 'dsa.stage': 'dense'},
+    'mhc': {'mhc.streams': 1},
+    'engram': {'engram.enabled': False},
+    'mtp': {'mtp.depth': 0},
+}
+
+# (module, attribute, tag): component entry points wrapped in jax.named_scope('v4_<tag>') for
+# --profile. Module-level functions are patched where the caller looks them up.
+SCOPES = (
+    ('v4jax.model.transformer', 'Transformer.__call__', 'model'),
+    ('v4jax.model.transformer', 'Transformer.embed_tokens', 'embed'),
+    ('v4jax.model.transformer', 'cross_entropy_sum', 'head'),
+    ('v4jax.model.mla', 'MLA.__call__', 'attn'),
+    ('v4jax.model.dsa', 'Indexer.__call__', 'indexer'),
+    ('v4jax.model.mla', 'indexer_topk', 'indexer'),
+    ('v4jax.model.mla', 'dense_indexer_kl', 'indexer'),
+    ('v4jax.model.mla', 'sparse_indexer_kl', 'indexer'),
+    ('v4jax.model.moe', 'MoE.__call__', 'moe'),
+    ('v4jax.model.moe', 'DenseFFN.__call__', 'ffn'),
+    ('v4jax.model.mhc', 'HCSite.__call__', 'mhc'),
+    ('v4jax.model.mhc', 'HyperHead.__call__', 'mhc'),
+    ('v4jax.model.engram', 'Engram.retrieve', 'engram'),
+    ('v4jax.model.engram', 'Engram.mix', 'engram'),
+    ('v4jax.memory.rows', 'embeddings', 'engram'),
+    ('v4jax.trainer', 'patch_rows', 'engram'),
+    ('v4jax.trainer', 'lazy_adam_rows', 'engram'),
+    ('v4jax.trainer', 'clip_grads', 'optimizer'),
+)
+
+# Reported components (the issue's breakdown) from the innermost scope tag.
+COMPONENT_OF_TAG = {
+    'attn': 'attention+indexer', 'indexer': 'attention+indexer', 'moe': 'moe',
+    'ffn': 'dense_ffn', 'mhc': 'mhc', 'engram': 'engram', 'head': 'head+loss',
+    'embed': 'embedding', 'model': 'model_other', 'optimizer': 'optimizer',
+}
+COMPONENTS = ('attention+indexer', 'moe', 'dense_ffn', 'mhc', 'engram', 'head+loss',
+              'embedding', 'model_other', 'optimizer', 'host_transfer', 'other_programs',
+              'unattributed')
+_TAG_RE = re.compile(r'v4_([a-z]+)')
+
+
+# ---- config ------------------------------------------------------------------------------------
+def load_config(spec: str):
+  """`path.py` or `path.py:arg` -> get_config() / get_config(arg) (ml_collections' convention)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ToolError(f'--config {path!r}: no such config file')
+  mod_spec = importlib.util.spec_from_file_location(
+      '_bench_cfg_' + re.sub(r'\W', '_', os.path.abspath(path)), path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  try:
+    return mod.get_config(arg) if arg else mod.get_config()
+  except (TypeError, ValueError) as e:
+    raise ToolError(f'--config {spec!r}: {e}') from e
+
+
+def _parse_value(path: str, text: str, current):
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low not in ('true', 'false', '1', '0'):
+      raise ToolError(f'--config.{path}={text!r}: expected a bool (true/false)')
+    return low in ('true', '1')
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise ToolError(f'--config.{path}={text!r}: not a Python literal '
+                    f'(expected {type(current).__name__})') from e
+  if isinstance(current, tuple) and isinstance(value, (list, tuple, int)):
+    return tuple(value) if not isinstance(value, int) else (value,)
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if current is not None and not isinstance(value, type(current)):
+    raise ToolError(f'--config.{path}={text!r}: expected {type(current).__name__}')
+  return value
+
+
+def apply_overrides(cfg, overrides: dict[str, object]):
+  """Sets `section.field` (str values are parsed against the field's type). Unknown fields fail."""
+  for path, raw in overrides.items():
+    *parents, leaf = path.split('.')
+    node = cfg
+    for p in parents:
+      if p not in node:
+        raise ToolError(f'--config.{path}: no config section {p!r}')
+      node = node[p]
+    if leaf not in node:
+      raise ToolError(f'--config.{path}: no such config field')
+    node[leaf] = _parse_value(path, raw, node[leaf]) if isinstance(raw, str) else raw
+  return cfg
+
+
+def parse_args(argv: list[str]):
+  ap = argparse.ArgumentParser(prog='bench_train', description=__doc__.split('\n')[0])
+  ap.add_argument('--config', required=True, help='config file, optionally path.py:variant')
+  ap.add_argument('--steps', type=int, default=20, help='timed steps')
+  ap.add_argument('--warmup', type=int, default=3, help='untimed steps after the first')
+  ap.add_argument('--window', type=int, default=0, help='steps per timing window (0 = all)')
+  ap.add_argument('--per_device_batch', type=int, default=0,
+                  help='sets data.global_batch = this x device count (0 = config as is)')
+  ap.add_argument('--out', default='', help='write the JSON report here')
+  ap.add_argument('--profile', action='store_true', help='trace steps; per-component shares')
+  ap.add_argument('--profile_steps', type=int, default=3)
+  ap.add_argument('--profile_dir', default='', help='trace directory (default: a temp dir)')
+  ap.add_argument('--ablate', default='', help=f'comma list of {sorted(ABLATIONS)}: time each '
+                  'with that component off')
+  ap.add_argument('--workdir', default='', help='Trainer workdir (default: a temp dir)')
+  args, rest = ap.parse_known_args(argv)
+  overrides = {}
+  for a in rest:
+    m = re.fullmatch(r'--config\.([\w.]+)=(.*)', a, re.S)
+    if not m:
+      raise ToolError(f'unknown argument {a!r} (config overrides are --config.section.field=value)')
+    overrides[m.group(1)] = m.group(2)
+  for name in ('steps', 'profile_steps'):
+    if getattr(args, name) <= 0:
+      raise ToolError(f'--{name}={getattr(args, name)} must be a positive integer')
+  if args.warmup < 0 or args.window < 0 or args.per_device_batch < 0:
+    raise ToolError('--warmup, --window and --per_device_batch must be >= 0')
+  args.ablate = [a for a in args.ablate.split(',') if a]
+  for a in args.ablate:
+    if a not in ABLATIONS:
+      raise ToolError(f'--ablate {a!r} is not one of {sorted(ABLATIONS)}')
+  return args, overrides
+
+
+def bench_config(args, overrides):
+  """The config to benchmark: file + overrides, with checkpoints, eval and logging off."""
+  import jax
+  cfg = apply_overrides(load_config(args.config), overrides)
+  if args.per_device_batch:
+    cfg.data.global_batch = args.per_device_batch * jax.device_count()
+  cfg.checkpoint.enabled = False
+  cfg.train.eval_every = 0
+  cfg.log.update(tensorboard=False, progress=False)
+  return cfg
+
+
+# ---- instrumentation ---------------------------------------------------------------------------
+def _scoped(fn, tag):
+  import jax
+
+  @functools.wraps(fn)
+  def wrapper(*a, **k):
+    with jax.named_scope(f'v4_{tag}'):
+      return fn(*a, **k)
+  return wrapper
+
+
+@contextlib.contextmanager
+def instrument(trainer=None):
+  """Wraps the SCOPES entry points (and the trainer's optimizer update and router-bias update)
+  in named scopes; restores every original on exit. Use before the step is first traced.
+  Yields the list of SCOPES targets that no longer exist (their ops fall to the enclosing scope)."""
+  undo, missing = [], []
+  try:
+    for mod_name, attr, tag in SCOPES:
+      obj = importlib.import_module(mod_name)
+      *owner, name = attr.split('.')
+      for o in owner:
+        obj = getattr(obj, o, None)
+      orig = (obj.__dict__.get(name) if owner else getattr(obj, name, None)) \
+          if obj is not None else None
+      if not callable(orig):
+        missing.append(f'{mod_name}.{attr}')
+        continue
+      undo.append((obj, name, orig))
+      setattr(obj, name, _scoped(orig, tag))
+    if trainer is not None:
+      import optax
+      tx = trainer.tx
+      undo.append((trainer, 'tx', tx))
+      trainer.tx = optax.GradientTransformation(tx.init, _scoped(tx.update, 'optimizer'))
+      undo.append((trainer, '_update_biases', None))
+      trainer._update_biases = _scoped(trainer._update_biases, 'optimizer')
+    yield missing
+  finally:
+    for obj, name, orig in reversed(undo):
+      if orig is None:
+        delattr(obj, name)
+      else:
+        setattr(obj, name, orig)
+
+
+class AotStep:
+  """Stands in for Trainer._train_step: lowers and compiles on the first call (timed apart),
+  then calls the compiled executable."""
+
+  def __init__(self, jitted):
+    self.jitted, self.compiled = jitted, None
+    self.trace_lower_s = self.compile_s = None
+
+  def __call__(self, *args):
+    if self.compiled is None:
+      t0 = time.perf_counter()
+      lowered = self.jitted.lower(*args)
+      t1 = time.perf_counter()
+      self.compiled = lowered.compile()
+      self.trace_lower_s, self.compile_s = t1 - t0, time.perf_counter() - t1
+    return self.compiled(*args)
+
+
+# ---- measurements ------------------------------------------------------------------------------
+def _sync(trainer):
+  import jax
+  jax.block_until_ready(trainer.state)
+  if trainer.tables is not None:
+    trainer.tables.flush()
+
+
+def run_steps(trainer, n: int) -> dict:
+  """n steps; returns the last step's scalars (device arrays)."""
+  scalars = None
+  for _ in range(n):
+    scalars = trainer.step(next(trainer.train_iter))
+  return scalars
+
+
+def peak_memory() -> dict:
+  import jax
+  peak = limit = None
+  for d in jax.local_devices():
+    try:
+      s = d.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without statistics
+      s = None
+    if s:
+      peak = max(peak or 0, int(s.get('peak_bytes_in_use', 0)))
+      limit = max(limit or 0, int(s.get('bytes_limit', 0)))
+  return {'peak_bytes_in_use': peak, 'bytes_limit': limit}
+
+
+def compiled_analysis(compiled) -> dict:
+  """XLA's FLOPs/bytes count and memory analysis of the compiled step (None where missing)."""
+  out = {'xla_flops_per_step': None, 'xla_bytes_accessed_per_step': None, 'memory': None}
+  try:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    out['xla_flops_per_step'] = float(ca.get('flops', 0.0)) or None
+    out['xla_bytes_accessed_per_step'] = float(ca.get('bytes accessed', 0.0)) or None
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    pass
+  try:
+    ma = compiled.memory_analysis()
+    out['memory'] = {k: int(getattr(ma, k)) for k in dir(ma)
+                     if k.endswith('_in_bytes') and isinstance(getattr(ma, k), int)}
+  except Exception:  # noqa: BLE001
+    pass
+  return out
+
+
+def param_count(trainer) -> int:
+  import jax
+  import numpy as np
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state['params']))
+  if trainer.tables is not None:
+    n += sum(r * trainer.tables.width for r in trainer.tables.rows.values())
+  return n
+
+
+def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dict | None]:
+  """Builds a Trainer for cfg, compiles, warms up and times; (report, profile inputs)."""
+  import jax
+  import numpy as np
+  from v4jax import flops as flops_lib
+  from v4jax.trainer import Trainer
+
+  workdir = args.workdir or tempfile.mkdtemp(prefix='bench_train-')
+  t0 = time.perf_counter()
+  trainer = Trainer(cfg, workdir)
+  _sync(trainer)
+  init_s = time.perf_counter() - t0
+  scope = instrument(trainer) if profile else contextlib.nullcontext([])
+  with scope as missing_scopes:
+    aot = trainer._train_step = AotStep(trainer._train_step)
+    t0 = time.perf_counter()
+    run_steps(trainer, 1)
+    _sync(trainer)
+    first_step_s = time.perf_counter() - t0
+    run_steps(trainer, args.warmup)
+    _sync(trainer)
+
+    window = args.window or args.steps
+    windows, done, total, scalars = [], 0, 0.0, None
+    while done < args.steps:
+      n = min(window, args.steps - done)
+      t0 = time.perf_counter()
+      scalars = run_steps(trainer, n)
+      _sync(trainer)
+      dt = time.perf_counter() - t0
+      windows.append(dt / n)
+      done, total = done + n, total + dt
+    step_s = total / args.steps
+
+    prof = None
+    if profile:
+      prof_dir = args.profile_dir or tempfile.mkdtemp(prefix='bench_train-trace-')
+      t0 = time.perf_counter()
+      with jax.profiler.trace(prof_dir):
+        run_steps(trainer, args.profile_steps)
+        _sync(trainer)
+      prof = {'dir': prof_dir, 'wall_s': time.perf_counter() - t0, 'missing': missing_scopes,
+              'steps': args.profile_steps, 'hlo_text': aot.compiled.as_text()}
+      with open(os.path.join(prof_dir, 'train_step.hlo.txt'), 'w') as f:
+        f.write(prof['hlo_text'])     # for re-reading the trace: analyse_trace(dir, text, ...)
+
+  fl = flops_lib.flops_per_token(cfg)
+  tokens = cfg.data.global_batch * cfg.data.seq_len
+  n_dev = jax.device_count()
+  peak = flops_lib.peak_tflops_for(jax.devices()[0])
+  model_tf = fl.model_train_per_token * tokens / 1e12
+  xla = compiled_analysis(aot.compiled)
+  last = {k: float(v) for k, v in jax.device_get(scalars).items() if np.ndim(v) == 0}
+  rep = {
+      'label': label,
+      'params': param_count(trainer),
+      'tokens_per_step': tokens,
+      'model_flops_per_token': fl.model_train_per_token,
+      'hardware_flops_per_token': fl.hardware_train_per_token,
+      'init_s': init_s,
+      'trace_lower_s': aot.trace_lower_s,
+      'compile_s': aot.compile_s,
+      'first_step_s': first_step_s,
+      'warmup_steps': args.warmup,
+      'steps': args.steps,
+      'step_time_s': step_s,
+      'step_time_median_s': statistics.median(windows),
+      'window_step_times_s': windows,
+      'tokens_per_s': tokens / step_s,
+      'tflops_per_device': model_tf / step_s / n_dev,
+      'hw_tflops_per_device': fl.hardware_train_per_token * tokens / 1e12 / step_s / n_dev,
+      'xla_tflops_per_device': (xla['xla_flops_per_step'] / 1e12 / step_s / n_dev
+                                if xla['xla_flops_per_step'] else None),
+      'mfu': flops_lib.mfu(model_tf, step_s, n_dev, peak),
+      'peak_tflops': peak,
+      'memory': {**peak_memory(), 'compiled': xla['memory']},
+      'xla_flops_per_step': xla['xla_flops_per_step'],
+      'xla_bytes_accessed_per_step': xla['xla_bytes_accessed_per_step'],
+      'final_loss': last.get('loss'),
+      'finite': bool(last.get('finite', 1.0)),
+  }
+  if trainer.tables is not None:
+    rep['engram_host_ms'] = {k: float(np.mean(v)) for k, v in trainer.tables.stats.items()
+                             if k.endswith('_ms') and len(v)}
+    trainer.tables.close()
+  del trainer, aot
+  gc.collect()
+  return rep, prof
+
+
+# ---- trace analysis ----------------------------------------------------------------------------
+_INSTR_RE = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
+_COMP_RE = re.compile(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$')
+_CALLS_RE = re.compile(r'(?:calls|to_apply|body|condition)=%?([\w.\-]+)'
+                       r'|(?:called_computations|branch_computations)=\{([^}]*)\}')
+
+
+def hlo_index(hlo_text: str) -> tuple[str, dict]:
+  """(module name, {instruction: (op_name, called computations, operands, is_host_copy)}) of HLO
+  text; '@<computation>' keys hold the op_names of a computation's instructions."""
+  module = ''
+  info: dict[str, tuple] = {}
+  comp = None
+  for line in hlo_text.splitlines():
+    if line.startswith('HloModule'):
+      module = line.split()[1].rstrip(',')
+      continue
+    m = _COMP_RE.match(line)
+    if m and '=' not in line.split('(')[0]:
+      comp = m.group(1)
+      info.setdefault('@' + comp, ([], [], [], False))
+      continue
+    m = _INSTR_RE.match(line)
+    if not m:
+      continue
+    name, rest = m.groups()
+    op = re.search(r'op_name="([^"]*)"', rest)
+    calls = [c.strip().lstrip('%') for g in _CALLS_RE.findall(rest) for c in ','.join(g).split(',')
+             if c.strip()]
+    body = rest.split(', metadata=')[0]
+    operands = [o for o in re.findall(r'%([\w.\-]+)', body) if o not in calls]
+    opcode = re.search(r'\s([a-z][\w\-]*)\(', ' ' + rest)
+    host_copy = bool(opcode and opcode.group(1) in ('copy-start', 'copy-done', 'copy')
+                     and 'S(5)' in rest.split(opcode.group(1) + '(')[0])
+    info[name] = (op.group(1) if op else '', calls, operands, host_copy)
+    if comp is not None:
+      info['@' + comp][0].append(op.group(1) if op else '')
+  return module, info
+
+
+def _tag_of(op_name: str) -> str | None:
+  """Innermost v4_<tag> scope of an op_name ('optimizer' outside all of them, None if empty)."""
+  tags = _TAG_RE.findall(op_name)
+  if not tags:
+    # Inside the step but outside every model scope: parameter update, clipping, guards.
+    return 'optimizer' if op_name else None
+  inner = tags[-1]
+  return 'moe' if inner == 'ffn' and 'moe' in tags else inner
+
+
+def _infer_tag(hlo_op: str, info: dict, depth: int = 0) -> str | None:
+  """The op's tag; where XLA left its op_name empty (copies, converts, some fusions): the most
+  common tag of the computations it calls, else of its operands (a few levels up); a bare copy
+  of the train state (parameters, optimizer moments) counts as optimizer work."""
+  op_name, calls, operands, _ = info.get(hlo_op, ('', [], [], False))
+  tag = _tag_of(op_name)
+  if tag is not None or depth > 3:
+    return tag
+  votes = collections.Counter(t for c in calls for o in info.get('@' + c, ([],))[0]
+                              if (t := _tag_of(o)))
+  if not votes:
+    votes = collections.Counter(t for o in operands if (t := _infer_tag(o, info, depth + 1)))
+  if votes:
+    return votes.most_common(1)[0][0]
+  return 'optimizer' if any(o.startswith('state') for o in operands) else None
+
+
+def component_of(hlo_op: str, info: dict) -> str:
+  """Reported component of one HLO instruction (COMPONENTS)."""
+  if info.get(hlo_op, (None, None, None, False))[3]:
+    return 'host_transfer'
+  return COMPONENT_OF_TAG.get(_infer_tag(hlo_op, info), 'unattributed')
+
+
+_SKIP_LINES = ('XLA Modules', 'Steps', 'XLA TraceMe', 'Framework Ops', 'Framework Name Scope',
+               'Source code', 'Launch Stats', 'TensorFlow Ops', 'TensorFlow Name Scope')
+
+
+def _self_times(events):
+  """[(event, self_ns)]: duration minus the children nested in it (events of one line)."""
+  evs = sorted(events, key=lambda e: (e[1], -e[2]))
+  out, stack = [], []               # stack of [end, index into out]
+  for ev in evs:
+    start, dur = ev[1], ev[2]
+    while stack and stack[-1][0] <= start:
+      stack.pop()
+    if stack:
+      parent = out[stack[-1][1]]
+      parent[1] -= min(dur, stack[-1][0] - start)
+    out.append([ev, dur])
+    stack.append([start + dur, len(out) - 1])
+  return [(e, max(s, 0)) for e, s in out]
+
+
+def _event_stats(ev) -> dict:
+  try:
+    return {k: v for k, v in ev.stats}
+  except Exception:  # noqa: BLE001
+    return {}
+
+
+def _line_events(plane, is_device: bool, kernels: dict):
+  """Per counted line of a plane: [(event, start_ns, dur_ns, stats)] of device ops and copies.
+  Where a device plane has a derived 'XLA Ops' line, ops come from it and copies from streams.
+  A device kernel without an hlo_op stat is matched by name (`kernels`: kernel -> instruction)."""
+  lines = [ln for ln in plane.lines if ln.name not in _SKIP_LINES]
+  derived = is_device and any(ln.name == 'XLA Ops' for ln in lines)
+  for line in lines:
+    if derived and not (line.name == 'XLA Ops' or line.name.startswith('Stream')):
+      continue
+    evs = []
+    for ev in line.events:
+      st = _event_stats(ev)
+      is_copy = is_device and 'memcpy' in ev.name.lower()
+      if derived and line.name.startswith('Stream') and not is_copy:
+        continue
+      if 'hlo_op' not in st and not is_copy:
+        if not (is_device and ev.name in kernels):
+          continue
+        st['hlo_op'] = kernels[ev.name]
+      evs.append((ev, float(ev.start_ns), float(ev.duration_ns), st))
+    yield evs
+
+
+def _union_ns(intervals) -> float:
+  total, cur_s, cur_e = 0.0, None, None
+  for s, e in sorted(intervals):
+    if cur_e is None or s > cur_e:
+      total += (cur_e - cur_s) if cur_e is not None else 0.0
+      cur_s, cur_e = s, e
+    else:
+      cur_e = max(cur_e, e)
+  return total + ((cur_e - cur_s) if cur_e is not None else 0.0)
+
+
+def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> dict:
+  """Per-component device time of the traced steps (see the module docstring). Times are per
+  step and per device (averaged over the device planes)."""
+  from jax.profiler import ProfileData
+  paths = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True),
+                 key=os.path.getmtime)
+  if not paths:
+    raise RuntimeError(f'no .xplane.pb under {trace_dir}')
+  module, info = hlo_index(hlo_text)
+  # XLA:GPU names a fusion's kernel after the instruction, '.' -> '_'
+  kernels = {k.replace('.', '_'): k for k in info if not k.startswith('@')}
+  kernels.update({k: k for k in info if not k.startswith('@')})
+  data = ProfileData.from_file(paths[-1])
+  per_comp, per_op, per_module, per_tag = (collections.Counter() for _ in range(4))
+  busy = []                                     # per counted plane: busy ns (interval union)
+  # GPU/TPU: device planes only (host threads may carry hlo_op stats too); CPU: the host plane.
+  has_device = any(p.name.startswith('/device:') and any(True for ln in p.lines for _ in ln.events)
+                   for p in data.planes)
+  for plane in data.planes:
+    is_device = plane.name.startswith('/device:')
+    if has_device != is_device:
+      continue
+    intervals = []
+    for evs in _line_events(plane, is_device, kernels):
+      for (ev, start, dur, st), self_ns in _self_times(evs):
+        hlo_op, mod, name = str(st.get('hlo_op', '')), str(st.get('hlo_module', '')), \
+            ev.name.lower()
+        if 'memcpy' in name and re.search(r'h2d|d2h|htod|dtoh', name):
+          comp = 'host_transfer'
+        elif 'memcpy' in name and not hlo_op:
+          comp = 'other_programs'
+        elif mod and module and mod != module:
+          comp = 'other_programs'
+          per_module[mod] += self_ns
+        else:
+          comp = component_of(hlo_op, info)
+          per_tag[_infer_tag(hlo_op, info) or 'none'] += self_ns
+        per_comp[comp] += self_ns
+        per_op[(comp, hlo_op or ev.name)] += self_ns
+        intervals.append((start, start + dur))
+    if intervals:
+      busy.append(_union_ns(intervals))
+  total = sum(per_comp.values())
+  if not total:
+    raise RuntimeError('the trace holds no device op events of the step')
+  per = 1e9 * steps * len(busy)                 # ns -> s per step per device
+  return {
+      'method': 'trace: jax.profiler xplane + HLO op_name named scopes',
+      'trace_file': paths[-1],
+      'module': module,
+      'steps': steps,
+      'device_planes': len(busy),
+      'wall_s_per_step': wall_s / steps,
+      'device_busy_s_per_step': sum(busy) / per,
+      'op_time_s_per_step': total / per,
+      'shares': {c: per_comp.get(c, 0.0) / total for c in COMPONENTS},
+      's_per_step': {c: per_comp.get(c, 0.0) / per for c in COMPONENTS},
+      'shares_by_scope': {t: v / total for t, v in per_tag.most_common()},   # attn vs indexer
+      'other_programs_s_per_step': {m: t / per for m, t in per_module.most_common(10)},
+      'top_ops': [{'component': c, 'op': o, 's_per_step': t / per,
+                   'op_name': info.get(o, ('',))[0][:200]}
+                  for (c, o), t in per_op.most_common(25)],
+      'top_unattributed_ops': [{'op': o, 's_per_step': t / per}
+                               for (c, o), t in per_op.most_common() if c == 'unattributed'][:10],
+  }
+
+
+# ---- report ------------------------------------------------------------------------------------
+def _fmt(v, unit='', scale=1.0, digits=3):
+  return 'n/a' if v is None else f'{v * scale:.{digits}f}{unit}'
+
+
+def summary(rep: dict) -> str:
+  r = rep['result']
+  gib = 1024 ** 3
+  mem = r['memory']['peak_bytes_in_use']
+  lines = [
+      f"{rep['config']}  {rep['device']['kind']} x{rep['device']['count']}  "
+      f"batch {rep['global_batch']} x {rep['seq_len']}  params {r['params'] / 1e6:,.1f}M",
+      f"init {r['init_s']:.1f} s  trace+lower {_fmt(r['trace_lower_s'], ' s', digits=1)}  "
+      f"compile {_fmt(r['compile_s'], ' s', digits=1)}  first step {r['first_step_s']:.1f} s",
+      f"step {r['step_time_s'] * 1e3:.1f} ms (median window {r['step_time_median_s'] * 1e3:.1f})  "
+      f"{r['tokens_per_s']:,.0f} tokens/s  {r['tflops_per_device']:.1f} TFLOP/s/device  "
+      f"MFU {_fmt(r['mfu'], '%', 100, 1)}  peak mem {_fmt(mem and mem / gib, ' GiB', digits=2)}",
+  ]
+  p = rep.get('profile')
+  if p and 'shares' in p:
+    parts = [f'{c} {100 * s:.1f}%' for c, s in sorted(p['shares'].items(), key=lambda x: -x[1])
+             if s > 0.0005]
+    lines.append(f"profile ({p['steps']} steps, device busy "
+                 f"{p['device_busy_s_per_step'] / p['wall_s_per_step'] * 100:.0f}% of wall): "
+                 + ', '.join(parts))
+  elif p:
+    lines.append(f"profile: {p.get('error')}")
+  for a in rep.get('ablations', []):
+    lines.append(f"  without {a['without']}: step {a['step_time_s'] * 1e3:.1f} ms "
+                 f"({a['saved_s_per_step'] * 1e3:+.1f} ms saved), compile {a['compile_s']:.1f} s")
+  return '\n'.join(lines)
+
+
+def run(argv: list[str]) -> dict:
+  """Parses argv, benchmarks, prints the summary, writes --out; returns the report."""
+  args, overrides = parse_args(argv)
+  import jax
+  cfg = bench_config(args, overrides)
+  from v4jax.config import ConfigError, validate
+  try:
+    validate(cfg)
+  except ConfigError as e:
+    raise ToolError(str(e)) from e
+  dev = jax.devices()[0]
+  rep = {
+      'tool': 'tools/bench_train.py',
+      'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+      'config': args.config,
+      'overrides': overrides,
+      'per_device_batch': args.per_device_batch or None,
+      'global_batch': cfg.data.global_batch,
+      'seq_len': cfg.data.seq_len,
+      'grad_accum': cfg.train.grad_accum,
+      'device': {'kind': dev.device_kind, 'platform': dev.platform, 'count': jax.device_count(),
+                 'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+                 'compilation_cache': os.environ.get('JAX_COMPILATION_CACHE_DIR') or None},
+  }
+  result, prof = measure(cfg, args, profile=args.profile)
+  rep['result'] = result
+  if prof is not None:
+    try:
+      rep['profile'] = analyse_trace(prof['dir'], prof['hlo_text'], prof['steps'], prof['wall_s'])
+      rep['profile']['scopes_missing'] = prof['missing']
+    except Exception as e:  # noqa: BLE001 - reported; --ablate is the fallback
+      rep['profile'] = {'method': 'unavailable', 'error': f'{type(e).__name__}: {e}',
+                        'trace_dir': prof['dir']}
+  rep['ablations'] = []
+  for name in args.ablate:
+    c = apply_overrides(bench_config(args, overrides), ABLATIONS[name])
+    r, _ = measure(validate(c), args, profile=False, label=f'without_{name}')
+    r['without'] = name
+    r['saved_s_per_step'] = result['step_time_s'] - r['step_time_s']
+    rep['ablations'].append(r)
+  print(summary(rep), flush=True)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(rep, f, indent=1, default=str)
+    os.replace(tmp, args.out)
+  return rep
+
+
+if __name__ == '__main__':
+  run_tool('bench_train', lambda: run(sys.argv[1:]) and 0)
