@@ -8,8 +8,11 @@ One command writes everything to --out (JSON; default $OUT/bench_kernels.json):
 Sections (--sections, comma list; default all):
   matmul   dense bf16 8192^3 matmul: the peak every kernel is quoted against (frac_dense);
   check    kernel vs jnp reference parity on the device (values, grads, top-k sets);
-  sweep    block / warp configurations of the sparse MLA kernels at V3.2 T=4096, best kept;
-  sparse   sparse MLA fwd and bwd (kernel and XLA reference) at V3.2 and bench shapes;
+  sweep    sparse MLA forward and backward configurations (blocks, warps, stages of each kernel;
+           backward dkv reduction 'segment' or 'atomic') at V3.2 T=4096, timed apart, best kept;
+  profile  device time per kernel of the sparse MLA backward (swept configuration, V3.2 T=4096);
+  sparse   sparse MLA fwd, bwd (kernels alone) and fwd+bwd, kernel and XLA reference (reference
+           up to --ref-max-t), at V3.2 (swept configuration) and bench shapes (defaults);
   indexer  indexer scores-only and scores + top-k (kernel and XLA reference);
   kl       sparse indexer-KL pieces: teacher probabilities and student scores at idx (fwd+bwd);
   dense    cuDNN causal flash attention fwd+bwd (MLA MHA shapes) and the DSA crossover.
@@ -18,15 +21,18 @@ FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C
 logits, dp, dq, dkv: the flash-attention 2.5x convention); indexer 2·H·D per allowed (t, s)
 pair (s <= t); cuDNN causal fwd 2·H·T(T+1)/2·(d_qk+d_v) per sequence, bwd 2.5x that.
 Index sets are random: for each token K distinct allowed positions, stratified over [0, t].
-The check section runs before the sweep, with the default kernel configuration.
-Every measurement is guarded: a failure is recorded in the JSON and the run goes on.
+The check section runs before the sweep, with the default kernel configuration (both dkv
+reductions). Every measurement is guarded: a failure is recorded in the JSON and the run goes on;
+the JSON is rewritten after every row, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 
@@ -47,13 +53,22 @@ SMOKE = dict(B=1, H=16, C=40, V=32, K=16, HI=2, DI=16)
 
 
 class Bench:
-  def __init__(self, smoke: bool):
+  def __init__(self, smoke: bool, path: str | None = None, check_indexer: bool = True):
     self.smoke = smoke
+    self.path = path
+    self.check_indexer = check_indexer
     self.dtype = jnp.float32 if smoke else jnp.bfloat16
     self.out = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
                     jax=jax.__version__, smoke=smoke, started=time.strftime('%Y-%m-%d %H:%M:%S'),
                     dense_matmul_tflops=None, checks=[], sweep=[], results=[], crossover=[])
-    self.sa_cfg = {}   # best sparse-MLA kernel options (sweep)
+    self.sa_cfg = {}   # best sparse-MLA kernel options at V3.2 shapes (sweep)
+    self.jits = {}
+
+  def save(self):
+    if self.path:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      with open(self.path, 'w') as f:
+        json.dump(self.out, f, indent=1, default=_plain)
 
   # -------------------------------------------------------------- helpers
   def timeit(self, f, *args, min_time=0.3, max_iters=20):
@@ -82,6 +97,7 @@ class Bench:
       traceback.print_exc(limit=2)
     self.out['results'].append(row)
     print(json.dumps(row, default=_plain), flush=True)
+    self.save()
     return row
 
   def idx(self, B, T, K, seed=0):
@@ -130,33 +146,88 @@ class Bench:
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
       both = jax.jit(jax.grad(loss, argnums=(0, 1)))
       return fwd, both
-    kern = make(lambda *a: sa_gpu.sparse_mla(*a, **cfg))
-    ref = make(lambda *a: sa_ref.sparse_mla(*a, query_block=0 if self.smoke else 1024))
+    kern = self.cached(('kern', s, cfg), lambda: make(lambda *a: sa_gpu.sparse_mla(*a, **cfg)))
+    ref = self.cached(('ref', s), lambda: make(
+        lambda *a: sa_ref.sparse_mla(*a, query_block=0 if self.smoke else 1024)))
     return kern, ref
 
+  def cached(self, key, make):
+    """One jitted function per key, so that sections reuse compilations."""
+    key = json.dumps(key, sort_keys=True, default=str)
+    if key not in self.jits:
+      self.jits[key] = make()
+    return self.jits[key]
+
+  def bwd_args(self, s, q, kv, idx, fwd=None):
+    """Inputs of the backward kernels: o and lse of the kernel forward, cotangents of o and lse
+    as in sparse_fns' loss."""
+    f = self.cached(('fwd', s, fwd), lambda: jax.jit(
+        lambda *a: sa_gpu.sparse_mla(*a, s['V'], s['C'] ** -0.5, fwd=fwd)))
+    o, lse = f(q, kv, idx)
+    return q, kv, idx, o, lse, jnp.ones_like(o), jnp.isfinite(lse).astype(jnp.float32)
+
+  def bwd_fn(self, s, **cfg):
+    """The backward kernels alone (jitted), as sparse_mla's VJP runs them."""
+    opts = {k: v for k, v in cfg.items() if k != 'fwd'}
+    return self.cached(('bwd', s, opts), lambda: jax.jit(
+        lambda *a: sa_gpu.sparse_mla_backward(*a, s['V'], s['C'] ** -0.5, **opts)))
+
+  def profile(self):
+    """Where the backward's time goes: device time per kernel name and call (jax.profiler
+    trace of 3 calls) for the swept configuration at V3.2 T=4096."""
+    s, T = (SMOKE, 64) if self.smoke else (V3, 4096)
+    q, kv, idx = self.sparse_inputs(s, T)
+    f, args = self.bwd_fn(s, **self.sa_cfg), self.bwd_args(s, q, kv, idx, self.sa_cfg.get('fwd'))
+    jax.block_until_ready(f(*args))
+    n, d = 3, tempfile.mkdtemp()
+    with jax.profiler.trace(d):
+      for _ in range(n):
+        jax.block_until_ready(f(*args))
+    from jax.profiler import ProfileData
+    pd = ProfileData.from_file(glob.glob(os.path.join(d, '**', '*.xplane.pb'), recursive=True)[0])
+    per_line = {}
+    for plane in pd.planes:
+      if plane.name.startswith('/device:'):
+        for line in plane.lines:
+          acc = per_line.setdefault(f'{plane.name} {line.name}', {})
+          for ev in line.events:
+            acc[ev.name] = acc.get(ev.name, 0.0) + ev.duration_ns / n / 1e6
+    out = {ln: sorted(((round(ms, 3), k[:90]) for k, ms in ev.items()), reverse=True)[:12]
+           for ln, ev in per_line.items() if ev}
+    self.out['profile'] = dict(T=T, config=self.sa_cfg, ms_per_call=out)
+    for ln, evs in out.items():
+      print(f'profile {ln}: total {sum(m for m, _ in evs):.2f} ms/call (top 12 shown)')
+      for ms, name in evs:
+        print(f'  {ms:9.3f} ms  {name}')
+    self.save()
+
   def check(self):
-    """Parity on the device: sparse MLA values and grads, indexer top-k sets."""
+    """Parity on the device: sparse MLA values and grads (both dkv reductions), indexer top-k."""
     s = dict(SMOKE if self.smoke else dict(V3, B=1, K=256))
     T = 64 if self.smoke else 512
     q, kv, idx = self.sparse_inputs(s, T)
-    (kf, kb), (rf, rb) = self.sparse_fns(s, **self.sa_cfg)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    row = dict(section='check', name='sparse_mla', T=T, **s)
-    try:
-      got, want = kf(q, kv, idx), rf(f32(q), f32(kv), idx)
-      gg, gw = kb(q, kv, idx), rb(f32(q), f32(kv), idx)
-      rel = lambda a, b: float(jnp.max(jnp.abs(f32(a) - f32(b))) / jnp.max(jnp.abs(f32(b))))
-      fin = jnp.isfinite(want[1])
-      row.update(o_rel=rel(got[0], want[0]),
-                 lse_rel=rel(jnp.where(fin, got[1], 0), jnp.where(fin, want[1], 0)),
-                 dq_rel=rel(gg[0], gw[0]), dkv_rel=rel(gg[1], gw[1]))
-      row['ok'] = all(row[k] < 3e-2 for k in ('o_rel', 'lse_rel', 'dq_rel', 'dkv_rel'))
-    except Exception as e:  # noqa: BLE001
-      row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
-      traceback.print_exc(limit=2)
-    self.out['checks'].append(row)
-    print(json.dumps(row, default=_plain), flush=True)
+    for reduce in ('segment', 'atomic'):
+      (kf, kb), (rf, rb) = self.sparse_fns(s, reduce=reduce)
+      row = dict(section='check', name='sparse_mla', reduce=reduce, T=T, **s)
+      try:
+        got, want = kf(q, kv, idx), rf(f32(q), f32(kv), idx)
+        gg, gw = kb(q, kv, idx), rb(f32(q), f32(kv), idx)
+        rel = lambda a, b: float(jnp.max(jnp.abs(f32(a) - f32(b))) / jnp.max(jnp.abs(f32(b))))
+        fin = jnp.isfinite(want[1])
+        row.update(o_rel=rel(got[0], want[0]),
+                   lse_rel=rel(jnp.where(fin, got[1], 0), jnp.where(fin, want[1], 0)),
+                   dq_rel=rel(gg[0], gw[0]), dkv_rel=rel(gg[1], gw[1]))
+        row['ok'] = all(row[k] < 3e-2 for k in ('o_rel', 'lse_rel', 'dq_rel', 'dkv_rel'))
+      except Exception as e:  # noqa: BLE001
+        row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
+        traceback.print_exc(limit=2)
+      self.out['checks'].append(row)
+      print(json.dumps(row, default=_plain), flush=True)
+      self.save()
 
+    if not self.check_indexer:
+      return
     T = 64 if self.smoke else 1024
     qi, ki, wi = self.indexer_inputs(s, T)
     row = dict(section='check', name='indexer_topk', T=T, K=s['K'])
@@ -183,32 +254,45 @@ class Bench:
     print(json.dumps(row, default=_plain), flush=True)
 
   def sweep(self):
+    """Forward configurations timed on the forward, backward ones on the backward kernels alone
+    (they are separate kernels with separate Blocks); the fastest of each is kept."""
     s, T = (SMOKE, 64) if self.smoke else (V3, 4096)
     q, kv, idx = self.sparse_inputs(s, T)
     n_valid = int(jnp.sum(idx >= 0))
-    configs = [dict(block_h=16, block_k=16)] if self.smoke else [
-        dict(block_h=64, block_k=32, num_warps=8, num_stages=2),
-        dict(block_h=64, block_k=64, num_warps=8, num_stages=2),
-        dict(block_h=32, block_k=64, num_warps=4, num_stages=2),
-        dict(block_h=64, block_k=32, num_warps=4, num_stages=3),
-        dict(block_h=128, block_k=32, num_warps=8, num_stages=2),
-        dict(block_h=16, block_k=64, num_warps=4, num_stages=2)]
+    B = lambda h, k, w, st: dict(block_h=h, block_k=k, num_warps=w, num_stages=st)
+    fwd_cfgs = [B(16, 16, 4, 1)] if self.smoke else [B(64, 64, 8, 2), B(64, 32, 8, 3)]
+    bwd_cfgs = [dict(dkv=B(16, 16, 4, 1), dq=B(16, 16, 4, 1)),
+                dict(dkv=B(16, 16, 4, 1), dq=B(16, 16, 4, 1), reduce='atomic')] if self.smoke else [
+        dict(dkv=B(32, 64, 8, 2), dq=B(64, 64, 8, 2)),                  # the defaults
+        dict(dkv=B(64, 64, 8, 1), dq=B(64, 64, 8, 2)),
+        dict(dkv=B(16, 64, 8, 2), dq=B(64, 32, 8, 3)),
+        dict(dkv=B(32, 64, 8, 2), dq=B(64, 64, 8, 2), reduce='atomic')]
+    # Shared memory (Triton 3.6 for sm_90, of 227 KiB): dkv 148 / 224 / 110 KiB, dq 152 / 76 KiB.
+    fl_f = 2 * s['H'] * n_valid * (s['C'] + s['V'])
+    fl_b = 2 * s['H'] * n_valid * (3 * s['C'] + 2 * s['V'])
     best = {}
-    for cfg in configs:
-      (kf, kb), _ = self.sparse_fns(s, **cfg)
-      for part, fn, fl in (('fwd', kf, 2 * s['H'] * n_valid * (s['C'] + s['V'])),
-                           ('fwd+bwd', kb, 2 * s['H'] * n_valid * (4 * s['C'] + 3 * s['V']))):
-        row = self.record('sweep', f'sparse_mla_{part}', dict(T=T, **cfg),
-                          lambda: self.timeit(fn, q, kv, idx), flops=fl)
-        self.out['sweep'].append(row)
-        if 'ms' in row and row['ms'] < best.get(part, (1e30, None))[0]:
-          best[part] = (row['ms'], cfg)
-    # One config serves both passes (they share the custom_vjp); pick the fastest fwd+bwd.
-    if 'fwd+bwd' in best:
-      self.sa_cfg = best['fwd+bwd'][1]
+    for cfg in fwd_cfgs:
+      (kf, _), _ = self.sparse_fns(s, fwd=cfg)
+      row = self.record('sweep', 'sparse_mla_fwd', dict(T=T, fwd=cfg),
+                        lambda: self.timeit(kf, q, kv, idx), flops=fl_f)
+      self.out['sweep'].append(row)
+      if 'ms' in row and row['ms'] < best.get('fwd', (1e30, None))[0]:
+        best['fwd'] = (row['ms'], cfg)
+    args = self.bwd_args(s, q, kv, idx)
+    for cfg in bwd_cfgs:
+      row = self.record('sweep', 'sparse_mla_bwd', dict(T=T, **cfg),
+                        lambda: self.timeit(self.bwd_fn(s, **cfg), *args), flops=fl_b)
+      self.out['sweep'].append(row)
+      if 'ms' in row and row['ms'] < best.get('bwd', (1e30, None))[0]:
+        best['bwd'] = (row['ms'], cfg)
+    del args
+    if 'fwd' in best:
+      self.sa_cfg['fwd'] = best['fwd'][1]
+    if 'bwd' in best:
+      self.sa_cfg.update(best['bwd'][1])
     self.out['sparse_config'] = self.sa_cfg
 
-  def sparse(self, seqs):
+  def sparse(self, seqs, ref_max_t):
     cases = [('v3.2', SMOKE, 64)] if self.smoke else (
         [('bench', BENCH, 4096)] + [('v3.2', V3, t) for t in seqs])
     for label, s, T in cases:
@@ -217,24 +301,30 @@ class Bench:
       fl_f = 2 * s['H'] * n_valid * (s['C'] + s['V'])
       fl_b = 2 * s['H'] * n_valid * (3 * s['C'] + 2 * s['V'])
       shape = dict(shapes=label, T=T, B=s['B'], H=s['H'], K=s['K'])
-      (kf, kb), (rf, rb) = self.sparse_fns(s, **self.sa_cfg)
-      runs = [('pallas', kf, kb)]
-      if self.smoke or T <= 8192:
-        runs.append(('xla_reference', rf, rb))
-      for impl, f, b in runs:
-        fw = self.record('sparse', 'sparse_mla_fwd', dict(shape, impl=impl),
-                         lambda: self.timeit(f, q, kv, idx), flops=fl_f)
-        both = self.record('sparse', 'sparse_mla_fwd+bwd', dict(shape, impl=impl),
-                           lambda: self.timeit(b, q, kv, idx), flops=fl_f + fl_b)
+      cfg = self.sa_cfg if label == 'v3.2' else {}   # swept at V3.2; defaults elsewhere
+      (kf, kb), (rf, rb) = self.sparse_fns(s, **cfg)
+      self.record('sparse', 'sparse_mla_fwd', dict(shape, impl='pallas', config=cfg),
+                  lambda: self.timeit(kf, q, kv, idx), flops=fl_f)
+      self.record('sparse', 'sparse_mla_bwd', dict(shape, impl='pallas', note='kernels alone'),
+                  lambda: self.timeit(self.bwd_fn(s, **cfg),
+                                      *self.bwd_args(s, q, kv, idx, cfg.get('fwd'))), flops=fl_b)
+      self.record('sparse', 'sparse_mla_fwd+bwd', dict(shape, impl='pallas'),
+                  lambda: self.timeit(kb, q, kv, idx), flops=fl_f + fl_b)
+      if self.smoke or T <= ref_max_t:
+        fw = self.record('sparse', 'sparse_mla_fwd', dict(shape, impl='xla_reference'),
+                         lambda: self.timeit(rf, q, kv, idx), flops=fl_f)
+        both = self.record('sparse', 'sparse_mla_fwd+bwd', dict(shape, impl='xla_reference'),
+                           lambda: self.timeit(rb, q, kv, idx), flops=fl_f + fl_b)
         if 'ms' in fw and 'ms' in both:
           bw_ms = both['ms'] - fw['ms']
-          row = dict(section='sparse', name='sparse_mla_bwd', impl=impl, **shape,
+          row = dict(section='sparse', name='sparse_mla_bwd', impl='xla_reference', **shape,
                      ms=round(bw_ms, 4), tflops=round(fl_b / bw_ms / 1e9, 2),
                      note='fwd+bwd minus fwd')
           if self.out['dense_matmul_tflops']:
             row['frac_dense'] = round(row['tflops'] / self.out['dense_matmul_tflops'], 4)
           self.out['results'].append(row)
           print(json.dumps(row, default=_plain), flush=True)
+          self.save()
       del q, kv, idx
 
   def indexer(self, seqs):
@@ -266,7 +356,8 @@ class Bench:
       q, kv, idx = self.sparse_inputs(s, T)
       qi, ki, wi = self.indexer_inputs(s, T)
       scale = s['C'] ** -0.5
-      _, lse = jax.jit(lambda *a: sa_gpu.sparse_mla(*a, s['V'], scale, **self.sa_cfg))(q, kv, idx)
+      fwd_cfg = self.sa_cfg.get('fwd', {}) if label == 'v3.2' else {}
+      _, lse = jax.jit(lambda *a: sa_gpu.sparse_mla(*a, s['V'], scale, fwd=fwd_cfg))(q, kv, idx)
       n_valid = int(jnp.sum(idx >= 0))
       shape = dict(shapes=label, T=T, B=s['B'], H=s['H'], HI=s['HI'], K=s['K'])
       gather = lambda x, i: jax.vmap(lambda x, i: x[jnp.maximum(i, 0)])(x, i)
@@ -281,7 +372,7 @@ class Bench:
         return jnp.einsum('bthk,bth->btk', jax.nn.relu(d), wi)
       student_k = lambda *a: ix_gpu.indexer_scores_at(*a)
       for impl, pf, sf in (('pallas', lambda *a: sa_gpu.attention_probs_mean(
-          *a, s['V'], scale, **{k: v for k, v in self.sa_cfg.items() if k != 'num_stages'}),
+          *a, s['V'], scale, **{k: v for k, v in fwd_cfg.items() if k != 'num_stages'}),
                             student_k), ('xla_reference', probs_ref, student_ref)):
         pj = jax.jit(pf)
         self.record('kl', 'teacher_probs_mean', dict(shape, impl=impl),
@@ -361,27 +452,31 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--out', default=os.path.join(os.environ.get('OUT', '.'), 'bench_kernels.json'))
   ap.add_argument('--smoke', action='store_true', help='tiny shapes (CPU interpret mode)')
-  ap.add_argument('--sections', default='matmul,check,sweep,sparse,indexer,kl,dense')
+  ap.add_argument('--sections', default='matmul,check,sweep,profile,sparse,indexer,kl,dense')
   ap.add_argument('--seqs', default='4096,8192,16384,32768', help='V3.2-shape sequence lengths')
+  ap.add_argument('--checks', default='sparse,indexer', help='check section: which kernels')
+  ap.add_argument('--ref-max-t', type=int, default=4096,
+                  help='longest T at which the sparse section also times the XLA reference')
   args = ap.parse_args()
   seqs = [64] if args.smoke else [int(t) for t in args.seqs.split(',')]
-  b = Bench(args.smoke)
+  b = Bench(args.smoke, args.out, 'indexer' in args.checks.split(','))
   sections = args.sections.split(',')
   t0 = time.time()
-  for name in ('matmul', 'check', 'sweep', 'sparse', 'indexer', 'kl', 'dense'):
+  for name in ('matmul', 'check', 'sweep', 'profile', 'sparse', 'indexer', 'kl', 'dense'):
     if name not in sections:
       continue
     print(f'== {name} ({time.time() - t0:.0f}s)', flush=True)
     try:
       fn = getattr(b, name)
-      fn(seqs) if name in ('sparse', 'indexer', 'kl', 'dense') else fn()
+      if name == 'sparse':
+        fn(seqs, args.ref_max_t)
+      else:
+        fn(seqs) if name in ('indexer', 'kl', 'dense') else fn()
     except Exception as e:  # noqa: BLE001
       b.out.setdefault('section_errors', {})[name] = f'{type(e).__name__}: {str(e)[:400]}'
       traceback.print_exc()
     b.out['elapsed_s'] = round(time.time() - t0, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(b.out, f, indent=1, default=_plain)
+    b.save()
   print(f'wrote {args.out} ({time.time() - t0:.0f}s)')
   for r in b.out['results']:
     if 'tflops' in r or 'error' in r:

@@ -1,13 +1,15 @@
 """Sparse MLA Pallas kernels vs the jnp reference, in Pallas interpret mode on CPU.
 
-GPU-flavoured (Triton) kernels run under interpret=True, the TPU (Mosaic) kernels under
-pltpu.InterpretParams at tiny shapes (TPU interpret costs ~12 ms per grid step and ~2.6 ms per
-DMA). Each case checks o, lse and the gradients of q and kv for random cotangents of o and lse, in
-one compile (XLA CPU backend at -O0 to keep compile time down).
+GPU-flavoured (Triton) kernels run under interpret=True (forward; backward dkv, dq and
+segment-sum kernels, or the atomic dkv variant; one or several token chunks), the TPU (Mosaic)
+kernels under pltpu.InterpretParams at tiny shapes (TPU interpret costs ~12 ms per grid step and
+~2.6 ms per DMA). Each case checks o, lse and the gradients of q and kv for random cotangents of
+o and lse, in one compile (XLA CPU backend at -O0 to keep compile time down).
 
 Tolerances: fp32 inputs, max |kernel - reference| <= 2e-5 x max|reference| (summation order only);
 bf16 inputs, <= 3e-2 x max|reference| against the reference run on the same bf16 values in fp32
-(the kernels round p and ds to bf16 before their matmuls, as the reference rounds p).
+(the kernels round p and ds to bf16 before their matmuls, as the reference rounds p, and the
+GPU backward rounds each slot's head-summed dE row to bf16 before the fp32 segment sum).
 """
 import numpy as np
 import pytest
@@ -65,22 +67,26 @@ def _check(got, want, rel):
     assert err <= rel * np.max(np.abs(b[fin])), (name, err)
 
 
-# B, T, S, H, C, V, K, block_h, block_k: K above the allowed count for early rows and not a
-# multiple of block_k; H below / above block_h (two head blocks share dkv rows); V and C - V
-# both powers of two (V3 style), or not (padded split); S > T (keys before the first query).
+# B, T, S, H, C, V, K, block_h, block_k, options: K above the allowed count for early rows and
+# not a multiple of block_k; H below / above block_h (two head blocks share dkv rows); V and C - V
+# both powers of two (V3 style), or not (padded split); S > T (keys before the first query); dkv
+# summed by the sorted segment kernel or by atomics; the backward in one or several token chunks
+# (T not a multiple of the chunk).
 GPU_CASES = [
-    (2, 7, 7, 4, 40, 32, 16, 16, 16),
-    (1, 5, 9, 3, 48, 24, 20, 16, 16),
-    (1, 4, 6, 32, 64, 32, 8, 16, 16),
+    (2, 7, 7, 4, 40, 32, 16, 16, 16, {}),
+    (1, 5, 9, 3, 48, 24, 20, 16, 16, dict(reduce='atomic', token_chunk=2)),
+    (1, 4, 6, 32, 64, 32, 8, 16, 16, dict(token_chunk=3)),
 ]
 
 
 @pytest.mark.parametrize('case', GPU_CASES)
 def test_gpu_kernel_matches_reference_fp32(case):
-  B, T, S, H, C, V, K, bh, bk = case
-  q, kv, idx = _inputs(B, T, S, H, C, K, jnp.float32, seed=sum(case))
+  B, T, S, H, C, V, K, bh, bk, opts = case
+  q, kv, idx = _inputs(B, T, S, H, C, K, jnp.float32, seed=sum(case[:9]))
   scale = C ** -0.5
-  got = _run(gpu.sparse_mla, q, kv, idx, V, scale, 0, block_h=bh, block_k=bk, interpret=True)
+  blocks = gpu.Blocks(block_h=bh, block_k=bk)
+  got = _run(gpu.sparse_mla, q, kv, idx, V, scale, 0, fwd=blocks, dkv=blocks, dq=blocks,
+             interpret=True, **opts)
   want = _run(reference.sparse_mla, q, kv, idx, V, scale, 0)
   _check(got, want, 2e-5)
 
@@ -126,7 +132,9 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match='config.kernels.impl'):
     sparse_mla(q, kv, idx, 4, 1.0, impl='triton')
   with pytest.raises(ValueError, match='block_h=24'):
-    gpu.sparse_mla(q, kv, idx, 4, 1.0, block_h=24)
+    gpu.sparse_mla(q, kv, idx, 4, 1.0, dq=gpu.Blocks(block_h=24))
+  with pytest.raises(ValueError, match="reduce='scatter'"):
+    gpu.sparse_mla(q, kv, idx, 4, 1.0, reduce='scatter')
   with pytest.raises(ValueError, match='block_k=64 must be a multiple of 128'):
     tpu.sparse_mla(q, kv, jnp.zeros((1, 2, 200), jnp.int32), 4, 1.0, block_k=64, interpret=False)
 

@@ -3,12 +3,28 @@
 Dims: B batch, T query positions, S key positions, H heads, C entry width (V + R), V value width
 (the latent c_kv), R rope width, K selected keys per token.
 
-One program owns one query token and a block of its heads (the heads form the matmul M dim, MQA
-style), loops over the token's K indices in chunks, gathers those entry rows straight from the
-[S, C] table (`kv_ref[rows, :]`), and keeps an online softmax. -1 slots are masked, and chunks
-with no valid slot are skipped. Backward recomputes the probabilities from the saved lse, writes
-dq per program and scatter-adds dkv rows with fp32 atomics (several programs share a row); the
-indices of one token must be distinct (top-k output) for the interpret-mode emulation of atomics.
+Forward: one program owns one query token and a block of its heads (the heads form the matmul M
+dim, MQA style), loops over the token's K indices in chunks, gathers those entry rows straight
+from the [S, C] table (`kv_ref[rows, :]`) and keeps an online softmax. -1 slots are masked; the
+loop stops after the token's last valid chunk and has no conditionals, so Triton pipelines the
+row gathers.
+
+Backward, three kernels per chunk of tokens (p recomputed from the saved lse):
+  dkv kernel  one program per (token, block of K slots, skipped when all are -1): gathers the
+              slots' rows once, loops over head blocks, computes p and ds = scale·p·(dp - delta)
+              for every head, writes ds ([B,T,H,K], the dq kernel's input) and dE = Σ_h ds·q_h +
+              p·do_h, the slots' entry gradients summed over all heads in registers (as dE^T, so
+              that both accumulating dots take shared-memory operands and share one layout:
+              accumulating two register-operand dots into one tile made Triton shuttle the
+              accumulator between layouts and spill);
+  dq kernel   one program per (token, head block): dq = Σ_k ds·e_k, a plain gathered matmul;
+  reduction   dkv[s] = Σ_{(t,k): idx=s} dE[t,k]. 'segment' (default): dE goes to HBM in the
+              entry dtype, the slots are sorted by index (XLA sort) and a kernel sums each row's
+              segment in fp32, no atomics; 'atomic': the dkv kernel adds dE into an fp32 table
+              with one atomic per (slot, column) (all heads already summed).
+Per token the reduction moves K·C values, whatever H; tokens are processed in chunks so the ds
+and dE buffers stay within `_BWD_BYTES`. The indices of one token must be distinct (top-k
+output) for the interpret-mode emulation of atomics.
 
 Triton needs power-of-two tiles: the V and R parts are loaded separately (512 + 64 for V3), each
 padded to a power of two when needed, and heads / K are padded up to their block sizes.
@@ -28,16 +44,53 @@ from v4jax.kernels.pallas_common import NEG_INF, gpu_interpret, next_pow2, pad_a
 
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
 _TN = (((0,), (0,)), ((), ()))   # a [C,M] . b [C,N] -> [M,N]
+_BWD_BYTES = 4 << 30             # ds + dE bytes per backward token chunk
+_SEG_ROWS, _SEG_WARPS = 32, 8    # segment-sum kernel: dE rows per step, warps
+REDUCES = ('segment', 'atomic')
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """One kernel's tiling: block_h heads and block_k K slots per matmul tile (powers of two >=
+  16, capped at the padded H and K), Triton warps and pipeline stages. None takes the kernel's
+  default (sized for the H200's 227 KiB of shared memory at V3.2 shapes)."""
+  block_h: int | None = None
+  block_k: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+
+# (block_h cap, block_k cap, warps, stages) per kernel: the fastest measured on the H200 at V3.2
+# shapes (tools/bench_kernels.py sweep; docs/benchmarks.md). dkv with 64-head blocks needs one
+# stage to fit shared memory and then spills; 32 heads x 2 stages fits in 148 KiB.
+_DEFAULTS = {'fwd': (64, 64, 8, 2), 'dkv': (32, 64, 8, 2), 'dq': (64, 64, 8, 2)}
+
+
+def _blocks(kind: str, b, H: int, K: int) -> Blocks:
+  """Blocks (or a dict of its fields, or None) -> all fields set and checked."""
+  b = Blocks(**b) if isinstance(b, dict) else (b or Blocks())
+  hcap, kcap, warps, stages = _DEFAULTS[kind]
+  for name, v in (('block_h', b.block_h), ('block_k', b.block_k)):
+    if v is not None and (v < 16 or v != next_pow2(v)):
+      raise ValueError(f'sparse_mla gpu {kind}: {name}={v} must be a power of two >= 16')
+  # Blocks never exceed the (power-of-two) extent they tile.
+  bh = min(b.block_h or hcap, max(16, next_pow2(H)))
+  bk = min(b.block_k or kcap, max(16, next_pow2(K)))
+  rows = bk if kind == 'dkv' else bh           # rows of the kernel's [rows, C] fp32 accumulator
+  if b.num_warps is None and rows < 64:
+    warps = 4
+  return Blocks(bh, bk, b.num_warps or warps, b.num_stages or stages)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
   v_dim: int
   scale: float
-  block_h: int
-  block_k: int
-  num_warps: int | None
-  num_stages: int | None
+  fwd: Blocks
+  dkv: Blocks
+  dq: Blocks
+  reduce: str
+  token_chunk: int | None
   interpret: bool
 
 
@@ -57,26 +110,22 @@ def _split_pad(x, v, vp, rp):
   return jnp.concatenate(parts, axis=-1)
 
 
-def _widths(cfg, c):
-  v = cfg.v_dim
-  r = c - v
-  return next_pow2(v), (next_pow2(r) if r else 0)
+def _widths(v, c):
+  return next_pow2(v), (next_pow2(c - v) if c > v else 0)
 
 
-def _prep(q, kv, idx, cfg):
+def _prep(q, kv, idx, v_dim, bh, bk):
   """Pads q [B,T,H,C], kv [B,S,C], idx [B,T,K] to kernel-friendly shapes."""
-  vp, rp = _widths(cfg, q.shape[-1])
-  hp = round_up(q.shape[2], cfg.block_h)
-  kp = round_up(idx.shape[2], cfg.block_k)
-  qp = pad_axis(_split_pad(q, cfg.v_dim, vp, rp), 2, hp)
-  kvp = _split_pad(kv, cfg.v_dim, vp, rp)
-  idxp = pad_axis(idx.astype(jnp.int32), 2, kp, value=-1)
+  vp, rp = _widths(v_dim, q.shape[-1])
+  qp = pad_axis(_split_pad(q, v_dim, vp, rp), 2, round_up(q.shape[2], bh))
+  kvp = _split_pad(kv, v_dim, vp, rp)
+  idxp = pad_axis(idx.astype(jnp.int32), 2, round_up(idx.shape[2], bk), value=-1)
   return qp, kvp, idxp, vp, rp
 
 
-def _params(cfg):
+def _params(b: Blocks):
   # Always Triton params: without them a GPU pallas_call may pick the Mosaic GPU backend.
-  return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  return pltriton.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages)
 
 
 def _scores(qn, qr, kv_ref, rows, vp, rp, scale):
@@ -89,90 +138,49 @@ def _scores(qn, qr, kv_ref, rows, vp, rp, scale):
   return s * scale, en, er
 
 
-def _fwd_kernel(q_ref, idx_ref, kv_ref, o_ref, lse_ref, *, scale, vp, rp, bk, nk):
+# ------------------------------------------------------------------------------------- forward
+def _n_chunks(idx_ref, bk):
+  """Chunks of bk slots up to the token's last valid slot: later chunks are all -1."""
+  ids = idx_ref[...]
+  last = jnp.max(jnp.where(ids >= 0, jnp.arange(ids.shape[0], dtype=jnp.int32), -1))
+  return (last + bk) // bk
+
+
+def _fwd_kernel(q_ref, idx_ref, kv_ref, o_ref, lse_ref, *, scale, vp, rp, bk):
   qn = q_ref[:, pl.ds(0, vp)]
   qr = q_ref[:, pl.ds(vp, rp)] if rp else None
   bh = qn.shape[0]
 
+  # A loop without conditionals (-1 slots masked) so that Triton pipelines the row gathers.
   def chunk(j, carry):
     m, l, acc = carry
     ids = idx_ref[pl.ds(j * bk, bk)]
-
-    def update(carry):
-      m, l, acc = carry
-      valid = ids >= 0
-      s, en, _ = _scores(qn, qr, kv_ref, jnp.maximum(ids, 0), vp, rp, scale)
-      s = jnp.where(valid[None, :], s, NEG_INF)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-      p = jnp.exp(s - m_safe[:, None])
-      alpha = jnp.exp(m - m_safe)
-      l = alpha * l + jnp.sum(p, axis=1)
-      acc = alpha[:, None] * acc + _dot(p.astype(en.dtype), en)
-      return m_new, l, acc
-
-    return jax.lax.cond(jnp.max(ids) >= 0, update, lambda c: c, carry)
+    valid = ids >= 0
+    s, en, _ = _scores(qn, qr, kv_ref, jnp.maximum(ids, 0), vp, rp, scale)
+    s = jnp.where(valid[None, :], s, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    p = jnp.exp(s - m_safe[:, None])
+    alpha = jnp.exp(m - m_safe)
+    l = alpha * l + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + _dot(p.astype(en.dtype), en)
+    return m_new, l, acc
 
   init = (jnp.full((bh,), NEG_INF, jnp.float32), jnp.zeros((bh,), jnp.float32),
           jnp.zeros((bh, vp), jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, nk, chunk, init)
+  m, l, acc = jax.lax.fori_loop(0, _n_chunks(idx_ref, bk), chunk, init)
   ok = l > 0
   o_ref[...] = (acc / jnp.where(ok, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
 
 
-def _bwd_kernel(q_ref, do_ref, lse_ref, dl_ref, idx_ref, kv_ref, _, dq_ref, dkv_ref, *,
-                scale, vp, rp, bk, nk, masked_atomics, trash_row):
-  qn = q_ref[:, pl.ds(0, vp)]
-  qr = q_ref[:, pl.ds(vp, rp)] if rp else None
-  do = do_ref[...]
-  lse = lse_ref[...]
-  dl = dl_ref[...]
-  bh = qn.shape[0]
-  cols_n = jnp.arange(vp, dtype=jnp.int32)
-  cols_r = vp + jnp.arange(rp, dtype=jnp.int32)
-
-  def chunk(j, carry):
-    ids = idx_ref[pl.ds(j * bk, bk)]
-
-    def update(carry):
-      dqn, dqr = carry
-      valid = ids >= 0
-      rows = jnp.maximum(ids, 0)
-      s, en, er = _scores(qn, qr, kv_ref, rows, vp, rp, scale)
-      # -1 slots add into a spare row S (masked out too where atomics take masks).
-      dst = jnp.where(valid, ids, trash_row)[:, None]
-      p = jnp.where(valid[None, :], jnp.exp(s - lse[:, None]), 0.0)
-      ds = p * (_dot(do, en, _NT) - dl[:, None])            # dL/d(logit), [bh, bk]
-      ds_c = ds.astype(qn.dtype)
-      dqn = dqn + _dot(ds_c, en)
-      de_n = scale * _dot(ds_c, qn, _TN) + _dot(p.astype(do.dtype), do, _TN)   # [bk, vp]
-      mask = valid[:, None] if masked_atomics else None
-      pltriton.atomic_add(dkv_ref, (dst, cols_n[None, :]), de_n,
-                          mask=None if mask is None else jnp.broadcast_to(mask, de_n.shape))
-      if rp:
-        dqr = dqr + _dot(ds_c, er)
-        de_r = scale * _dot(ds_c, qr, _TN)
-        pltriton.atomic_add(dkv_ref, (dst, cols_r[None, :]), de_r,
-                            mask=None if mask is None else jnp.broadcast_to(mask, de_r.shape))
-      return dqn, dqr
-
-    return jax.lax.cond(jnp.max(ids) >= 0, update, lambda c: c, carry)
-
-  init = (jnp.zeros((bh, vp), jnp.float32), jnp.zeros((bh, max(rp, 1)), jnp.float32))
-  dqn, dqr = jax.lax.fori_loop(0, nk, chunk, init)
-  dq_ref[:, pl.ds(0, vp)] = (scale * dqn).astype(dq_ref.dtype)
-  if rp:
-    dq_ref[:, pl.ds(vp, rp)] = (scale * dqr).astype(dq_ref.dtype)
-
-
 def _forward(q, kv, idx, cfg):
   B, T, H, C = q.shape
   S = kv.shape[1]
-  qp, kvp, idxp, vp, rp = _prep(q, kv, idx, cfg)
+  bh, bk = cfg.fwd.block_h, cfg.fwd.block_k
+  qp, kvp, idxp, vp, rp = _prep(q, kv, idx, cfg.v_dim, bh, bk)
   hp, kp, cp = qp.shape[2], idxp.shape[2], vp + rp
-  bh, bk = cfg.block_h, cfg.block_k
-  kernel = functools.partial(_fwd_kernel, scale=cfg.scale, vp=vp, rp=rp, bk=bk, nk=kp // bk)
+  kernel = functools.partial(_fwd_kernel, scale=cfg.scale, vp=vp, rp=rp, bk=bk)
   o, lse = pl.pallas_call(
       kernel,
       grid=(B * T, hp // bh),
@@ -183,45 +191,220 @@ def _forward(q, kv, idx, cfg):
                  pl.BlockSpec((None, None, bh), lambda i, h: (i // T, i % T, h))],
       out_shape=[jax.ShapeDtypeStruct((B, T, hp, vp), q.dtype),
                  jax.ShapeDtypeStruct((B, T, hp), jnp.float32)],
-      compiler_params=_params(cfg), interpret=cfg.interpret, name='sparse_mla_fwd',
+      compiler_params=_params(cfg.fwd), interpret=cfg.interpret, name='sparse_mla_fwd',
   )(qp, idxp, kvp)
   return o[:, :, :H, :cfg.v_dim], lse[:, :, :H]
+
+
+# ------------------------------------------------------------------------------------ backward
+def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, idx_ref, kv_ref, *refs, scale, vp, rp, bh, nh,
+                reduce, masked_atomics, trash_row):
+  """One (token, block of K slots): ds for all heads -> ds_ref, and the slots' dE rows."""
+  if reduce == 'atomic':
+    _, dkv_ref, ds_ref = refs        # dkv in (aliased), dkv out, ds out
+  else:
+    ds_ref, de_ref = refs
+  ids = idx_ref[...]
+  valid = ids >= 0
+
+  @pl.when(jnp.max(ids) >= 0)
+  def _():
+    rows = jnp.maximum(ids, 0)
+    en = kv_ref[rows, pl.ds(0, vp)]                               # [bk, vp]
+    er = kv_ref[rows, pl.ds(vp, rp)] if rp else None
+
+    # Heads are the matmul M dim of the logits (as in the forward) and the contraction dim of
+    # dE^T = q^T·ds + do^T·p, so every accumulating dot has its operands in shared memory and
+    # all of them share one register layout.
+    def head_block(hb, carry):
+      acc_n, acc_r = carry                                        # dE^T: [vp, bk], [rp, bk]
+      heads = pl.ds(pl.multiple_of(hb * bh, bh), bh)
+      qn = q_ref[heads, pl.ds(0, vp)]
+      do = do_ref[heads, :]
+      s = _dot(qn, en, _NT)                                       # logits [bh, bk]
+      if rp:
+        qr = q_ref[heads, pl.ds(vp, rp)]
+        s = s + _dot(qr, er, _NT)
+      p = jnp.where(valid[None, :], jnp.exp(s * scale - lse_ref[heads][:, None]), 0.0)
+      ds = (scale * p) * (_dot(do, en, _NT) - dl_ref[heads][:, None])
+      ds_c = ds.astype(ds_ref.dtype)
+      ds_ref[heads, :] = ds_c
+      acc_n = acc_n + _dot(qn, ds_c.astype(qn.dtype), _TN)
+      acc_n = acc_n + _dot(do, p.astype(do.dtype), _TN)
+      if rp:
+        acc_r = acc_r + _dot(qr, ds_c.astype(qr.dtype), _TN)
+      return acc_n, acc_r
+
+    bk = ids.shape[0]
+    init = (jnp.zeros((vp, bk), jnp.float32), jnp.zeros((max(rp, 1), bk), jnp.float32))
+    acc_n, acc_r = jax.lax.fori_loop(0, nh, head_block, init)
+    acc_n, acc_r = acc_n.T, acc_r.T
+    if reduce == 'atomic':
+      # -1 slots add into a spare row S (masked out too where atomics take masks).
+      dst_rows = jnp.where(valid, ids, trash_row)[:, None]
+      for cols, acc in ((pl.ds(0, vp), acc_n), (pl.ds(vp, rp), acc_r))[:2 if rp else 1]:
+        col_ids = cols.start + jnp.arange(cols.size, dtype=jnp.int32)
+        mask = jnp.broadcast_to(valid[:, None], acc.shape) if masked_atomics else None
+        pltriton.atomic_add(dkv_ref, (dst_rows, col_ids[None, :]), acc, mask=mask)
+    else:
+      de_ref[:, pl.ds(0, vp)] = acc_n.astype(de_ref.dtype)
+      if rp:
+        de_ref[:, pl.ds(vp, rp)] = acc_r.astype(de_ref.dtype)
+
+
+def _dq_kernel(idx_ref, ds_ref, kv_ref, dq_ref, *, vp, rp, bk):
+  """One (token, head block): dq = Σ_k ds[k]·e_k over the gathered rows."""
+  bh = ds_ref.shape[0]
+
+  def chunk(j, carry):
+    dqn, dqr = carry
+    ids = idx_ref[pl.ds(j * bk, bk)]
+    rows = jnp.maximum(ids, 0)
+    ds = ds_ref[:, pl.ds(j * bk, bk)]
+    ds = jnp.where((ids >= 0)[None, :], ds, jnp.zeros_like(ds))   # [bh, bk]
+    en = kv_ref[rows, pl.ds(0, vp)]
+    dqn = dqn + _dot(ds.astype(en.dtype), en)
+    if rp:
+      er = kv_ref[rows, pl.ds(vp, rp)]
+      dqr = dqr + _dot(ds.astype(er.dtype), er)
+    return dqn, dqr
+
+  init = (jnp.zeros((bh, vp), jnp.float32), jnp.zeros((bh, max(rp, 1)), jnp.float32))
+  dqn, dqr = jax.lax.fori_loop(0, _n_chunks(idx_ref, bk), chunk, init)
+  dq_ref[:, pl.ds(0, vp)] = dqn.astype(dq_ref.dtype)
+  if rp:
+    dq_ref[:, pl.ds(vp, rp)] = dqr.astype(dq_ref.dtype)
+
+
+def _segment_kernel(start_ref, count_ref, order_ref, de_ref, out_ref, *, vp, rp, r):
+  """One dkv row: the fp32 sum of its segment of dE rows (sorted slot order), r rows a step."""
+  i = pl.program_id(0)
+  start, n = start_ref[i], count_ref[i]
+
+  def step(j, carry):
+    acc_n, acc_r = carry
+    lane = j * r + jnp.arange(r, dtype=jnp.int32)
+    valid = (lane < n)[:, None]
+    rows = jnp.where(lane < n, order_ref[pl.ds(start + j * r, r)], 0)
+    acc_n = acc_n + jnp.where(valid, de_ref[rows, pl.ds(0, vp)].astype(jnp.float32), 0.0)
+    if rp:
+      acc_r = acc_r + jnp.where(valid, de_ref[rows, pl.ds(vp, rp)].astype(jnp.float32), 0.0)
+    return acc_n, acc_r
+
+  init = (jnp.zeros((r, vp), jnp.float32), jnp.zeros((r, max(rp, 1)), jnp.float32))
+  acc_n, acc_r = jax.lax.fori_loop(0, (n + r - 1) // r, step, init)
+  out_ref[pl.ds(0, vp)] = jnp.sum(acc_n, axis=0)
+  if rp:
+    out_ref[pl.ds(vp, rp)] = jnp.sum(acc_r, axis=0)
+
+
+def _segment_sum(de, idx, S, vp, rp, interpret):
+  """dE [B,Tc,kp,cp], idx [B,Tc,kp] -> fp32 [B,S,cp]: Σ of the dE rows whose slot holds s."""
+  B, Tc, kp, cp = de.shape
+  n, r = B * Tc * kp, _SEG_ROWS
+  key = jnp.arange(B, dtype=jnp.int32)[:, None, None] * (S + 1) + jnp.where(idx >= 0, idx, S)
+  skey, order = jax.lax.sort_key_val(key.reshape(n), jnp.arange(n, dtype=jnp.int32))
+  edges = jnp.searchsorted(skey, jnp.arange(B * (S + 1) + 1, dtype=jnp.int32)).astype(jnp.int32)
+  keep = lambda x: x.reshape(B, S + 1)[:, :S].reshape(B * S)       # drop the -1 (row S) bins
+  start, count = keep(edges[:-1]), keep(edges[1:] - edges[:-1])
+  order = jnp.pad(order, (0, r))
+  full = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+  out = pl.pallas_call(
+      functools.partial(_segment_kernel, vp=vp, rp=rp, r=r),
+      grid=(B * S,),
+      in_specs=[full(B * S), full(B * S), full(n + r), full(n, cp)],
+      out_specs=pl.BlockSpec((None, cp), lambda i: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((B * S, cp), jnp.float32),
+      compiler_params=pltriton.CompilerParams(num_warps=_SEG_WARPS, num_stages=2),
+      interpret=interpret, name='sparse_mla_dkv_segment_sum',
+  )(start, count, order, de.reshape(n, cp))
+  return out.reshape(B, S, cp)
+
+
+def _backward_chunk(dkv, q, do, lse, dl, idx, kv, cfg, vp, rp):
+  """One chunk of Tc tokens (padded operands): (dkv + this chunk's dkv, dq [B,Tc,hp,cp])."""
+  B, Tc, hp, cp = q.shape
+  S, kp = kv.shape[1], idx.shape[2]
+  a, d = cfg.dkv, cfg.dq
+  whole = lambda i, j: (i // Tc, 0, 0)
+  atomic = cfg.reduce == 'atomic'
+  dkv_kernel = functools.partial(
+      _dkv_kernel, scale=cfg.scale, vp=vp, rp=rp, bh=a.block_h, nh=hp // a.block_h,
+      reduce=cfg.reduce, masked_atomics=not cfg.interpret, trash_row=S)
+  in_specs = [pl.BlockSpec((None, None, hp, cp), lambda i, j: (i // Tc, i % Tc, 0, 0)),
+              pl.BlockSpec((None, None, hp, vp), lambda i, j: (i // Tc, i % Tc, 0, 0)),
+              pl.BlockSpec((None, None, hp), lambda i, j: (i // Tc, i % Tc, 0)),
+              pl.BlockSpec((None, None, hp), lambda i, j: (i // Tc, i % Tc, 0)),
+              pl.BlockSpec((None, None, a.block_k), lambda i, j: (i // Tc, i % Tc, j)),
+              pl.BlockSpec((None, S, cp), whole)]
+  ds_spec = pl.BlockSpec((None, None, hp, a.block_k), lambda i, j: (i // Tc, i % Tc, 0, j))
+  ds_shape = jax.ShapeDtypeStruct((B, Tc, hp, kp), q.dtype)
+  args = [q, do, lse, dl, idx, kv]
+  if atomic:
+    in_specs.append(pl.BlockSpec((None, S + 1, cp), whole))
+    out_specs = [pl.BlockSpec((None, S + 1, cp), whole), ds_spec]
+    out_shape = [jax.ShapeDtypeStruct(dkv.shape, jnp.float32), ds_shape]
+    args.append(dkv)
+  else:
+    out_specs = [ds_spec, pl.BlockSpec((None, None, a.block_k, cp),
+                                       lambda i, j: (i // Tc, i % Tc, j, 0))]
+    out_shape = [ds_shape, jax.ShapeDtypeStruct((B, Tc, kp, cp), kv.dtype)]
+  outs = pl.pallas_call(
+      dkv_kernel, grid=(B * Tc, kp // a.block_k), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, input_output_aliases={6: 0} if atomic else {},
+      compiler_params=_params(a), interpret=cfg.interpret, name='sparse_mla_bwd_dkv',
+  )(*args)
+  if atomic:
+    dkv, ds = outs
+  else:
+    ds, de = outs
+    dkv = dkv + _segment_sum(de, idx, S, vp, rp, cfg.interpret)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, vp=vp, rp=rp, bk=d.block_k),
+      grid=(B * Tc, hp // d.block_h),
+      in_specs=[pl.BlockSpec((None, None, kp), lambda i, h: (i // Tc, i % Tc, 0)),
+                pl.BlockSpec((None, None, d.block_h, kp), lambda i, h: (i // Tc, i % Tc, h, 0)),
+                pl.BlockSpec((None, S, cp), lambda i, h: (i // Tc, 0, 0))],
+      out_specs=pl.BlockSpec((None, None, d.block_h, cp), lambda i, h: (i // Tc, i % Tc, h, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, Tc, hp, cp), q.dtype),
+      compiler_params=_params(d), interpret=cfg.interpret, name='sparse_mla_bwd_dq',
+  )(idx, ds, kv)
+  return dkv, dq
+
+
+def _token_chunk(cfg, B, T, kp, hp, cp, item):
+  per_token = B * kp * item * (hp + (cp if cfg.reduce == 'segment' else 0))
+  tc = cfg.token_chunk or max(1, _BWD_BYTES // per_token)
+  n = -(-T // min(tc, T))
+  return -(-T // n), n
 
 
 def _backward(q, kv, idx, o, lse, do, dlse, cfg):
   B, T, H, C = q.shape
   S = kv.shape[1]
-  qp, kvp, idxp, vp, rp = _prep(q, kv, idx, cfg)
+  bh = max(cfg.dkv.block_h, cfg.dq.block_h)
+  bk = max(cfg.dkv.block_k, cfg.dq.block_k)
+  qp, kvp, idxp, vp, rp = _prep(q, kv, idx, cfg.v_dim, bh, bk)
   hp, kp, cp = qp.shape[2], idxp.shape[2], vp + rp
-  bh, bk = cfg.block_h, cfg.block_k
   # delta - dlse: softmax backward's row term, with the lse cotangent folded in.
   dl = jnp.einsum('bthv,bthv->bth', do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
   dop = pad_axis(pad_axis(do, 3, vp), 2, hp)
   lsep = pad_axis(lse, 2, hp, value=float('inf'))   # padded heads: p = 0
   dlp = pad_axis(dl, 2, hp)
-  kernel = functools.partial(_bwd_kernel, scale=cfg.scale, vp=vp, rp=rp, bk=bk, nk=kp // bk,
-                             masked_atomics=not cfg.interpret, trash_row=S)
-  tok = lambda i, h: (i // T, i % T, h)
-  dq, dkv = pl.pallas_call(
-      kernel,
-      grid=(B * T, hp // bh),
-      in_specs=[pl.BlockSpec((None, None, bh, cp), lambda i, h: (i // T, i % T, h, 0)),
-                pl.BlockSpec((None, None, bh, vp), lambda i, h: (i // T, i % T, h, 0)),
-                pl.BlockSpec((None, None, bh), tok),
-                pl.BlockSpec((None, None, bh), tok),
-                pl.BlockSpec((None, None, kp), lambda i, h: (i // T, i % T, 0)),
-                pl.BlockSpec((None, S, cp), lambda i, h: (i // T, 0, 0)),
-                pl.BlockSpec((None, S + 1, cp), lambda i, h: (i // T, 0, 0))],
-      out_specs=[pl.BlockSpec((None, None, bh, cp), lambda i, h: (i // T, i % T, h, 0)),
-                 pl.BlockSpec((None, S + 1, cp), lambda i, h: (i // T, 0, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, T, hp, cp), q.dtype),
-                 jax.ShapeDtypeStruct((B, S + 1, cp), jnp.float32)],
-      input_output_aliases={6: 1},
-      compiler_params=_params(cfg), interpret=cfg.interpret, name='sparse_mla_bwd',
-  )(qp, dop, lsep, dlp, idxp, kvp, jnp.zeros((B, S + 1, cp), jnp.float32))
+  tc, n = _token_chunk(cfg, B, T, kp, hp, cp, q.dtype.itemsize)
+  tp = tc * n                                        # padded tokens: all slots -1
+  xs = [pad_axis(x, 1, tp) for x in (qp, dop, lsep, dlp)] + [pad_axis(idxp, 1, tp, value=-1)]
+  dkv0 = jnp.zeros((B, S + 1 if cfg.reduce == 'atomic' else S, cp), jnp.float32)
+  step = lambda dkv, x: _backward_chunk(dkv, *x[:5], kvp, cfg, vp, rp)
+  if n == 1:
+    dkv, dq = step(dkv0, xs)
+  else:
+    split = lambda x: jnp.moveaxis(x.reshape(B, n, tc, *x.shape[2:]), 1, 0)
+    dkv, dq = jax.lax.scan(step, dkv0, [split(x) for x in xs])
+    dq = jnp.moveaxis(dq, 0, 1).reshape(B, tp, hp, cp)
   v = cfg.v_dim
   unsplit = lambda x: jnp.concatenate([x[..., :v], x[..., vp:vp + C - v]], axis=-1)
-  return unsplit(dq[:, :, :H]).astype(q.dtype), unsplit(dkv[:, :S]).astype(kv.dtype)
+  return unsplit(dq[:, :T, :H]).astype(q.dtype), unsplit(dkv[:, :S]).astype(kv.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -244,23 +427,38 @@ def _sparse_mla_bwd(cfg, res, cts):
 _sparse_mla.defvjp(_sparse_mla_fwd, _sparse_mla_bwd)
 
 
+def _config(v_dim, scale, H, K, fwd, dkv, dq, reduce, token_chunk, interpret) -> _Cfg:
+  if reduce not in REDUCES:
+    raise ValueError(f'sparse_mla gpu: reduce={reduce!r} is not one of {REDUCES}')
+  return _Cfg(int(v_dim), float(scale), _blocks('fwd', fwd, H, K), _blocks('dkv', dkv, H, K),
+              _blocks('dq', dq, H, K), reduce, token_chunk, gpu_interpret(interpret))
+
+
 def sparse_mla(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array, v_dim: int,
-               scale: float, *, block_h: int | None = None, block_k: int | None = None,
-               num_warps: int | None = None, num_stages: int | None = None,
+               scale: float, *, fwd: Blocks | dict | None = None,
+               dkv: Blocks | dict | None = None, dq: Blocks | dict | None = None,
+               reduce: str = 'segment', token_chunk: int | None = None,
                interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """(o [B,T,H,V], lse [B,T,H] fp32): softmax over kv[idx] per token, -1 slots masked.
 
-  Differentiable in q and kv (custom_vjp, kernels both ways). block_h (heads per program) and
-  block_k (gathered rows per step) must be powers of two >= 16; defaults suit the H200.
+  Differentiable in q and kv (custom_vjp, kernels both ways). fwd / dkv / dq: each kernel's
+  Blocks (defaults suit the H200); reduce: how dkv sums over tokens ('segment' or 'atomic');
+  token_chunk: backward tokens per chunk (default: ds + dE buffers within 4 GiB).
   """
-  H, K = q_BTHC.shape[2], idx_BTK.shape[2]
-  bh = block_h or min(64, max(16, next_pow2(H)))
-  bk = block_k or min(64, max(16, next_pow2(K)))
-  for name, b in (('block_h', bh), ('block_k', bk)):
-    if b < 16 or b != next_pow2(b):
-      raise ValueError(f'sparse_mla gpu: {name}={b} must be a power of two >= 16')
-  cfg = _Cfg(int(v_dim), float(scale), bh, bk, num_warps, num_stages, gpu_interpret(interpret))
+  cfg = _config(v_dim, scale, q_BTHC.shape[2], idx_BTK.shape[2], fwd, dkv, dq, reduce,
+                token_chunk, interpret)
   return _sparse_mla(q_BTHC, kv_BSC, idx_BTK, cfg)
+
+
+def sparse_mla_backward(q_BTHC, kv_BSC, idx_BTK, o_BTHV, lse_BTH, do_BTHV, dlse_BTH, v_dim,
+                        scale, *, dkv=None, dq=None, reduce='segment', token_chunk=None,
+                        interpret=None) -> tuple[jax.Array, jax.Array]:
+  """(dq [B,T,H,C], dkv [B,S,C]): the backward kernels alone, from the forward's o and lse and
+  the cotangents of o and lse (what sparse_mla's VJP runs; for benchmarks)."""
+  cfg = _config(v_dim, scale, q_BTHC.shape[2], idx_BTK.shape[2], None, dkv, dq, reduce,
+                token_chunk, interpret)
+  return _backward(q_BTHC, kv_BSC, idx_BTK, o_BTHV, lse_BTH, do_BTHV,
+                   dlse_BTH.astype(jnp.float32), cfg)
 
 
 def _probs_kernel(q_ref, lse_ref, idx_ref, kv_ref, p_ref, *, scale, vp, rp, bh, nh, bk, nk, h):
@@ -290,14 +488,13 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
   """
   B, T, H, C = q_BTHC.shape
   S, K = kv_BSC.shape[1], idx_BTK.shape[2]
-  bh = block_h or min(64, max(16, next_pow2(H)))
-  bk = block_k or min(64, max(16, next_pow2(K)))
-  cfg = _Cfg(int(v_dim), float(scale), bh, bk, num_warps, None, gpu_interpret(interpret))
+  b = _blocks('fwd', Blocks(block_h, block_k, num_warps or 4, 1), H, K)
+  bh, bk = b.block_h, b.block_k
   q, kv, idx = (jax.lax.stop_gradient(x) for x in (q_BTHC, kv_BSC, idx_BTK))
-  qp, kvp, idxp, vp, rp = _prep(q, kv, idx, cfg)
+  qp, kvp, idxp, vp, rp = _prep(q, kv, idx, v_dim, bh, bk)
   hp, kp, cp = qp.shape[2], idxp.shape[2], vp + rp
   lsep = pad_axis(jax.lax.stop_gradient(lse_BTH), 2, hp, value=float('inf'))
-  kernel = functools.partial(_probs_kernel, scale=cfg.scale, vp=vp, rp=rp, bh=bh, nh=hp // bh,
+  kernel = functools.partial(_probs_kernel, scale=float(scale), vp=vp, rp=rp, bh=bh, nh=hp // bh,
                              bk=bk, nk=kp // bk, h=H)
   tok = lambda i: (i // T, i % T, 0)
   p = pl.pallas_call(
@@ -309,6 +506,7 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
                 pl.BlockSpec((None, S, cp), lambda i: (i // T, 0, 0))],
       out_specs=pl.BlockSpec((None, None, kp), tok),
       out_shape=jax.ShapeDtypeStruct((B, T, kp), jnp.float32),
-      compiler_params=_params(cfg), interpret=cfg.interpret, name='sparse_mla_probs',
+      compiler_params=pltriton.CompilerParams(num_warps=b.num_warps, num_stages=None),
+      interpret=gpu_interpret(interpret), name='sparse_mla_probs',
   )(qp, lsep, idxp, kvp)
   return p[:, :, :K]
