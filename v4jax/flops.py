@@ -1,4 +1,5 @@
-"""FLOPs per token (MaxText-compatible model FLOPs, SPEC §10), hardware FLOPs, and MFU.
+"""FLOPs per token (MaxText-compatible model FLOPs, SPEC §10), hardware FLOPs, MFU, and
+parameter counts (`param_counts`).
 
 Model FLOPs follow [MT] `calculate_tflops_training_per_device`: matmul FLOPs only (2 per
 multiply-add), x3 for forward + backward, no remat, dropless top-k expert counting, the
@@ -217,3 +218,57 @@ def mfu(model_tflops_per_step: float, step_time_s: float, n_devices: int,
   if n_devices <= 0 or peak <= 0:
     raise ValueError(f'n_devices={n_devices} and peak={peak} must be > 0')
   return model_tflops_per_step / (step_time_s * n_devices * peak)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+  """Trainable parameters of `Transformer(cfg)`, from the config alone (router biases are state,
+  not parameters). `total` is everything the optimizer updates, MTP and Engram tables included;
+  `active` is what one token touches: K_r of the N_r routed experts and, per Engram layer, the
+  J gathered table rows (d_mem values) instead of the whole table."""
+  total: int
+  active: int
+  embedding: int         # embedding + output head
+  routed_experts: int    # all routed-expert weights (main and MTP blocks)
+  engram_tables: int     # all Engram tables (device or host)
+  mtp: int               # MTP modules (they share the embedding and head)
+
+
+def param_counts(cfg) -> ParamCounts:
+  """Parameter counts of `cfg` (Engram table sizes from its frozen hash primes, identity lookup)."""
+  m, e, d, h, g = cfg.model, cfg.moe, cfg.dsa, cfg.mhc, cfg.engram
+  D, V, H = m.d_model, m.vocab_size, m.n_heads
+  r_q, r_kv = m.q_lora_rank, m.kv_lora_rank
+  d_n, d_r, d_v = m.qk_nope_dim, m.qk_rope_dim, m.v_head_dim
+  n = h.streams
+  mla = (D * r_q + r_q + r_q * H * (d_n + d_r) + D * (r_kv + d_r) + r_kv
+         + r_kv * H * (d_n + d_v) + H * d_v * D)
+  indexer = (r_q * d.n_heads * d.head_dim + D * d.head_dim + 2 * d.head_dim + D * d.n_heads
+             if d.enabled else 0)
+  experts = e.num_experts * 3 * D * e.d_expert
+  moe = D * e.num_experts + experts + 3 * D * e.num_shared * e.d_expert
+  hc = 2 * (n * D * (2 + n) * n + (2 + n) * n + 3) if n > 1 else 0
+  head_reduce = n * D * n + n + 1 if n > 1 and h.head == 'hyper' else 0
+
+  def block(layer, is_mtp=False):
+    use_moe = e.enabled and (is_mtp or layer >= m.n_dense_layers)
+    return 2 * D + mla + indexer + (moe if use_moe else 3 * D * m.d_ff) + hc
+
+  tables = engram_other = 0
+  if g.enabled:
+    from v4jax.data.engram_hash import make_hash_spec
+    spec = make_hash_spec(cfg)
+    d_h = g.d_mem // spec.num_heads
+    tables = sum(spec.rows_in_layer(l) for l in g.layer_ids) * d_h
+    per_layer = (g.d_mem * D + n * g.d_mem * D + (1 + n) * D * bool(g.proj_bias) + 2 * n * D
+                 + ((1 + g.conv_kernel) * n * D if g.use_short_conv else 0))
+    engram_other = len(g.layer_ids) * per_layer
+  embedding = 2 * V * D
+  main = embedding + D + head_reduce + sum(block(i) for i in range(m.n_layers))
+  mtp = cfg.mtp.depth * (3 * D + 2 * D * D + block(m.n_layers, is_mtp=True) + head_reduce)
+  n_moe = ((m.n_layers - m.n_dense_layers) + cfg.mtp.depth) if e.enabled else 0
+  total = main + mtp + tables + engram_other
+  idle_experts = n_moe * (e.num_experts - e.top_k) * 3 * D * e.d_expert
+  active = total - idle_experts - tables + (len(g.layer_ids) * g.d_mem if g.enabled else 0)
+  return ParamCounts(total=int(total), active=int(active), embedding=int(embedding),
+                     routed_experts=int(n_moe * experts), engram_tables=int(tables), mtp=int(mtp))

@@ -1,0 +1,226 @@
+"""The assembled Transformer (SPEC §8, §9): switching each component off gives exactly the
+baseline, the config-only parameter count matches the model, and the golden one-step metrics of
+the tiny config.
+
+Switch-off tests build the model with and without the component, copy every shared variable by
+path (the component's own parameters are the only extra ones) and compare losses for EXACT
+equality: the same fp32 operations run in the same order, so not even rounding may differ.
+Inputs are fresh random byte tokens; every model is small_tiny (2 layers, T = 32, so DSA runs
+its sparse top-8 path) with all other components on, except MTP where it is not the subject (and
+mHC and Engram in the gradient test): fewer blocks keep the compile time, which dominates this
+file, near 40 s of CPU.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import load_preset, small_tiny
+from v4jax.config import validate
+from v4jax.data.engram_hash import hash_rows, make_hash_spec
+from v4jax.flops import param_counts
+from v4jax.model.moe import MoE
+from v4jax.model.transformer import Block, BlockInputs, Transformer
+from v4jax.trainer import Trainer, engram_setup
+
+B, T = 2, 32
+
+
+def _model(cfg, seed=0):
+  cfg = validate(cfg)
+  _, rows = engram_setup(cfg, None)
+  return Transformer(cfg, rngs=nnx.Rngs(params=seed), engram_rows_per_layer=rows)
+
+
+def _batch(cfg, seed):
+  """Random byte tokens, next-token targets, full loss mask, Engram rows for every listed layer
+  (hashed from the tokens whether or not the model uses them)."""
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(0, 256, (B, T + 1), dtype=np.int32)
+  batch = {'tokens': toks[:, :T], 'targets': toks[:, 1:],
+           'positions': np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+           'segment_ids': np.ones((B, T), np.int32), 'loss_mask': np.ones((B, T), np.float32)}
+  c = cfg.copy_and_resolve_references()
+  c.engram.enabled = True
+  for lid, r in hash_rows(make_hash_spec(c), batch['tokens']).items():
+    batch[f'engram_rows_{lid}'] = r
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _flat(model):
+  return {'.'.join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _copy_shared(src, dst, extra_in_dst=(), extra_in_src=()):
+  """dst's variables := src's at the same path. Paths only one side has must contain one of the
+  named path parts (the switched component), so nothing else is silently left uncopied."""
+  s, d = _flat(src), _flat(dst)
+  for only, parts, who in ((set(d) - set(s), extra_in_dst, 'dst'),
+                           (set(s) - set(d), extra_in_src, 'src')):
+    stray = [p for p in only if not any(part in p.split('.') for part in parts)]
+    assert not stray, f'variables only in {who}: {sorted(stray)[:5]}'
+  for path in set(s) & set(d):
+    assert s[path].shape == d[path].shape, path
+    d[path].set_value(s[path].get_value())
+  return set(d) - set(s)
+
+
+def _loss_fn(model, batch, mtp_weight=0.3):
+  """jitted (total, metrics), grads over the model's Params."""
+  gdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def f(p):
+    return nnx.merge(gdef, p, rest)(batch, mtp_weight)
+  return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+
+def _forward(model, batch, mtp_weight=0.3):
+  """Metrics of the jitted forward pass."""
+  gdef, state = nnx.split(model)
+  return jax.jit(lambda st: nnx.merge(gdef, st)(batch, mtp_weight)[1])(state)
+
+
+def _grads(g):
+  return {'.'.join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(g)}
+
+
+def _eq(a, b):
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dsa_dense_stage_is_the_baseline():
+  """dsa.enabled with stage='dense' builds an indexer that never runs: every loss equals dsa
+  off exactly and the indexer loss is 0."""
+  base_cfg = small_tiny(**{'dsa.enabled': False, 'dsa.stage': 'dense', 'mtp.depth': 0})
+  base = _model(base_cfg)
+  dsa = _model(small_tiny(**{'dsa.stage': 'dense', 'mtp.depth': 0}), seed=1)
+  extra = _copy_shared(base, dsa, extra_in_dst=('indexer',))
+  assert extra and all('indexer' in p for p in extra)
+  batch = _batch(base_cfg, 0)
+  m0, m1 = _forward(base, batch), _forward(dsa, batch)
+  for k in ('loss', 'bal_loss', 'indexer_loss'):
+    _eq(m1[k], m0[k])
+  _eq(m1['indexer_loss'], 0.0)
+
+
+def test_dsa_indexer_at_t_le_k_leaves_main_model_unchanged():
+  """Sparse stage at T <= K: attention stays dense but the indexer runs for its KL loss. The LM
+  loss equals the baseline's exactly, and the main parameters' gradients of the TOTAL loss (KL
+  included) equal the baseline's: the indexer's inputs and teacher are detached (SPEC §3)."""
+  off = {'mtp.depth': 0, 'mhc.streams': 1, 'engram.enabled': False}   # compile time
+  base_cfg = small_tiny(**{'dsa.enabled': False, 'dsa.stage': 'dense', **off})
+  base = _model(base_cfg)
+  dsa = _model(small_tiny(**{'dsa.topk': T, **off}), seed=1)
+  extra = _copy_shared(base, dsa, extra_in_dst=('indexer',))
+  batch = _batch(base_cfg, 1)
+  (_, m0), g0 = _loss_fn(base, batch)
+  (l1, m1), g1 = _loss_fn(dsa, batch)
+  _eq(m1['loss'], m0['loss'])
+  assert float(m1['indexer_loss']) > 0     # the KL is on, and differentiable ...
+  g0, g1 = _grads(g0), _grads(g1)
+  assert any(np.abs(g1[p]).max() > 0 for p in extra if p in g1)   # ... into the indexer only
+  for path, g in g0.items():
+    _eq(g1[path], g)
+
+
+def test_engram_with_zero_value_projection_is_the_baseline():
+  """Engram's output is gate * v + SiLU(conv(norm(gate * v))); with the value projection (kernel
+  and bias) zero, v = 0 and the block input passes unchanged, whatever the table, keys and conv
+  kernel hold (all random here, the conv included)."""
+  base_cfg = small_tiny(**{'engram.enabled': False, 'mtp.depth': 0})
+  base = _model(base_cfg)
+  eng = _model(small_tiny(**{'mtp.depth': 0}), seed=1)
+  extra = _copy_shared(base, eng, extra_in_dst=('engram',))
+  rng = np.random.default_rng(7)
+  flat = _flat(eng)
+  for path in extra:
+    v = flat[path]
+    if 'value_proj' in path:
+      v.set_value(jnp.zeros(v.shape, v.get_value().dtype))
+    elif path.split('.')[-1] != 'scale':
+      v.set_value(jnp.asarray(rng.normal(0, 0.3, v.shape), jnp.float32))
+  assert np.abs(np.asarray(flat['blocks.1.engram.conv.kernel'])).min() > 0
+  batch = _batch(base_cfg, 2)
+  m0, m1 = _forward(base, batch), _forward(eng, batch)
+  for k in ('loss', 'bal_loss', 'indexer_loss'):
+    _eq(m1[k], m0[k])
+
+
+@pytest.mark.parametrize('layer', [0, 1])     # dense FFN block, MoE block
+def test_single_stream_block_is_plain_pre_norm_residual(layer):
+  """mhc.streams = 1: Block == x + attn(attn_norm(x)), then h + ffn(ffn_norm(h)), computed here
+  from the block's own submodules (SPEC §8); both sides jitted, compared exactly."""
+  cfg = validate(small_tiny(**{'mhc.streams': 1, 'engram.enabled': False}))
+  blk = Block(cfg, layer, rngs=nnx.Rngs(params=3))
+  assert not hasattr(blk, 'hc_attn') and not hasattr(blk, 'hc_ffn')
+  rng = np.random.default_rng(10 + layer)
+  x = jnp.asarray(rng.normal(0, 1, (B, T, cfg.model.d_model)), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  valid = jnp.ones((B, T), bool)
+
+  def by_block(x):
+    return blk(x[:, :, None], BlockInputs(pos, None, valid))[0][:, :, 0]
+
+  def by_hand(x):
+    h = x + blk.attn(blk.attn_norm(x), pos, None, valid)[0]
+    u = blk.ffn_norm(h)
+    return h + (blk.ffn(u, valid)[0] if isinstance(blk.ffn, MoE) else blk.ffn(u))
+
+  _eq(jax.jit(by_block)(x), jax.jit(by_hand)(x))
+
+
+def test_mtp_depth_one_lm_loss_is_depth_zero_loss():
+  """The MTP module reads the trunk's final streams but feeds nothing back: the 'loss' metric
+  (LM part) of depth 1 equals depth 0's for the same trunk parameters."""
+  cfg1 = small_tiny()
+  mtp = _model(cfg1)
+  plain = _model(small_tiny(**{'mtp.depth': 0}), seed=1)
+  _copy_shared(mtp, plain, extra_in_src=('mtp',))
+  batch = _batch(cfg1, 3)
+  m1, m0 = _forward(mtp, batch), _forward(plain, batch)
+  _eq(m1['loss'], m0['loss'])
+  assert float(m1['mtp_loss']) > 0 and float(m0['mtp_loss']) == 0.0
+
+
+@pytest.mark.parametrize('name', ['tiny', 'ablations/baseline', 'ablations/dsa', 'ablations/mhc',
+                                  'ablations/engram', 'ablations/full'])
+def test_param_counts_match_model(name):
+  """v4jax.flops.param_counts (config only) == the Params of the built model; the Engram
+  ablation is iso-parameter with the baseline (within 0.1%)."""
+  cfg = load_preset(name)
+  model = nnx.eval_shape(lambda: _model(cfg))
+  flat = _flat(model)
+  n = sum(math.prod(v.shape) for p, v in flat.items() if isinstance(v, nnx.Param))
+  pc = param_counts(cfg)
+  assert pc.total == n
+  tables = sum(math.prod(v.shape) for p, v in flat.items() if 'table' in p.split('.'))
+  assert pc.engram_tables == tables
+  if name == 'ablations/engram':
+    base = param_counts(load_preset('ablations/baseline')).total
+    assert abs(pc.total - base) <= 1e-3 * base
+
+
+def test_tiny_golden_one_step_and_loss_falls(tmp_path):
+  """Tiny config (all components on): at init the LM and MTP losses are ln V (sigma0 = 0.006
+  makes logits ~N(0, 0.05^2), so loss = ln V + O(1e-3); tolerance 0.05), the auxiliary losses
+  are small, the step is finite; 5 more steps on the same batch lower the loss."""
+  cfg = small_tiny(**{'checkpoint.enabled': False, 'optim.schedule': 'constant',
+                      'optim.warmup_steps': 0})
+  tr = Trainer(cfg, str(tmp_path), devices=jax.devices()[:1])
+  batch = next(tr.train_iter)
+  s = jax.device_get(tr.step(batch))
+  ln_v = math.log(cfg.model.vocab_size)
+  assert abs(float(s['loss']) - ln_v) < 0.05, (float(s['loss']), ln_v)
+  assert abs(float(s['mtp_loss']) - ln_v) < 0.05, (float(s['mtp_loss']), ln_v)
+  # Balance loss: alpha * E * sum_i f_i P_i with f, P near uniform -> about alpha per MoE layer
+  # (1 main + 1 MTP here); the indexer KL of an untrained indexer is small but positive.
+  assert 0 < float(s['bal_loss']) < 10 * cfg.moe.bal_loss_alpha * 2
+  assert 0 < float(s['indexer_loss']) < 1.0
+  assert bool(s['finite']) and int(s['skipped']) == 0
+  assert 0 < float(s['grad_norm']) < 100 and float(s['indexer_grad_norm']) > 0
+  losses = [float(s['loss'])] + [float(tr.step(batch)['loss']) for _ in range(5)]
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert losses[-1] < losses[0] - 0.1, losses
