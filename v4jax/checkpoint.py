@@ -2,7 +2,9 @@
 
 Items per step: `state` (params, router biases, optimizer state, counters; restored into the
 current mesh's shardings, so a restore may change the mesh), `data_iter` (Grain iterator state),
-`meta` (JSON: the config and the Engram hash constants, which are never regenerated on resume).
+`meta` (JSON: the config and the Engram hash constants, which are never regenerated on resume),
+and with engram.table_memory=host `host_tables` (each Engram layer's [R, 3, d_h] table and Adam
+moments as NumPy arrays: mesh independent).
 Orbax writes each step to a temporary directory and renames it when complete, so a crash leaves
 only whole steps and `latest_step()` is always a valid one.
 """
@@ -26,16 +28,17 @@ def manager(workdir: str, cfg) -> ocp.CheckpointManager:
       enable_async_checkpointing=cfg.checkpoint.async_save,
       create=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=opts,
-                               item_names=('state', 'data_iter', 'meta'))
+                               item_names=('state', 'data_iter', 'meta', 'host_tables'))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict,
-         force: bool = False) -> bool:
-  args = ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data_iter=grain.checkpoint.CheckpointSave(data_iter),
-      meta=ocp.args.JsonSave(meta))
-  return mngr.save(step, args=args, force=force)
+         force: bool = False, host_tables: dict | None = None) -> bool:
+  items = dict(state=ocp.args.StandardSave(state),
+               data_iter=grain.checkpoint.CheckpointSave(data_iter),
+               meta=ocp.args.JsonSave(meta))
+  if host_tables is not None:   # NumPy leaves: Orbax copies them before returning
+    items['host_tables'] = ocp.args.StandardSave(host_tables)
+  return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -56,6 +59,18 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
         f'checkpoint {mngr.directory}/{step} is corrupt or does not match this config: '
         f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
   return out['state']
+
+
+def restore_host_tables(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
+  """The `host_tables` item as NumPy arrays (shapes from `abstract`)."""
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(host_tables=ocp.args.StandardRestore(abstract)))
+  except Exception as e:  # noqa: BLE001 - reported with the path
+    raise CheckpointError(
+        f'checkpoint {mngr.directory}/{step}: cannot read the Engram host tables (saved with '
+        f'engram.table_memory=host?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    ) from e
+  return out['host_tables']
 
 
 def abstract_of(state_shapes, shardings):

@@ -32,7 +32,7 @@ def path_str(path) -> str:
 
 def label_of(path: str, ndim: int, cfg) -> str:
   is_indexer = '/indexer/' in f'/{path}/'
-  is_table = '/engram/' in f'/{path}/' and path.split('/')[-2:][0] == 'table'
+  is_table = '/engram/' in f'/{path}/' and path.split('/')[-1] == 'table'
   if cfg.dsa.stage == 'warmup':
     return 'indexer' if is_indexer else 'frozen'
   if is_indexer:

@@ -28,6 +28,7 @@ from v4jax.config import ConfigError, validate
 from v4jax.metrics import MetricWriter
 from v4jax.model.moe import update_router_bias
 from v4jax.model.transformer import Transformer
+from v4jax.memory.rows import lazy_adam_rows, patch_rows
 from v4jax.optim import clip_grads, make_optimizer, path_str, schedule
 from v4jax.parallel import rules as rules_lib
 from v4jax.parallel.mesh import make_mesh
@@ -48,8 +49,9 @@ def engram_setup(cfg, meta: dict | None):
 def var_shardings(tree, mesh, rules):
   """NamedShardings for a State of Variables from their `logical_axes` metadata."""
   def one(v):
-    axes = v.get_metadata().get('logical_axes', (None,) * len(v.value.shape))
-    return v.replace(value=rules_lib.named_sharding(mesh, axes, rules, v.value.shape))
+    shape = v.get_value().shape
+    axes = v.get_metadata().get('logical_axes', (None,) * len(shape))
+    return v.replace(value=rules_lib.named_sharding(mesh, axes, rules, shape))
   return jax.tree.map(one, tree, is_leaf=is_var)
 
 
@@ -71,10 +73,6 @@ def opt_shardings(opt_shapes, param_shardings, mesh):
 class Trainer:
   def __init__(self, cfg, workdir: str, *, devices=None):
     self.cfg = validate(cfg)
-    if cfg.engram.enabled and cfg.engram.table_memory == 'host':
-      raise NotImplementedError(
-          'config.engram.table_memory=host: host-memory Engram tables are not implemented yet '
-          "(issue 5); use engram.table_memory='device'")
     self.workdir = workdir
     self.mesh = make_mesh(cfg.mesh, devices)
     self.rules = rules_lib.RULES[cfg.mesh.rules]
@@ -83,6 +81,10 @@ class Trainer:
     meta = ckpt.restore_meta(self.mngr, latest) if latest is not None else None
     self.hash_spec, rows = engram_setup(cfg, meta)
     self._check_batch()
+    self.tables = None   # Engram tables in host memory (v4jax.memory.host_tables), else in params
+    if cfg.engram.enabled and cfg.engram.table_memory == 'host':
+      from v4jax.memory.host_tables import HostTables
+      self.tables = HostTables(cfg, rows, self.mesh, init=latest is None)
 
     def build(seed):
       return Transformer(cfg, rngs=nnx.Rngs(params=seed), engram_rows_per_layer=rows)
@@ -104,14 +106,20 @@ class Trainer:
 
     self._init = jax.jit(init, static_argnums=0, out_shardings=self.state_shardings)
     self.train_iter, self.eval_ds = self._make_data()
+    if self.tables is not None:   # the next batch's rows are gathered while this step runs
+      from v4jax.memory.host_tables import Lookahead
+      self.train_iter = Lookahead(self.train_iter)
     if latest is not None:
-      abstract = ckpt.abstract_of(jax.eval_shape(init, cfg.train.seed), self.state_shardings)
+      abstract = ckpt.abstract_of(jax.eval_shape(lambda: init(cfg.train.seed)), self.state_shardings)
       self.state = ckpt.restore(self.mngr, latest, abstract, self.train_iter)
+      if self.tables is not None:
+        self.tables.load(ckpt.restore_host_tables(self.mngr, latest, self.tables.abstract()))
       print(f'resumed from {self.mngr.directory}/{latest}', flush=True)
     else:
       self.state = self._init(cfg.train.seed)
+    rows_out = (self.tables.row_sharding,) if self.tables is not None else ()
     self._train_step = jax.jit(self._step, donate_argnums=0,
-                               out_shardings=(self.state_shardings, None))
+                               out_shardings=(self.state_shardings, None) + rows_out)
     self._eval_step = jax.jit(self._eval)
     self._stop = False
 
@@ -144,35 +152,44 @@ class Trainer:
     return out
 
   # ---- step -------------------------------------------------------------------------------
-  def _loss(self, params, rest, batch, mtp_weight):
+  def _loss(self, params, rest, batch, mtp_weight, theta=None):
+    """theta: host-table mode's gathered rows {layer: [U,H]}, expanded by batch['engram_inv_*']."""
     with rules_lib.activate(self.mesh, self.rules):
       model = nnx.merge(self.graphdef, params, rest)
+      if theta is not None:
+        from v4jax.memory.rows import embeddings
+        batch = dict(batch, **embeddings(theta, batch, model.dtype))
       return model(batch, mtp_weight)
 
   def _mtp_weight(self, step):
     m = self.cfg.mtp
     return jnp.where(step < int(m.late_frac * self.cfg.train.steps), m.loss_weight, m.loss_weight_late)
 
-  def _step(self, state, batch):
+  def _step(self, state, batch, eng=None):
+    """eng (host tables): {'rows','src','prev'} per layer (memory/host_tables.py); the step then
+    also returns the Engram rows after lazy Adam."""
     cfg = self.cfg
     params, rest, step = state['params'], state['rest'], state['step']
     mtp_w = self._mtp_weight(step)
-    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    tab = None if eng is None else {l: patch_rows(r, eng['src'][l], eng['prev'][l])
+                                    for l, r in eng['rows'].items()}
+    theta = None if tab is None else {l: r[:, 0] for l, r in tab.items()}
+    grad_fn = jax.value_and_grad(self._loss, argnums=(0, 4), has_aux=True)
     A = cfg.train.grad_accum
     if A == 1:
-      (_, metrics), grads = grad_fn(params, rest, batch, mtp_w)
+      (_, metrics), grads = grad_fn(params, rest, batch, mtp_w, theta)
     else:
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
 
       def body(acc, mb):
-        (_, m), g = grad_fn(params, rest, mb, mtp_w)
+        (_, m), g = grad_fn(params, rest, mb, mtp_w, theta)
         return jax.tree.map(jnp.add, acc, (g, m)), None
-      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(lambda x: x[0], micro), mtp_w)))
+      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(lambda x: x[0], micro), mtp_w, theta)))
       (grads, metrics), _ = jax.lax.scan(body, (zero[1], zero[0][1]), micro)
       grads = jax.tree.map(lambda g: g / A, grads)
       metrics = {k: (v if k in ('expert_counts', 'n_valid', 'dropped') else v / A)
                  for k, v in metrics.items()}
-    grads, norms = clip_grads(grads, cfg)
+    (grads, g_theta), norms = clip_grads(grads, cfg)   # Engram row grads count in the main norm
     updates, new_opt = self.tx.update(grads, state['opt'], params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(norms['grad_norm']) & \
@@ -188,7 +205,12 @@ class Trainer:
     scalars = {k: v for k, v in metrics.items() if k != 'expert_counts'}
     scalars.update(norms, lr=schedule(cfg, cfg.optim.lr)(step), skipped=out['skipped'],
                    finite=finite, expert_load_max_over_mean=load)
-    return out, scalars
+    if tab is None:
+      return out, scalars
+    o, count = cfg.optim, step - state['skipped']   # = optim.lazy_adam's count of applied updates
+    lr = schedule(cfg, o.lr * cfg.engram.lr_mult)(count)
+    return out, scalars, {l: lazy_adam_rows(tab[l], g_theta[l], count, lr, o.b1, o.b2, o.eps,
+                                            finite) for l in tab}
 
   def _update_biases(self, params, rest, metrics, step, finite):
     cfg = self.cfg
@@ -206,20 +228,31 @@ class Trainer:
       moe.router.bias[...] = update_router_bias(moe.router.bias[...], c, cfg.moe.top_k, n_tok, gamma)
     return nnx.split(model, nnx.Param, ...)[2]
 
-  def _eval(self, state, batch):
-    _, m = self._loss(state['params'], state['rest'], batch, 0.0)
+  def _eval(self, state, batch, eng=None):
+    theta = None if eng is None else {l: r[:, 0] for l, r in eng['rows'].items()}
+    _, m = self._loss(state['params'], state['rest'], batch, 0.0, theta)
     return m['loss'] * m['n_valid'], m['n_valid']
 
   # ---- loop -------------------------------------------------------------------------------
   def step(self, batch_np) -> dict:
-    self.state, scalars = self._train_step(self.state, self.to_global(batch_np))
+    if self.tables is None:
+      self.state, scalars = self._train_step(self.state, self.to_global(batch_np))
+      return scalars
+    batch_np, eng = self.tables.begin(batch_np)
+    self.state, scalars, new_rows = self._train_step(self.state, self.to_global(batch_np), eng)
+    self.tables.end(new_rows, getattr(self.train_iter, 'peek', None))
     return scalars
 
   def evaluate(self) -> float:
     tot, n = 0.0, 0.0
     it = iter(self.eval_ds)
     for _ in range(self.cfg.train.eval_steps):
-      s, c = self._eval_step(self.state, self.to_global(next(it)))
+      b = next(it)
+      if self.tables is None:
+        s, c = self._eval_step(self.state, self.to_global(b))
+      else:
+        b, eng = self.tables.eval_inputs(b)
+        s, c = self._eval_step(self.state, self.to_global(b), eng)
       tot, n = tot + float(s), n + float(c)
     return tot / max(n, 1.0)
 
@@ -230,7 +263,9 @@ class Trainer:
   def save(self, force=False):
     if self.mngr is None:
       return
-    ckpt.save(self.mngr, int(self.state['step']), self.state, self.train_iter, self._meta(), force)
+    host = self.tables.state_for_save() if self.tables is not None else None
+    ckpt.save(self.mngr, int(self.state['step']), self.state, self.train_iter, self._meta(), force,
+              host_tables=host)
 
   def _on_sigterm(self, *_):
     self._stop = True
@@ -254,8 +289,7 @@ class Trainer:
     while step < cfg.train.steps and not self._stop:
       scalars = self.step(next(self.train_iter))
       step += 1
-      loss = float(scalars['loss'])
-      losses.append(loss)
+      losses.append(scalars['loss'])   # fetched at the end: no host sync per step
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:
         dt = time.time() - t_last
         tps = tokens_per_step * (step - s_last) / max(dt, 1e-9)
@@ -267,11 +301,13 @@ class Trainer:
         t_last, s_last = time.time(), step
       if cfg.train.eval_every and step % cfg.train.eval_every == 0:
         writer.write(step, {'eval_loss': self.evaluate()})
+        t_last = time.time()   # eval time is not training throughput
       if self.mngr and step % cfg.checkpoint.every == 0:
         self.save()
-    if self.mngr:
-      if self._stop or self.mngr.latest_step() != step:
-        self.save(force=True)
+    if self.mngr:   # on preemption or at the end, make sure the last step is saved
       self.mngr.wait_until_finished()
+      if self.mngr.latest_step() != step:
+        self.save(force=True)
+        self.mngr.wait_until_finished()
     writer.close()
-    return losses
+    return [float(x) for x in losses]

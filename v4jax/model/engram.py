@@ -63,8 +63,12 @@ class Engram(nnx.Module):
                        f'(max_ngram-1)*heads_per_ngram={self.heads}')
     self.d_mem, self.d_h = g.d_mem, g.d_mem // self.heads
     self.dilation = g.conv_dilation or g.max_ngram
-    self.table = param(rngs, (table_rows, self.d_h), ('engram_rows', 'engram_dim'),
-                       g.table_init_std)
+    if g.table_memory == 'host':   # rows arrive gathered (v4jax.memory.host_tables)
+      rngs.params()                 # same draw as the device table: other params init alike
+      self.table = None
+    else:
+      self.table = param(rngs, (table_rows, self.d_h), ('engram_rows', 'engram_dim'),
+                         g.table_init_std)
     self.value_proj = _Proj(rngs, (self.d_mem, self.d), ('engram_mem', 'embed'), m.init_std,
                             g.proj_bias)
     self.key_proj = _Proj(rngs, (self.n, self.d_mem, self.d), ('streams', 'engram_mem', 'embed'),
@@ -83,6 +87,9 @@ class Engram(nnx.Module):
     if J != self.heads:
       raise ValueError(f'Engram layer {self.layer_id}: rows_BTJ has {J} heads, expected '
                        f'(max_ngram-1)*heads_per_ngram={self.heads}')
+    if self.table is None:
+      raise ValueError(f'Engram layer {self.layer_id}: engram.table_memory=host keeps the table '
+                       'out of the model; pass the gathered rows (mix with engram_emb)')
     e = self.table[...].at[rows_BTJ].get(mode='promise_in_bounds')      # [B,T,J,H]
     return e.reshape(B, T, J * self.d_h).astype(self.dtype)
 

@@ -1,0 +1,252 @@
+"""Engram tables in host memory (SPEC §6.3 backward, §6.4): the row math against NumPy oracles,
+the prefetch/patch/write-back pipeline against a dense NumPy lazy Adam, and host vs device table
+modes of the Trainer over 20 steps, with a checkpoint restored onto another mesh."""
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from helpers import small_tiny
+from v4jax import compat
+from v4jax.config import ConfigError
+from v4jax.memory import rows as rows_lib
+from v4jax.memory.host_tables import HostTables, Lookahead
+from v4jax.optim import path_str
+from v4jax.trainer import Trainer
+
+B1, B2, EPS = 0.9, 0.95, 1e-8
+
+
+def _np_lazy_adam(th, m, v, G, count, lr):
+  """SPEC §6.4 on dense arrays: rows with a non-zero summed gradient are updated."""
+  th, m, v = th.copy(), m.copy(), v.copy()
+  r = np.nonzero(np.any(G != 0, axis=1))[0]
+  c = count + 1
+  m[r] = B1 * m[r] + (1 - B1) * G[r]
+  v[r] = B2 * v[r] + (1 - B2) * G[r] ** 2
+  th[r] -= lr * (m[r] / (1 - B1 ** c)) / (np.sqrt(v[r] / (1 - B2 ** c)) + EPS)
+  return th, m, v
+
+
+def test_expand_rows_backward_sums_duplicates():
+  rng = np.random.default_rng(0)
+  rows = rng.integers(0, 7, size=(2, 9, 3)).astype(np.int32)      # heavy duplication
+  uniq, inv, n = rows_lib.unique_rows(rows, 2 * 9 * 3)
+  np.testing.assert_array_equal(uniq[:n][inv], rows)
+  theta = rng.standard_normal((uniq.shape[0], 4)).astype(np.float32)
+  w = rng.standard_normal((2, 9, 3, 4)).astype(np.float32)
+  loss = lambda t: jnp.sum(jnp.tanh(rows_lib.expand_rows(t, jnp.asarray(inv))) * w)
+  got = np.asarray(jax.grad(loss)(jnp.asarray(theta)))
+  want = np.zeros_like(theta)
+  np.add.at(want, inv.reshape(-1), ((1 - np.tanh(theta[inv]) ** 2) * w).reshape(-1, 4))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)      # fp32 sums of <= 54 terms
+  assert not np.any(got[n:])                                       # padding gets no gradient
+
+
+def test_lazy_adam_rows_matches_numpy_and_keeps_untouched_bits():
+  rng = np.random.default_rng(1)
+  rows = rng.standard_normal((6, 3, 5)).astype(np.float32)
+  rows[:, 2] = np.abs(rows[:, 2])
+  g = rng.standard_normal((6, 5)).astype(np.float32)
+  g[[1, 4]] = 0.0
+  lr, count = 0.01, 3
+  new = np.asarray(rows_lib.lazy_adam_rows(jnp.asarray(rows), jnp.asarray(g), jnp.int32(count),
+                                           lr, B1, B2, EPS, jnp.bool_(True)))
+  th, m, v = _np_lazy_adam(rows[:, 0], rows[:, 1], rows[:, 2], g, count, lr)
+  np.testing.assert_allclose(new[:, 0], th, rtol=1e-6, atol=1e-7)   # fp32 vs fp64 NumPy
+  np.testing.assert_allclose(new[:, 1], m, rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(new[:, 2], v, rtol=1e-6, atol=1e-8)
+  np.testing.assert_array_equal(new[[1, 4]], rows[[1, 4]])
+  skipped = rows_lib.lazy_adam_rows(jnp.asarray(rows), jnp.asarray(g), jnp.int32(count), lr, B1,
+                                    B2, EPS, jnp.bool_(False))
+  np.testing.assert_array_equal(np.asarray(skipped), rows)
+
+
+class _ListIter:
+  """A checkpointable iterator over a list (stands in for the Grain iterator)."""
+
+  def __init__(self, items):
+    self.items, self.i = items, 0
+
+  def __next__(self):
+    self.i += 1
+    return self.items[self.i - 1]
+
+  def get_state(self):
+    return {'i': self.i}
+
+  def set_state(self, s):
+    self.i = s['i']
+
+
+def test_lookahead_state_is_that_of_the_last_batch_returned():
+  it = Lookahead(_ListIter(list(range(10))))
+  assert next(it) == 0 and it.peek() == 1
+  state = it.get_state()
+  assert json.loads(state) == {'i': 1} and next(it) == 1 and next(it) == 2
+  it.set_state(state)
+  assert next(it) == 1
+
+
+def _pipeline_cfg(gather='numpy'):
+  c = small_tiny(**{'engram.base_rows': 53, 'engram.host_gather': gather})
+  c.engram.layer_ids = (0, 1)
+  c.data.update(global_batch=2, seq_len=6)
+  return c
+
+
+@pytest.mark.parametrize('memory_kind,gather', [('pinned_host', 'numpy'), ('pinned_host', 'xla'),
+                                                ('device', 'numpy')])
+def test_pipeline_matches_dense_lazy_adam(memory_kind, gather):
+  """Prefetch of step s+1 before the write-back of step s, device patching, in-place write-back,
+  two layers in one buffer: the tables equal a dense NumPy lazy Adam over the same steps (loss
+  0.5*sum(w*theta[row]^2), so each step's gradient depends on the rows the previous step wrote)."""
+  cfg = _pipeline_cfg(gather)
+  R = {0: 4 * 53 + 20, 1: 4 * 61 + 3}
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  tabs = HostTables(cfg, R, mesh, memory_kind=memory_kind, threads=2)
+  J, H = 4, tabs.width
+  rng = np.random.default_rng(2)
+  batches = []
+  for s in range(7):
+    b = {'w': rng.standard_normal((2, 6, J, H)).astype(np.float32)}
+    for l in R:
+      rows = rng.integers(0, 12 if s % 2 else R[l], size=(2, 6, J)).astype(np.int32)  # duplicates
+      rows[0, 0] = 5                            # row 5 in every step: patched from the last step
+      b[f'engram_rows_{l}'] = rows
+    batches.append(b)
+  lrs = [0.02 * (s + 1) for s in range(len(batches))]
+
+  @jax.jit
+  def step(eng, inv, w, count, lr):
+    out = {}
+    for l in R:
+      tab = rows_lib.patch_rows(eng['rows'][l], eng['src'][l], eng['prev'][l])
+      f = lambda t, l=l: 0.5 * jnp.sum(w * rows_lib.expand_rows(t, inv[l]) ** 2)
+      g = jax.grad(f)(tab[:, 0])
+      out[l] = rows_lib.lazy_adam_rows(tab, g, count, lr, B1, B2, EPS, jnp.bool_(True))
+    return out
+
+  slots0 = {l: tabs.slots(l) for l in R}
+  ref = {l: (slots0[l][:, 0].astype(np.float64), slots0[l][:, 1] * 0.0, slots0[l][:, 2] * 0.0)
+         for l in R}
+  it = Lookahead(_ListIter(batches))
+  for s in range(len(batches)):
+    b = next(it)
+    dev_b, eng = tabs.begin(b)
+    inv = {l: jnp.asarray(dev_b[f'engram_inv_{l}']) for l in R}
+    new = step(eng, inv, jnp.asarray(b['w']), jnp.int32(s), lrs[s])
+    tabs.end(new, it.peek if s + 1 < len(batches) else None)
+    for l in R:
+      th, m, v = ref[l]
+      r = b[f'engram_rows_{l}']
+      G = np.zeros_like(th)
+      np.add.at(G, r.reshape(-1), (b['w'] * th[r]).reshape(-1, H))
+      ref[l] = _np_lazy_adam(th, m, v, G, s, lrs[s])
+  for l in R:
+    got, (th, m, v) = tabs.slots(l), ref[l]
+    np.testing.assert_allclose(got[:, 0], th, rtol=1e-5, atol=1e-6)   # fp32 device vs fp64 oracle
+    np.testing.assert_allclose(got[:, 1], m, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got[:, 2], v, rtol=1e-5, atol=1e-9)
+    untouched = np.setdiff1d(np.arange(R[l]), np.concatenate([b[f'engram_rows_{l}'].ravel()
+                                                              for b in batches]))
+    assert untouched.size > 0
+    np.testing.assert_array_equal(got[untouched], slots0[l][untouched])
+  tabs.close()
+
+
+def test_missing_host_memory_names_the_device_fallback():
+  fake = types.SimpleNamespace(platform='tpu', id=0,
+                               addressable_memories=lambda: [types.SimpleNamespace(kind='device')])
+  with pytest.raises(compat.HostMemoryError, match="table_memory='device'"):
+    compat.require_memory_kind(fake, 'pinned_host')
+
+
+def test_dense_adam_is_rejected_for_host_tables():
+  cfg = _pipeline_cfg()
+  cfg.engram.table_optimizer = 'dense_adam'
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  with pytest.raises(ConfigError, match="table_memory='device'"):
+    HostTables(cfg, {1: 300}, mesh)
+
+
+# ---- Trainer: host vs device table modes -------------------------------------------------------
+STEPS = 20
+
+
+def _table_leaf(state, part):
+  for p, v in jax.tree_util.tree_leaves_with_path(state[part]):
+    s = path_str(p)
+    if 'engram' in s and 'table' in s:
+      yield s, v
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  over = {'engram.base_rows': 1009}        # 4 tables of ~1K rows: some rows stay untouched
+  dev = Trainer(small_tiny(**over, **{'checkpoint.enabled': False}),
+                str(tmp_path_factory.mktemp('dev')))
+  host_dir = str(tmp_path_factory.mktemp('host'))
+  host = Trainer(small_tiny(**over, **{'engram.table_memory': 'host'}), host_dir)
+  init = host.tables.slots(1)
+  # Host tables draw their own N(0, std) init; give the device run the same values. Every other
+  # parameter already agrees (same seed, same draw order).
+  dev.state = dict(dev.state, params=jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.device_put(jnp.asarray(init[:, 0]), x.sharding)
+      if path_str(p).endswith('engram/table/value') else x, dev.state['params']))
+  same_init = all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(host.state['params']),
+      [x for p, x in jax.tree_util.tree_leaves_with_path(dev.state['params'])
+       if 'engram/table' not in path_str(p)]))
+  losses, touched, dup = {'dev': [], 'host': []}, set(), []
+  for s in range(STEPS):
+    bd, bh = next(dev.train_iter), next(host.train_iter)
+    assert np.array_equal(bd['engram_rows_1'], bh['engram_rows_1'])
+    r = bh['engram_rows_1']
+    touched.update(np.unique(r).tolist())
+    dup.append(np.unique(r).size < r.size)
+    losses['dev'].append(float(dev.step(bd)['loss']))
+    losses['host'].append(float(host.step(bh)['loss']))
+  host.save(force=True)
+  return types.SimpleNamespace(dev=dev, host=host, host_dir=host_dir, init=init, losses=losses,
+                               touched=np.array(sorted(touched)), dup=dup, same_init=same_init)
+
+
+def test_host_and_device_tables_train_alike(runs):
+  assert runs.same_init and all(runs.dup)
+  # Same math; only the summation order of duplicate-row and norm reductions differs (fp32).
+  np.testing.assert_allclose(runs.losses['host'], runs.losses['dev'], rtol=2e-5)
+  assert runs.losses['host'][-1] < runs.losses['host'][0]
+  host = runs.host.tables.slots(1)
+  (_, table), = _table_leaf(runs.dev.state, 'params')
+  mu, nu = [np.asarray(v) for _, v in _table_leaf(runs.dev.state, 'opt')][:2]
+  # Adam's step is ~lr_mult*lr per element whatever the gradient's size, so rounding-level
+  # gradient differences can move an element by up to ~1e-4 after 20 steps; the moments of the
+  # two (slightly different) trajectories agree to 1% of their largest entry.
+  np.testing.assert_allclose(host[:, 0], np.asarray(table), atol=3e-4)
+  np.testing.assert_allclose(host[:, 1], mu, atol=1e-2 * np.abs(mu).max())
+  np.testing.assert_allclose(host[:, 2], nu, atol=1e-2 * np.abs(nu).max())
+  untouched = np.setdiff1d(np.arange(host.shape[0]), runs.touched)
+  assert untouched.size > 100
+  np.testing.assert_array_equal(host[untouched], runs.init[untouched])     # bit-identical
+  assert not np.any(host[untouched, 1:])
+  np.testing.assert_array_equal(np.asarray(table)[untouched], runs.init[untouched, 0])
+  assert np.all(np.any(host[runs.touched, 1] != 0, axis=1))               # touched rows moved
+
+
+def test_host_tables_resume_on_another_mesh(runs):
+  cfg = small_tiny(**{'engram.base_rows': 1009, 'engram.table_memory': 'host', 'mesh.data': 2,
+                      'mesh.fsdp': 2, 'mesh.expert': 2, 'mesh.rules': 'fsdp_ep'})
+  resumed = Trainer(cfg, runs.host_dir)
+  assert int(resumed.state['step']) == STEPS and dict(resumed.mesh.shape)['data'] == 2
+  np.testing.assert_array_equal(resumed.tables.slots(1), runs.host.tables.slots(1))
+  batch = next(runs.host.train_iter)
+  b2 = next(resumed.train_iter)
+  np.testing.assert_array_equal(b2['tokens'], batch['tokens'])
+  l1, l2 = float(runs.host.step(batch)['loss']), float(resumed.step(b2)['loss'])
+  np.testing.assert_allclose(l2, l1, rtol=1e-5)            # fp32, other reduction order
+  np.testing.assert_allclose(resumed.tables.slots(1), runs.host.tables.slots(1), atol=1e-6)

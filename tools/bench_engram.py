@@ -1,0 +1,416 @@
+"""Engram tables in host memory vs HBM (issue 5): step time, sparse update vs its floor, and the
+largest table the trainer runs with, all in one process.
+
+  python tools/bench_engram.py --out bench_engram.json            # H200: bench config, 2 layers
+  python tools/bench_engram.py --smoke --out /tmp/e.json          # CPU: tiny config, tiny tables
+
+Method:
+- One Trainer at configs/bench_h200.py reduced to --layers blocks (Engram in every kept block up
+  to two, MTP off, one micro-batch of --batch x seq_len), engram.table_memory=host. Its jitted
+  step takes the gathered rows, so one compiled step serves every table size and both memories:
+  per size the tool swaps in a `HostTables` with memory_kind 'pinned_host' (host) or 'device'
+  (the same tables, moments and sparse machinery in HBM, updated by a donated in-place scatter).
+- Table size S = the fp32 tables of all Engram layers (moments add 2 S). Batches use uniform random
+  tokens (--tokens random: every n-gram new, the most rows per step) hashed with that size's spec.
+- Step time: --warmup steps, then --steps steps as `Trainer.run` drives them (a host sync on the
+  loss every step, the next batch's rows prefetched while the step runs); median wall time.
+  Overhead = host / HBM - 1 at the same size.
+- Host memory bandwidth: NumPy copies between two --bw-mib buffers on the tables' thread pool,
+  counted as bytes read + written per second. Floor of the sparse update = the bytes of the
+  touched rows and both moments, read once and written once (2 x U x 3 x d_h x 4 per step), at
+  that bandwidth. Measured = the host-side gather of theta/m/v for the step plus the write-back
+  scatter (NumPy parts; the DMAs run on the copy engines and are reported apart).
+- Largest: the biggest table + moments that trained in host memory in this run.
+- Extras at the smallest size: the XLA host gather (compute_on) vs the NumPy gather for the same
+  rows, and the donated XLA host scatter of the same rows (FACTS.md: it rewrote the whole table).
+Sizes run largest first (the pinned-host pool does not return memory, so smaller tables reuse it),
+HBM at the largest size last (it may not fit). A --budget-s deadline skips phases not started.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GIB = 1 << 30
+
+
+def _parse():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--smoke', action='store_true', help='tiny config on CPU, tiny tables')
+  p.add_argument('--out', default='bench_engram.json')
+  p.add_argument('--sizes-gib', default=None,
+                 help='table sizes (GiB, all Engram layers), e.g. 32,8,1')
+  p.add_argument('--layers', type=int, default=2)
+  p.add_argument('--batch', type=int, default=4)
+  p.add_argument('--seq', type=int, default=0, help='0 = the config seq_len')
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--steps', type=int, default=6)
+  p.add_argument('--tokens', choices=('random', 'corpus'), default='random')
+  p.add_argument('--init', choices=('zeros', 'normal'), default='zeros',
+                 help='table init (zeros saves setup time; step time does not depend on it)')
+  p.add_argument('--bw-mib', type=int, default=0, help='bandwidth buffers (0: 2048, smoke 64)')
+  p.add_argument('--budget-s', type=float, default=0, help='skip phases after this (0 = none)')
+  return p.parse_args()
+
+
+def _setup_env(args, sizes):
+  if args.smoke:
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  else:
+    # The GPU client's pinned pool is capped at 64 GB by default; its BFC allocator grows by
+    # min(next power of two, what the cap leaves), so a cap just above table + moments (+ staging)
+    # makes the one tables buffer its first region without pinning much more than it needs.
+    need = int(3 * max(sizes) + 2.5) + 1
+    os.environ.setdefault('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', str(max(need, 64)))
+    os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.94')
+
+
+def _load(name):
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(f'cfg_{name}', os.path.join(root, 'configs',
+                                                                             f'{name}.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def bench_config(args):
+  if args.smoke:
+    c = _load('tiny')
+    c.model.n_layers = 2
+    c.engram.layer_ids = (1,)
+    c.data.update(seq_len=args.seq or 32, global_batch=args.batch)
+  else:
+    c = _load('bench_h200')
+    c.model.n_layers = args.layers
+    c.model.n_dense_layers = min(c.model.n_dense_layers, args.layers - 1)
+    c.engram.layer_ids = tuple(range(args.layers)) if args.layers <= 2 else (1, args.layers - 1)
+    c.mtp.depth = 0
+    c.data.update(seq_len=args.seq or c.data.seq_len, global_batch=args.batch)
+  c.train.grad_accum = 1
+  c.train.update(eval_every=0, log_every=1)
+  c.engram.update(table_memory='host', base_rows=1009)
+  c.checkpoint.enabled = False
+  c.log.update(tensorboard=False, progress=False)
+  return c
+
+
+class _Cycle:
+  """Checkpointable cycling iterator over prepared batches (for Lookahead)."""
+
+  def __init__(self, items):
+    self.items, self.i = items, 0
+
+  def __next__(self):
+    self.i += 1
+    return self.items[(self.i - 1) % len(self.items)]
+
+  def get_state(self):
+    return {'i': self.i}
+
+  def set_state(self, s):
+    self.i = s['i']
+
+
+def _batches(cfg, spec, tokens_list):
+  import numpy as np
+  from v4jax.data.engram_hash import hash_rows
+  out = []
+  for tok, tgt in tokens_list:
+    b, t = tok.shape
+    d = {'tokens': tok, 'targets': tgt,
+         'positions': np.ascontiguousarray(np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))),
+         'segment_ids': np.ones((b, t), np.int32), 'loss_mask': np.ones((b, t), np.float32)}
+    d.update({f'engram_rows_{l}': r for l, r in hash_rows(spec, tok).items()})
+    out.append(d)
+  return out
+
+
+def _size_cfg(cfg, gib):
+  """cfg with base_rows giving ~gib GiB of fp32 tables over all Engram layers, and its spec."""
+  from v4jax.data.engram_hash import make_hash_spec
+  g = cfg.engram
+  heads = (g.max_ngram - 1) * g.heads_per_ngram
+  d_h = g.d_mem // heads
+  c = cfg.copy_and_resolve_references()
+  c.engram.base_rows = max(2, int(gib * GIB / (len(g.layer_ids) * heads * d_h * 4)))
+  spec = make_hash_spec(c)
+  return c, spec, {l: int(spec.rows_in_layer(l)) for l in g.layer_ids}
+
+
+_PROBE = '''
+import numpy as np, jax
+from jax.sharding import SingleDeviceSharding
+from v4jax import compat
+d = jax.devices()[0]
+sh = SingleDeviceSharding(d, memory_kind='pinned_host')
+a = jax.device_put(np.arange(8, dtype=np.float32), sh)
+v = compat.host_view(a)
+v[3] = 7.0
+print('HOST_VIEW_OK', float(np.asarray(jax.device_put(a, SingleDeviceSharding(d)))[3]))
+'''
+
+
+def start_probe():
+  """Zero-copy host views are tried in a child process (a bad pointer would crash, not raise);
+  it runs while this process builds the trainer."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false',
+             PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+  return subprocess.Popen([sys.executable, '-c', _PROBE], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def probe_result(proc):
+  import subprocess
+  try:
+    out, _ = proc.communicate(timeout=180)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    return False, 'timed out'
+  lines = (out or '').strip().splitlines()
+  return any(l.startswith('HOST_VIEW_OK 7.0') for l in lines), \
+      (lines[-1][:300] if lines else f'exit {proc.returncode}')
+
+
+def measure_bandwidth(pool, mib):
+  """NumPy copy between two buffers on `pool`: (read + written bytes) / s."""
+  import numpy as np
+  from v4jax.memory.host_tables import _tasks
+  n = mib * (1 << 20) // 4
+  a, b = np.ones(n, np.float32), np.zeros(n, np.float32)
+  ws = pool._max_workers  # pylint: disable=protected-access
+
+  def copy():
+    list(pool.map(lambda s: np.copyto(b[s], a[s]), [slice(x.start * 1024, x.stop * 1024)
+                                                      for x in _tasks(n // 1024, ws)]))
+  copy()
+  best = float('inf')
+  for _ in range(5):
+    t = time.perf_counter()
+    copy()
+    best = min(best, time.perf_counter() - t)
+  return 2 * a.nbytes / best
+
+
+def _per_step(stats, key, n):
+  v = list(stats.get(key, []))
+  return sum(v) / n if v and n else 0.0
+
+
+def run_phase(tr, cfg_s, rows, memory_kind, batches, args, log):
+  import numpy as np
+  from v4jax.memory.host_tables import HostTables, Lookahead
+  if tr.tables is not None:
+    tr.tables.close()
+    tr.tables = None
+  gc.collect()
+  t0 = time.perf_counter()
+  tabs = HostTables(cfg_s, rows, tr.mesh, memory_kind=memory_kind, init=args.init == 'normal')
+  setup_s = time.perf_counter() - t0
+  tr.tables = tabs
+  tr.train_iter = Lookahead(_Cycle(batches))
+  times = []
+  for i in range(args.warmup + args.steps):
+    if i == args.warmup:
+      tabs.flush()
+      tabs.stats.clear()
+    t = time.perf_counter()
+    loss = float(tr.step(next(tr.train_iter))['loss'])
+    times.append(time.perf_counter() - t)
+    log(f'  {memory_kind} step {i}: {times[-1] * 1e3:.1f} ms loss {loss:.4f}')
+  tabs.flush()
+  st = {k: list(v) for k, v in tabs.stats.items()}
+  n_g = max(len(st.get('rows', [])), 1)
+  n_w = args.steps
+  res = {'memory_kind': memory_kind, 'setup_s': setup_s,
+         'step_ms': 1e3 * statistics.median(times[args.warmup:]),
+         'step_ms_mean': 1e3 * statistics.mean(times[args.warmup:]),
+         'first_step_s': times[0], 'loss': loss,
+         'rows_per_step': float(np.mean(st['rows'])) if st.get('rows') else 0.0,
+         'unique_ms': _per_step(st, 'unique_ms', n_g), 'gather_ms': _per_step(st, 'gather_ms', n_g),
+         'h2d_ms': _per_step(st, 'h2d_ms', n_g), 'd2h_ms': _per_step(st, 'd2h_ms', n_w),
+         'scatter_ms': _per_step(st, 'scatter_ms', n_w)}
+  return res, tabs
+
+
+def extras(tabs, batches, log):
+  """XLA host gather vs NumPy gather, and the donated XLA host scatter, for one batch's rows."""
+  import jax
+  import numpy as np
+  from v4jax import compat
+  from v4jax.memory import rows as rows_lib
+  store, l = tabs.store, tabs.layers[0]
+  uniq, _, n = rows_lib.unique_rows(batches[0][f'engram_rows_{l}'], tabs.u_max)
+  out, stats = {'rows': n}, collections.defaultdict(list)
+
+  def timed(f, reps=3):
+    f()
+    t = time.perf_counter()
+    for _ in range(reps):
+      f()
+    return 1e3 * (time.perf_counter() - t) / reps
+
+  for mode in ('numpy', 'xla'):
+    store.gather_mode = mode
+    try:
+      out[f'gather_{mode}_ms'] = timed(lambda: store.gather(l, uniq, n, tabs.row_sharding, stats)
+                                       .block_until_ready())
+    except Exception as e:  # noqa: BLE001
+      out[f'gather_{mode}_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+  store.gather_mode = 'numpy'
+  rows_dev = store.gather(l, uniq, n, tabs.row_sharding, stats)
+  out['writeback_numpy_ms'] = timed(lambda: store.write(l, uniq, n, rows_dev, stats))
+  try:   # the donated XLA host scatter on a table of the same shape (our table stays intact)
+    sh = store.sh
+    t = jax.device_put(np.zeros((tabs.rows[l], 3, tabs.width), np.float32), sh)
+    new_h = jax.device_put(np.asarray(jax.device_get(rows_dev)), sh)
+    idx_h = jax.device_put(uniq, sh)
+    fn = jax.jit(lambda t, i, u: compat.on_host(
+        lambda t, i, u: t.at[i].set(u, mode='promise_in_bounds'))(t, i, u), donate_argnums=0)
+    t = fn(t, idx_h, new_h).block_until_ready()
+    s = time.perf_counter()
+    t = fn(t, idx_h, new_h).block_until_ready()
+    out['xla_host_scatter_ms'] = 1e3 * (time.perf_counter() - s)
+    out['xla_host_scatter_table_gib'] = t.nbytes / GIB
+    del t
+  except Exception as e:  # noqa: BLE001
+    out['xla_host_scatter_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+  log(f'  extras: {out}')
+  return out
+
+
+def main():
+  args = _parse()
+  sizes = sorted((float(s) for s in (args.sizes_gib or ('0.008,0.002' if args.smoke else '32,8,1'))
+                  .split(',')), reverse=True)
+  _setup_env(args, sizes)
+  probe = start_probe()
+  import jax
+  import numpy as np
+  t_start = time.perf_counter()
+  report = {'meta': {'jax': jax.__version__, 'device': str(jax.devices()[0].device_kind),
+                     'backend': jax.default_backend(), 'cpus': os.cpu_count(),
+                     'date': datetime.date.today().isoformat(), 'args': vars(args)},
+            'phases': [], 'errors': []}
+
+  def log(msg):
+    print(f'[{time.perf_counter() - t_start:7.1f}s] {msg}', flush=True)
+
+  def save():
+    with open(args.out, 'w') as f:
+      json.dump(report, f, indent=1, default=str)
+
+  def over_budget():
+    return args.budget_s and time.perf_counter() - t_start > args.budget_s
+
+  from v4jax.trainer import Trainer
+  cfg = bench_config(args)
+  # The trainer starts with small HBM tables (the host view is not proven yet); every phase swaps
+  # in its own tables, so the compiled step is the same for all of them.
+  import functools
+  from v4jax.memory import host_tables
+  init = host_tables.HostTables.__init__
+  host_tables.HostTables.__init__ = functools.partialmethod(init, memory_kind='device')
+  tr = Trainer(cfg, os.path.join('/tmp', f'bench_engram_{os.getpid()}'))
+  host_tables.HostTables.__init__ = init
+  log(f'trainer built: {cfg.model.n_layers} layers, engram {cfg.engram.layer_ids}, '
+      f'batch {cfg.data.global_batch}x{cfg.data.seq_len}, U_max {tr.tables.u_max}')
+  pool = tr.tables._pool  # pylint: disable=protected-access
+  bw = measure_bandwidth(pool, args.bw_mib or (64 if args.smoke else 2048))
+  report['host_bandwidth_gbs'] = bw / 1e9
+  log(f'host memory bandwidth (read+write, {tr.tables.threads} threads): {bw / 1e9:.1f} GB/s')
+  rng = np.random.default_rng(0)
+  b, t, V = cfg.data.global_batch, cfg.data.seq_len, cfg.model.vocab_size
+  if args.tokens == 'random':
+    draw = lambda: rng.integers(0, V, (b, t)).astype(np.int32)
+    toks = [(draw(), draw()) for _ in range(4)]
+  else:
+    toks = [(x['tokens'], x['targets']) for x in (next(tr.train_iter) for _ in range(4))]
+  host_ok, probe_msg = probe_result(probe)
+  report['host_view_probe'] = {'ok': host_ok, 'message': probe_msg}
+  log(f'host view probe: {host_ok} ({probe_msg})')
+  if not host_ok:
+    report['errors'].append(f'host views unavailable: {probe_msg}; HBM phases only')
+  save()
+
+  plan = [(s, 'pinned_host') for s in sizes]
+  for s in sizes[1:]:
+    plan.insert(plan.index((s, 'pinned_host')) + 1, (s, 'device'))
+  plan.append((sizes[0], 'device'))
+  width = None
+  for gib, kind in plan:
+    if kind == 'pinned_host' and not host_ok:
+      continue
+    if over_budget():
+      report['errors'].append(f'skipped {gib} GiB {kind}: over --budget-s')
+      continue
+    log(f'phase: {gib} GiB tables in {kind}')
+    try:
+      cfg_s, spec, rows = _size_cfg(cfg, gib)
+      res, tabs = run_phase(tr, cfg_s, rows, kind, _batches(cfg_s, spec, toks), args, log)
+      width = tabs.width
+      res.update(size_gib=gib, table_bytes=sum(rows.values()) * tabs.width * 4)
+      if kind == 'pinned_host' and gib == sizes[-1]:
+        res['extras'] = extras(tabs, _batches(cfg_s, spec, toks[:1]), log)
+      report['phases'].append(res)
+      log(f'  {json.dumps({k: v for k, v in res.items() if k != "extras"}, default=str)}')
+    except Exception as e:  # noqa: BLE001 - recorded; the next phase may still run
+      first = str(e).splitlines()[0][:300] if str(e) else ''
+      msg = f'{gib} GiB {kind}: {type(e).__name__}: {first}'
+      report['errors'].append(msg)
+      log(f'  FAILED {msg}')
+    save()
+  summarize(report, width, log)
+  save()
+  if tr.tables is not None:
+    tr.tables.close()
+  return 0
+
+
+def summarize(report, width, log):
+  bw = report.get('host_bandwidth_gbs', 0) * 1e9
+  by = {(p['size_gib'], p['memory_kind']): p for p in report['phases']}
+  rows = []
+  for (gib, kind), p in sorted(by.items(), reverse=True):
+    if kind != 'pinned_host':
+      continue
+    hbm = by.get((gib, 'device'))
+    upd_ms = p['gather_ms'] + p['scatter_ms']
+    floor_ms = 1e3 * 2 * p['rows_per_step'] * 3 * (width or 0) * 4 / bw if bw else 0.0
+    rows.append({'size_gib': gib, 'host_plus_moments_gib': 3 * p['table_bytes'] / GIB,
+                 'host_step_ms': p['step_ms'], 'hbm_step_ms': hbm['step_ms'] if hbm else None,
+                 'overhead': (p['step_ms'] / hbm['step_ms'] - 1) if hbm else None,
+                 'rows_per_step': p['rows_per_step'], 'update_ms': upd_ms,
+                 'dma_ms': p['h2d_ms'] + p['d2h_ms'], 'floor_ms': floor_ms,
+                 'update_over_floor': upd_ms / floor_ms if floor_ms else None})
+  report['summary'] = rows
+  report['largest_trained_gib'] = max((r['host_plus_moments_gib'] for r in rows), default=0.0)
+  hdr = ('table GiB', 'host+mom GiB', 'host ms', 'HBM ms', 'overhead', 'rows/step', 'update ms',
+         'floor ms', 'x floor', 'DMA ms')
+  log(' | '.join(hdr))
+  f = lambda v, fmt: '-' if v is None else format(v, fmt)
+  for r in rows:
+    log(' | '.join([f(r['size_gib'], 'g'), f(r['host_plus_moments_gib'], '.3g'),
+                    f(r['host_step_ms'], '.1f'), f(r['hbm_step_ms'], '.1f'),
+                    f(None if r['overhead'] is None else 100 * r['overhead'], '+.1f') + '%',
+                    f(r['rows_per_step'], '.0f'), f(r['update_ms'], '.1f'), f(r['floor_ms'], '.1f'),
+                    f(r['update_over_floor'], '.2f'), f(r['dma_ms'], '.1f')]))
+  log(f'largest table + moments trained in host memory: {report["largest_trained_gib"]:.3g} GiB; '
+      f'host bandwidth {bw / 1e9:.1f} GB/s')
+
+
+if __name__ == '__main__':
+  from v4jax.cli import run_tool
+  run_tool('bench_engram', main)

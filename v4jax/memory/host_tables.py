@@ -1,0 +1,400 @@
+"""Engram tables and their Adam moments in host memory (`engram.table_memory='host'`, SPEC §6.4).
+
+Storage. One jax.Array `slots` [sum_l R_l, 3, H] fp32 for all Engram layers (layer l from row
+base_l, SPEC §6.2; row r holds theta_r, m_r, v_r) with memory kind `pinned_host` on the first local
+device: one random access reads or writes a row and both its moments, and one allocation suits the
+GPU client's pinned pool. It is not part of the jitted train state; checkpoints carry each layer's
+[R_l, 3, H] as their own Orbax item (mesh independent). `memory_kind='device'` keeps the same
+array in HBM with the same sparse machinery: the benchmark's baseline.
+
+Per step s (host work runs on one job thread, in submission order; NumPy, which releases the GIL,
+is spread over a thread pool):
+  1. the unique rows U_s of the global batch and each position's index into them;
+  2. gather of theta/m/v for U_s from the table into a pinned staging buffer (a zero-copy view of
+     the jax.Array, `compat.host_view`; or XLA host compute with `engram.host_gather='xla'`), then
+     one DMA to the device;
+  3. the jitted train step patches in the rows step s-1 updated (`rows.patch_rows`), runs the model
+     on theta, sums duplicate references deterministically, clips the row gradients with the main
+     group and applies row-wise lazy Adam on the device (`rows.lazy_adam_rows`);
+  4. write-back: the new rows come back by DMA and are scattered into the table in place. Only the
+     U_s rows are read or written: nothing scales with the table size.
+Overlap: while step s runs on the device, the job thread gathers for step s+1 (the batch comes from
+`Lookahead.peek`), then writes step s back once its rows exist. Rows of U_s that step s+1 uses were
+read before that write-back, so the device patches them from step s's output: no step ever sees a
+stale row (SPEC §6.4 exactness).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from v4jax import compat
+from v4jax.config import ConfigError
+from v4jax.memory import rows as rows_lib
+
+__all__ = ['HostTables', 'Lookahead']
+
+_BLOCK = 4096            # init: rows per PRNG block (values do not depend on the chunking)
+_CHUNK_BLOCKS = 256      # init: blocks generated per device call
+_MIN_ROWS_PER_TASK = 2048
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _normal_blocks(key, first, n_blocks: int, width: int, std: float):
+  """std * N(0,1) rows for PRNG blocks first..first+n_blocks-1, [n_blocks * _BLOCK, width]."""
+  ids = first + jnp.arange(n_blocks, dtype=jnp.uint32)
+  vals = jax.vmap(lambda b: jax.random.normal(jax.random.fold_in(key, b), (_BLOCK, width)))(ids)
+  return (std * vals).reshape(n_blocks * _BLOCK, width)
+
+
+@jax.jit
+def _xla_host_gather(slots, idx):
+  rows = compat.on_host(lambda t, i: t.at[i].get(mode='promise_in_bounds'))(slots, idx)
+  return jax.device_put(rows, compat.DEVICE)
+
+
+@jax.jit
+def _device_gather(slots, idx):
+  return jnp.take(slots, idx, axis=0, mode='clip')
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _device_scatter(slots, idx, new):
+  return slots.at[idx].set(new, mode='drop')
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _device_set_rows(slots, r0, vals):
+  return jax.lax.dynamic_update_slice(slots, vals, (r0, 0, 0))
+
+
+def _tasks(n: int, workers: int) -> list[slice]:
+  k = max(1, min(workers, n // _MIN_ROWS_PER_TASK))
+  b = np.linspace(0, n, k + 1).astype(np.int64)
+  return [slice(int(b[i]), int(b[i + 1])) for i in range(k) if b[i + 1] > b[i]]
+
+
+def _row_void(a: np.ndarray) -> np.ndarray:
+  """[N, ...] contiguous -> [N] of opaque rows (NumPy scatters whole rows faster)."""
+  n = a.shape[0]
+  return a.reshape(n, -1).view(np.dtype((np.void, a[0].nbytes))).reshape(n)
+
+
+def _layout(rows: dict[int, int]) -> tuple[dict[int, int], int]:
+  """Each layer's first row in the one buffer holding all layers (SPEC §6.2), and the total."""
+  base, total = {}, 0
+  for l, r in rows.items():
+    base[l], total = total, total + r
+  if total >= 2**31:
+    raise ValueError(f'Engram tables have {total} rows in all; row indices must fit in int32')
+  return base, total
+
+
+class _HostStore:
+  """All layers' tables in one `pinned_host` array (one allocation: the GPU client's pinned pool
+  grows in power-of-two regions), read and written through zero-copy NumPy views."""
+
+  def __init__(self, device, rows: dict[int, int], width: int, u_max: int, gather: str, pool):
+    compat.require_memory_kind(device, 'pinned_host')
+    self.sh = SingleDeviceSharding(device, memory_kind='pinned_host')
+    self.device, self.gather_mode, self.pool = device, gather, pool
+    self.base, total = _layout(rows)
+    self.slots = jax.device_put(np.zeros((total, 3, width), np.float32), self.sh)
+    view = compat.host_view(self.slots)
+    self.views = {l: view[b:b + rows[l]] for l, b in self.base.items()}
+    self.flat = {l: v.reshape(v.shape[0], -1) for l, v in self.views.items()}
+    self.void = {l: _row_void(v) for l, v in self.views.items()}
+    self.stage = {l: jax.device_put(np.zeros((u_max, 3, width), np.float32), self.sh)
+                  for l in rows}
+    self.stage_flat = {l: compat.host_view(a, check=False).reshape(u_max, -1)
+                       for l, a in self.stage.items()}
+
+  def _par(self, fn, n):
+    list(self.pool.map(fn, _tasks(n, self.pool._max_workers)))  # pylint: disable=protected-access
+
+  def gather(self, l, uniq, n, sharding, stats):
+    t0 = time.perf_counter()
+    if self.gather_mode == 'xla':
+      idx = jax.device_put((uniq + self.base[l]).astype(np.int32), self.sh)
+      rows = _xla_host_gather(self.slots, idx).block_until_ready()
+      stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
+      return jax.device_put(rows, sharding)
+    src, out = self.flat[l], self.stage_flat[l]
+    self._par(lambda s: np.take(src, uniq[s], axis=0, out=out[s], mode='clip'), n)
+    t1 = time.perf_counter()
+    rows = jax.device_put(self.stage[l], sharding).block_until_ready()   # staging is reused
+    stats['gather_ms'].append(1e3 * (t1 - t0))
+    stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))
+    return rows
+
+  def write(self, l, uniq, n, new_dev, stats):
+    t0 = time.perf_counter()
+    shard = next(s.data for s in new_dev.addressable_shards if s.device == self.device)
+    host = jax.device_put(shard, self.sh).block_until_ready()
+    new = _row_void(compat.host_view(host, check=False))
+    t1 = time.perf_counter()
+    dst = self.void[l]
+    self._par(lambda s: dst.__setitem__(uniq[s], new[s]), n)
+    stats['d2h_ms'].append(1e3 * (t1 - t0))
+    stats['scatter_ms'].append(1e3 * (time.perf_counter() - t1))
+
+  def set_theta(self, l, r0, vals):
+    self.views[l][r0:r0 + vals.shape[0], 0] = vals
+
+  def load(self, l, arr):
+    np.copyto(self.views[l], arr)
+
+  def export(self, l) -> np.ndarray:
+    return self.views[l]
+
+
+class _DeviceStore:
+  """The same tables in device memory (HBM), updated by a donated in-place scatter."""
+
+  def __init__(self, device, rows: dict[int, int], width: int, u_max: int):
+    self.device, self.sh = device, SingleDeviceSharding(device)
+    self.base, self.total = _layout(rows)
+    self.rows = rows
+    self.slots = jax.jit(lambda: jnp.zeros((self.total, 3, width), jnp.float32),
+                         out_shardings=self.sh)()
+
+  def gather(self, l, uniq, n, sharding, stats):
+    t0 = time.perf_counter()
+    idx = jax.device_put((uniq + self.base[l]).astype(np.int32), self.sh)
+    rows = _device_gather(self.slots, idx)
+    stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
+    return jax.device_put(rows, sharding)
+
+  def write(self, l, uniq, n, new_dev, stats):
+    t0 = time.perf_counter()
+    idx = np.where(np.arange(uniq.shape[0]) < n, uniq + self.base[l], self.total).astype(np.int32)
+    shard = next(s.data for s in new_dev.addressable_shards if s.device == self.device)
+    self.slots = _device_scatter(self.slots, jax.device_put(idx, self.sh), shard)
+    stats['scatter_ms'].append(1e3 * (time.perf_counter() - t0))
+
+  def set_theta(self, l, r0, vals):
+    vals3 = jnp.pad(vals[:, None, :], ((0, 0), (0, 2), (0, 0)))    # m = v = 0 at init
+    self.slots = _device_set_rows(self.slots, np.int32(self.base[l] + r0), vals3)
+
+  def load(self, l, arr):
+    self.slots = _device_set_rows(self.slots, np.int32(self.base[l]), jax.device_put(arr, self.sh))
+
+  def export(self, l) -> np.ndarray:
+    b = self.base[l]
+    return np.asarray(jax.device_get(self.slots[b:b + self.rows[l]]))
+
+
+class HostTables:
+  """All Engram layers' tables + moments outside the device train state, with the per-step
+  begin (rows for the device) / end (write-back, prefetch) protocol the Trainer drives."""
+
+  def __init__(self, cfg, rows_per_layer: dict[int, int], mesh, *, memory_kind: str = 'pinned_host',
+               init: bool = True, threads: int | None = None):
+    g = cfg.engram
+    if g.table_optimizer != 'lazy_adam':
+      raise ConfigError(f'config.engram.table_optimizer={g.table_optimizer!r}: host-memory tables '
+                        "support only 'lazy_adam' (dense Adam touches every row every step); "
+                        "use engram.table_memory='device' for dense_adam")
+    if jax.process_count() > 1:
+      raise NotImplementedError(
+          'engram.table_memory=host with several processes: row-sharding the host tables across '
+          'hosts (and exchanging gathered rows) is not implemented; '
+          "use engram.table_memory='device'")
+    self.layers = tuple(g.layer_ids)
+    heads = (g.max_ngram - 1) * g.heads_per_ngram
+    self.width = g.d_mem // heads
+    self.u_max = cfg.data.global_batch * cfg.data.seq_len * heads
+    self.rows = {l: int(rows_per_layer[l]) for l in self.layers}
+    self.memory_kind = memory_kind
+    self.device = mesh.devices.flat[0]
+    self.row_sharding = NamedSharding(mesh, P())
+    self.threads = threads or min(16, os.cpu_count() or 1)
+    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix='engram-np')
+    self._jobs = ThreadPoolExecutor(1, thread_name_prefix='engram-jobs')
+    if memory_kind == 'pinned_host':
+      self.store = _HostStore(self.device, self.rows, self.width, self.u_max, g.host_gather,
+                              self._pool)
+    elif memory_kind == 'device':
+      self.store = _DeviceStore(self.device, self.rows, self.width, self.u_max)
+    else:
+      raise ValueError(f"memory_kind={memory_kind!r} is not 'pinned_host' or 'device'")
+    if init:
+      self._init_theta(cfg.train.seed, g.table_init_std)
+    self.stats: dict[str, collections.deque] = collections.defaultdict(
+        lambda: collections.deque(maxlen=4096))
+    self._reset_pipeline()
+
+  # ---- init / checkpoint ----------------------------------------------------------------------
+  def _init_theta(self, seed: int, std: float):
+    """theta ~ N(0, std) in fixed PRNG blocks of rows (independent of chunking and device)."""
+    for l, R in self.rows.items():
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x5E6A + l)
+      n_blocks = min(_CHUNK_BLOCKS, -(-R // _BLOCK))
+      for b0 in range(0, -(-R // _BLOCK), n_blocks):
+        r0 = b0 * _BLOCK
+        vals = _normal_blocks(key, np.uint32(b0), n_blocks, self.width, float(std))
+        vals = vals[:min(R - r0, vals.shape[0])]
+        if self.memory_kind == 'device':
+          self.store.set_theta(l, r0, jax.device_put(vals, self.store.sh))
+        else:
+          self.store.set_theta(l, r0, np.asarray(vals))
+
+  def _reset_pipeline(self):
+    self._prev = None                      # (uniq, n) per layer of the last step
+    zeros = jax.jit(lambda: jnp.zeros((self.u_max, 3, self.width), jnp.float32),
+                    out_shardings=self.row_sharding)     # made like the step's outputs, so the
+    self._prev_rows = {l: zeros() for l in self.layers}  # step's jit sees one input signature
+    self._prefetch = None                  # (batch, Future)
+    self._current = None
+    self._pending: list[Future] = []
+
+  def abstract(self) -> dict:
+    return {f'layer_{l}': jax.ShapeDtypeStruct((r, 3, self.width), np.float32)
+            for l, r in self.rows.items()}
+
+  def state_for_save(self) -> dict:
+    """{'layer_<l>': [R,3,H] numpy} after all pending write-backs (Orbax copies them on save)."""
+    self.flush()
+    return {f'layer_{l}': self.store.export(l) for l in self.layers}
+
+  def load(self, arrays: dict):
+    self.flush()
+    for l in self.layers:
+      a = np.asarray(arrays[f'layer_{l}'], np.float32)
+      if a.shape != (self.rows[l], 3, self.width):
+        raise ValueError(f'host table layer {l}: checkpoint shape {a.shape}, expected '
+                         f'{(self.rows[l], 3, self.width)}')
+      self.store.load(l, a)
+    self._reset_pipeline()
+
+  def slots(self, l: int) -> np.ndarray:
+    """A copy of layer l's [R, 3, H] (theta, m, v) after pending write-backs."""
+    self.flush()
+    return np.array(self.store.export(l))
+
+  # ---- per-step protocol ------------------------------------------------------------------------
+  def begin(self, batch: dict):
+    """(batch without engram_rows_* and with engram_inv_<l> [B,T,J], eng inputs of the step)."""
+    pf, self._prefetch = self._prefetch, None
+    fut = pf[1] if pf is not None and pf[0] is batch else self._submit_gather(batch, self._prev)
+    got = fut.result()
+    self._current = got
+    return self._device_batch(batch, got), {'rows': got['rows'], 'src': got['src'],
+                                            'prev': self._prev_rows}
+
+  def end(self, new_rows: dict, peek=None):
+    """After dispatching the step: prefetch the next batch's rows, then queue the write-back."""
+    cur, self._current = self._current, None
+    self._prev, self._prev_rows = (cur['uniq'], cur['n']), new_rows
+    if peek is not None:
+      try:
+        nxt = peek()
+      except StopIteration:
+        nxt = None
+      if nxt is not None:
+        self._prefetch = (nxt, self._submit_gather(nxt, self._prev))
+    self._pending.append(self._jobs.submit(self._writeback, cur['uniq'], cur['n'], new_rows))
+    self._reap()
+
+  def eval_inputs(self, batch: dict):
+    """Rows for a forward-only step (all write-backs applied first)."""
+    self.flush()
+    got = self._submit_gather(batch, None).result()
+    return self._device_batch(batch, got), {'rows': got['rows'], 'src': got['src'],
+                                            'prev': self._prev_rows}
+
+  def flush(self):
+    """Waits for every queued gather and write-back; re-raises a failed one."""
+    self._jobs.submit(lambda: None).result()
+    self._reap()
+
+  def close(self):
+    self.flush()
+    self._jobs.shutdown()
+    self._pool.shutdown()
+
+  # ---- jobs -----------------------------------------------------------------------------------
+  def _device_batch(self, batch, got):
+    out = {k: v for k, v in batch.items() if not k.startswith('engram_rows_')}
+    out.update({f'engram_inv_{l}': got['inv'][l] for l in self.layers})
+    return out
+
+  def _submit_gather(self, batch, prev):
+    rows = {}
+    for l in self.layers:
+      r = batch.get(f'engram_rows_{l}')
+      if r is None:
+        raise KeyError(f'batch has no engram_rows_{l}: the data pipeline must hash Engram rows')
+      rows[l] = np.asarray(r)
+    return self._jobs.submit(self._gather, rows, prev)
+
+  def _gather(self, rows, prev):
+    t0 = time.perf_counter()
+    uniq, inv, n, src = {}, {}, {}, {}
+    for l, (u, i, k) in zip(self.layers, self._pool.map(
+        lambda l: rows_lib.unique_rows(rows[l], self.u_max), self.layers)):
+      if k and (u[k - 1] >= self.rows[l] or u[0] < 0):
+        raise ValueError(f'engram_rows_{l} has rows outside the table [0, {self.rows[l]}): the '
+                         'hash spec and the host table disagree')
+      uniq[l], inv[l], n[l] = u, i, k
+      p = None if prev is None else prev[0][l]
+      src[l] = jax.device_put(rows_lib.patch_map(u, k, p, 0 if prev is None else prev[1][l]),
+                              self.row_sharding)
+    self.stats['unique_ms'].append(1e3 * (time.perf_counter() - t0))
+    self.stats['rows'].append(sum(n.values()))
+    out = {l: self.store.gather(l, uniq[l], n[l], self.row_sharding, self.stats)
+           for l in self.layers}
+    return {'uniq': uniq, 'inv': inv, 'n': n, 'src': src, 'rows': out}
+
+  def _writeback(self, uniq, n, new_rows):
+    for l in self.layers:
+      self.store.write(l, uniq[l], n[l], new_rows[l], self.stats)
+
+  def _reap(self):
+    done = [f for f in self._pending if f.done()]
+    self._pending = [f for f in self._pending if not f.done()]
+    for f in done:
+      f.result()
+
+
+class Lookahead:
+  """An iterator that can `peek` one batch ahead, for the row prefetch. Its checkpoint state
+  (Grain's handler: get_state -> bytes) is that of the last batch it returned, so a resumed run
+  sees the peeked batch again."""
+
+  def __init__(self, it):
+    self._it, self._peeked, self._state = it, None, None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._peeked is not None:
+      b, self._peeked = self._peeked, None
+      return b
+    return next(self._it)
+
+  def peek(self):
+    if self._peeked is None:
+      self._state = self._it.get_state()
+      self._peeked = next(self._it)
+    return self._peeked
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._state if self._peeked is not None else self._it.get_state()).encode()
+
+  def set_state(self, state: bytes):
+    self._peeked = None
+    self._it.set_state(json.loads(state))
+
+  def start_prefetch(self):
+    getattr(self._it, 'start_prefetch', lambda: None)()

@@ -1,0 +1,119 @@
+"""Device-side math for Engram tables kept outside the model (SPEC §6.3 backward, §6.4).
+
+Dims: B batch, T positions, J table heads per layer, H row width d_h, U unique rows of the step's
+global batch (padded to the static U_max = global_batch * T * J), S = 3 row slots (theta, m, v).
+
+Per step the host hands the device, per Engram layer, the step's unique rows with their optimizer
+moments (`rows_US3H`, fp32) and each position's index into them (`inv_BTJ`). The model sees
+`expand_rows(theta_UH, inv_BTJ)`; its backward sums the duplicate references of a row in a fixed
+order (sort, then a segmented tree scan), so the row gradient does not depend on scatter atomics.
+`lazy_adam_rows` then updates exactly the rows with a non-zero gradient, as `optim.lazy_adam` does
+for a device table.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ['unique_rows', 'patch_map', 'expand_rows', 'embeddings', 'patch_rows', 'lazy_adam_rows']
+
+_F32 = jnp.float32
+
+
+# ---- host side (numpy) ----------------------------------------------------------------------
+def unique_rows(rows_BTJ: np.ndarray, u_max: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """(uniq [u_max] int32 sorted, padded with its last row; inv [B,T,J] int32; U)."""
+  uniq, inv = np.unique(rows_BTJ.reshape(-1), return_inverse=True)
+  n = uniq.shape[0]
+  if n > u_max:
+    raise ValueError(f'{n} unique Engram rows exceed U_max={u_max}')
+  out = np.empty((u_max,), np.int32)
+  out[:n] = uniq
+  out[n:] = uniq[-1] if n else 0
+  return out, inv.reshape(rows_BTJ.shape).astype(np.int32), n
+
+
+def patch_map(uniq: np.ndarray, n: int, prev_uniq: np.ndarray | None, prev_n: int) -> np.ndarray:
+  """src [u_max] int32: where each of this step's rows sits among the previous step's rows
+  (-1 if absent), so the device can patch in the previous step's updated values."""
+  src = np.full(uniq.shape, -1, np.int32)
+  if prev_uniq is None or not n or not prev_n:
+    return src
+  pos = np.minimum(np.searchsorted(prev_uniq[:prev_n], uniq[:n]), prev_n - 1)
+  src[:n] = np.where(prev_uniq[pos] == uniq[:n], pos, -1)
+  return src
+
+
+# ---- device side ----------------------------------------------------------------------------
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _expand(theta_UH, inv_N, n_rows):
+  del n_rows
+  return jnp.take(theta_UH, inv_N, axis=0, mode='clip')
+
+
+def _expand_fwd(theta_UH, inv_N, n_rows):
+  return _expand(theta_UH, inv_N, n_rows), inv_N
+
+
+def _segmented_add(a, b):
+  fa, va = a
+  fb, vb = b
+  return fa | fb, jnp.where(fb[..., None], vb, va + vb)
+
+
+def _expand_bwd(n_rows, inv_N, g_NH):
+  """Per-row sums of g over the references to that row, in a fixed (sorted, tree) order."""
+  order = jnp.argsort(inv_N, stable=True)
+  s_inv = inv_N[order]
+  s_g = g_NH[order].astype(_F32)
+  start = jnp.concatenate([jnp.ones((1,), bool), s_inv[1:] != s_inv[:-1]])
+  last = jnp.concatenate([s_inv[1:] != s_inv[:-1], jnp.ones((1,), bool)])
+  _, sums = jax.lax.associative_scan(_segmented_add, (start, s_g))
+  dst = jnp.where(last, s_inv, n_rows)                     # n_rows: dropped
+  d_theta = jnp.zeros((n_rows, g_NH.shape[-1]), _F32).at[dst].set(sums, mode='drop')
+  return d_theta, None
+
+
+_expand.defvjp(_expand_fwd, _expand_bwd)
+
+
+def expand_rows(theta_UH: jax.Array, inv_BTJ: jax.Array) -> jax.Array:
+  """[B,T,J,H] = theta_UH[inv_BTJ]; the backward returns [U,H] per-row sums, deterministically."""
+  B, T, J = inv_BTJ.shape
+  out = _expand(theta_UH, inv_BTJ.reshape(-1), theta_UH.shape[0])
+  return out.reshape(B, T, J, theta_UH.shape[-1])
+
+
+def embeddings(theta: dict, batch: dict, dtype) -> dict:
+  """{'engram_emb_<l>': e [B,T,J*H]} from each layer's rows and the batch's engram_inv_<l>."""
+  out = {}
+  for lid, th in theta.items():
+    e = expand_rows(th, batch[f'engram_inv_{lid}'])
+    out[f'engram_emb_{lid}'] = e.reshape(e.shape[:2] + (-1,)).astype(dtype)
+  return out
+
+
+def patch_rows(rows_US3H: jax.Array, src_U: jax.Array, prev_US3H: jax.Array) -> jax.Array:
+  """This step's gathered rows with the previous step's updated rows patched in where shared."""
+  take = jnp.take(prev_US3H, jnp.maximum(src_U, 0), axis=0)
+  return jnp.where((src_U >= 0)[:, None, None], take, rows_US3H)
+
+
+def lazy_adam_rows(rows_US3H, g_UH, count, lr, b1: float, b2: float, eps: float, finite):
+  """Row-wise Adam (SPEC §6.4) on [theta, m, v] rows: rows whose gradient is all zero (padding,
+  rows that no loss reaches) and every row of a non-finite step keep their exact bits.
+
+  count: updates applied before this one (bias correction uses count + 1); lr: this step's rate.
+  """
+  th, m, v = rows_US3H[:, 0], rows_US3H[:, 1], rows_US3H[:, 2]
+  g = g_UH.astype(_F32)
+  c = (count + 1).astype(_F32)
+  touched = jnp.any(g != 0, axis=-1, keepdims=True) & finite
+  mu = jnp.where(touched, b1 * m + (1 - b1) * g, m)
+  nu = jnp.where(touched, b2 * v + (1 - b2) * g * g, v)
+  upd = -lr * (mu / (1 - b1 ** c)) / (jnp.sqrt(nu / (1 - b2 ** c)) + eps)
+  th = jnp.where(touched, th + upd, th)
+  return jnp.stack([th, mu, nu], axis=1)
