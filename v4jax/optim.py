@@ -66,7 +66,7 @@ def schedule(cfg, peak: float):
   warm = min(o.warmup_steps, max(steps - 1, 0))
   if o.schedule == 'constant':
     return optax.linear_schedule(0.0, peak, max(warm, 1)) if warm else optax.constant_schedule(peak)
-  return optax.warmup_cosine_decay_schedule(0.0, peak, max(warm, 1), max(steps, warm + 1),
+  return optax.warmup_cosine_decay_schedule(0.0, peak, max(warm, 1), max(steps, max(warm, 1) + 1),
                                             end_value=peak * o.min_lr_ratio)
 
 

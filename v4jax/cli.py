@@ -1,0 +1,135 @@
+"""Shared helpers for the command-line tools in tools/: one-line errors, progress bars and output
+directories that appear whole or not at all.
+
+A tool raises `ToolError` for bad input; `run_tool` prints it as one line (`<tool>: error: ...`)
+and exits with status 2, like argparse does for a bad flag. Long work reports progress through
+`progress(...)`: tqdm when it is installed and stderr is a terminal, else a plain line on stderr
+at most every few seconds (log files stay short).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable, Iterator
+
+
+class ToolError(Exception):
+  """Bad input to a tool; the message is one line naming the file/tensor/flag and the problem."""
+
+
+def run_tool(name: str, main: Callable[[], int | None]) -> None:
+  """Runs `main`; a ToolError (or a missing file) becomes one line on stderr and exit code 2."""
+  try:
+    rc = main()
+  except (ToolError, FileNotFoundError) as e:
+    msg = str(e).strip().replace('\n', ' ')
+    print(f'{name}: error: {msg}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print(f'{name}: interrupted; nothing was written', file=sys.stderr, flush=True)
+    sys.exit(130)
+  sys.exit(rc or 0)
+
+
+class _PlainProgress:
+  """A tqdm-like counter printing `desc: done/total unit (pct) rate` to stderr every `every` s."""
+
+  def __init__(self, total, desc, unit, every=5.0):
+    self.total, self.desc, self.unit, self.every = total, desc, unit, every
+    self.n, self.t0 = 0, time.time()
+    self.t_last = self.t0           # the first line comes after `every` seconds
+    self.printed = False
+
+  def _fmt(self, v):
+    if self.unit != 'B':
+      return f'{v:,.0f}'
+    for u in ('B', 'KB', 'MB', 'GB', 'TB'):
+      if abs(v) < 1000 or u == 'TB':
+        return f'{v:.1f} {u}' if u != 'B' else f'{v:.0f} B'
+      v /= 1000.0
+    return str(v)
+
+  def _print(self):
+    dt = max(time.time() - self.t0, 1e-9)
+    pct = f' ({100.0 * self.n / self.total:.0f}%)' if self.total else ''
+    tot = f'/{self._fmt(self.total)}' if self.total else ''
+    rate = self._fmt(self.n / dt) + ('/s' if self.unit == 'B' else f' {self.unit}/s')
+    print(f'{self.desc}: {self._fmt(self.n)}{tot}{pct} {rate}', file=sys.stderr, flush=True)
+    self.printed = True
+
+  def update(self, n=1):
+    self.n += n
+    now = time.time()
+    if now - self.t_last >= self.every:
+      self.t_last = now
+      self._print()
+
+  def close(self, failed=False):
+    if self.printed and not failed:   # short work prints nothing
+      self._print()
+
+
+@contextlib.contextmanager
+def progress(total: int | None, desc: str, unit: str = 'B', enabled: bool = True):
+  """A progress bar over `total` units (bytes when unit='B'); yields an object with update(n)."""
+  if not enabled:
+    bar = _PlainProgress(total, desc, unit, every=float('inf'))
+  elif sys.stderr.isatty():
+    try:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000,
+                 file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+    except ImportError:
+      bar = _PlainProgress(total, desc, unit, every=1.0)
+  else:
+    bar = _PlainProgress(total, desc, unit)
+  try:
+    yield bar
+  except BaseException:
+    if isinstance(bar, _PlainProgress):
+      bar.close(failed=True)
+    else:
+      bar.close()
+    raise
+  bar.close()
+
+
+def check_output_dir(out: str, overwrite: bool | None, what: str = 'output directory') -> None:
+  """Refuses a non-empty `out` unless overwrite (checked before any work starts); None: the
+  tool has no --overwrite flag."""
+  if os.path.exists(out):
+    if not os.path.isdir(out):
+      raise ToolError(f'{what} {out!r} exists and is not a directory')
+    if os.listdir(out) and not overwrite:
+      hint = ' (pass --overwrite to replace it)' if overwrite is not None else ' (give a new one)'
+      raise ToolError(f'{what} {out!r} is not empty{hint}')
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str, overwrite: bool = False) -> Iterator[str]:
+  """Yields a fresh temporary directory next to `out`; on success it replaces `out` by rename,
+  on any error it is deleted, so `out` never holds a half-written result."""
+  check_output_dir(out, overwrite)
+  out = os.path.abspath(out)
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + '.tmp-', dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)     # mkdtemp makes it private; the result should not be
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.exists(out):
+    old = tempfile.mkdtemp(prefix=os.path.basename(out) + '.old-', dir=parent)
+    os.rename(out, os.path.join(old, 'x'))
+  os.rename(tmp, out)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
