@@ -4,17 +4,11 @@ layers 1 and 30 (N=3, K_e=8, d_mem=2048, R=7,239,680; 29.7B host params).
 It cannot start from a V3.2 checkpoint (the mHC and Engram weights are new), so it trains from
 scratch and YaRN is off until a context-extension stage (SPEC §1).
 """
-import importlib.util
-import pathlib
-
-_base_path = pathlib.Path(__file__).with_name('v3_2_671b.py')
-_spec = importlib.util.spec_from_file_location('_v4jax_config_v3_2_671b', _base_path)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from v4jax.config import load_config_file
 
 
 def get_config():
-  c = _base.get_config()        # starts from v4jax.config.default_config()
+  c = load_config_file('v3_2_671b.py', __file__)
   c.rope.yarn_mode = 'off'
 
   c.mhc.streams = 4

@@ -1,16 +1,13 @@
 """Shared test fixtures: small configs built from the shipped presets."""
-import importlib.util
 import os
+
+from v4jax.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_preset(name: str):
-  path = os.path.join(ROOT, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'cfg_{name.replace("/", "_")}', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
 
 
 def small_tiny(**over):

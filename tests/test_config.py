@@ -5,11 +5,8 @@ from v4jax.config import ConfigError, default_config, validate
 
 
 def _tiny():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('tiny', 'configs/tiny.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  from helpers import load_preset
+  return load_preset('tiny')
 
 
 BAD = [

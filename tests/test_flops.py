@@ -12,13 +12,12 @@ constant):
 - bench-1B = configs/bench_h200.py as shipped (mHC 4, Engram [1, 8], d_mem 1024, DSA K = 1024).
 """
 import glob
-import importlib.util
 import os
 
 import pytest
 
 from v4jax import flops
-from v4jax.config import validate
+from v4jax.config import load_config_file, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '**', '*.py'),
@@ -27,11 +26,7 @@ CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '**', '
 
 
 def load(path):
-  name = '_cfg_' + os.path.relpath(path, ROOT).replace(os.sep, '_')[:-3]
-  spec = importlib.util.spec_from_file_location(name, path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return load_config_file(path)
 
 
 def preset(name):

@@ -42,7 +42,6 @@ import functools
 import gc
 import glob
 import importlib
-import importlib.util
 import json
 import os
 import re
@@ -54,6 +53,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from v4jax.cli import ToolError, run_tool  # noqa: E402
+from v4jax.config import load_config_file  # noqa: E402
 
 # Components switched off by --ablate, as config overrides.
 ABLATIONS = {
@@ -104,12 +104,8 @@ def load_config(spec: str):
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ToolError(f'--config {path!r}: no such config file')
-  mod_spec = importlib.util.spec_from_file_location(
-      '_bench_cfg_' + re.sub(r'\W', '_', os.path.abspath(path)), path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
   try:
-    return mod.get_config(arg) if arg else mod.get_config()
+    return load_config_file(path, variant=arg or None)
   except (TypeError, ValueError) as e:
     raise ToolError(f'--config {spec!r}: {e}') from e
 

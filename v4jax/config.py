@@ -331,3 +331,20 @@ def validate(c: ConfigDict) -> ConfigDict:
 def get_config() -> ConfigDict:
   """The default preset (same as configs/tiny.py without the V4 components)."""
   return default_config()
+
+
+def load_config_file(path: str, relative_to: str | None = None, variant: str | None = None):
+  """`get_config()` of a preset file (presets are files, not a package). A relative `path` is
+  taken from the directory of `relative_to` (pass `__file__` from one preset loading another);
+  `variant` is passed to `get_config` when given."""
+  import importlib.util
+  import os
+  if relative_to and not os.path.isabs(path):
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist')
+  name = '_v4jax_preset_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant) if variant is not None else mod.get_config()

@@ -10,21 +10,11 @@ activated expert compute is unchanged and the total parameter count matches.
 - Totals (v4jax.flops.param_counts): baseline 369,600, engram 369,504 (-96, -0.03%); active
   222,144 vs 226,336 (+4,192: the Engram projections and the 32 gathered values per token).
 """
-import importlib.util
-import os
-
-
-def _load(path: str):
-  """get_config() of another config file, by path (config files are not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
-  spec = importlib.util.spec_from_file_location('_ablation_' + os.path.basename(path)[:-3], path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+from v4jax.config import load_config_file
 
 
 def get_config():
-  c = _load('baseline.py')
+  c = load_config_file('baseline.py', __file__)
   c.moe.update(num_experts=6, n_groups=3, topk_groups=2)
   c.engram.update(enabled=True, layer_ids=(1,), max_ngram=3, heads_per_ngram=2, d_mem=32,
                   base_rows=1380, table_memory='device')
