@@ -9,11 +9,13 @@ Pallas calls cannot be partitioned by XLA, so the dispatchers run them per devic
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from v4jax.parallel import rules as _rules
 
@@ -82,3 +84,36 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
   pads = [(0, 0)] * x.ndim
   pads[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, pads, constant_values=value)
+
+
+def sparse_attention_op(forward: Callable, backward: Callable) -> Callable:
+  """A custom-VJP op (q, kv, idx, cfg) -> (o, lse) from a forward and a backward kernel driver;
+  `backward(q, kv, idx, o, lse, do, dlse, cfg) -> (dq, dkv)`; the int indices get no gradient."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def op(q, kv, idx, cfg):
+    return forward(q, kv, idx, cfg)
+
+  def fwd(q, kv, idx, cfg):
+    o, lse = forward(q, kv, idx, cfg)
+    return (o, lse), (q, kv, idx, o, lse)
+
+  def bwd(cfg, res, cts):
+    q, kv, idx, o, lse = res
+    do, dlse = cts
+    dq, dkv = backward(q, kv, idx, o, lse, do, dlse.astype(jnp.float32), cfg)
+    return dq, dkv, np.zeros(idx.shape, jax.dtypes.float0)
+
+  op.defvjp(fwd, bwd)
+  return op
+
+
+def with_reference_vjp(kernel: Callable, reference_fn: Callable) -> Callable:
+  """`kernel(q, k, w, opts)` in the forward, the VJP of `reference_fn(q, k, w)` in the backward
+  (for kernels whose backward is the jnp oracle's)."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def op(q, k, w, opts):
+    return kernel(q, k, w, opts)
+
+  op.defvjp(lambda q, k, w, opts: (kernel(q, k, w, opts), (q, k, w)),
+            lambda opts, res, g: jax.vjp(reference_fn, *res)[1](g))
+  return op

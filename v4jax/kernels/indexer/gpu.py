@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from v4jax.kernels.indexer import reference
-from v4jax.kernels.pallas_common import NEG_INF, gpu_interpret, next_pow2, pad_axis, round_up
+from v4jax.kernels.pallas_common import NEG_INF, with_reference_vjp, gpu_interpret, next_pow2, pad_axis, round_up
 
 _NT = (((1,), (1,)), ((), ()))
 _INT_MIN = -2**31
@@ -122,8 +122,7 @@ def _check_blocks(**blocks):
       raise ValueError(f'indexer gpu: {name}={b} must be a power of two >= 16')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _scores(q, k, w, opts):
+def _scores_kernel(q, k, w, opts):
   bt, bs, interpret = opts
   B, T = q.shape[:2]
   S = k.shape[1]
@@ -133,16 +132,7 @@ def _scores(q, k, w, opts):
   return out[:, :T, :S]
 
 
-def _scores_fwd(q, k, w, opts):
-  return _scores(q, k, w, opts), (q, k, w)
-
-
-def _scores_bwd(opts, res, g):
-  _, vjp = jax.vjp(reference.indexer_scores, *res)
-  return vjp(g)
-
-
-_scores.defvjp(_scores_fwd, _scores_bwd)
+_scores = with_reference_vjp(_scores_kernel, reference.indexer_scores)
 
 
 def indexer_scores(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, *,

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from v4jax.kernels.indexer import reference
-from v4jax.kernels.pallas_common import NEG_INF, pad_axis, round_up, tpu_interpret
+from v4jax.kernels.pallas_common import NEG_INF, with_reference_vjp, pad_axis, round_up, tpu_interpret
 
 _NT = (((1,), (1,)), ((), ()))
 
@@ -102,8 +102,7 @@ def _check_blocks(bt, bs):
     raise ValueError(f'indexer tpu: block_t={bt} must be a multiple of 8 and block_s={bs} of 128')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _scores(q, k, w, opts):
+def _scores_kernel(q, k, w, opts):
   bt, bs, interpret = opts
   T, S = q.shape[1], k.shape[1]
   qT, kp, wp, sq, sk = _layout(q, k, w, None, bt, bs)
@@ -112,16 +111,7 @@ def _scores(q, k, w, opts):
   return out[:, :T, :S]
 
 
-def _scores_fwd(q, k, w, opts):
-  return _scores(q, k, w, opts), (q, k, w)
-
-
-def _scores_bwd(opts, res, g):
-  _, vjp = jax.vjp(reference.indexer_scores, *res)
-  return vjp(g)
-
-
-_scores.defvjp(_scores_fwd, _scores_bwd)
+_scores = with_reference_vjp(_scores_kernel, reference.indexer_scores)
 
 
 def indexer_scores(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, *, block_t: int = 128,

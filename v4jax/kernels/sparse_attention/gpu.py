@@ -40,7 +40,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from v4jax.kernels.pallas_common import NEG_INF, gpu_interpret, next_pow2, pad_axis, round_up
+from v4jax.kernels.pallas_common import NEG_INF, sparse_attention_op, gpu_interpret, next_pow2, pad_axis, round_up
 
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
 _TN = (((0,), (0,)), ((), ()))   # a [C,M] . b [C,N] -> [M,N]
@@ -407,24 +407,7 @@ def _backward(q, kv, idx, o, lse, do, dlse, cfg):
   return unsplit(dq[:, :T, :H]).astype(q.dtype), unsplit(dkv[:, :S]).astype(kv.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _sparse_mla(q, kv, idx, cfg):
-  return _forward(q, kv, idx, cfg)
-
-
-def _sparse_mla_fwd(q, kv, idx, cfg):
-  o, lse = _forward(q, kv, idx, cfg)
-  return (o, lse), (q, kv, idx, o, lse)
-
-
-def _sparse_mla_bwd(cfg, res, cts):
-  q, kv, idx, o, lse = res
-  do, dlse = cts
-  dq, dkv = _backward(q, kv, idx, o, lse, do, dlse.astype(jnp.float32), cfg)
-  return dq, dkv, np.zeros(idx.shape, jax.dtypes.float0)
-
-
-_sparse_mla.defvjp(_sparse_mla_fwd, _sparse_mla_bwd)
+_sparse_mla = sparse_attention_op(_forward, _backward)
 
 
 def _config(v_dim, scale, H, K, fwd, dkv, dq, reduce, token_chunk, interpret) -> _Cfg:

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from v4jax.kernels.pallas_common import NEG_INF, next_pow2, pad_axis, round_up, tpu_interpret
+from v4jax.kernels.pallas_common import NEG_INF, sparse_attention_op, next_pow2, pad_axis, round_up, tpu_interpret
 
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
 _TN = (((0,), (0,)), ((), ()))   # a [C,M] . b [C,N] -> [M,N]
@@ -238,24 +238,7 @@ def _backward(q, kv, idx, o, lse, do, dlse, cfg):
   return dq, dkv[:, :, 0].astype(kv.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _sparse_mla(q, kv, idx, cfg):
-  return _forward(q, kv, idx, cfg)
-
-
-def _sparse_mla_fwd(q, kv, idx, cfg):
-  o, lse = _forward(q, kv, idx, cfg)
-  return (o, lse), (q, kv, idx, o, lse)
-
-
-def _sparse_mla_bwd(cfg, res, cts):
-  q, kv, idx, o, lse = res
-  do, dlse = cts
-  dq, dkv = _backward(q, kv, idx, o, lse, do, dlse.astype(jnp.float32), cfg)
-  return dq, dkv, np.zeros(idx.shape, jax.dtypes.float0)
-
-
-_sparse_mla.defvjp(_sparse_mla_fwd, _sparse_mla_bwd)
+_sparse_mla = sparse_attention_op(_forward, _backward)
 
 
 def sparse_mla(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array, v_dim: int,
