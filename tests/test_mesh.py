@@ -28,7 +28,8 @@ def test_rules_map_and_skip_indivisible():
   mesh = make_mesh(c)
   ep = RULES['fsdp_ep']
   assert logical_to_spec(('exp', 'embed', 'mlp_moe'), ep, mesh, (8, 64, 32)) == P('expert', 'fsdp', None)
-  # 6 experts do not divide over expert=2? they do; 5 do not -> replicated.
-  assert logical_to_spec(('exp', 'embed', 'mlp_moe'), ep, mesh, (5, 64, 32)) == P(None, 'fsdp', None)
+  # 5 experts do not divide over expert=2 -> replicated; embed then takes fsdp x expert.
+  assert logical_to_spec(('exp', 'embed', 'mlp_moe'), ep, mesh, (5, 64, 32)) == \
+      P(None, ('fsdp', 'expert'), None)
   assert logical_to_spec(('batch', None), ep, mesh, (8, 3)) == P(('fsdp', 'expert'), None)
   assert len(jax.devices()) == 8

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from v4jax.kernels.grouped_matmul import PALLAS_IMPLS, resolve_impl, target_platform
-from v4jax.kernels.pallas_common import round_up
+from v4jax.kernels.grouped_matmul import PALLAS_IMPLS, resolve_impl
+from v4jax.kernels.pallas_common import round_up, target_platform
 from v4jax.parallel import rules as rules_lib
 
 f32, i32 = jnp.float32, jnp.int32
@@ -102,6 +102,12 @@ def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_
                                            mode='drop')
 
 
+def _inverse(perm):
+  """The inverse permutation (a scatter of indices; rows then move by gather)."""
+  n = perm.shape[0]
+  return jnp.zeros((n,), i32).at[perm].set(jnp.arange(n, dtype=i32))
+
+
 def _accept(S_PP, cap_peer: int, R: int):
   """Rows accepted per (src, dst): at most cap_peer per pair, at most R per receiver (first
   sources first). Every device computes the same matrix from the gathered counts."""
@@ -165,15 +171,14 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
       run_R = jnp.searchsorted(jnp.cumsum(acc_PL.reshape(-1)), jnp.arange(R), side='right')
       order_R = jnp.argsort(jnp.where(run_R < ep * L, run_R % L, L), stable=True)
       y_RD = ffn(buf_RD[order_R], wg, wu, wd, jnp.sum(acc_PL, axis=0))
-      y_RD = jnp.zeros_like(y_RD).at[order_R].set(y_RD)
+      y_RD = y_RD[_inverse(order_R)]                                  # back to (src, expert) runs
       ys_MD = exchange(y_RD, jnp.zeros((A * K, D), y_RD.dtype), _excl_cumsum(recv_P), recv_P,
                        _excl_cumsum(S_PP, 1)[:, me], send_P)
       dst_M = e_M[order_M] // L
       kept_M = jnp.arange(A * K) - off_P[dst_M] < send_P[dst_M]
       valid_M = jnp.repeat(valid_A, K)[order_M]
       dropped = jnp.sum((valid_M & ~kept_M).astype(f32))
-    inv_M = jnp.zeros((A * K,), i32).at[order_M].set(jnp.arange(A * K, dtype=i32))
-    y_AKD = ys_MD[inv_M].reshape(A, K, D).astype(f32)
+    y_AKD = ys_MD[_inverse(order_M)].reshape(A, K, D).astype(f32)
     y_AD = jnp.einsum('ak,akd->ad', g_AK.astype(f32), y_AKD)
     if plan.ff_axes:
       y_AD = jax.lax.psum(y_AD, _entry(plan.ff_axes))

@@ -25,22 +25,26 @@ BATCH = ('data', 'fsdp', 'expert')
 #               indexer_heads, indexer_dim, norm, streams, hc_coeff, engram_rows, engram_dim,
 #               engram_mem, conv
 RULES: dict[str, dict[str, object]] = {
-    # Everything large sharded over fsdp on its embed dim; batch over every data-like axis.
+    # Everything large sharded over fsdp on its embed dim (the low-rank MLA up-projections,
+    # which have none, on their rank dim); batch over every data-like axis.
     'fsdp': {
         'batch': BATCH, 'seq': None, 'act_embed': None, 'act_heads': None, 'act_mlp': None,
         'act_exp': None,
-        'vocab': None, 'embed': 'fsdp', 'q_lora': None, 'kv_lora': None, 'kv_rope': None,
+        'vocab': None, 'embed': 'fsdp', 'q_lora': 'fsdp', 'kv_lora': 'fsdp', 'kv_rope': None,
         'heads': None, 'head_dim': None, 'mlp': None, 'exp': None, 'mlp_moe': None,
         'indexer_heads': None, 'indexer_dim': None, 'norm': None, 'streams': None,
         'hc_coeff': None, 'engram_rows': 'fsdp', 'engram_dim': None, 'engram_mem': None,
         'conv': None,
     },
-    # Experts over `expert`; everything else as fsdp.
+    # Experts over `expert`; every other parameter fully sharded over fsdp x expert (the expert
+    # axis is a data axis outside the MoE, so replicating dense weights over it would waste HBM).
     'fsdp_ep': {},
     # fsdp plus tensor parallelism over heads and FFN inner dims.
     'fsdp_tp': {},
 }
-RULES['fsdp_ep'] = {**RULES['fsdp'], 'exp': 'expert', 'act_exp': 'expert'}
+RULES['fsdp_ep'] = {**{k: ('fsdp', 'expert') if v == 'fsdp' else v
+                       for k, v in RULES['fsdp'].items()},
+                    'exp': 'expert', 'act_exp': 'expert'}
 RULES['fsdp_tp'] = {**RULES['fsdp'], 'heads': 'tensor', 'mlp': 'tensor', 'mlp_moe': 'tensor',
                     'indexer_heads': 'tensor', 'act_heads': 'tensor', 'act_mlp': 'tensor',
                     'vocab': 'tensor'}

@@ -9,26 +9,20 @@ Dims: M rows (token-slots sorted by expert), K contraction, N output, G groups (
   auto -> mgpu on a Hopper GPU (bf16/fp16 inputs), megablox on TPU, ragged_dot otherwise.
 Rows past sum(group_sizes) come out zero with every impl.
 
-`target_platform()` is the platform code is compiled for: the backend, or the
-V4JAX_TARGET_PLATFORM environment variable (tools/aot_compile.py sets it to 'tpu' when it
-compiles for a TPU topology on a CPU machine).
+The platform is `pallas_common.target_platform()`: the backend, or V4JAX_TARGET_PLATFORM
+(tools/aot_compile.py sets 'tpu' when it compiles for a TPU topology on a CPU machine).
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
 
 from v4jax.kernels.grouped_matmul import reference
+from v4jax.kernels.pallas_common import target_platform
 
 IMPLS = ('auto', 'ragged_dot', 'reference', 'mgpu', 'megablox')
 PALLAS_IMPLS = ('mgpu', 'megablox')   # kernels that must run per device (inside shard_map)
 HOPPER = ('H100', 'H200', 'H800', 'GH200')
-
-
-def target_platform() -> str:
-  return os.environ.get('V4JAX_TARGET_PLATFORM') or jax.default_backend()
 
 
 def resolve_impl(impl: str, dtype) -> str:
@@ -66,8 +60,7 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, 
                                preferred_element_type=preferred_element_type)
   if impl == 'megablox':
     from v4jax.kernels.grouped_matmul import megablox
-    interpret = False if target_platform() == 'tpu' else None
-    return megablox.grouped_matmul(x_MK, w_GKN, group_sizes_G, interpret=interpret,
+    return megablox.grouped_matmul(x_MK, w_GKN, group_sizes_G,
                                    preferred_element_type=preferred_element_type)
   return reference.grouped_matmul(x_MK, w_GKN, group_sizes_G,
                                   preferred_element_type=preferred_element_type)

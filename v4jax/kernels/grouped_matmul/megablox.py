@@ -79,8 +79,8 @@ _gmm.defvjp(_fwd, _bwd)
 
 def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *,
                    preferred_element_type=jnp.float32, interpret=None) -> jax.Array:
-  """[M,K] x [G,K,N] -> [M,N]; x and w of one dtype. `interpret`: None = TPU interpret mode on
-  a CPU backend, compiled elsewhere."""
+  """[M,K] x [G,K,N] -> [M,N]; x and w of one dtype. `interpret`: None = TPU interpret mode
+  when compiling for CPU, Mosaic otherwise."""
   if x_MK.dtype != w_GKN.dtype:
     raise ValueError(f'grouped_matmul impl=megablox: x_MK {x_MK.dtype} and w_GKN {w_GKN.dtype} '
                      'must have the same dtype')

@@ -1,0 +1,117 @@
+"""Pallas grouped matmuls (megablox on TPU, Mosaic-GPU ragged_dot on Hopper) against a numpy
+per-group oracle: values and gradients (custom VJPs), empty groups, rows past the groups.
+
+On CPU megablox runs in TPU interpret mode. The Mosaic-GPU forward kernel runs under jax's GPU
+interpret mode (a private jax module; skipped if it moved), but its transposed kernels (dx, dw)
+do not interpret, so the mgpu gradient test needs a Hopper GPU.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from v4jax.kernels.grouped_matmul import grouped_matmul, resolve_impl
+
+
+def _oracle(x, w, sizes, r):
+  """y, and the gradients of sum(y * r) w.r.t. x and w (float64)."""
+  x, w, r = (np.asarray(a, np.float64) for a in (x, w, r))
+  seg = np.repeat(np.arange(len(sizes)), sizes)
+  n = len(seg)
+  y = np.zeros((x.shape[0], w.shape[2]))
+  y[:n] = np.einsum('mk,mkn->mn', x[:n], w[seg])
+  gx = np.zeros_like(x)
+  gx[:n] = np.einsum('mn,mkn->mk', r[:n], w[seg])
+  gw = np.zeros_like(w)
+  np.add.at(gw, seg, np.einsum('mk,mn->mkn', x[:n], r[:n]))
+  return y, gx, gw
+
+
+def _run(impl, x, w, sizes, r):
+  f = lambda x, w: grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), impl=impl)
+  y = jax.jit(f)(x, w)
+  gx, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * r), argnums=(0, 1)))(x, w)
+  return y, gx, gw
+
+
+NOT_ON_GPU = pytest.mark.skipif(jax.default_backend() == 'gpu',
+                                reason='megablox is a TPU kernel (interpret mode on CPU)')
+
+
+@NOT_ON_GPU
+def test_megablox_interpret_matches_oracle_and_ragged_dot():
+  rs = np.random.RandomState(0)
+  sizes = np.array([5, 0, 9, 6], np.int32)      # an empty group; 20 of 22 rows used (M % 8 != 0)
+  x = jnp.asarray(rs.randn(22, 16), jnp.float32)
+  w = jnp.asarray(rs.randn(4, 16, 24), jnp.float32)
+  r = jnp.asarray(rs.randn(22, 24), jnp.float32)
+  got = _run('megablox', x, w, sizes, r)
+  ref = _run('ragged_dot', x, w, sizes, r)
+  want = _oracle(x, w, sizes, r)
+  for g, rr, o in zip(got, ref, want):
+    # fp32 products over K <= 22: 1e-5 relative to the oracle and to lax.ragged_dot
+    np.testing.assert_allclose(np.asarray(g), o, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(rr), rtol=1e-5, atol=1e-5)
+
+
+@NOT_ON_GPU
+def test_megablox_bf16_accumulates_in_fp32():
+  rs = np.random.RandomState(1)
+  sizes = np.array([8, 8], np.int32)
+  x = jnp.asarray(rs.randn(16, 64), jnp.bfloat16)
+  w = jnp.asarray(rs.randn(2, 64, 8), jnp.bfloat16)
+  y = grouped_matmul(x, w, jnp.asarray(sizes), impl='megablox')
+  assert y.dtype == jnp.float32
+  want = _oracle(x, w, sizes, np.zeros((16, 8)))[0]
+  # exact bf16 products, fp32 sums of 64 terms
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
+
+
+def _gpu_interpret(monkeypatch):
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+  except ImportError as e:  # private module: skip rather than fail if jax moves it
+    pytest.skip(f'jax GPU interpret mode not importable: {e}')
+  kernel = plgpu.kernel
+  monkeypatch.setattr(plgpu, 'kernel', lambda *a, **k: kernel(*a, **k, interpret=InterpretGPUParams()))
+  monkeypatch.setenv('V4JAX_TARGET_PLATFORM', 'gpu')
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='interpret test (CPU only)')
+def test_mgpu_forward_in_gpu_interpret_mode(monkeypatch):
+  _gpu_interpret(monkeypatch)
+  rs = np.random.RandomState(2)
+  sizes = np.array([60, 0, 130, 40], np.int32)   # 230 of 250 rows; M, N not tile multiples
+  x = jnp.asarray(rs.randn(250, 64), jnp.bfloat16)
+  w = jnp.asarray(rs.randn(4, 64, 72), jnp.bfloat16)
+  y = grouped_matmul(x, w, jnp.asarray(sizes), impl='mgpu')
+  assert y.dtype == jnp.float32 and y.shape == (250, 72)
+  want = _oracle(x, w, sizes, np.zeros((250, 72)))[0]
+  # the kernel stores bf16 (fp32 accumulation rounded once): 2^-8 relative plus tiny absolute
+  np.testing.assert_allclose(np.asarray(y), want, rtol=8e-3, atol=1e-2)
+  assert np.all(np.asarray(y[230:]) == 0)
+
+
+def _is_hopper():
+  return jax.default_backend() == 'gpu' and resolve_impl('auto', jnp.bfloat16) == 'mgpu'
+
+
+@pytest.mark.skipif(not _is_hopper(), reason='the Mosaic-GPU kernels (dx, dw transposed) need a '
+                    'Hopper GPU (H100/H200); CPU covers the forward in interpret mode')
+@pytest.mark.parametrize('M,K,N', [(1024, 256, 384), (1000, 200, 136)])
+def test_mgpu_values_and_grads_on_hopper(M, K, N):
+  rs = np.random.RandomState(3)
+  sizes = np.bincount(rs.randint(0, 8, M - 24), minlength=8).astype(np.int32)
+  sizes[3] = 0
+  sizes[0] += M - 24 - sizes.sum()
+  x = jnp.asarray(rs.randn(M, K), jnp.bfloat16)
+  w = jnp.asarray(rs.randn(8, K, N) / np.sqrt(K), jnp.bfloat16)
+  r = jnp.asarray(rs.randn(M, N), jnp.bfloat16)
+  got = _run('mgpu', x, w, sizes, r)
+  want = _oracle(x, w, sizes, r)
+  for name, g, o in zip(('y', 'dx', 'dw'), got, want):
+    scale = np.abs(o).max()
+    # bf16 storage of fp32 accumulations: within 1% of the largest magnitude
+    err = np.abs(np.asarray(g, np.float64) - o).max() / scale
+    assert err < 1e-2, (name, err)

@@ -1,0 +1,20 @@
+"""tools/bench_moe.py --smoke runs on any backend and writes its JSON rows."""
+import json
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def test_bench_moe_smoke(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools/bench_moe.py'), '--smoke',
+                      '--out', str(out)], env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = json.load(open(out))['rows']
+  # 2 GEMMs x 2 routings x (dense, ragged; mgpu only on Hopper)
+  assert len(rows) >= 8 and all('error' not in x for x in rows), rows
+  assert {x['impl'] for x in rows} >= {'dense', 'ragged'}
+  assert all(x['fwd_ms'] > 0 and x['fwdbwd_ms'] > 0 for x in rows)

@@ -1,0 +1,120 @@
+"""Hopper grouped matmul: the Pallas Mosaic-GPU ragged_dot kernels that ship inside jax.
+
+Forward y = x @ w[g] and input gradient dx = dy @ w[g]^T use `ragged_dot_mgpu.ragged_dot`; the
+weight gradient dw[g] = x_g^T dy_g uses `transposed_ragged_dot_mgpu.transposed_ragged_dot`; a
+custom VJP ties them together. Dims: M rows sorted by group, K contraction, N output, G groups.
+
+The kernels accumulate in fp32 but store in the input dtype (bf16/fp16), so the result is the
+fp32 accumulation rounded once to bf16, then cast to `preferred_element_type`. They need K and N
+(and, for the transposed kernel, K and N again as its row/column tiles) to be multiples of the
+tiles: inputs are zero-padded where they are not, and rows past sum(group_sizes), which the
+kernels never write, are zeroed here.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.kernels.pallas_common import pad_axis, round_up
+
+# Tiles measured on the H200 (FACTS.md: 480-650 TFLOP/s for bf16 at MoE shapes).
+BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GRID_BLOCK_N = 128, 128, 64, 4, 4
+DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _kernels():
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+  try:
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as tmod
+  except ImportError:  # older jax: the weight gradient falls back to lax.ragged_dot_general
+    tmod = None
+  return ragged_dot_mgpu, tmod
+
+
+def _grid_block_n(n_tiles: int) -> int:
+  return next(g for g in (GRID_BLOCK_N, 2, 1) if n_tiles % g == 0)
+
+
+def _call(fn, *args, **kw):
+  """fn with the tile keywords its jax version takes (the kernels' signatures move)."""
+  params = inspect.signature(fn).parameters
+  return fn(*args, **{k: v for k, v in kw.items() if k in params})
+
+
+def _valid_rows(y_MN, sizes_G):
+  rows_M1 = jnp.arange(y_MN.shape[0], dtype=jnp.int32)[:, None]
+  return jnp.where(rows_M1 < jnp.sum(sizes_G), y_MN, jnp.zeros((), y_MN.dtype))
+
+
+def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False):
+  """x [M,K] @ w[g] (or w[g]^T with transpose_rhs: w [G,N,K]) -> [M,N] in x.dtype."""
+  mod, _ = _kernels()
+  M, K = x_MK.shape
+  N = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
+  kp, np_, mp = round_up(K, BLOCK_K), round_up(N, BLOCK_N), round_up(M, BLOCK_M)
+  x = pad_axis(pad_axis(x_MK, 1, kp), 0, mp)
+  k_ax, n_ax = (2, 1) if transpose_rhs else (1, 2)
+  w = pad_axis(pad_axis(w_GKN, k_ax, kp), n_ax, np_)
+  kw = dict(group_sizes=sizes_G.astype(jnp.int32), block_m=BLOCK_M, block_n=BLOCK_N,
+            block_k=BLOCK_K, max_concurrent_steps=STAGES,
+            grid_block_n=_grid_block_n(np_ // BLOCK_N))
+  if transpose_rhs:
+    if 'transpose_rhs' in inspect.signature(mod.ragged_dot).parameters:
+      kw['transpose_rhs'] = True
+    else:
+      w = jnp.swapaxes(w, 1, 2)
+  y = _call(mod.ragged_dot, x, w, **kw)[:M, :N]
+  return _valid_rows(y, sizes_G)
+
+
+def _transposed(x_MK, dy_MN, sizes_G):
+  """dw[g] = x_g^T dy_g -> [G,K,N] in x.dtype (zero for empty groups)."""
+  _, tmod = _kernels()
+  M, K = x_MK.shape
+  N = dy_MN.shape[1]
+  if tmod is None:
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(x_MK, dy_MN, sizes_G.astype(jnp.int32), dims,
+                                      preferred_element_type=jnp.float32).astype(x_MK.dtype)
+  kp, np_ = round_up(K, BLOCK_M), round_up(N, BLOCK_N)
+  x = pad_axis(x_MK, 1, kp)
+  dy = pad_axis(dy_MN, 1, np_)
+  dw = _call(tmod.transposed_ragged_dot, x, dy, group_sizes=sizes_G.astype(jnp.int32),
+             block_m=BLOCK_M, block_n=BLOCK_N, block_k=BLOCK_K, max_concurrent_steps=STAGES,
+             grid_block_n=_grid_block_n(np_ // BLOCK_N))
+  return dw[:, :K, :N]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(x_MK, w_GKN, sizes_G, out_dtype):
+  return _ragged(x_MK, w_GKN, sizes_G).astype(out_dtype)
+
+
+def _fwd(x_MK, w_GKN, sizes_G, out_dtype):
+  return _gmm(x_MK, w_GKN, sizes_G, out_dtype), (x_MK, w_GKN, sizes_G)
+
+
+def _bwd(out_dtype, res, dy_MN):
+  del out_dtype
+  x_MK, w_GKN, sizes_G = res
+  dy_MN = _valid_rows(dy_MN, sizes_G).astype(x_MK.dtype)   # rows past the groups are constant 0
+  dx_MK = _ragged(dy_MN, w_GKN, sizes_G, transpose_rhs=True)
+  dw_GKN = _transposed(x_MK, dy_MN, sizes_G)
+  return dx_MK.astype(x_MK.dtype), dw_GKN.astype(w_GKN.dtype), None
+
+
+_gmm.defvjp(_fwd, _bwd)
+
+
+def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *,
+                   preferred_element_type=jnp.float32) -> jax.Array:
+  """[M,K] x [G,K,N] -> [M,N]; bf16/fp16 inputs of one dtype; Hopper GPUs only."""
+  if x_MK.dtype != w_GKN.dtype or x_MK.dtype not in DTYPES:
+    raise ValueError(f'grouped_matmul impl=mgpu: x_MK {x_MK.dtype} and w_GKN {w_GKN.dtype} must '
+                     'both be bfloat16 or float16 (use impl=ragged_dot for float32)')
+  return _gmm(x_MK, w_GKN, group_sizes_G, jnp.dtype(preferred_element_type))
