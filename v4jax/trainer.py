@@ -291,10 +291,10 @@ class Trainer:
       step += 1
       losses.append(scalars['loss'])   # fetched at the end: no host sync per step
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        row = {k: float(v) for k, v in jax.device_get(scalars).items()}   # waits for the step
         dt = time.time() - t_last
         tps = tokens_per_step * (step - s_last) / max(dt, 1e-9)
         tflops = fl.model_train_per_token * tps / n_dev / 1e12
-        row = {k: float(v) for k, v in jax.device_get(scalars).items()}
         row.update(tokens_per_sec=tps, tflops_per_device=tflops,
                    mfu=(tflops / peak) if peak else None)
         writer.write(step, row)
