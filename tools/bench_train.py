@@ -643,6 +643,12 @@ def summary(rep: dict) -> str:
 def run(argv: list[str]) -> dict:
   """Parses argv, benchmarks, prints the summary, writes --out; returns the report."""
   args, overrides = parse_args(argv)
+  if args.profile:
+    # XLA:GPU wraps runs of kernels in command buffers (CUDA graphs), whose trace events carry
+    # no HLO op: with them on, nearly all device time would be unattributed. Set before jax
+    # starts its backend; the report records the flags.
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_gpu_enable_command_buffer=').strip()
   import jax
   cfg = bench_config(args, overrides)
   from v4jax.config import ConfigError, validate

@@ -122,6 +122,7 @@ def default_config() -> ConfigDict:
   c.kernels = ConfigDict(dict(
       impl='auto',             # auto | reference | pallas (per-op seams)
       grouped_matmul='auto',   # auto | ragged_dot | mgpu | megablox
+      attention='auto',        # dense attention: auto | reference | cudnn (flash, GPU)
   ))
   c.mesh = ConfigDict(dict(
       data=1, fsdp=-1, expert=1, tensor=1,      # ICI sizes; -1 = the rest
@@ -186,6 +187,7 @@ _CHOICES = {
     'engram.host_gather': ('numpy', 'xla'),
     'engram.table_optimizer': ('lazy_adam', 'dense_adam'),
     'kernels.impl': ('auto', 'reference', 'pallas'),
+    'kernels.attention': ('auto', 'reference', 'cudnn'),
     'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),
     'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),
     'data.source': ('builtin', 'array_record', 'synthetic'),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from v4jax.kernels.blockwise import allowed_mask, map_query_blocks
+from v4jax.kernels.attention import causal_attention, dense_attention
 from v4jax.kernels.indexer import indexer_topk
 from v4jax.kernels.sparse_attention import sparse_mla
 from v4jax.model.dsa import Indexer, dense_indexer_kl, sparse_indexer_kl
@@ -29,7 +29,6 @@ from v4jax.model.layers import RMSNorm, constrain, dtype_of, matmul, param
 from v4jax.model.rope import (apply_rope_interleaved, attention_mscale, rope_cos_sin_scale,
                               rope_inv_freq)
 
-F32 = jnp.float32
 ACT_BTHK = ('batch', 'seq', 'act_heads', None)
 
 
@@ -40,31 +39,6 @@ class Projections(NamedTuple):
   q_r_BTHP: jax.Array    # RoPE'd (interleaved)
   c_kv_BSC: jax.Array    # RMSNorm'd kv latent
   k_r_BSP: jax.Array     # RoPE'd (interleaved), one per token, shared by heads
-
-
-def dense_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scale: float,
-                    segment_ids_BT: jax.Array | None = None, *,
-                    query_block: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Causal softmax attention over query blocks; (o [B,T,H,V], lse [B,T,H] fp32).
-
-  k/v are per-head [B,S,H,*] (MHA form) or shared by all heads [B,S,*] (MQA form). Logits and
-  softmax are fp32; only one block's [B,Tq,H,S] logits is live at a time.
-  """
-  shared = k_BSK.ndim == 3
-  ks, vs = ('bsk', 'bsv') if shared else ('bshk', 'bshv')
-  S = k_BSK.shape[1]
-
-  def block(q_offset, q, seg):
-    logits_BTHS = scale * jnp.einsum(f'bthk,{ks}->bths', q, k_BSK, preferred_element_type=F32)
-    mask_BTS = allowed_mask(q_offset, q.shape[1], S, seg, segment_ids_BT)
-    logits_BTHS = jnp.where(mask_BTS[:, :, None], logits_BTHS, -jnp.inf)
-    lse_BTH = jax.nn.logsumexp(logits_BTHS, axis=-1)
-    p_BTHS = jnp.exp(logits_BTHS - lse_BTH[..., None])
-    o_BTHV = jnp.einsum(f'bths,{vs}->bthv', p_BTHS.astype(q.dtype), v_BSV,
-                        preferred_element_type=F32)
-    return o_BTHV.astype(q.dtype), lse_BTH
-
-  return map_query_blocks(block, query_block, q_BTHK, segment_ids_BT)
 
 
 class MLA(nnx.Module):
@@ -91,7 +65,7 @@ class MLA(nnx.Module):
     self.attn_query_block = m.attn_query_block
     self.stage = d.stage if d.enabled else 'dense'
     self.topk, self.min_seq_len, self.dsa_query_block = d.topk, d.min_seq_len, d.query_block
-    self.impl = cfg.kernels.impl
+    self.impl, self.attention_impl = cfg.kernels.impl, cfg.kernels.attention
 
   def project(self, x_BTD: jax.Array, positions_BT: jax.Array) -> Projections:
     """SPEC §2 steps 1-3: q latent, per-head [nope | rope] queries, kv latent and rope key."""
@@ -169,10 +143,12 @@ class MLA(nnx.Module):
                                             valid_BT, query_block=self.dsa_query_block)
     else:
       q, k, v = self.mha_qkv(p)
-      o_BTHV, lse_BTH = dense_attention(q, k, v, self.scale, segment_ids_BT,
-                                        query_block=self.attn_query_block)
-      lse_BTH = checkpoint_name(lse_BTH, 'attn_lse')
-      if self.stage in ('warmup', 'sparse'):
+      with_kl = self.stage in ('warmup', 'sparse')
+      o_BTHV, lse_BTH = causal_attention(q, k, v, self.scale, segment_ids_BT,
+                                         query_block=self.attn_query_block,
+                                         impl=self.attention_impl, need_lse=with_kl)
+      if with_kl:
+        lse_BTH = checkpoint_name(lse_BTH, 'attn_lse')
         aux['indexer_kl'] = dense_indexer_kl(qi, ki, wi, q, k, lse_BTH, self.scale, valid_BT,
                                              segment_ids_BT, query_block=self.attn_query_block,
                                              impl=self.impl)
