@@ -13,8 +13,14 @@ Sections (--sections, comma list; default all):
   profile  device time per kernel of the sparse MLA backward (swept configuration, V3.2 T=4096);
   sparse   sparse MLA fwd, bwd (kernels alone) and fwd+bwd, kernel and XLA reference (reference
            up to --ref-max-t), at V3.2 (swept configuration) and bench shapes (defaults);
-  indexer  indexer scores-only and scores + top-k (kernel and XLA reference);
+  indexer  indexer scores-only and scores + top-k (kernel with each --radix-bits, and XLA
+           reference up to T=8192) at the peer shapes (T=2048, K=256) and V3.2 shapes at --seqs
+           for each K in --topks;
   kl       sparse indexer-KL pieces: teacher probabilities and student scores at idx (fwd+bwd);
+  peer     configs/peer_maxtext_small.py:dsa shapes (B=8, T=2048, 16 heads, C=128+16, indexer
+           16 x 64, K=256): device parity of the KL seams and radix top-k, sparse MLA fwd/bwd over
+           a small block sweep, top-k, the sparse KL (model/dsa.py, both impls) and one DSA
+           layer's attention core (top-k + sparse MLA + KL, fwd+bwd), kernel vs XLA reference;
   dense    cuDNN causal flash attention fwd+bwd (MLA MHA shapes) and the DSA crossover.
 
 FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C+2V) (recomputed
@@ -46,15 +52,19 @@ from v4jax.kernels.indexer import gpu as ix_gpu  # noqa: E402
 from v4jax.kernels.indexer import reference as ix_ref  # noqa: E402
 from v4jax.kernels.sparse_attention import gpu as sa_gpu  # noqa: E402
 from v4jax.kernels.sparse_attention import reference as sa_ref  # noqa: E402
+from v4jax.model.dsa import sparse_indexer_kl  # noqa: E402
 
 V3 = dict(B=1, H=128, C=576, V=512, K=2048, HI=64, DI=128)
 BENCH = dict(B=4, H=16, C=576, V=512, K=1024, HI=16, DI=128)
+PEER = dict(B=8, H=16, C=144, V=128, K=256, HI=16, DI=64)
 SMOKE = dict(B=1, H=16, C=40, V=32, K=16, HI=2, DI=16)
 
 
 class Bench:
-  def __init__(self, smoke: bool, path: str | None = None, check_indexer: bool = True):
+  def __init__(self, smoke: bool, path: str | None = None, check_indexer: bool = True,
+               topks=(2048,), radix_bits=(1,)):
     self.smoke = smoke
+    self.topks, self.radix_bits = topks, radix_bits
     self.path = path
     self.check_indexer = check_indexer
     self.dtype = jnp.float32 if smoke else jnp.bfloat16
@@ -329,18 +339,21 @@ class Bench:
 
   def indexer(self, seqs):
     cases = [('v3.2', SMOKE, 64)] if self.smoke else (
-        [('bench', BENCH, 4096)] + [('v3.2', V3, t) for t in seqs])
+        [('peer', PEER, 2048)] + [('v3.2', dict(V3, K=k), t) for t in seqs for k in self.topks])
     for label, s, T in cases:
       q, k, w = self.indexer_inputs(s, T)
       pairs = s['B'] * T * (T + 1) // 2
       fl = 2 * s['HI'] * s['DI'] * pairs
       shape = dict(shapes=label, T=T, B=s['B'], H=s['HI'], D=s['DI'], K=s['K'])
-      topk = jax.jit(lambda q, k, w: ix_gpu.indexer_topk(q, k, w, s['K']))
-      scores = jax.jit(lambda q, k, w: _scores_only(q, k, w))
-      self.record('indexer', 'indexer_scores_only', dict(shape, impl='pallas'),
-                  lambda: self.timeit(scores, q, k, w), flops=fl)
-      self.record('indexer', 'indexer_scores+topk', dict(shape, impl='pallas'),
-                  lambda: self.timeit(topk, q, k, w), flops=fl)
+      if self.smoke or label != 'v3.2' or s['K'] == self.topks[0]:
+        scores = jax.jit(_scores_only)          # the same for every K: once per T
+        self.record('indexer', 'indexer_scores_only', dict(shape, impl='pallas'),
+                    lambda: self.timeit(scores, q, k, w), flops=fl)
+      for bits in self.radix_bits:
+        topk = jax.jit(lambda q, k, w, bits=bits: ix_gpu.indexer_topk(q, k, w, s['K'],
+                                                                      radix_bits=bits))
+        self.record('indexer', 'indexer_scores+topk', dict(shape, impl='pallas', radix_bits=bits),
+                    lambda: self.timeit(topk, q, k, w), flops=fl)
       if self.smoke or T <= 8192:
         ref = jax.jit(lambda q, k, w: ix_ref.indexer_topk(q, k, w, s['K'],
                                                           query_block=0 if self.smoke else 1024))
@@ -385,6 +398,96 @@ class Bench:
                     lambda: self.timeit(sj, qi, ki, wi), flops=2 * s['HI'] * n_valid * s['DI'] * 4)
       del q, kv, idx, qi, ki, wi
 
+  def peer(self, seqs):
+    """The peer DSA config's attention-side work at its shapes (one layer, one device)."""
+    s, T = (SMOKE, 64) if self.smoke else (PEER, 2048)
+    scale = (32 + 16) ** -0.5
+    q, kv, _ = self.sparse_inputs(s, T)
+    qi, ki, wi = self.indexer_inputs(s, T)
+    shape = dict(shapes='peer', T=T, B=s['B'], H=s['H'], C=s['C'], K=s['K'])
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    rel = lambda a, b: float(jnp.max(jnp.abs(f32(a) - f32(b))) / jnp.max(jnp.abs(f32(b))))
+
+    # Device parity: radix top-k sets, and the sparse KL (value, grads) of both impls.
+    idx = jax.jit(lambda *a: ix_ref.indexer_topk(*a, s['K'], query_block=512))(qi, ki, wi)
+    for bits in self.radix_bits:
+      row = dict(section='check', name='peer_indexer_topk', radix_bits=bits, **shape)
+      try:
+        got = jax.jit(lambda *a, bits=bits: ix_gpu.indexer_topk(*a, s['K'], radix_bits=bits))(
+            qi, ki, wi)
+        a, b = np.sort(np.asarray(got), -1), np.sort(np.asarray(idx), -1)
+        row['rows_equal_frac'] = float(np.mean(np.all(a == b, -1)))
+        row['ok'] = row['rows_equal_frac'] > 0.99
+      except Exception as e:  # noqa: BLE001
+        row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
+        traceback.print_exc(limit=2)
+      self.out['checks'].append(row)
+      print(json.dumps(row, default=_plain), flush=True)
+    _, lse = jax.jit(lambda *a: sa_gpu.sparse_mla(*a, s['V'], scale))(q, kv, idx)
+
+    def kl_fn(impl):
+      return self.cached(('peer_kl', impl), lambda: jax.jit(jax.value_and_grad(
+          lambda qi, ki, wi, q, kv, idx, lse: sparse_indexer_kl(
+              qi, ki, wi, q, kv, idx, lse, scale, query_block=512, impl=impl), argnums=(0, 1, 2))))
+    row = dict(section='check', name='peer_sparse_indexer_kl', **shape)
+    try:
+      (vk, gk), (vr, gr) = (kl_fn(i)(qi, ki, wi, q, kv, idx, lse) for i in ('pallas', 'reference'))
+      row.update(kl_rel=abs(float(vk) - float(vr)) / abs(float(vr)), dqi_rel=rel(gk[0], gr[0]),
+                 dki_rel=rel(gk[1], gr[1]), dwi_rel=rel(gk[2], gr[2]))
+      row['ok'] = all(row[k] < 3e-2 for k in ('kl_rel', 'dqi_rel', 'dki_rel', 'dwi_rel'))
+    except Exception as e:  # noqa: BLE001
+      row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
+      traceback.print_exc(limit=2)
+    self.out['checks'].append(row)
+    print(json.dumps(row, default=_plain), flush=True)
+    self.save()
+
+    # Sparse MLA at 16 heads: defaults, then a few block configurations.
+    n_valid = int(jnp.sum(idx >= 0))
+    fl_f = 2 * s['H'] * n_valid * (s['C'] + s['V'])
+    fl_b = 2 * s['H'] * n_valid * (3 * s['C'] + 2 * s['V'])
+    B_ = lambda h, k, w, st: dict(block_h=h, block_k=k, num_warps=w, num_stages=st)
+    fwd_cfgs = [{}] if self.smoke else [{}, B_(16, 128, 4, 2), B_(16, 32, 4, 3), B_(16, 64, 8, 2)]
+    bwd_cfgs = [{}, dict(reduce='atomic')] if self.smoke else [
+        {}, dict(reduce='atomic'), dict(dkv=B_(16, 64, 4, 2)), dict(dkv=B_(16, 32, 4, 2)),
+        dict(dkv=B_(16, 128, 8, 2), dq=B_(16, 128, 4, 2)),
+        dict(dkv=B_(16, 64, 4, 2), reduce='atomic')]
+    for cfg in fwd_cfgs:
+      (kf, _), _ = self.sparse_fns(s, fwd=cfg or None)
+      self.record('peer', 'sparse_mla_fwd', dict(shape, impl='pallas', fwd=cfg),
+                  lambda: self.timeit(kf, q, kv, idx), flops=fl_f)
+    args = self.bwd_args(s, q, kv, idx)
+    for cfg in bwd_cfgs:
+      self.record('peer', 'sparse_mla_bwd', dict(shape, impl='pallas', note='kernels alone', **cfg),
+                  lambda: self.timeit(self.bwd_fn(s, **cfg), *args), flops=fl_b)
+    del args
+    (_, kb), (rf, rb) = self.sparse_fns(s)
+    self.record('peer', 'sparse_mla_fwd+bwd', dict(shape, impl='pallas'),
+                lambda: self.timeit(kb, q, kv, idx), flops=fl_f + fl_b)
+    self.record('peer', 'sparse_mla_fwd+bwd', dict(shape, impl='xla_reference'),
+                lambda: self.timeit(rb, q, kv, idx), flops=fl_f + fl_b)
+
+    # The sparse KL (teacher + student + custom-VJP KL, fwd+bwd) through model/dsa.py.
+    for impl in ('pallas', 'reference'):
+      f = kl_fn(impl)
+      self.record('peer', 'sparse_indexer_kl_fwd+bwd', dict(shape, impl=impl),
+                  lambda: self.timeit(f, qi, ki, wi, q, kv, idx, lse))
+
+    # One layer's DSA attention core: top-k, sparse MLA and the KL, fwd+bwd (as mla.py runs it).
+    for impl in ('pallas', 'reference'):
+      def core(q, kv, qi, ki, wi, impl=impl):
+        from v4jax.kernels.indexer import indexer_topk
+        from v4jax.kernels.sparse_attention import sparse_mla
+        ix = indexer_topk(qi, ki, wi, s['K'], query_block=512, impl=impl)
+        o, lse = sparse_mla(q, kv, ix, s['V'], scale, query_block=512, impl=impl)
+        kl = sparse_indexer_kl(qi, ki, wi, q, kv, ix, lse, scale, query_block=512, impl=impl)
+        return jnp.sum(o.astype(jnp.float32)) + kl
+      g = jax.jit(jax.grad(core, argnums=(0, 1, 2, 3, 4)))
+      self.record('peer', 'dsa_core_fwd+bwd', dict(shape, impl=impl,
+                                                   note='topk + sparse MLA + sparse KL'),
+                  lambda: self.timeit(g, q, kv, qi, ki, wi))
+    del q, kv, idx, qi, ki, wi
+
   def dense(self, seqs):
     """cuDNN causal flash attention (MLA MHA form: d_qk 192, d_v 128) fwd+bwd vs DSA."""
     if self.smoke:
@@ -414,7 +517,8 @@ class Bench:
     res = self.out['results']
     get = lambda name, T, impl='pallas': next(
         (r['ms'] for r in res if r['name'] == name and r.get('T') == T and r.get('impl', impl) ==
-         impl and r.get('shapes', 'v3.2') == 'v3.2' and 'ms' in r), None)
+         impl and r.get('shapes', 'v3.2') == 'v3.2' and r.get('K', V3['K']) == V3['K']
+         and r.get('radix_bits', self.radix_bits[0]) == self.radix_bits[0] and 'ms' in r), None)
     for T in seqs:
       parts = [get('indexer_scores+topk', T), get('sparse_mla_fwd+bwd', T)]
       dense = get('cudnn_flash_fwd+bwd', T)
@@ -452,17 +556,22 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--out', default=os.path.join(os.environ.get('OUT', '.'), 'bench_kernels.json'))
   ap.add_argument('--smoke', action='store_true', help='tiny shapes (CPU interpret mode)')
-  ap.add_argument('--sections', default='matmul,check,sweep,profile,sparse,indexer,kl,dense')
+  ap.add_argument('--sections', default='matmul,check,sweep,profile,sparse,indexer,kl,peer,dense')
   ap.add_argument('--seqs', default='4096,8192,16384,32768', help='V3.2-shape sequence lengths')
   ap.add_argument('--checks', default='sparse,indexer', help='check section: which kernels')
+  ap.add_argument('--topks', default='2048', help='indexer section: V3.2-shape top-k sizes')
+  ap.add_argument('--radix-bits', default='1',
+                  help='indexer and peer sections: top-k radix bits per sweep to time (1..4)')
   ap.add_argument('--ref-max-t', type=int, default=4096,
                   help='longest T at which the sparse section also times the XLA reference')
   args = ap.parse_args()
   seqs = [64] if args.smoke else [int(t) for t in args.seqs.split(',')]
-  b = Bench(args.smoke, args.out, 'indexer' in args.checks.split(','))
+  b = Bench(args.smoke, args.out, 'indexer' in args.checks.split(','),
+            topks=[int(k) for k in args.topks.split(',')],
+            radix_bits=[int(r) for r in args.radix_bits.split(',')])
   sections = args.sections.split(',')
   t0 = time.time()
-  for name in ('matmul', 'check', 'sweep', 'profile', 'sparse', 'indexer', 'kl', 'dense'):
+  for name in ('matmul', 'check', 'sweep', 'profile', 'sparse', 'indexer', 'kl', 'peer', 'dense'):
     if name not in sections:
       continue
     print(f'== {name} ({time.time() - t0:.0f}s)', flush=True)
@@ -471,7 +580,7 @@ def main():
       if name == 'sparse':
         fn(seqs, args.ref_max_t)
       else:
-        fn(seqs) if name in ('indexer', 'kl', 'dense') else fn()
+        fn(seqs) if name in ('indexer', 'kl', 'peer', 'dense') else fn()
     except Exception as e:  # noqa: BLE001
       b.out.setdefault('section_errors', {})[name] = f'{type(e).__name__}: {str(e)[:400]}'
       traceback.print_exc()
@@ -479,10 +588,14 @@ def main():
     b.save()
   print(f'wrote {args.out} ({time.time() - t0:.0f}s)')
   for r in b.out['results']:
-    if 'tflops' in r or 'error' in r:
-      print(f"{r['section']:8s} {r['name']:24s} {r.get('impl', ''):14s} T={r.get('T', r.get('n'))}"
+    if 'ms' in r or 'error' in r:
+      print(f"{r['section']:8s} {r['name']:26s} {r.get('impl', ''):14s} T={r.get('T', r.get('n'))}"
+            f" K={r.get('K', '')} bits={r.get('radix_bits', '')}"
             f" {r.get('ms', float('nan')):9.3f} ms {r.get('tflops', float('nan')):8.1f} TFLOP/s"
-            f" {r.get('frac_dense', float('nan')):6.3f} {r.get('error', '')[:80]}")
+            f" {r.get('frac_dense', float('nan')):6.3f} {r.get('error', '')[:80]}"
+            f" {json.dumps({k: r[k] for k in ('fwd', 'dkv', 'dq', 'reduce') if k in r})}")
+  for c in b.out['checks']:
+    print('check', json.dumps(c, default=_plain))
   for c in b.out['crossover']:
     print('crossover', c)
 

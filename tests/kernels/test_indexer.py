@@ -15,8 +15,11 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh
 
-from v4jax.kernels.indexer import gpu, indexer_scores, indexer_topk, reference, tpu
+from v4jax.kernels.indexer import (gpu, indexer_scores, indexer_scores_at, indexer_topk, reference,
+                                   tpu)
+from v4jax.parallel import rules
 
 FAST = {'xla_backend_optimization_level': 0}
 
@@ -69,13 +72,15 @@ def test_gpu_scores_and_reference_vjp():
 
 # B, T, H, D, K, segments: a slab budget of 24 rows (several query chunks, the last one ragged),
 # chunk 16 (several key chunks per row), K > #allowed for early rows, K > T.
-@pytest.mark.parametrize('B,T,H,D,K,seg', [(2, 37, 3, 16, 8, True), (1, 20, 2, 16, 32, False)])
-def test_gpu_topk_matches_reference(B, T, H, D, K, seg):
+@pytest.mark.parametrize('B,T,H,D,K,seg,bits', [(2, 37, 3, 16, 8, True, 1),
+                                                 (1, 20, 2, 16, 32, False, 1),
+                                                 (1, 30, 2, 16, 8, True, 4)])
+def test_gpu_topk_matches_reference(B, T, H, D, K, seg, bits):
   q, k, w = _inputs(B, T, T, H, D, seed=T)
   segs = _segments(B, T, seed=1) if seg else None
   f = lambda q, k, w, s: gpu.indexer_topk(q, k, w, K, s, return_scores=True, block_t=16,
                                           block_s=16, chunk=16, slab_bytes=4 * B * 48 * 24,
-                                          interpret=True)
+                                          radix_bits=bits, interpret=True)
   idx, val = _jit(f, q, k, w, segs)
   ref = reference.indexer_topk(q, k, w, K, segs)
   assert idx.dtype == jnp.int32 and idx.shape == (B, T, K)
@@ -99,7 +104,9 @@ def _topk_oracle(slab, K, t0):
   return out
 
 
-def test_gpu_topk_ties_toward_smaller_position():
+@pytest.mark.parametrize('radix_bits', [1, 3, 4])
+def test_gpu_topk_ties_toward_smaller_position(radix_bits):
+  """Exact k-th key search with 1 bit per sweep or several (3 leaves a narrower last digit)."""
   rs = np.random.RandomState(4)
   B, R, S, K, t0 = 2, 9, 64, 12, 23
   slab = rs.randint(-3, 3, (B, R, S)).astype(np.float32)
@@ -107,7 +114,8 @@ def test_gpu_topk_ties_toward_smaller_position():
   slab[0, 2, 5:20] = -np.inf                                    # another segment's keys
   pos = np.arange(S)[None, None, :]
   slab = np.where(pos <= t0 + np.arange(R)[None, :, None], slab, -np.inf)
-  idx, val = _jit(lambda s: gpu._topk_slab(s, K, t0=t0, ch=16, interpret=True), jnp.asarray(slab))
+  idx, val = _jit(lambda s: gpu._topk_slab(s, K, t0=t0, ch=16, interpret=True,
+                                           radix_bits=radix_bits), jnp.asarray(slab))
   np.testing.assert_array_equal(idx, _topk_oracle(slab, K, t0))   # both position-ordered
   np.testing.assert_array_equal(np.asarray(val), np.where(
       np.asarray(idx) >= 0, np.take_along_axis(slab, np.maximum(np.asarray(idx), 0), -1), -np.inf))
@@ -162,5 +170,47 @@ def test_gpu_scores_at_selected_keys_values_and_grads():
   want = run(oracle)
   np.testing.assert_array_equal(np.isfinite(got[0]), np.asarray(idx) >= 0)
   _close(np.where(np.isfinite(want[0]), got[0], 0.0), np.where(np.isfinite(want[0]), want[0], 0.0))
+  for a, b in zip(got[1:], want[1:]):
+    _close(a, b)
+
+
+@pytest.mark.parametrize('impl,mesh_shape', [('reference', None), ('pallas', (2, 1, 1, 4))])
+def test_scores_at_seam_values_and_grads(impl, mesh_shape):
+  """indexer_scores_at seam vs a gathered numpy/jnp oracle: the reference in query blocks of 4
+  (T=7 not a multiple), the GPU kernel (interpret) per device over a batch-sharded mesh; -1 slots
+  (early rows, a hole, an empty row); values and q, k, w grads within 1e-5 x max|oracle|."""
+  B, T, H, D, K = 2, 7, 3, 16, 8
+  q, k, w = _inputs(B, T, T, H, D, seed=21)
+  rs = np.random.RandomState(22)
+  idx = np.full((B, T, K), -1, np.int32)
+  for b in range(B):
+    for t in range(T):
+      n = min(K, t + 1)
+      idx[b, t, :n] = rs.permutation(t + 1)[:n]
+      idx[b, t] = rs.permutation(idx[b, t])
+  idx[0, 5, 2], idx[1, 3] = -1, -1
+  idx = jnp.asarray(idx)
+  r = jnp.asarray(rs.randn(B, T, K), jnp.float32)
+
+  def oracle(q, k, w):
+    kg = jnp.take_along_axis(k[:, None], jnp.maximum(idx, 0)[..., None], axis=2)   # [B,T,K,D]
+    return jnp.einsum('bthk,bth->btk', jax.nn.relu(jnp.einsum('bthd,btkd->bthk', q, kg)), w)
+
+  def run(f):
+    loss = lambda *a: jnp.sum(jnp.where(idx >= 0, f(*a), 0.0) * r)
+    return _jit(lambda q, k, w: (f(q, k, w),) + jax.grad(loss, argnums=(0, 1, 2))(q, k, w),
+                q, k, w)
+  seam = lambda q, k, w: indexer_scores_at(q, k, w, idx, query_block=4, impl=impl)
+  if mesh_shape is None:
+    got = run(seam)
+  else:
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape),
+                ('data', 'fsdp', 'expert', 'tensor'), axis_types=(AxisType.Auto,) * 4)
+    with rules.activate(mesh, 'fsdp_tp'), jax.set_mesh(mesh):
+      got = run(seam)
+  want = run(oracle)
+  ok = np.asarray(idx) >= 0
+  np.testing.assert_array_equal(np.isfinite(got[0]), ok)
+  _close(np.where(ok, got[0], 0.0), np.where(ok, want[0], 0.0))
   for a, b in zip(got[1:], want[1:]):
     _close(a, b)

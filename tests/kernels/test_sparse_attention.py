@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh
 
+from v4jax.kernels.sparse_attention import attention_probs_mean as probs_mean_seam
 from v4jax.kernels.sparse_attention import gpu, reference, sparse_mla, tpu
 from v4jax.parallel import rules
 
@@ -152,3 +153,33 @@ def test_gpu_probs_mean_is_the_sparse_kl_teacher():
   want = np.where(np.asarray(idx)[:, :, None] >= 0, np.exp(logits - np.asarray(lse)[..., None]), 0)
   np.testing.assert_allclose(np.asarray(p), want.mean(axis=2), atol=1e-6)
   np.testing.assert_allclose(np.asarray(p).sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('impl,mesh_shape', [('reference', None), ('pallas', (2, 1, 1, 4))])
+def test_probs_mean_seam(impl, mesh_shape):
+  """attention_probs_mean seam vs a numpy oracle: the reference in query blocks of 4 (T=6 not a
+  multiple), the GPU kernel (interpret) per device over a batch x heads mesh; C = 128 + 16 (the
+  peer's width, split without padding) and H = 5 (padded to one 16-head block). atol 1e-6."""
+  B, T, S, H, C, K = 2, 6, 6, 5, 144, 8
+  q, kv, idx = _inputs(B, T, S, H, C, K, jnp.float32, seed=13)
+  q = q * 0.2
+  scale = 0.3
+  idx = idx.at[1, 2].set(-1)                                    # a token with no key at all
+  e = np.asarray(reference.gather_entries(kv, idx))
+  logits = scale * np.einsum('bthc,btkc->bthk', np.asarray(q, np.float64), e)
+  ok = np.asarray(idx)[:, :, None] >= 0
+  mx = np.max(np.where(ok, logits, 0.0), -1)
+  z = np.sum(np.where(ok, np.exp(logits - mx[..., None]), 0.0), -1)
+  lse = np.where(z > 0, np.log(np.where(z > 0, z, 1.0)) + mx, -np.inf)
+  want = np.where(ok, np.exp(logits - lse[..., None]), 0).mean(axis=2)
+  f = lambda *a: probs_mean_seam(*a, scale, query_block=4, impl=impl)
+  args = (q, kv, idx, jnp.asarray(lse, jnp.float32))
+  if mesh_shape is None:
+    p = jax.jit(f).lower(*args).compile(FAST)(*args)
+  else:
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape),
+                ('data', 'fsdp', 'expert', 'tensor'), axis_types=(AxisType.Auto,) * 4)
+    with rules.activate(mesh, 'fsdp_tp'), jax.set_mesh(mesh):
+      p = jax.jit(f).lower(*args).compile(FAST)(*args)
+  np.testing.assert_allclose(np.asarray(p), want, atol=1e-6)
+  assert np.all(np.asarray(p)[1, 2] == 0)

@@ -15,7 +15,7 @@ import attn_oracle as orc
 from test_mla import B, D, DIMS, T, TAU, _assert_grads_close, inputs, j, make_cfg, randomize
 from v4jax.kernels.indexer import indexer_scores, indexer_topk
 from v4jax.kernels.sparse_attention import sparse_mla
-from v4jax.model.dsa import kl_rows
+from v4jax.model.dsa import kl_rows, sparse_indexer_kl
 from v4jax.model.mla import MLA, dense_attention
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -228,3 +228,66 @@ def test_dispatch_rejects_unknown_impl_and_auto_is_reference_on_cpu():
                1.0, impl='triton')
   np.testing.assert_array_equal(np.asarray(indexer_topk(q, k, w, 4, impl='reference')),
                                 np.asarray(indexer_topk(q, k, w, 4, impl='auto')))
+
+
+def _sparse_kl_inputs(Bn, Tn, J, I, H, C, K, seed):
+  """Random indexer/attention inputs and distinct allowed indices per token (s <= t), fewer than K
+  on early rows, random -1 holes, and one token with no key at all."""
+  r = np.random.RandomState(seed)
+  idx = np.full((Bn, Tn, K), -1, np.int32)
+  for b in range(Bn):
+    for t in range(Tn):
+      n = min(K, t + 1)
+      idx[b, t, :n] = r.permutation(t + 1)[:n]
+      if t % 4 == 2:
+        idx[b, t, r.randint(0, n)] = -1
+      idx[b, t] = r.permutation(idx[b, t])
+  idx[0, Tn // 2] = -1
+  qi, ki, wi = r.randn(Bn, Tn, J, I), r.randn(Bn, Tn, I), r.randn(Bn, Tn, J)
+  q, kv = r.randn(Bn, Tn, H, C) * 0.5, r.randn(Bn, Tn, C) * 0.5
+  valid = r.rand(Bn, Tn) < 0.8
+  return qi, ki, wi, q, kv, idx, valid
+
+
+def _sparse_kl_oracle(qi, ki, wi, q, kv, idx, valid, scale):
+  """SPEC §3 sparse KL on dense [B,T,S] tensors with the selection as a mask (plain jnp, fp32):
+  (KL sum, grads wrt qi, ki, wi with the teacher held constant), and the sparse lse."""
+  S = ki.shape[1]
+  sel = jnp.asarray(orc.idx_to_mask(idx, S))
+  logits = scale * jnp.einsum('bthc,bsc->bths', q, kv)
+  z = jnp.where(sel[:, :, None], logits, -jnp.inf)
+  m = jnp.max(jnp.where(sel[:, :, None], logits, -1e30), -1, keepdims=True)
+  lse = jnp.log(jnp.sum(jnp.exp(z - m), -1)) + m[..., 0]
+  p = jnp.mean(jnp.where(sel[:, :, None], jnp.exp(z - m) / jnp.exp(lse - m[..., 0])[..., None],
+                         0.0), axis=2)
+
+  def loss(qi, ki, wi):
+    I = jnp.einsum('btjs,btj->bts', jax.nn.relu(jnp.einsum('btji,bsi->btjs', qi, ki)), wi)
+    logq = I - jax.nn.logsumexp(jnp.where(sel, I, -jnp.inf), -1, keepdims=True)
+    terms = jnp.where(sel & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0)
+    kl = jnp.sum(terms, -1)
+    return jnp.sum(jnp.where(valid & sel.any(-1), kl, 0.0))
+  val, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(qi, ki, wi)
+  return val, grads, jnp.where(sel.any(-1)[:, :, None], lse, -jnp.inf)
+
+
+# impl, B, T, J, I, H, C, K, query_block: the Pallas path (GPU kernels in interpret mode: H below
+# the 16-head block, I padded to 32, the peer's C = 128 + 16 split without padding, K not a
+# multiple of the slot block) and the reference path with T not a multiple of the query block.
+@pytest.mark.parametrize('impl,Bn,Tn,J,I,H,C,K,qb', [
+    ('pallas', 1, 8, 3, 24, 5, 144, 10, 0),
+    ('reference', 2, 13, 3, 24, 5, 40, 10, 5),
+])
+def test_sparse_indexer_kl_values_and_grads_vs_dense_oracle(impl, Bn, Tn, J, I, H, C, K, qb):
+  """sparse_indexer_kl through the kernel seams vs the masked dense oracle; tolerances: value
+  rtol 1e-5, grads rtol 1e-4 / atol 1e-5·max|g| (fp32, summation order only)."""
+  qi, ki, wi, q, kv, idx, valid = (jnp.asarray(a) if a.dtype == bool or a.dtype == np.int32
+                                   else j(a) for a in _sparse_kl_inputs(Bn, Tn, J, I, H, C, K, 0))
+  scale = 0.3
+  want, want_g, lse = _sparse_kl_oracle(qi, ki, wi, q, kv, idx, valid, scale)
+  f = lambda qi, ki, wi: sparse_indexer_kl(qi, ki, wi, q, kv, idx, lse, scale, valid,
+                                           query_block=qb, impl=impl)
+  got, got_g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(qi, ki, wi).compile(
+      {'xla_backend_optimization_level': 0})(qi, ki, wi)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  _assert_grads_close(tuple(got_g), tuple(want_g))

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from v4jax.kernels.blockwise import allowed_mask, map_query_blocks
-from v4jax.kernels.indexer import indexer_scores
+from v4jax.kernels.indexer import indexer_scores, indexer_scores_at
+from v4jax.kernels.sparse_attention import attention_probs_mean
 from v4jax.model.layers import LayerNorm, dtype_of, matmul, param
 from v4jax.model.rope import apply_rope_half, rope_cos_sin_scale, rope_inv_freq
 
@@ -134,30 +135,18 @@ def dense_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, q_BTHK, k_BSHK, lse_BTH, scale: fl
   return _masked_sum(kl_BT, valid_BT)
 
 
-def _gather(x_BSX, idx_BTK):
-  return jax.vmap(lambda x_SX, i_TK: x_SX[i_TK])(x_BSX, jnp.maximum(idx_BTK, 0))
-
-
 def sparse_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, q_abs_BTHC, kv_BSC, idx_BTK, lse_BTH,
-                      scale: float, valid_BT=None, *, query_block: int = 0) -> jax.Array:
+                      scale: float, valid_BT=None, *, query_block: int = 0,
+                      impl: str = 'auto') -> jax.Array:
   """Σ over valid t of KL(p^S_t ‖ softmax(I_t)) over the selected keys S_t (sparse stage).
 
-  The teacher is the head-mean of the actual sparse attention softmax (detached absorbed q,
-  gathered entries and the sparse lse); the student is I recomputed at the selected keys.
-  Slots holding -1 are outside the support.
+  The teacher is the head-mean of the actual sparse attention softmax (detached absorbed q and
+  entries, and the sparse lse); the student is I recomputed at the selected keys. Slots holding
+  -1 are outside the support. Both come from the kernel seams (`impl`): on GPU, kernels that
+  gather the selected rows in-kernel; otherwise gathered jnp, `query_block` rows at a time.
   """
-  kv_BSC = sg(kv_BSC)
-
-  def block(_, qi, wi, q_abs, idx, lse):
-    ok_BTK = idx >= 0
-    dots_BTJK = jnp.einsum('btji,btki->btjk', qi, _gather(ki_BSI, idx).astype(qi.dtype),
-                           preferred_element_type=F32)
-    scores_BTK = jnp.einsum('btjk,btj->btk', jax.nn.relu(dots_BTJK), wi.astype(F32))
-    logits_BTHK = scale * jnp.einsum('bthc,btkc->bthk', sg(q_abs), _gather(kv_BSC, idx),
-                                     preferred_element_type=F32)
-    logits_BTHK = jnp.where(ok_BTK[:, :, None], logits_BTHK, -jnp.inf)
-    p_BTK = jnp.mean(jnp.exp(logits_BTHK - sg(lse)[..., None]), axis=2)
-    return kl_rows(scores_BTK, sg(p_BTK), ok_BTK)
-
-  kl_BT = map_query_blocks(block, query_block, qi_BTJI, wi_BTJ, q_abs_BTHC, idx_BTK, lse_BTH)
-  return _masked_sum(kl_BT, valid_BT)
+  scores_BTK = indexer_scores_at(qi_BTJI, ki_BSI, wi_BTJ, idx_BTK, query_block=query_block,
+                                 impl=impl)
+  p_BTK = attention_probs_mean(sg(q_abs_BTHC), sg(kv_BSC), idx_BTK, sg(lse_BTH), scale,
+                               query_block=query_block, impl=impl)
+  return _masked_sum(kl_rows(scores_BTK, sg(p_BTK), idx_BTK >= 0), valid_BT)

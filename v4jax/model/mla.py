@@ -140,7 +140,8 @@ class MLA(nnx.Module):
       lse_BTH = checkpoint_name(lse_BTH, 'attn_lse')
       o_BTHV = self.unabsorb(o_c)
       aux['indexer_kl'] = sparse_indexer_kl(qi, ki, wi, q_abs, kv, idx_BTK, lse_BTH, self.scale,
-                                            valid_BT, query_block=self.dsa_query_block)
+                                            valid_BT, query_block=self.dsa_query_block,
+                                            impl=self.impl)
     else:
       q, k, v = self.mha_qkv(p)
       with_kl = self.stage in ('warmup', 'sparse')

@@ -9,12 +9,12 @@ entirely above the diagonal skipped. Top-k never sees a T x T matrix: queries ar
 chunks whose [B, Tc, S_c] fp32 score slab fits `slab_bytes` (S_c stops at the chunk's last row).
 
 Top-k, one program per query row: scores map to order-preserving int32 keys (-0.0 counts as
-+0.0); a radix search over the key bits (1 bit per sweep, starting below the common prefix of
-the row's min and max) finds the exact k-th largest key; a last sweep keeps every key above it
-plus the first ties in position order (ties go to the smaller s, as SPEC §3 asks) and writes
-them compacted with a prefix sum. Each row reads only its allowed prefix (s <= t). The output
-holds the same set as `lax.top_k` would, ordered by position (the order carries no meaning
-downstream), with -1 in slots past min(K, #allowed).
++0.0); a radix search over the key bits (RADIX_BITS bits per sweep, starting below the
+common prefix of the row's min and max) finds the exact k-th largest key; a last sweep keeps
+every key above it plus the first ties in position order (ties go to the smaller s, as SPEC §3
+asks) and writes them compacted with a prefix sum. Each row reads only its allowed prefix
+(s <= t). The output holds the same set as `lax.top_k` would, ordered by position (the order
+carries no meaning downstream), with -1 in slots past min(K, #allowed).
 
 The gradient of `indexer_scores` (dense warm-up KL) reuses the jnp reference's VJP.
 """
@@ -34,6 +34,9 @@ from v4jax.kernels.pallas_common import NEG_INF, with_reference_vjp, gpu_interpr
 _NT = (((1,), (1,)), ((), ()))
 _INT_MIN = -2**31
 _INT_MAX = 2**31 - 1
+# Bits resolved per top-k radix sweep: 1 = one compare per key per sweep (up to 32 sweeps); b > 1
+# counts 2^b candidate digits per sweep (up to 32/b sweeps, 2^b compares per key).
+RADIX_BITS = 1
 
 
 def _params(num_warps=None, num_stages=None):
@@ -151,7 +154,7 @@ def _to_key(x):
   return jnp.where(bits >= 0, bits, bits ^ _INT_MAX)
 
 
-def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0):
+def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0, radix_bits):
   t = t0 + pl.program_id(1)
   n_live = jnp.minimum(n_ch, t // ch + 1)          # chunks holding keys s <= t
   trash = kp                                       # spare slot for unselected lanes
@@ -175,17 +178,30 @@ def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0):
   # allowed key, so the search starts below them.
   lo_u, hi_u = lo ^ _INT_MIN, hi ^ _INT_MIN
   diff = lo_u ^ hi_u
-  top = jnp.where(diff == 0, -1, 31 - jax.lax.clz(diff))
-  low_mask = jnp.where(top >= 31, -1, jnp.left_shift(jnp.int32(1), top + 1) - 1)
+  n_bits = jnp.where(diff == 0, 0, 32 - jax.lax.clz(diff))     # bits left to resolve
+  low_mask = jnp.where(n_bits >= 32, -1, jnp.left_shift(jnp.int32(1), n_bits) - 1)
   thr0 = hi_u & ~low_mask
+  digits = jnp.arange(1 << radix_bits, dtype=jnp.int32)
 
-  def bit_step(i, thr_u):
-    cand = thr_u | jnp.left_shift(jnp.int32(1), top - i)
-    cand_key = cand ^ _INT_MIN
-    cnt = sweep(lambda j, x, key, ok, c: c + jnp.sum((ok & (key >= cand_key)).astype(jnp.int32)),
-                jnp.int32(0))
-    return jnp.where(cnt >= kk, cand, thr_u)
-  thr = jax.lax.fori_loop(0, top + 1, bit_step, thr0) ^ _INT_MIN
+  # One sweep per radix digit of `radix_bits` bits (the last one may be narrower): count the
+  # keys >= each candidate digit at once; counts fall with the digit, so the digit kept is the
+  # number of candidates whose count reaches kk, minus one (digit 0 always does).
+  def digit_step(i, thr_u):
+    lo_bit = jnp.maximum(n_bits - (i + 1) * radix_bits, 0)
+    if radix_bits == 1:                            # scalar compares (no [ch, 2] tile)
+      cand_key = (thr_u | jnp.left_shift(jnp.int32(1), lo_bit)) ^ _INT_MIN
+      cnt = sweep(lambda j, x, key, ok, c: c + jnp.sum((ok & (key >= cand_key)).astype(jnp.int32)),
+                  jnp.int32(0))
+      return thr_u | jnp.left_shift((cnt >= kk).astype(jnp.int32), lo_bit)
+    width = n_bits - i * radix_bits - lo_bit
+    cand_key = (thr_u | jnp.left_shift(digits, lo_bit)) ^ _INT_MIN
+    cnt = sweep(lambda j, x, key, ok, c: c + jnp.sum(
+        (ok[:, None] & (key[:, None] >= cand_key[None, :])).astype(jnp.int32), axis=0),
+                jnp.zeros(digits.shape, jnp.int32))
+    keep = (cnt >= kk) & (digits < jnp.left_shift(jnp.int32(1), width))
+    return thr_u | jnp.left_shift(jnp.sum(keep.astype(jnp.int32)) - 1, lo_bit)
+  n_steps = (n_bits + radix_bits - 1) // radix_bits
+  thr = jax.lax.fori_loop(0, n_steps, digit_step, thr0) ^ _INT_MIN
   thr = jnp.where(kk == 0, _INT_MAX, thr)
 
   n_gt = sweep(lambda j, x, key, ok, c: c + jnp.sum((ok & (key > thr)).astype(jnp.int32)),
@@ -210,11 +226,15 @@ def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0):
   val_ref[rest] = jnp.full((kp,), NEG_INF, jnp.float32)
 
 
-def _topk_slab(slab, topk, *, t0, ch, interpret, num_warps=None):
+def _topk_slab(slab, topk, *, t0, ch, interpret, num_warps=None, radix_bits=None):
   """idx, scores [B, rows, K] of the top-k per row of a masked slab [B, rows, n_ch*ch]."""
   B, rows, n_cols = slab.shape
   kp = next_pow2(topk)
-  kernel = functools.partial(_topk_kernel, topk=topk, kp=kp, ch=ch, n_ch=n_cols // ch, t0=t0)
+  radix_bits = radix_bits or RADIX_BITS
+  if radix_bits not in (1, 2, 3, 4):
+    raise ValueError(f'indexer gpu: radix_bits={radix_bits} must be 1, 2, 3 or 4')
+  kernel = functools.partial(_topk_kernel, topk=topk, kp=kp, ch=ch, n_ch=n_cols // ch, t0=t0,
+                             radix_bits=radix_bits)
   idx, val = pl.pallas_call(
       kernel,
       grid=(B, rows),
@@ -231,13 +251,14 @@ def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: in
                  segment_ids_BT: jax.Array | None = None, *, return_scores: bool = False,
                  block_t: int | None = None, block_s: int | None = None,
                  chunk: int | None = None, slab_bytes: int = 1 << 30,
-                 interpret: bool | None = None):
+                 radix_bits: int | None = None, interpret: bool | None = None):
   """int32 idx [B,T,K] of the top-K allowed keys per token (ties to the smaller s, -1 empty).
 
   The index set equals the reference's; slots are ordered by position. With return_scores, also
   the fp32 scores [B,T,K] of the selected keys (-inf at -1 slots), e.g. for the sparse KL.
   block_t x block_s score tiles (default 64 x 64), `chunk` keys per top-k sweep step (default
-  1024), all powers of two >= 16 (smaller defaults for short sequences).
+  1024), all powers of two >= 16 (smaller defaults for short sequences); radix_bits: bits per
+  radix sweep (default RADIX_BITS).
   """
   B, T, H, D = q_BTHD.shape
   S = k_BSD.shape[1]
@@ -260,7 +281,8 @@ def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: in
     n_cols = min(Sp, round_up(t0 + n, s_mult))
     slab = _score_slab(qT, kp, wT, sq, sk, t0=t0, rows=n, n_cols=n_cols, n_keys=S, masked=True,
                        bt=block_t, bs=block_s, interpret=interpret)
-    idx, val = _topk_slab(slab, topk, t0=t0, ch=chunk, interpret=interpret)
+    idx, val = _topk_slab(slab, topk, t0=t0, ch=chunk, interpret=interpret,
+                          radix_bits=radix_bits)
     idx_parts.append(idx)
     val_parts.append(val)
   idx = jnp.concatenate(idx_parts, axis=1)[:, :T]

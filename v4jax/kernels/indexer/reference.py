@@ -42,3 +42,20 @@ def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: in
     return jnp.pad(idx_BTK, [(0, 0), (0, 0), (0, topk - kk)], constant_values=-1)
 
   return map_query_blocks(block, query_block, q_BTHD, w_BTH, segment_ids_BT)
+
+
+def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx_BTK: jax.Array,
+                      *, query_block: int = 0) -> jax.Array:
+  """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys, -inf at -1 slots.
+
+  Gathers the [B,Tq,K,D] selected keys one query block at a time (-1 read as row 0); autodiff of
+  the gather scatter-adds into k.
+  """
+  def block(_, q_blk, w_blk, idx_blk):
+    k_BTKD = jax.vmap(lambda k_SD, i_TK: k_SD[i_TK])(k_BSD, jnp.maximum(idx_blk, 0))
+    dots_BTHK = jnp.einsum('bthd,btkd->bthk', q_blk, k_BTKD.astype(q_blk.dtype),
+                           preferred_element_type=jnp.float32)
+    s_BTK = jnp.einsum('bthk,bth->btk', jax.nn.relu(dots_BTHK), w_blk.astype(jnp.float32))
+    return jnp.where(idx_blk >= 0, s_BTK, -jnp.inf)
+
+  return map_query_blocks(block, query_block, q_BTHD, w_BTH, idx_BTK)

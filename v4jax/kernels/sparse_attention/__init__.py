@@ -5,7 +5,8 @@ V value width (r_kv), K selected keys per token.
 
 `impl` takes `config.kernels.impl`: reference -> gather + jnp softmax (reference.py);
 pallas -> gpu.py (Triton; interpret mode on CPU) or tpu.py (Mosaic); auto -> pallas when
-compiling for GPU/TPU, reference on CPU. The model calls only `sparse_mla`.
+compiling for GPU/TPU, reference on CPU. The model calls only these dispatch functions.
+`attention_probs_mean` (the sparse KL teacher) has no TPU kernel yet: on TPU it runs the reference.
 """
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from v4jax.kernels import pallas_common
 from v4jax.kernels.sparse_attention import reference
 
 IMPLS = ('auto', 'reference', 'pallas')
+
+
+def _check_impl(impl):
+  if impl not in IMPLS:
+    raise ValueError(f'config.kernels.impl={impl!r} is not one of {IMPLS}')
 
 
 def sparse_mla(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array, v_dim: int,
@@ -29,8 +35,7 @@ def sparse_mla(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array, v_dim: 
                      f'[B,T] of idx_BTK {idx_BTK.shape} must agree')
   if not 0 < v_dim <= kv_BSC.shape[2]:
     raise ValueError(f'sparse_mla: v_dim={v_dim} must be in [1, C={kv_BSC.shape[2]}]')
-  if impl not in IMPLS:
-    raise ValueError(f'config.kernels.impl={impl!r} is not one of {IMPLS}')
+  _check_impl(impl)
   if pallas_common.use_pallas(impl):   # GPU Triton / TPU Mosaic kernels, per device
     from v4jax.kernels.sparse_attention import gpu, tpu
     mod = tpu if pallas_common.target_platform() == 'tpu' else gpu
@@ -39,3 +44,29 @@ def sparse_mla(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array, v_dim: 
     return pallas_common.per_device(fn, (q_axes, ('batch', None, None), ('batch', 'seq', None)),
                                     (q_axes, q_axes[:3]))(q_BTHC, kv_BSC, idx_BTK)
   return reference.sparse_mla(q_BTHC, kv_BSC, idx_BTK, v_dim, scale, query_block=query_block)
+
+
+def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array,
+                         lse_BTH: jax.Array, scale: float, *, v_dim: int | None = None,
+                         query_block: int = 0, impl: str = 'auto') -> jax.Array:
+  """fp32 p [B,T,K] = (1/H) Σ_h exp(scale·q_h·kv[idx] - lse_h), 0 at -1 slots; no gradient.
+
+  The sparse KL teacher (SPEC §3) from sparse_mla's lse. v_dim only tells the GPU kernel how to
+  split C into power-of-two parts (default: the largest power of two <= C, e.g. 128 + 16).
+  """
+  B, T, H, C = q_BTHC.shape if q_BTHC.ndim == 4 else (None,) * 4
+  if (B is None or kv_BSC.ndim != 3 or (kv_BSC.shape[0], kv_BSC.shape[2]) != (B, C)
+      or idx_BTK.ndim != 3 or idx_BTK.shape[:2] != (B, T) or lse_BTH.shape != (B, T, H)):
+    raise ValueError(f'attention_probs_mean: q_BTHC {q_BTHC.shape}, kv_BSC {kv_BSC.shape}, '
+                     f'idx_BTK {idx_BTK.shape}, lse_BTH {lse_BTH.shape} must be [B,T,H,C], '
+                     '[B,S,C], [B,T,K], [B,T,H]')
+  _check_impl(impl)
+  if pallas_common.use_pallas(impl) and pallas_common.target_platform() != 'tpu':
+    from v4jax.kernels.sparse_attention import gpu
+    v = v_dim or 1 << (C.bit_length() - 1)
+    fn = lambda q, kv, idx, lse: gpu.attention_probs_mean(q, kv, idx, lse, v, scale)
+    tok = ('batch', 'seq', None)
+    return pallas_common.per_device(fn, (tok + (None,), ('batch', None, None), tok, tok), (tok,))(
+        q_BTHC, kv_BSC, idx_BTK, lse_BTH)
+  return reference.attention_probs_mean(q_BTHC, kv_BSC, idx_BTK, lse_BTH, scale,
+                                        query_block=query_block)

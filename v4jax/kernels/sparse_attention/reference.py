@@ -36,3 +36,21 @@ def sparse_mla(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array, v_dim: 
     return o_BTHV.astype(q_blk.dtype), lse_BTH
 
   return map_query_blocks(block, query_block, q_BTHC, idx_BTK)
+
+
+def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array,
+                         lse_BTH: jax.Array, scale: float, *, query_block: int = 0) -> jax.Array:
+  """fp32 [B,T,K]: (1/H) Σ_h exp(scale·q_h·kv[idx] - lse_h), 0 at -1 slots (no gradient).
+
+  The head-mean of the sparse attention softmax rebuilt from its saved lse (the sparse KL
+  teacher, SPEC §3); gathers [B,Tq,K,C] entries one query block at a time.
+  """
+  q_BTHC, kv_BSC, lse_BTH = (jax.lax.stop_gradient(x) for x in (q_BTHC, kv_BSC, lse_BTH))
+
+  def block(_, q_blk, idx_blk, lse_blk):
+    logits_BTHK = scale * jnp.einsum('bthc,btkc->bthk', q_blk, gather_entries(kv_BSC, idx_blk),
+                                     preferred_element_type=jnp.float32)
+    p_BTHK = jnp.exp(logits_BTHK - lse_blk[..., None])
+    return jnp.where(idx_blk >= 0, jnp.mean(p_BTHK, axis=2), 0.0)
+
+  return map_query_blocks(block, query_block, q_BTHC, idx_BTK, lse_BTH)
