@@ -1,8 +1,9 @@
 """Engram tables in host memory vs HBM (issue 5): step time, sparse update vs its floor, and the
 largest table the trainer runs with, all in one process.
 
-  python tools/bench_engram.py --out bench_engram.json            # H200: bench config, 2 layers
+  python tools/bench_engram.py --out bench_engram.json --budget-s 540   # H200, one run
   python tools/bench_engram.py --smoke --out /tmp/e.json          # CPU: tiny config, tiny tables
+  python tools/bench_engram.py --update-only --sizes-gib 1 --out /tmp/u.json   # sparse update only
 
 Method:
 - One Trainer at configs/bench_h200.py reduced to --layers blocks (Engram in every kept block up
@@ -20,11 +21,18 @@ Method:
   touched rows and both moments, read once and written once (2 x U x 3 x d_h x 4 per step), at
   that bandwidth. Measured = the host-side gather of theta/m/v for the step plus the write-back
   scatter (NumPy parts; the DMAs run on the copy engines and are reported apart).
-- Largest: the biggest table + moments that trained in host memory in this run.
+- Largest: the biggest table + moments that trained in host memory in this run (default sizes
+  32, 24, 16, 8, 1 GiB: 16 GiB is 48 GiB with moments; 24 GiB runs only if 32 GiB did not train).
 - Extras at the smallest size: the XLA host gather (compute_on) vs the NumPy gather for the same
   rows, and the donated XLA host scatter of the same rows (FACTS.md: it rewrote the whole table).
-Sizes run largest first (the pinned-host pool does not return memory, so smaller tables reuse it),
-HBM at the largest size last (it may not fit). A --budget-s deadline skips phases not started.
+Order: the phases that answer the goals first (8 GiB host and HBM, then the >= 48 GiB host
+point, then 32 GiB host and HBM, then 1 GiB). Tables are 2 GiB pinned chunks
+(`engram.host_chunk_mib`), so the pinned pool, which never shrinks, serves every later size from
+the chunks it already holds. --budget-s: a phase starts only if its estimated time (setup at the
+rate measured so far, steps at the step time measured so far) fits what is left; SIGTERM or
+SIGINT (e.g. `timeout`) writes the report before exiting.
+--update-only: no model; times the tables' sparse update (gather of theta/m/v for U random rows
+per layer, then the in-place write-back of those rows) against its floor, on any backend.
 """
 from __future__ import annotations
 
@@ -48,7 +56,9 @@ def _parse():
   p.add_argument('--smoke', action='store_true', help='tiny config on CPU, tiny tables')
   p.add_argument('--out', default='bench_engram.json')
   p.add_argument('--sizes-gib', default=None,
-                 help='table sizes (GiB, all Engram layers), e.g. 32,8,1')
+                 help='table sizes (GiB, all Engram layers); default 32,24,16,8,1 (smoke: tiny)')
+  p.add_argument('--hbm-sizes-gib', default=None,
+                 help='sizes that also run in HBM; default 32,8,1 (smoke: all)')
   p.add_argument('--layers', type=int, default=2)
   p.add_argument('--batch', type=int, default=4)
   p.add_argument('--seq', type=int, default=0, help='0 = the config seq_len')
@@ -58,7 +68,14 @@ def _parse():
   p.add_argument('--init', choices=('zeros', 'normal'), default='zeros',
                  help='table init (zeros saves setup time; step time does not depend on it)')
   p.add_argument('--bw-mib', type=int, default=0, help='bandwidth buffers (0: 2048, smoke 64)')
-  p.add_argument('--budget-s', type=float, default=0, help='skip phases after this (0 = none)')
+  p.add_argument('--budget-s', type=float, default=0,
+                 help='start no phase that would end after this many seconds (0 = no limit)')
+  p.add_argument('--update-only', action='store_true',
+                 help='time the host tables\' sparse update only (no model)')
+  p.add_argument('--rows', type=int, default=262144, help='--update-only: rows per layer per step')
+  p.add_argument('--threads', type=int, default=0, help='host threads (0: min(16, cores))')
+  p.add_argument('--chunk-mib', type=int, default=0,
+                 help='engram.host_chunk_mib: pinned chunk size (0: the config default, 2048)')
   return p.parse_args()
 
 
@@ -66,10 +83,11 @@ def _setup_env(args, sizes):
   if args.smoke:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   else:
-    # The GPU client's pinned pool is capped at 64 GB by default; its BFC allocator grows by
-    # min(next power of two, what the cap leaves), so a cap just above table + moments (+ staging)
-    # makes the one tables buffer its first region without pinning much more than it needs.
-    need = int(3 * max(sizes) + 2.5) + 1
+    # The GPU client's pinned pool (a BFC allocator) is capped at 64 GiB by default and never
+    # shrinks; it grows by regions of min(next power of two, what the cap leaves). With 2 GiB table
+    # chunks the cap only has to hold tables + moments, the staging and D2H buffers (~4 x 0.2 GiB
+    # per layer) and the slack of the regions' last chunk: 3 x table + 6 GiB.
+    need = int(3 * max(sizes) + 6.5)
     os.environ.setdefault('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', str(max(need, 64)))
     os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.94')
 
@@ -100,6 +118,8 @@ def bench_config(args):
   c.train.grad_accum = 1
   c.train.update(eval_every=0, log_every=1)
   c.engram.update(table_memory='host', base_rows=1009)
+  if args.chunk_mib:
+    c.engram.host_chunk_mib = args.chunk_mib
   c.checkpoint.enabled = False
   c.log.update(tensorboard=False, progress=False)
   return c
@@ -217,7 +237,8 @@ def run_phase(tr, cfg_s, rows, memory_kind, batches, args, log):
     tr.tables = None
   gc.collect()
   t0 = time.perf_counter()
-  tabs = HostTables(cfg_s, rows, tr.mesh, memory_kind=memory_kind, init=args.init == 'normal')
+  tabs = HostTables(cfg_s, rows, tr.mesh, memory_kind=memory_kind, init=args.init == 'normal',
+                    threads=args.threads or None)
   setup_s = time.perf_counter() - t0
   tr.tables = tabs
   tr.train_iter = Lookahead(_Cycle(batches))
@@ -246,11 +267,13 @@ def run_phase(tr, cfg_s, rows, memory_kind, batches, args, log):
 
 
 def extras(tabs, batches, log):
-  """XLA host gather vs NumPy gather, and the donated XLA host scatter, for one batch's rows."""
+  """XLA host gather vs NumPy gather, and the donated XLA host scatter, for one batch's rows of
+  one layer (the rows of that layer in the first table chunk, which XLA reads as one array)."""
   import jax
   import numpy as np
   from v4jax import compat
   from v4jax.memory import rows as rows_lib
+  from v4jax.memory.host_tables import _xla_host_gather
   store, l = tabs.store, tabs.layers[0]
   uniq, _, n = rows_lib.unique_rows(batches[0][f'engram_rows_{l}'], tabs.u_max)
   out, stats = {'rows': n}, collections.defaultdict(list)
@@ -262,16 +285,18 @@ def extras(tabs, batches, log):
       f()
     return 1e3 * (time.perf_counter() - t) / reps
 
-  for mode in ('numpy', 'xla'):
-    store.gather_mode = mode
-    try:
-      out[f'gather_{mode}_ms'] = timed(lambda: store.gather(l, uniq, n, tabs.row_sharding, stats)
-                                       .block_until_ready())
-    except Exception as e:  # noqa: BLE001
-      out[f'gather_{mode}_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
-  store.gather_mode = 'numpy'
-  rows_dev = store.gather(l, uniq, n, tabs.row_sharding, stats)
-  out['writeback_numpy_ms'] = timed(lambda: store.write(l, uniq, n, rows_dev, stats))
+  g = uniq[:n].astype(np.int64) + store.base[l]
+  g = g[g < store.chunk]
+  out['rows_in_first_chunk'] = int(g.size)
+  dst = np.empty((g.size,), store.void[0].dtype)
+  out['gather_numpy_ms'] = timed(lambda: np.take(store.void[0], g, out=dst, mode='clip'))
+  try:
+    idx = jax.device_put(g.astype(np.int32), store.sh)
+    out['gather_xla_ms'] = timed(lambda: _xla_host_gather(store.chunks[0], idx).block_until_ready())
+  except Exception as e:  # noqa: BLE001
+    out['gather_xla_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+  rows_dev = store.gather({l: uniq}, {l: n}, tabs.row_sharding, stats)[l]
+  out['writeback_numpy_ms'] = timed(lambda: store.write({l: uniq}, {l: n}, {l: rows_dev}, stats))
   try:   # the donated XLA host scatter on a table of the same shape (our table stays intact)
     sh = store.sh
     t = jax.device_put(np.zeros((tabs.rows[l], 3, tabs.width), np.float32), sh)
@@ -291,19 +316,93 @@ def extras(tabs, batches, log):
   return out
 
 
+def bench_update(args, log, report, save):
+  """--update-only: the host tables' sparse update with no model (any backend). Per size: U
+  random rows per layer (2 layers), gathered (theta/m/v to the device) and written back in
+  place, --steps times; floor = 2 x rows x 3 x d_h x 4 bytes at the measured bandwidth."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  from v4jax.memory import rows as rows_lib
+  from v4jax.memory.host_tables import HostTables
+  cfg = bench_config(args)
+  cfg.engram.layer_ids = (0, 1)
+  cfg.data.update(global_batch=1, seq_len=args.rows)
+  cfg.engram.update(max_ngram=2, heads_per_ngram=1, d_mem=64)   # one 64-wide head: U_max = rows
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  rng = np.random.default_rng(0)
+  for gib in args.sizes:
+    R = max(args.rows + 1, int(gib * GIB / (2 * 64 * 4)))
+    tabs = HostTables(cfg, {0: R, 1: R}, mesh, init=False, threads=args.threads or None)
+    for v in getattr(tabs.store, 'views', ()):   # fault every page in (pinned memory is resident)
+      v.fill(0.0)
+    if 'host_bandwidth_gbs' not in report:
+      mib = args.bw_mib or (512 if jax.default_backend() == 'cpu' else 2048)
+      report['host_bandwidth_gbs'] = measure_bandwidth(tabs._pool, mib) / 1e9  # pylint: disable=protected-access
+      log(f'host bandwidth {report["host_bandwidth_gbs"]:.1f} GB/s ({tabs.threads} threads)')
+    times = collections.defaultdict(list)
+    for i in range(args.warmup + args.steps):
+      uniq, n = {}, {}
+      for l in (0, 1):
+        u, _, k = rows_lib.unique_rows(rng.integers(0, R, (1, args.rows, 1)), args.rows)
+        uniq[l], n[l] = u, k
+      st = collections.defaultdict(list)
+      rows = tabs.store.gather(uniq, n, tabs.row_sharding, st)
+      tabs.store.write(uniq, n, rows, st)
+      if i >= args.warmup:
+        for key, v in st.items():
+          times[key].append(v[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = 1e3 * 2 * sum(n.values()) * 3 * 64 * 4 / (report['host_bandwidth_gbs'] * 1e9)
+    upd = med['gather_ms'] + med['scatter_ms']
+    res = dict(size_gib=gib, chunks=len(tabs.store.chunks), rows_per_step=sum(n.values()), **med,
+               update_ms=upd, floor_ms=floor, update_over_floor=upd / floor)
+    report['update_only'].append(res)
+    log(f'  {gib} GiB tables: {json.dumps(res)}')
+    tabs.close()
+    del tabs
+    gc.collect()
+    save()
+  return 0
+
+
+def _plan(sizes, hbm_sizes):
+  """(size, memory kind) in the order that answers the goals first: the overhead pair at the
+  largest HBM size below the maximum (8 GiB by default); the smallest host-only size above it
+  (16 GiB: the >= 48 GiB point); the larger HBM sizes, host then HBM; the other host-only sizes,
+  descending (main skips one once a larger host run trained); then the smaller sizes."""
+  below = [s for s in sizes if s in hbm_sizes and s < max(sizes)]
+  first = max(below) if below else max(sizes)
+  out = [(first, 'pinned_host')] + ([(first, 'device')] if first in hbm_sizes else [])
+  probes = sorted(s for s in sizes if s > first and s not in hbm_sizes)
+  big = sorted((s for s in sizes if s > first and s in hbm_sizes), reverse=True)
+  out += [(s, 'pinned_host') for s in probes[:1]]
+  out += [(s, 'pinned_host') for s in big] + [(s, 'device') for s in big]
+  out += [(s, 'pinned_host') for s in probes[1:][::-1]]
+  out += [(s, k) for s in sorted(sizes, reverse=True) if s < first
+          for k in ('pinned_host', 'device') if k == 'pinned_host' or s in hbm_sizes]
+  return out
+
+
 def main():
   args = _parse()
-  sizes = sorted((float(s) for s in (args.sizes_gib or ('0.008,0.002' if args.smoke else '32,8,1'))
-                  .split(',')), reverse=True)
-  _setup_env(args, sizes)
-  probe = start_probe()
+  default = '0.008,0.002' if args.smoke or args.update_only else '32,24,16,8,1'
+  args.sizes = sorted((float(s) for s in (args.sizes_gib or default).split(',')), reverse=True)
+  hbm = args.hbm_sizes_gib or (','.join(map(str, args.sizes)) if args.smoke else '32,8,1')
+  args.hbm_sizes = {float(s) for s in hbm.split(',')} & set(args.sizes)
+  _setup_env(args, args.sizes)
+  probe = None if args.update_only else start_probe()
+  import signal
+
   import jax
   import numpy as np
   t_start = time.perf_counter()
   report = {'meta': {'jax': jax.__version__, 'device': str(jax.devices()[0].device_kind),
                      'backend': jax.default_backend(), 'cpus': os.cpu_count(),
+                     'host_memory_limit_gb': os.environ.get('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB'),
                      'date': datetime.date.today().isoformat(), 'args': vars(args)},
-            'phases': [], 'errors': []}
+            'phases': [], 'errors': [], 'update_only': []}
+  ctx = {'width': None}
 
   def log(msg):
     print(f'[{time.perf_counter() - t_start:7.1f}s] {msg}', flush=True)
@@ -312,8 +411,17 @@ def main():
     with open(args.out, 'w') as f:
       json.dump(report, f, indent=1, default=str)
 
-  def over_budget():
-    return args.budget_s and time.perf_counter() - t_start > args.budget_s
+  def on_signal(signum, _):
+    report['errors'].append(f'stopped by signal {signum} at {time.perf_counter() - t_start:.0f} s')
+    try:
+      summarize(report, ctx['width'], log)
+    finally:
+      save()
+      os._exit(128 + signum)        # host threads may be mid-copy; the report is written
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, on_signal)
+  if args.update_only:
+    return bench_update(args, log, report, save)
 
   from v4jax.trainer import Trainer
   cfg = bench_config(args)
@@ -345,24 +453,34 @@ def main():
     report['errors'].append(f'host views unavailable: {probe_msg}; HBM phases only')
   save()
 
-  plan = [(s, 'pinned_host') for s in sizes]
-  for s in sizes[1:]:
-    plan.insert(plan.index((s, 'pinned_host')) + 1, (s, 'device'))
-  plan.append((sizes[0], 'device'))
-  width = None
-  for gib, kind in plan:
+  # Time estimates for --budget-s, refined by every phase that ran.
+  est = {'setup_s_per_gib': 1.0, 'step_s': None, 'compile_s': 150.0 if not args.smoke else 30.0}
+  trained = []                                   # host sizes that trained
+  for gib, kind in _plan(args.sizes, args.hbm_sizes):
     if kind == 'pinned_host' and not host_ok:
       continue
-    if over_budget():
-      report['errors'].append(f'skipped {gib} GiB {kind}: over --budget-s')
+    if kind == 'pinned_host' and gib not in args.hbm_sizes and any(s > gib for s in trained):
+      continue          # a probe for the largest size that a larger trained run already answers
+    n = args.warmup + args.steps
+    need = (3 * gib * est['setup_s_per_gib'] if kind == 'pinned_host' else 5.0) + \
+        (n * est['step_s'] if est['step_s'] else est['compile_s'] + 2.0 * n)
+    left = args.budget_s - (time.perf_counter() - t_start) if args.budget_s else float('inf')
+    if need > left and (est['step_s'] or left <= 0):   # the first phase (the compile) always runs
+      report['errors'].append(f'skipped {gib} GiB {kind}: needs ~{need:.0f} s, {left:.0f} s of '
+                              '--budget-s left')
+      log(f'  {report["errors"][-1]}')
       continue
     log(f'phase: {gib} GiB tables in {kind}')
     try:
       cfg_s, spec, rows = _size_cfg(cfg, gib)
       res, tabs = run_phase(tr, cfg_s, rows, kind, _batches(cfg_s, spec, toks), args, log)
-      width = tabs.width
+      ctx['width'] = tabs.width
       res.update(size_gib=gib, table_bytes=sum(rows.values()) * tabs.width * 4)
-      if kind == 'pinned_host' and gib == sizes[-1]:
+      if kind == 'pinned_host':
+        trained.append(gib)
+        est['setup_s_per_gib'] = max(res['setup_s'] / (3 * gib), 0.05)
+      est['step_s'] = 1.25 * res['step_ms_mean'] / 1e3
+      if kind == 'pinned_host' and gib == min(args.sizes):
         res['extras'] = extras(tabs, _batches(cfg_s, spec, toks[:1]), log)
       report['phases'].append(res)
       log(f'  {json.dumps({k: v for k, v in res.items() if k != "extras"}, default=str)}')
@@ -371,8 +489,12 @@ def main():
       msg = f'{gib} GiB {kind}: {type(e).__name__}: {first}'
       report['errors'].append(msg)
       log(f'  FAILED {msg}')
+      if tr.tables is not None:          # free what the failed phase allocated
+        tr.tables.close()
+        tr.tables = None
+      gc.collect()
     save()
-  summarize(report, width, log)
+  summarize(report, ctx['width'], log)
   save()
   if tr.tables is not None:
     tr.tables.close()

@@ -106,6 +106,8 @@ def default_config() -> ConfigDict:
       seed=0,
       table_memory='device',   # device | host
       host_gather='numpy',     # host tables: numpy (threads, zero-copy view) | xla (compute_on)
+      host_chunk_mib=2048,     # host tables: rows held in pinned buffers of at most this size (the
+                               # GPU pinned pool grows in power-of-two regions; small chunks fit it)
       table_optimizer='lazy_adam',  # lazy_adam | dense_adam
       table_init_std=0.006,
       lr_mult=5.0,
@@ -305,6 +307,8 @@ def validate(c: ConfigDict) -> ConfigDict:
       _fail('engram.conv_kernel', g.conv_kernel, 'must be a positive integer')
     if g.lr_mult <= 0:
       _fail('engram.lr_mult', g.lr_mult, 'must be > 0')
+    if g.host_chunk_mib <= 0:
+      _fail('engram.host_chunk_mib', g.host_chunk_mib, 'must be > 0')
 
   if c.mtp.depth < 0:
     _fail('mtp.depth', c.mtp.depth, 'must be >= 0')

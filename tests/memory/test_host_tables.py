@@ -99,16 +99,20 @@ def _pipeline_cfg(gather='numpy'):
   return c
 
 
-@pytest.mark.parametrize('memory_kind,gather', [('pinned_host', 'numpy'), ('pinned_host', 'xla'),
-                                                ('device', 'numpy')])
-def test_pipeline_matches_dense_lazy_adam(memory_kind, gather):
+@pytest.mark.parametrize('memory_kind,gather,chunk_rows', [
+    ('pinned_host', 'numpy', None), ('pinned_host', 'numpy', 37), ('pinned_host', 'xla', None),
+    ('device', 'numpy', None)])
+def test_pipeline_matches_dense_lazy_adam(memory_kind, gather, chunk_rows):
   """Prefetch of step s+1 before the write-back of step s, device patching, in-place write-back,
-  two layers in one buffer: the tables equal a dense NumPy lazy Adam over the same steps (loss
+  two layers in one row space (one buffer, or 37-row chunks that split both layers and hold rows
+  of both): the tables equal a dense NumPy lazy Adam over the same steps (loss
   0.5*sum(w*theta[row]^2), so each step's gradient depends on the rows the previous step wrote)."""
   cfg = _pipeline_cfg(gather)
   R = {0: 4 * 53 + 20, 1: 4 * 61 + 3}
   mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
-  tabs = HostTables(cfg, R, mesh, memory_kind=memory_kind, threads=2)
+  tabs = HostTables(cfg, R, mesh, memory_kind=memory_kind, threads=2, chunk_rows=chunk_rows)
+  if chunk_rows:
+    assert len(tabs.store.chunks) == -(-sum(R.values()) // chunk_rows)
   J, H = 4, tabs.width
   rng = np.random.default_rng(2)
   batches = []
@@ -156,6 +160,10 @@ def test_pipeline_matches_dense_lazy_adam(memory_kind, gather):
                                                               for b in batches]))
     assert untouched.size > 0
     np.testing.assert_array_equal(got[untouched], slots0[l][untouched])
+  saved = {k: np.array(v) for k, v in tabs.state_for_save().items()}
+  tabs.load({k: v[::-1].copy() for k, v in saved.items()})   # reversed: every chunk piece moves
+  for l in R:
+    np.testing.assert_array_equal(tabs.slots(l), saved[f'layer_{l}'][::-1])
   tabs.close()
 
 
@@ -164,6 +172,13 @@ def test_missing_host_memory_names_the_device_fallback():
                                addressable_memories=lambda: [types.SimpleNamespace(kind='device')])
   with pytest.raises(compat.HostMemoryError, match="table_memory='device'"):
     compat.require_memory_kind(fake, 'pinned_host')
+
+
+def test_several_processes_are_refused_naming_the_device_fallback(monkeypatch):
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  with pytest.raises(NotImplementedError, match="2 processes.*table_memory='device'"):
+    HostTables(_pipeline_cfg(), {0: 300, 1: 300}, mesh)
 
 
 def test_dense_adam_is_rejected_for_host_tables():

@@ -1,18 +1,21 @@
 """Engram tables and their Adam moments in host memory (`engram.table_memory='host'`, SPEC §6.4).
 
-Storage. One jax.Array `slots` [sum_l R_l, 3, H] fp32 for all Engram layers (layer l from row
-base_l, SPEC §6.2; row r holds theta_r, m_r, v_r) with memory kind `pinned_host` on the first local
-device: one random access reads or writes a row and both its moments, and one allocation suits the
-GPU client's pinned pool. It is not part of the jitted train state; checkpoints carry each layer's
-[R_l, 3, H] as their own Orbax item (mesh independent). `memory_kind='device'` keeps the same
-array in HBM with the same sparse machinery: the benchmark's baseline.
+Storage. All Engram layers share one row space [sum_l R_l, 3, H] fp32 (layer l from row base_l,
+SPEC §6.2; row r holds theta_r, m_r, v_r, so one random access reads or writes a row and both
+its moments), held as jax.Arrays of memory kind `pinned_host` on the first local device, each a
+chunk of at most `engram.host_chunk_mib` (2 GiB) of rows: the GPU client's pinned pool grows in
+power-of-two regions and refused one 48 GiB buffer; chunks fill any region and are reused by
+later tables. The tables are not part of the jitted train state; checkpoints carry each layer's
+[R_l, 3, H] as their own Orbax item (mesh and chunk independent). `memory_kind='device'` keeps
+the same rows in one HBM array with the same sparse machinery: the benchmark's baseline.
 
 Per step s (host work runs on one job thread, in submission order; NumPy, which releases the GIL,
 is spread over a thread pool):
   1. the unique rows U_s of the global batch and each position's index into them;
-  2. gather of theta/m/v for U_s from the table into a pinned staging buffer (a zero-copy view of
-     the jax.Array, `compat.host_view`; or XLA host compute with `engram.host_gather='xla'`), then
-     one DMA to the device;
+  2. gather of theta/m/v for U_s from the tables into a pinned staging buffer (zero-copy views of
+     the chunks, `compat.host_view`; all layers and chunks in one pass over the thread pool; or XLA
+     host compute with `engram.host_gather='xla'`, then the tables are one chunk), then one DMA
+     per layer to the device;
   3. the jitted train step patches in the rows step s-1 updated (`rows.patch_rows`), runs the model
      on theta, sums duplicate references deterministically, clips the row gradients with the main
      group and applies row-wise lazy Adam on the device (`rows.lazy_adam_rows`);
@@ -84,13 +87,13 @@ def _tasks(n: int, workers: int) -> list[slice]:
 
 
 def _row_void(a: np.ndarray) -> np.ndarray:
-  """[N, ...] contiguous -> [N] of opaque rows (NumPy scatters whole rows faster)."""
+  """[N, ...] contiguous -> [N] of opaque rows (NumPy copies whole rows faster)."""
   n = a.shape[0]
   return a.reshape(n, -1).view(np.dtype((np.void, a[0].nbytes))).reshape(n)
 
 
 def _layout(rows: dict[int, int]) -> tuple[dict[int, int], int]:
-  """Each layer's first row in the one buffer holding all layers (SPEC §6.2), and the total."""
+  """Each layer's first row in the one row space of all layers (SPEC §6.2), and the total."""
   base, total = {}, 0
   for l, r in rows.items():
     base[l], total = total, total + r
@@ -100,61 +103,121 @@ def _layout(rows: dict[int, int]) -> tuple[dict[int, int], int]:
 
 
 class _HostStore:
-  """All layers' tables in one `pinned_host` array (one allocation: the GPU client's pinned pool
-  grows in power-of-two regions), read and written through zero-copy NumPy views."""
+  """All layers' tables in one row space (layer l from row base_l), held as `pinned_host` chunks
+  of at most `chunk_rows` rows and read and written through zero-copy NumPy views.
 
-  def __init__(self, device, rows: dict[int, int], width: int, u_max: int, gather: str, pool):
+  Chunks, not one buffer: the GPU client's pinned pool is a BFC allocator that grows by regions
+  of min(next power of two, what its cap leaves) and backs off by 10% when the OS refuses one. A
+  single 96 GiB buffer needs one 96 GiB pinned region; 2 GiB chunks fill regions of 2, 4, 8, ...
+  GiB and the last one clipped to the cap, so the tables fit whenever the cap and the RAM hold
+  them. Sorted row ids map to chunks by one searchsorted; each thread task copies rows of one chunk.
+  """
+
+  def __init__(self, device, rows: dict[int, int], width: int, u_max: int, gather: str, pool,
+               chunk_rows: int):
     compat.require_memory_kind(device, 'pinned_host')
     self.sh = SingleDeviceSharding(device, memory_kind='pinned_host')
-    self.device, self.gather_mode, self.pool = device, gather, pool
+    self.device, self.gather_mode, self.pool, self.rows = device, gather, pool, rows
     self.base, total = _layout(rows)
-    self.slots = jax.device_put(np.zeros((total, 3, width), np.float32), self.sh)
-    view = compat.host_view(self.slots)
-    self.views = {l: view[b:b + rows[l]] for l, b in self.base.items()}
-    self.flat = {l: v.reshape(v.shape[0], -1) for l, v in self.views.items()}
-    self.void = {l: _row_void(v) for l, v in self.views.items()}
+    self.chunk = total if gather == 'xla' else max(1, min(chunk_rows, total))  # XLA reads one array
+    self.chunks, self.views, self.void = [], [], []
+    for r0 in range(0, total, self.chunk):      # tables first: later small buffers fill the gaps
+      a = jax.device_put(np.zeros((min(self.chunk, total - r0), 3, width), np.float32), self.sh)
+      v = compat.host_view(a, check=not self.chunks)   # one probe per store proves the pointer
+      self.chunks.append(a)
+      self.views.append(v)
+      self.void.append(_row_void(v))
     self.stage = {l: jax.device_put(np.zeros((u_max, 3, width), np.float32), self.sh)
                   for l in rows}
-    self.stage_flat = {l: compat.host_view(a, check=False).reshape(u_max, -1)
+    self.stage_void = {l: _row_void(compat.host_view(a, check=False))
                        for l, a in self.stage.items()}
 
-  def _par(self, fn, n):
-    list(self.pool.map(fn, _tasks(n, self.pool._max_workers)))  # pylint: disable=protected-access
+  @property
+  def slots(self):
+    return self.chunks[0]
 
-  def gather(self, l, uniq, n, sharding, stats):
+  def _pieces(self, g0: int, g1: int):
+    """(chunk, first row in it, last row + 1, offset from g0) covering global rows [g0, g1)."""
+    g = g0
+    while g < g1:
+      c, a = divmod(g, self.chunk)
+      b = min(self.chunk, a + g1 - g)
+      yield c, a, b, g - g0
+      g += b - a
+
+  def _row_tasks(self, uniq: dict, n: dict) -> list:
+    """Thread tasks (layer, chunk, global ids, lo, hi) over every layer's first n sorted rows."""
+    workers = self.pool._max_workers  # pylint: disable=protected-access
+    total = max(sum(n.values()), 1)
+    out = []
+    for l, u in uniq.items():
+      k = n[l]
+      if not k:
+        continue
+      g = u[:k].astype(np.intp) + self.base[l]
+      cuts = [0] + list(np.searchsorted(g, np.arange(g[0] // self.chunk + 1,
+                                                     g[-1] // self.chunk + 1) * self.chunk)) + [k]
+      for a, b in zip(cuts[:-1], cuts[1:]):
+        if b <= a:
+          continue
+        c = int(g[a]) // self.chunk
+        parts = max(1, min(round(2 * workers * (b - a) / total), (b - a) // _MIN_ROWS_PER_TASK))
+        e = np.linspace(a, b, parts + 1).astype(np.int64)
+        out += [(l, c, g, int(e[i]), int(e[i + 1])) for i in range(parts) if e[i + 1] > e[i]]
+    return out
+
+  def _run(self, fn, tasks):
+    list(self.pool.map(lambda t: fn(*t), tasks))
+
+  def gather(self, uniq: dict, n: dict, sharding, stats) -> dict:
+    """{layer: [u_max, 3, H] rows on the devices of `sharding`} (rows past n are stale filler)."""
     t0 = time.perf_counter()
     if self.gather_mode == 'xla':
-      idx = jax.device_put((uniq + self.base[l]).astype(np.int32), self.sh)
-      rows = _xla_host_gather(self.slots, idx).block_until_ready()
+      out = {}
+      for l, u in uniq.items():
+        idx = jax.device_put((u + self.base[l]).astype(np.int32), self.sh)
+        out[l] = jax.device_put(_xla_host_gather(self.slots, idx), sharding)
+      jax.block_until_ready(out)
       stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
-      return jax.device_put(rows, sharding)
-    src, out = self.flat[l], self.stage_flat[l]
-    self._par(lambda s: np.take(src, uniq[s], axis=0, out=out[s], mode='clip'), n)
-    t1 = time.perf_counter()
-    rows = jax.device_put(self.stage[l], sharding).block_until_ready()   # staging is reused
-    stats['gather_ms'].append(1e3 * (t1 - t0))
-    stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))
-    return rows
+      return out
 
-  def write(self, l, uniq, n, new_dev, stats):
-    t0 = time.perf_counter()
-    shard = next(s.data for s in new_dev.addressable_shards if s.device == self.device)
-    host = jax.device_put(shard, self.sh).block_until_ready()
-    new = _row_void(compat.host_view(host, check=False))
+    def copy(l, c, g, lo, hi):
+      np.take(self.void[c], g[lo:hi] - c * self.chunk, out=self.stage_void[l][lo:hi], mode='clip')
+    self._run(copy, self._row_tasks(uniq, n))
     t1 = time.perf_counter()
-    dst = self.void[l]
-    self._par(lambda s: dst.__setitem__(uniq[s], new[s]), n)
+    out = jax.block_until_ready({l: jax.device_put(a, sharding) for l, a in self.stage.items()})
+    stats['gather_ms'].append(1e3 * (t1 - t0))             # staging is reused: wait for the DMA
+    stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))
+    return out
+
+  def write(self, uniq: dict, n: dict, new_dev: dict, stats):
+    """Scatters each layer's first n new rows into the tables, in place."""
+    t0 = time.perf_counter()
+    shards = {l: next(s.data for s in a.addressable_shards if s.device == self.device)
+              for l, a in new_dev.items()}
+    host = jax.block_until_ready({l: jax.device_put(a, self.sh) for l, a in shards.items()})
+    new = {l: _row_void(compat.host_view(a, check=False)) for l, a in host.items()}
+    t1 = time.perf_counter()
+
+    def copy(l, c, g, lo, hi):
+      self.void[c][g[lo:hi] - c * self.chunk] = new[l][lo:hi]
+    self._run(copy, self._row_tasks(uniq, n))
     stats['d2h_ms'].append(1e3 * (t1 - t0))
     stats['scatter_ms'].append(1e3 * (time.perf_counter() - t1))
 
   def set_theta(self, l, r0, vals):
-    self.views[l][r0:r0 + vals.shape[0], 0] = vals
+    for c, a, b, o in self._pieces(self.base[l] + r0, self.base[l] + r0 + vals.shape[0]):
+      self.views[c][a:b, 0] = vals[o:o + b - a]
 
   def load(self, l, arr):
-    np.copyto(self.views[l], arr)
+    for c, a, b, o in self._pieces(self.base[l], self.base[l] + self.rows[l]):
+      np.copyto(self.views[c][a:b], arr[o:o + b - a])
 
   def export(self, l) -> np.ndarray:
-    return self.views[l]
+    """Layer l's [R, 3, H]: a zero-copy view if it lies in one chunk, else a copy."""
+    parts = [self.views[c][a:b] for c, a, b, _ in
+             self._pieces(self.base[l], self.base[l] + self.rows[l])]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class _DeviceStore:
@@ -167,18 +230,21 @@ class _DeviceStore:
     self.slots = jax.jit(lambda: jnp.zeros((self.total, 3, width), jnp.float32),
                          out_shardings=self.sh)()
 
-  def gather(self, l, uniq, n, sharding, stats):
+  def gather(self, uniq: dict, n: dict, sharding, stats) -> dict:
     t0 = time.perf_counter()
-    idx = jax.device_put((uniq + self.base[l]).astype(np.int32), self.sh)
-    rows = _device_gather(self.slots, idx)
+    out = {}
+    for l, u in uniq.items():
+      idx = jax.device_put((u + self.base[l]).astype(np.int32), self.sh)
+      out[l] = jax.device_put(_device_gather(self.slots, idx), sharding)
     stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
-    return jax.device_put(rows, sharding)
+    return out
 
-  def write(self, l, uniq, n, new_dev, stats):
+  def write(self, uniq: dict, n: dict, new_dev: dict, stats):
     t0 = time.perf_counter()
-    idx = np.where(np.arange(uniq.shape[0]) < n, uniq + self.base[l], self.total).astype(np.int32)
-    shard = next(s.data for s in new_dev.addressable_shards if s.device == self.device)
-    self.slots = _device_scatter(self.slots, jax.device_put(idx, self.sh), shard)
+    for l, u in uniq.items():
+      idx = np.where(np.arange(u.shape[0]) < n[l], u + self.base[l], self.total).astype(np.int32)
+      shard = next(s.data for s in new_dev[l].addressable_shards if s.device == self.device)
+      self.slots = _device_scatter(self.slots, jax.device_put(idx, self.sh), shard)
     stats['scatter_ms'].append(1e3 * (time.perf_counter() - t0))
 
   def set_theta(self, l, r0, vals):
@@ -198,7 +264,7 @@ class HostTables:
   begin (rows for the device) / end (write-back, prefetch) protocol the Trainer drives."""
 
   def __init__(self, cfg, rows_per_layer: dict[int, int], mesh, *, memory_kind: str = 'pinned_host',
-               init: bool = True, threads: int | None = None):
+               init: bool = True, threads: int | None = None, chunk_rows: int | None = None):
     g = cfg.engram
     if g.table_optimizer != 'lazy_adam':
       raise ConfigError(f'config.engram.table_optimizer={g.table_optimizer!r}: host-memory tables '
@@ -206,8 +272,9 @@ class HostTables:
                         "use engram.table_memory='device' for dense_adam")
     if jax.process_count() > 1:
       raise NotImplementedError(
-          'engram.table_memory=host with several processes: row-sharding the host tables across '
-          'hosts (and exchanging gathered rows) is not implemented; '
+          f'engram.table_memory=host with {jax.process_count()} processes: row-sharding the host '
+          'tables across processes (an all-gather of the batch row ids, each process gathering '
+          'the rows it owns, docs/engram_host_tables.md) is not implemented; '
           "use engram.table_memory='device'")
     self.layers = tuple(g.layer_ids)
     heads = (g.max_ngram - 1) * g.heads_per_ngram
@@ -221,8 +288,9 @@ class HostTables:
     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix='engram-np')
     self._jobs = ThreadPoolExecutor(1, thread_name_prefix='engram-jobs')
     if memory_kind == 'pinned_host':
+      chunk_rows = chunk_rows or max(1, (int(g.host_chunk_mib) << 20) // (3 * self.width * 4))
       self.store = _HostStore(self.device, self.rows, self.width, self.u_max, g.host_gather,
-                              self._pool)
+                              self._pool, chunk_rows)
     elif memory_kind == 'device':
       self.store = _DeviceStore(self.device, self.rows, self.width, self.u_max)
     else:
@@ -351,13 +419,11 @@ class HostTables:
                               self.row_sharding)
     self.stats['unique_ms'].append(1e3 * (time.perf_counter() - t0))
     self.stats['rows'].append(sum(n.values()))
-    out = {l: self.store.gather(l, uniq[l], n[l], self.row_sharding, self.stats)
-           for l in self.layers}
+    out = self.store.gather(uniq, n, self.row_sharding, self.stats)
     return {'uniq': uniq, 'inv': inv, 'n': n, 'src': src, 'rows': out}
 
   def _writeback(self, uniq, n, new_rows):
-    for l in self.layers:
-      self.store.write(l, uniq[l], n[l], new_rows[l], self.stats)
+    self.store.write(uniq, n, new_rows, self.stats)
 
   def _reap(self):
     done = [f for f in self._pending if f.done()]
