@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark the safetensors export against a plain file copy of the same checkpoint.
 
-  python tools/bench_convert.py --scratch /tmp/bench --out bench_convert.json [--layers 3]
+  python tools/bench_convert.py --scratch /tmp/bench --out bench_convert.json [--layers 3] [--uncompressed]
 
 1. A child process writes a synthetic v4jax checkpoint (random weights, not trained; every
    component on, V3 vocabulary, D=2048, 32 experts; about 5 GB of fp32 parameters with
    --layers 3) through Orbax, in the layout the trainer writes (`state` with params/rest, and
-   `meta`; no optimizer state, which the export never reads).
+   `meta`; no optimizer state, which the export never reads), zstd-compressed as Orbax does by
+   default, or uncompressed with --uncompressed.
 2. Times `cp -r` of the checkpoint step directory, tools/convert_to_safetensors.py --dtype fp32
    and --dtype bf16, and `cp -r` again, each in a child process ending with a `sync`, so both
    sides pay for their writes reaching the disk. This process never imports jax and stays
@@ -46,8 +47,9 @@ def bench_config(layers: int):
   return validate(c)
 
 
-def write_checkpoint(workdir: str, layers: int) -> dict:
-  """Random weights in every tensor of the bench model, saved as the trainer would."""
+def write_checkpoint(workdir: str, layers: int, compress: bool = True) -> dict:
+  """Random weights in every tensor of the bench model, saved as the trainer would (zstd, Orbax's
+  default), or with compress=False without compression (Orbax's `use_compression=False`)."""
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -67,12 +69,16 @@ def write_checkpoint(workdir: str, layers: int) -> dict:
   pool = np.random.default_rng(0).standard_normal(max(sizes), np.float32) * np.float32(0.006)
   fill = lambda t: jax.tree.map(lambda x: pool[:int(np.prod(x.shape))].reshape(x.shape), t)
   state = {'step': np.zeros((), np.int32), 'params': fill(params), 'rest': fill(rest)}
+  handlers, save = {}, ocp.args.StandardSave(state)
+  if not compress:
+    handlers = {'item_handlers': {'state': ocp.PyTreeCheckpointHandler(use_compression=False),
+                                  'meta': ocp.JsonCheckpointHandler()}}
+    save = ocp.args.PyTreeSave(state)
   mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
                                options=ocp.CheckpointManagerOptions(create=True),
-                               item_names=('state', 'data_iter', 'meta'))
+                               item_names=('state', 'data_iter', 'meta'), **handlers)
   meta = {'config': ckpt.config_json(cfg), 'engram_hash': spec.to_json()}
-  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                       meta=ocp.args.JsonSave(meta)))
+  mngr.save(0, args=ocp.args.Composite(state=save, meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
   mngr.close()
   return {'params': sum(sizes), 'param_bytes': 4 * sum(sizes),
@@ -106,17 +112,19 @@ def main(argv=None) -> int:
   p.add_argument('--out', required=True, help='JSON results file')
   p.add_argument('--layers', type=int, default=3, help='main layers (3: ~5 GB of fp32 params)')
   p.add_argument('--keep', action='store_true', help='keep the scratch directory')
+  p.add_argument('--uncompressed', action='store_true',
+                 help='write the checkpoint without zstd (Orbax use_compression=False)')
   p.add_argument('--write-checkpoint', metavar='WORKDIR', help=argparse.SUPPRESS)   # child mode
   a = p.parse_args(argv)
   if a.write_checkpoint:
-    print(json.dumps(write_checkpoint(a.write_checkpoint, a.layers)))
+    print(json.dumps(write_checkpoint(a.write_checkpoint, a.layers, not a.uncompressed)))
     return 0
   os.makedirs(a.scratch, exist_ok=False)
   try:
     work = os.path.join(a.scratch, 'run')
     py, me = sys.executable, os.path.abspath(__file__)
     w = timed([py, me, '--scratch', a.scratch, '--out', a.out, '--layers', str(a.layers),
-               '--write-checkpoint', work])
+               '--write-checkpoint', work] + (['--uncompressed'] if a.uncompressed else []))
     info = json.loads(w['stdout'].strip().splitlines()[-1])
     print(f'wrote the synthetic checkpoint in {w["seconds"]:.0f} s', file=sys.stderr)
     step_dir = os.path.join(work, 'checkpoints', '0')
@@ -148,7 +156,8 @@ def main(argv=None) -> int:
                   f'{os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30:.0f} GiB RAM',
         'jax_version': importlib.metadata.version('jax'), 'date': time.strftime('%Y-%m-%d'),
         'load_average_1min': [round(load_before, 1), round(os.getloadavg()[0], 1)],
-        'checkpoint': {**info, 'bytes_on_disk': on_disk, 'layers': a.layers}, 'runs': runs,
+        'checkpoint': {**info, 'bytes_on_disk': on_disk, 'layers': a.layers,
+                       'compression': 'none' if a.uncompressed else 'zstd'}, 'runs': runs,
         'export_fp32_over_copy_throughput': round(copy_s / runs['export_fp32']['seconds'], 3),
         'export_bf16_over_copy_throughput': round(copy_s / runs['export_bf16']['seconds'], 3),
         'peak_rss_goal_bytes': int(goal_rss),

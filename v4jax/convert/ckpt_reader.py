@@ -2,12 +2,20 @@
 tensor, whatever the model size).
 
 The `state` item is an OCDBT/zarr tensor store (v4jax/checkpoint.py). The list of arrays comes
-from Orbax's metadata; each array is then opened through TensorStore with the read spec Orbax
-itself uses (`orbax.checkpoint.type_handlers.get_json_tspec_read`) and read into host memory
-alone. Only the `params` and `rest` collections are read; optimizer moments are never touched.
+from the item's `_METADATA` tree and each array's `.zarray` (Orbax's own metadata reader where
+they do not suffice), so a plain export never imports Orbax or JAX. An array stored as Orbax writes it by default (zarr v2, one chunk, zstd or
+no compression) is read by `read(key, out)` straight into a caller's reused buffer: the chunk's
+bytes come from the OCDBT key-value store in 16 MB ranges and libzstd (ctypes) decodes them in
+a stream. Decoding into fresh memory is what made reads slow on the VM measured (first-touch
+page faults cost ~1.5 s per GB, more than the zstd decode itself). Any other layout (zarr3,
+several chunks, a slice of a stacked array, no libzstd) goes through TensorStore with the read
+spec Orbax itself uses (`orbax.checkpoint.type_handlers.get_json_tspec_read`). Only the `params`
+and `rest` collections are read; optimizer moments are never touched.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import json
 import os
@@ -23,15 +31,91 @@ def _ocp():
   return ocp
 
 
+# Orbax's TensorStore context for OCDBT reads (orbax type_handlers.get_ts_context), written out
+# so that a plain export never imports Orbax (and with it JAX: ~1.5 CPU s at start).
+_TS_CONTEXT = {'cache_pool#ocdbt': {'total_bytes_limit': 100_000_000},
+               'file_io_concurrency': {'limit': 128}}
+
+
 def _read_context():
-  """Orbax's TensorStore context, reading files through mmap where this TensorStore supports
-  it (`file_io_mode`: about 23% less read time than pread, measured)."""
+  """The TensorStore context, reading files through mmap where this TensorStore supports it
+  (`file_io_mode`: about 23% less read time than pread, measured)."""
   import tensorstore as ts  # pylint: disable=import-outside-toplevel
-  base = _ocp().type_handlers.get_ts_context(use_ocdbt=True)
   try:
-    return ts.Context(ts.Context.Spec({**base.spec.to_json(), 'file_io_mode': {'mode': 'memmap'}}))
+    return ts.Context(ts.Context.Spec({**_TS_CONTEXT, 'file_io_mode': {'mode': 'memmap'}}))
   except ValueError:
-    return base
+    return ts.Context(ts.Context.Spec(_TS_CONTEXT))
+
+
+_RANGE = 16 * 2**20       # compressed bytes fetched per key-value read
+_ZSTD_D_STABLE_OUT_BUFFER = 1001       # ZSTD_d_experimentalParam2 in zstd.h
+
+
+@functools.lru_cache(maxsize=1)
+def _reuse_heap() -> None:
+  """Lets glibc keep and reuse freed blocks up to 64 MB (the fetched ranges) instead of
+  returning them to the kernel and faulting fresh zeroed pages in for the next one, which cost
+  more system time than the decode on the VM measured."""
+  try:
+    libc = ctypes.CDLL(None)
+    libc.mallopt(-3, 64 * 2**20)        # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 256 * 2**20)       # M_TRIM_THRESHOLD
+  except (OSError, AttributeError):     # not glibc: nothing to tune
+    pass
+
+
+class _Zstd:
+  """libzstd's streaming decoder through ctypes (the GIL is released while it runs)."""
+
+  class _Buf(ctypes.Structure):   # ZSTD_inBuffer / ZSTD_outBuffer: {ptr, size, pos}
+    _fields_ = [('ptr', ctypes.c_void_p), ('size', ctypes.c_size_t), ('pos', ctypes.c_size_t)]
+
+  def __init__(self, lib: ctypes.CDLL):
+    self.lib = lib
+    lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+    lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+    lib.ZSTD_decompressStream.restype = ctypes.c_size_t
+    lib.ZSTD_decompressStream.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+    lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+    lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+    lib.ZSTD_DCtx_setParameter.restype = ctypes.c_size_t
+    lib.ZSTD_DCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+
+  def decoder(self, out: np.ndarray):
+    """A function feeding compressed pieces (bytes) that decodes them into the uint8 array
+    `out`; it returns True once the frame is complete."""
+    ctx = self.lib.ZSTD_createDCtx()
+    # ZSTD_d_stableOutBuffer: decode straight into `out` rather than through the decoder's
+    # window buffer and a copy (-30% decode time); an older libzstd refuses it and copies.
+    self.lib.ZSTD_DCtx_setParameter(ctx, _ZSTD_D_STABLE_OUT_BUFFER, 1)
+    dst = self._Buf(out.ctypes.data, out.size, 0)
+
+    def feed(piece: bytes) -> bool:
+      src = self._Buf(ctypes.cast(ctypes.c_char_p(piece), ctypes.c_void_p).value, len(piece), 0)
+      while True:
+        before = (src.pos, dst.pos)
+        r = self.lib.ZSTD_decompressStream(ctx, ctypes.byref(dst), ctypes.byref(src))
+        if self.lib.ZSTD_isError(r):
+          raise ValueError(f'zstd: {self.lib.ZSTD_getErrorName(r).decode()}')
+        if r == 0 or src.pos == src.size:
+          return r == 0
+        if (src.pos, dst.pos) == before:     # input left but no room for its output
+          raise ValueError('zstd: the chunk decodes to more bytes than the array holds')
+
+    feed.done = lambda: dst.pos          # bytes decoded so far
+    feed.close = lambda: self.lib.ZSTD_freeDCtx(ctx)
+    return feed
+
+
+@functools.lru_cache(maxsize=1)
+def _zstd() -> _Zstd | None:
+  """The system libzstd, or None (then every array goes through TensorStore)."""
+  name = ctypes.util.find_library('zstd')
+  try:
+    return _Zstd(ctypes.CDLL(name or 'libzstd.so.1'))
+  except (OSError, AttributeError):
+    return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -48,13 +132,13 @@ class CheckpointReader:
   COLLECTIONS = ('params', 'rest')
 
   def __init__(self, workdir: str, step: int | None = None):
-    ocp = _ocp()
     root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     if not os.path.isdir(root):
       raise ToolError(f'--workdir {workdir!r} has no checkpoints/ directory')
-    mngr = ocp.CheckpointManager(root, item_names=('state', 'data_iter', 'meta'),
-                                 options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-    steps = sorted(mngr.all_steps())
+    self._ctx = _read_context()
+    self._kv: dict[str, object] = {}
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()   # Orbax renames a step's
+                   and os.path.isdir(os.path.join(root, d, 'state')))  # directory when complete
     if not steps:
       raise ToolError(f'{root} holds no complete checkpoint')
     if step is None:
@@ -63,7 +147,7 @@ class CheckpointReader:
       raise ToolError(f'--step {step}: {root} has steps {steps}')
     self.step = int(step)
     try:
-      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      meta = self._meta(os.path.join(root, str(step)))
     except Exception as e:  # noqa: BLE001 - reported with the path
       raise ToolError(f'{root}/{step}/meta: cannot read ({str(e).splitlines()[0]})') from None
     self.config = self._config(meta['config'])
@@ -84,11 +168,60 @@ class CheckpointReader:
         layer = int(key.split('_')[-1])
         self.arrays[('host_tables', f'blocks/{layer}/engram/table')] = (
             (shape[0], shape[2]), dtype, name, tables_dir, (slice(None), 0, slice(None)))
-    self._ctx = _read_context()
 
   @staticmethod
-  def _leaves(item_dir: str, collections):
-    """(collection, path, shape, dtype, array name) of every array of an Orbax pytree item."""
+  def _meta(step_dir: str) -> dict:
+    """The `meta` item (JSON): the file Orbax's JsonCheckpointHandler wrote, else through Orbax."""
+    path = os.path.join(step_dir, 'meta', 'metadata')
+    if os.path.isfile(path):
+      with open(path, encoding='utf-8') as fh:
+        return json.load(fh)
+    ocp = _ocp()
+    mngr = ocp.CheckpointManager(os.path.dirname(step_dir), item_names=('meta',),
+                                 options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    step = int(os.path.basename(step_dir))
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def _leaves(self, item_dir: str, collections):
+    """(collection, path, shape, dtype, array name) of every array of an Orbax pytree item:
+    from its _METADATA tree and each array's zarr v2 `.zarray`, else through Orbax."""
+    try:
+      out = self._leaves_zarr(item_dir, collections)
+    except (OSError, ValueError, KeyError, TypeError):
+      out = None
+    return out if out is not None else self._leaves_orbax(item_dir, collections)
+
+  def _leaves_zarr(self, item_dir: str, collections):
+    """None unless every leaf of the item is a zarr v2 array of the OCDBT store."""
+    if _storage(item_dir) != (True, False):
+      return None
+    with open(os.path.join(item_dir, '_METADATA'), encoding='utf-8') as fh:
+      tree = json.load(fh)['tree_metadata']
+    kv, leaves = self._kvstore(item_dir), []
+    for entry in tree.values():
+      keys = [str(k['key']) for k in entry['key_metadata']]
+      coll = keys[0] if collections else None
+      if collections and coll not in collections:
+        continue
+      parts = keys[1:] if collections else keys
+      if parts and parts[-1] == 'value':
+        parts = parts[:-1]
+      leaves.append((coll, '/'.join(parts), '.'.join(keys)))
+    reads = [kv.read(f'{name}/.zarray'.encode()) for _, _, name in leaves]
+    out = []
+    for (coll, path, name), r in zip(leaves, reads):
+      res = r.result()
+      if res.state != 'value':
+        return None
+      z = json.loads(res.value)
+      out.append((coll, path, tuple(z['shape']), np.dtype(z['dtype']).newbyteorder('='), name))
+    for coll in collections or ():
+      if not any(c == coll for c, *_ in out):
+        raise ToolError(f'{item_dir}: no {coll!r} collection (not a v4jax checkpoint?)')
+    return out
+
+  @staticmethod
+  def _leaves_orbax(item_dir: str, collections):
     import jax  # pylint: disable=import-outside-toplevel
     try:
       md = _ocp().PyTreeCheckpointer().metadata(item_dir)
@@ -125,8 +258,88 @@ class CheckpointReader:
     shape, dtype = self.arrays[key][:2]
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
-  def read(self, key: tuple[str, str]) -> np.ndarray:
-    """The array at (collection, path) as a numpy array."""
+  def _kvstore(self, item_dir: str):
+    """The OCDBT key-value store of an item (opened once)."""
+    import tensorstore as ts  # pylint: disable=import-outside-toplevel
+    if item_dir not in self._kv:
+      spec = {'driver': 'ocdbt', 'base': {'driver': 'file', 'path': item_dir.rstrip('/') + '/'}}
+      self._kv[item_dir] = ts.KvStore.open(spec, context=self._ctx).result()
+    return self._kv[item_dir]
+
+  def _chunk(self, key) -> tuple[bytes, bool] | None:
+    """(kvstore key, stored bytes, zstd?) of an array kept as one zarr v2 chunk, C order, no
+    filters, no or zstd compression, read whole; None for any other layout."""
+    shape, dtype, name, item_dir, index = self.arrays[key]
+    if index or _storage(item_dir) != (True, False):
+      return None
+    kv = self._kvstore(item_dir)
+    meta = kv.read(f'{name}/.zarray'.encode()).result()
+    if meta.state != 'value':
+      return None
+    zarray = json.loads(meta.value)
+    compressor = zarray.get('compressor') or {'id': None}
+    try:
+      stored = np.dtype(zarray.get('dtype'))
+    except TypeError:
+      return None
+    if (zarray.get('zarr_format') != 2 or zarray.get('filters') or zarray.get('order', 'C') != 'C'
+        or list(zarray.get('chunks', ())) != list(shape) or list(zarray.get('shape', ())) != list(shape)
+        or stored != dtype or stored.byteorder == '>'
+        or compressor['id'] not in (None, 'zstd') or compressor['id'] and _zstd() is None):
+      return None
+    sep = zarray.get('dimension_separator', '.')
+    chunk = f'{name}/' + (sep.join(['0'] * len(shape)) if shape else '0')
+    return chunk.encode(), compressor['id'] == 'zstd'
+
+  def read(self, key: tuple[str, str], out: np.ndarray | None = None) -> np.ndarray:
+    """The array at (collection, path) as a numpy array: a view of `out` (a uint8 buffer of at
+    least nbytes(key) bytes, reused across calls) where the array's layout allows it, else a
+    new array."""
+    if out is not None:
+      chunk = self._chunk(key)
+      if chunk is not None:
+        return self._read_chunk(key, *chunk, out)
+    return self._read_ts(key)
+
+  def _read_chunk(self, key, chunk: bytes, zstd: bool, out: np.ndarray) -> np.ndarray:
+    """Streams the one stored chunk into out: 16 MB ranges fetched one ahead of the decoder."""
+    shape, dtype, name, item_dir, _ = self.arrays[key]
+    n, kv = self.nbytes(key), self._kvstore(item_dir)
+    _reuse_heap()
+    dst = out[:n]
+    feed = _zstd().decoder(dst) if zstd else None
+    fetch = lambda a: kv.read(chunk, byte_range=slice(a, a + _RANGE))
+    try:
+      pos, nxt = 0, fetch(0)
+      while nxt is not None:
+        try:
+          res = nxt.result()
+        except ValueError as e:                # the value ends inside this range: read the rest
+          if 'OUT_OF_RANGE' not in str(e):
+            raise
+          res = kv.read(chunk, byte_range=slice(pos, None)).result()
+        if res.state != 'value':
+          return self._read_ts(key)             # chunk never written: the fill value
+        piece, k = res.value, len(res.value)
+        last = k < _RANGE or not zstd and pos + k >= n
+        nxt = None if last else fetch(pos + k)  # the next range loads while this one decodes
+        if zstd:
+          if feed(piece):
+            nxt = None
+        elif pos + k <= n:
+          dst[pos:pos + k] = np.frombuffer(piece, np.uint8)
+        pos += k
+      got = feed.done() if zstd else pos
+    except Exception as e:  # noqa: BLE001 - reported with the tensor
+      raise ToolError(f'{item_dir}: cannot read {name} ({str(e).splitlines()[0]})') from None
+    finally:
+      if feed is not None:
+        feed.close()
+    if got != n:
+      raise ToolError(f'{item_dir}: {name} holds {got} bytes, metadata says {n} ({shape} {dtype})')
+    return dst.view(dtype).reshape(shape)
+
+  def _read_ts(self, key) -> np.ndarray:
     import tensorstore as ts  # pylint: disable=import-outside-toplevel
     from etils import epath  # pylint: disable=import-outside-toplevel
     ocp = _ocp()

@@ -2,10 +2,12 @@
 
 Streams: the output plan (every HF tensor's name, dtype and shape, and which shard holds it)
 comes from the checkpoint metadata alone; then each v4jax tensor is read, its HF pieces are
-written from views (splits and transposes, materialised 64 MB at a time) and it is dropped
-before the next one is read. The next tensor is read ahead in a thread only when both fit in
-the largest tensor's size, so peak memory stays near the largest tensor plus a chunk. MTP copies
-of the embedding and head are kernel file copies of the bytes already written.
+written from views (splits and transposes, materialised straight into the output's staging
+buffers) and it is dropped before the next one is read. Tensors are decoded into one reused
+arena of the largest tensor's size plus 512 MB, the next one read ahead by a thread into the
+arena's other end when both fit, so peak memory stays near the largest tensor. MTP copies of
+the embedding and head are written again from the tensor still in memory (or, if it is not,
+copied from the bytes already written).
 Names: v4jax/convert/hf_names.py.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import mmap
 import os
 import re
 
@@ -76,36 +79,71 @@ def plan_export(reader: CheckpointReader, dtype: str, max_shard_bytes: int) -> t
   return items, shard + 1
 
 
+_AHEAD = 512 * 2**20          # arena bytes beyond the largest tensor, for reading ahead
+_MADV_POPULATE_WRITE = 23     # linux >= 5.14 (not yet a constant of Python's mmap module)
+
+
 class _Tensors:
-  """v4jax tensors in export order, one in memory at a time, plus the next one read ahead in a
-  thread when both together fit in the largest tensor's size (so reading overlaps writing
-  without raising the peak)."""
+  """v4jax tensors in export order, decoded into one reused arena of the largest tensor's size
+  plus _AHEAD: the current tensor at one end, the next one read ahead into the other end by a
+  thread when both fit (so decoding overlaps writing and peak memory stays near the largest
+  tensor). Reusing the arena matters: on the VM measured, faulting in fresh pages cost more than
+  decoding into them; new parts of the arena are populated in bulk (MADV_POPULATE_WRITE)."""
 
   def __init__(self, reader, entries, pool):
     self.reader, self.pool = reader, pool
     self.order = list(dict.fromkeys(entries))
     self.size = {e: reader.nbytes((e.collection, e.path)) for e in self.order}
-    self.budget = max(self.size.values(), default=0)
+    largest = max(self.size.values(), default=0)
+    self.cap = -(-min(largest + _AHEAD, sum(self.size.values())) // mmap.PAGESIZE) * mmap.PAGESIZE
+    self.arena = mmap.mmap(-1, max(self.cap, mmap.PAGESIZE))
+    self.buf = np.frombuffer(self.arena, np.uint8)
+    self.touched = [0, 0]       # bytes used so far from the low end and from the high end
+    self.populate = True
     self.index = {e: i for i, e in enumerate(self.order)}
-    self.current, self.value, self.ahead = None, None, None
+    self.current, self.value, self.end, self.ahead = None, None, 0, None
 
-  def _read(self, e):
-    return self.reader.read((e.collection, e.path))
+  def _slot(self, n: int, end: int) -> np.ndarray:
+    """n bytes of the arena at its low (0) or high (1) end, populated where new."""
+    if n > self.touched[end] and self.populate:
+      a, b = (self.touched[end], n) if end == 0 else (self.cap - n, self.cap - self.touched[end])
+      page = mmap.PAGESIZE
+      a, b = a - a % page, min(self.cap, -(-b // page) * page)
+      try:
+        self.arena.madvise(_MADV_POPULATE_WRITE, a, b - a)
+      except (OSError, ValueError):   # an older kernel: pages fault in on first write
+        self.populate = False
+    self.touched[end] = max(self.touched[end], n)
+    return self.buf[:n] if end == 0 else self.buf[self.cap - n:self.cap]
+
+  def _read(self, e, end):
+    return self.reader.read((e.collection, e.path), self._slot(self.size[e], end))
 
   def get(self, e):
     if e is self.current:
       return self.value
     self.value = None                       # drop the previous tensor first
     if self.ahead is not None and self.ahead[0] is e:
-      self.value = self.ahead[1].result()
+      self.value, self.end = self.ahead[1].result(), self.ahead[2]
     else:
-      self.value = self._read(e)
+      if self.ahead is not None:            # never overwrite a read still in flight
+        self.ahead[1].result()
+      self.value, self.end = self._read(e, 0), 0
     self.current, self.ahead = e, None
     i = self.index[e] + 1
-    if i < len(self.order) and self.size[e] + self.size[self.order[i]] <= self.budget:
-      nxt = self.order[i]
-      self.ahead = (nxt, self.pool.submit(self._read, nxt))
+    if i < len(self.order) and self.size[e] + self.size[self.order[i]] <= self.cap:
+      nxt, end = self.order[i], 1 - self.end
+      self.ahead = (nxt, self.pool.submit(self._read, nxt, end), end)
     return self.value
+
+  def close(self) -> None:
+    if self.ahead is not None:
+      self.ahead[1].result()
+    self.current = self.value = self.ahead = self.buf = None
+    try:
+      self.arena.close()
+    except BufferError:                     # a caller still holds a view: left to the GC
+      pass
 
 
 def shard_name(i: int, n: int) -> str:
@@ -136,9 +174,9 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bf1
         plan = [(j.name, j.dtype, j.shape) for j in items if j.shard == it.shard]
         writers[it.shard] = ShardWriter(os.path.join(tmp, shard_name(it.shard, n_shards)), plan)
       w = writers[it.shard]
-      if it.copy_of:
+      if it.copy_of and it.entry is not tensors.current:
         w.copy(it.name, *written[it.copy_of], on_bytes=bar.update)
-      else:
+      else:                   # an MTP copy right after its source is written again from memory
         if it.const is not None:
           view = it.const
         else:
@@ -150,6 +188,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bf1
       remaining[it.shard] -= 1
       if not remaining[it.shard]:
         writers.pop(it.shard).close()
+    tensors.close()
     with open(os.path.join(tmp, INDEX), 'w', encoding='utf-8') as fh:
       json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, fh, indent=2)
     config = hf_names.hf_config(reader.config, reader.hash_spec,

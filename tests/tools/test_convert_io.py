@@ -1,0 +1,78 @@
+"""The export's fast paths against plain references (tools/bench_convert.py measures their speed).
+
+- CheckpointReader's array table read from _METADATA and `.zarray` files equals Orbax's metadata.
+- CheckpointReader.read(key, out): the libzstd / uncompressed streaming read into a reused buffer
+  equals what TensorStore reads through Orbax's own read spec, bit for bit, for zstd and for
+  uncompressed Orbax items, with 4 KB key-value ranges (many ranges, a value ending exactly on a
+  range boundary); layouts it does not handle fall back to TensorStore.
+- ShardWriter.write: transposed fp32 views (OpenBLAS's transpose) and bf16 casts, written
+  through 64 KB staging buffers so rows straddle them, read back equal to numpy's x.T and
+  ml_dtypes' rounding (exact: both are copies / the same round-to-nearest-even).
+"""
+import os
+
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from v4jax.convert import ckpt_reader, safetensors_io
+from v4jax.convert.ckpt_reader import CheckpointReader
+from v4jax.convert.safetensors_io import SafetensorsFile, ShardWriter
+
+
+def _item(path, arrays, compress):
+  ckptr = ocp.PyTreeCheckpointer(use_compression=compress)
+  ckptr.save(path, arrays)
+  return str(path)
+
+
+@pytest.mark.parametrize('compress', [True, False])
+def test_reader_fast_path_matches_tensorstore(tmp_path, monkeypatch, compress):
+  monkeypatch.setattr(ckpt_reader, '_RANGE', 4096)
+  rng = np.random.default_rng(3)
+  arrays = {'a': rng.standard_normal((97, 131)).astype(np.float32),    # several ranges
+            'b': rng.standard_normal((1024,)).astype(np.float32),      # exactly one 4 KB range
+            'c': rng.integers(-9, 9, (5, 3, 7)).astype(np.int32),
+            'd': np.asarray(7, np.int32),
+            'e': rng.standard_normal((6, 4)).astype(ml_dtypes.bfloat16)}
+  item = _item(tmp_path / 'item', arrays, compress)
+  r = CheckpointReader.__new__(CheckpointReader)     # just the array table of one Orbax item
+  r._ctx, r._kv = ckpt_reader._read_context(), {}
+  leaves = r._leaves(item, None)
+  assert sorted(leaves) == sorted(CheckpointReader._leaves_orbax(item, None))   # Orbax's own view
+  r.arrays = {(c, p): (s, d, n, item, ()) for c, p, s, d, n in leaves}
+  buf = np.full(max(r.nbytes(k) for k in r.arrays) + 64, 0xAB, np.uint8)
+  fast = 0
+  for key in r.arrays:
+    got = r.read(key, buf)
+    fast += np.shares_memory(got, buf)
+    want = r._read_ts(key)
+    assert got.dtype == want.dtype and got.shape == want.shape, key
+    np.testing.assert_array_equal(np.asarray(got, np.float64), np.asarray(want, np.float64))
+    np.testing.assert_array_equal(np.asarray(want, np.float64), arrays[key[1]].astype(np.float64))
+  if compress and ckpt_reader._zstd() is None:
+    pytest.skip('no libzstd: every array went through TensorStore')
+  assert fast >= 4, 'the float32/int32 arrays should take the streaming path'
+
+
+def test_writer_transposes_and_casts_through_small_buffers(tmp_path, monkeypatch):
+  monkeypatch.setattr(safetensors_io, '_CHUNK', 64 * 1024)
+  rng = np.random.default_rng(5)
+  src = {'t32': rng.standard_normal((300, 77)).astype(np.float32),     # written as .T, fp32
+         'odd': rng.standard_normal((3,)).astype(np.float32),          # bf16: 6 bytes, misaligns
+         't16': rng.standard_normal((129, 250)).astype(np.float32),    # written as .T, bf16
+         'id16': rng.standard_normal((70, 90)).astype(np.float32),     # bf16, no transpose
+         'big': rng.standard_normal((40, 1000)).astype(np.float32)}    # rows of 4 KB, fp32
+  views = {'t32': src['t32'].T, 'odd': src['odd'], 't16': src['t16'].T, 'id16': src['id16'],
+           'big': src['big']}
+  codes = {'t32': 'F32', 'odd': 'BF16', 't16': 'BF16', 'id16': 'BF16', 'big': 'F32'}
+  path = os.path.join(tmp_path, 'x.safetensors')
+  w = ShardWriter(path, [(n, codes[n], views[n].shape) for n in views])
+  for n, v in views.items():
+    w.write(n, v)
+  w.close()
+  f = SafetensorsFile(path)
+  for n, v in views.items():
+    want = np.ascontiguousarray(v).astype(safetensors_io.DTYPES[codes[n]])
+    np.testing.assert_array_equal(f.read(n).view(np.uint8), want.view(np.uint8), err_msg=n)
