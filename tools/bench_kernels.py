@@ -211,6 +211,18 @@ class Bench:
         print(f'  {ms:9.3f} ms  {name}')
     self.save()
 
+  def run_check(self, row: dict, body):
+    """Fills a parity-check row with body(row) (an exception is recorded in the row), keeps it,
+    prints it and saves the report."""
+    try:
+      body(row)
+    except Exception as e:  # noqa: BLE001 - one failing check must not hide the others
+      row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
+      traceback.print_exc(limit=2)
+    self.out['checks'].append(row)
+    print(json.dumps(row, default=_plain), flush=True)
+    self.save()
+
   def check(self):
     """Parity on the device: sparse MLA values and grads (both dkv reductions), indexer top-k."""
     s = dict(SMOKE if self.smoke else dict(V3, B=1, K=256))
@@ -219,8 +231,7 @@ class Bench:
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     for reduce in ('segment', 'atomic'):
       (kf, kb), (rf, rb) = self.sparse_fns(s, reduce=reduce)
-      row = dict(section='check', name='sparse_mla', reduce=reduce, T=T, **s)
-      try:
+      def body(row, kf=kf, kb=kb, rf=rf, rb=rb):
         got, want = kf(q, kv, idx), rf(f32(q), f32(kv), idx)
         gg, gw = kb(q, kv, idx), rb(f32(q), f32(kv), idx)
         rel = lambda a, b: float(jnp.max(jnp.abs(f32(a) - f32(b))) / jnp.max(jnp.abs(f32(b))))
@@ -229,20 +240,15 @@ class Bench:
                    lse_rel=rel(jnp.where(fin, got[1], 0), jnp.where(fin, want[1], 0)),
                    dq_rel=rel(gg[0], gw[0]), dkv_rel=rel(gg[1], gw[1]))
         row['ok'] = all(row[k] < 3e-2 for k in ('o_rel', 'lse_rel', 'dq_rel', 'dkv_rel'))
-      except Exception as e:  # noqa: BLE001
-        row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
-        traceback.print_exc(limit=2)
-      self.out['checks'].append(row)
-      print(json.dumps(row, default=_plain), flush=True)
-      self.save()
+      self.run_check(dict(section='check', name='sparse_mla', reduce=reduce, T=T, **s), body)
 
     if not self.check_indexer:
       return
     T = 64 if self.smoke else 1024
     qi, ki, wi = self.indexer_inputs(s, T)
-    row = dict(section='check', name='indexer_topk', T=T, K=s['K'])
-    try:
-      idx_k, val_k = jax.jit(lambda *a: ix_gpu.indexer_topk(*a, s['K'], return_scores=True))(
+
+    def body(row):
+      idx_k, _ = jax.jit(lambda *a: ix_gpu.indexer_topk(*a, s['K'], return_scores=True))(
           qi, ki, wi)
       idx_r = ix_ref.indexer_topk(qi, ki, wi, s['K'])
       a, b = np.sort(np.asarray(idx_k), -1), np.sort(np.asarray(idx_r), -1)
@@ -257,11 +263,7 @@ class Bench:
       row['same_valid_count'] = bool(np.all(np.isfinite(pa) == fin))
       row['ok'] = bool(row['same_valid_count'] and row['score_sets_max_diff'] < 1e-2 * np.max(
           np.abs(full[np.isfinite(full)])))
-    except Exception as e:  # noqa: BLE001
-      row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
-      traceback.print_exc(limit=2)
-    self.out['checks'].append(row)
-    print(json.dumps(row, default=_plain), flush=True)
+    self.run_check(dict(section='check', name='indexer_topk', T=T, K=s['K']), body)
 
   def sweep(self):
     """Forward configurations timed on the forward, backward ones on the backward kernels alone
@@ -411,36 +413,25 @@ class Bench:
     # Device parity: radix top-k sets, and the sparse KL (value, grads) of both impls.
     idx = jax.jit(lambda *a: ix_ref.indexer_topk(*a, s['K'], query_block=512))(qi, ki, wi)
     for bits in self.radix_bits:
-      row = dict(section='check', name='peer_indexer_topk', radix_bits=bits, **shape)
-      try:
-        got = jax.jit(lambda *a, bits=bits: ix_gpu.indexer_topk(*a, s['K'], radix_bits=bits))(
-            qi, ki, wi)
+      def body(row, bits=bits):
+        got = jax.jit(lambda *a: ix_gpu.indexer_topk(*a, s['K'], radix_bits=bits))(qi, ki, wi)
         a, b = np.sort(np.asarray(got), -1), np.sort(np.asarray(idx), -1)
         row['rows_equal_frac'] = float(np.mean(np.all(a == b, -1)))
         row['ok'] = row['rows_equal_frac'] > 0.99
-      except Exception as e:  # noqa: BLE001
-        row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
-        traceback.print_exc(limit=2)
-      self.out['checks'].append(row)
-      print(json.dumps(row, default=_plain), flush=True)
+      self.run_check(dict(section='check', name='peer_indexer_topk', radix_bits=bits, **shape),
+                     body)
     _, lse = jax.jit(lambda *a: sa_gpu.sparse_mla(*a, s['V'], scale))(q, kv, idx)
 
     def kl_fn(impl):
       return self.cached(('peer_kl', impl), lambda: jax.jit(jax.value_and_grad(
           lambda qi, ki, wi, q, kv, idx, lse: sparse_indexer_kl(
               qi, ki, wi, q, kv, idx, lse, scale, query_block=512, impl=impl), argnums=(0, 1, 2))))
-    row = dict(section='check', name='peer_sparse_indexer_kl', **shape)
-    try:
+    def kl_check(row):
       (vk, gk), (vr, gr) = (kl_fn(i)(qi, ki, wi, q, kv, idx, lse) for i in ('pallas', 'reference'))
       row.update(kl_rel=abs(float(vk) - float(vr)) / abs(float(vr)), dqi_rel=rel(gk[0], gr[0]),
                  dki_rel=rel(gk[1], gr[1]), dwi_rel=rel(gk[2], gr[2]))
       row['ok'] = all(row[k] < 3e-2 for k in ('kl_rel', 'dqi_rel', 'dki_rel', 'dwi_rel'))
-    except Exception as e:  # noqa: BLE001
-      row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
-      traceback.print_exc(limit=2)
-    self.out['checks'].append(row)
-    print(json.dumps(row, default=_plain), flush=True)
-    self.save()
+    self.run_check(dict(section='check', name='peer_sparse_indexer_kl', **shape), kl_check)
 
     # Sparse MLA at 16 heads: defaults, then a few block configurations.
     n_valid = int(jnp.sum(idx >= 0))

@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from v4jax.cli import median_seconds  # noqa: E402
 from v4jax.config import default_config  # noqa: E402
 from v4jax.model.mhc import HCSite, sinkhorn  # noqa: E402
 
@@ -64,16 +64,6 @@ CANDIDATES = {
     'unrolled_reduce': functools.partial(_iterate, colsum=_red(-2), rowsum=_red(-1), loop=False),
     'unrolled_adds': functools.partial(_iterate, colsum=_adds(-2), rowsum=_adds(-1), loop=False),
 }
-
-
-def timeit(f, *args, iters: int) -> float:
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts)) * 1e3
 
 
 def main():
@@ -118,7 +108,7 @@ def main():
     compile_s = time.perf_counter() - t0
     diff = jnp.max(jnp.abs(fn(lam, args.sinkhorn_iters, eps) - want))   # same math, same values
     record(dict(name=name, pass_='fwd+bwd', compile_s=compile_s, max_abs_diff=float(diff),
-                ms=timeit(fb, lam, g, iters=iters)))
+                ms=1e3 * median_seconds(fb, lam, g, iters=iters)))
 
   cfg = default_config()
   cfg.model.d_model = D
@@ -134,7 +124,7 @@ def main():
   t0 = time.perf_counter()
   jax.block_until_ready(step(params, X))
   record(dict(name='site', pass_='fwd+bwd', compile_s=time.perf_counter() - t0,
-              ms=timeit(step, params, X, iters=iters)))
+              ms=1e3 * median_seconds(step, params, X, iters=iters)))
   base = next((r['ms'] for r in rows if r['name'] == 'loop'), None)
   if base:
     for r in rows:

@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from v4jax.cli import median_seconds  # noqa: E402
 from v4jax.kernels.grouped_matmul import grouped_matmul, resolve_impl  # noqa: E402
 
 SHAPES = {   # name: (groups, slots M, model dim D, expert dim F)
@@ -45,17 +45,6 @@ def group_sizes(G: int, M: int, kind: str) -> np.ndarray:
   s = np.floor(w / w.sum() * M).astype(np.int32)
   s[0] += M - s.sum()
   return s
-
-
-def timeit(f, *args, iters: int) -> float:
-  """Median seconds per call over `iters` timed calls after a warm-up (compile) call."""
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
 
 
 def fns(impl: str, sizes):
@@ -87,10 +76,10 @@ def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
     fwd, fb = fns(impl, sizes)
     row = {'shape': name, 'G': G, 'M': M, 'K': K, 'N': N, 'routing': routing, 'impl': impl}
     try:
-      t_f = timeit(fwd, x, w, iters=iters)
+      t_f = median_seconds(fwd, x, w, iters=iters)
       row.update(fwd_ms=t_f * 1e3, fwd_tflops=flops / t_f / 1e12)
       if impl not in no_bwd:
-        t_fb = timeit(fb, x, w, dy, iters=iters)
+        t_fb = median_seconds(fb, x, w, dy, iters=iters)
         row.update(fwdbwd_ms=t_fb * 1e3, fwdbwd_tflops=3 * flops / t_fb / 1e12)
     except Exception as e:  # noqa: BLE001 - one failing impl must not hide the others
       row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'

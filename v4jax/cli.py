@@ -133,3 +133,17 @@ def atomic_output_dir(out: str, overwrite: bool = False) -> Iterator[str]:
   os.rename(tmp, out)
   if old:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def median_seconds(f: Callable, *args, iters: int) -> float:
+  """Median wall seconds of f(*args) over `iters` timed calls after one untimed (compile) call,
+  each waited on with jax.block_until_ready: the timing loop of the tools/bench_*.py scripts."""
+  import jax
+  import numpy as np
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))

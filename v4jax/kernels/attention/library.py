@@ -12,7 +12,6 @@ callers that need it (the DSA warm-up KL) use the reference.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from v4jax.kernels.pallas_common import pad_axis, round_up
 
