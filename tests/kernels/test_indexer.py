@@ -1,14 +1,17 @@
 """Lightning-indexer Pallas kernels vs the jnp reference and a numpy top-k oracle (interpret mode).
 
-GPU-flavoured (Triton) kernels run under interpret=True, the TPU score kernel under
-pltpu.InterpretParams at a tiny shape. Top-k sets are compared as sets (the kernels order slots
-by position, the reference by score); with continuous random inputs the sets must be identical.
+GPU-flavoured (Triton) kernels run under interpret=True, the TPU kernels (scores, top-k, scores
+at the selected keys) under pltpu.InterpretParams at tiny shapes. Top-k sets are compared as
+sets (the kernels order slots by position, the reference by score); with continuous random inputs
+the sets must be identical.
 The tie rule (ties to the smaller s, -0.0 == +0.0, -1 past the allowed count) is checked on
 integer-valued score slabs against a numpy stable sort.
 
 Tolerances: scores and their gradients (the reference VJP) within 1e-5 x max|reference| (fp32,
 summation order only); selected scores equal the reference scores at the selected keys within
-the same tolerance.
+the same tolerance; the TPU scores-at-keys kernel and its q, k, w gradients (fp32) within 1e-5 x
+max|oracle|, with bf16 inputs within 2e-2 x max|oracle| of the oracle run in fp32 on the same
+bf16 values (the kernel rounds dL/d(q.k) to bf16 before its dq / dk matmuls).
 """
 import numpy as np
 import pytest
@@ -214,3 +217,76 @@ def test_scores_at_seam_values_and_grads(impl, mesh_shape):
   _close(np.where(ok, got[0], 0.0), np.where(ok, want[0], 0.0))
   for a, b in zip(got[1:], want[1:]):
     _close(a, b)
+
+
+def _distinct_idx(B, T, S, K, rs, holes=()):
+  """int32 [B,T,K]: distinct allowed keys (s <= t + S - T) per token in random order, -1 past
+  the allowed count, plus -1 at the (b, t, slot) holes (slot None: the whole row)."""
+  idx = np.full((B, T, K), -1, np.int32)
+  for b in range(B):
+    for t in range(T):
+      n = min(K, t + S - T + 1)
+      idx[b, t, :n] = rs.permutation(t + S - T + 1)[:n]
+      idx[b, t] = rs.permutation(idx[b, t])
+  for b, t, slot in holes:
+    idx[b, t, slice(None) if slot is None else slot] = -1
+  return jnp.asarray(idx)
+
+
+@pytest.mark.parametrize('sort_slots', [False, True])
+def test_reference_scores_at_custom_vjp(sort_slots):
+  """The reference's custom VJP (dk by a scatter-add over slots, sorted by key row or not) vs
+  autodiff of a gathered jnp oracle: B=2 (rows offset per batch), query blocks of 3 (T=7 not a
+  multiple), -1 slots; values and q, k, w grads within 1e-5 x max|oracle| (fp32)."""
+  B, T, S, H, D, K = 2, 7, 9, 3, 16, 8
+  rs = np.random.RandomState(31)
+  q, k, w = _inputs(B, T, S, H, D, seed=32)
+  idx = _distinct_idx(B, T, S, K, rs, holes=[(1, 4, 2), (0, 0, None)])
+  r = jnp.asarray(rs.randn(B, T, K), jnp.float32)
+
+  def oracle(q, k, w):
+    kg = jnp.take_along_axis(k[:, None], jnp.maximum(idx, 0)[..., None], axis=2)
+    return jnp.einsum('bthk,bth->btk', jax.nn.relu(jnp.einsum('bthd,btkd->bthk', q, kg)), w)
+
+  def run(f):
+    loss = lambda *a: jnp.sum(jnp.where(idx >= 0, f(*a), 0.0) * r)
+    return _jit(lambda q, k, w: (f(q, k, w),) + jax.grad(loss, argnums=(0, 1, 2))(q, k, w),
+                q, k, w)
+  got = run(lambda q, k, w: reference.indexer_scores_at(q, k, w, idx, query_block=3,
+                                                        sort_slots=sort_slots))
+  want = run(oracle)
+  ok = np.asarray(idx) >= 0
+  np.testing.assert_array_equal(np.isfinite(got[0]), ok)
+  _close(np.where(ok, got[0], 0.0), np.where(ok, want[0], 0.0))
+  for a, b in zip(got[1:], want[1:]):
+    _close(a, b)
+
+
+# B, T, S, H, D, K, block_k, dtype: K above the allowed count of early rows and not a multiple of
+# block_k (two chunks, double-buffered DMAs), S > T, a hole mid-row and a token with no key.
+@pytest.mark.parametrize('B,T,S,H,D,K,bk,dtype', [(1, 5, 9, 3, 16, 12, 8, jnp.float32),
+                                                  (2, 3, 4, 2, 8, 6, None, jnp.bfloat16)])
+def test_tpu_scores_at_selected_keys_interpret(B, T, S, H, D, K, bk, dtype):
+  """The TPU sparse-KL student and its q, k, w gradients vs a gathered jnp oracle."""
+  rs = np.random.RandomState(T * K)
+  q, k, w = _inputs(B, T, S, H, D, seed=T + K)
+  q, k = q.astype(dtype), k.astype(dtype)
+  idx = _distinct_idx(B, T, S, K, rs, holes=[(0, 2, 1), (B - 1, 1, None)])
+  r = jnp.asarray(rs.randn(B, T, K), jnp.float32)
+
+  def oracle(q, k, w):
+    kg = jnp.take_along_axis(k[:, None], jnp.maximum(idx, 0)[..., None], axis=2)   # [B,T,K,D]
+    return jnp.einsum('bthk,bth->btk', jax.nn.relu(jnp.einsum('bthd,btkd->bthk', q, kg)), w)
+
+  def run(f, *args):
+    loss = lambda *a: jnp.sum(jnp.where(idx >= 0, f(*a), 0.0) * r)
+    return _jit(lambda q, k, w: (f(q, k, w),) + jax.grad(loss, argnums=(0, 1, 2))(q, k, w), *args)
+  got = run(lambda q, k, w: tpu.indexer_scores_at(q, k, w, idx, block_k=bk), q, k, w)
+  want = run(oracle, q.astype(jnp.float32), k.astype(jnp.float32), w)
+  ok = np.asarray(idx) >= 0
+  np.testing.assert_array_equal(np.isfinite(got[0]), ok)
+  assert [a.dtype for a in got[1:]] == [dtype, dtype, jnp.float32]
+  rel = 1e-5 if dtype == jnp.float32 else 2e-2
+  _close(np.where(ok, got[0], 0.0), np.where(ok, want[0], 0.0), rel)
+  for a, b in zip(got[1:], want[1:]):
+    _close(np.asarray(a, np.float32), b, rel)

@@ -183,3 +183,25 @@ def test_probs_mean_seam(impl, mesh_shape):
       p = jax.jit(f).lower(*args).compile(FAST)(*args)
   np.testing.assert_allclose(np.asarray(p), want, atol=1e-6)
   assert np.all(np.asarray(p)[1, 2] == 0)
+
+
+def test_tpu_probs_mean_interpret():
+  """The TPU sparse-KL teacher (interpret) vs a numpy oracle: K=12 in two chunks of 8 (K not a
+  multiple of the chunk, early rows with fewer allowed keys), -1 holes, a token with no key
+  (lse = -inf, p = 0); S > T. atol 1e-6 (fp32, summation order only)."""
+  B, T, S, H, C, K = 1, 5, 7, 4, 40, 12
+  q, kv, idx = _inputs(B, T, S, H, C, K, jnp.float32, seed=17)
+  idx = idx.at[0, 3].set(-1)
+  scale = C ** -0.5
+  e = np.asarray(kv)[0][np.maximum(np.asarray(idx), 0)[0]][None]             # [B,T,K,C]
+  logits = scale * np.einsum('bthc,btkc->bthk', np.asarray(q, np.float64), e)
+  ok = np.asarray(idx)[:, :, None] >= 0
+  mx = np.max(np.where(ok, logits, 0.0), -1)
+  z = np.sum(np.where(ok, np.exp(logits - mx[..., None]), 0.0), -1)
+  lse = np.where(z > 0, np.log(np.where(z > 0, z, 1.0)) + mx, -np.inf)
+  want = np.where(ok, np.exp(logits - lse[..., None]), 0.0).mean(axis=2)
+  args = (q, kv, idx, jnp.asarray(lse, jnp.float32))
+  p = jax.jit(lambda *a: tpu.attention_probs_mean(*a, scale, block_k=8)).lower(*args).compile(
+      FAST)(*args)
+  np.testing.assert_allclose(np.asarray(p), want, atol=1e-6)
+  assert np.all(np.asarray(p)[0, 3] == 0)

@@ -75,6 +75,23 @@ def test_indexer_compiles(topology):
            *shapes)
 
 
+@pytest.mark.parametrize('topology', TOPOLOGIES)
+def test_sparse_kl_kernels_compile(topology):
+  """The sparse KL student (indexer scores at the selected keys, forward and q/k/w backward) and
+  teacher (head-mean attention probabilities) at V3.2 shapes."""
+  B, T, S, K = 1, 8, 4096, 2048
+  H, C, HI, D = 128, 576, 64, 128
+  ishapes = [((B, T, HI, D), jnp.bfloat16), ((B, S, D), jnp.bfloat16), ((B, T, HI), jnp.float32),
+             ((B, T, K), jnp.int32)]
+  f = lambda q, k, w, idx: indexer_tpu.indexer_scores_at(q, k, w, idx, interpret=False)
+  _compile(topology, f, *ishapes)
+  _compile(topology, lambda q, k, w, idx: _grads(lambda *a: f(*a, idx), 3)(q, k, w), *ishapes)
+  pshapes = [((B, T, H, C), jnp.bfloat16), ((B, S, C), jnp.bfloat16), ((B, T, K), jnp.int32),
+             ((B, T, H), jnp.float32)]
+  _compile(topology, lambda q, kv, idx, lse: sparse_tpu.attention_probs_mean(
+      q, kv, idx, lse, C ** -0.5, interpret=False), *pshapes)
+
+
 def test_dispatch_auto_picks_tpu_kernels(monkeypatch):
   """With V4JAX_TARGET_PLATFORM=tpu (AOT on a CPU host) impl='auto' runs the Mosaic kernels."""
   monkeypatch.setenv('V4JAX_TARGET_PLATFORM', 'tpu')
@@ -86,3 +103,10 @@ def test_dispatch_auto_picks_tpu_kernels(monkeypatch):
   ishapes = [((B, T, H, 128), jnp.bfloat16), ((B, T, 128), jnp.bfloat16), ((B, T, H), jnp.float32)]
   c = _compile('v5p:2x2x1', lambda q, k, w: indexer.indexer_topk(q, k, w, 4), *ishapes)
   assert 'indexer_scores_tpu' in c.as_text()
+  idx = ((B, T, K), jnp.int32)
+  c = _compile('v5p:2x2x1', lambda q, k, w, idx: indexer.indexer_scores_at(q, k, w, idx),
+               *ishapes, idx)
+  assert 'indexer_scores_at_tpu' in c.as_text()
+  c = _compile('v5p:2x2x1', lambda q, kv, idx, lse: sparse_attention.attention_probs_mean(
+      q, kv, idx, lse, 0.1), *shapes, ((B, T, H), jnp.float32))
+  assert 'sparse_mla_probs_tpu' in c.as_text()

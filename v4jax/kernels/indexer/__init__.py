@@ -4,8 +4,7 @@ Dims: B batch, T query positions, S key positions, H indexer heads, D indexer he
 
 `impl` takes `config.kernels.impl`: reference -> plain jnp (reference.py); pallas -> gpu.py
 (Triton; interpret mode on CPU) or tpu.py (Mosaic); auto -> pallas when compiling for GPU/TPU,
-reference on CPU. The model calls only these dispatch functions. `indexer_scores_at` has no TPU
-kernel yet: on TPU it runs the reference.
+reference on CPU. The model calls only these dispatch functions.
 """
 from __future__ import annotations
 
@@ -65,14 +64,14 @@ def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx
                       *, query_block: int = 0, impl: str = 'auto') -> jax.Array:
   """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys, -inf at -1 slots; the sparse
   KL student, differentiable in q, k and w (the GPU kernel gathers rows in-kernel and scatters
-  dk with atomics; the reference gathers [B,Tq,K,D] per query block)."""
+  dk with atomics, the TPU kernel DMA-gathers rows and adds dk rows by read-modify-write DMAs;
+  the reference gathers [B,Tq,K,D] per query block)."""
   _check(q_BTHD, k_BSD, w_BTH, impl)
   if idx_BTK.ndim != 3 or idx_BTK.shape[:2] != q_BTHD.shape[:2]:
     raise ValueError(f'indexer_scores_at: idx_BTK {idx_BTK.shape} must be [B,T,K] with [B,T] of '
                      f'q_BTHD {q_BTHD.shape}')
-  if pallas_common.use_pallas(impl) and pallas_common.target_platform() != 'tpu':
-    from v4jax.kernels.indexer import gpu
-    fn = lambda q, k, w, idx: gpu.indexer_scores_at(q, k, w, idx)
+  if pallas_common.use_pallas(impl):
+    fn = lambda q, k, w, idx: _kernels().indexer_scores_at(q, k, w, idx)
     return pallas_common.per_device(fn, (_Q, _KW, _KW, _KW), (_KW,))(
         q_BTHD, k_BSD, w_BTH, idx_BTK)
   return reference.indexer_scores_at(q_BTHD, k_BSD, w_BTH, idx_BTK, query_block=query_block)

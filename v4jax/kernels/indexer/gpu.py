@@ -377,7 +377,7 @@ def _scores_at_bwd(opts, res, g):
   bk, interpret = opts
   q, k, w, idx = res
   B, T, H, D = q.shape
-  S, K = k.shape[1], idx.shape[2]
+  S = k.shape[1]
   qp, wp, kpad, idxp = _at_prep(q, k, w, idx, bk)
   hp, dp, kp = qp.shape[2], qp.shape[3], idxp.shape[2]
   gp = pad_axis(jnp.where(idx >= 0, g, 0.0).astype(jnp.float32), 2, kp)

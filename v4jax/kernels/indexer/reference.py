@@ -8,9 +8,13 @@ positive factor commutes with ReLU), so here I[t,s] = Σ_h w[t,h]·ReLU(q[t,h]·
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from v4jax.kernels import pallas_common
 from v4jax.kernels.blockwise import allowed_mask, map_query_blocks
 
 
@@ -45,17 +49,87 @@ def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: in
 
 
 def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx_BTK: jax.Array,
-                      *, query_block: int = 0) -> jax.Array:
+                      *, query_block: int = 0, sort_slots: bool | None = None) -> jax.Array:
   """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys, -inf at -1 slots.
 
-  Gathers the [B,Tq,K,D] selected keys one query block at a time (-1 read as row 0); autodiff of
-  the gather scatter-adds into k.
+  Gathers the [B,Tq,K,D] selected keys one query block at a time (-1 read as row 0). The custom
+  VJP recomputes each block and adds its dk rows into k's rows; with sort_slots (default: when
+  compiling for GPU/TPU) the slots are first sorted by key row, so the scatter-add is a segment
+  sum over sorted indices (XLA:GPU's sorted scatter sums each run of equal rows before one
+  atomic) rather than the unsorted, contended atomics of the gather's autodiff transpose. On CPU
+  the scatter is sequential and sorting only adds cost.
   """
+  if sort_slots is None:
+    sort_slots = pallas_common.target_platform() != 'cpu'
+  return _scores_at(q_BTHD, k_BSD, w_BTH, idx_BTK, int(query_block), bool(sort_slots))
+
+
+def _gather_rows(k_BSD, idx_BTK):
+  """k[b, idx[b,t,k]] -> [B,T,K,D] in k's dtype, -1 read as row 0."""
+  B, S, D = k_BSD.shape
+  flat = jnp.maximum(idx_BTK, 0) + (jnp.arange(B, dtype=jnp.int32) * S)[:, None, None]
+  return k_BSD.reshape(B * S, D)[flat]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _scores_at(q_BTHD, k_BSD, w_BTH, idx_BTK, query_block, sort_slots):
+  k_BSD = k_BSD.astype(q_BTHD.dtype)
+
   def block(_, q_blk, w_blk, idx_blk):
-    k_BTKD = jax.vmap(lambda k_SD, i_TK: k_SD[i_TK])(k_BSD, jnp.maximum(idx_blk, 0))
-    dots_BTHK = jnp.einsum('bthd,btkd->bthk', q_blk, k_BTKD.astype(q_blk.dtype),
+    dots_BTHK = jnp.einsum('bthd,btkd->bthk', q_blk, _gather_rows(k_BSD, idx_blk),
                            preferred_element_type=jnp.float32)
     s_BTK = jnp.einsum('bthk,bth->btk', jax.nn.relu(dots_BTHK), w_blk.astype(jnp.float32))
     return jnp.where(idx_blk >= 0, s_BTK, -jnp.inf)
 
   return map_query_blocks(block, query_block, q_BTHD, w_BTH, idx_BTK)
+
+
+def _scores_at_fwd(q_BTHD, k_BSD, w_BTH, idx_BTK, query_block, sort_slots):
+  out = _scores_at(q_BTHD, k_BSD, w_BTH, idx_BTK, query_block, sort_slots)
+  return out, (q_BTHD, k_BSD, w_BTH, idx_BTK)
+
+
+def _scores_at_bwd(query_block, sort_slots, res, g_BTK):
+  """Per query block (a scan carrying dk): dd = [q·k > 0]·w·g, dq = dd·k[idx], dw = Σ_k
+  ReLU(q·k)·g, and the dk rows dd^T·q added into k's rows (in sorted-slot order if asked)."""
+  q_BTHD, k_BSD, w_BTH, idx_BTK = res
+  B, T, H, D = q_BTHD.shape
+  S = k_BSD.shape[1]
+  bt = T if query_block <= 0 or query_block >= T else query_block
+  n = -(-T // bt)
+
+  def split(x, fill):         # [B,T,...] -> [n,B,bt,...]; padded rows hold idx -1 and g 0
+    x = jnp.pad(x, [(0, 0), (0, n * bt - T)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.swapaxes(x.reshape((B, n, bt) + x.shape[2:]), 0, 1)
+
+  def join(x):
+    return jnp.swapaxes(x, 0, 1).reshape((B, n * bt) + x.shape[3:])[:, :T]
+
+  kq = k_BSD.astype(q_BTHD.dtype)
+  row0 = (jnp.arange(B, dtype=jnp.int32) * S)[:, None, None]
+
+  def step(dk_ND, xs):
+    q_blk, w_blk, idx_blk, g_blk = xs
+    k_BTKD = _gather_rows(kq, idx_blk)
+    dots_BTHK = jnp.einsum('bthd,btkd->bthk', q_blk, k_BTKD, preferred_element_type=jnp.float32)
+    dd_BTHK = jnp.where(dots_BTHK > 0, w_blk.astype(jnp.float32)[..., None] * g_blk[:, :, None],
+                        0.0).astype(q_blk.dtype)
+    dq = jnp.einsum('bthk,btkd->bthd', dd_BTHK, k_BTKD, preferred_element_type=jnp.float32)
+    dw = jnp.einsum('bthk,btk->bth', jax.nn.relu(dots_BTHK), g_blk)
+    dk_rows = jnp.einsum('bthk,bthd->btkd', dd_BTHK, q_blk, preferred_element_type=jnp.float32)
+    key = jnp.where(idx_blk >= 0, idx_blk + row0, B * S).reshape(-1)      # -1 -> dropped row
+    rows_ND = dk_rows.reshape(-1, D)
+    if sort_slots:
+      key, order = jax.lax.sort_key_val(key, jnp.arange(key.size, dtype=jnp.int32))
+      rows_ND = rows_ND[order]
+    dk_ND = dk_ND.at[key].add(rows_ND, indices_are_sorted=sort_slots, mode='drop')
+    return dk_ND, (dq.astype(q_blk.dtype), dw)
+
+  g_BTK = jnp.where(idx_BTK >= 0, g_BTK, 0.0).astype(jnp.float32)
+  xs = (split(q_BTHD, 0), split(w_BTH, 0), split(idx_BTK, -1), split(g_BTK, 0))
+  dk_ND, (dq, dw) = jax.lax.scan(step, jnp.zeros((B * S, D), jnp.float32), xs)
+  return (join(dq), dk_ND.reshape(B, S, D).astype(k_BSD.dtype), join(dw).astype(w_BTH.dtype),
+          np.zeros(idx_BTK.shape, jax.dtypes.float0))
+
+
+_scores_at.defvjp(_scores_at_fwd, _scores_at_bwd)

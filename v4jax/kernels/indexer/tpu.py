@@ -11,6 +11,13 @@ mask is applied in the epilogue and tiles above the diagonal only write -inf. -0
 Selection uses `lax.top_k` on each slab (Mosaic has no sort or scatter to compact a radix
 select) and re-masks non-allowed picks to -1, like the reference. The gradient of
 `indexer_scores` reuses the jnp reference's VJP.
+
+`indexer_scores_at` (the sparse KL student) runs one grid step per token and fetches its K key
+rows by per-row DMA from HBM in double-buffered chunks (the sparse MLA kernel's gather); all
+heads form one [H,D]x[D,bk] dot; each step waits for its own DMAs, so the forward grid is
+all "parallel". Its backward recomputes the dots, accumulates dq and dw in VMEM
+and adds each chunk's dk rows into an fp32 HBM buffer by read-modify-write row DMAs on a
+sequential grid (the indices of one token must be distinct, as top-k output is).
 """
 from __future__ import annotations
 
@@ -18,13 +25,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from v4jax.kernels.indexer import reference
-from v4jax.kernels.pallas_common import NEG_INF, with_reference_vjp, pad_axis, round_up, tpu_interpret
+from v4jax.kernels.pallas_common import (NEG_INF, pad_axis, round_up, tpu_interpret,
+                                         with_reference_vjp)
+from v4jax.kernels.sparse_attention.tpu import (RowGather, chunk_rows, chunk_valid, prep_indices,
+                                                rmw_rows)
 
-_NT = (((1,), (1,)), ((), ()))
+_NT = (((1,), (1,)), ((), ()))   # a [M,D] . b [N,D] -> [M,N]
+_TN = (((0,), (0,)), ((), ()))   # a [D,M] . b [D,N] -> [M,N]
 
 
 def _score_kernel(q_ref, k_ref, w_ref, sq_ref, sk_ref, o_ref, *, bt, bs, t0, n_keys, masked):
@@ -155,3 +167,126 @@ def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: in
   if not return_scores:
     return idx
   return idx, jnp.concatenate(val_parts, axis=1)[:, :T]
+
+
+# ----------------------------------------------------------------------------- scores at idx
+
+
+def _dot(a, b, dims):
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _at_fwd_kernel(idx_smem, idx_v, q_ref, w_ref, k_hbm, o_ref, buf, sem, *, bk, nk):
+  b = pl.program_id(0)
+  q, w = q_ref[...], w_ref[...]                                      # [H, D], [H, 1]
+
+  def use(j, k):
+    s = jnp.sum(w * jnp.maximum(_dot(q, k, _NT), 0.0), axis=0, keepdims=True)   # [1, bk]
+    start = 0 if nk == 1 else pl.multiple_of(j * bk, bk)
+    o_ref[:, pl.ds(start, bk)] = jnp.where(chunk_valid(idx_v, j, bk, nk), s, NEG_INF)
+
+  RowGather(idx_smem, k_hbm, buf, sem, b, bk).run(nk, use)
+
+
+def _at_bwd_kernel(idx_smem, g_ref, q_ref, w_ref, k_hbm, _, dq_ref, dw_ref, dk_hbm, buf, sem,
+                   rows, rsem, dq_acc, dw_acc, *, bk, nk):
+  b = pl.program_id(0)
+  dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
+  dw_acc[...] = jnp.zeros(dw_acc.shape, jnp.float32)
+  q, w = q_ref[...], w_ref[...]
+  rmw = functools.partial(rmw_rows, idx_smem, dk_hbm, rows, rsem, b, bk)
+
+  def use(j, k):
+    rmw(j, 'read')
+    start = 0 if nk == 1 else pl.multiple_of(j * bk, bk)
+    g = g_ref[:, pl.ds(start, bk)]                                   # dL/dI [1, bk], 0 at -1
+    d = _dot(q, k, _NT)                                              # [H, bk]
+    dd = jnp.where(d > 0.0, w * g, 0.0).astype(q.dtype)              # dL/d(q.k)
+    dq_acc[...] += _dot(dd, k, (((1,), (0,)), ((), ())))
+    dw_acc[...] += jnp.sum(jnp.maximum(d, 0.0) * g, axis=1, keepdims=True)
+    dk = _dot(dd, q, _TN)                                            # [bk, D]
+    rmw(j, 'wait_read')
+    rows[:, 0, :] += dk
+    rmw(j, 'write')
+    rmw(j, 'wait_write')
+
+  RowGather(idx_smem, k_hbm, buf, sem, b, bk).run(nk, use)
+  dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
+  dw_ref[...] = dw_acc[...]
+
+
+def _at_call(kernel, idx, bk, interpret, name, ins, any_ins, outs, out_shapes, scratch, **kw):
+  """pallas_call over (B, T) with idx in SMEM chunks, per-token `ins` blocks (full trailing
+  dims), `any_ins` left in HBM, per-token `outs` (block shapes) or HBM (None) outputs."""
+  idx_s, idx_v, kp, smem_spec = prep_indices(idx, bk)
+  tok = lambda b, t: (b, t, 0, 0)
+  blk = lambda x: pl.BlockSpec((None, None) + x.shape[2:], tok)
+  hbm = pl.BlockSpec(memory_space=pl.ANY)
+  return pl.pallas_call(
+      functools.partial(kernel, bk=bk, nk=kp // bk),
+      grid=idx.shape[:2],
+      in_specs=[smem_spec] + [blk(x) for x in ins] + [hbm] * len(any_ins),
+      out_specs=[hbm if o is None else pl.BlockSpec((None, None) + o, tok) for o in outs],
+      out_shape=out_shapes, scratch_shapes=scratch,
+      interpret=interpret, name=name, **kw,
+  )(idx_s, *ins, *any_ins)
+
+
+def _at_forward(q, k, w, idx, opts):
+  bk, interpret = opts
+  B, T, H, D = q.shape
+  K = idx.shape[2]
+  kp = round_up(K, bk)
+  idx_v = pad_axis(idx.astype(jnp.int32), 2, kp, value=-1)[:, :, None]
+  out = _at_call(
+      _at_fwd_kernel, idx, bk, interpret, 'indexer_scores_at_tpu',
+      [idx_v, q, w.astype(jnp.float32)[..., None]], [k.astype(q.dtype)[:, :, None]],
+      [(1, kp)], [jax.ShapeDtypeStruct((B, T, 1, kp), jnp.float32)],
+      [pltpu.VMEM((2, bk, 1, D), q.dtype), pltpu.SemaphoreType.DMA((2,))],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel')))
+  return out[0][:, :, 0, :K]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _scores_at(q, k, w, idx, opts):
+  return _at_forward(q, k, w, idx, opts)
+
+
+def _scores_at_bwd(opts, res, g):
+  bk, interpret = opts
+  q, k, w, idx = res
+  B, T, H, D = q.shape
+  S, K = k.shape[1], idx.shape[2]
+  kp = round_up(K, bk)
+  gp = pad_axis(jnp.where(idx >= 0, g, 0.0).astype(jnp.float32), 2, kp)[:, :, None]
+  dq, dw, dk = _at_call(
+      _at_bwd_kernel, idx, bk, interpret, 'indexer_scores_at_bwd_tpu',
+      [gp, q, w.astype(jnp.float32)[..., None]],
+      [k.astype(q.dtype)[:, :, None], jnp.zeros((B, S, 1, D), jnp.float32)],
+      [(H, D), (H, 1), None],
+      [jax.ShapeDtypeStruct((B, T, H, D), q.dtype), jax.ShapeDtypeStruct((B, T, H, 1), jnp.float32),
+       jax.ShapeDtypeStruct((B, S, 1, D), jnp.float32)],
+      [pltpu.VMEM((2, bk, 1, D), q.dtype), pltpu.SemaphoreType.DMA((2,)),
+       pltpu.VMEM((bk, 1, D), jnp.float32), pltpu.SemaphoreType.DMA((2,)),
+       pltpu.VMEM((H, D), jnp.float32), pltpu.VMEM((H, 1), jnp.float32)],
+      input_output_aliases={5: 2},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('arbitrary', 'arbitrary')))
+  return (dq, dk[:, :, 0].astype(k.dtype), dw[..., 0].astype(w.dtype),
+          np.zeros(idx.shape, jax.dtypes.float0))
+
+
+_scores_at.defvjp(lambda q, k, w, idx, opts: (_at_forward(q, k, w, idx, opts), (q, k, w, idx)),
+                  _scores_at_bwd)
+
+
+def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx_BTK: jax.Array,
+                      *, block_k: int | None = None, interpret=None) -> jax.Array:
+  """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys (-inf at -1 slots).
+
+  The sparse-stage KL student (SPEC §3), differentiable in q, k and w, without a [B,T,K,D]
+  gather in HBM. block_k rows per chunk: all of K (rounded to 8) when K <= 128, else 128 (a
+  multiple of 128 when compiled). The indices of one token must be distinct (top-k output).
+  """
+  interpret = tpu_interpret(interpret)
+  bk = chunk_rows(idx_BTK.shape[2], block_k, interpret, 'indexer_scores_at')
+  return _scores_at(q_BTHD, k_BSD, w_BTH, idx_BTK, (bk, interpret))

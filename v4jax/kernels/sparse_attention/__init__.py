@@ -6,7 +6,6 @@ V value width (r_kv), K selected keys per token.
 `impl` takes `config.kernels.impl`: reference -> gather + jnp softmax (reference.py);
 pallas -> gpu.py (Triton; interpret mode on CPU) or tpu.py (Mosaic); auto -> pallas when
 compiling for GPU/TPU, reference on CPU. The model calls only these dispatch functions.
-`attention_probs_mean` (the sparse KL teacher) has no TPU kernel yet: on TPU it runs the reference.
 """
 from __future__ import annotations
 
@@ -52,7 +51,8 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
   """fp32 p [B,T,K] = (1/H) Σ_h exp(scale·q_h·kv[idx] - lse_h), 0 at -1 slots; no gradient.
 
   The sparse KL teacher (SPEC §3) from sparse_mla's lse. v_dim only tells the GPU kernel how to
-  split C into power-of-two parts (default: the largest power of two <= C, e.g. 128 + 16).
+  split C into power-of-two parts (default: the largest power of two <= C, e.g. 128 + 16); the
+  TPU kernel takes C whole.
   """
   B, T, H, C = q_BTHC.shape if q_BTHC.ndim == 4 else (None,) * 4
   if (B is None or kv_BSC.ndim != 3 or (kv_BSC.shape[0], kv_BSC.shape[2]) != (B, C)
@@ -61,10 +61,13 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
                      f'idx_BTK {idx_BTK.shape}, lse_BTH {lse_BTH.shape} must be [B,T,H,C], '
                      '[B,S,C], [B,T,K], [B,T,H]')
   _check_impl(impl)
-  if pallas_common.use_pallas(impl) and pallas_common.target_platform() != 'tpu':
-    from v4jax.kernels.sparse_attention import gpu
-    v = v_dim or 1 << (C.bit_length() - 1)
-    fn = lambda q, kv, idx, lse: gpu.attention_probs_mean(q, kv, idx, lse, v, scale)
+  if pallas_common.use_pallas(impl):
+    from v4jax.kernels.sparse_attention import gpu, tpu
+    if pallas_common.target_platform() == 'tpu':
+      fn = lambda q, kv, idx, lse: tpu.attention_probs_mean(q, kv, idx, lse, scale)
+    else:
+      v = v_dim or 1 << (C.bit_length() - 1)
+      fn = lambda q, kv, idx, lse: gpu.attention_probs_mean(q, kv, idx, lse, v, scale)
     tok = ('batch', 'seq', None)
     return pallas_common.per_device(fn, (tok + (None,), ('batch', None, None), tok, tok), (tok,))(
         q_BTHC, kv_BSC, idx_BTK, lse_BTH)

@@ -15,6 +15,10 @@ an online softmax in VMEM scratch. The backward recomputes p from lse, accumulat
 adds each chunk's dkv rows into an fp32 [B,S,1,C] HBM buffer by read-modify-write row DMAs; its grid
 is sequential ("arbitrary") so two tokens never update a row at the same time, and the indices of
 one token must be distinct (top-k output).
+
+`attention_probs_mean` (the sparse KL teacher) reuses the forward's gather: one grid step per
+token, p = exp(scale·q·e - lse) for all heads, averaged over heads, 0 at -1 slots. The row gather,
+the dkv read-modify-write and the chunk size are shared with the indexer's `indexer_scores_at`.
 """
 from __future__ import annotations
 
@@ -23,11 +27,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from v4jax.kernels.pallas_common import NEG_INF, sparse_attention_op, next_pow2, pad_axis, round_up, tpu_interpret
+from v4jax.kernels.pallas_common import (NEG_INF, next_pow2, pad_axis, round_up,
+                                         sparse_attention_op, tpu_interpret)
 
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
 _TN = (((0,), (0,)), ((), ()))   # a [C,M] . b [C,N] -> [M,N]
@@ -47,7 +51,7 @@ def _dot(a, b, dims=None):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-class _Gather:
+class RowGather:
   """Double-buffered row gather of a token's chunks from kv_hbm [B,S,1,C] into buf [2,bk,1,C]."""
 
   def __init__(self, idx_smem, kv_hbm, buf, sem, b, bk):
@@ -89,7 +93,28 @@ class _Gather:
     jax.lax.fori_loop(0, nk, body, 0)
 
 
-def _valid(idx_v, j, bk, nk):
+def rmw_rows(idx_smem, acc_hbm, rows, rsem, b, bk, j, op):
+  """One phase of the read-modify-write of chunk j's rows of acc_hbm [B,S,1,C] through
+  rows [bk,1,C]: op = 'read' | 'wait_read' | 'write' | 'wait_write' (-1 slots are skipped)."""
+  def body(c, carry):
+    row = idx_smem[j * bk + c]
+
+    @pl.when(row >= 0)
+    def _():
+      hbm, vmem = acc_hbm.at[b, row], rows.at[c]
+      if op == 'read':
+        pltpu.make_async_copy(hbm, vmem, rsem.at[0]).start()
+      elif op == 'wait_read':
+        pltpu.make_async_copy(hbm, vmem, rsem.at[0]).wait()
+      elif op == 'write':
+        pltpu.make_async_copy(vmem, hbm, rsem.at[1]).start()
+      else:
+        pltpu.make_async_copy(vmem, hbm, rsem.at[1]).wait()
+    return carry
+  jax.lax.fori_loop(0, bk, body, 0)
+
+
+def chunk_valid(idx_v, j, bk, nk):
   """[1, bk] bool: which slots of chunk j hold an index."""
   start = 0 if nk == 1 else pl.multiple_of(j * bk, bk)
   return idx_v[:, pl.ds(start, bk)] >= 0
@@ -104,7 +129,7 @@ def _fwd_kernel(idx_smem, idx_v, q_ref, kv_hbm, o_ref, lse_ref, buf, sem, m_ref,
   q = q_ref[...]
 
   def use(j, e):
-    s = jnp.where(_valid(idx_v, j, bk, nk), scale * _dot(q, e, _NT), NEG_INF)   # [H, bk]
+    s = jnp.where(chunk_valid(idx_v, j, bk, nk), scale * _dot(q, e, _NT), NEG_INF)   # [H, bk]
     m = m_ref[...]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
@@ -114,7 +139,7 @@ def _fwd_kernel(idx_smem, idx_v, q_ref, kv_hbm, o_ref, lse_ref, buf, sem, m_ref,
     acc_ref[...] = alpha * acc_ref[...] + _dot(p.astype(e.dtype), e[:, :v_dim])
     m_ref[...] = m_new
 
-  _Gather(idx_smem, kv_hbm, buf, sem, b, bk).run(nk, use)
+  RowGather(idx_smem, kv_hbm, buf, sem, b, bk).run(nk, use)
   l = l_ref[...]
   ok = l > 0
   safe_l = jnp.where(ok, l, 1.0)
@@ -128,27 +153,11 @@ def _bwd_kernel(idx_smem, idx_v, q_ref, do_ref, lse_ref, dl_ref, kv_hbm, _, dq_r
   dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
   q, do, lse, dl = q_ref[...], do_ref[...], lse_ref[...], dl_ref[...]
 
-  def rmw(j, op):
-    def body(c, carry):
-      row = idx_smem[j * bk + c]
-
-      @pl.when(row >= 0)
-      def _():
-        hbm, vmem = dkv_hbm.at[b, row], rows.at[c]
-        if op == 'read':
-          pltpu.make_async_copy(hbm, vmem, rsem.at[0]).start()
-        elif op == 'wait_read':
-          pltpu.make_async_copy(hbm, vmem, rsem.at[0]).wait()
-        elif op == 'write':
-          pltpu.make_async_copy(vmem, hbm, rsem.at[1]).start()
-        else:
-          pltpu.make_async_copy(vmem, hbm, rsem.at[1]).wait()
-      return carry
-    jax.lax.fori_loop(0, bk, body, 0)
+  rmw = functools.partial(rmw_rows, idx_smem, dkv_hbm, rows, rsem, b, bk)
 
   def use(j, e):
     rmw(j, 'read')
-    valid = _valid(idx_v, j, bk, nk)
+    valid = chunk_valid(idx_v, j, bk, nk)
     s = scale * _dot(q, e, _NT)
     p = jnp.where(valid, jnp.exp(s - lse), 0.0)                       # [H, bk]
     ds = p * (_dot(do, e[:, :v_dim], _NT) - dl)
@@ -162,11 +171,11 @@ def _bwd_kernel(idx_smem, idx_v, q_ref, do_ref, lse_ref, dl_ref, kv_hbm, _, dq_r
     rmw(j, 'write')
     rmw(j, 'wait_write')
 
-  _Gather(idx_smem, kv_hbm, buf, sem, b, bk).run(nk, use)
+  RowGather(idx_smem, kv_hbm, buf, sem, b, bk).run(nk, use)
   dq_ref[...] = (scale * dq_acc[...]).astype(dq_ref.dtype)
 
 
-def _prep(idx, bk):
+def prep_indices(idx, bk):
   """(flat SMEM copy [B*T*ks], VMEM copy [B,T,1,kp], kp, smem spec) of the padded indices.
 
   The SMEM copy is 1-D with a power-of-two block (>= 128) per token (Mosaic's rank-1 block rule).
@@ -183,7 +192,7 @@ def _prep(idx, bk):
 def _forward(q, kv, idx, cfg):
   B, T, H, C = q.shape
   V, bk = cfg.v_dim, cfg.block_k
-  idx_s, idx_v, kp, smem_spec = _prep(idx, bk)
+  idx_s, idx_v, kp, smem_spec = prep_indices(idx, bk)
   tok = lambda b, t: (b, t, 0, 0)
   kernel = functools.partial(_fwd_kernel, scale=cfg.scale, v_dim=V, bk=bk, nk=kp // bk)
   o, lse = pl.pallas_call(
@@ -209,7 +218,7 @@ def _backward(q, kv, idx, o, lse, do, dlse, cfg):
   B, T, H, C = q.shape
   S = kv.shape[1]
   V, bk = cfg.v_dim, cfg.block_k
-  idx_s, idx_v, kp, smem_spec = _prep(idx, bk)
+  idx_s, idx_v, kp, smem_spec = prep_indices(idx, bk)
   dl = jnp.einsum('bthv,bthv->bth', do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
   tok = lambda b, t: (b, t, 0, 0)
   kernel = functools.partial(_bwd_kernel, scale=cfg.scale, v_dim=V, bk=bk, nk=kp // bk)
@@ -250,10 +259,64 @@ def sparse_mla(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array, v_dim: 
   in interpret mode).
   interpret: None = TPU interpret mode on a CPU backend, compiled on TPU.
   """
-  K = idx_BTK.shape[2]
-  bk = block_k or (round_up(K, 8) if K <= 128 else 128)
   interpret = tpu_interpret(interpret)
-  if not interpret and round_up(K, bk) > bk and bk % 128:
-    raise ValueError(f'sparse_mla tpu: block_k={bk} must be a multiple of 128 when K={K} > block_k')
+  bk = chunk_rows(idx_BTK.shape[2], block_k, interpret, 'sparse_mla')
   cfg = _Cfg(int(v_dim), float(scale), bk, interpret)
   return _sparse_mla(q_BTHC, kv_BSC, idx_BTK, cfg)
+
+
+def chunk_rows(K: int, block_k: int | None, interpret, name: str) -> int:
+  """Rows gathered per chunk: all of K (rounded to 8) when K <= 128, else 128 by default; a
+  block_k below the padded K must be a multiple of 128 (lane-dim slices), except in interpret."""
+  bk = block_k or (round_up(K, 8) if K <= 128 else 128)
+  if not interpret and round_up(K, bk) > bk and bk % 128:
+    raise ValueError(f'{name} tpu: block_k={bk} must be a multiple of 128 when K={K} > block_k')
+  return bk
+
+
+def _probs_kernel(idx_smem, idx_v, q_ref, lse_ref, kv_hbm, p_ref, buf, sem, *, scale, bk, nk):
+  b = pl.program_id(0)
+  q, lse = q_ref[...], lse_ref[...]
+  inv_h = 1.0 / q.shape[0]
+
+  def use(j, e):
+    p = jnp.exp(scale * _dot(q, e, _NT) - lse)                        # [H, bk]
+    mean = jnp.sum(p, axis=0, keepdims=True) * inv_h                   # [1, bk]
+    start = 0 if nk == 1 else pl.multiple_of(j * bk, bk)
+    p_ref[:, pl.ds(start, bk)] = jnp.where(chunk_valid(idx_v, j, bk, nk), mean, 0.0)
+
+  RowGather(idx_smem, kv_hbm, buf, sem, b, bk).run(nk, use)
+
+
+def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Array,
+                         lse_BTH: jax.Array, scale: float, *, block_k: int | None = None,
+                         interpret=None) -> jax.Array:
+  """fp32 [B,T,K]: (1/H) Σ_h exp(scale·q_h·kv[idx] - lse_h), 0 at -1 slots; no gradient.
+
+  The sparse-stage KL teacher (SPEC §3) from the attention's lse: one grid step per token, its
+  K rows DMA-gathered in chunks of block_k (as in the forward), all heads one [H,C]x[C,bk] dot.
+  Each step starts and waits for all its own DMAs, so both grid dims are "parallel" (split over
+  the TensorCores of a megacore chip).
+  """
+  B, T, H, C = q_BTHC.shape
+  K = idx_BTK.shape[2]
+  interpret = tpu_interpret(interpret)
+  bk = chunk_rows(K, block_k, interpret, 'attention_probs_mean')
+  q, kv, lse = (jax.lax.stop_gradient(x) for x in (q_BTHC, kv_BSC.astype(q_BTHC.dtype), lse_BTH))
+  idx_s, idx_v, kp, smem_spec = prep_indices(idx_BTK, bk)
+  tok = lambda b, t: (b, t, 0, 0)
+  p = pl.pallas_call(
+      functools.partial(_probs_kernel, scale=float(scale), bk=bk, nk=kp // bk),
+      grid=(B, T),
+      in_specs=[smem_spec,
+                pl.BlockSpec((None, None, 1, kp), tok),
+                pl.BlockSpec((None, None, H, C), tok),
+                pl.BlockSpec((None, None, H, 1), tok),
+                pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((None, None, 1, kp), tok),
+      out_shape=jax.ShapeDtypeStruct((B, T, 1, kp), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((2, bk, 1, C), kv.dtype), pltpu.SemaphoreType.DMA((2,))],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel')),
+      interpret=interpret, name='sparse_mla_probs_tpu',
+  )(idx_s, idx_v, q, lse.astype(jnp.float32)[..., None], kv[:, :, None])
+  return p[:, :, 0, :K]
