@@ -5,12 +5,19 @@ Times in one process, at the peer model's mHC shapes (B x T tokens, N streams, w
   loop, unrolled_reduce, unrolled_adds
                   the same iterations written three ways (CANDIDATES), plain autodiff: which
                   formulation the GPU runs fastest (launches vs fusion)
-  site            one HCSite (coefficients, read-in, write-back) around an identity sub-layer,
-                  forward + backward wrt the streams and the site's parameters
+  pallas          the seam's Triton kernels (v4jax/kernels/sinkhorn/gpu.py; interpret mode off
+                  GPU), one row per (--block_m, --num_warps, --segment) combination
+  site, site_pallas
+                  one HCSite (coefficients, read-in, write-back) around an identity sub-layer,
+                  forward + backward wrt the streams and the site's parameters, with
+                  kernels.sinkhorn = reference / pallas
 Each row: median ms over --iters calls after a compile call, the compile time, and the largest
-difference of the candidate's output from the model's. Memory-bound; no FLOP figures.
+difference of the candidate's output and of its logits gradient from the model's (the kernel's
+parity check on the GPU). Memory-bound; no FLOP figures.
 
   python tools/bench_mhc.py --out bench_mhc.json            # GPU
+  python tools/bench_mhc.py --candidates loop,pallas --block_m 32,64,128,256 --num_warps 1,2,4 \
+      --segment 2,4,19 --sites pallas --out bench_mhc_sweep.json   # GPU: the kernel's sweep
   python tools/bench_mhc.py --smoke                         # any backend, tiny shapes
 """
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import json
 import os
 import sys
@@ -31,6 +39,7 @@ from flax import nnx  # noqa: E402
 
 from v4jax.cli import median_seconds  # noqa: E402
 from v4jax.config import default_config  # noqa: E402
+from v4jax.kernels.sinkhorn import gpu as sinkhorn_gpu  # noqa: E402
 from v4jax.model.mhc import HCSite, sinkhorn  # noqa: E402
 
 
@@ -71,13 +80,21 @@ def main():
   ap.add_argument('--smoke', action='store_true', help='tiny shapes, any backend')
   ap.add_argument('--iters', type=int, default=20)
   ap.add_argument('--sinkhorn_iters', type=int, default=20)
-  ap.add_argument('--candidates', default='loop,sinkhorn,unrolled_reduce,unrolled_adds',
-                  help=f"comma list of 'sinkhorn' and {sorted(CANDIDATES)}, in order")
+  ap.add_argument('--candidates', default='loop,sinkhorn,unrolled_reduce,unrolled_adds,pallas',
+                  help=f"comma list of 'sinkhorn', 'pallas' and {sorted(CANDIDATES)}, in order")
+  ints = lambda s: [int(x) for x in s.split(',')]
+  ap.add_argument('--block_m', type=ints, default=[32], help='pallas: tokens per program')
+  ap.add_argument('--num_warps', type=ints, default=[1], help='pallas: warps per program')
+  ap.add_argument('--segment', type=ints, default=[4],
+                  help='pallas: iterations per backward segment')
+  ap.add_argument('--sites', default='reference,pallas',
+                  help='comma list of kernels.sinkhorn impls to time one HCSite with')
   ap.add_argument('--out', default=None, help='write the rows as JSON here')
   args = ap.parse_args()
   for name in args.candidates.split(','):
-    if name != 'sinkhorn' and name not in CANDIDATES:
-      ap.error(f"--candidates: {name!r} is not 'sinkhorn' or one of {sorted(CANDIDATES)}")
+    if name not in ('sinkhorn', 'pallas') and name not in CANDIDATES:
+      ap.error(f"--candidates: {name!r} is not 'sinkhorn', 'pallas' or one of "
+               f"{sorted(CANDIDATES)}")
   B, T, N, D = (2, 16, 4, 32) if args.smoke else (8, 2048, 4, 1024)
   iters = 2 if args.smoke else args.iters
   eps = 1e-6
@@ -93,43 +110,60 @@ def main():
   def record(row):
     """Print and save each row as soon as it is measured (a run cut short keeps its rows)."""
     rows.append(row)
+    opts = ' '.join(f'{k}={row[k]}' for k in ('block_m', 'num_warps', 'segment') if k in row)
     print(f"{row['name']:<16} {row['pass_']:<8} compile {row['compile_s']:6.1f} s "
-          f"{row['ms']:9.3f} ms", flush=True)
+          f"{row['ms']:9.3f} ms {opts}", flush=True)
     if args.out:
       with open(args.out, 'w') as f:
         json.dump({'meta': meta, 'rows': rows}, f, indent=1)
 
   want = jax.jit(sinkhorn, static_argnums=(1, 2))(lam, args.sinkhorn_iters, eps)
+  vjp_of = lambda fn: jax.jit(
+      lambda l, g: jax.vjp(lambda x: fn(x, args.sinkhorn_iters, eps), l)[1](g)[0])
+  want_grad = vjp_of(sinkhorn)(lam, g)
+  runs = []
   for name in args.candidates.split(','):
-    fn = sinkhorn if name == 'sinkhorn' else CANDIDATES[name]
-    fb = jax.jit(lambda l, g, fn=fn: jax.vjp(lambda x: fn(x, args.sinkhorn_iters, eps), l)[1](g))
+    if name != 'pallas':
+      runs.append((name, sinkhorn if name == 'sinkhorn' else CANDIDATES[name], {}))
+      continue
+    for bm, nw, seg in itertools.product(args.block_m, args.num_warps, args.segment):
+      opts = dict(block_m=bm, num_warps=nw, segment=seg)
+      runs.append((name, functools.partial(sinkhorn_gpu.sinkhorn, **opts), opts))
+  for name, fn, opts in runs:
+    fb = vjp_of(fn)
     t0 = time.perf_counter()
-    jax.block_until_ready(fb(lam, g))
+    got_grad = jax.block_until_ready(fb(lam, g))
     compile_s = time.perf_counter() - t0
-    diff = jnp.max(jnp.abs(fn(lam, args.sinkhorn_iters, eps) - want))   # same math, same values
+    # Same math in another order: the values and gradients agree to fp32 rounding.
+    diff = jnp.max(jnp.abs(jax.jit(fn, static_argnums=(1, 2))(lam, args.sinkhorn_iters, eps)
+                           - want))
     record(dict(name=name, pass_='fwd+bwd', compile_s=compile_s, max_abs_diff=float(diff),
-                ms=1e3 * median_seconds(fb, lam, g, iters=iters)))
+                max_abs_grad_diff=float(jnp.max(jnp.abs(got_grad - want_grad))),
+                ms=1e3 * median_seconds(fb, lam, g, iters=iters), **opts))
 
-  cfg = default_config()
-  cfg.model.d_model = D
-  cfg.mhc.update(streams=N, sinkhorn_iters=args.sinkhorn_iters)
-  site = HCSite(cfg, 0, rngs=nnx.Rngs(0))
-  gdef, params = nnx.split(site)
   X = jax.random.normal(jax.random.key(2), (B, T, N, D), jnp.bfloat16)
+  for impl in args.sites.split(','):
+    cfg = default_config()
+    cfg.model.d_model = D
+    cfg.mhc.update(streams=N, sinkhorn_iters=args.sinkhorn_iters)
+    cfg.kernels.sinkhorn = impl
+    gdef, params = nnx.split(HCSite(cfg, 0, rngs=nnx.Rngs(0)))
 
-  def loss(params, X):
-    out, _ = nnx.merge(gdef, params)(X, lambda u: (u, {}))
-    return jnp.sum(out.astype(jnp.float32) ** 2)
-  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  t0 = time.perf_counter()
-  jax.block_until_ready(step(params, X))
-  record(dict(name='site', pass_='fwd+bwd', compile_s=time.perf_counter() - t0,
-              ms=1e3 * median_seconds(step, params, X, iters=iters)))
+    def loss(params, X, gdef=gdef):
+      out, _ = nnx.merge(gdef, params)(X, lambda u: (u, {}))
+      return jnp.sum(out.astype(jnp.float32) ** 2)
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(params, X))
+    record(dict(name='site' if impl == 'reference' else f'site_{impl}', pass_='fwd+bwd',
+                compile_s=time.perf_counter() - t0,
+                ms=1e3 * median_seconds(step, params, X, iters=iters)))
   base = next((r['ms'] for r in rows if r['name'] == 'loop'), None)
   if base:
     for r in rows:
-      if r['name'] != 'site':
-        print(f"{r['name']:<16} {base / r['ms']:.2f}x the loop's speed")
+      if not r['name'].startswith('site'):
+        opts = ' '.join(f'{k}={r[k]}' for k in ('block_m', 'num_warps', 'segment') if k in r)
+        print(f"{r['name']:<16} {base / r['ms']:.2f}x the loop's speed {opts}")
 
 
 if __name__ == '__main__':

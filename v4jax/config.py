@@ -125,6 +125,9 @@ def default_config() -> ConfigDict:
       impl='auto',             # auto | reference | pallas (per-op seams)
       grouped_matmul='auto',   # auto | ragged_dot | mgpu | megablox
       attention='auto',        # dense attention: auto | reference | cudnn (flash, GPU)
+      sinkhorn='auto',         # mHC Sinkhorn: auto | reference | pallas (Triton; interpret mode
+                               # on CPU). auto = reference FOR NOW: the kernel has not run on a
+                               # GPU yet (tools/bench_mhc.py measures it)
   ))
   c.mesh = ConfigDict(dict(
       data=1, fsdp=-1, expert=1, tensor=1,      # ICI sizes; -1 = the rest
@@ -190,6 +193,7 @@ _CHOICES = {
     'engram.table_optimizer': ('lazy_adam', 'dense_adam'),
     'kernels.impl': ('auto', 'reference', 'pallas'),
     'kernels.attention': ('auto', 'reference', 'cudnn'),
+    'kernels.sinkhorn': ('auto', 'reference', 'pallas'),
     'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),
     'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),
     'data.source': ('builtin', 'array_record', 'synthetic'),

@@ -1,4 +1,5 @@
-"""tools/bench_mhc.py --smoke runs on any backend; its Sinkhorn formulations agree with the model's."""
+"""tools/bench_mhc.py --smoke runs on any backend; its Sinkhorn formulations (the Pallas kernel in
+interpret mode among them) agree with the model's in values and gradients."""
 import json
 import os
 import subprocess
@@ -11,12 +12,15 @@ def test_bench_mhc_smoke(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, PYTHONPATH=ROOT)
   r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools/bench_mhc.py'), '--smoke',
-                      '--sinkhorn_iters', '3', '--out', str(out)], env=env, capture_output=True,
-                     text=True, timeout=600)
+                      '--sinkhorn_iters', '3', '--block_m', '8,16', '--out', str(out)], env=env,
+                     capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   rows = json.load(open(out))['rows']
   names = [x['name'] for x in rows]
-  assert names == ['loop', 'sinkhorn', 'unrolled_reduce', 'unrolled_adds', 'site'], names
+  assert names == ['loop', 'sinkhorn', 'unrolled_reduce', 'unrolled_adds', 'pallas', 'pallas',
+                   'site', 'site_pallas'], names
+  assert [x['block_m'] for x in rows if x['name'] == 'pallas'] == [8, 16]
   assert all(x['ms'] > 0 for x in rows)
-  # fp32, 3 iterations of the same math in different orders: agree to 1e-6
-  assert all(x['max_abs_diff'] < 1e-6 for x in rows if x['name'] != 'site'), rows
+  # fp32, 3 iterations of the same math in different orders: agree to 1e-6 (values, gradients)
+  sk = [x for x in rows if not x['name'].startswith('site')]
+  assert all(x['max_abs_diff'] < 1e-6 and x['max_abs_grad_diff'] < 1e-6 for x in sk), rows

@@ -10,13 +10,13 @@ j first; the paper's H^res is comb^T.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from v4jax.kernels import sinkhorn as sinkhorn_kernels
 from v4jax.model.layers import const_param, constrain, param
 
 __all__ = ['sinkhorn', 'HCSite', 'HyperHead', 'expand_streams']
@@ -24,38 +24,11 @@ __all__ = ['sinkhorn', 'HCSite', 'HyperHead', 'expand_streams']
 _F32 = jnp.float32
 
 
-def _sinkhorn_unrolled(logits_NN: jax.Array, iters: int, eps: float) -> jax.Array:
-  """Row softmax + eps, column step, then (iters-1) x (row step, column step); last two axes."""
-  m = jax.nn.softmax(logits_NN.astype(_F32), axis=-1) + eps
-  m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
-
-  def body(_, m):
-    m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
-    return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
-
-  return jax.lax.fori_loop(0, iters - 1, body, m)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def sinkhorn(logits_NN: jax.Array, iters: int, eps: float) -> jax.Array:
-  """SPEC §5 Sinkhorn on the last two axes [.., j, k], fp32, any leading dims.
-
-  The backward is the exact derivative through all `iters` iterations; it saves only the logits
-  and recomputes the iterations, so no per-iteration [N,N] tensors live between passes.
-  """
-  return _sinkhorn_unrolled(logits_NN, iters, eps)
-
-
-def _sinkhorn_fwd(logits_NN, iters, eps):
-  return _sinkhorn_unrolled(logits_NN, iters, eps), logits_NN
-
-
-def _sinkhorn_bwd(iters, eps, logits_NN, g_NN):
-  _, vjp = jax.vjp(lambda l: _sinkhorn_unrolled(l, iters, eps), logits_NN)
-  return vjp(g_NN)
-
-
-sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
+def sinkhorn(logits_NN: jax.Array, iters: int, eps: float, impl: str = 'auto') -> jax.Array:
+  """SPEC §5 Sinkhorn on the last two axes [.., j, k], fp32, any leading dims, through the
+  kernel seam (`impl` = config.kernels.sinkhorn). The backward is the exact derivative through
+  all `iters` iterations and saves only the logits (it recomputes the iterations)."""
+  return sinkhorn_kernels.sinkhorn(logits_NN, iters, eps, impl=impl)
 
 
 def expand_streams(e_BTD: jax.Array, n: int) -> jax.Array:
@@ -104,6 +77,7 @@ class HCSite(nnx.Module):
     self.n, self.d = h.streams, cfg.model.d_model
     self.iters, self.eps, self.norm_eps, self.tf32 = (
         h.sinkhorn_iters, h.eps, cfg.model.norm_eps, h.tf32)
+    self.sinkhorn_impl = cfg.kernels.sinkhorn
     if self.n == 1:
       return
     n = self.n
@@ -127,7 +101,8 @@ class HCSite(nnx.Module):
     pre = jax.nn.sigmoid(a[0] * mu[..., :n] + b[:n]) + self.eps
     post = 2.0 * jax.nn.sigmoid(a[1] * mu[..., n:2 * n] + b[n:2 * n])
     lam = a[2] * mu[..., 2 * n:] + b[2 * n:]
-    comb = sinkhorn(lam.reshape(*lam.shape[:-1], n, n), self.iters, self.eps)
+    comb = sinkhorn(lam.reshape(*lam.shape[:-1], n, n), self.iters, self.eps,
+                    self.sinkhorn_impl)
     return pre, post, comb
 
   def __call__(self, X_BTND: jax.Array,
