@@ -36,6 +36,9 @@ def default_config() -> ConfigDict:
       dtype='float32',         # compute dtype: float32 | bfloat16
       param_dtype='float32',   # master weights
       remat='block',           # none | block | full
+      scan_layers=False,       # build each run of identical blocks as one stacked module run by
+                               # lax.scan (params get a leading 'layers' dim): compile time and
+                               # HLO size stop growing with depth (docs/architecture.md)
       logits_chunk=0,          # vocab-chunked cross entropy; 0 = one chunk
       attn_query_block=512,    # query rows per block in dense attention (and the dense KL); 0 = one block
   ))
@@ -230,6 +233,8 @@ def validate(c: ConfigDict) -> ConfigDict:
     if not _get(c, path) > 0:
       _fail(path, _get(c, path), 'must be > 0')
   m = c.model
+  if not isinstance(m.scan_layers, bool):
+    _fail('model.scan_layers', m.scan_layers, 'must be True or False')
   if m.attn_query_block < 0:
     _fail('model.attn_query_block', m.attn_query_block, 'must be >= 0 (0 = one block)')
   if m.qk_rope_dim % 2:

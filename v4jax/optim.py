@@ -13,6 +13,7 @@ The router bias is not an nnx.Param, so it is never here (SPEC §4).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -53,11 +54,13 @@ def labels(params, cfg):
 
 
 def decay_mask(params):
-  """Weight decay on >=2-D weights except the Engram tables and mHC coefficients' base/scale."""
+  """Weight decay on >=2-D weights except the Engram tables and mHC coefficients' base/scale
+  (a scanned run of blocks, `blocks/{first}-{last}/...`, counts its per-layer dims)."""
   def mask(p, x):
     s = _strip_value(p)
     leaf = s.split('/')[-1]
-    return x.ndim >= 2 and leaf not in ('table', 'base', 'scale', 'bias')
+    ndim = x.ndim - bool(re.match(r'blocks/\d+-\d+/', s))
+    return ndim >= 2 and leaf not in ('table', 'base', 'scale', 'bias')
   return jax.tree_util.tree_map_with_path(mask, params)
 
 

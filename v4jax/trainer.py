@@ -221,11 +221,16 @@ class Trainer:
     on = (step < stop) & finite & (cfg.dsa.stage != 'warmup')
     gamma = jnp.where(on, cfg.moe.bias_update_rate, 0.0)
     model = nnx.merge(self.graphdef, params, rest)
-    moes = model.moe_layers()
-    assert len(moes) == counts.shape[0], (len(moes), counts.shape)
-    for moe, c in zip(moes, counts):  # each layer's own token count (the MTP block masks more)
-      n_tok = jnp.sum(c) / cfg.moe.top_k
-      moe.router.bias[...] = update_router_bias(moe.router.bias[...], c, cfg.moe.top_k, n_tok, gamma)
+    i = 0
+    for moe in model.moe_layers():  # each layer's own token count (the MTP block masks more)
+      b = moe.router.bias[...]     # [E], or [L,E] for a scanned run of L layers
+      n = b.shape[0] if b.ndim == 2 else 1
+      c = counts[i:i + n].reshape(b.shape)
+      upd = jax.vmap(update_router_bias, (0, 0, None, 0, None)) if b.ndim == 2 else \
+          update_router_bias
+      moe.router.bias[...] = upd(b, c, cfg.moe.top_k, jnp.sum(c, -1) / cfg.moe.top_k, gamma)
+      i += n
+    assert i == counts.shape[0], (i, counts.shape)
     return nnx.split(model, nnx.Param, ...)[2]
 
   def _eval(self, state, batch, eng=None):

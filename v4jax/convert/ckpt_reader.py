@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from v4jax.cli import ToolError
+from v4jax.convert import hf_names
 
 
 def _ocp():
@@ -168,6 +169,8 @@ class CheckpointReader:
         layer = int(key.split('_')[-1])
         self.arrays[('host_tables', f'blocks/{layer}/engram/table')] = (
             (shape[0], shape[2]), dtype, name, tables_dir, (slice(None), 0, slice(None)))
+    # model.scan_layers: a stacked `blocks/a-b/...` tensor reads as its per-layer slices.
+    self.arrays = hf_names.unstack_reader_arrays(self.arrays)
 
   @staticmethod
   def _meta(step_dir: str) -> dict:

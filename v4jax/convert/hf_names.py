@@ -14,6 +14,10 @@ through a layout transform (v4jax kernels are [in, out], HF weights are [out, in
   T_out  [a, b, c] -> [a*b, c] -> transpose = [c, a*b]   (wo)
   conv   [w, C] -> [C, 1, w]                              (Engram depthwise conv)
 
+A scanned model (model.scan_layers) stores a run of layers as one tensor with a leading L dim at
+`blocks/{first}-{last}/...`; `unstack` gives its per-layer view (`blocks/{i}/...`), which is what
+`layout` names. The importer writes such a tensor one layer at a time.
+
 MTP depth k (0-based) lives at HF layer index L + k and also carries copies of the embedding and
 of the head (`embed_tokens`, `shared_head.head`); the exporter writes them, the importer checks
 they equal the main tensors. Engram hash constants are not parameters: `hash_tensors` gives them
@@ -29,7 +33,7 @@ import numpy as np
 
 __all__ = ['Entry', 'layout', 'to_hf', 'from_hf', 'hf_shape', 'components_of_hf', 'hash_tensors',
            'hash_tensor_names', 'hash_spec_from_tensors', 'hf_config', 'config_mismatches',
-           'COMPONENTS', 'LOOKUP_NAME']
+           'COMPONENTS', 'LOOKUP_NAME', 'stack_members', 'unstack', 'unstack_reader_arrays']
 
 COMPONENTS = ('indexer', 'mhc', 'engram', 'mtp')
 
@@ -185,6 +189,35 @@ def _entry(collection, path, shape, hf_name, spec, copies=()) -> Entry:
   return Entry(collection, path, tuple(shape), names, kind, split, keep, tuple(copies))
 
 
+_STACKED = re.compile(r'blocks/(\d+)-(\d+)/(.+)$')
+
+
+def stack_members(key: tuple[str, str]) -> list[tuple[str, str]] | None:
+  """The per-layer keys (collection, 'blocks/{i}/...') of a scanned run's stacked tensor
+  (collection, 'blocks/{first}-{last}/...') in layer order; None for any other key."""
+  coll, path = key
+  m = _STACKED.match(path)
+  if not m:
+    return None
+  return [(coll, f'blocks/{i}/{m.group(3)}') for i in range(int(m.group(1)), int(m.group(2)) + 1)]
+
+
+def unstack(tensors: dict, take=lambda shape, i: tuple(shape)[1:]) -> dict:
+  """Per-layer view of {(collection, path): value}: each stacked key becomes its members, with
+  value take(value, i) for the i-th layer of the stack (default: a shape less its L dim)."""
+  out = {}
+  for key, v in tensors.items():
+    members = stack_members(key)
+    out.update({key: v} if members is None else {k: take(v, i) for i, k in enumerate(members)})
+  return out
+
+
+def unstack_reader_arrays(arrays: dict) -> dict:
+  """`unstack` for CheckpointReader.arrays {key: (shape, dtype, name, item dir, index)}: layer i
+  of a stack reads index i of axis 0 (TensorStore reads that slice only)."""
+  return unstack(arrays, lambda v, i: (tuple(v[0])[1:], v[1], v[2], v[3], (i,) + tuple(v[4])))
+
+
 def _layer_key(e: Entry):
   m = re.match(r'model\.layers\.(\d+)\.', e.hf[0])
   return (1, int(m.group(1))) if m else ((0, 0) if 'embed_tokens' in e.hf[0] else (2, 0))
@@ -218,8 +251,10 @@ def layout(n_layers: int, tensors: dict[tuple[str, str], tuple[int, ...]]) -> li
     else:
       unknown.append(f'{coll}/{path}')
   if unknown:
+    hint = '; unstack a scanned model\'s blocks/{first}-{last} tensors first (hf_names.unstack)' \
+        if any(_STACKED.match(u.split('/', 1)[1]) for u in unknown) else ''
     raise ValueError(f'no HF name for v4jax tensor(s): {", ".join(sorted(unknown))} '
-                     '(add them to v4jax/convert/hf_names.py)')
+                     f'(add them to v4jax/convert/hf_names.py{hint})')
   return sorted(out, key=lambda e: (_layer_key(e), e.hf[0]))
 
 

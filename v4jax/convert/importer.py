@@ -147,6 +147,22 @@ def _abstract_shapes(cfg, rows):
   return out
 
 
+def _import_stack(plan, entries, old, bar):
+  """The stacked tensor `old` [L, ...] with each imported layer written in place on the devices,
+  one layer in host memory at a time (None entries keep their fresh values)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  sh = old.sharding
+  layer_sh = NamedSharding(sh.mesh, P(*tuple(sh.spec)[1:]))    # 'layers' is never sharded
+  put = jax.jit(lambda a, x, l: a.at[l].set(x), donate_argnums=0, out_shardings=sh)
+  for l, e in enumerate(entries):
+    if e is not None:
+      x = jax.device_put(plan.read_entry(e, np.dtype(old.dtype)), layer_sh)
+      old = put(old, x, np.int32(l))
+      bar.update(math.prod(e.shape))
+  return old
+
+
 def import_checkpoint(src: str, cfg, workdir: str, *, step: int = 0, fresh=(), drop=()) -> dict:
   """Writes a checkpoint of `cfg`'s model with the tensors of `src` into the new `workdir`."""
   from v4jax.config import ConfigError, validate  # pylint: disable=import-outside-toplevel
@@ -187,7 +203,7 @@ def import_checkpoint(src: str, cfg, workdir: str, *, step: int = 0, fresh=(), d
     rows = dict(spec.total_rows)
 
   try:
-    entries = hf_names.layout(cfg.model.n_layers, _abstract_shapes(cfg, rows))
+    entries = hf_names.layout(cfg.model.n_layers, hf_names.unstack(_abstract_shapes(cfg, rows)))
   except ValueError as e:
     raise ToolError(str(e)) from None
   plan = _Plan(st, entries, cfg, fresh, drop, hf_cfg, problems)
@@ -209,6 +225,11 @@ def import_checkpoint(src: str, cfg, workdir: str, *, step: int = 0, fresh=(), d
           arrays[i] = jax.device_put(np.asarray(step, old.dtype), old.sharding)
           continue
         key = (parts[0], '/'.join(parts[1:-1] if parts[-1] == 'value' else parts[1:]))
+        members = hf_names.stack_members(key)
+        if members is not None:    # a scanned run's [L, ...] tensor
+          arrays[i] = None
+          arrays[i] = _import_stack(plan, [by_key.get(k) for k in members], old, bar)
+          continue
         e = by_key.get(key)
         if e is None:
           continue

@@ -5,6 +5,10 @@ Dims: B batch, T positions, N mHC streams (SPEC's n), D model dim, V vocabulary,
 Each block (SPEC §8): [Engram injection if the layer is listed] -> HC(attn_norm -> MLA/DSA)
 -> HC(ffn_norm -> dense FFN or MoE). With `mhc.streams == 1` an HC site is the plain pre-norm
 residual X + F(X). The streams are always carried as X_BTND (N = 1 without mHC).
+
+With `model.scan_layers`, each run of >= 2 consecutive blocks of one structure (`layer_groups`)
+is a single Block whose variables carry a leading L dim (logical axis 'layers'), stored under
+`blocks/{first}-{last}` and run by `lax.scan`; other blocks stay at `blocks/{i}`.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.model.layers import RMSNorm, constrain, dtype_of, matmul, param
+from v4jax.model.loss import cross_entropy_sum
 from v4jax.model.mla import MLA
 from v4jax.model.moe import DenseFFN, MoE
 
@@ -84,7 +89,8 @@ class Block(nnx.Module):
     return constrain(X_BTND, ACT_BTND), aux
 
 
-def _remat(cfg, fn):
+def _checkpoint(cfg, fn):
+  """fn under jax.checkpoint with the policy of cfg.model.remat (fn itself for 'none')."""
   policy = {
       'none': None,
       'block': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -92,11 +98,66 @@ def _remat(cfg, fn):
   }[cfg.model.remat]
   if cfg.model.remat == 'none':
     return fn
+  return jax.checkpoint(fn, policy=policy, static_argnums=(0,))
+
+
+def _remat(cfg, fn):
+  if cfg.model.remat == 'none':
+    return fn
   # jax.checkpoint over a pure function of the block's state: nnx.remat would write the state
   # back afterwards, which fails for the non-differentiated RouterBias inside value_and_grad.
-  pure = jax.checkpoint(lambda gdef, state, X, i: fn(nnx.merge(gdef, state), X, i),
-                        policy=policy, static_argnums=(0,))
+  pure = _checkpoint(cfg, lambda gdef, state, X, i: fn(nnx.merge(gdef, state), X, i))
   return lambda blk, X, i: pure(*nnx.split(blk), X, i)
+
+
+def layer_groups(cfg) -> list[tuple[int, int]]:
+  """[start, stop) layer runs, one module each: with model.scan_layers every maximal run of
+  consecutive blocks of one structure (dense FFN or MoE; an Engram layer is always alone, its
+  table size and layer id being its own), else one run per layer."""
+  m = cfg.model
+  if not m.scan_layers:
+    return [(i, i + 1) for i in range(m.n_layers)]
+  engram = set(cfg.engram.layer_ids) if cfg.engram.enabled else set()
+  kind = lambda i: ('engram', i) if i in engram else cfg.moe.enabled and i >= m.n_dense_layers
+  out = []
+  for i in range(m.n_layers):
+    if out and kind(i) == kind(out[-1][0]):
+      out[-1] = (out[-1][0], i + 1)
+    else:
+      out.append((i, i + 1))
+  return out
+
+
+def group_key(start: int, stop: int) -> str:
+  """The `blocks` key of a layer run: 'i' for one layer, 'first-last' for a stack."""
+  return str(start) if stop - start == 1 else f'{start}-{stop - 1}'
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+  """One Block whose variables are the blocks' variables stacked on a new leading 'layers' dim.
+
+  The blocks differ only in their values (mHC `base` init depends on the site index, which is
+  why the stack is built from separately constructed blocks), so one graph serves them all.
+  """
+  gdefs, states = zip(*(nnx.split(b) for b in blocks))
+  shapes = [jax.tree.map(lambda v: (v.shape, v.dtype), s) for s in states]
+  if any(s != shapes[0] for s in shapes[1:]):
+    raise ValueError(f'stack_blocks: blocks {[b.layer_idx for b in blocks]} differ in structure')
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  for v in jax.tree.leaves(stacked, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    axes = v.get_metadata().get('logical_axes', (None,) * (v.ndim - 1))
+    v.set_metadata('logical_axes', ('layers',) + tuple(axes))
+  return nnx.merge(gdefs[0], stacked)
+
+
+def scan_blocks(cfg, stack: Block, X_BTND: jax.Array, inp: BlockInputs):
+  """Runs a stacked Block over its L layers with lax.scan (remat policy on the body); returns
+  (X, per-layer aux dicts in layer order)."""
+  gdef, state = nnx.split(stack)
+  layer = _checkpoint(cfg, lambda g, st, X, i: nnx.merge(g, st)(X, i))
+  X_BTND, aux = jax.lax.scan(lambda X, st: layer(gdef, st, X, inp), X_BTND, state)
+  n = jax.tree.leaves(state)[0].shape[0]
+  return X_BTND, [jax.tree.map(lambda a, l=l: a[l], aux) for l in range(n)]
 
 
 class StreamHead(nnx.Module):
@@ -137,16 +198,27 @@ class Transformer(nnx.Module):
     if cfg.engram.enabled and set(engram) != set(cfg.engram.layer_ids):
       raise ValueError(f'engram_rows_per_layer has layers {sorted(engram)}, '
                        f'config.engram.layer_ids={tuple(cfg.engram.layer_ids)}')
-    self.blocks = nnx.List([Block(cfg, i, rngs=rngs, engram_rows=engram.get(i))
-                            for i in range(m.n_layers)])
+    blocks = [Block(cfg, i, rngs=rngs, engram_rows=engram.get(i)) for i in range(m.n_layers)]
+    if m.scan_layers:
+      self.blocks = nnx.Dict({group_key(a, b): stack_blocks(blocks[a:b]) if b - a > 1 else blocks[a]
+                              for a, b in layer_groups(cfg)})
+    else:
+      self.blocks = nnx.List(blocks)
     self.head_reduce = StreamHead(cfg, rngs=rngs)
     self.norm = RMSNorm(m.d_model, m.norm_eps)
     self.head = param(rngs, (m.d_model, m.vocab_size), ('embed', 'vocab'), m.init_std)
     self.mtp = nnx.List([MTPModule(cfg, k, rngs=rngs) for k in range(cfg.mtp.depth)])
 
+  def main_blocks(self) -> list[tuple[int, int, Block]]:
+    """(start, stop, block) per layer run in forward order; a run of > 1 layer is a stack."""
+    if not self.cfg.model.scan_layers:
+      return [(i, i + 1, b) for i, b in enumerate(self.blocks)]
+    return [(a, b, self.blocks[group_key(a, b)]) for a, b in layer_groups(self.cfg)]
+
   def moe_layers(self) -> list[MoE]:
-    """MoE layers in forward order (main blocks, then MTP blocks): the order of expert counts."""
-    blocks = list(self.blocks) + [m.block for m in self.mtp]
+    """MoE layers in forward order (main blocks, then MTP blocks): the order of expert counts.
+    A scanned run's MoE stands for its L layers (router.bias [L,E])."""
+    blocks = [b for _, _, b in self.main_blocks()] + [m.block for m in self.mtp]
     return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
   def embed_tokens(self, tokens_BT):
@@ -160,9 +232,13 @@ class Transformer(nnx.Module):
                        ACT_BTND)
     auxes = []
     step = _remat(self.cfg, lambda blk, X, i: blk(X, i))
-    for blk in self.blocks:
-      X_BTND, aux = step(blk, X_BTND, inp)
-      auxes.append(aux)
+    for start, stop, blk in self.main_blocks():
+      if stop - start > 1:
+        X_BTND, aux = scan_blocks(self.cfg, blk, X_BTND, inp)
+        auxes += aux
+      else:
+        X_BTND, aux = step(blk, X_BTND, inp)
+        auxes.append(aux)
     return X_BTND, auxes
 
   def __call__(self, batch: dict[str, jax.Array], mtp_weight: float | jax.Array = 0.0):
@@ -223,27 +299,3 @@ class Transformer(nnx.Module):
       if vals:
         metrics[key] = jnp.max(jnp.stack(vals))
     return total, metrics
-
-
-def cross_entropy_sum(h_BTD, head_DV, targets_BT, weight_BT, dtype, chunk: int = 0):
-  """Sum over tokens of weight * -log softmax(h @ head)[target], fp32 log-softmax (weight 0 on
-  padding).
-
-  With `chunk > 0` the sequence is processed in chunks of `chunk` positions under remat, so the
-  full [B,T,V] fp32 logits are never held at once (needed for 129K vocabularies).
-  """
-  def piece(h, t, w):
-    logits = matmul('btd,dv->btv', h, head_DV, dtype).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - tgt) * w)
-
-  T = h_BTD.shape[1]
-  if chunk <= 0 or chunk >= T or T % chunk:
-    return piece(h_BTD, targets_BT, weight_BT)
-  n = T // chunk
-  split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, chunk, *a.shape[2:]), 1, 0)
-  body = jax.checkpoint(lambda c, xs: (c + piece(*xs), None))
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                          (split(h_BTD), split(targets_BT), split(weight_BT)))
-  return total

@@ -24,6 +24,7 @@ BATCH = ('data', 'fsdp', 'expert')
 #   parameters: vocab, embed, q_lora, kv_lora, kv_rope, heads, head_dim, mlp, exp, mlp_moe,
 #               indexer_heads, indexer_dim, norm, streams, hc_coeff, engram_rows, engram_dim,
 #               engram_mem, conv
+#   layers: the leading dim of a scanned run of blocks (model.scan_layers); never sharded
 RULES: dict[str, dict[str, object]] = {
     # Everything large sharded over fsdp on its embed dim (the low-rank MLA up-projections,
     # which have none, on their rank dim); batch over every data-like axis.
@@ -34,7 +35,7 @@ RULES: dict[str, dict[str, object]] = {
         'heads': None, 'head_dim': None, 'mlp': None, 'exp': None, 'mlp_moe': None,
         'indexer_heads': None, 'indexer_dim': None, 'norm': None, 'streams': None,
         'hc_coeff': None, 'engram_rows': 'fsdp', 'engram_dim': None, 'engram_mem': None,
-        'conv': None,
+        'conv': None, 'layers': None,
     },
     # Experts over `expert`; every other parameter fully sharded over fsdp x expert (the expert
     # axis is a data axis outside the MoE, so replicating dense weights over it would waste HBM).
