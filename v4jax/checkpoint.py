@@ -4,7 +4,8 @@ Items per step: `state` (params, router biases, optimizer state, counters; resto
 current mesh's shardings, so a restore may change the mesh), `data_iter` (Grain iterator state),
 `meta` (JSON: the config and the Engram hash constants, which are never regenerated on resume),
 and with engram.table_memory=host `host_tables` (each Engram layer's [R, 3, d_h] table and Adam
-moments as NumPy arrays: mesh independent).
+moments: NumPy arrays from one process, a global array split by row range from several; either
+restores onto any mesh and process count).
 Orbax writes each step to a temporary directory and renames it when complete, so a crash leaves
 only whole steps and `latest_step()` is always a valid one.
 """
@@ -62,9 +63,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
 
 
 def restore_host_tables(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
-  """The `host_tables` item as NumPy arrays (shapes from `abstract`)."""
+  """The `host_tables` item in the shapes and shardings of `abstract`. Not strict: a run of P
+  processes saves each layer padded to a multiple of P rows (memory/host_tables.py), so the rows
+  past the table are cut or zero-padded to this run's shape."""
   try:
-    out = mngr.restore(step, args=ocp.args.Composite(host_tables=ocp.args.StandardRestore(abstract)))
+    out = mngr.restore(step, args=ocp.args.Composite(
+        host_tables=ocp.args.StandardRestore(abstract, strict=False)))
   except Exception as e:  # noqa: BLE001 - reported with the path
     raise CheckpointError(
         f'checkpoint {mngr.directory}/{step}: cannot read the Engram host tables (saved with '

@@ -10,10 +10,8 @@ step's global expert counts (outside the gradient, SPEC §4).
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +26,7 @@ from v4jax.config import ConfigError, validate
 from v4jax.metrics import MetricWriter
 from v4jax.model.moe import update_router_bias
 from v4jax.model.transformer import Transformer
-from v4jax.memory.rows import lazy_adam_rows, patch_rows
+from v4jax.memory.rows import lazy_adam_rows, patch_rows, step_rows
 from v4jax.optim import clip_grads, make_optimizer, path_str, schedule
 from v4jax.parallel import rules as rules_lib
 from v4jax.parallel.mesh import make_mesh
@@ -172,7 +170,7 @@ class Trainer:
     params, rest, step = state['params'], state['rest'], state['step']
     mtp_w = self._mtp_weight(step)
     tab = None if eng is None else {l: patch_rows(r, eng['src'][l], eng['prev'][l])
-                                    for l, r in eng['rows'].items()}
+                                    for l, r in step_rows(eng).items()}
     theta = None if tab is None else {l: r[:, 0] for l, r in tab.items()}
     grad_fn = jax.value_and_grad(self._loss, argnums=(0, 4), has_aux=True)
     A = cfg.train.grad_accum
@@ -234,7 +232,7 @@ class Trainer:
     return nnx.split(model, nnx.Param, ...)[2]
 
   def _eval(self, state, batch, eng=None):
-    theta = None if eng is None else {l: r[:, 0] for l, r in eng['rows'].items()}
+    theta = None if eng is None else {l: r[:, 0] for l, r in step_rows(eng).items()}
     _, m = self._loss(state['params'], state['rest'], batch, 0.0, theta)
     return m['loss'] * m['n_valid'], m['n_valid']
 

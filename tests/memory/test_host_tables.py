@@ -174,11 +174,32 @@ def test_missing_host_memory_names_the_device_fallback():
     compat.require_memory_kind(fake, 'pinned_host')
 
 
-def test_several_processes_are_refused_naming_the_device_fallback(monkeypatch):
+def test_several_processes_refuse_the_xla_gather(monkeypatch):
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
-  with pytest.raises(NotImplementedError, match="2 processes.*table_memory='device'"):
-    HostTables(_pipeline_cfg(), {0: 300, 1: 300}, mesh)
+  with pytest.raises(NotImplementedError, match="2 processes.*host_gather=numpy"):
+    HostTables(_pipeline_cfg('xla'), {0: 300, 1: 300}, mesh)
+
+
+def test_merge_and_assemble_rows_of_several_processes():
+  """The several-process pieces against NumPy: the global unique rows from per-process unique
+  rows, each process's inv into them, and the bit-exact assembly of the owners' segments."""
+  rng = np.random.default_rng(3)
+  local = [rng.integers(0, 40, size=(2, 5, 3)).astype(np.int32) for _ in range(3)]
+  want = np.unique(np.concatenate([r.ravel() for r in local]))
+  for r in local:
+    uniq, inv, n = rows_lib.merge_unique_rows([np.unique(x) for x in local], r, 90)
+    np.testing.assert_array_equal(uniq[:n], want)
+    np.testing.assert_array_equal(uniq[:n][inv], r)
+  U, H = 11, 4
+  full = rng.standard_normal((U, 3, H)).astype(np.float32)
+  full[3, 1, 2] = -0.0                                       # must arrive with its sign bit
+  bounds = np.array([[0, 4], [0, 0], [4, 4], [4, 9], [9, 11]], np.int32)  # slot 1: not a first
+  parts = rng.standard_normal((5, U, 3, H)).astype(np.float32)            # slot; 2: owns none
+  for k, (a, b) in enumerate(bounds):
+    parts[k, a:b] = full[a:b]
+  got = np.asarray(rows_lib.assemble_rows(jnp.asarray(parts), jnp.asarray(bounds)))
+  np.testing.assert_array_equal(got.view(np.uint32), full.view(np.uint32))   # bit-exact
 
 
 def test_dense_adam_is_rejected_for_host_tables():
@@ -265,3 +286,23 @@ def test_host_tables_resume_on_another_mesh(runs):
   l1, l2 = float(runs.host.step(batch)['loss']), float(resumed.step(b2)['loss'])
   np.testing.assert_allclose(l2, l1, rtol=1e-5)            # fp32, other reduction order
   np.testing.assert_allclose(resumed.tables.slots(1), runs.host.tables.slots(1), atol=1e-6)
+
+
+def test_restore_cuts_the_row_padding_of_a_several_process_checkpoint(tmp_path):
+  """P processes save each layer as [P*ceil(R/P), 3, H] (rows past R zero); a restore into
+  another process count cuts or pads to its own shape (here: one process, R rows)."""
+  import orbax.checkpoint as ocp
+  from v4jax import checkpoint as ckpt
+  cfg = _pipeline_cfg()
+  mesh = Mesh(np.asarray(jax.devices()[:2]), ('data',))
+  tabs = HostTables(cfg, {0: 301, 1: 299}, mesh, threads=2, init=False)
+  rng = np.random.default_rng(4)
+  saved = {f'layer_{l}': rng.standard_normal((3 * -(-r // 3), 3, tabs.width)).astype(np.float32)
+           for l, r in tabs.rows.items()}      # as 3 processes would save them
+  mngr = ckpt.manager(str(tmp_path), cfg)
+  mngr.save(1, args=ocp.args.Composite(host_tables=ocp.args.StandardSave(saved)))
+  mngr.wait_until_finished()
+  tabs.load(ckpt.restore_host_tables(mngr, 1, tabs.abstract()))
+  for l, r in tabs.rows.items():
+    np.testing.assert_array_equal(tabs.slots(l), saved[f'layer_{l}'][:r])
+  tabs.close()

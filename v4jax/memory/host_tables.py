@@ -25,11 +25,19 @@ Overlap: while step s runs on the device, the job thread gathers for step s+1 (t
 `Lookahead.peek`), then writes step s back once its rows exist. Rows of U_s that step s+1 uses were
 read before that write-back, so the device patches them from step s's output: no step ever sees a
 stale row (SPEC §6.4 exactness).
+
+Several processes (docs/engram_host_tables.md): process p holds only its contiguous row range of
+every layer; the processes all-gather their batches' unique row ids through the jax.distributed
+key-value store (host to host, on the job thread); each gathers its segment of the sorted global
+rows into its slot of a parts array over the batch shards, which the step assembles bit-exactly
+(`rows.assemble_rows`); each writes back its own segment; checkpoints split each layer by row
+range (restorable on any process count).
 """
 from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import os
 import time
@@ -38,7 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from v4jax import compat
 from v4jax.config import ConfigError
@@ -118,8 +126,9 @@ class _HostStore:
     compat.require_memory_kind(device, 'pinned_host')
     self.sh = SingleDeviceSharding(device, memory_kind='pinned_host')
     self.device, self.gather_mode, self.pool, self.rows = device, gather, pool, rows
+    self.u_max, self.width = u_max, width
     self.base, total = _layout(rows)
-    self.chunk = total if gather == 'xla' else max(1, min(chunk_rows, total))  # XLA reads one array
+    self.chunk = max(1, total if gather == 'xla' else min(chunk_rows, total))  # XLA reads one array
     self.chunks, self.views, self.void = [], [], []
     for r0 in range(0, total, self.chunk):      # tables first: later small buffers fill the gaps
       a = jax.device_put(np.zeros((min(self.chunk, total - r0), 3, width), np.float32), self.sh)
@@ -145,16 +154,17 @@ class _HostStore:
       yield c, a, b, g - g0
       g += b - a
 
-  def _row_tasks(self, uniq: dict, n: dict) -> list:
-    """Thread tasks (layer, chunk, global ids, lo, hi) over every layer's first n sorted rows."""
+  def _row_tasks(self, sel: dict) -> list:
+    """Thread tasks (layer, chunk, row-space ids, offset, lo, hi) over every layer's selected rows
+    (sel[l] = (sorted ids in the layer's rows here, their first position in the staging rows))."""
     workers = self.pool._max_workers  # pylint: disable=protected-access
-    total = max(sum(n.values()), 1)
+    total = max(sum(len(ids) for ids, _ in sel.values()), 1)
     out = []
-    for l, u in uniq.items():
-      k = n[l]
+    for l, (ids, off) in sel.items():
+      k = len(ids)
       if not k:
         continue
-      g = u[:k].astype(np.intp) + self.base[l]
+      g = ids.astype(np.intp) + self.base[l]
       cuts = [0] + list(np.searchsorted(g, np.arange(g[0] // self.chunk + 1,
                                                      g[-1] // self.chunk + 1) * self.chunk)) + [k]
       for a, b in zip(cuts[:-1], cuts[1:]):
@@ -163,35 +173,39 @@ class _HostStore:
         c = int(g[a]) // self.chunk
         parts = max(1, min(round(2 * workers * (b - a) / total), (b - a) // _MIN_ROWS_PER_TASK))
         e = np.linspace(a, b, parts + 1).astype(np.int64)
-        out += [(l, c, g, int(e[i]), int(e[i + 1])) for i in range(parts) if e[i + 1] > e[i]]
+        out += [(l, c, g, off, int(e[i]), int(e[i + 1])) for i in range(parts) if e[i + 1] > e[i]]
     return out
 
   def _run(self, fn, tasks):
     list(self.pool.map(lambda t: fn(*t), tasks))
 
-  def gather(self, uniq: dict, n: dict, sharding, stats) -> dict:
-    """{layer: [u_max, 3, H] rows on the devices of `sharding`} (rows past n are stale filler)."""
+  def gather(self, sel: dict, place, stats) -> dict:
+    """{layer: place([u_max, 3, H] staging rows)}: the selected rows at their positions, the
+    other positions stale filler. `place` moves a layer's rows to the step's devices."""
     t0 = time.perf_counter()
-    if self.gather_mode == 'xla':
+    if self.gather_mode == 'xla':     # one process: sel[l] = (all U rows, 0)
       out = {}
-      for l, u in uniq.items():
-        idx = jax.device_put((u + self.base[l]).astype(np.int32), self.sh)
-        out[l] = jax.device_put(_xla_host_gather(self.slots, idx), sharding)
+      for l, (ids, _) in sel.items():
+        idx = np.full((self.u_max,), ids[-1] if len(ids) else 0, np.int32)
+        idx[:len(ids)] = ids
+        idx = jax.device_put(idx + self.base[l], self.sh)
+        out[l] = place(_xla_host_gather(self.slots, idx))
       jax.block_until_ready(out)
       stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
       return out
 
-    def copy(l, c, g, lo, hi):
-      np.take(self.void[c], g[lo:hi] - c * self.chunk, out=self.stage_void[l][lo:hi], mode='clip')
-    self._run(copy, self._row_tasks(uniq, n))
+    def copy(l, c, g, off, lo, hi):
+      np.take(self.void[c], g[lo:hi] - c * self.chunk, out=self.stage_void[l][off + lo:off + hi],
+              mode='clip')
+    self._run(copy, self._row_tasks(sel))
     t1 = time.perf_counter()
-    out = jax.block_until_ready({l: jax.device_put(a, sharding) for l, a in self.stage.items()})
+    out = jax.block_until_ready({l: place(a) for l, a in self.stage.items()})
     stats['gather_ms'].append(1e3 * (t1 - t0))             # staging is reused: wait for the DMA
     stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))
     return out
 
-  def write(self, uniq: dict, n: dict, new_dev: dict, stats):
-    """Scatters each layer's first n new rows into the tables, in place."""
+  def write(self, sel: dict, new_dev: dict, stats):
+    """Scatters each layer's selected rows of the step's new rows into the tables, in place."""
     t0 = time.perf_counter()
     shards = {l: next(s.data for s in a.addressable_shards if s.device == self.device)
               for l, a in new_dev.items()}
@@ -199,9 +213,9 @@ class _HostStore:
     new = {l: _row_void(compat.host_view(a, check=False)) for l, a in host.items()}
     t1 = time.perf_counter()
 
-    def copy(l, c, g, lo, hi):
-      self.void[c][g[lo:hi] - c * self.chunk] = new[l][lo:hi]
-    self._run(copy, self._row_tasks(uniq, n))
+    def copy(l, c, g, off, lo, hi):
+      self.void[c][g[lo:hi] - c * self.chunk] = new[l][off + lo:off + hi]
+    self._run(copy, self._row_tasks(sel))
     stats['d2h_ms'].append(1e3 * (t1 - t0))
     stats['scatter_ms'].append(1e3 * (time.perf_counter() - t1))
 
@@ -217,6 +231,8 @@ class _HostStore:
     """Layer l's [R, 3, H]: a zero-copy view if it lies in one chunk, else a copy."""
     parts = [self.views[c][a:b] for c, a, b, _ in
              self._pieces(self.base[l], self.base[l] + self.rows[l])]
+    if not parts:                   # a process that owns no rows of layer l
+      return np.zeros((0, 3, self.width), np.float32)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -226,23 +242,26 @@ class _DeviceStore:
   def __init__(self, device, rows: dict[int, int], width: int, u_max: int):
     self.device, self.sh = device, SingleDeviceSharding(device)
     self.base, self.total = _layout(rows)
-    self.rows = rows
+    self.rows, self.u_max = rows, u_max
     self.slots = jax.jit(lambda: jnp.zeros((self.total, 3, width), jnp.float32),
                          out_shardings=self.sh)()
 
-  def gather(self, uniq: dict, n: dict, sharding, stats) -> dict:
+  def gather(self, sel: dict, place, stats) -> dict:
     t0 = time.perf_counter()
     out = {}
-    for l, u in uniq.items():
-      idx = jax.device_put((u + self.base[l]).astype(np.int32), self.sh)
-      out[l] = jax.device_put(_device_gather(self.slots, idx), sharding)
+    for l, (ids, off) in sel.items():
+      idx = np.zeros((self.u_max,), np.int32)
+      idx[off:off + len(ids)] = ids
+      idx = jax.device_put(idx + self.base[l], self.sh)
+      out[l] = place(_device_gather(self.slots, idx))
     stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
     return out
 
-  def write(self, uniq: dict, n: dict, new_dev: dict, stats):
+  def write(self, sel: dict, new_dev: dict, stats):
     t0 = time.perf_counter()
-    for l, u in uniq.items():
-      idx = np.where(np.arange(u.shape[0]) < n[l], u + self.base[l], self.total).astype(np.int32)
+    for l, (ids, off) in sel.items():
+      idx = np.full((self.u_max,), self.total, np.int32)        # self.total: dropped
+      idx[off:off + len(ids)] = ids + self.base[l]
       shard = next(s.data for s in new_dev[l].addressable_shards if s.device == self.device)
       self.slots = _device_scatter(self.slots, jax.device_put(idx, self.sh), shard)
     stats['scatter_ms'].append(1e3 * (time.perf_counter() - t0))
@@ -259,9 +278,63 @@ class _DeviceStore:
     return np.asarray(jax.device_get(self.slots[b:b + self.rows[l]]))
 
 
+class _RowExchange:
+  """All-gather of bytes between the processes through the jax.distributed key-value store (the
+  coordination service): host to host, so the job thread issues no device collective that could
+  order differently against the train steps on different processes. Every process calls
+  `all_gather` in the same sequence (all on its one job thread): call k posts key <k>/<process>
+  and blocks on every other process's key <k>. Once a process has read all keys of call k, every
+  process has posted k and so finished reading the keys of k-1: it deletes its own key k-1."""
+
+  _instances = itertools.count()
+
+  def __init__(self, timeout_s: float = 600.0):
+    from jax._src import distributed    # the coordination client (jax 0.10 and 0.11 alike)
+    self.client = getattr(distributed.global_state, 'client', None)
+    if self.client is None or not hasattr(self.client, 'blocking_key_value_get_bytes'):
+      raise RuntimeError('engram.table_memory=host with several processes needs '
+                         'jax.distributed.initialize() (its key-value store exchanges row ids)')
+    self.pid, self.nproc = jax.process_index(), jax.process_count()
+    self.prefix = f'v4jax_engram_rows/{next(self._instances)}'
+    self.timeout_ms, self.k = int(timeout_s * 1000), 0
+
+  def all_gather(self, payload: bytes) -> list[bytes]:
+    k, self.k = self.k, self.k + 1
+    self.client.key_value_set_bytes(f'{self.prefix}/{k}/{self.pid}', payload)
+    out = []
+    for q in range(self.nproc):
+      if q == self.pid:
+        out.append(payload)
+        continue
+      try:
+        out.append(self.client.blocking_key_value_get_bytes(f'{self.prefix}/{k}/{q}',
+                                                            self.timeout_ms))
+      except Exception as e:  # noqa: BLE001 - named with the peer
+        raise RuntimeError(f'Engram row-id exchange {k}: process {q} sent nothing within '
+                           f'{self.timeout_ms // 1000} s ({type(e).__name__}: {e})') from e
+    if k:
+      self.client.key_value_delete(f'{self.prefix}/{k - 1}/{self.pid}')
+    return out
+
+
+def _pack(arrays: list[np.ndarray]) -> bytes:
+  lens = np.array([a.shape[0] for a in arrays], np.int64)
+  return lens.tobytes() + b''.join(np.ascontiguousarray(a, np.int32).tobytes() for a in arrays)
+
+
+def _unpack(b: bytes, n: int) -> list[np.ndarray]:
+  lens = np.frombuffer(b, np.int64, n)
+  flat = np.frombuffer(b, np.int32, offset=8 * n)
+  return np.split(flat, np.cumsum(lens)[:-1])
+
+
 class HostTables:
   """All Engram layers' tables + moments outside the device train state, with the per-step
-  begin (rows for the device) / end (write-back, prefetch) protocol the Trainer drives."""
+  begin (rows for the device) / end (write-back, prefetch) protocol the Trainer drives.
+
+  Several processes: process p owns rows [p*c_l, min((p+1)*c_l, R_l)) of layer l, c_l =
+  ceil(R_l / P), the row split of a [P*c_l, 3, H] global array sharded over one device per
+  process (the checkpoint layout). Its host memory holds only those rows."""
 
   def __init__(self, cfg, rows_per_layer: dict[int, int], mesh, *, memory_kind: str = 'pinned_host',
                init: bool = True, threads: int | None = None, chunk_rows: int | None = None):
@@ -270,29 +343,37 @@ class HostTables:
       raise ConfigError(f'config.engram.table_optimizer={g.table_optimizer!r}: host-memory tables '
                         "support only 'lazy_adam' (dense Adam touches every row every step); "
                         "use engram.table_memory='device' for dense_adam")
-    if jax.process_count() > 1:
+    self.nproc, self.pid = jax.process_count(), jax.process_index()
+    if self.nproc > 1 and (memory_kind != 'pinned_host' or g.host_gather != 'numpy'):
       raise NotImplementedError(
-          f'engram.table_memory=host with {jax.process_count()} processes: row-sharding the host '
-          'tables across processes (an all-gather of the batch row ids, each process gathering '
-          'the rows it owns, docs/engram_host_tables.md) is not implemented; '
-          "use engram.table_memory='device'")
+          f'engram.table_memory=host with {self.nproc} processes supports the NumPy gather into '
+          f"pinned_host tables only (got memory_kind={memory_kind!r}, "
+          f'engram.host_gather={g.host_gather!r}); use host_gather=numpy')
     self.layers = tuple(g.layer_ids)
     heads = (g.max_ngram - 1) * g.heads_per_ngram
     self.width = g.d_mem // heads
     self.u_max = cfg.data.global_batch * cfg.data.seq_len * heads
     self.rows = {l: int(rows_per_layer[l]) for l in self.layers}
+    self.span = {l: -(-r // self.nproc) for l, r in self.rows.items()}     # c_l
+    self.lo = {l: min(self.pid * c, self.rows[l]) for l, c in self.span.items()}
+    self.own = {l: min(self.lo[l] + c, self.rows[l]) - self.lo[l] for l, c in self.span.items()}
     self.memory_kind = memory_kind
     self.device = mesh.devices.flat[0]
+    if self.device.process_index != self.pid:
+      self.device = next(d for d in mesh.devices.flat if d.process_index == self.pid)
     self.row_sharding = NamedSharding(mesh, P())
+    self._ckpt_kind = 'pinned_host' if memory_kind == 'pinned_host' else None
+    if self.nproc > 1:
+      self._setup_processes(cfg, mesh)
     self.threads = threads or min(16, os.cpu_count() or 1)
     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix='engram-np')
     self._jobs = ThreadPoolExecutor(1, thread_name_prefix='engram-jobs')
     if memory_kind == 'pinned_host':
       chunk_rows = chunk_rows or max(1, (int(g.host_chunk_mib) << 20) // (3 * self.width * 4))
-      self.store = _HostStore(self.device, self.rows, self.width, self.u_max, g.host_gather,
+      self.store = _HostStore(self.device, self.own, self.width, self.u_max, g.host_gather,
                               self._pool, chunk_rows)
     elif memory_kind == 'device':
-      self.store = _DeviceStore(self.device, self.rows, self.width, self.u_max)
+      self.store = _DeviceStore(self.device, self.own, self.width, self.u_max)
     else:
       raise ValueError(f"memory_kind={memory_kind!r} is not 'pinned_host' or 'device'")
     if init:
@@ -301,20 +382,58 @@ class HostTables:
         lambda: collections.deque(maxlen=4096))
     self._reset_pipeline()
 
+  def _setup_processes(self, cfg, mesh):
+    """Several processes: the parts layout, the checkpoint sharding and the id exchange."""
+    from v4jax.parallel import rules as rules_lib
+    spec = rules_lib.logical_to_spec(('batch', None, None), rules_lib.RULES[cfg.mesh.rules])
+    axes = spec[0] if isinstance(spec[0], tuple) else (() if spec[0] is None else (spec[0],))
+    n_slots = int(np.prod([mesh.shape[a] for a in axes]))
+    self.parts_shape = (n_slots * self.u_max, 3, self.width)   # [P*U, 3, H]: slot k = rows k*U..
+    self.parts_sharding = NamedSharding(mesh, P(*spec))
+    slot_of = {d: i[0].start // self.u_max
+               for d, i in self.parts_sharding.devices_indices_map(self.parts_shape).items()}
+    slots = [{k for d, k in slot_of.items() if d.process_index == q} for q in range(self.nproc)]
+    if any(slots[a] & slots[b] for a in range(self.nproc) for b in range(a)):
+      raise NotImplementedError(
+          'engram.table_memory=host with several processes needs the batch mesh axes '
+          f'{axes} to split the processes (each process its own batch shards)')
+    self.first_slot = [min(s) for s in slots]
+    self._slot_devices = [(SingleDeviceSharding(d, memory_kind=d.default_memory().kind),
+                           slot_of[d] == self.first_slot[self.pid])
+                          for d in self.parts_sharding.addressable_devices]
+    self._zeros = {sh: jax.device_put(np.zeros((self.u_max, 3, self.width), np.float32), sh)
+                   for sh, mine in self._slot_devices if not mine}    # masked out by the step
+    devs = [next(d for d in mesh.devices.flat if d.process_index == q) for q in range(self.nproc)]
+    self.ckpt_sharding = NamedSharding(Mesh(np.array(devs), ('rows',)), P('rows'),
+                                       memory_kind=self._ckpt_kind)
+    self._exchange = _RowExchange()
+
   # ---- init / checkpoint ----------------------------------------------------------------------
   def _init_theta(self, seed: int, std: float):
-    """theta ~ N(0, std) in fixed PRNG blocks of rows (independent of chunking and device)."""
+    """theta ~ N(0, std) in fixed PRNG blocks of rows (independent of chunking, device and the
+    process count: each process draws the blocks over its own rows)."""
     for l, R in self.rows.items():
       key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x5E6A + l)
-      n_blocks = min(_CHUNK_BLOCKS, -(-R // _BLOCK))
-      for b0 in range(0, -(-R // _BLOCK), n_blocks):
+      lo, hi = self.lo[l], self.lo[l] + self.own[l]
+      first, end = lo // _BLOCK, -(-hi // _BLOCK)
+      for b0 in range(first, end, _CHUNK_BLOCKS):
+        n_blocks = min(_CHUNK_BLOCKS, end - b0)
         r0 = b0 * _BLOCK
         vals = _normal_blocks(key, np.uint32(b0), n_blocks, self.width, float(std))
-        vals = vals[:min(R - r0, vals.shape[0])]
+        a, b = max(r0, lo), min(r0 + vals.shape[0], hi)
+        if b <= a:
+          continue
+        vals = vals[a - r0:b - r0]
         if self.memory_kind == 'device':
-          self.store.set_theta(l, r0, jax.device_put(vals, self.store.sh))
+          self.store.set_theta(l, a - lo, jax.device_put(vals, self.store.sh))
         else:
-          self.store.set_theta(l, r0, np.asarray(vals))
+          self.store.set_theta(l, a - lo, np.asarray(vals))
+
+  def _replicated(self, x: np.ndarray) -> jax.Array:
+    """A host value that every process computes alike, as one array replicated over the mesh."""
+    if self.nproc == 1:
+      return jax.device_put(x, self.row_sharding)
+    return jax.make_array_from_callback(x.shape, self.row_sharding, lambda i: x[i])
 
   def _reset_pipeline(self):
     self._prev = None                      # (uniq, n) per layer of the last step
@@ -326,26 +445,55 @@ class HostTables:
     self._pending: list[Future] = []
 
   def abstract(self) -> dict:
-    return {f'layer_{l}': jax.ShapeDtypeStruct((r, 3, self.width), np.float32)
-            for l, r in self.rows.items()}
+    """The `host_tables` checkpoint item to restore into: [R, 3, H] on this device (one process),
+    or [P*c, 3, H] split by row range over one device per process."""
+    if self.nproc == 1:
+      sh = SingleDeviceSharding(self.device, memory_kind=self._ckpt_kind)
+      return {f'layer_{l}': jax.ShapeDtypeStruct((r, 3, self.width), np.float32, sharding=sh)
+              for l, r in self.rows.items()}
+    return {f'layer_{l}': jax.ShapeDtypeStruct((self.nproc * c, 3, self.width), np.float32,
+                                               sharding=self.ckpt_sharding)
+            for l, c in self.span.items()}
 
   def state_for_save(self) -> dict:
-    """{'layer_<l>': [R,3,H] numpy} after all pending write-backs (Orbax copies them on save)."""
+    """After all pending write-backs: {'layer_<l>': [R,3,H] numpy} (one process; Orbax copies
+    them on save), or [P*c, 3, H] global arrays split by row range (rows past R are zero)."""
     self.flush()
-    return {f'layer_{l}': self.store.export(l) for l in self.layers}
+    if self.nproc == 1:
+      return {f'layer_{l}': self.store.export(l) for l in self.layers}
+    out = {}
+    for l, c in self.span.items():
+      piece = np.zeros((c, 3, self.width), np.float32)
+      piece[:self.own[l]] = self.store.export(l)
+      local = jax.device_put(piece, SingleDeviceSharding(self.device, memory_kind=self._ckpt_kind))
+      out[f'layer_{l}'] = jax.make_array_from_single_device_arrays(
+          (self.nproc * c, 3, self.width), self.ckpt_sharding, [local])
+    return out
 
   def load(self, arrays: dict):
+    """Loads this process's rows of each layer from NumPy [R, 3, H] arrays or from the arrays of
+    `abstract()` (restored by Orbax)."""
     self.flush()
     for l in self.layers:
-      a = np.asarray(arrays[f'layer_{l}'], np.float32)
-      if a.shape != (self.rows[l], 3, self.width):
-        raise ValueError(f'host table layer {l}: checkpoint shape {a.shape}, expected '
-                         f'{(self.rows[l], 3, self.width)}')
+      a = arrays[f'layer_{l}']
+      if isinstance(a, jax.Array):       # this device's shard starts at row lo
+        a = np.asarray(next(s.data for s in a.addressable_shards if s.device == self.device))
+        a = a[:self.own[l]]
+      else:
+        a = np.asarray(a, np.float32)
+        if a.shape[0] != self.rows[l]:
+          raise ValueError(f'host table layer {l}: checkpoint shape {a.shape}, expected '
+                           f'{(self.rows[l], 3, self.width)}')
+        a = a[self.lo[l]:self.lo[l] + self.own[l]]
+      if a.shape != (self.own[l], 3, self.width):
+        raise ValueError(f'host table layer {l}: checkpoint rows {a.shape}, expected '
+                         f'{(self.own[l], 3, self.width)} (rows {self.lo[l]}.. of {self.rows[l]})')
       self.store.load(l, a)
     self._reset_pipeline()
 
   def slots(self, l: int) -> np.ndarray:
-    """A copy of layer l's [R, 3, H] (theta, m, v) after pending write-backs."""
+    """A copy of layer l's [R, 3, H] (theta, m, v) after pending write-backs (this process's
+    rows [lo, lo + own) with several processes)."""
     self.flush()
     return np.array(self.store.export(l))
 
@@ -356,8 +504,7 @@ class HostTables:
     fut = pf[1] if pf is not None and pf[0] is batch else self._submit_gather(batch, self._prev)
     got = fut.result()
     self._current = got
-    return self._device_batch(batch, got), {'rows': got['rows'], 'src': got['src'],
-                                            'prev': self._prev_rows}
+    return self._device_batch(batch, got), self._eng(got)
 
   def end(self, new_rows: dict, peek=None):
     """After dispatching the step: prefetch the next batch's rows, then queue the write-back."""
@@ -370,15 +517,14 @@ class HostTables:
         nxt = None
       if nxt is not None:
         self._prefetch = (nxt, self._submit_gather(nxt, self._prev))
-    self._pending.append(self._jobs.submit(self._writeback, cur['uniq'], cur['n'], new_rows))
+    self._pending.append(self._jobs.submit(self._writeback, cur['sel'], new_rows))
     self._reap()
 
   def eval_inputs(self, batch: dict):
     """Rows for a forward-only step (all write-backs applied first)."""
     self.flush()
     got = self._submit_gather(batch, None).result()
-    return self._device_batch(batch, got), {'rows': got['rows'], 'src': got['src'],
-                                            'prev': self._prev_rows}
+    return self._device_batch(batch, got), self._eng(got)
 
   def flush(self):
     """Waits for every queued gather and write-back; re-raises a failed one."""
@@ -391,6 +537,12 @@ class HostTables:
     self._pool.shutdown()
 
   # ---- jobs -----------------------------------------------------------------------------------
+  def _eng(self, got):
+    eng = {'rows': got['rows'], 'src': got['src'], 'prev': self._prev_rows}
+    if 'bounds' in got:
+      eng['bounds'] = got['bounds']
+    return eng
+
   def _device_batch(self, batch, got):
     out = {k: v for k, v in batch.items() if not k.startswith('engram_rows_')}
     out.update({f'engram_inv_{l}': got['inv'][l] for l in self.layers})
@@ -405,25 +557,57 @@ class HostTables:
       rows[l] = np.asarray(r)
     return self._jobs.submit(self._gather, rows, prev)
 
+  def _unique(self, rows):
+    """{l: (uniq, inv, n)} of the global batch: from this batch (one process), or from every
+    process's unique rows through the id exchange (the same uniq on every process)."""
+    if self.nproc == 1:
+      return dict(zip(self.layers, self._pool.map(
+          lambda l: rows_lib.unique_rows(rows[l], self.u_max), self.layers)))
+    local = list(self._pool.map(lambda l: np.unique(rows[l]).astype(np.int32), self.layers))
+    parts = [_unpack(b, len(self.layers)) for b in self._exchange.all_gather(_pack(local))]
+    return {l: rows_lib.merge_unique_rows([p[i] for p in parts], rows[l], self.u_max)
+            for i, l in enumerate(self.layers)}
+
   def _gather(self, rows, prev):
     t0 = time.perf_counter()
-    uniq, inv, n, src = {}, {}, {}, {}
-    for l, (u, i, k) in zip(self.layers, self._pool.map(
-        lambda l: rows_lib.unique_rows(rows[l], self.u_max), self.layers)):
+    uniq, inv, n, src, sel, bounds = {}, {}, {}, {}, {}, {}
+    for l, (u, i, k) in self._unique(rows).items():
       if k and (u[k - 1] >= self.rows[l] or u[0] < 0):
         raise ValueError(f'engram_rows_{l} has rows outside the table [0, {self.rows[l]}): the '
                          'hash spec and the host table disagree')
       uniq[l], inv[l], n[l] = u, i, k
       p = None if prev is None else prev[0][l]
-      src[l] = jax.device_put(rows_lib.patch_map(u, k, p, 0 if prev is None else prev[1][l]),
-                              self.row_sharding)
+      src[l] = self._replicated(rows_lib.patch_map(u, k, p, 0 if prev is None else prev[1][l]))
+      if self.nproc == 1:
+        sel[l] = (u[:k], 0)
+        continue
+      c = self.span[l]       # process q's rows of U: a contiguous segment of the sorted U
+      cut = np.searchsorted(u[:k], np.minimum(np.arange(self.nproc + 1) * c, self.rows[l]))
+      b = np.zeros((self.parts_shape[0] // self.u_max, 2), np.int32)
+      for q in range(self.nproc):
+        b[self.first_slot[q]] = cut[q], cut[q + 1]
+      bounds[l] = self._replicated(b)
+      a0, a1 = int(cut[self.pid]), int(cut[self.pid + 1])
+      sel[l] = (u[a0:a1] - self.lo[l], a0)
     self.stats['unique_ms'].append(1e3 * (time.perf_counter() - t0))
     self.stats['rows'].append(sum(n.values()))
-    out = self.store.gather(uniq, n, self.row_sharding, self.stats)
-    return {'uniq': uniq, 'inv': inv, 'n': n, 'src': src, 'rows': out}
+    out = self.store.gather(sel, self._place, self.stats)
+    got = {'uniq': uniq, 'inv': inv, 'n': n, 'src': src, 'sel': sel, 'rows': out}
+    if bounds:
+      got['bounds'] = bounds
+    return got
 
-  def _writeback(self, uniq, n, new_rows):
-    self.store.write(uniq, n, new_rows, self.stats)
+  def _place(self, rows_U3H):
+    """A layer's staged rows on the step's devices: replicated (one process), or as this
+    process's first slot of the [P*U, 3, H] parts that the step assembles (rows_lib)."""
+    if self.nproc == 1:
+      return jax.device_put(rows_U3H, self.row_sharding)
+    shards = [jax.device_put(rows_U3H, sh) if mine else self._zeros[sh]
+              for sh, mine in self._slot_devices]
+    return jax.make_array_from_single_device_arrays(self.parts_shape, self.parts_sharding, shards)
+
+  def _writeback(self, sel, new_rows):
+    self.store.write(sel, new_rows, self.stats)
 
   def _reap(self):
     done = [f for f in self._pending if f.done()]

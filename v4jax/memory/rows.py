@@ -1,7 +1,8 @@
 """Device-side math for Engram tables kept outside the model (SPEC §6.3 backward, §6.4).
 
 Dims: B batch, T positions, J table heads per layer, H row width d_h, U unique rows of the step's
-global batch (padded to the static U_max = global_batch * T * J), S = 3 row slots (theta, m, v).
+global batch (padded to the static U_max = global_batch * T * J), S = 3 row slots (theta, m, v),
+P slots of the per-process parts (several processes: one per batch shard of the mesh).
 
 Per step the host hands the device, per Engram layer, the step's unique rows with their optimizer
 moments (`rows_US3H`, fp32) and each position's index into them (`inv_BTJ`). The model sees
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['unique_rows', 'patch_map', 'expand_rows', 'embeddings', 'patch_rows', 'lazy_adam_rows']
+__all__ = ['unique_rows', 'merge_unique_rows', 'patch_map', 'expand_rows', 'embeddings',
+           'assemble_rows', 'step_rows', 'patch_rows', 'lazy_adam_rows']
 
 _F32 = jnp.float32
 
@@ -34,6 +36,21 @@ def unique_rows(rows_BTJ: np.ndarray, u_max: int) -> tuple[np.ndarray, np.ndarra
   out[:n] = uniq
   out[n:] = uniq[-1] if n else 0
   return out, inv.reshape(rows_BTJ.shape).astype(np.int32), n
+
+
+def merge_unique_rows(parts: list[np.ndarray], rows_BTJ: np.ndarray,
+                      u_max: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """unique_rows of the global batch from every process's sorted unique rows (`parts`), with the
+  inv of this process's own batch rows_BTJ: every process gets the same uniq."""
+  uniq = np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int32)
+  n = uniq.shape[0]
+  if n > u_max:
+    raise ValueError(f'{n} unique Engram rows exceed U_max={u_max}')
+  out = np.empty((u_max,), np.int32)
+  out[:n] = uniq
+  out[n:] = uniq[-1] if n else 0
+  inv = np.searchsorted(uniq, rows_BTJ.reshape(-1)).reshape(rows_BTJ.shape).astype(np.int32)
+  return out, inv, n
 
 
 def patch_map(uniq: np.ndarray, n: int, prev_uniq: np.ndarray | None, prev_n: int) -> np.ndarray:
@@ -94,6 +111,27 @@ def embeddings(theta: dict, batch: dict, dtype) -> dict:
     e = expand_rows(th, batch[f'engram_inv_{lid}'])
     out[f'engram_emb_{lid}'] = e.reshape(e.shape[:2] + (-1,)).astype(dtype)
   return out
+
+
+def assemble_rows(parts_PU3H: jax.Array, bounds_P2: jax.Array) -> jax.Array:
+  """[U,3,H] from the processes' parts (several processes, docs/engram_host_tables.md): slot p
+  holds rows [lo_p, hi_p) of U (its process's owned segment; empty for all other slots) and
+  anything elsewhere. The bit patterns of the owned rows are summed as integers, every other
+  term is 0, so each row arrives bit-exactly from its owner (no float rounding, no -0.0 -> 0)."""
+  u = jnp.arange(parts_PU3H.shape[1])
+  own = (u[None] >= bounds_P2[:, :1]) & (u[None] < bounds_P2[:, 1:])          # [P, U]
+  bits = jax.lax.bitcast_convert_type(parts_PU3H, jnp.uint32)
+  bits = jnp.where(own[:, :, None, None], bits, jnp.uint32(0))
+  return jax.lax.bitcast_convert_type(jnp.sum(bits, axis=0, dtype=jnp.uint32), _F32)
+
+
+def step_rows(eng: dict) -> dict:
+  """Each layer's gathered [U,3,H] rows of a step's `eng` inputs: as handed over by one process,
+  or assembled from the processes' parts (`eng['bounds']` present)."""
+  if 'bounds' not in eng:
+    return eng['rows']
+  return {l: assemble_rows(r.reshape(eng['bounds'][l].shape[0], -1, *r.shape[1:]),
+                          eng['bounds'][l]) for l, r in eng['rows'].items()}
 
 
 def patch_rows(rows_US3H: jax.Array, src_U: jax.Array, prev_US3H: jax.Array) -> jax.Array:

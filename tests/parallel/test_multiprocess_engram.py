@@ -1,0 +1,121 @@
+"""Engram tables in host memory with two processes (jax.distributed on loopback, 2 x 4 CPU
+devices, mesh fsdp=4 x expert=2) against one process: each process holds half of every table's
+rows, the row ids go through the coordination service's key-value store, the step assembles the
+rows from their owners, and the checkpoint saves each layer split by row range.
+
+The workers run `python -m v4jax.train` (started and killed here on a timeout) and save a
+checkpoint at the last step; this process trains the same config on its own 8 CPU devices, then
+restores the tables of the two-process checkpoint into one process on that mesh and continues
+one step from them.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from helpers import ROOT, small_tiny
+from v4jax import checkpoint as ckpt
+from v4jax.memory.host_tables import HostTables
+from v4jax.trainer import Trainer
+
+STEPS = 3
+ROWS = 1009       # engram.base_rows: four tables of ~1K rows, so many rows stay untouched
+# fp32 losses: gloo vs in-process reductions; step 1 to 1e-5 relative, later steps 1e-4 (Adam
+# turns rounding-level gradient differences into sign-level update differences).
+RTOL = {1: 1e-5, 2: 1e-4, 3: 1e-4}
+
+
+def _flags(workdir, *extra):
+  c = small_tiny()
+  over = [f'--config.data.seq_len={c.data.seq_len}', f'--config.data.global_batch={c.data.global_batch}',
+          f'--config.data.max_docs={c.data.max_docs}', '--config.model.n_layers=2',
+          '--config.dsa.topk=8', f'--config.train.steps={STEPS}', '--config.train.log_every=1',
+          '--config.train.eval_every=0', f'--config.checkpoint.every={STEPS}',
+          '--config.checkpoint.async_save=False', '--config.log.tensorboard=False',
+          '--config.log.progress=False', '--config.engram.table_memory=host',
+          f'--config.engram.base_rows={ROWS}']
+  return [sys.executable, '-m', 'v4jax.train', '--config', os.path.join(ROOT, 'configs/tiny.py'),
+          *over, '--workdir', str(workdir), *extra]
+
+
+def _cfg():
+  return small_tiny(**{'train.steps': STEPS, 'checkpoint.every': STEPS, 'engram.table_memory': 'host',
+                       'engram.base_rows': ROWS})
+
+
+def _env(n_devices):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, JAX_NUM_CPU_DEVICES=str(n_devices))
+  # Not the fake-8-device flag (it would override the device count), but the same XLA:CPU
+  # optimisation level as this process (conftest.py), so both draw bit-identical table inits.
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_host_tables_match_one_process(tmp_path):
+  port, work = _free_port(), tmp_path / 'multi'
+  mesh = ['--config.mesh.fsdp=4', '--config.mesh.expert=2', '--config.mesh.rules=fsdp_ep']
+  procs = [subprocess.Popen(_flags(work, *mesh, f'--coordinator_address=localhost:{port}',
+                                   '--num_processes=2', f'--process_id={i}'),
+                            cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE) for i in range(2)]
+  try:   # the one-process reference trains here while the workers run
+    ref = Trainer(_cfg(), str(tmp_path / 'single'))
+    init = ref.tables.slots(1)
+    want = [float(ref.step(next(ref.train_iter))['loss']) for _ in range(STEPS)]
+    errs = [p.communicate(timeout=600)[1].decode()[-3000:] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), '\n'.join(errs)
+  rows = [json.loads(l) for l in open(work / 'metrics.jsonl')]
+  got = {r['step']: r['loss'] for r in rows if 'loss' in r}
+  assert sorted(got) == list(range(1, STEPS + 1))
+  for s in got:
+    np.testing.assert_allclose(got[s], want[s - 1], rtol=RTOL[s], err_msg=f'step {s}')
+
+  # The two-process checkpoint's tables (each layer split by row range) restored into this one
+  # process, on its 8-device mesh. (The whole Trainer cannot resume a two-process run in one
+  # process: Grain's iterator state is per process.)
+  mngr = ckpt.manager(str(work), ref.cfg)
+  assert mngr.latest_step() == STEPS
+  restored = HostTables(ref.cfg, ref.tables.rows, ref.mesh, init=False)
+  restored.load(ckpt.restore_host_tables(mngr, STEPS, restored.abstract()))
+  two, one = restored.slots(1), ref.tables.slots(1)
+  assert two.shape == one.shape == init.shape
+  touched = np.any(one[:, 1] != 0, axis=1)
+  np.testing.assert_array_equal(np.any(two[:, 1] != 0, axis=1), touched)
+  assert (~touched).sum() > 100 and touched.sum() > 100
+  # Rows no batch touched: bit-identical to the one-process init (each process drew its own rows).
+  np.testing.assert_array_equal(two[~touched], init[~touched])
+  # Touched rows: the same lazy Adam steps from fp32 gradients that differ at rounding level
+  # (other reduction order). Adam moves an element by at most ~its step's lr whatever the
+  # gradient, so an element whose gradient is rounding noise may differ by up to 2 * sum(lr)
+  # (sum of this run's Engram rates); typical elements agree to 1e-7 (median; measured max
+  # 6e-6 of a 9e-2 bound). Moments: 1% of their largest entry.
+  bound = 2 * ref.cfg.engram.lr_mult * sum(r['lr'] for r in rows if 'lr' in r)
+  diff = np.abs(two[:, 0] - one[:, 0])
+  assert diff.max() <= bound and np.median(diff[touched]) < 1e-7, (diff.max(), bound)
+  for k in (1, 2):
+    np.testing.assert_allclose(two[:, k], one[:, k], rtol=0, atol=1e-2 * np.abs(one[:, k]).max())
+
+  # One more step of the reference from the restored tables: the same loss as from its own.
+  batch = next(ref.train_iter)
+  state = jax.tree.map(lambda x: x.copy(), ref.state)
+  l_own = float(ref.step(batch)['loss'])
+  ref.state = state
+  ref.tables.load(restored.state_for_save())
+  np.testing.assert_allclose(float(ref.step(batch)['loss']), l_own, rtol=1e-4)  # as steps 2-3
+  restored.close()
+  ref.tables.close()
