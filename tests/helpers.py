@@ -1,6 +1,8 @@
 """Shared test fixtures: small configs built from the shipped presets."""
 import os
 
+import numpy as np
+
 from v4jax.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,3 +26,16 @@ def small_tiny(**over):
     sec, field = k.split('.')
     c[sec][field] = v
   return c
+
+
+def np_sinkhorn(lam, iters: int, eps: float):
+  """SPEC §5 Sinkhorn in float64 numpy (the oracle of the mHC module and the Sinkhorn kernel):
+  row softmax + eps, column step, then (iters - 1) x (row step, column step)."""
+  lam = np.asarray(lam, np.float64)
+  e = np.exp(lam - lam.max(-1, keepdims=True))
+  m = e / e.sum(-1, keepdims=True) + eps                    # softmax over k, per row j, + eps
+  m = m / (m.sum(-2, keepdims=True) + eps)                  # column
+  for _ in range(iters - 1):
+    m = m / (m.sum(-1, keepdims=True) + eps)                # row
+    m = m / (m.sum(-2, keepdims=True) + eps)                # column
+  return m

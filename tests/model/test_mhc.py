@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import np_sinkhorn
 from v4jax.config import default_config
 from v4jax.model.mhc import HCSite, HyperHead, expand_streams, sinkhorn
 
@@ -27,17 +28,6 @@ def _cfg(**mhc):
 
 
 # ---- oracles (SPEC §5 text) -------------------------------------------------------------------
-
-def np_sinkhorn(lam, iters=ITERS, eps=EPS):
-  lam = np.asarray(lam, np.float64)
-  e = np.exp(lam - lam.max(-1, keepdims=True))
-  m = e / e.sum(-1, keepdims=True) + eps                    # softmax over k, per row j, + eps
-  m = m / (m.sum(-2, keepdims=True) + eps)                  # column
-  for _ in range(iters - 1):
-    m = m / (m.sum(-1, keepdims=True) + eps)                # row
-    m = m / (m.sum(-2, keepdims=True) + eps)                # column
-  return m
-
 
 def jnp_sinkhorn(lam, iters=ITERS, eps=EPS):
   m = jnp.exp(lam) / jnp.sum(jnp.exp(lam), -1, keepdims=True) + eps
@@ -58,7 +48,7 @@ def np_coeffs(X, fn, base, scale, n=N, eps=EPS):
   pre = sig(scale[0] * mu[..., :n] + base[:n]) + eps
   post = 2 * sig(scale[1] * mu[..., n:2 * n] + base[n:2 * n])
   lam = (scale[2] * mu[..., 2 * n:] + base[2 * n:]).reshape(*mu.shape[:-1], n, n)
-  return pre, post, np_sinkhorn(lam)
+  return pre, post, np_sinkhorn(lam, ITERS, EPS)
 
 
 def np_site(X, fn, base, scale, f, transpose=False):
@@ -90,7 +80,7 @@ def _inputs(seed=0):
 def test_sinkhorn_matches_numpy_and_is_doubly_stochastic():
   lam = np.random.default_rng(1).normal(0, 2.0, (3, 5, N, N)).astype(np.float32)
   got = np.asarray(sinkhorn(jnp.asarray(lam), ITERS, EPS))
-  np.testing.assert_allclose(got, np_sinkhorn(lam), atol=1e-5)       # fp32 vs fp64
+  np.testing.assert_allclose(got, np_sinkhorn(lam, ITERS, EPS), atol=1e-5)       # fp32 vs fp64
   np.testing.assert_allclose(got.sum(-2), 1.0, atol=1e-5)            # columns: last step
   assert np.abs(got.sum(-1) - 1.0).max() < 1e-2                      # rows only approach 1
   few = np.asarray(sinkhorn(jnp.asarray(lam), 3, EPS))
@@ -196,7 +186,7 @@ def test_identity_bias_init():
     want_pre[home] = sig(3.0) + EPS
     np.testing.assert_allclose(pre, np.broadcast_to(want_pre, pre.shape), atol=1e-6)
     np.testing.assert_allclose(post, 1.0, atol=1e-6)
-    np.testing.assert_allclose(comb, np.broadcast_to(np_sinkhorn(6 * np.eye(N) - 3), comb.shape),
+    np.testing.assert_allclose(comb, np.broadcast_to(np_sinkhorn(6 * np.eye(N) - 3, ITERS, EPS), comb.shape),
                                atol=1e-5)
     assert abs(float(comb[0, 0, 0, 0]) - 0.993) < 1e-3
 

@@ -9,37 +9,19 @@ restores the tables of the two-process checkpoint into one process on that mesh 
 one step from them.
 """
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 
-from helpers import ROOT, small_tiny
+from helpers import small_tiny
+from multiprocess_util import RTOL, STEPS, losses, two_workers
 from v4jax import checkpoint as ckpt
 from v4jax.memory.host_tables import HostTables
 from v4jax.trainer import Trainer
 
-STEPS = 3
 ROWS = 1009       # engram.base_rows: four tables of ~1K rows, so many rows stay untouched
-# fp32 losses: gloo vs in-process reductions; step 1 to 1e-5 relative, later steps 1e-4 (Adam
-# turns rounding-level gradient differences into sign-level update differences).
-RTOL = {1: 1e-5, 2: 1e-4, 3: 1e-4}
-
-
-def _flags(workdir, *extra):
-  c = small_tiny()
-  over = [f'--config.data.seq_len={c.data.seq_len}', f'--config.data.global_batch={c.data.global_batch}',
-          f'--config.data.max_docs={c.data.max_docs}', '--config.model.n_layers=2',
-          '--config.dsa.topk=8', f'--config.train.steps={STEPS}', '--config.train.log_every=1',
-          '--config.train.eval_every=0', f'--config.checkpoint.every={STEPS}',
-          '--config.checkpoint.async_save=False', '--config.log.tensorboard=False',
-          '--config.log.progress=False', '--config.engram.table_memory=host',
-          f'--config.engram.base_rows={ROWS}']
-  return [sys.executable, '-m', 'v4jax.train', '--config', os.path.join(ROOT, 'configs/tiny.py'),
-          *over, '--workdir', str(workdir), *extra]
+HOST = ('--config.engram.table_memory=host', f'--config.engram.base_rows={ROWS}',
+        f'--config.checkpoint.every={STEPS}', '--config.checkpoint.async_save=False')
 
 
 def _cfg():
@@ -47,40 +29,13 @@ def _cfg():
                        'engram.base_rows': ROWS})
 
 
-def _env(n_devices):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, JAX_NUM_CPU_DEVICES=str(n_devices))
-  # Not the fake-8-device flag (it would override the device count), but the same XLA:CPU
-  # optimisation level as this process (conftest.py), so both draw bit-identical table inits.
-  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
-  return env
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_host_tables_match_one_process(tmp_path):
-  port, work = _free_port(), tmp_path / 'multi'
-  mesh = ['--config.mesh.fsdp=4', '--config.mesh.expert=2', '--config.mesh.rules=fsdp_ep']
-  procs = [subprocess.Popen(_flags(work, *mesh, f'--coordinator_address=localhost:{port}',
-                                   '--num_processes=2', f'--process_id={i}'),
-                            cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE) for i in range(2)]
-  try:   # the one-process reference trains here while the workers run
+  work = tmp_path / 'multi'
+  with two_workers(work, *HOST):   # the one-process reference trains here while the workers run
     ref = Trainer(_cfg(), str(tmp_path / 'single'))
     init = ref.tables.slots(1)
     want = [float(ref.step(next(ref.train_iter))['loss']) for _ in range(STEPS)]
-    errs = [p.communicate(timeout=600)[1].decode()[-3000:] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  assert all(p.returncode == 0 for p in procs), '\n'.join(errs)
-  rows = [json.loads(l) for l in open(work / 'metrics.jsonl')]
-  got = {r['step']: r['loss'] for r in rows if 'loss' in r}
+  got = losses(work)
   assert sorted(got) == list(range(1, STEPS + 1))
   for s in got:
     np.testing.assert_allclose(got[s], want[s - 1], rtol=RTOL[s], err_msg=f'step {s}')
@@ -104,6 +59,7 @@ def test_two_processes_host_tables_match_one_process(tmp_path):
   # gradient, so an element whose gradient is rounding noise may differ by up to 2 * sum(lr)
   # (sum of this run's Engram rates); typical elements agree to 1e-7 (median; measured max
   # 6e-6 of a 9e-2 bound). Moments: 1% of their largest entry.
+  rows = [json.loads(l) for l in open(work / 'metrics.jsonl')]
   bound = 2 * ref.cfg.engram.lr_mult * sum(r['lr'] for r in rows if 'lr' in r)
   diff = np.abs(two[:, 0] - one[:, 0])
   assert diff.max() <= bound and np.median(diff[touched]) < 1e-7, (diff.max(), bound)
