@@ -25,6 +25,8 @@ def get_config():
   m.dtype = 'bfloat16'
   m.param_dtype = 'float32'
   m.remat = 'block'
+  m.scan_layers = True           # stacked runs of identical blocks under lax.scan: compile time
+                                 # independent of depth (docs/architecture.md, docs/scaling.md)
   m.logits_chunk = 512           # chunked CE: full fp32 logits would be 8.5 GB per 16K tokens
 
   c.rope.yarn_mode = 'off'

@@ -25,6 +25,8 @@ def get_config():
   m.dtype = 'bfloat16'
   m.param_dtype = 'float32'
   m.remat = 'block'
+  m.scan_layers = True           # stacked runs of identical blocks under lax.scan: compile time
+                                 # independent of depth (docs/architecture.md, docs/scaling.md)
   m.logits_chunk = 512           # positions per CE chunk: fp32 logits never held for all of T
 
   c.rope.yarn_mode = 'on'        # s=40, L0=4096, beta 32/1, mscale 1/1 are the defaults
