@@ -29,13 +29,18 @@ _F32 = jnp.float32
 def unique_rows(rows_BTJ: np.ndarray, u_max: int) -> tuple[np.ndarray, np.ndarray, int]:
   """(uniq [u_max] int32 sorted, padded with its last row; inv [B,T,J] int32; U)."""
   uniq, inv = np.unique(rows_BTJ.reshape(-1), return_inverse=True)
+  return _padded(uniq, u_max), inv.reshape(rows_BTJ.shape).astype(np.int32), uniq.shape[0]
+
+
+def _padded(uniq: np.ndarray, u_max: int) -> np.ndarray:
+  """Sorted unique rows as [u_max] int32, padded with the last row (0 when empty)."""
   n = uniq.shape[0]
   if n > u_max:
     raise ValueError(f'{n} unique Engram rows exceed U_max={u_max}')
   out = np.empty((u_max,), np.int32)
   out[:n] = uniq
   out[n:] = uniq[-1] if n else 0
-  return out, inv.reshape(rows_BTJ.shape).astype(np.int32), n
+  return out
 
 
 def merge_unique_rows(parts: list[np.ndarray], rows_BTJ: np.ndarray,
@@ -43,14 +48,8 @@ def merge_unique_rows(parts: list[np.ndarray], rows_BTJ: np.ndarray,
   """unique_rows of the global batch from every process's sorted unique rows (`parts`), with the
   inv of this process's own batch rows_BTJ: every process gets the same uniq."""
   uniq = np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int32)
-  n = uniq.shape[0]
-  if n > u_max:
-    raise ValueError(f'{n} unique Engram rows exceed U_max={u_max}')
-  out = np.empty((u_max,), np.int32)
-  out[:n] = uniq
-  out[n:] = uniq[-1] if n else 0
   inv = np.searchsorted(uniq, rows_BTJ.reshape(-1)).reshape(rows_BTJ.shape).astype(np.int32)
-  return out, inv, n
+  return _padded(uniq, u_max), inv, uniq.shape[0]
 
 
 def patch_map(uniq: np.ndarray, n: int, prev_uniq: np.ndarray | None, prev_n: int) -> np.ndarray:
