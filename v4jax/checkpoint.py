@@ -62,10 +62,28 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
   return out['state']
 
 
+def _check_table_rows(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> None:
+  """Refuses saved tables that the non-strict restore would silently cut or pad: each layer
+  must hold R..2R-1 rows (R = this run's rows; a run of P <= R processes pads fewer than P) and
+  the same trailing dims. Skipped where this Orbax cannot read the item's metadata."""
+  try:
+    saved = {k: tuple(v.shape) for k, v in mngr.item_metadata(step)['host_tables'].items()}
+  except Exception:  # noqa: BLE001 - no metadata: the restore itself reports unreadable items
+    return
+  for key, want in abstract.items():
+    got, (rows, *rest) = saved.get(key), tuple(want.shape)
+    if got is None or tuple(got[1:]) != tuple(rest) or not rows <= got[0] < 2 * max(rows, 1):
+      raise CheckpointError(
+          f'checkpoint {mngr.directory}/{step}: Engram host table {key!r} has shape {got}, '
+          f'expected [{rows}..{2 * max(rows, 1) - 1}, {", ".join(map(str, rest))}] (this run\'s '
+          'rows, padded to the saving run\'s process count): a different engram config?')
+
+
 def restore_host_tables(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
-  """The `host_tables` item in the shapes and shardings of `abstract`. Not strict: a run of P
-  processes saves each layer padded to a multiple of P rows (memory/host_tables.py), so the rows
-  past the table are cut or zero-padded to this run's shape."""
+  """The `host_tables` item in the shapes and shardings of `abstract`. A run of P processes saves
+  each layer padded to a multiple of P rows (memory/host_tables.py): the restore cuts those rows
+  (or pads to this run's count), after `_check_table_rows` has refused tables of another size."""
+  _check_table_rows(mngr, step, abstract)
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
         host_tables=ocp.args.StandardRestore(abstract, strict=False)))

@@ -306,3 +306,22 @@ def test_restore_cuts_the_row_padding_of_a_several_process_checkpoint(tmp_path):
   for l, r in tabs.rows.items():
     np.testing.assert_array_equal(tabs.slots(l), saved[f'layer_{l}'][:r])
   tabs.close()
+
+
+@pytest.mark.parametrize('rows, width_delta', [(290, 0), (700, 0), (301, 1)])
+def test_restore_refuses_tables_of_another_size(tmp_path, rows, width_delta):
+  """Saved tables with fewer rows than this run's (would be zero-padded), at least twice as many
+  (more than any process-count padding) or another width: one-line error naming the layer."""
+  import orbax.checkpoint as ocp
+  from v4jax import checkpoint as ckpt
+  cfg = _pipeline_cfg()
+  mesh = Mesh(np.asarray(jax.devices()[:2]), ('data',))
+  tabs = HostTables(cfg, {0: 301, 1: 299}, mesh, threads=2, init=False)
+  saved = {f'layer_{l}': np.ones((rows if l == 0 else r, 3, tabs.width + width_delta), np.float32)
+           for l, r in tabs.rows.items()}
+  mngr = ckpt.manager(str(tmp_path), cfg)
+  mngr.save(1, args=ocp.args.Composite(host_tables=ocp.args.StandardSave(saved)))
+  mngr.wait_until_finished()
+  with pytest.raises(ckpt.CheckpointError, match="host table 'layer_0'.*expected \\[301..601"):
+    ckpt.restore_host_tables(mngr, 1, tabs.abstract())
+  tabs.close()
