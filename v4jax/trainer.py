@@ -219,15 +219,15 @@ class Trainer:
     on = (step < stop) & finite & (cfg.dsa.stage != 'warmup')
     gamma = jnp.where(on, cfg.moe.bias_update_rate, 0.0)
     model = nnx.merge(self.graphdef, params, rest)
+    update = jax.vmap(update_router_bias, (0, 0, None, 0, None))
     i = 0
     for moe in model.moe_layers():  # each layer's own token count (the MTP block masks more)
       b = moe.router.bias[...]     # [E], or [L,E] for a scanned run of L layers
-      n = b.shape[0] if b.ndim == 2 else 1
-      c = counts[i:i + n].reshape(b.shape)
-      upd = jax.vmap(update_router_bias, (0, 0, None, 0, None)) if b.ndim == 2 else \
-          update_router_bias
-      moe.router.bias[...] = upd(b, c, cfg.moe.top_k, jnp.sum(c, -1) / cfg.moe.top_k, gamma)
-      i += n
+      b_LE = b.reshape(-1, b.shape[-1])
+      c_LE = counts[i:i + b_LE.shape[0]]
+      new_LE = update(b_LE, c_LE, cfg.moe.top_k, jnp.sum(c_LE, -1) / cfg.moe.top_k, gamma)
+      moe.router.bias[...] = new_LE.reshape(b.shape)
+      i += b_LE.shape[0]
     assert i == counts.shape[0], (i, counts.shape)
     return nnx.split(model, nnx.Param, ...)[2]
 

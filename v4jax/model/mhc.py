@@ -16,19 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax.kernels import sinkhorn as sinkhorn_kernels
+from v4jax.kernels.sinkhorn import sinkhorn   # the seam; re-exported for the model's users
 from v4jax.model.layers import const_param, constrain, param
 
 __all__ = ['sinkhorn', 'HCSite', 'HyperHead', 'expand_streams']
 
 _F32 = jnp.float32
-
-
-def sinkhorn(logits_NN: jax.Array, iters: int, eps: float, impl: str = 'auto') -> jax.Array:
-  """SPEC §5 Sinkhorn on the last two axes [.., j, k], fp32, any leading dims, through the
-  kernel seam (`impl` = config.kernels.sinkhorn). The backward is the exact derivative through
-  all `iters` iterations and saves only the logits (it recomputes the iterations)."""
-  return sinkhorn_kernels.sinkhorn(logits_NN, iters, eps, impl=impl)
 
 
 def expand_streams(e_BTD: jax.Array, n: int) -> jax.Array:
@@ -102,7 +95,7 @@ class HCSite(nnx.Module):
     post = 2.0 * jax.nn.sigmoid(a[1] * mu[..., n:2 * n] + b[n:2 * n])
     lam = a[2] * mu[..., 2 * n:] + b[2 * n:]
     comb = sinkhorn(lam.reshape(*lam.shape[:-1], n, n), self.iters, self.eps,
-                    self.sinkhorn_impl)
+                    impl=self.sinkhorn_impl)
     return pre, post, comb
 
   def __call__(self, X_BTND: jax.Array,

@@ -91,13 +91,12 @@ class Block(nnx.Module):
 
 def _checkpoint(cfg, fn):
   """fn under jax.checkpoint with the policy of cfg.model.remat (fn itself for 'none')."""
+  if cfg.model.remat == 'none':
+    return fn
   policy = {
-      'none': None,
       'block': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
       'full': jax.checkpoint_policies.nothing_saveable,
   }[cfg.model.remat]
-  if cfg.model.remat == 'none':
-    return fn
   return jax.checkpoint(fn, policy=policy, static_argnums=(0,))
 
 
