@@ -40,20 +40,17 @@ from flax import nnx  # noqa: E402
 from v4jax.cli import median_seconds  # noqa: E402
 from v4jax.config import default_config  # noqa: E402
 from v4jax.kernels.sinkhorn import gpu as sinkhorn_gpu  # noqa: E402
+from v4jax.kernels.sinkhorn import reference as sinkhorn_reference  # noqa: E402
 from v4jax.model.mhc import HCSite, sinkhorn  # noqa: E402
 
 
-def _iterate(logits_NN, iters: int, eps: float, colsum, rowsum, loop: bool):
+def _unrolled(logits_NN, iters: int, eps: float, colsum, rowsum):
+  """The reference's iterations unrolled in Python, with the given row / column sums."""
   m = jax.nn.softmax(logits_NN.astype(jnp.float32), axis=-1) + eps
   m = m / (colsum(m) + eps)
-
-  def body(_, m):
+  for _ in range(iters - 1):
     m = m / (rowsum(m) + eps)
-    return m / (colsum(m) + eps)
-  if loop:
-    return jax.lax.fori_loop(0, iters - 1, body, m)
-  for i in range(iters - 1):
-    m = body(i, m)
+    m = m / (colsum(m) + eps)
   return m
 
 
@@ -69,9 +66,9 @@ _red = lambda axis: (lambda m: jnp.sum(m, axis=axis, keepdims=True))
 # Sinkhorn formulations compared with the model's own (`sinkhorn`): the same math, written as
 # a loop, unrolled with reductions, unrolled with explicit adds.
 CANDIDATES = {
-    'loop': functools.partial(_iterate, colsum=_red(-2), rowsum=_red(-1), loop=True),
-    'unrolled_reduce': functools.partial(_iterate, colsum=_red(-2), rowsum=_red(-1), loop=False),
-    'unrolled_adds': functools.partial(_iterate, colsum=_adds(-2), rowsum=_adds(-1), loop=False),
+    'loop': sinkhorn_reference.iterations,
+    'unrolled_reduce': functools.partial(_unrolled, colsum=_red(-2), rowsum=_red(-1)),
+    'unrolled_adds': functools.partial(_unrolled, colsum=_adds(-2), rowsum=_adds(-1)),
 }
 
 

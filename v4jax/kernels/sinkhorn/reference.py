@@ -12,8 +12,9 @@ import jax.numpy as jnp
 _F32 = jnp.float32
 
 
-def _iterate(logits_NN: jax.Array, iters: int, eps: float) -> jax.Array:
-  """Row softmax + eps, column step, then (iters-1) x (row step, column step); last two axes."""
+def iterations(logits_NN: jax.Array, iters: int, eps: float) -> jax.Array:
+  """Row softmax + eps, column step, then (iters-1) x (row step, column step); last two axes.
+  Plain autodiff (tools/bench_mhc.py times it so); `sinkhorn` wraps it in the recomputing VJP."""
   m = jax.nn.softmax(logits_NN.astype(_F32), axis=-1) + eps
   m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
 
@@ -31,15 +32,15 @@ def sinkhorn(logits_NN: jax.Array, iters: int, eps: float) -> jax.Array:
   The backward is the exact derivative through all `iters` iterations; it saves only the logits
   and recomputes the iterations, so no per-iteration [N,N] tensors live between passes.
   """
-  return _iterate(logits_NN, iters, eps)
+  return iterations(logits_NN, iters, eps)
 
 
 def _fwd(logits_NN, iters, eps):
-  return _iterate(logits_NN, iters, eps), logits_NN
+  return iterations(logits_NN, iters, eps), logits_NN
 
 
 def _bwd(iters, eps, logits_NN, g_NN):
-  _, vjp = jax.vjp(lambda l: _iterate(l, iters, eps), logits_NN)
+  _, vjp = jax.vjp(lambda l: iterations(l, iters, eps), logits_NN)
   return vjp(g_NN)
 
 
