@@ -32,24 +32,30 @@ def map_query_blocks(fn: Callable, block: int, *xs):
   well-defined); padded output rows are dropped. block <= 0 or >= T means one block.
   """
   present = [x for x in xs if x is not None]
-  B, T = present[0].shape[:2]
+  T = present[0].shape[1]
   if block <= 0 or block >= T:
     return fn(0, *xs)
   n = -(-T // block)
-  pad = n * block - T
-
-  def split(x):
-    if x is None:
-      return None
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode='edge')
-    return jnp.swapaxes(x.reshape((B, n, block) + x.shape[2:]), 0, 1)
 
   def body(args):
     return fn(args[0], *args[1:])
 
-  out = jax.lax.map(jax.checkpoint(body), (jnp.arange(n) * block,) + tuple(split(x) for x in xs))
+  out = jax.lax.map(jax.checkpoint(body), (jnp.arange(n) * block,) +
+                    tuple(None if x is None else split_blocks(x, block) for x in xs))
+  return jax.tree.map(lambda o: join_blocks(o, T), out)
 
-  def join(o):
-    o = jnp.swapaxes(o, 0, 1)
-    return o.reshape((B, n * block) + o.shape[3:])[:, :T]
-  return jax.tree.map(join, out)
+
+def split_blocks(x: jax.Array, block: int, fill=None) -> jax.Array:
+  """[B,T,...] -> [n,B,block,...] blocks of query rows; T is padded up to n*block with `fill`
+  (None: the last row repeated, so padded rows stay well-defined)."""
+  B, T = x.shape[:2]
+  n = -(-T // block)
+  pads = [(0, 0), (0, n * block - T)] + [(0, 0)] * (x.ndim - 2)
+  x = jnp.pad(x, pads, mode='edge') if fill is None else jnp.pad(x, pads, constant_values=fill)
+  return jnp.swapaxes(x.reshape((B, n, block) + x.shape[2:]), 0, 1)
+
+
+def join_blocks(x: jax.Array, T: int) -> jax.Array:
+  """Inverse of split_blocks: [n,B,block,...] -> [B,T,...] without the padded rows."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])[:, :T]

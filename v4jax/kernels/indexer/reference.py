@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.kernels import pallas_common
-from v4jax.kernels.blockwise import allowed_mask, map_query_blocks
+from v4jax.kernels.blockwise import allowed_mask, join_blocks, map_query_blocks, split_blocks
 
 
 def indexer_scores(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array) -> jax.Array:
@@ -96,14 +96,8 @@ def _scores_at_bwd(query_block, sort_slots, res, g_BTK):
   B, T, H, D = q_BTHD.shape
   S = k_BSD.shape[1]
   bt = T if query_block <= 0 or query_block >= T else query_block
-  n = -(-T // bt)
-
-  def split(x, fill):         # [B,T,...] -> [n,B,bt,...]; padded rows hold idx -1 and g 0
-    x = jnp.pad(x, [(0, 0), (0, n * bt - T)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.swapaxes(x.reshape((B, n, bt) + x.shape[2:]), 0, 1)
-
-  def join(x):
-    return jnp.swapaxes(x, 0, 1).reshape((B, n * bt) + x.shape[3:])[:, :T]
+  split = lambda x, fill: split_blocks(x, bt, fill)   # padded rows hold idx -1 and g 0
+  join = lambda x: join_blocks(x, T)
 
   kq = k_BSD.astype(q_BTHD.dtype)
   row0 = (jnp.arange(B, dtype=jnp.int32) * S)[:, None, None]
