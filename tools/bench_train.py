@@ -265,11 +265,19 @@ def _sync(trainer):
     trainer.tables.flush()
 
 
-def run_steps(trainer, n: int) -> dict:
-  """n steps; returns the last step's scalars (device arrays)."""
+def run_steps(trainer, n: int, host: dict | None = None) -> dict:
+  """n steps; returns the last step's scalars (device arrays). `host` collects the main thread's
+  ms per step: 'data' (next batch from the pipeline) and 'step_call' (Trainer.step: host-table
+  wait, dispatch, prefetch and write-back submission); the device runs behind both."""
   scalars = None
   for _ in range(n):
-    scalars = trainer.step(next(trainer.train_iter))
+    t0 = time.perf_counter()
+    batch = next(trainer.train_iter)
+    t1 = time.perf_counter()
+    scalars = trainer.step(batch)
+    if host is not None:
+      host['data'].append(1e3 * (t1 - t0))
+      host['step_call'].append(1e3 * (time.perf_counter() - t1))
   return scalars
 
 
@@ -339,10 +347,11 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
 
     window = args.window or args.steps
     windows, done, total, scalars = [], 0, 0.0, None
+    host = collections.defaultdict(list)
     while done < args.steps:
       n = min(window, args.steps - done)
       t0 = time.perf_counter()
-      scalars = run_steps(trainer, n)
+      scalars = run_steps(trainer, n, host)
       _sync(trainer)
       dt = time.perf_counter() - t0
       windows.append(dt / n)
@@ -393,6 +402,7 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
       'memory': {**peak_memory(), 'compiled': xla['memory']},
       'xla_flops_per_step': xla['xla_flops_per_step'],
       'xla_bytes_accessed_per_step': xla['xla_bytes_accessed_per_step'],
+      'host_main_thread_ms': {k: float(np.mean(v)) for k, v in host.items()},
       'final_loss': last.get('loss'),
       'finite': bool(last.get('finite', 1.0)),
   }
@@ -625,6 +635,11 @@ def summary(rep: dict) -> str:
       f"{r['tokens_per_s']:,.0f} tokens/s  {r['tflops_per_device']:.1f} TFLOP/s/device  "
       f"MFU {_fmt(r['mfu'], '%', 100, 1)}  peak mem {_fmt(mem and mem / gib, ' GiB', digits=2)}",
   ]
+  hosts = [(name, r.get(key) or {}) for name, key in
+           (('main thread', 'host_main_thread_ms'), ('engram tables', 'engram_host_ms'))]
+  for name, ms in hosts:
+    if ms:
+      lines.append(f'host ms/step, {name}: ' + '  '.join(f'{k} {v:.1f}' for k, v in ms.items()))
   p = rep.get('profile')
   if p and 'shares' in p:
     parts = [f'{c} {100 * s:.1f}%' for c, s in sorted(p['shares'].items(), key=lambda x: -x[1])

@@ -502,7 +502,9 @@ class HostTables:
     """(batch without engram_rows_* and with engram_inv_<l> [B,T,J], eng inputs of the step)."""
     pf, self._prefetch = self._prefetch, None
     fut = pf[1] if pf is not None and pf[0] is batch else self._submit_gather(batch, self._prev)
+    t0 = time.perf_counter()
     got = fut.result()
+    self.stats['wait_ms'].append(1e3 * (time.perf_counter() - t0))
     self._current = got
     return self._device_batch(batch, got), self._eng(got)
 
