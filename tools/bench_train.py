@@ -268,7 +268,8 @@ def _sync(trainer):
 def run_steps(trainer, n: int, host: dict | None = None) -> dict:
   """n steps; returns the last step's scalars (device arrays). `host` collects the main thread's
   ms per step: 'data' (next batch from the pipeline) and 'step_call' (Trainer.step: host-table
-  wait, dispatch, prefetch and write-back submission); the device runs behind both."""
+  wait and prefetch, batch transfer, dispatch, write-back submission; `timed_calls` splits it);
+  the device runs behind these unless dispatch blocks."""
   scalars = None
   for _ in range(n):
     t0 = time.perf_counter()
@@ -279,6 +280,34 @@ def run_steps(trainer, n: int, host: dict | None = None) -> dict:
       host['data'].append(1e3 * (t1 - t0))
       host['step_call'].append(1e3 * (time.perf_counter() - t1))
   return scalars
+
+
+@contextlib.contextmanager
+def timed_calls(host: dict, targets):
+  """Appends the ms of every call of each (object, attribute, key) target to host[key] while
+  active (instance attributes shadow methods; each original is restored on exit)."""
+  undo = []
+  try:
+    for obj, name, key in targets:
+      fn = getattr(obj, name, None)
+      if fn is None:
+        continue
+
+      def wrapper(*a, _fn=fn, _key=key, **k):
+        t0 = time.perf_counter()
+        try:
+          return _fn(*a, **k)
+        finally:
+          host[_key].append(1e3 * (time.perf_counter() - t0))
+      undo.append((obj, name, name in vars(obj), fn))
+      setattr(obj, name, wrapper)
+    yield
+  finally:
+    for obj, name, own, fn in reversed(undo):
+      if own:
+        setattr(obj, name, fn)
+      else:
+        delattr(obj, name)
 
 
 def peak_memory() -> dict:
@@ -348,14 +377,19 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
     window = args.window or args.steps
     windows, done, total, scalars = [], 0, 0.0, None
     host = collections.defaultdict(list)
-    while done < args.steps:
-      n = min(window, args.steps - done)
-      t0 = time.perf_counter()
-      scalars = run_steps(trainer, n, host)
-      _sync(trainer)
-      dt = time.perf_counter() - t0
-      windows.append(dt / n)
-      done, total = done + n, total + dt
+    parts = [(trainer, 'to_global', 'to_global'), (trainer, '_train_step', 'dispatch')]
+    if trainer.tables is not None:
+      parts += [(trainer.tables, 'begin', 'tables_begin'), (trainer.tables, 'end', 'tables_end'),
+                (trainer.train_iter, 'peek', 'peek')]
+    with timed_calls(host, parts):
+      while done < args.steps:
+        n = min(window, args.steps - done)
+        t0 = time.perf_counter()
+        scalars = run_steps(trainer, n, host)
+        _sync(trainer)
+        dt = time.perf_counter() - t0
+        windows.append(dt / n)
+        done, total = done + n, total + dt
     step_s = total / args.steps
 
     prof = None

@@ -241,9 +241,9 @@ class Trainer:
     if self.tables is None:
       self.state, scalars = self._train_step(self.state, self.to_global(batch_np))
       return scalars
-    batch_np, eng = self.tables.begin(batch_np)
+    batch_np, eng = self.tables.begin(batch_np, getattr(self.train_iter, 'peek', None))
     self.state, scalars, new_rows = self._train_step(self.state, self.to_global(batch_np), eng)
-    self.tables.end(new_rows, getattr(self.train_iter, 'peek', None))
+    self.tables.end(new_rows)
     return scalars
 
   def evaluate(self) -> float:

@@ -3,6 +3,7 @@ the prefetch/patch/write-back pipeline against a dense NumPy lazy Adam, and host
 modes of the Trainer over 20 steps, with a checkpoint restored onto another mesh."""
 import json
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,24 @@ def test_expand_rows_backward_sums_duplicates():
   np.add.at(want, inv.reshape(-1), ((1 - np.tanh(theta[inv]) ** 2) * w).reshape(-1, 4))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)      # fp32 sums of <= 54 terms
   assert not np.any(got[n:])                                       # padding gets no gradient
+
+
+@pytest.mark.parametrize('head_ranges', [True, False])
+def test_unique_rows_matches_numpy_unique(head_ranges):
+  """Per-head path (each head's rows above the previous head's, as the hash's offsets make them,
+  run through a thread pool) and the one-sort path both give np.unique's rows and inverse."""
+  rng = np.random.default_rng()
+  rows = rng.integers(0, 50, size=(3, 17, 4)).astype(np.int32)
+  if head_ranges:
+    rows += np.arange(4, dtype=np.int32) * 50
+  u_max = rows.size + 5
+  with ThreadPoolExecutor(3) as pool:
+    uniq, inv, n = rows_lib.unique_rows(rows, u_max, pool.map)
+  want_u, want_inv = np.unique(rows, return_inverse=True)
+  assert n == want_u.shape[0] and uniq.dtype == np.int32 and inv.dtype == np.int32
+  np.testing.assert_array_equal(uniq[:n], want_u)
+  np.testing.assert_array_equal(uniq[n:], want_u[-1])                  # padding repeats the last
+  np.testing.assert_array_equal(inv, want_inv.reshape(rows.shape))
 
 
 def test_lazy_adam_rows_matches_numpy_and_keeps_untouched_bits():
@@ -141,10 +160,10 @@ def test_pipeline_matches_dense_lazy_adam(memory_kind, gather, chunk_rows):
   it = Lookahead(_ListIter(batches))
   for s in range(len(batches)):
     b = next(it)
-    dev_b, eng = tabs.begin(b)
+    dev_b, eng = tabs.begin(b, it.peek if s + 1 < len(batches) else None)
     inv = {l: jnp.asarray(dev_b[f'engram_inv_{l}']) for l in R}
     new = step(eng, inv, jnp.asarray(b['w']), jnp.int32(s), lrs[s])
-    tabs.end(new, it.peek if s + 1 < len(batches) else None)
+    tabs.end(new)
     for l in R:
       th, m, v = ref[l]
       r = b[f'engram_rows_{l}']

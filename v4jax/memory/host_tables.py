@@ -498,27 +498,32 @@ class HostTables:
     return np.array(self.store.export(l))
 
   # ---- per-step protocol ------------------------------------------------------------------------
-  def begin(self, batch: dict):
-    """(batch without engram_rows_* and with engram_inv_<l> [B,T,J], eng inputs of the step)."""
+  def begin(self, batch: dict, peek=None):
+    """(batch without engram_rows_* and with engram_inv_<l> [B,T,J], eng inputs of the step).
+    `peek` (the next batch, without consuming it) starts the next step's gather now, before this
+    step is dispatched: the gather then overlaps this step even where dispatch blocks."""
     pf, self._prefetch = self._prefetch, None
+    if self._current is not None:   # the last begin's step never ended: its prefetch assumed it
+      pf = None
     fut = pf[1] if pf is not None and pf[0] is batch else self._submit_gather(batch, self._prev)
     t0 = time.perf_counter()
     got = fut.result()
     self.stats['wait_ms'].append(1e3 * (time.perf_counter() - t0))
     self._current = got
-    return self._device_batch(batch, got), self._eng(got)
-
-  def end(self, new_rows: dict, peek=None):
-    """After dispatching the step: prefetch the next batch's rows, then queue the write-back."""
-    cur, self._current = self._current, None
-    self._prev, self._prev_rows = (cur['uniq'], cur['n']), new_rows
     if peek is not None:
       try:
         nxt = peek()
       except StopIteration:
         nxt = None
-      if nxt is not None:
-        self._prefetch = (nxt, self._submit_gather(nxt, self._prev))
+      if nxt is not None:      # queued after the previous step's write-back: reads its rows
+        self._prefetch = (nxt, self._submit_gather(nxt, (got['uniq'], got['n'])))
+    return self._device_batch(batch, got), self._eng(got)
+
+  def end(self, new_rows: dict):
+    """After dispatching the step: queue its write-back (after the prefetched gather, which
+    takes the rows it shares with this step from `new_rows` on the device instead)."""
+    cur, self._current = self._current, None
+    self._prev, self._prev_rows = (cur['uniq'], cur['n']), new_rows
     self._pending.append(self._jobs.submit(self._writeback, cur['sel'], new_rows))
     self._reap()
 
@@ -563,8 +568,7 @@ class HostTables:
     """{l: (uniq, inv, n)} of the global batch: from this batch (one process), or from every
     process's unique rows through the id exchange (the same uniq on every process)."""
     if self.nproc == 1:
-      return dict(zip(self.layers, self._pool.map(
-          lambda l: rows_lib.unique_rows(rows[l], self.u_max), self.layers)))
+      return {l: rows_lib.unique_rows(rows[l], self.u_max, self._pool.map) for l in self.layers}
     local = list(self._pool.map(lambda l: np.unique(rows[l]).astype(np.int32), self.layers))
     parts = [_unpack(b, len(self.layers)) for b in self._exchange.all_gather(_pack(local))]
     return {l: rows_lib.merge_unique_rows([p[i] for p in parts], rows[l], self.u_max)
