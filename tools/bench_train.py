@@ -377,6 +377,8 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
     window = args.window or args.steps
     windows, done, total, scalars = [], 0, 0.0, None
     host = collections.defaultdict(list)
+    if trainer.tables is not None:
+      trainer.tables.stats.clear()     # the timed steps' own figures
     parts = [(trainer, 'to_global', 'to_global'), (trainer, '_train_step', 'dispatch')]
     if trainer.tables is not None:
       parts += [(trainer.tables, 'begin', 'tables_begin'), (trainer.tables, 'end', 'tables_end'),
@@ -436,12 +438,12 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
       'memory': {**peak_memory(), 'compiled': xla['memory']},
       'xla_flops_per_step': xla['xla_flops_per_step'],
       'xla_bytes_accessed_per_step': xla['xla_bytes_accessed_per_step'],
-      'host_main_thread_ms': {k: float(np.mean(v)) for k, v in host.items()},
+      'host_main_thread_ms': {k: float(np.median(v)) for k, v in host.items()},
       'final_loss': last.get('loss'),
       'finite': bool(last.get('finite', 1.0)),
   }
   if trainer.tables is not None:
-    rep['engram_host_ms'] = {k: float(np.mean(v)) for k, v in trainer.tables.stats.items()
+    rep['engram_host_ms'] = {k: float(np.median(v)) for k, v in trainer.tables.stats.items()
                              if k.endswith('_ms') and len(v)}
     trainer.tables.close()
   del trainer, aot
@@ -673,7 +675,7 @@ def summary(rep: dict) -> str:
            (('main thread', 'host_main_thread_ms'), ('engram tables', 'engram_host_ms'))]
   for name, ms in hosts:
     if ms:
-      lines.append(f'host ms/step, {name}: ' + '  '.join(f'{k} {v:.1f}' for k, v in ms.items()))
+      lines.append(f'host ms/step (median), {name}: ' + '  '.join(f'{k} {v:.1f}' for k, v in ms.items()))
   p = rep.get('profile')
   if p and 'shares' in p:
     parts = [f'{c} {100 * s:.1f}%' for c, s in sorted(p['shares'].items(), key=lambda x: -x[1])
@@ -692,6 +694,7 @@ def summary(rep: dict) -> str:
 def run(argv: list[str]) -> dict:
   """Parses argv, benchmarks, prints the summary, writes --out; returns the report."""
   args, overrides = parse_args(argv)
+  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.94')    # as v4jax.train does
   if args.profile:
     # XLA:GPU wraps runs of kernels in command buffers (CUDA graphs), whose trace events carry
     # no HLO op: with them on, nearly all device time would be unattributed. Set before jax

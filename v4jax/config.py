@@ -128,9 +128,8 @@ def default_config() -> ConfigDict:
       impl='auto',             # auto | reference | pallas (per-op seams)
       grouped_matmul='auto',   # auto | ragged_dot | mgpu | megablox
       attention='auto',        # dense attention: auto | reference | cudnn (flash, GPU)
-      sinkhorn='auto',         # mHC Sinkhorn: auto | reference | pallas (Triton; interpret mode
-                               # on CPU). auto = reference FOR NOW: the kernel has not run on a
-                               # GPU yet (tools/bench_mhc.py measures it)
+      sinkhorn='auto',         # mHC Sinkhorn: auto (pallas on GPU) | reference | pallas (Triton;
+                               # interpret mode on CPU)
   ))
   c.mesh = ConfigDict(dict(
       data=1, fsdp=-1, expert=1, tensor=1,      # ICI sizes; -1 = the rest

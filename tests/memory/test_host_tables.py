@@ -3,7 +3,6 @@ the prefetch/patch/write-back pipeline against a dense NumPy lazy Adam, and host
 modes of the Trainer over 20 steps, with a checkpoint restored onto another mesh."""
 import json
 import types
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +49,14 @@ def test_expand_rows_backward_sums_duplicates():
 
 @pytest.mark.parametrize('head_ranges', [True, False])
 def test_unique_rows_matches_numpy_unique(head_ranges):
-  """Per-head path (each head's rows above the previous head's, as the hash's offsets make them,
-  run through a thread pool) and the one-sort path both give np.unique's rows and inverse."""
+  """Per-head sorts (each head's rows above the previous head's, as the hash's offsets make them)
+  and the one-sort path both give np.unique's rows and inverse."""
   rng = np.random.default_rng()
   rows = rng.integers(0, 50, size=(3, 17, 4)).astype(np.int32)
   if head_ranges:
     rows += np.arange(4, dtype=np.int32) * 50
   u_max = rows.size + 5
-  with ThreadPoolExecutor(3) as pool:
-    uniq, inv, n = rows_lib.unique_rows(rows, u_max, pool.map)
+  uniq, inv, n = rows_lib.unique_rows(rows, u_max)
   want_u, want_inv = np.unique(rows, return_inverse=True)
   assert n == want_u.shape[0] and uniq.dtype == np.int32 and inv.dtype == np.int32
   np.testing.assert_array_equal(uniq[:n], want_u)

@@ -568,7 +568,8 @@ class HostTables:
     """{l: (uniq, inv, n)} of the global batch: from this batch (one process), or from every
     process's unique rows through the id exchange (the same uniq on every process)."""
     if self.nproc == 1:
-      return {l: rows_lib.unique_rows(rows[l], self.u_max, self._pool.map) for l in self.layers}
+      return dict(zip(self.layers, self._pool.map(
+          lambda l: rows_lib.unique_rows(rows[l], self.u_max), self.layers)))
     local = list(self._pool.map(lambda l: np.unique(rows[l]).astype(np.int32), self.layers))
     parts = [_unpack(b, len(self.layers)) for b in self._exchange.all_gather(_pack(local))]
     return {l: rows_lib.merge_unique_rows([p[i] for p in parts], rows[l], self.u_max)

@@ -26,26 +26,33 @@ _F32 = jnp.float32
 
 
 # ---- host side (numpy) ----------------------------------------------------------------------
-def unique_rows(rows_BTJ: np.ndarray, u_max: int,
-                map_fn=map) -> tuple[np.ndarray, np.ndarray, int]:
+def unique_rows(rows_BTJ: np.ndarray, u_max: int) -> tuple[np.ndarray, np.ndarray, int]:
   """(uniq [u_max] int32 sorted, padded with its last row; inv [B,T,J] int32; U).
 
-  When every head's rows lie above the previous head's (the Engram hash adds each head's table
-  offset), the J heads are made unique apart, through `map_fn` (a thread pool's map runs them in
-  parallel: NumPy's sorts release the GIL), and joined; otherwise one sort of all rows."""
+  One sort of (row, position) keys: rows in the high bits, so equal rows sit together and each
+  carries its position for the inverse. When every head's rows lie above the previous head's (the
+  Engram hash adds each head's table offset), each head's keys sort apart (J short sorts, and the
+  concatenation is already globally sorted)."""
   J = rows_BTJ.shape[-1]
-  cols_JN = np.ascontiguousarray(rows_BTJ.reshape(-1, J).T)
-  if J > 1 and cols_JN.shape[1] and np.all(cols_JN.max(1)[:-1] < cols_JN.min(1)[1:]):
-    parts = list(map_fn(lambda c: np.unique(c, return_inverse=True), cols_JN))
-    counts = np.array([u.shape[0] for u, _ in parts])
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    inv_JN = np.stack([i.reshape(-1) + f for (_, i), f in zip(parts, first)])
-    uniq = np.concatenate([u for u, _ in parts])
-    inv = inv_JN.T.reshape(rows_BTJ.shape)
-  else:
-    uniq, inv = np.unique(rows_BTJ.reshape(-1), return_inverse=True)
-    inv = inv.reshape(rows_BTJ.shape)
-  return _padded(uniq, u_max), inv.astype(np.int32), uniq.shape[0]
+  cols_JN = rows_BTJ.reshape(-1, J).T.astype(np.int64)
+  N = cols_JN.shape[1]
+  per_head = J > 1 and N > 0 and bool(np.all(cols_JN.max(1)[:-1] < cols_JN.min(1)[1:]))
+  keys = cols_JN if per_head else cols_JN.reshape(1, -1)
+  width = keys.shape[1]
+  bits = max(int(width - 1).bit_length(), 1)
+  keys = (keys << bits) | np.arange(width, dtype=np.int64)
+  keys.sort(axis=1)
+  r = (keys >> bits).reshape(-1)
+  first = np.empty(r.shape, bool)
+  first[:1] = True
+  np.not_equal(r[1:], r[:-1], out=first[1:])
+  gid = np.cumsum(first, dtype=np.int32)
+  gid -= 1
+  pos = (keys & ((1 << bits) - 1)) + (np.arange(keys.shape[0]) * width)[:, None]
+  inv = np.empty(r.shape, np.int32)
+  inv[pos.reshape(-1)] = gid                     # positions in [J, N] order
+  uniq = r[first].astype(np.int32)
+  return _padded(uniq, u_max), inv.reshape(J, N).T.reshape(rows_BTJ.shape), uniq.shape[0]
 
 
 def _padded(uniq: np.ndarray, u_max: int) -> np.ndarray:
