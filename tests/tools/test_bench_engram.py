@@ -1,0 +1,38 @@
+"""tools/bench_engram.py --smoke on CPU: both modes run end to end against the current host-table
+API (a stale call into the store fails here, not on the GPU) and report consistent figures."""
+import json
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def _run(tmp_path, *args):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools/bench_engram.py'), '--smoke',
+                      '--out', str(out), *args], env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return json.load(open(out))
+
+
+def test_bench_engram_update_only_smoke(tmp_path):
+  rep = _run(tmp_path, '--update-only', '--steps', '2', '--warmup', '1', '--rows', '4096')
+  rows = rep['update_only']
+  assert [r['size_gib'] for r in rows] == [0.008, 0.002] and not rep['errors']
+  for r in rows:
+    assert 0 < r['rows_per_step'] <= 2 * 4096
+    assert r['update_ms'] == r['gather_ms'] + r['scatter_ms'] > 0
+    assert abs(r['update_over_floor'] - r['update_ms'] / r['floor_ms']) < 1e-9
+
+
+def test_bench_engram_step_smoke(tmp_path):
+  rep = _run(tmp_path, '--steps', '2', '--warmup', '1', '--sizes-gib', '0.002', '--batch', '8')
+  assert not rep['errors'], rep['errors']
+  kinds = sorted(p['memory_kind'] for p in rep['phases'])
+  assert kinds == ['device', 'pinned_host'], kinds
+  assert all(0 < p['loss'] < 10 and p['step_ms'] > 0 for p in rep['phases'])  # ln 256 = 5.5
+  s = rep['summary'][0]
+  assert s['host_step_ms'] > 0 and s['hbm_step_ms'] > 0 and rep['largest_trained_gib'] > 0
