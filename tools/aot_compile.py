@@ -17,6 +17,7 @@ in HBM (sharded like the other parameters), which the report says.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -44,6 +45,19 @@ flags.mark_flags_as_required(['config'])
 GIB = 1024 ** 3
 # HBM per chip (GiB), from the vendors' data sheets.
 HBM_GIB = {'v4': 32, 'v5e': 16, 'v5litepod': 16, 'v5p': 95, 'v6e': 32}
+
+
+def topology_desc(topology: str):
+  """libtpu's description of a named topology. One below a host's 2x2 chips (e.g. v6e:1x1, a
+  single-chip slice) needs the host bounds said explicitly."""
+  from jax.experimental import topologies
+  kw = {}
+  dims = re.fullmatch(r'[a-z0-9]+:(\d+(?:x\d+)*)', topology)
+  if dims:
+    d = [int(x) for x in dims.group(1).split('x')]
+    if math.prod(d) < 4:
+      kw['chips_per_host_bounds'] = d + [1] * (3 - len(d))
+  return topologies.get_topology_desc(platform='tpu', topology_name=topology, **kw)
 
 
 def hbm_bytes(topology: str) -> int | None:
@@ -122,11 +136,10 @@ def abstract_batch(tr):
 def compile_step(cfg, topology: str):
   """Compiles the train step for `topology`; returns (compiled, report dict)."""
   import jax
-  from jax.experimental import topologies
 
   from v4jax import flops as flops_lib
 
-  topo = topologies.get_topology_desc(platform='tpu', topology_name=topology)
+  topo = topology_desc(topology)
   devices = list(topo.devices)
   t0 = time.time()
   tr, state = abstract_trainer(cfg, devices)
@@ -225,7 +238,6 @@ def extrapolate(cfg, topology: str, depths: tuple[int, int]) -> dict:
   """Compiles at two depths; per-chip bytes linear in n_layers, evaluated at cfg's depth. The
   state (parameters + optimizer) at full depth is computed exactly from its shardings."""
   import jax
-  from jax.experimental import topologies
 
   from v4jax import flops as flops_lib
 
@@ -236,7 +248,7 @@ def extrapolate(cfg, topology: str, depths: tuple[int, int]) -> dict:
   for k in r1['bytes_per_chip']:
     a, b = r1['bytes_per_chip'][k], r2['bytes_per_chip'][k]
     est[k] = int(a + (b - a) * (L - d1) / (d2 - d1))
-  devices = list(topologies.get_topology_desc(platform='tpu', topology_name=topology).devices)
+  devices = list(topology_desc(topology).devices)
   _, state = abstract_trainer(cfg, devices)
   full_state = state_bytes_per_chip(state)
   # arguments/outputs/aliased are the donated state plus the batch: take the exact state

@@ -145,8 +145,9 @@ def test_pipeline_matches_dense_lazy_adam(memory_kind, gather, chunk_rows):
   @jax.jit
   def step(eng, inv, w, count, lr):
     out = {}
+    rows = rows_lib.step_rows(eng)        # pinned staging rows move to the device here
     for l in R:
-      tab = rows_lib.patch_rows(eng['rows'][l], eng['src'][l], eng['prev'][l])
+      tab = rows_lib.patch_rows(rows[l], eng['src'][l], eng['prev'][l])
       f = lambda t, l=l: 0.5 * jnp.sum(w * rows_lib.expand_rows(t, inv[l]) ** 2)
       g = jax.grad(f)(tab[:, 0])
       out[l] = rows_lib.lazy_adam_rows(tab, g, count, lr, B1, B2, EPS, jnp.bool_(True))
@@ -289,6 +290,29 @@ def test_host_and_device_tables_train_alike(runs):
   assert not np.any(host[untouched, 1:])
   np.testing.assert_array_equal(np.asarray(table)[untouched], runs.init[untouched, 0])
   assert np.all(np.any(host[runs.touched, 1] != 0, axis=1))               # touched rows moved
+
+
+def test_one_device_copies_staged_rows_inside_the_step(runs, tmp_path):
+  """On one device the step takes the pinned staging arrays and copies them to the device itself
+  (two staging sets in turn): its losses follow the 8-device run, whose rows are placed before
+  the step (fp32, other reduction order), and rows no batch touched keep their bits."""
+  n = 6
+  one = Trainer(small_tiny(**{'engram.base_rows': 1009, 'engram.table_memory': 'host',
+                              'checkpoint.enabled': False}), str(tmp_path),
+                devices=jax.devices()[:1])
+  assert one.tables.rows_in_step and not runs.host.tables.rows_in_step
+  np.testing.assert_array_equal(one.tables.slots(1), runs.init)
+  losses, touched = [], set()
+  for _ in range(n):
+    b = next(one.train_iter)
+    touched.update(np.unique(b['engram_rows_1']).tolist())
+    losses.append(float(one.step(b)['loss']))
+  np.testing.assert_allclose(losses, runs.losses['host'][:n], rtol=2e-5)
+  after = one.tables.slots(1)
+  untouched = np.setdiff1d(np.arange(after.shape[0]), sorted(touched))
+  np.testing.assert_array_equal(after[untouched], runs.init[untouched])
+  assert np.all(np.any(after[sorted(touched), 1] != 0, axis=1))
+  one.tables.close()
 
 
 def test_host_tables_resume_on_another_mesh(runs):

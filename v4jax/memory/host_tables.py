@@ -14,8 +14,11 @@ is spread over a thread pool):
   1. the unique rows U_s of the global batch and each position's index into them;
   2. gather of theta/m/v for U_s from the tables into a pinned staging buffer (zero-copy views of
      the chunks, `compat.host_view`; all layers and chunks in one pass over the thread pool; or XLA
-     host compute with `engram.host_gather='xla'`, then the tables are one chunk), then one DMA
-     per layer to the device;
+     host compute with `engram.host_gather='xla'`, then the tables are one chunk). One device with
+     the NumPy gather: the step takes the staging arrays as inputs and copies them to the device
+     inside its own program (XLA overlaps the copy with the layers before the first Engram layer),
+     with two staging sets so the next gather never writes rows a running step still reads;
+     otherwise one DMA per layer to the device before the step;
   3. the jitted train step patches in the rows step s-1 updated (`rows.patch_rows`), runs the model
      on theta, sums duplicate references deterministically, clips the row gradients with the main
      group and applies row-wise lazy Adam on the device (`rows.lazy_adam_rows`);
@@ -136,10 +139,14 @@ class _HostStore:
       self.chunks.append(a)
       self.views.append(v)
       self.void.append(_row_void(v))
-    self.stage = {l: jax.device_put(np.zeros((u_max, 3, width), np.float32), self.sh)
-                  for l in rows}
-    self.stage_void = {l: _row_void(compat.host_view(a, check=False))
-                       for l, a in self.stage.items()}
+    # Two staging sets, used in turn. readers[k]: arrays whose readiness proves that the step
+    # which took set k as input has read it (set by the caller, `mark_read`).
+    self.stages = [{l: jax.device_put(np.zeros((u_max, 3, width), np.float32), self.sh)
+                    for l in rows} for _ in range(2)]
+    self.stage_voids = [{l: _row_void(compat.host_view(a, check=False)) for l, a in st.items()}
+                        for st in self.stages]
+    self.readers: list = [None, None]
+    self.last_set = self.turn = 0
 
   @property
   def slots(self):
@@ -179,9 +186,15 @@ class _HostStore:
   def _run(self, fn, tasks):
     list(self.pool.map(lambda t: fn(*t), tasks))
 
+  def mark_read(self, k: int, readers):
+    """Set k may be overwritten once `readers` (outputs of the step that took it) are ready."""
+    self.readers[k] = readers
+
   def gather(self, sel: dict, place, stats) -> dict:
     """{layer: place([u_max, 3, H] staging rows)}: the selected rows at their positions, the
-    other positions stale filler. `place` moves a layer's rows to the step's devices."""
+    other positions stale filler. `place` moves a layer's rows to the step's devices; with
+    place=None the pinned staging arrays themselves are returned (set `last_set`), for a step
+    that copies them to the device itself and is then registered with `mark_read`."""
     t0 = time.perf_counter()
     if self.gather_mode == 'xla':     # one process: sel[l] = (all U rows, 0)
       out = {}
@@ -194,14 +207,23 @@ class _HostStore:
       stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
       return out
 
+    k = self.last_set = self.turn
+    self.turn ^= 1
+    if self.readers[k] is not None:        # the step that read this set two gathers ago
+      jax.block_until_ready(self.readers[k])
+      self.readers[k] = None
+    stage, stage_void = self.stages[k], self.stage_voids[k]
+
     def copy(l, c, g, off, lo, hi):
-      np.take(self.void[c], g[lo:hi] - c * self.chunk, out=self.stage_void[l][off + lo:off + hi],
+      np.take(self.void[c], g[lo:hi] - c * self.chunk, out=stage_void[l][off + lo:off + hi],
               mode='clip')
     self._run(copy, self._row_tasks(sel))
     t1 = time.perf_counter()
-    out = jax.block_until_ready({l: place(a) for l, a in self.stage.items()})
-    stats['gather_ms'].append(1e3 * (t1 - t0))             # staging is reused: wait for the DMA
-    stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))
+    stats['gather_ms'].append(1e3 * (t1 - t0))
+    if place is None:
+      return dict(stage)
+    out = jax.block_until_ready({l: place(a) for l, a in stage.items()})
+    stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))   # the set is free again after this
     return out
 
   def write(self, sel: dict, new_dev: dict, stats):
@@ -362,6 +384,10 @@ class HostTables:
     if self.device.process_index != self.pid:
       self.device = next(d for d in mesh.devices.flat if d.process_index == self.pid)
     self.row_sharding = NamedSharding(mesh, P())
+    # One device (one process), NumPy gather into pinned staging: the step copies its rows to
+    # the device. Meshes of several devices take replicated rows placed before the step.
+    self.rows_in_step = (memory_kind == 'pinned_host' and g.host_gather == 'numpy' and
+                         mesh.devices.size == 1)
     self._ckpt_kind = 'pinned_host' if memory_kind == 'pinned_host' else None
     if self.nproc > 1:
       self._setup_processes(cfg, mesh)
@@ -524,13 +550,15 @@ class HostTables:
     takes the rows it shares with this step from `new_rows` on the device instead)."""
     cur, self._current = self._current, None
     self._prev, self._prev_rows = (cur['uniq'], cur['n']), new_rows
+    if 'stage' in cur:                    # new_rows exist only once the step read its staging
+      self.store.mark_read(cur['stage'], new_rows)
     self._pending.append(self._jobs.submit(self._writeback, cur['sel'], new_rows))
     self._reap()
 
   def eval_inputs(self, batch: dict):
     """Rows for a forward-only step (all write-backs applied first)."""
     self.flush()
-    got = self._submit_gather(batch, None).result()
+    got = self._submit_gather(batch, None, in_step=False).result()
     return self._device_batch(batch, got), self._eng(got)
 
   def flush(self):
@@ -555,14 +583,14 @@ class HostTables:
     out.update({f'engram_inv_{l}': got['inv'][l] for l in self.layers})
     return out
 
-  def _submit_gather(self, batch, prev):
+  def _submit_gather(self, batch, prev, in_step: bool = True):
     rows = {}
     for l in self.layers:
       r = batch.get(f'engram_rows_{l}')
       if r is None:
         raise KeyError(f'batch has no engram_rows_{l}: the data pipeline must hash Engram rows')
       rows[l] = np.asarray(r)
-    return self._jobs.submit(self._gather, rows, prev)
+    return self._jobs.submit(self._gather, rows, prev, in_step and self.rows_in_step)
 
   def _unique(self, rows):
     """{l: (uniq, inv, n)} of the global batch: from this batch (one process), or from every
@@ -575,7 +603,7 @@ class HostTables:
     return {l: rows_lib.merge_unique_rows([p[i] for p in parts], rows[l], self.u_max)
             for i, l in enumerate(self.layers)}
 
-  def _gather(self, rows, prev):
+  def _gather(self, rows, prev, in_step: bool):
     t0 = time.perf_counter()
     uniq, inv, n, src, sel, bounds = {}, {}, {}, {}, {}, {}
     for l, (u, i, k) in self._unique(rows).items():
@@ -598,8 +626,10 @@ class HostTables:
       sel[l] = (u[a0:a1] - self.lo[l], a0)
     self.stats['unique_ms'].append(1e3 * (time.perf_counter() - t0))
     self.stats['rows'].append(sum(n.values()))
-    out = self.store.gather(sel, self._place, self.stats)
+    out = self.store.gather(sel, None if in_step else self._place, self.stats)
     got = {'uniq': uniq, 'inv': inv, 'n': n, 'src': src, 'sel': sel, 'rows': out}
+    if in_step:
+      got['stage'] = self.store.last_set
     if bounds:
       got['bounds'] = bounds
     return got

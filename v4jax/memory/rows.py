@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from v4jax import compat
+
 __all__ = ['unique_rows', 'merge_unique_rows', 'patch_map', 'expand_rows', 'embeddings',
            'assemble_rows', 'step_rows', 'patch_rows', 'lazy_adam_rows']
 
@@ -148,10 +150,11 @@ def assemble_rows(parts_PU3H: jax.Array, bounds_P2: jax.Array) -> jax.Array:
 
 
 def step_rows(eng: dict) -> dict:
-  """Each layer's gathered [U,3,H] rows of a step's `eng` inputs: as handed over by one process,
-  or assembled from the processes' parts (`eng['bounds']` present)."""
+  """Each layer's gathered [U,3,H] rows of a step's `eng` inputs, on the device: as handed over
+  by one process (rows in pinned host staging are copied to the device here, inside the step; a
+  no-op for device rows), or assembled from the processes' parts (`eng['bounds']` present)."""
   if 'bounds' not in eng:
-    return eng['rows']
+    return {l: jax.device_put(r, compat.DEVICE) for l, r in eng['rows'].items()}
   return {l: assemble_rows(r.reshape(eng['bounds'][l].shape[0], -1, *r.shape[1:]),
                           eng['bounds'][l]) for l, r in eng['rows'].items()}
 
