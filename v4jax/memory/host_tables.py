@@ -9,8 +9,8 @@ later tables. The tables are not part of the jitted train state; checkpoints car
 [R_l, 3, H] as their own Orbax item (mesh and chunk independent). `memory_kind='device'` keeps
 the same rows in one HBM array with the same sparse machinery: the benchmark's baseline.
 
-Per step s (host work runs on one job thread, in submission order; NumPy, which releases the GIL,
-is spread over a thread pool):
+Per step s (host work runs on one job thread, in submission order, item 1 (unique rows) on a
+second thread; NumPy, which releases the GIL, is spread over a thread pool):
   1. the unique rows U_s of the global batch and each position's index into them;
   2. gather of theta/m/v for U_s from the tables into a pinned staging buffer (zero-copy views of
      the chunks, `compat.host_view`; all layers and chunks in one pass over the thread pool; or XLA
@@ -394,6 +394,9 @@ class HostTables:
     self.threads = threads or min(16, os.cpu_count() or 1)
     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix='engram-np')
     self._jobs = ThreadPoolExecutor(1, thread_name_prefix='engram-jobs')
+    # Unique rows need only the batch: their own thread, so step s+1's run while the job thread
+    # still writes step s-1 back (several processes: the id exchanges stay in submission order).
+    self._prep = ThreadPoolExecutor(1, thread_name_prefix='engram-unique')
     if memory_kind == 'pinned_host':
       chunk_rows = chunk_rows or max(1, (int(g.host_chunk_mib) << 20) // (3 * self.width * 4))
       self.store = _HostStore(self.device, self.own, self.width, self.u_max, g.host_gather,
@@ -569,6 +572,7 @@ class HostTables:
   def close(self):
     self.flush()
     self._jobs.shutdown()
+    self._prep.shutdown()
     self._pool.shutdown()
 
   # ---- jobs -----------------------------------------------------------------------------------
@@ -590,23 +594,28 @@ class HostTables:
       if r is None:
         raise KeyError(f'batch has no engram_rows_{l}: the data pipeline must hash Engram rows')
       rows[l] = np.asarray(r)
-    return self._jobs.submit(self._gather, rows, prev, in_step and self.rows_in_step)
+    uniq = self._prep.submit(self._unique, rows)
+    return self._jobs.submit(self._gather, uniq, prev, in_step and self.rows_in_step)
 
   def _unique(self, rows):
     """{l: (uniq, inv, n)} of the global batch: from this batch (one process), or from every
     process's unique rows through the id exchange (the same uniq on every process)."""
+    t0 = time.perf_counter()
     if self.nproc == 1:
-      return dict(zip(self.layers, self._pool.map(
+      out = dict(zip(self.layers, self._pool.map(
           lambda l: rows_lib.unique_rows(rows[l], self.u_max), self.layers)))
-    local = list(self._pool.map(lambda l: np.unique(rows[l]).astype(np.int32), self.layers))
-    parts = [_unpack(b, len(self.layers)) for b in self._exchange.all_gather(_pack(local))]
-    return {l: rows_lib.merge_unique_rows([p[i] for p in parts], rows[l], self.u_max)
-            for i, l in enumerate(self.layers)}
+    else:
+      local = list(self._pool.map(lambda l: np.unique(rows[l]).astype(np.int32), self.layers))
+      parts = [_unpack(b, len(self.layers)) for b in self._exchange.all_gather(_pack(local))]
+      out = {l: rows_lib.merge_unique_rows([p[i] for p in parts], rows[l], self.u_max)
+             for i, l in enumerate(self.layers)}
+    self.stats['unique_ms'].append(1e3 * (time.perf_counter() - t0))
+    return out
 
-  def _gather(self, rows, prev, in_step: bool):
+  def _gather(self, uniq_fut, prev, in_step: bool):
     t0 = time.perf_counter()
     uniq, inv, n, src, sel, bounds = {}, {}, {}, {}, {}, {}
-    for l, (u, i, k) in self._unique(rows).items():
+    for l, (u, i, k) in uniq_fut.result().items():
       if k and (u[k - 1] >= self.rows[l] or u[0] < 0):
         raise ValueError(f'engram_rows_{l} has rows outside the table [0, {self.rows[l]}): the '
                          'hash spec and the host table disagree')
@@ -624,7 +633,7 @@ class HostTables:
       bounds[l] = self._replicated(b)
       a0, a1 = int(cut[self.pid]), int(cut[self.pid + 1])
       sel[l] = (u[a0:a1] - self.lo[l], a0)
-    self.stats['unique_ms'].append(1e3 * (time.perf_counter() - t0))
+    self.stats['maps_ms'].append(1e3 * (time.perf_counter() - t0))   # incl. waiting for unique
     self.stats['rows'].append(sum(n.values()))
     out = self.store.gather(sel, None if in_step else self._place, self.stats)
     got = {'uniq': uniq, 'inv': inv, 'n': n, 'src': src, 'sel': sel, 'rows': out}
