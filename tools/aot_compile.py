@@ -49,7 +49,8 @@ HBM_GIB = {'v4': 32, 'v5e': 16, 'v5litepod': 16, 'v5p': 95, 'v6e': 32}
 
 def topology_desc(topology: str):
   """libtpu's description of a named topology. One below a host's 2x2 chips (e.g. v6e:1x1, a
-  single-chip slice) needs the host bounds said explicitly."""
+  single-chip slice) needs the host bounds said explicitly. (On one chip, bench_h200's step then
+  stopped in Pallas TPU lowering, "Unsupported TPU device kind: cpu"; 2x2x1 compiles.)"""
   from jax.experimental import topologies
   kw = {}
   dims = re.fullmatch(r'[a-z0-9]+:(\d+(?:x\d+)*)', topology)
