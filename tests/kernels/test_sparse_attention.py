@@ -140,6 +140,19 @@ def test_bad_arguments_raise():
     tpu.sparse_mla(q, kv, jnp.zeros((1, 2, 200), jnp.int32), 4, 1.0, block_k=64, interpret=False)
 
 
+def _np_probs_mean(q, kv, idx, scale):
+  """float64 oracle of the sparse-KL teacher: (lse [B,T,H] over the valid slots, -inf where a
+  token has none; softmax over the slots averaged over heads [B,T,K], 0 at -1 slots)."""
+  kv, safe = np.asarray(kv), np.maximum(np.asarray(idx), 0)
+  e_BTKC = np.stack([kv[b][safe[b]] for b in range(kv.shape[0])])
+  logits = scale * np.einsum('bthc,btkc->bthk', np.asarray(q, np.float64), e_BTKC)
+  ok = np.asarray(idx)[:, :, None] >= 0
+  mx = np.max(np.where(ok, logits, 0.0), -1)
+  z = np.sum(np.where(ok, np.exp(logits - mx[..., None]), 0.0), -1)
+  lse = np.where(z > 0, np.log(np.where(z > 0, z, 1.0)) + mx, -np.inf)
+  return lse, np.where(ok, np.exp(logits - lse[..., None]), 0.0).mean(axis=2)
+
+
 def test_gpu_probs_mean_is_the_sparse_kl_teacher():
   """(1/H) Σ_h softmax over the selected keys, from the kernel's lse, vs a gathered oracle."""
   B, T, S, H, C, V, K = 1, 6, 8, 20, 40, 32, 16                 # H padded to two head blocks
@@ -165,13 +178,7 @@ def test_probs_mean_seam(impl, mesh_shape):
   q = q * 0.2
   scale = 0.3
   idx = idx.at[1, 2].set(-1)                                    # a token with no key at all
-  e = np.asarray(reference.gather_entries(kv, idx))
-  logits = scale * np.einsum('bthc,btkc->bthk', np.asarray(q, np.float64), e)
-  ok = np.asarray(idx)[:, :, None] >= 0
-  mx = np.max(np.where(ok, logits, 0.0), -1)
-  z = np.sum(np.where(ok, np.exp(logits - mx[..., None]), 0.0), -1)
-  lse = np.where(z > 0, np.log(np.where(z > 0, z, 1.0)) + mx, -np.inf)
-  want = np.where(ok, np.exp(logits - lse[..., None]), 0).mean(axis=2)
+  lse, want = _np_probs_mean(q, kv, idx, scale)
   f = lambda *a: probs_mean_seam(*a, scale, query_block=4, impl=impl)
   args = (q, kv, idx, jnp.asarray(lse, jnp.float32))
   if mesh_shape is None:
@@ -193,13 +200,7 @@ def test_tpu_probs_mean_interpret():
   q, kv, idx = _inputs(B, T, S, H, C, K, jnp.float32, seed=17)
   idx = idx.at[0, 3].set(-1)
   scale = C ** -0.5
-  e = np.asarray(kv)[0][np.maximum(np.asarray(idx), 0)[0]][None]             # [B,T,K,C]
-  logits = scale * np.einsum('bthc,btkc->bthk', np.asarray(q, np.float64), e)
-  ok = np.asarray(idx)[:, :, None] >= 0
-  mx = np.max(np.where(ok, logits, 0.0), -1)
-  z = np.sum(np.where(ok, np.exp(logits - mx[..., None]), 0.0), -1)
-  lse = np.where(z > 0, np.log(np.where(z > 0, z, 1.0)) + mx, -np.inf)
-  want = np.where(ok, np.exp(logits - lse[..., None]), 0.0).mean(axis=2)
+  lse, want = _np_probs_mean(q, kv, idx, scale)
   args = (q, kv, idx, jnp.asarray(lse, jnp.float32))
   p = jax.jit(lambda *a: tpu.attention_probs_mean(*a, scale, block_k=8)).lower(*args).compile(
       FAST)(*args)
