@@ -48,6 +48,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from v4jax.cli import claim_gpu_memory  # noqa: E402  (no jax import: env first)
+
 GIB = 1 << 30
 
 
@@ -89,7 +91,7 @@ def _setup_env(args, sizes):
     # per layer) and the slack of the regions' last chunk: 3 x table + 6 GiB.
     need = int(3 * max(sizes) + 6.5)
     os.environ.setdefault('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', str(max(need, 64)))
-    os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.94')
+    claim_gpu_memory()
 
 
 def _load(name):
@@ -342,13 +344,14 @@ def bench_update(args, log, report, save):
       report['host_bandwidth_gbs'] = measure_bandwidth(tabs._pool, mib) / 1e9  # pylint: disable=protected-access
       log(f'host bandwidth {report["host_bandwidth_gbs"]:.1f} GB/s ({tabs.threads} threads)')
     times = collections.defaultdict(list)
+    place = lambda a, sh=tabs.row_sharding: jax.device_put(a, sh)
     for i in range(args.warmup + args.steps):
       sel, n = {}, {}
       for l in (0, 1):
         u, _, k = rows_lib.unique_rows(rng.integers(0, R, (1, args.rows, 1)), args.rows)
         sel[l], n[l] = (u[:k], 0), k
       st = collections.defaultdict(list)
-      rows = tabs.store.gather(sel, lambda a: jax.device_put(a, tabs.row_sharding), st)
+      rows = tabs.store.gather(sel, place, st)
       tabs.store.write(sel, rows, st)
       if i >= args.warmup:
         for key, v in st.items():

@@ -52,7 +52,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from v4jax.cli import ToolError, run_tool  # noqa: E402
+from v4jax.cli import ToolError, claim_gpu_memory, run_tool  # noqa: E402
 from v4jax.config import load_config_file  # noqa: E402
 
 # Components switched off by --ablate, as config overrides.
@@ -205,38 +205,45 @@ def _scoped(fn, tag):
 
 
 @contextlib.contextmanager
+def patched(targets):
+  """Replaces each (object, attribute, wrap) by wrap(original) while active. On exit an attribute
+  the object held itself is put back; one that only shadowed a class's method is removed."""
+  undo = []
+  try:
+    for obj, name, wrap in targets:
+      undo.append((obj, name, name in vars(obj), vars(obj).get(name)))
+      setattr(obj, name, wrap(getattr(obj, name)))
+    yield
+  finally:
+    for obj, name, own, orig in reversed(undo):
+      if own:
+        setattr(obj, name, orig)
+      else:
+        delattr(obj, name)
+
+
+@contextlib.contextmanager
 def instrument(trainer=None):
   """Wraps the SCOPES entry points (and the trainer's optimizer update and router-bias update)
   in named scopes; restores every original on exit. Use before the step is first traced.
   Yields the list of SCOPES targets that no longer exist (their ops fall to the enclosing scope)."""
-  undo, missing = [], []
-  try:
-    for mod_name, attr, tag in SCOPES:
-      obj = importlib.import_module(mod_name)
-      *owner, name = attr.split('.')
-      for o in owner:
-        obj = getattr(obj, o, None)
-      orig = (obj.__dict__.get(name) if owner else getattr(obj, name, None)) \
-          if obj is not None else None
-      if not callable(orig):
-        missing.append(f'{mod_name}.{attr}')
-        continue
-      undo.append((obj, name, orig))
-      setattr(obj, name, _scoped(orig, tag))
-    if trainer is not None:
-      import optax
-      tx = trainer.tx
-      undo.append((trainer, 'tx', tx))
-      trainer.tx = optax.GradientTransformation(tx.init, _scoped(tx.update, 'optimizer'))
-      undo.append((trainer, '_update_biases', None))
-      trainer._update_biases = _scoped(trainer._update_biases, 'optimizer')
+  targets, missing = [], []
+  for mod_name, attr, tag in SCOPES:
+    obj = importlib.import_module(mod_name)
+    *owner, name = attr.split('.')
+    for o in owner:
+      obj = getattr(obj, o, None)
+    if obj is None or not callable(getattr(obj, name, None)):
+      missing.append(f'{mod_name}.{attr}')
+      continue
+    targets.append((obj, name, functools.partial(_scoped, tag=tag)))
+  if trainer is not None:
+    import optax
+    targets += [(trainer, 'tx', lambda tx: optax.GradientTransformation(
+                    tx.init, _scoped(tx.update, 'optimizer'))),
+                (trainer, '_update_biases', functools.partial(_scoped, tag='optimizer'))]
+  with patched(targets):
     yield missing
-  finally:
-    for obj, name, orig in reversed(undo):
-      if orig is None:
-        delattr(obj, name)
-      else:
-        setattr(obj, name, orig)
 
 
 class AotStep:
@@ -282,32 +289,21 @@ def run_steps(trainer, n: int, host: dict | None = None) -> dict:
   return scalars
 
 
-@contextlib.contextmanager
 def timed_calls(host: dict, targets):
   """Appends the ms of every call of each (object, attribute, key) target to host[key] while
-  active (instance attributes shadow methods; each original is restored on exit)."""
-  undo = []
-  try:
-    for obj, name, key in targets:
-      fn = getattr(obj, name, None)
-      if fn is None:
-        continue
-
-      def wrapper(*a, _fn=fn, _key=key, **k):
+  active (a context manager: `patched`)."""
+  def timer(key):
+    def wrap(fn):
+      def wrapper(*a, **k):
         t0 = time.perf_counter()
         try:
-          return _fn(*a, **k)
+          return fn(*a, **k)
         finally:
-          host[_key].append(1e3 * (time.perf_counter() - t0))
-      undo.append((obj, name, name in vars(obj), fn))
-      setattr(obj, name, wrapper)
-    yield
-  finally:
-    for obj, name, own, fn in reversed(undo):
-      if own:
-        setattr(obj, name, fn)
-      else:
-        delattr(obj, name)
+          host[key].append(1e3 * (time.perf_counter() - t0))
+      return wrapper
+    return wrap
+  return patched([(obj, name, timer(key)) for obj, name, key in targets
+                  if getattr(obj, name, None) is not None])
 
 
 def peak_memory() -> dict:
@@ -694,7 +690,7 @@ def summary(rep: dict) -> str:
 def run(argv: list[str]) -> dict:
   """Parses argv, benchmarks, prints the summary, writes --out; returns the report."""
   args, overrides = parse_args(argv)
-  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.94')    # as v4jax.train does
+  claim_gpu_memory()
   if args.profile:
     # XLA:GPU wraps runs of kernels in command buffers (CUDA graphs), whose trace events carry
     # no HLO op: with them on, nearly all device time would be unattributed. Set before jax

@@ -5,8 +5,6 @@ included. SIGTERM (preemption) saves a checkpoint and exits 0.
 """
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,9 +20,8 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv):
   del argv
-  # A training process owns its GPU: let XLA's allocator take 94% of it, not JAX's default 75%
-  # (bench-1B needs ~129 GiB of an H200's 139). The environment variable still wins.
-  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.94')
+  from v4jax.cli import claim_gpu_memory
+  claim_gpu_memory()
   logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
   from v4jax.parallel.mesh import maybe_initialize_distributed
   maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)

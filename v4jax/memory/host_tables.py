@@ -146,7 +146,7 @@ class _HostStore:
     self.stage_voids = [{l: _row_void(compat.host_view(a, check=False)) for l, a in st.items()}
                         for st in self.stages]
     self.readers: list = [None, None]
-    self.last_set = self.turn = 0
+    self.turn = 0                          # the set the next gather fills
 
   @property
   def slots(self):
@@ -186,6 +186,11 @@ class _HostStore:
   def _run(self, fn, tasks):
     list(self.pool.map(lambda t: fn(*t), tasks))
 
+  @property
+  def last_set(self) -> int:
+    """The staging set the last gather filled."""
+    return self.turn ^ 1
+
   def mark_read(self, k: int, readers):
     """Set k may be overwritten once `readers` (outputs of the step that took it) are ready."""
     self.readers[k] = readers
@@ -207,8 +212,7 @@ class _HostStore:
       stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
       return out
 
-    k = self.last_set = self.turn
-    self.turn ^= 1
+    k, self.turn = self.turn, self.turn ^ 1
     if self.readers[k] is not None:        # the step that read this set two gathers ago
       jax.block_until_ready(self.readers[k])
       self.readers[k] = None
