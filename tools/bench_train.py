@@ -687,6 +687,16 @@ def summary(rep: dict) -> str:
   return '\n'.join(lines)
 
 
+def write_report(rep: dict, out: str):
+  """Writes the JSON report atomically (a .tmp file, then rename); nothing when `out` is empty."""
+  if not out:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out + '.tmp', 'w') as f:
+    json.dump(rep, f, indent=1, default=str)
+  os.replace(out + '.tmp', out)
+
+
 def run(argv: list[str]) -> dict:
   """Parses argv, benchmarks, prints the summary, writes --out; returns the report."""
   args, overrides = parse_args(argv)
@@ -728,19 +738,16 @@ def run(argv: list[str]) -> dict:
       rep['profile'] = {'method': 'unavailable', 'error': f'{type(e).__name__}: {e}',
                         'trace_dir': prof['dir']}
   rep['ablations'] = []
+  write_report(rep, args.out)   # each measurement lands before the next compile starts
   for name in args.ablate:
     c = apply_overrides(bench_config(args, overrides), ABLATIONS[name])
     r, _ = measure(validate(c), args, profile=False, label=f'without_{name}')
     r['without'] = name
     r['saved_s_per_step'] = result['step_time_s'] - r['step_time_s']
     rep['ablations'].append(r)
+    write_report(rep, args.out)
   print(summary(rep), flush=True)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(rep, f, indent=1, default=str)
-    os.replace(tmp, args.out)
+  write_report(rep, args.out)
   return rep
 
 
