@@ -5,8 +5,9 @@ tested. Its per-layer variables are stacked into the scanned model (built from a
 seed, so nothing is equal by accident), then loss, every metric (per-layer aux: balance loss,
 indexer KL, expert counts in forward order, mHC diagnostics, drops) and every gradient are
 compared at fp32 rtol 1e-5 (same ops, only scan-vs-unrolled fusion differs). Config: small_tiny
-at 5 layers with 2 dense layers and Engram at layer 2, so the runs are a dense stack [0-1], the
-Engram block 2 alone and an MoE stack [3-4], plus the MTP block; DSA in its warmup and sparse
+at 5 layers with 2 dense layers and Engram at layer 3, so the runs are a dense stack [0-1], MoE
+block 2 alone and an MoE stack [3-4] whose first layer takes the Engram injection, plus the MTP
+block; DSA in its warmup and sparse
 stages, mHC with 4 streams. The Trainer step with scanned layers: tests/test_trainer_scan.py.
 """
 import re
@@ -29,7 +30,7 @@ B, T = 2, 32
 
 
 def _cfg(scan, **over):
-  return small_tiny(**{'model.n_layers': 5, 'model.n_dense_layers': 2, 'engram.layer_ids': (2,),
+  return small_tiny(**{'model.n_layers': 5, 'model.n_dense_layers': 2, 'engram.layer_ids': (3,),
                        'model.scan_layers': scan, **over})
 
 
@@ -91,9 +92,14 @@ def _loss_and_grads(model, batch):
 
 def test_layer_groups_and_config():
   assert layer_groups(_cfg(False)) == [(i, i + 1) for i in range(5)]
+  # An Engram layer starts a run (its injection precedes its block) but never ends one early.
   assert layer_groups(_cfg(True)) == [(0, 2), (2, 3), (3, 5)]
+  assert layer_groups(_cfg(True, **{'engram.layer_ids': (2,)})) == [(0, 2), (2, 5)]
+  assert layer_groups(_cfg(True, **{'engram.layer_ids': (1, 3)})) == [(0, 1), (1, 2), (2, 3),
+                                                                       (3, 5)]
   assert layer_groups(_cfg(True, **{'engram.enabled': False})) == [(0, 2), (2, 5)]
-  assert layer_groups(_cfg(True, **{'moe.enabled': False})) == [(0, 2), (2, 3), (3, 5)]
+  assert layer_groups(_cfg(True, **{'moe.enabled': False})) == [(0, 3), (3, 5)]
+  assert layer_groups(_cfg(True, **{'moe.enabled': False, 'engram.enabled': False})) == [(0, 5)]
   d = _cfg(False).to_dict()
   d['model']['scan_layers'] = 1      # e.g. from a JSON config; ConfigDict's own type check is off
   with pytest.raises(ConfigError, match='model.scan_layers'):

@@ -142,7 +142,7 @@ def test_engram_with_zero_value_projection_is_the_baseline():
       v.set_value(jnp.zeros(v.shape, v.get_value().dtype))
     elif path.split('.')[-1] != 'scale':
       v.set_value(jnp.asarray(rng.normal(0, 0.3, v.shape), jnp.float32))
-  assert np.abs(np.asarray(flat['blocks.1.engram.conv.kernel'])).min() > 0
+  assert np.abs(np.asarray(flat['engram.1.conv.kernel'])).min() > 0
   batch = _batch(base_cfg, 2)
   m0, m1 = _forward(base, batch), _forward(eng, batch)
   for k in ('loss', 'bal_loss', 'indexer_loss'):

@@ -141,7 +141,7 @@ def test_layout_matches_spec_elementwise():
 def test_layout_names_and_splits():
   cfg = _cfg()
   shapes = {('params', 'blocks/1/ffn/experts/w_gate'): (8, 64, 32),
-            ('params', 'blocks/1/engram/key_proj/kernel'): (4, 32, 64),
+            ('params', 'engram/1/key_proj/kernel'): (4, 32, 64),
             ('params', 'mtp/0/block/attn/wq_a'): (64, 32), ('params', 'embed'): (258, 64),
             ('params', 'head'): (64, 258), ('params', 'mtp/0/eh_proj'): (128, 64),
             ('rest', 'blocks/1/ffn/router/bias'): (8,)}
@@ -149,7 +149,7 @@ def test_layout_names_and_splits():
   e = by['blocks/1/ffn/experts/w_gate']
   assert e.hf == tuple(f'model.layers.1.mlp.experts.{i}.gate_proj.weight' for i in range(8))
   assert e.hf_piece_shape == (32, 64)
-  assert by['blocks/1/engram/key_proj/kernel'].hf[3] == 'model.layers.1.engram.key_projs.3.weight'
+  assert by['engram/1/key_proj/kernel'].hf[3] == 'model.layers.1.engram.key_projs.3.weight'
   assert by['mtp/0/block/attn/wq_a'].hf == ('model.layers.2.self_attn.q_a_proj.weight',)
   assert by['mtp/0/eh_proj'].hf_piece_shape == (64, 128)     # [D, 2D], columns [emb | hidden]
   assert by['embed'].copies == ('model.layers.2.embed_tokens.weight',)
@@ -308,7 +308,7 @@ def test_v3_layout_fp8_with_fresh_components(trained, fp32_export, tmp_path):
   # fresh: the initial values (mHC alpha 0.01, zero-initialised Engram conv), not the trained ones
   p = lambda path: ('params', path)
   np.testing.assert_array_equal(a1[p('blocks/0/hc_attn/scale')], np.full(3, 0.01, np.float32))
-  assert not np.any(a1[p('blocks/1/engram/conv/kernel')])
+  assert not np.any(a1[p('engram/1/conv/kernel')])
   assert not np.array_equal(a1[p('blocks/0/attn/indexer/wk')], a0[p('blocks/0/attn/indexer/wk')])
 
 

@@ -167,7 +167,7 @@ class CheckpointReader:
     if os.path.isdir(tables_dir):
       for _, key, shape, dtype, name in self._leaves(tables_dir, None):
         layer = int(key.split('_')[-1])
-        self.arrays[('host_tables', f'blocks/{layer}/engram/table')] = (
+        self.arrays[('host_tables', f'engram/{layer}/table')] = (
             (shape[0], shape[2]), dtype, name, tables_dir, (slice(None), 0, slice(None)))
     # model.scan_layers: a stacked `blocks/a-b/...` tensor reads as its per-layer slices.
     self.arrays = hf_names.unstack_reader_arrays(self.arrays)

@@ -3,7 +3,8 @@
 This is the one place that knows how a v4jax tensor maps to the DeepSeek-V3/V3.2 HF layout (and
 the names SPEC §11 proposes for mHC and Engram). The exporter and the importer both use it.
 
-A v4jax tensor (path `blocks/1/attn/wq_b` in the `params` or `rest` collection) maps to one HF
+A v4jax tensor (path `blocks/1/attn/wq_b` or `engram/1/value_proj/kernel` in the `params` or
+`rest` collection; the Engram module of layer i sits beside its block) maps to one HF
 tensor, or to several when it is split along its first axis (`ffn/experts/*` into one tensor per
 expert `{i}`, Engram per-stream tensors into one per stream). Each HF piece is the v4jax piece
 through a layout transform (v4jax kernels are [in, out], HF weights are [out, in]):
@@ -229,12 +230,13 @@ def layout(n_layers: int, tensors: dict[tuple[str, str], tuple[int, ...]]) -> li
   out, unknown = [], []
   mtp_layers = sorted({int(p.split('/')[1]) for _, p in tensors if p.startswith('mtp/')})
   for (coll, path), shape in tensors.items():
-    m_blk = re.match(r'blocks/(\d+)/(.+)$', path)
+    m_blk = re.match(r'(blocks|engram)/(\d+)/(.+)$', path)   # a layer's block or Engram module
     m_mtp_blk = re.match(r'mtp/(\d+)/block/(.+)$', path)
     m_mtp = re.match(r'mtp/(\d+)/(.+)$', path)
-    if m_blk and m_blk.group(2) in _BLOCK:
-      spec = _BLOCK[m_blk.group(2)]
-      out.append(_entry(coll, path, shape, f'model.layers.{m_blk.group(1)}.{spec[0]}', spec))
+    sub = m_blk and (m_blk.group(3) if m_blk.group(1) == 'blocks' else f'engram/{m_blk.group(3)}')
+    if sub in _BLOCK:
+      spec = _BLOCK[sub]
+      out.append(_entry(coll, path, shape, f'model.layers.{m_blk.group(2)}.{spec[0]}', spec))
     elif m_mtp_blk and m_mtp_blk.group(2) in _BLOCK:
       spec = _BLOCK[m_mtp_blk.group(2)]
       i = n_layers + int(m_mtp_blk.group(1))

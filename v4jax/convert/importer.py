@@ -143,7 +143,7 @@ def _abstract_shapes(cfg, rows):
   if g.enabled and g.table_memory == 'host':    # tables outside the model (v4jax.memory)
     d_h = g.d_mem // ((g.max_ngram - 1) * g.heads_per_ngram)
     for layer in g.layer_ids:
-      out[('host_tables', f'blocks/{layer}/engram/table')] = (rows[layer], d_h)
+      out[('host_tables', f'engram/{layer}/table')] = (rows[layer], d_h)
   return out
 
 

@@ -2,13 +2,16 @@
 
 Dims: B batch, T positions, N mHC streams (SPEC's n), D model dim, V vocabulary, L layers.
 
-Each block (SPEC §8): [Engram injection if the layer is listed] -> HC(attn_norm -> MLA/DSA)
+Layer i (SPEC §8): [Engram injection if i is listed] -> HC(attn_norm -> MLA/DSA)
 -> HC(ffn_norm -> dense FFN or MoE). With `mhc.streams == 1` an HC site is the plain pre-norm
 residual X + F(X). The streams are always carried as X_BTND (N = 1 without mHC).
 
-With `model.scan_layers`, each run of >= 2 consecutive blocks of one structure (`layer_groups`)
+The Engram modules live beside the blocks, at `engram/{i}`, so that an Engram layer's block has the
+structure of its neighbours. With `model.scan_layers`, each run of >= 2 consecutive blocks of one
+structure (`layer_groups`; a run never continues across an Engram layer, which starts a new one)
 is a single Block whose variables carry a leading L dim (logical axis 'layers'), stored under
-`blocks/{first}-{last}` and run by `lax.scan`; other blocks stay at `blocks/{i}`.
+`blocks/{first}-{last}` and run by `lax.scan`; other blocks stay at `blocks/{i}`. Each distinct
+block body is traced and compiled once, so fewer runs compile faster.
 """
 from __future__ import annotations
 
@@ -40,10 +43,9 @@ class BlockInputs:
 
 
 class Block(nnx.Module):
-  """One decoder block; `is_mtp` blocks always use MoE and never Engram."""
+  """One decoder block (attention and FFN sites); `is_mtp` blocks always use MoE."""
 
-  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, engram_rows: int | None = None,
-               is_mtp: bool = False):
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs, is_mtp: bool = False):
     m = cfg.model
     self.layer_idx = layer_idx
     self.n_streams = cfg.mhc.streams
@@ -56,10 +58,6 @@ class Block(nnx.Module):
       from v4jax.model.mhc import HCSite
       self.hc_attn = HCSite(cfg, 2 * layer_idx, rngs=rngs)
       self.hc_ffn = HCSite(cfg, 2 * layer_idx + 1, rngs=rngs)
-    self.has_engram = engram_rows is not None
-    if self.has_engram:
-      from v4jax.model.engram import Engram
-      self.engram = Engram(cfg, layer_idx, engram_rows, rngs=rngs)
 
   def _site(self, hc, X_BTND, f):
     if self.n_streams == 1:
@@ -69,10 +67,6 @@ class Block(nnx.Module):
 
   def __call__(self, X_BTND: jax.Array, inp: BlockInputs):
     aux: dict[str, Any] = {}
-    if self.has_engram:
-      y = self.engram.mix(X_BTND, inp.engram_emb[self.layer_idx]) if inp.engram_emb else \
-          self.engram(X_BTND, inp.engram_rows[self.layer_idx])
-      X_BTND = X_BTND + y.astype(X_BTND.dtype)
 
     def attn(u_BTD):
       return self.attn(self.attn_norm(u_BTD), inp.positions_BT, inp.segment_ids_BT, inp.valid_BT)
@@ -109,18 +103,27 @@ def _remat(cfg, fn):
   return lambda blk, X, i: pure(*nnx.split(blk), X, i)
 
 
+def _engram_inject(eng, X_BTND: jax.Array, inp: BlockInputs) -> jax.Array:
+  """X + Engram(X): from the host-gathered memory vector, else from this layer's table rows."""
+  lid = eng.layer_id
+  y = eng.mix(X_BTND, inp.engram_emb[lid]) if inp.engram_emb else \
+      eng(X_BTND, inp.engram_rows[lid])
+  return X_BTND + y.astype(X_BTND.dtype)
+
+
 def layer_groups(cfg) -> list[tuple[int, int]]:
   """[start, stop) layer runs, one module each: with model.scan_layers every maximal run of
-  consecutive blocks of one structure (dense FFN or MoE; an Engram layer is always alone, its
-  table size and layer id being its own), else one run per layer."""
+  consecutive blocks of one structure (dense FFN or MoE) that no Engram layer interrupts (an
+  Engram layer may only start a run: its injection comes before its block), else one run per
+  layer."""
   m = cfg.model
   if not m.scan_layers:
     return [(i, i + 1) for i in range(m.n_layers)]
   engram = set(cfg.engram.layer_ids) if cfg.engram.enabled else set()
-  kind = lambda i: ('engram', i) if i in engram else cfg.moe.enabled and i >= m.n_dense_layers
+  is_moe = lambda i: cfg.moe.enabled and i >= m.n_dense_layers
   out = []
   for i in range(m.n_layers):
-    if out and kind(i) == kind(out[-1][0]):
+    if out and i not in engram and is_moe(i) == is_moe(out[-1][0]):
       out[-1] = (out[-1][0], i + 1)
     else:
       out.append((i, i + 1))
@@ -197,7 +200,14 @@ class Transformer(nnx.Module):
     if cfg.engram.enabled and set(engram) != set(cfg.engram.layer_ids):
       raise ValueError(f'engram_rows_per_layer has layers {sorted(engram)}, '
                        f'config.engram.layer_ids={tuple(cfg.engram.layer_ids)}')
-    blocks = [Block(cfg, i, rngs=rngs, engram_rows=engram.get(i)) for i in range(m.n_layers)]
+    blocks, engrams = [], {}
+    for i in range(m.n_layers):
+      blocks.append(Block(cfg, i, rngs=rngs))
+      if i in engram:
+        from v4jax.model.engram import Engram
+        engrams[str(i)] = Engram(cfg, i, engram[i], rngs=rngs)
+    if engrams:
+      self.engram = nnx.Dict(engrams)
     if m.scan_layers:
       self.blocks = nnx.Dict({group_key(a, b): stack_blocks(blocks[a:b]) if b - a > 1 else blocks[a]
                               for a, b in layer_groups(cfg)})
@@ -231,7 +241,10 @@ class Transformer(nnx.Module):
                        ACT_BTND)
     auxes = []
     step = _remat(self.cfg, lambda blk, X, i: blk(X, i))
+    inject = _remat(self.cfg, _engram_inject)
     for start, stop, blk in self.main_blocks():
+      if self.cfg.engram.enabled and start in self.cfg.engram.layer_ids:
+        X_BTND = inject(self.engram[str(start)], X_BTND, inp)
       if stop - start > 1:
         X_BTND, aux = scan_blocks(self.cfg, blk, X_BTND, inp)
         auxes += aux
