@@ -21,7 +21,10 @@ Variants (`--config configs/peer_maxtext_small.py:VARIANT`, or `get_config(VARIA
          --config.dsa.enabled=True --config.dsa.stage=sparse --config.dsa.n_heads=16
          --config.dsa.head_dim=64 --config.dsa.topk=256;
   full   dsa + mHC n=4 + Engram at layers 1 and 4 with the tables in host memory (Engram demo
-         sizes: N=3, 8 heads per order, d_mem 1024 so d_h 64, base_rows 5 x 129,280, conv 4).
+         sizes: N=3, 8 heads per order, d_mem 1024 so d_h 64, base_rows 5 x 129,280, conv 4),
+         layers scanned (model.scan_layers: blocks 0, 1-3, 4-5): on the H200 it compiles in
+         47.4 s instead of 64.8-85.5 s unrolled, at 145.7 ms per step instead of 105.1 ms
+         (docs/performance.md #15); --config.model.scan_layers=False trades back.
 """
 from v4jax.config import default_config
 
@@ -55,4 +58,5 @@ def get_config(variant: str = 'plain'):
     c.mhc.update(streams=4, sinkhorn_iters=20, alpha_init=0.01)
     c.engram.update(enabled=True, layer_ids=(1, 4), max_ngram=3, heads_per_ngram=8, d_mem=1024,
                     base_rows=646_400, conv_kernel=4, table_memory='host')
+    c.model.scan_layers = True
   return c

@@ -494,7 +494,10 @@ def main():
       report['errors'].append(msg)
       log(f'  FAILED {msg}')
       if tr.tables is not None:          # free what the failed phase allocated
-        tr.tables.close()
+        try:
+          tr.tables.close()              # re-raises the failed phase's queued write-back, if any
+        except Exception:  # noqa: BLE001 - the same failure, recorded above
+          pass
         tr.tables = None
       gc.collect()
     save()

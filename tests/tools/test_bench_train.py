@@ -140,5 +140,7 @@ def test_peer_config_matches_maxtext():
                                                                          rel=2e-3)
   f = _peer('full')
   assert f.mhc.streams == 4 and f.engram.layer_ids == (1, 4) and f.engram.table_memory == 'host'
+  from v4jax.model.transformer import layer_groups
+  assert layer_groups(f) == [(0, 1), (1, 4), (4, 6)]    # scanned: two MoE stacks, one per Engram
   with pytest.raises(ValueError, match='variant'):
     _peer('huge')
