@@ -10,9 +10,10 @@ and FLOPs are printed. Needs `jax[tpu]` (libtpu) in the running venv, e.g. /work
       --config.data.global_batch=1024 [--out report.json]
 
 Kernels: the run targets TPU (V4JAX_TARGET_PLATFORM=tpu), so `auto` seams pick their TPU Pallas
-kernels and compile them through Mosaic rather than interpret mode. Host-memory Engram tables are
-not implemented yet (issue 5); --engram_on_device keeps such a config compilable with the tables
-in HBM (sharded like the other parameters), which the report says.
+kernels and compile them through Mosaic rather than interpret mode. Engram tables in host memory
+(`engram.table_memory=host`) are gathered by the hosts outside the step, which then takes the
+gathered rows as inputs; this tool does not build those inputs yet, so such a config needs
+--engram_on_device (the tables in HBM, sharded like the other parameters; the report says so).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Preset file, e.g. con
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5p:2x2x1', 'TPU topology name, e.g. v5p:8x8x16.')
 _RULES = flags.DEFINE_string('rules', None, 'Shortcut for --config.mesh.rules.')
 _ENGRAM_DEV = flags.DEFINE_bool('engram_on_device', False, 'Compile host-table Engram configs '
-                                'with the tables in HBM (host tables are issue 5).')
+                                'with the tables in HBM (the host-table step\'s row inputs are '
+                                'not built by this tool).')
 _OUT = flags.DEFINE_string('out', None, 'Write the report as JSON here.')
 _EXTRAP = flags.DEFINE_string('extrapolate', None, 'L1,L2: compile at n_layers L1 and L2 (same '
                               'dense layers) and extrapolate the per-chip memory linearly to the '
@@ -81,6 +83,11 @@ def abstract_trainer(cfg, devices):
   from v4jax.parallel.mesh import make_mesh
   from v4jax.trainer import Trainer, engram_setup, opt_shardings, var_shardings
 
+  if cfg.engram.enabled and cfg.engram.table_memory == 'host':
+    raise NotImplementedError(
+        'aot_compile: engram.table_memory=host: the abstract inputs of the host-table step (the '
+        'hosts\' gathered rows) are not built by this tool; pass --engram_on_device to compile '
+        'with the tables in HBM')
   tr = object.__new__(Trainer)   # __init__ would build data pipelines and materialise state
   tr.cfg = validate(cfg)
   tr.mesh = make_mesh(cfg.mesh, devices)

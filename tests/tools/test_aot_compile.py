@@ -34,3 +34,9 @@ def test_tiny_train_step_compiles_for_v5p(monkeypatch):
   assert 'ragged-all-to-all' in hlo or 'ragged_all_to_all' in hlo   # the EP exchange
   assert 'tpu_custom_call' in hlo                                     # Mosaic kernels (megablox)
   print(aot_compile.format_report(r))
+
+
+def test_host_tables_need_engram_on_device():
+  cfg = small_tiny(**{'checkpoint.enabled': False, 'engram.table_memory': 'host'})
+  with pytest.raises(NotImplementedError, match='--engram_on_device'):
+    aot_compile.compile_step(cfg, 'v5p:2x2x1')
