@@ -28,7 +28,9 @@ Method (docs/performance.md):
   the originals are restored afterwards); the innermost `v4_<tag>` scope names the component.
   Self time per event (children on the same line subtracted) is summed per component; memcpy
   events and host-memory copies count as host transfers; ops of other programs (Engram table
-  gather/scatter jits, transfers) are listed per program. If the trace cannot be read, the
+  gather/scatter jits, transfers) are listed per program. `top_ops` lists the costliest HLO ops,
+  `top_op_groups` the costliest kernels with their ops summed per op_name (one row for a kernel
+  that every scanned or repeated layer runs). If the trace cannot be read, the
   profile section says so and `--ablate` (timing with one component switched off at a time) is
   the fallback.
 """
@@ -628,6 +630,13 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
   if not total:
     raise RuntimeError('the trace holds no device op events of the step')
   per = 1e9 * steps * len(busy)                 # ns -> s per step per device
+  # One kernel of a scanned or repeated layer shows up as several ops (fusion.12, fusion.40, ...)
+  # under one op_name: summed here, so each kernel's total cost per step reads off one row.
+  groups, members = collections.Counter(), collections.Counter()
+  for (comp, op), t in per_op.items():
+    key = (comp, info.get(op, ('',))[0][:200] or re.sub(r'\.\d+$', '', op))
+    groups[key] += t
+    members[key] += 1
   return {
       'method': 'trace: jax.profiler xplane + HLO op_name named scopes',
       'trace_file': paths[-1],
@@ -644,6 +653,8 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
       'top_ops': [{'component': c, 'op': o, 's_per_step': t / per,
                    'op_name': info.get(o, ('',))[0][:200]}
                   for (c, o), t in per_op.most_common(25)],
+      'top_op_groups': [{'component': c, 'op_name': k, 'ops': members[(c, k)], 's_per_step': t / per}
+                        for (c, k), t in groups.most_common(25)],
       'top_unattributed_ops': [{'op': o, 's_per_step': t / per}
                                for (c, o), t in per_op.most_common() if c == 'unattributed'][:10],
   }

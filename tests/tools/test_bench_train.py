@@ -106,6 +106,9 @@ def test_trace_attribution(tmp_path):
   assert sum(s.values()) == pytest.approx(1.0)
   assert s['attention+indexer'] > 0 and s['moe'] > s['attention+indexer'] * 0.8, s
   assert p['module'] == 'jit_f' and p['top_ops']
+  g = p['top_op_groups']      # ops summed per op_name: every op lands in exactly one group
+  assert sum(r['s_per_step'] for r in g) == pytest.approx(p['op_time_s_per_step'], rel=1e-6)
+  assert sum(r['ops'] for r in g) >= len(g) and any('v4_moe' in r['op_name'] for r in g)
 
 
 def test_self_times():
