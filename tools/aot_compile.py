@@ -11,9 +11,11 @@ and FLOPs are printed. Needs `jax[tpu]` (libtpu) in the running venv, e.g. /work
 
 Kernels: the run targets TPU (V4JAX_TARGET_PLATFORM=tpu), so `auto` seams pick their TPU Pallas
 kernels and compile them through Mosaic rather than interpret mode. Engram tables in host memory
-(`engram.table_memory=host`) are gathered by the hosts outside the step, which then takes the
-gathered rows as inputs; this tool does not build those inputs yet, so such a config needs
---engram_on_device (the tables in HBM, sharded like the other parameters; the report says so).
+(`engram.table_memory=host`) stay out of the step: the hosts gather each step's rows, and the
+step takes them as inputs, laid out as HostTables hands them over on the topology's hosts (one
+host: replicated [U,3,H] rows; several: a [P*U,3,H] parts array sharded like the batch); the
+report adds each host's share of the tables and moments. --engram_on_device compiles the tables
+in HBM instead (sharded like the other parameters).
 """
 from __future__ import annotations
 
@@ -36,8 +38,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Preset file, e.g. con
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5p:2x2x1', 'TPU topology name, e.g. v5p:8x8x16.')
 _RULES = flags.DEFINE_string('rules', None, 'Shortcut for --config.mesh.rules.')
 _ENGRAM_DEV = flags.DEFINE_bool('engram_on_device', False, 'Compile host-table Engram configs '
-                                'with the tables in HBM (the host-table step\'s row inputs are '
-                                'not built by this tool).')
+                                'with the tables in HBM instead.')
 _OUT = flags.DEFINE_string('out', None, 'Write the report as JSON here.')
 _EXTRAP = flags.DEFINE_string('extrapolate', None, 'L1,L2: compile at n_layers L1 and L2 (same '
                               'dense layers) and extrapolate the per-chip memory linearly to the '
@@ -83,11 +84,6 @@ def abstract_trainer(cfg, devices):
   from v4jax.parallel.mesh import make_mesh
   from v4jax.trainer import Trainer, engram_setup, opt_shardings, var_shardings
 
-  if cfg.engram.enabled and cfg.engram.table_memory == 'host':
-    raise NotImplementedError(
-        'aot_compile: engram.table_memory=host: the abstract inputs of the host-table step (the '
-        'hosts\' gathered rows) are not built by this tool; pass --engram_on_device to compile '
-        'with the tables in HBM')
   tr = object.__new__(Trainer)   # __init__ would build data pipelines and materialise state
   tr.cfg = validate(cfg)
   tr.mesh = make_mesh(cfg.mesh, devices)
@@ -130,10 +126,11 @@ def abstract_batch(tr):
   B, T = cfg.data.global_batch, cfg.data.seq_len
   fields = {k: ((B, T), jnp.int32) for k in ('tokens', 'targets', 'positions', 'segment_ids')}
   fields['loss_mask'] = ((B, T), jnp.float32)
-  if cfg.engram.enabled:
+  if cfg.engram.enabled:     # host tables: each slot's index into the step's unique rows
     J = (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_ngram
+    key = 'engram_inv_{}' if cfg.engram.table_memory == 'host' else 'engram_rows_{}'
     for lid in cfg.engram.layer_ids:
-      fields[f'engram_rows_{lid}'] = ((B, T, J), jnp.int32)
+      fields[key.format(lid)] = ((B, T, J), jnp.int32)
   out = {}
   for k, (shape, dt) in fields.items():
     spec = rules_lib.logical_to_spec(('batch',) + (None,) * (len(shape) - 1), tr.rules)
@@ -152,8 +149,16 @@ def compile_step(cfg, topology: str):
   t0 = time.time()
   tr, state = abstract_trainer(cfg, devices)
   batch = abstract_batch(tr)
-  step = jax.jit(tr._step, donate_argnums=0, out_shardings=(tr.state_shardings, None))
-  lowered = step.trace(state, batch).lower()
+  host = cfg.engram.enabled and cfg.engram.table_memory == 'host'
+  if host:                     # the rows HostTables gathers, as inputs; new rows as an output
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from v4jax.memory.host_tables import abstract_step_inputs
+    step = jax.jit(tr._step, donate_argnums=0,
+                   out_shardings=(tr.state_shardings, None, NamedSharding(tr.mesh, P())))
+    lowered = step.trace(state, batch, abstract_step_inputs(cfg, tr.mesh)).lower()
+  else:
+    step = jax.jit(tr._step, donate_argnums=0, out_shardings=(tr.state_shardings, None))
+    lowered = step.trace(state, batch).lower()
   t1 = time.time()
   n_params = sum(int(x.size) for x in jax.tree.leaves(state['params']))
   state_bytes = state_bytes_per_chip(state)
@@ -176,6 +181,13 @@ def compile_step(cfg, topology: str):
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     code = mem.generated_code_size_in_bytes
   total = args + outs - alias + temp + code
+  host_bytes = None
+  if host:                     # tables + Adam moments: each host keeps ceil(R_l / P) rows per layer
+    from v4jax.memory.host_tables import row_dims
+    from v4jax.trainer import engram_setup
+    nproc = len({d.process_index for d in devices})
+    host_bytes = sum(-(-r // nproc) for r in engram_setup(cfg, None)[1].values()) * 3 * \
+        row_dims(cfg)[1] * 4
   tokens = cfg.data.global_batch * cfg.data.seq_len
   model_flops = flops_lib.flops_per_token(cfg).model_train_per_token * tokens / len(devices)
   hbm = hbm_bytes(topology)
@@ -190,6 +202,8 @@ def compile_step(cfg, topology: str):
                          'temporaries': temp, 'code': code, 'total': total},
       'compile_error': None if compiled is not None else 'libtpu: HLO temporaries exceed HBM',
       'hbm_bytes': hbm, 'fits': None if hbm is None else total <= hbm,
+      'hosts': len({d.process_index for d in devices}),
+      'engram_host_bytes_per_process': host_bytes,
       'hlo_flops_per_chip': float(cost['flops']) if cost and 'flops' in cost else None,
       'model_flops_per_chip': model_flops,
       'lower_s': round(t1 - t0, 1), 'compile_s': round(t2 - t1, 1),
@@ -212,6 +226,9 @@ def format_report(r: dict) -> str:
     lines.append(f'  {k:<12} {b[k] / GIB:9.2f} GiB')
   verdict = {True: 'fits', False: 'DOES NOT FIT', None: '?'}[r['fits']]
   lines.append(f'  HBM          {hbm}  -> {verdict}')
+  if r.get('engram_host_bytes_per_process') is not None:
+    lines.append(f"Engram tables + moments in host memory: "
+                 f"{r['engram_host_bytes_per_process'] / GIB:.2f} GiB per host ({r['hosts']} hosts)")
   if r.get('compile_error'):
     lines.append(f"  ({r['compile_error']}: temporaries from libtpu's error; arguments/outputs "
                  'are the exact state bytes)')

@@ -55,7 +55,7 @@ from v4jax import compat
 from v4jax.config import ConfigError
 from v4jax.memory import rows as rows_lib
 
-__all__ = ['HostTables', 'Lookahead']
+__all__ = ['HostTables', 'Lookahead', 'abstract_step_inputs', 'parts_layout', 'row_dims']
 
 _BLOCK = 4096            # init: rows per PRNG block (values do not depend on the chunking)
 _CHUNK_BLOCKS = 256      # init: blocks generated per device call
@@ -354,6 +354,47 @@ def _unpack(b: bytes, n: int) -> list[np.ndarray]:
   return np.split(flat, np.cumsum(lens)[:-1])
 
 
+def row_dims(cfg) -> tuple[int, int]:
+  """(u_max, H): the step's bound on unique rows per layer (every slot of the global batch
+  distinct) and the table row width d_mem / J."""
+  g = cfg.engram
+  heads = (g.max_ngram - 1) * g.heads_per_ngram
+  return cfg.data.global_batch * cfg.data.seq_len * heads, g.d_mem // heads
+
+
+def parts_layout(cfg, mesh, u_max: int, width: int):
+  """Several processes: the [P*U, 3, H] parts array the step assembles its rows from (one slot
+  of U rows per batch shard, sharded like the batch). (shape, sharding, {device: slot})."""
+  from v4jax.parallel import rules as rules_lib
+  spec = rules_lib.logical_to_spec(('batch', None, None), rules_lib.RULES[cfg.mesh.rules])
+  axes = spec[0] if isinstance(spec[0], tuple) else (() if spec[0] is None else (spec[0],))
+  n_slots = int(np.prod([mesh.shape[a] for a in axes]))
+  shape = (n_slots * u_max, 3, width)
+  sharding = NamedSharding(mesh, P(*spec))
+  slot_of = {d: i[0].start // u_max for d, i in sharding.devices_indices_map(shape).items()}
+  return shape, sharding, slot_of
+
+
+def abstract_step_inputs(cfg, mesh) -> dict:
+  """ShapeDtypeStructs of the host-table inputs `eng` of Trainer._step, as HostTables hands them
+  over on the processes that `mesh` spans (ahead-of-time compiles: tools/aot_compile.py)."""
+  u_max, width = row_dims(cfg)
+  rep = NamedSharding(mesh, P())
+  several = len({d.process_index for d in mesh.devices.flat}) > 1
+  sds = jax.ShapeDtypeStruct
+  eng = {'src': {}, 'prev': {}, 'rows': {}, **({'bounds': {}} if several else {})}
+  for l in cfg.engram.layer_ids:
+    eng['src'][l] = sds((u_max,), jnp.int32, sharding=rep)
+    eng['prev'][l] = sds((u_max, 3, width), jnp.float32, sharding=rep)
+    if several:
+      shape, sharding, _ = parts_layout(cfg, mesh, u_max, width)
+      eng['rows'][l] = sds(shape, jnp.float32, sharding=sharding)
+      eng['bounds'][l] = sds((shape[0] // u_max, 2), jnp.int32, sharding=rep)
+    else:
+      eng['rows'][l] = sds((u_max, 3, width), jnp.float32, sharding=rep)
+  return eng
+
+
 class HostTables:
   """All Engram layers' tables + moments outside the device train state, with the per-step
   begin (rows for the device) / end (write-back, prefetch) protocol the Trainer drives.
@@ -376,9 +417,7 @@ class HostTables:
           f"pinned_host tables only (got memory_kind={memory_kind!r}, "
           f'engram.host_gather={g.host_gather!r}); use host_gather=numpy')
     self.layers = tuple(g.layer_ids)
-    heads = (g.max_ngram - 1) * g.heads_per_ngram
-    self.width = g.d_mem // heads
-    self.u_max = cfg.data.global_batch * cfg.data.seq_len * heads
+    self.u_max, self.width = row_dims(cfg)
     self.rows = {l: int(rows_per_layer[l]) for l in self.layers}
     self.span = {l: -(-r // self.nproc) for l, r in self.rows.items()}     # c_l
     self.lo = {l: min(self.pid * c, self.rows[l]) for l, c in self.span.items()}
@@ -417,19 +456,14 @@ class HostTables:
 
   def _setup_processes(self, cfg, mesh):
     """Several processes: the parts layout, the checkpoint sharding and the id exchange."""
-    from v4jax.parallel import rules as rules_lib
-    spec = rules_lib.logical_to_spec(('batch', None, None), rules_lib.RULES[cfg.mesh.rules])
-    axes = spec[0] if isinstance(spec[0], tuple) else (() if spec[0] is None else (spec[0],))
-    n_slots = int(np.prod([mesh.shape[a] for a in axes]))
-    self.parts_shape = (n_slots * self.u_max, 3, self.width)   # [P*U, 3, H]: slot k = rows k*U..
-    self.parts_sharding = NamedSharding(mesh, P(*spec))
-    slot_of = {d: i[0].start // self.u_max
-               for d, i in self.parts_sharding.devices_indices_map(self.parts_shape).items()}
+    self.parts_shape, self.parts_sharding, slot_of = parts_layout(cfg, mesh, self.u_max,
+                                                                  self.width)
     slots = [{k for d, k in slot_of.items() if d.process_index == q} for q in range(self.nproc)]
     if any(slots[a] & slots[b] for a in range(self.nproc) for b in range(a)):
       raise NotImplementedError(
           'engram.table_memory=host with several processes needs the batch mesh axes '
-          f'{axes} to split the processes (each process its own batch shards)')
+          f'{self.parts_sharding.spec[0]} to split the processes (each process its own batch '
+          'shards)')
     self.first_slot = [min(s) for s in slots]
     self._slot_devices = [(SingleDeviceSharding(d, memory_kind=d.default_memory().kind),
                            slot_of[d] == self.first_slot[self.pid])
