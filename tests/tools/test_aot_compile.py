@@ -38,23 +38,27 @@ def test_tiny_train_step_compiles_for_v5p(monkeypatch):
 
 
 
-@pytest.mark.parametrize('topology', ['v5p:2x2x1', 'v5p:2x2x2'])   # one host; two hosts
-def test_host_table_step_compiles(monkeypatch, topology):
-  """engram.table_memory=host: the step takes the hosts' gathered rows (replicated on one host,
-  the [P*U,3,H] parts array on several) and returns the rows after lazy Adam."""
-  from v4jax.memory.host_tables import row_dims
+def test_host_table_step_compiles(monkeypatch):
+  """engram.table_memory=host on two hosts (v5p 2x2x2): the step takes the [P*U,3,H] parts
+  array of the hosts' gathered rows, assembles each row from its owner by a u32 sum, and returns
+  the rows after lazy Adam. One host hands over replicated [U,3,H] rows instead."""
+  from jax.sharding import PartitionSpec as P
+  from v4jax.memory.host_tables import abstract_step_inputs, row_dims
+  from v4jax.parallel.mesh import make_mesh
   from v4jax.trainer import engram_setup
   monkeypatch.setenv('V4JAX_TARGET_PLATFORM', 'tpu')
   cfg = small_tiny(**{'checkpoint.enabled': False, 'engram.table_memory': 'host',
                       'mesh.fsdp': -1, 'model.logits_chunk': 16})
-  compiled, r = aot_compile.compile_step(cfg, topology)
-  hosts = 1 if topology.endswith('x1') else 2
-  assert r['hosts'] == hosts and r['fits']
   u_max, width = row_dims(cfg)
-  rows = sum(-(-n // hosts) for n in engram_setup(cfg, None)[1].values())
+  one_host = abstract_step_inputs(cfg, make_mesh(cfg.mesh, aot_compile.topology_desc(
+      'v5p:2x2x1').devices))
+  assert 'bounds' not in one_host
+  assert all(r.shape == (u_max, 3, width) and r.sharding.spec == P() for r in
+             one_host['rows'].values())
+  compiled, r = aot_compile.compile_step(cfg, 'v5p:2x2x2')
+  assert r['hosts'] == 2 and r['fits']
+  rows = sum(-(-n // 2) for n in engram_setup(cfg, None)[1].values())
   assert r['engram_host_bytes_per_process'] == rows * 3 * width * 4
   hlo = compiled.as_text()
   assert f'f32[{u_max},3,{width}]' in hlo                     # the step's [U,3,H] rows
-  # Several hosts: each row arrives from its owner's slot of the parts by a bitwise u32 sum.
-  assembly = re.search(rf'= u32\[{u_max},3,{width}\]\S* all-reduce\(', hlo)
-  assert (assembly is not None) == (hosts > 1)
+  assert re.search(rf'= u32\[{u_max},3,{width}\]\S* all-reduce\(', hlo)   # parts -> rows

@@ -70,6 +70,20 @@ def _normal_blocks(key, first, n_blocks: int, width: int, std: float):
   return (std * vals).reshape(n_blocks * _BLOCK, width)
 
 
+def _zeros(shape, sharding) -> jax.Array:
+  """fp32 zeros placed by `sharding`, made by XLA. A device_put of np.zeros first faults in every
+  page of the NumPy copy: 2.7 s against 0.8 s per 2 GiB of pinned_host on the CPU
+  (docs/benchmarks.md). Host memory kinds are moved to the host space inside the program, so the
+  array types as a host array (`float32<host>`) like a device_put one; XLA's host gather needs
+  that."""
+  host = sharding.memory_kind in ('pinned_host', 'unpinned_host')
+
+  def make():
+    z = jnp.zeros(tuple(shape), jnp.float32)
+    return jax.device_put(z, compat.HOST) if host else z
+  return jax.jit(make, out_shardings=sharding)()
+
+
 @jax.jit
 def _xla_host_gather(slots, idx):
   rows = compat.on_host(lambda t, i: t.at[i].get(mode='promise_in_bounds'))(slots, idx)
@@ -134,14 +148,14 @@ class _HostStore:
     self.chunk = max(1, total if gather == 'xla' else min(chunk_rows, total))  # XLA reads one array
     self.chunks, self.views, self.void = [], [], []
     for r0 in range(0, total, self.chunk):      # tables first: later small buffers fill the gaps
-      a = jax.device_put(np.zeros((min(self.chunk, total - r0), 3, width), np.float32), self.sh)
+      a = _zeros((min(self.chunk, total - r0), 3, width), self.sh)
       v = compat.host_view(a, check=not self.chunks)   # one probe per store proves the pointer
       self.chunks.append(a)
       self.views.append(v)
       self.void.append(_row_void(v))
     # Two staging sets, used in turn. readers[k]: arrays whose readiness proves that the step
     # which took set k as input has read it (set by the caller, `mark_read`).
-    self.stages = [{l: jax.device_put(np.zeros((u_max, 3, width), np.float32), self.sh)
+    self.stages = [{l: _zeros((u_max, 3, width), self.sh)
                     for l in rows} for _ in range(2)]
     self.stage_voids = [{l: _row_void(compat.host_view(a, check=False)) for l, a in st.items()}
                         for st in self.stages]
@@ -269,8 +283,7 @@ class _DeviceStore:
     self.device, self.sh = device, SingleDeviceSharding(device)
     self.base, self.total = _layout(rows)
     self.rows, self.u_max = rows, u_max
-    self.slots = jax.jit(lambda: jnp.zeros((self.total, 3, width), jnp.float32),
-                         out_shardings=self.sh)()
+    self.slots = _zeros((self.total, 3, width), self.sh)
 
   def gather(self, sel: dict, place, stats) -> dict:
     t0 = time.perf_counter()
@@ -468,7 +481,7 @@ class HostTables:
     self._slot_devices = [(SingleDeviceSharding(d, memory_kind=d.default_memory().kind),
                            slot_of[d] == self.first_slot[self.pid])
                           for d in self.parts_sharding.addressable_devices]
-    self._zeros = {sh: jax.device_put(np.zeros((self.u_max, 3, self.width), np.float32), sh)
+    self._zeros = {sh: _zeros((self.u_max, 3, self.width), sh)
                    for sh, mine in self._slot_devices if not mine}    # masked out by the step
     devs = [next(d for d in mesh.devices.flat if d.process_index == q) for q in range(self.nproc)]
     self.ckpt_sharding = NamedSharding(Mesh(np.array(devs), ('rows',)), P('rows'),
@@ -504,9 +517,9 @@ class HostTables:
 
   def _reset_pipeline(self):
     self._prev = None                      # (uniq, n) per layer of the last step
-    zeros = jax.jit(lambda: jnp.zeros((self.u_max, 3, self.width), jnp.float32),
-                    out_shardings=self.row_sharding)     # made like the step's outputs, so the
-    self._prev_rows = {l: zeros() for l in self.layers}  # step's jit sees one input signature
+    # Made like the step's outputs, so that the step's jit sees one input signature.
+    self._prev_rows = {l: _zeros((self.u_max, 3, self.width), self.row_sharding)
+                       for l in self.layers}
     self._prefetch = None                  # (batch, Future)
     self._current = None
     self._pending: list[Future] = []
