@@ -18,6 +18,7 @@ BAD = [
     ('moe.n_groups', 3, 'config.moe.n_groups=3 must divide moe.num_experts=8'),
     ('moe.topk_groups', 5, 'config.moe.topk_groups=5 must be in [1, moe.n_groups=4]'),
     ('dsa.stage', 'sparse2', "config.dsa.stage='sparse2' is not one of"),
+    ('dsa.sparse_attention', 'mask', "config.dsa.sparse_attention='mask' is not one of"),
     ('dsa.head_dim', 8, 'config.dsa.head_dim=8 must be > model.qk_rope_dim=8'),
     ('engram.layer_ids', (7,), 'config.engram.layer_ids=(7,) must lie in [0, model.n_layers=4)'),
     ('engram.d_mem', 30, 'config.engram.d_mem=30 must be divisible by'),

@@ -21,7 +21,9 @@ Sections (--sections, comma list; default all):
            16 x 64, K=256): device parity of the KL seams and radix top-k, sparse MLA fwd/bwd over
            a small block sweep, top-k, the sparse KL (model/dsa.py, both impls) and one DSA
            layer's attention core (top-k + sparse MLA + KL, fwd+bwd), kernel vs XLA reference;
-  dense    cuDNN causal flash attention fwd+bwd (MLA MHA shapes) and the DSA crossover.
+  dense    cuDNN causal flash attention fwd+bwd (MLA MHA shapes), the same restricted to a
+           top-K key set per query by a mask (dsa.sparse_attention=masked), and the DSA
+           crossover.
 
 FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C+2V) (recomputed
 logits, dp, dq, dkv: the flash-attention 2.5x convention); indexer 2·H·D per allowed (t, s)
@@ -501,7 +503,23 @@ class Bench:
         vp = jnp.pad(v, [(0, 0), (0, 0), (0, 0), (0, dqk - dv)])
         self.record('dense', 'cudnn_flash_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dqk),
                     lambda: self.timeit(g, q, k, vp), flops=fl)
-      del q, k, v
+      # dsa.sparse_attention=masked: the same attention restricted to a top-K key set per query
+      # through the model's seam (a [B,1,T,S] mask, which cuDNN gets as a bias).
+      from v4jax.kernels.attention import library
+      K = min(V3['K'], T)
+      sc = jax.random.uniform(jax.random.key(4), (1, T, T))
+      sc = jnp.where(jnp.tril(jnp.ones((T, T), bool))[None], sc, -jnp.inf)
+      top, idx = jax.lax.top_k(sc, K)
+      idx = jnp.where(jnp.isfinite(top), idx, -1).astype(jnp.int32)
+      del sc, top
+
+      def mloss(q, k, v):
+        o = library.causal_attention(q, k, v, dqk ** -0.5, select_BTK=idx)
+        return jnp.sum(o.astype(jnp.float32))
+      gm = jax.jit(jax.grad(mloss, argnums=(0, 1, 2)))
+      self.record('dense', 'cudnn_masked_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
+                  lambda: self.timeit(gm, q, k, v), flops=fl)
+      del q, k, v, idx
     self.crossover(seqs)
 
   def crossover(self, seqs):

@@ -84,6 +84,9 @@ def default_config() -> ConfigDict:
       warmup_lr_warmup_steps=50,
       query_block=512,         # query rows per gather block in the sparse path
       hadamard=False,
+      sparse_attention='gather',  # gather: the K selected latent rows per token (sparse MLA
+                                  # kernels); masked: dense attention restricted to the selected
+                                  # keys by a mask (cuDNN on GPU; fewer FLOPs at short T)
   ))
   c.mhc = ConfigDict(dict(
       streams=1,               # n; 1 = mHC off (exact plain residual)
@@ -188,6 +191,7 @@ _CHOICES = {
     'moe.dispatch': ('dropless', 'capacity'),
     'moe.ep_exchange': ('auto', 'ragged', 'padded'),
     'dsa.stage': ('dense', 'warmup', 'sparse'),
+    'dsa.sparse_attention': ('gather', 'masked'),
     'mhc.bias_init': ('zero', 'identity'),
     'mhc.head': ('hyper', 'sum', 'first'),
     'engram.table_memory': ('device', 'host'),

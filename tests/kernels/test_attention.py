@@ -17,11 +17,13 @@ from v4jax.kernels.attention import library
 B, T, H, K, V = 2, 24, 3, 12, 20   # K, V not multiples of 8 and unequal: both get padded
 
 
-def oracle_np(q, k, v, scale, seg):
+def oracle_np(q, k, v, scale, seg, sel=None):
   logits = scale * np.einsum('bthk,bshk->bhts', q, k)
   allowed = np.tril(np.ones((T, T), bool))[None, None]
   if seg is not None:
     allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :])
+  if sel is not None:
+    allowed = allowed & sel[:, None]
   logits = np.where(allowed, logits, -np.inf)
   m = logits.max(-1, keepdims=True)
   lse = m[..., 0] + np.log(np.sum(np.exp(logits - m), -1))
@@ -46,17 +48,34 @@ def draw(seed, segments):
   return q, k, v, seg
 
 
-@pytest.mark.parametrize('segments', [False, True])
-def test_reference_and_library_match_oracle(segments):
+def draw_selection(seed, seg, k_sel=5):
+  """DSA-like key sets: per query up to k_sel random allowed keys (causal, same document), the
+  rest of the K slots -1 (early rows have fewer allowed keys than slots); and the [B,T,S] mask."""
+  r = np.random.RandomState(seed)
+  idx = np.full((B, T, k_sel), -1, np.int32)
+  sel = np.zeros((B, T, T), bool)
+  for b in range(B):
+    for t in range(T):
+      ok = [s for s in range(t + 1) if seg is None or seg[b, s] == seg[b, t]]
+      pick = r.permutation(ok)[:k_sel]
+      idx[b, t, :len(pick)] = r.permutation(pick)
+      sel[b, t, pick] = True
+  return idx, sel
+
+
+@pytest.mark.parametrize('segments,select', [(False, False), (True, False), (True, True)])
+def test_reference_and_library_match_oracle(segments, select):
   q, k, v, seg = draw(0 + segments, segments)
+  idx, sel = draw_selection(5, seg) if select else (None, None)
   scale = 0.37
-  want_o, want_lse = oracle_np(q, k, v, scale, seg)
+  want_o, want_lse = oracle_np(q, k, v, scale, seg, sel)
   f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32 if a.dtype != np.int32 else a.dtype)
-  o, lse = causal_attention(f32(q), f32(k), f32(v), scale, f32(seg), query_block=7,
-                            impl='reference')
+  o, lse = causal_attention(f32(q), f32(k), f32(v), scale, f32(seg), select_BTK=f32(idx),
+                            query_block=7, impl='reference')
   np.testing.assert_allclose(o, want_o, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(lse, want_lse, rtol=2e-5, atol=2e-5)
-  o_lib = library.causal_attention(f32(q), f32(k), f32(v), scale, f32(seg), implementation='xla')
+  o_lib = library.causal_attention(f32(q), f32(k), f32(v), scale, f32(seg), select_BTK=f32(idx),
+                                   implementation='xla')
   assert o_lib.shape == (B, T, H, V)
   np.testing.assert_allclose(o_lib, want_o, rtol=2e-5, atol=2e-5)
 

@@ -21,9 +21,9 @@ from v4jax.model.mla import MLA, dense_attention
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _model(stage, topk=6, block=8, min_seq_len=0, seed=0):
+def _model(stage, topk=6, block=8, min_seq_len=0, seed=0, sparse_attention='gather'):
   c = make_cfg(block, enabled=True, stage=stage, topk=topk, min_seq_len=min_seq_len,
-               query_block=block)
+               query_block=block, sparse_attention=sparse_attention)
   m = MLA(c, rngs=nnx.Rngs(seed))
   return m, randomize(m, seed)
 
@@ -150,14 +150,16 @@ def test_kl_value_and_gradient_is_softmax_minus_p():
   assert not np.asarray(dp).any()
 
 
-@pytest.mark.parametrize('stage', ['warmup', 'sparse'])
-def test_mla_stage_matches_oracle_and_isolates_gradients(stage):
+@pytest.mark.parametrize('stage,mode', [('warmup', 'gather'), ('sparse', 'gather'),
+                                        ('sparse', 'masked')])
+def test_mla_stage_matches_oracle_and_isolates_gradients(stage, mode):
   """Output and KL vs the oracle; main-param grads of an LM-like loss and indexer grads of the
   KL vs jax.grad of the jnp oracle (selection mask and teacher as constants). Isolation: the KL
   gives exactly zero gradient to every main param (wq_a, q_norm, ...) and the LM loss exactly
-  zero to every indexer param."""
+  zero to every indexer param. Both sparse forms (dsa.sparse_attention: gathered selected
+  entries, or all keys under the selection mask) meet the same oracle."""
   K = 6
-  m, P = _model(stage, topk=K)
+  m, P = _model(stage, topk=K, sparse_attention=mode)
   x, pos, seg = inputs(segments=True)
   valid = np.random.RandomState(9).rand(B, T) < 0.8
   r = jnp.asarray(np.random.RandomState(5).randn(B, T, D), jnp.float32)

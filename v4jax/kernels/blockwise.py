@@ -24,6 +24,15 @@ def allowed_mask(q_offset, t_len: int, s_len: int, segment_ids_q_BT=None,
   return mask
 
 
+def selection_mask(idx_BTK: jax.Array, s_len: int) -> jax.Array:
+  """Bool [B,T,s_len]: key s is in query t's top-k set (idx_BTK, -1 = empty slot)."""
+  B, T, _ = idx_BTK.shape
+  cols = jnp.where(idx_BTK >= 0, idx_BTK, s_len)                  # empty slots -> a spare column
+  b = jnp.arange(B)[:, None, None]
+  t = jnp.arange(T)[None, :, None]
+  return jnp.zeros((B, T, s_len + 1), bool).at[b, t, cols].set(True)[..., :s_len]
+
+
 def map_query_blocks(fn: Callable, block: int, *xs):
   """Applies fn(q_offset, *x_blocks) over blocks of `block` query rows and joins the outputs.
 

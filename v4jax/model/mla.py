@@ -9,8 +9,12 @@ rope key k_r shared by all heads. Two equal forms of attention:
   MHA: up-project c_kv to per-head k_n, v (dense attention, short sequences);
   MQA (absorbed): fold W^UK into the query, attend over entries e_s = [c_kv ; k_r] shared by all
        heads and apply W^UV after, which lets DSA gather K entries per token.
-`dsa.stage`: dense (no indexer), warmup (dense attention + dense KL), sparse (top-k gather
-attention + KL on the selected set). Attention stays dense when T <= max(K, dsa.min_seq_len).
+`dsa.stage`: dense (no indexer), warmup (dense attention + dense KL), sparse (top-k attention +
+KL on the selected set). Attention stays dense when T <= max(K, dsa.min_seq_len). The sparse
+stage attends in one of two equal ways (`dsa.sparse_attention`): gather (absorbed form over the K
+selected entries per token, the sparse MLA kernels) or masked (MHA form over all keys, the
+selection as a mask: the dense attention kernels, fewer FLOPs when K is a large part of T at few
+heads). Either way the KL teacher comes from the absorbed form at the selected keys.
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ class MLA(nnx.Module):
     self.attn_query_block = m.attn_query_block
     self.stage = d.stage if d.enabled else 'dense'
     self.topk, self.min_seq_len, self.dsa_query_block = d.topk, d.min_seq_len, d.query_block
+    self.sparse_attention = d.sparse_attention
     self.impl, self.attention_impl = cfg.kernels.impl, cfg.kernels.attention
 
   def project(self, x_BTD: jax.Array, positions_BT: jax.Array) -> Projections:
@@ -135,10 +140,21 @@ class MLA(nnx.Module):
       idx_BTK = checkpoint_name(indexer_topk(qi, ki, wi, self.topk, segment_ids_BT,
                                              query_block=self.dsa_query_block, impl=self.impl),
                                 'indexer_topk')
-      o_c, lse_BTH = sparse_mla(q_abs, kv, idx_BTK, self.kv_rank, self.scale,
+      if self.sparse_attention == 'masked':
+        q, k, v = self.mha_qkv(p)
+        o_BTHV, _ = causal_attention(q, k, v, self.scale, segment_ids_BT, select_BTK=idx_BTK,
+                                     query_block=self.attn_query_block,
+                                     impl=self.attention_impl, need_lse=False)
+        # The teacher's lse over the selected keys, from a forward of the gather form that no
+        # gradient flows through.
+        _, lse_BTH = sparse_mla(jax.lax.stop_gradient(q_abs), jax.lax.stop_gradient(kv),
+                                idx_BTK, self.kv_rank, self.scale,
                                 query_block=self.dsa_query_block, impl=self.impl)
+      else:
+        o_c, lse_BTH = sparse_mla(q_abs, kv, idx_BTK, self.kv_rank, self.scale,
+                                  query_block=self.dsa_query_block, impl=self.impl)
+        o_BTHV = self.unabsorb(o_c)
       lse_BTH = checkpoint_name(lse_BTH, 'attn_lse')
-      o_BTHV = self.unabsorb(o_c)
       aux['indexer_kl'] = sparse_indexer_kl(qi, ki, wi, q_abs, kv, idx_BTK, lse_BTH, self.scale,
                                             valid_BT, query_block=self.dsa_query_block,
                                             impl=self.impl)

@@ -31,11 +31,13 @@ def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array, need_lse: bool)
 
 
 def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scale: float,
-                     segment_ids_BT: jax.Array | None = None, *, query_block: int = 0,
+                     segment_ids_BT: jax.Array | None = None, *,
+                     select_BTK: jax.Array | None = None, query_block: int = 0,
                      impl: str = 'auto', need_lse: bool = True):
   """(o [B,T,H,V], lse [B,T,H] fp32 or None when the library path ran).
 
-  k/v per head [B,S,H,*] or shared by all heads [B,S,*] (the reference only).
+  k/v per head [B,S,H,*] or shared by all heads [B,S,*] (the reference only). select_BTK: DSA's
+  top-k key set per query (-1 = empty slot), attended to as a mask over all keys.
   """
   impl = resolve_impl(impl, q_BTHK, k_BSK, need_lse)
   if impl == 'cudnn':
@@ -43,5 +45,7 @@ def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scal
       raise ValueError('config.kernels.attention=cudnn needs per-head k/v [B,S,H,*] and returns '
                        f'no log-sum-exp (k {k_BSK.shape}, need_lse={need_lse}); use auto')
     from v4jax.kernels.attention import library
-    return library.causal_attention(q_BTHK, k_BSK, v_BSV, scale, segment_ids_BT), None
-  return dense_attention(q_BTHK, k_BSK, v_BSV, scale, segment_ids_BT, query_block=query_block)
+    return library.causal_attention(q_BTHK, k_BSK, v_BSV, scale, segment_ids_BT,
+                                    select_BTK=select_BTK), None
+  return dense_attention(q_BTHK, k_BSK, v_BSV, scale, segment_ids_BT, select_BTK=select_BTK,
+                         query_block=query_block)
