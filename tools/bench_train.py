@@ -3,6 +3,7 @@ and (--profile) the share of step time per model component.
 
   python tools/bench_train.py --config configs/peer_maxtext_small.py[:dsa|:full] \\
       [--steps 30 --warmup 5 --out bench.json --profile --ablate dsa,mhc,engram] \\
+      [--variant dsa.sparse_attention=masked] \\
       [--per_device_batch 8] [--config.model.remat=full ...]
   python tools/bench_train.py --config configs/tiny.py --steps 3 --warmup 1     # CPU smoke
 
@@ -33,6 +34,8 @@ Method (docs/performance.md):
   that every scanned or repeated layer runs). If the trace cannot be read, the
   profile section says so and `--ablate` (timing with one component switched off at a time) is
   the fallback.
+- `--ablate` and `--variant` repeat the measurement with config overrides in the same process,
+  so their step times compare with the main one from one run on one machine.
 """
 from __future__ import annotations
 
@@ -163,6 +166,9 @@ def parse_args(argv: list[str]):
   ap.add_argument('--profile_dir', default='', help='trace directory (default: a temp dir)')
   ap.add_argument('--ablate', default='', help=f'comma list of {sorted(ABLATIONS)}: time each '
                   'with that component off')
+  ap.add_argument('--variant', action='append', default=[], metavar='FIELD=VALUE[,FIELD=VALUE]',
+                  help='time the config again with these overrides, in the same process '
+                  '(repeatable), e.g. --variant dsa.sparse_attention=masked')
   ap.add_argument('--workdir', default='', help='Trainer workdir (default: a temp dir)')
   args, rest = ap.parse_known_args(argv)
   overrides = {}
@@ -180,7 +186,20 @@ def parse_args(argv: list[str]):
   for a in args.ablate:
     if a not in ABLATIONS:
       raise ToolError(f'--ablate {a!r} is not one of {sorted(ABLATIONS)}')
+  args.variant = [_parse_variant(v) for v in args.variant]
   return args, overrides
+
+
+def _parse_variant(text: str) -> dict[str, str]:
+  """'a.b=1,c.d=(1,2)' -> {'a.b': '1', 'c.d': '(1,2)'} (commas inside brackets stay)."""
+  out = {}
+  for part in re.split(r',(?![^()\[\]]*[)\]])', text):
+    m = re.fullmatch(r'([\w.]+)=(.+)', part.strip(), re.S)
+    if not m:
+      raise ToolError(f'--variant {text!r}: expected field=value[,field=value], e.g. '
+                      'dsa.sparse_attention=masked')
+    out[m.group(1)] = m.group(2)
+  return out
 
 
 def bench_config(args, overrides):
@@ -692,8 +711,11 @@ def summary(rep: dict) -> str:
                  + ', '.join(parts))
   elif p:
     lines.append(f"profile: {p.get('error')}")
-  for a in rep.get('ablations', []):
-    lines.append(f"  without {a['without']}: step {a['step_time_s'] * 1e3:.1f} ms "
+  for a in rep.get('ablations', []) + rep.get('variants', []):
+    what = f"without {a['without']}" if 'without' in a else 'with ' + ','.join(
+        f'{k}={v}' for k, v in a['overrides'].items())
+    lines.append(f"  {what}: FAILED {a['error']}" if 'error' in a else
+                 f"  {what}: step {a['step_time_s'] * 1e3:.1f} ms "
                  f"({a['saved_s_per_step'] * 1e3:+.1f} ms saved), compile {a['compile_s']:.1f} s")
   return '\n'.join(lines)
 
@@ -721,8 +743,14 @@ def run(argv: list[str]) -> dict:
   import jax
   cfg = bench_config(args, overrides)
   from v4jax.config import ConfigError, validate
+  # Each run's config, checked before the first compile: a bad variant fails now, not after
+  # the main measurement.
+  comparisons = [(f'without_{n}', ABLATIONS[n], 'ablations', {'without': n}) for n in args.ablate]
+  comparisons += [('variant', v, 'variants', {'overrides': v}) for v in args.variant]
   try:
     validate(cfg)
+    for _, ov, _, _ in comparisons:
+      validate(apply_overrides(bench_config(args, overrides), ov))
   except ConfigError as e:
     raise ToolError(str(e)) from e
   dev = jax.devices()[0]
@@ -748,14 +776,17 @@ def run(argv: list[str]) -> dict:
     except Exception as e:  # noqa: BLE001 - reported; --ablate is the fallback
       rep['profile'] = {'method': 'unavailable', 'error': f'{type(e).__name__}: {e}',
                         'trace_dir': prof['dir']}
-  rep['ablations'] = []
+  rep['ablations'], rep['variants'] = [], []
   write_report(rep, args.out)   # each measurement lands before the next compile starts
-  for name in args.ablate:
-    c = apply_overrides(bench_config(args, overrides), ABLATIONS[name])
-    r, _ = measure(validate(c), args, profile=False, label=f'without_{name}')
-    r['without'] = name
-    r['saved_s_per_step'] = result['step_time_s'] - r['step_time_s']
-    rep['ablations'].append(r)
+  for label, ov, key, extra in comparisons:
+    c = apply_overrides(bench_config(args, overrides), ov)
+    try:
+      r, _ = measure(validate(c), args, profile=False, label=label)
+      r.update(extra, saved_s_per_step=result['step_time_s'] - r['step_time_s'])
+    except Exception as e:  # noqa: BLE001 - recorded; the other comparisons still run
+      r = dict(extra, error=f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}')
+      gc.collect()
+    rep[key].append(r)
     write_report(rep, args.out)
   print(summary(rep), flush=True)
   write_report(rep, args.out)
