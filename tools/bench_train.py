@@ -709,6 +709,10 @@ def summary(rep: dict) -> str:
     lines.append(f"profile ({p['steps']} steps, device busy "
                  f"{p['device_busy_s_per_step'] / p['wall_s_per_step'] * 100:.0f}% of wall): "
                  + ', '.join(parts))
+    for g in p.get('top_op_groups', [])[:8]:    # the costliest kernels, summed over layers
+      name = '/'.join(g['op_name'].split('/')[-3:])
+      lines.append(f"  {g['s_per_step'] * 1e3:8.2f} ms/step  {g['component']:<18} x{g['ops']:<3} "
+                   f"{name}")
   elif p:
     lines.append(f"profile: {p.get('error')}")
   for a in rep.get('ablations', []) + rep.get('variants', []):
