@@ -3,9 +3,9 @@
 5.63B device params (1.18B active per token), mHC 4 streams, Engram at layers 1 and 8 with host
 tables (1.324B host params), DSA sparse stage, MTP depth 1: 7.19 GFLOP/token of training.
 Micro-batch 2 x 4096 with 16 accumulation steps (131K tokens per step, as SPEC §12's 4 x 8): at
-micro-batch 4 the step needs 131.7 GiB of the H200's 122.4 usable (measured, docs/benchmarks.md);
-halving it cut the step's temporaries by 6.9 GiB per chip in a TPU AOT compile (v5p 2x2x1,
-fsdp 2 x tensor 2). The built-in byte tokenizer only uses ids 0..257 of the 129280-row
+micro-batch 4 the step needed 131.7 GiB (docs/benchmarks.md). At micro-batch 2 XLA estimates
+127.3 GiB: it trains on one H200 with 97% of the memory claimed (v4jax.cli.claim_gpu_memory),
+at 10,102 tokens/s, 7.3% MFU, DSA most of the step (docs/performance.md). The built-in byte tokenizer only uses ids 0..257 of the 129280-row
 vocabulary; that is fine for benchmarking.
 """
 from v4jax.config import default_config
