@@ -181,13 +181,11 @@ def compile_step(cfg, topology: str):
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     code = mem.generated_code_size_in_bytes
   total = args + outs - alias + temp + code
-  host_bytes = None
+  hosts, host_bytes = len({d.process_index for d in devices}), None
   if host:                     # tables + Adam moments: each host keeps ceil(R_l / P) rows per layer
     from v4jax.memory.host_tables import row_dims
-    from v4jax.trainer import engram_setup
-    nproc = len({d.process_index for d in devices})
-    host_bytes = sum(-(-r // nproc) for r in engram_setup(cfg, None)[1].values()) * 3 * \
-        row_dims(cfg)[1] * 4
+    host_bytes = sum(-(-tr.hash_spec.rows_in_layer(l) // hosts) for l in cfg.engram.layer_ids) * \
+        3 * row_dims(cfg)[1] * 4
   tokens = cfg.data.global_batch * cfg.data.seq_len
   model_flops = flops_lib.flops_per_token(cfg).model_train_per_token * tokens / len(devices)
   hbm = hbm_bytes(topology)
@@ -202,7 +200,7 @@ def compile_step(cfg, topology: str):
                          'temporaries': temp, 'code': code, 'total': total},
       'compile_error': None if compiled is not None else 'libtpu: HLO temporaries exceed HBM',
       'hbm_bytes': hbm, 'fits': None if hbm is None else total <= hbm,
-      'hosts': len({d.process_index for d in devices}),
+      'hosts': hosts,
       'engram_host_bytes_per_process': host_bytes,
       'hlo_flops_per_chip': float(cost['flops']) if cost and 'flops' in cost else None,
       'model_flops_per_chip': model_flops,

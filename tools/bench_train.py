@@ -793,7 +793,6 @@ def run(argv: list[str]) -> dict:
     rep[key].append(r)
     write_report(rep, args.out)
   print(summary(rep), flush=True)
-  write_report(rep, args.out)
   return rep
 
 

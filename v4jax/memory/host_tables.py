@@ -396,11 +396,12 @@ def abstract_step_inputs(cfg, mesh) -> dict:
   several = len({d.process_index for d in mesh.devices.flat}) > 1
   sds = jax.ShapeDtypeStruct
   eng = {'src': {}, 'prev': {}, 'rows': {}, **({'bounds': {}} if several else {})}
+  if several:
+    shape, sharding, _ = parts_layout(cfg, mesh, u_max, width)
   for l in cfg.engram.layer_ids:
     eng['src'][l] = sds((u_max,), jnp.int32, sharding=rep)
     eng['prev'][l] = sds((u_max, 3, width), jnp.float32, sharding=rep)
     if several:
-      shape, sharding, _ = parts_layout(cfg, mesh, u_max, width)
       eng['rows'][l] = sds(shape, jnp.float32, sharding=sharding)
       eng['bounds'][l] = sds((shape[0] // u_max, 2), jnp.int32, sharding=rep)
     else:

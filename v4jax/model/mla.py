@@ -142,14 +142,14 @@ class MLA(nnx.Module):
                                 'indexer_topk')
       if self.sparse_attention == 'masked':
         q, k, v = self.mha_qkv(p)
-        o_BTHV, _ = causal_attention(q, k, v, self.scale, segment_ids_BT, select_BTK=idx_BTK,
-                                     query_block=self.attn_query_block,
-                                     impl=self.attention_impl, need_lse=False)
-        # The teacher's lse over the selected keys, from a forward of the gather form that no
-        # gradient flows through.
-        _, lse_BTH = sparse_mla(jax.lax.stop_gradient(q_abs), jax.lax.stop_gradient(kv),
-                                idx_BTK, self.kv_rank, self.scale,
-                                query_block=self.dsa_query_block, impl=self.impl)
+        o_BTHV, lse_BTH = causal_attention(q, k, v, self.scale, segment_ids_BT,
+                                           select_BTK=idx_BTK, query_block=self.attn_query_block,
+                                           impl=self.attention_impl, need_lse=False)
+        if lse_BTH is None:   # the library kernel keeps its lse: the teacher's comes from a
+          # forward of the gather form that no gradient flows through
+          _, lse_BTH = sparse_mla(jax.lax.stop_gradient(q_abs), jax.lax.stop_gradient(kv),
+                                  idx_BTK, self.kv_rank, self.scale,
+                                  query_block=self.dsa_query_block, impl=self.impl)
       else:
         o_c, lse_BTH = sparse_mla(q_abs, kv, idx_BTK, self.kv_rank, self.scale,
                                   query_block=self.dsa_query_block, impl=self.impl)
