@@ -224,3 +224,25 @@ def test_tiny_golden_one_step_and_loss_falls(tmp_path):
   losses = [float(s['loss'])] + [float(tr.step(batch)['loss']) for _ in range(5)]
   assert all(b < a for a, b in zip(losses, losses[1:])), losses
   assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize('sparse_attention', ['gather', 'masked'])
+def test_block_remat_keeps_the_dsa_tensors(capsys, sparse_attention):
+  """model.remat='block' saves the sparse stage's top-k set, KL teacher and student (one [B,T,K]
+  each per layer) instead of recomputing the indexer, the teacher and (masked form) the sparse
+  attention forward behind its lse in the backward; 'full' saves none of them. Saved residuals
+  as jax reports them."""
+  off = {'mtp.depth': 0, 'mhc.streams': 1, 'engram.enabled': False,
+         'dsa.sparse_attention': sparse_attention}
+  names = ('indexer_topk', 'dsa_teacher', 'dsa_student')
+  for remat, kept in (('block', names), ('full', ())):
+    cfg = small_tiny(**{'model.remat': remat, **off})
+    model = _model(cfg)
+    batch = _batch(cfg, 2)
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0], params)
+    out = capsys.readouterr().out
+    for n in names:
+      saved = out.count(f"named '{n}'")
+      assert saved == (cfg.model.n_layers if n in kept else 0), (remat, n, out)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.kernels.blockwise import allowed_mask, map_query_blocks
 from v4jax.kernels.indexer import indexer_scores, indexer_scores_at
@@ -145,8 +146,10 @@ def sparse_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, q_abs_BTHC, kv_BSC, idx_BTK, lse_
   -1 are outside the support. Both come from the kernel seams (`impl`): on GPU, kernels that
   gather the selected rows in-kernel; otherwise gathered jnp, `query_block` rows at a time.
   """
-  scores_BTK = indexer_scores_at(qi_BTJI, ki_BSI, wi_BTJ, idx_BTK, query_block=query_block,
-                                 impl=impl)
-  p_BTK = attention_probs_mean(sg(q_abs_BTHC), sg(kv_BSC), idx_BTK, sg(lse_BTH), scale,
-                               query_block=query_block, impl=impl)
-  return _masked_sum(kl_rows(scores_BTK, sg(p_BTK), idx_BTK >= 0), valid_BT)
+  scores_BTK = checkpoint_name(indexer_scores_at(qi_BTJI, ki_BSI, wi_BTJ, idx_BTK,
+                                                 query_block=query_block, impl=impl),
+                               'dsa_student')
+  p_BTK = checkpoint_name(sg(attention_probs_mean(sg(q_abs_BTHC), sg(kv_BSC), idx_BTK,
+                                                  sg(lse_BTH), scale, query_block=query_block,
+                                                  impl=impl)), 'dsa_teacher')
+  return _masked_sum(kl_rows(scores_BTK, p_BTK, idx_BTK >= 0), valid_BT)

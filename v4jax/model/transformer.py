@@ -83,13 +83,20 @@ class Block(nnx.Module):
     return constrain(X_BTND, ACT_BTND), aux
 
 
+BLOCK_SAVED_NAMES = ('indexer_topk', 'attn_lse', 'dsa_teacher', 'dsa_student')
+
+
 def _checkpoint(cfg, fn):
   """fn under jax.checkpoint with the policy of cfg.model.remat (fn itself for 'none')."""
   if cfg.model.remat == 'none':
     return fn
+  cp = jax.checkpoint_policies
   policy = {
-      'block': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-      'full': jax.checkpoint_policies.nothing_saveable,
+      # weight matmuls plus the DSA tensors that are costly to redo and small to keep ([B,T,K]
+      # per layer): the top-k set, the attention lse, the KL teacher and student
+      'block': cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                          cp.save_only_these_names(*BLOCK_SAVED_NAMES)),
+      'full': cp.nothing_saveable,
   }[cfg.model.remat]
   return jax.checkpoint(fn, policy=policy, static_argnums=(0,))
 
