@@ -78,6 +78,12 @@ def test_reference_and_library_match_oracle(segments, select):
                                    implementation='xla')
   assert o_lib.shape == (B, T, H, V)
   np.testing.assert_allclose(o_lib, want_o, rtol=2e-5, atol=2e-5)
+  o_lib, lse_lib = library.causal_attention(f32(q), f32(k), f32(v), scale, f32(seg),
+                                            select_BTK=f32(idx), implementation='xla',
+                                            return_lse=True)
+  assert lse_lib.shape == (B, T, H) and lse_lib.dtype == jnp.float32
+  np.testing.assert_allclose(o_lib, want_o, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(lse_lib, want_lse, rtol=2e-5, atol=2e-5)
 
 
 def test_library_gradients_match_oracle():
@@ -96,11 +102,9 @@ def test_library_gradients_match_oracle():
 def test_impl_selection_and_errors():
   q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
   k4, k3 = jnp.zeros((1, 8, 2, 16), jnp.bfloat16), jnp.zeros((1, 8, 16), jnp.bfloat16)
-  assert resolve_impl('auto', q, k4, need_lse=False) == 'reference'   # CPU: no cuDNN
-  assert resolve_impl('cudnn', q, k4, need_lse=False) == 'cudnn'
+  assert resolve_impl('auto', q, k4) == 'reference'   # CPU: no cuDNN
+  assert resolve_impl('cudnn', q, k4) == 'cudnn'
   with pytest.raises(ValueError, match='config.kernels.attention'):
-    resolve_impl('flash', q, k4, need_lse=False)
+    resolve_impl('flash', q, k4)
   with pytest.raises(ValueError, match='per-head k/v'):
     causal_attention(q, k3, k3, 1.0, impl='cudnn', need_lse=False)
-  with pytest.raises(ValueError, match='log-sum-exp'):
-    causal_attention(q, k4, k4, 1.0, impl='cudnn', need_lse=True)

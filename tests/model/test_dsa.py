@@ -152,17 +152,22 @@ def test_kl_value_and_gradient_is_softmax_minus_p():
 
 @pytest.fixture
 def library_lse(request, monkeypatch):
-  """'library': the attention seam returns no lse, as cuDNN does, so the masked form takes the
-  teacher's lse from the gather form's forward; 'reference': the seam's own lse."""
+  """'library': the attention seam's library branch (the cuDNN path's padding, selection mask and
+  fp32 lse, run here by jax.nn's 'xla' implementation); 'reference': the blockwise reference."""
   if request.param == 'library':
     import v4jax.model.mla as mla_mod
-    real = mla_mod.causal_attention
-    monkeypatch.setattr(mla_mod, 'causal_attention', lambda *a, **k: (real(*a, **k)[0], None))
+    from v4jax.kernels.attention import library
+
+    def via_library(q, k, v, scale, segment_ids_BT=None, *, select_BTK=None, **_):
+      return library.causal_attention(q, k, v, scale, segment_ids_BT, select_BTK=select_BTK,
+                                      implementation='xla', return_lse=True)
+    monkeypatch.setattr(mla_mod, 'causal_attention', via_library)
 
 
 @pytest.mark.parametrize('stage,mode,library_lse', [
-    ('warmup', 'gather', 'reference'), ('sparse', 'gather', 'reference'),
-    ('sparse', 'masked', 'reference'), ('sparse', 'masked', 'library')], indirect=['library_lse'])
+    ('warmup', 'gather', 'reference'), ('warmup', 'gather', 'library'),
+    ('sparse', 'gather', 'reference'), ('sparse', 'masked', 'reference'),
+    ('sparse', 'masked', 'library')], indirect=['library_lse'])
 def test_mla_stage_matches_oracle_and_isolates_gradients(stage, mode, library_lse):
   """Output and KL vs the oracle; main-param grads of an LM-like loss and indexer grads of the
   KL vs jax.grad of the jnp oracle (selection mask and teacher as constants). Isolation: the KL

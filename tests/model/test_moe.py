@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from v4jax.config import default_config
-from v4jax.model.moe import DenseFFN, MoE, RouterBias, route, update_router_bias
+from v4jax.model.moe import DenseFFN, MoE, RouterBias, permuted_rows, route, update_router_bias
 
 B, T, D, E, K, F, G, MG, RHO = 2, 16, 64, 8, 2, 32, 4, 2, 2.5
 HI = jax.lax.Precision.HIGHEST
@@ -381,3 +381,20 @@ def test_bad_inputs_raise():
     m(jnp.ones((B, T, D + 1)))
   with pytest.raises(ValueError, match='valid_BT'):
     m(_x(), jnp.ones((B, T + 1), bool))
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_permuted_rows_values_and_gradient(k):
+  """The dispatch gather y[m] = x[src[m] // k] and its gather-only VJP against numpy (np.add.at
+  of dy into dx), fresh random permutation and values; fp32, exact up to summation order."""
+  r = np.random.RandomState(11 + k)
+  N, D = 7, 5
+  src = r.permutation(N * k).astype(np.int32)
+  inv = np.argsort(src).astype(np.int32)
+  x, dy = r.randn(N, D).astype(np.float32), r.randn(N * k, D).astype(np.float32)
+  y, vjp = jax.vjp(lambda x: permuted_rows(x, jnp.asarray(src), jnp.asarray(inv), k),
+                   jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(y), x[src // k])
+  want = np.zeros_like(x)
+  np.add.at(want, src // k, dy)
+  np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), want, rtol=1e-6, atol=1e-6)

@@ -14,7 +14,8 @@ KL on the selected set). Attention stays dense when T <= max(K, dsa.min_seq_len)
 stage attends in one of two equal ways (`dsa.sparse_attention`): gather (absorbed form over the K
 selected entries per token, the sparse MLA kernels) or masked (MHA form over all keys, the
 selection as a mask: the dense attention kernels, fewer FLOPs when K is a large part of T at few
-heads). Either way the KL teacher comes from the absorbed form at the selected keys.
+heads). Either way the KL teacher comes from the absorbed form at the selected keys and the
+attention's own log-sum-exp.
 """
 from __future__ import annotations
 
@@ -144,12 +145,7 @@ class MLA(nnx.Module):
         q, k, v = self.mha_qkv(p)
         o_BTHV, lse_BTH = causal_attention(q, k, v, self.scale, segment_ids_BT,
                                            select_BTK=idx_BTK, query_block=self.attn_query_block,
-                                           impl=self.attention_impl, need_lse=False)
-        if lse_BTH is None:   # the library kernel keeps its lse: the teacher's comes from a
-          # forward of the gather form that no gradient flows through
-          _, lse_BTH = sparse_mla(jax.lax.stop_gradient(q_abs), jax.lax.stop_gradient(kv),
-                                  idx_BTK, self.kv_rank, self.scale,
-                                  query_block=self.dsa_query_block, impl=self.impl)
+                                           impl=self.attention_impl)
       else:
         o_c, lse_BTH = sparse_mla(q_abs, kv, idx_BTK, self.kv_rank, self.scale,
                                   query_block=self.dsa_query_block, impl=self.impl)
