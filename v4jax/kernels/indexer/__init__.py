@@ -63,9 +63,10 @@ def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: in
 def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx_BTK: jax.Array,
                       *, query_block: int = 0, impl: str = 'auto') -> jax.Array:
   """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys, -inf at -1 slots; the sparse
-  KL student, differentiable in q, k and w (the GPU kernel gathers rows in-kernel and scatters
-  dk with atomics, the TPU kernel DMA-gathers rows and adds dk rows by read-modify-write DMAs;
-  the reference gathers [B,Tq,K,D] per query block)."""
+  KL student, differentiable in q, k and w (the GPU kernel gathers rows in-kernel, its backward
+  runs dense [T,S] tiles over a scattered cotangent without atomics; the TPU kernel DMA-gathers
+  rows and adds dk rows by read-modify-write DMAs; the reference gathers [B,Tq,K,D] per query
+  block)."""
   _check(q_BTHD, k_BSD, w_BTH, impl)
   if idx_BTK.ndim != 3 or idx_BTK.shape[:2] != q_BTHD.shape[:2]:
     raise ValueError(f'indexer_scores_at: idx_BTK {idx_BTK.shape} must be [B,T,K] with [B,T] of '
