@@ -4,9 +4,9 @@
 tables (1.324B host params), DSA sparse stage, MTP depth 1: 7.19 GFLOP/token of training.
 Micro-batch 2 x 4096 with 16 accumulation steps (131K tokens per step, as SPEC §12's 4 x 8): at
 micro-batch 4 the step needed 131.7 GiB (docs/benchmarks.md). At micro-batch 2 XLA estimates
-127.3 GiB: it trains on one H200 with 97% of the memory claimed (v4jax.cli.claim_gpu_memory),
-at 10,102 tokens/s, 7.3% MFU, DSA most of the step (docs/performance.md). The built-in byte tokenizer only uses ids 0..257 of the 129280-row
-vocabulary; that is fine for benchmarking.
+129.4 GiB: it trains on one H200 with 97% of the memory claimed (v4jax.cli.claim_gpu_memory),
+at 16,822 tokens/s, 12.2% MFU (docs/performance.md). The built-in byte tokenizer only uses ids
+0..257 of the 129280-row vocabulary; that is fine for benchmarking.
 """
 from v4jax.config import default_config
 

@@ -506,6 +506,7 @@ class Bench:
       # dsa.sparse_attention=masked: the same attention restricted to a top-K key set per query
       # through the model's seam (a [B,1,T,S] mask, which cuDNN gets as a bias).
       from v4jax.kernels.attention import library
+      from v4jax.kernels.blockwise import selection_mask
       K = min(V3['K'], T)
       sc = jax.random.uniform(jax.random.key(4), (1, T, T))
       sc = jnp.where(jnp.tril(jnp.ones((T, T), bool))[None], sc, -jnp.inf)
@@ -519,6 +520,27 @@ class Bench:
       gm = jax.jit(jax.grad(mloss, argnums=(0, 1, 2)))
       self.record('dense', 'cudnn_masked_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
                   lambda: self.timeit(gm, q, k, v), flops=fl)
+
+      # the same with cuDNN's fp32 lse returned (the DSA teacher's), and that lse against an
+      # fp32 softmax over the allowed keys of the first 16 heads
+      def lloss(q, k, v):
+        o, lse = library.causal_attention(q, k, v, dqk ** -0.5, select_BTK=idx, return_lse=True)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(lse)
+      gl = jax.jit(jax.grad(lloss, argnums=(0, 1, 2)))
+
+      def lse_err():
+        _, lse = jax.jit(lambda q, k, v: library.causal_attention(
+            q, k, v, dqk ** -0.5, select_BTK=idx, return_lse=True))(q, k, v)
+        h = min(H, 16)
+        lg = jnp.einsum('bthk,bshk->bhts', q[:, :, :h], k[:, :, :h],
+                        preferred_element_type=jnp.float32) * dqk ** -0.5
+        allow = selection_mask(idx, T)[:, None] & jnp.tril(jnp.ones((T, T), bool))
+        want = jax.nn.logsumexp(jnp.where(allow, lg, -jnp.inf), axis=-1)       # [B,h,T]
+        return float(jnp.max(jnp.abs(jnp.swapaxes(lse[:, :, :h], 1, 2) - want)))
+      row = self.record('dense', 'cudnn_masked_lse_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
+                        lambda: self.timeit(gl, q, k, v), flops=fl)
+      if 'error' not in row:
+        row['lse_max_abs_err'] = lse_err()
       del q, k, v, idx
     self.crossover(seqs)
 
