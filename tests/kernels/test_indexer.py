@@ -263,6 +263,17 @@ def test_reference_scores_at_custom_vjp(sort_slots):
   _check_scores_at(got, want, idx)
 
 
+def _scores_at_and_grads(f, idx, r, q, k, w):
+  """(I at idx, dL/dq, dL/dk, dL/dw) of L = Σ r·I over the non-empty slots, jitted; f=None is the
+  gathered jnp oracle."""
+  if f is None:
+    def f(q, k, w):
+      kg = jnp.take_along_axis(k[:, None], jnp.maximum(idx, 0)[..., None], axis=2)   # [B,T,K,D]
+      return jnp.einsum('bthk,bth->btk', jax.nn.relu(jnp.einsum('bthd,btkd->bthk', q, kg)), w)
+  loss = lambda *a: jnp.sum(jnp.where(idx >= 0, f(*a), 0.0) * r)
+  return _jit(lambda q, k, w: (f(q, k, w),) + jax.grad(loss, argnums=(0, 1, 2))(q, k, w), q, k, w)
+
+
 # B, T, S, H, D, K, block_k, dtype: K above the allowed count of early rows and not a multiple of
 # block_k (two chunks, double-buffered DMAs), S > T, a hole mid-row and a token with no key.
 @pytest.mark.parametrize('B,T,S,H,D,K,bk,dtype', [(1, 5, 9, 3, 16, 12, 8, jnp.float32),
@@ -275,15 +286,9 @@ def test_tpu_scores_at_selected_keys_interpret(B, T, S, H, D, K, bk, dtype):
   idx = _distinct_idx(B, T, S, K, rs, holes=[(0, 2, 1), (B - 1, 1, None)])
   r = jnp.asarray(rs.randn(B, T, K), jnp.float32)
 
-  def oracle(q, k, w):
-    kg = jnp.take_along_axis(k[:, None], jnp.maximum(idx, 0)[..., None], axis=2)   # [B,T,K,D]
-    return jnp.einsum('bthk,bth->btk', jax.nn.relu(jnp.einsum('bthd,btkd->bthk', q, kg)), w)
-
-  def run(f, *args):
-    loss = lambda *a: jnp.sum(jnp.where(idx >= 0, f(*a), 0.0) * r)
-    return _jit(lambda q, k, w: (f(q, k, w),) + jax.grad(loss, argnums=(0, 1, 2))(q, k, w), *args)
-  got = run(lambda q, k, w: tpu.indexer_scores_at(q, k, w, idx, block_k=bk), q, k, w)
-  want = run(oracle, q.astype(jnp.float32), k.astype(jnp.float32), w)
+  got = _scores_at_and_grads(lambda q, k, w: tpu.indexer_scores_at(q, k, w, idx, block_k=bk),
+                             idx, r, q, k, w)
+  want = _scores_at_and_grads(None, idx, r, q.astype(jnp.float32), k.astype(jnp.float32), w)
   ok = np.asarray(idx) >= 0
   np.testing.assert_array_equal(np.isfinite(got[0]), ok)
   assert [a.dtype for a in got[1:]] == [dtype, dtype, jnp.float32]
@@ -322,17 +327,10 @@ def test_gpu_scores_at_dense_backward(B, T, S, H, D, K, blocks, dtype, causal):
     idx = jnp.asarray(idx)
   r = jnp.asarray(rs.randn(B, T, K), jnp.float32)
 
-  def oracle(q, k, w):
-    kg = jnp.take_along_axis(k[:, None], jnp.maximum(idx, 0)[..., None], axis=2)   # [B,T,K,D]
-    return jnp.einsum('bthk,bth->btk', jax.nn.relu(jnp.einsum('bthd,btkd->bthk', q, kg)), w)
-
-  def run(f, *args):
-    loss = lambda *a: jnp.sum(jnp.where(idx >= 0, f(*a), 0.0) * r)
-    return _jit(lambda q, k, w: (f(q, k, w),) + jax.grad(loss, argnums=(0, 1, 2))(q, k, w), *args)
   bt, bs, bh = blocks
-  got = run(lambda q, k, w: gpu.indexer_scores_at(q, k, w, idx, block_t=bt, block_s=bs,
-                                                  block_h=bh, interpret=True), q, k, w)
-  want = run(oracle, q.astype(jnp.float32), k.astype(jnp.float32), w)
+  got = _scores_at_and_grads(lambda q, k, w: gpu.indexer_scores_at(
+      q, k, w, idx, block_t=bt, block_s=bs, block_h=bh, interpret=True), idx, r, q, k, w)
+  want = _scores_at_and_grads(None, idx, r, q.astype(jnp.float32), k.astype(jnp.float32), w)
   assert [a.dtype for a in got[1:]] == [dtype, dtype, jnp.float32]
   rel = 1e-5 if dtype == jnp.float32 else 1e-2
   ok = np.asarray(idx) >= 0
