@@ -108,3 +108,16 @@ def test_impl_selection_and_errors():
     resolve_impl('flash', q, k4)
   with pytest.raises(ValueError, match='per-head k/v'):
     causal_attention(q, k3, k3, 1.0, impl='cudnn', need_lse=False)
+
+
+def test_cudnn_lse_entry_point_failure_is_one_clear_error(monkeypatch):
+  """The fp32 lse comes from jax's private cuDNN function; if a jax release moves or changes
+  it, the error names the jax version and the fallback setting instead of a bare TypeError."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+  def changed(*a, **k):
+    raise TypeError("dot_product_attention() got an unexpected keyword argument 'mask_type'")
+  monkeypatch.setattr(cudnn, 'dot_product_attention', changed)
+  q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
+  with pytest.raises(RuntimeError, match=r'kernels.attention=reference'):
+    library.causal_attention(q, q, q, 0.5, return_lse=True)

@@ -51,10 +51,15 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                                           implementation=implementation)
     return o_BTHW[..., :V]
   if implementation == 'cudnn':
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-    o_BTHW, lse_BHT = cudnn.dot_product_attention(
-        q, k, v, None, mask, scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout='BTNH',
-        return_residual=True)
+    try:
+      from jax._src.cudnn import fused_attention_stablehlo as cudnn
+      o_BTHW, lse_BHT = cudnn.dot_product_attention(
+          q, k, v, None, mask, scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout='BTNH',
+          return_residual=True)
+    except (ImportError, AttributeError, TypeError) as e:   # a private API: say what broke
+      raise RuntimeError(
+          f'cuDNN attention with its fp32 log-sum-exp is unavailable in jax {jax.__version__} '
+          f'({type(e).__name__}: {e}); set config.kernels.attention=reference') from e
     lse_BTH = jnp.swapaxes(lse_BHT, 1, 2)
   else:
     o_BTHW, lse_BTH = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
