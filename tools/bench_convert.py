@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark the safetensors export against a plain file copy of the same checkpoint.
 
-  python tools/bench_convert.py --scratch /tmp/bench --out bench_convert.json [--layers 3] [--uncompressed]
+  python tools/bench_convert.py --scratch /tmp/bench --out bench_convert.json [--layers 3]
+      [--uncompressed] [--no-ocdbt]
 
 1. A child process writes a synthetic v4jax checkpoint (random weights, not trained; every
    component on, V3 vocabulary, D=2048, 32 experts; about 5 GB of fp32 parameters with
    --layers 3) through Orbax, in the layout the trainer writes (`state` with params/rest, and
-   `meta`; no optimizer state, which the export never reads), zstd-compressed as Orbax does by
-   default, or uncompressed with --uncompressed.
+   `meta`; no optimizer state, which the export never reads): an OCDBT store, zstd-compressed,
+   as Orbax does by default; --uncompressed and --no-ocdbt as the trainer's
+   `checkpoint.compression=none` and `checkpoint.use_ocdbt=False` write it.
 2. Times `cp -r` of the checkpoint step directory, tools/convert_to_safetensors.py --dtype fp32
    and --dtype bf16, and `cp -r` again, each in a child process ending with a `sync`, so both
    sides pay for their writes reaching the disk. This process never imports jax and stays
@@ -47,9 +49,9 @@ def bench_config(layers: int):
   return validate(c)
 
 
-def write_checkpoint(workdir: str, layers: int, compress: bool = True) -> dict:
-  """Random weights in every tensor of the bench model, saved as the trainer would (zstd, Orbax's
-  default), or with compress=False without compression (Orbax's `use_compression=False`)."""
+def write_checkpoint(workdir: str, layers: int, compress: bool = True, ocdbt: bool = True) -> dict:
+  """Random weights in every tensor of the bench model, saved through v4jax.checkpoint as the
+  trainer would with checkpoint.compression zstd / none and checkpoint.use_ocdbt."""
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -69,16 +71,12 @@ def write_checkpoint(workdir: str, layers: int, compress: bool = True) -> dict:
   pool = np.random.default_rng(0).standard_normal(max(sizes), np.float32) * np.float32(0.006)
   fill = lambda t: jax.tree.map(lambda x: pool[:int(np.prod(x.shape))].reshape(x.shape), t)
   state = {'step': np.zeros((), np.int32), 'params': fill(params), 'rest': fill(rest)}
-  handlers, save = {}, ocp.args.StandardSave(state)
-  if not compress:
-    handlers = {'item_handlers': {'state': ocp.PyTreeCheckpointHandler(use_compression=False),
-                                  'meta': ocp.JsonCheckpointHandler()}}
-    save = ocp.args.PyTreeSave(state)
-  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
-                               options=ocp.CheckpointManagerOptions(create=True),
-                               item_names=('state', 'data_iter', 'meta'), **handlers)
+  cfg.checkpoint.update(compression='zstd' if compress else 'none', use_ocdbt=ocdbt,
+                        async_save=False)
+  mngr = ckpt.manager(workdir, cfg)
   meta = {'config': ckpt.config_json(cfg), 'engram_hash': spec.to_json()}
-  mngr.save(0, args=ocp.args.Composite(state=save, meta=ocp.args.JsonSave(meta)))
+  mngr.save(0, args=ocp.args.Composite(state=ckpt.tree_save(state),
+                                       meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
   mngr.close()
   return {'params': sum(sizes), 'param_bytes': 4 * sum(sizes),
@@ -113,18 +111,22 @@ def main(argv=None) -> int:
   p.add_argument('--layers', type=int, default=3, help='main layers (3: ~5 GB of fp32 params)')
   p.add_argument('--keep', action='store_true', help='keep the scratch directory')
   p.add_argument('--uncompressed', action='store_true',
-                 help='write the checkpoint without zstd (Orbax use_compression=False)')
+                 help='write the checkpoint without zstd (checkpoint.compression=none)')
+  p.add_argument('--no-ocdbt', action='store_true',
+                 help='one file per array instead of an OCDBT store (checkpoint.use_ocdbt=False)')
   p.add_argument('--write-checkpoint', metavar='WORKDIR', help=argparse.SUPPRESS)   # child mode
   a = p.parse_args(argv)
   if a.write_checkpoint:
-    print(json.dumps(write_checkpoint(a.write_checkpoint, a.layers, not a.uncompressed)))
+    print(json.dumps(write_checkpoint(a.write_checkpoint, a.layers, not a.uncompressed,
+                                      not a.no_ocdbt)))
     return 0
   os.makedirs(a.scratch, exist_ok=False)
   try:
     work = os.path.join(a.scratch, 'run')
     py, me = sys.executable, os.path.abspath(__file__)
     w = timed([py, me, '--scratch', a.scratch, '--out', a.out, '--layers', str(a.layers),
-               '--write-checkpoint', work] + (['--uncompressed'] if a.uncompressed else []))
+               '--write-checkpoint', work] + (['--uncompressed'] if a.uncompressed else [])
+              + (['--no-ocdbt'] if a.no_ocdbt else []))
     info = json.loads(w['stdout'].strip().splitlines()[-1])
     print(f'wrote the synthetic checkpoint in {w["seconds"]:.0f} s', file=sys.stderr)
     step_dir = os.path.join(work, 'checkpoints', '0')
@@ -157,7 +159,8 @@ def main(argv=None) -> int:
         'jax_version': importlib.metadata.version('jax'), 'date': time.strftime('%Y-%m-%d'),
         'load_average_1min': [round(load_before, 1), round(os.getloadavg()[0], 1)],
         'checkpoint': {**info, 'bytes_on_disk': on_disk, 'layers': a.layers,
-                       'compression': 'none' if a.uncompressed else 'zstd'}, 'runs': runs,
+                       'compression': 'none' if a.uncompressed else 'zstd',
+                       'use_ocdbt': not a.no_ocdbt}, 'runs': runs,
         'export_fp32_over_copy_throughput': round(copy_s / runs['export_fp32']['seconds'], 3),
         'export_bf16_over_copy_throughput': round(copy_s / runs['export_bf16']['seconds'], 3),
         'peak_rss_goal_bytes': int(goal_rss),

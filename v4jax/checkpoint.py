@@ -11,6 +11,7 @@ only whole steps and `latest_step()` is always a valid one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -24,21 +25,42 @@ class CheckpointError(RuntimeError):
 
 
 def manager(workdir: str, cfg) -> ocp.CheckpointManager:
-  opts = ocp.CheckpointManagerOptions(
-      max_to_keep=cfg.checkpoint.max_to_keep,
-      enable_async_checkpointing=cfg.checkpoint.async_save,
-      create=True)
+  """The run's checkpoint manager. The array items (`state`, `host_tables`) are written as
+  `checkpoint.use_ocdbt` (one OCDBT store per item, Orbax's default, or one zarr file per array)
+  and `checkpoint.compression` (zstd or none) say; a restore reads any of them."""
+  c = cfg.checkpoint
+  opts = ocp.CheckpointManagerOptions(max_to_keep=c.max_to_keep,
+                                      enable_async_checkpointing=c.async_save, create=True)
+  arrays = lambda: ocp.PyTreeCheckpointHandler(use_ocdbt=c.use_ocdbt,
+                                               use_compression=c.compression == 'zstd')
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=opts,
-                               item_names=('state', 'data_iter', 'meta', 'host_tables'))
+                               item_names=('state', 'data_iter', 'meta', 'host_tables'),
+                               item_handlers={'state': arrays(), 'host_tables': arrays()})
+
+
+def tree_save(tree) -> ocp.args.PyTreeSave:
+  """Save args of an array item (`state`, `host_tables`) of a `manager`."""
+  return ocp.args.PyTreeSave(tree)
+
+
+def tree_restore(abstract, strict: bool = True) -> ocp.args.PyTreeRestore:
+  """Restore args of an array item into the shapes, dtypes and shardings of `abstract`; with
+  strict=False arrays may be cut or padded to the abstract shapes."""
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  if not strict:
+    restore_args = jax.tree.map(
+        lambda a: dataclasses.replace(a, strict=False) if hasattr(a, 'strict') else a,
+        restore_args)
+  return ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict,
          force: bool = False, host_tables: dict | None = None) -> bool:
-  items = dict(state=ocp.args.StandardSave(state),
+  items = dict(state=tree_save(state),
                data_iter=grain.checkpoint.CheckpointSave(data_iter),
                meta=ocp.args.JsonSave(meta))
   if host_tables is not None:   # NumPy leaves: Orbax copies them before returning
-    items['host_tables'] = ocp.args.StandardSave(host_tables)
+    items['host_tables'] = tree_save(host_tables)
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -53,7 +75,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
   """Restores `state` into the shardings of `abstract_state` and the iterator in place."""
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=tree_restore(abstract_state),
         data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
   except Exception as e:  # noqa: BLE001 - reported with the path
     raise CheckpointError(
@@ -86,7 +108,7 @@ def restore_host_tables(mngr: ocp.CheckpointManager, step: int, abstract: dict) 
   _check_table_rows(mngr, step, abstract)
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
-        host_tables=ocp.args.StandardRestore(abstract, strict=False)))
+        host_tables=tree_restore(abstract, strict=False)))
   except Exception as e:  # noqa: BLE001 - reported with the path
     raise CheckpointError(
         f'checkpoint {mngr.directory}/{step}: cannot read the Engram host tables (saved with '

@@ -174,6 +174,8 @@ def default_config() -> ConfigDict:
       every=100,
       max_to_keep=3,
       async_save=True,
+      use_ocdbt=True,          # one OCDBT store per item (Orbax's default); False: a file per array
+      compression='zstd',      # zstd | none: none + use_ocdbt=False is what exports read fastest
   ))
   c.log = ConfigDict(dict(
       tensorboard=True,
@@ -204,6 +206,7 @@ _CHOICES = {
     'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),
     'data.source': ('builtin', 'array_record', 'synthetic'),
     'optim.schedule': ('cosine', 'constant'),
+    'checkpoint.compression': ('zstd', 'none'),
 }
 
 

@@ -346,7 +346,7 @@ def test_restore_cuts_the_row_padding_of_a_several_process_checkpoint(tmp_path):
   saved = {f'layer_{l}': rng.standard_normal((3 * -(-r // 3), 3, tabs.width)).astype(np.float32)
            for l, r in tabs.rows.items()}      # as 3 processes would save them
   mngr = ckpt.manager(str(tmp_path), cfg)
-  mngr.save(1, args=ocp.args.Composite(host_tables=ocp.args.StandardSave(saved)))
+  mngr.save(1, args=ocp.args.Composite(host_tables=ckpt.tree_save(saved)))
   mngr.wait_until_finished()
   tabs.load(ckpt.restore_host_tables(mngr, 1, tabs.abstract()))
   for l, r in tabs.rows.items():
@@ -366,7 +366,7 @@ def test_restore_refuses_tables_of_another_size(tmp_path, rows, width_delta):
   saved = {f'layer_{l}': np.ones((rows if l == 0 else r, 3, tabs.width + width_delta), np.float32)
            for l, r in tabs.rows.items()}
   mngr = ckpt.manager(str(tmp_path), cfg)
-  mngr.save(1, args=ocp.args.Composite(host_tables=ocp.args.StandardSave(saved)))
+  mngr.save(1, args=ocp.args.Composite(host_tables=ckpt.tree_save(saved)))
   mngr.wait_until_finished()
   with pytest.raises(ckpt.CheckpointError, match="host table 'layer_0'.*expected \\[301..601"):
     ckpt.restore_host_tables(mngr, 1, tabs.abstract())

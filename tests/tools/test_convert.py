@@ -371,3 +371,29 @@ def test_cli_errors_are_one_line(fp32_export, tmp_path):
   r = _run(['tools/convert_to_safetensors.py', '--workdir', str(tmp_path), '--out', str(tmp_path / 'o')])
   assert r.returncode == 2 and r.stderr.strip() == (
       f"convert_to_safetensors.py: error: --workdir '{tmp_path}' has no checkpoints/ directory")
+
+
+def test_raw_file_checkpoint_exports_the_same_bytes(trained, fp32_export, tmp_path):
+  """The trained checkpoint rewritten as checkpoint.use_ocdbt=False, compression=none (one raw
+  file per array, which the export maps instead of reading) exports to byte-identical shards."""
+  import shutil
+  import orbax.checkpoint as ocp
+  src = os.path.join(trained, 'checkpoints', '2')
+  dst = os.path.join(str(tmp_path), 'checkpoints', '2')
+  os.makedirs(dst)
+  for item in os.listdir(src):
+    if item != 'state' and os.path.isdir(os.path.join(src, item)):
+      shutil.copytree(os.path.join(src, item), os.path.join(dst, item))
+  state = ocp.PyTreeCheckpointer().restore(os.path.join(src, 'state'))
+  ocp.PyTreeCheckpointer(use_ocdbt=False, use_compression=False).save(
+      os.path.join(dst, 'state'), jax.tree.map(np.asarray, state))
+  assert os.path.isfile(os.path.join(dst, 'state', 'params.embed.value', '0.0'))
+  out = str(tmp_path / 'fp32')
+  r = _run(['tools/convert_to_safetensors.py', '--workdir', str(tmp_path), '--out', out,
+            '--dtype', 'fp32', '--max-shard-size', '300KB'])
+  assert r.returncode == 0, r.stderr
+  names = sorted(os.listdir(fp32_export))
+  assert sorted(os.listdir(out)) == names
+  for f in names:
+    with open(os.path.join(fp32_export, f), 'rb') as a, open(os.path.join(out, f), 'rb') as b:
+      assert a.read() == b.read(), f

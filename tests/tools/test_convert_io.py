@@ -3,11 +3,12 @@
 - CheckpointReader's array table read from _METADATA and `.zarray` files equals Orbax's metadata.
 - CheckpointReader.read(key, out): the libzstd / uncompressed streaming read into a reused buffer
   equals what TensorStore reads through Orbax's own read spec, bit for bit, for zstd and for
-  uncompressed Orbax items, with 4 KB key-value ranges (many ranges, a value ending exactly on a
-  range boundary); layouts it does not handle fall back to TensorStore.
-- ShardWriter.write: transposed fp32 views (OpenBLAS's transpose) and bf16 casts, written
-  through 64 KB staging buffers so rows straddle them, read back equal to numpy's x.T and
-  ml_dtypes' rounding (exact: both are copies / the same round-to-nearest-even).
+  uncompressed Orbax items, in an OCDBT store or one file per array, with 4 KB ranges (many
+  ranges, a value ending exactly on a range boundary); layouts it does not handle fall back to
+  TensorStore. CheckpointReader.mapped(key) (raw files only) gives the same bytes, read-only.
+- ShardWriter.write: transposed fp32 views (OpenBLAS's transpose, on one thread or split in two)
+  and bf16 casts, written through 64 KB staging buffers so rows straddle them, read back equal
+  to numpy's x.T and ml_dtypes' rounding (exact: both are copies / the same round-to-nearest-even).
 """
 import os
 
@@ -21,14 +22,15 @@ from v4jax.convert.ckpt_reader import CheckpointReader
 from v4jax.convert.safetensors_io import SafetensorsFile, ShardWriter
 
 
-def _item(path, arrays, compress):
-  ckptr = ocp.PyTreeCheckpointer(use_compression=compress)
+def _item(path, arrays, compress, ocdbt=True):
+  ckptr = ocp.PyTreeCheckpointer(use_compression=compress, use_ocdbt=ocdbt)
   ckptr.save(path, arrays)
   return str(path)
 
 
-@pytest.mark.parametrize('compress', [True, False])
-def test_reader_fast_path_matches_tensorstore(tmp_path, monkeypatch, compress):
+@pytest.mark.parametrize('compress,ocdbt', [(True, True), (False, True), (True, False),
+                                            (False, False)])
+def test_reader_fast_path_matches_tensorstore(tmp_path, monkeypatch, compress, ocdbt):
   monkeypatch.setattr(ckpt_reader, '_RANGE', 4096)
   rng = np.random.default_rng(3)
   arrays = {'a': rng.standard_normal((97, 131)).astype(np.float32),    # several ranges
@@ -36,7 +38,7 @@ def test_reader_fast_path_matches_tensorstore(tmp_path, monkeypatch, compress):
             'c': rng.integers(-9, 9, (5, 3, 7)).astype(np.int32),
             'd': np.asarray(7, np.int32),
             'e': rng.standard_normal((6, 4)).astype(ml_dtypes.bfloat16)}
-  item = _item(tmp_path / 'item', arrays, compress)
+  item = _item(tmp_path / 'item', arrays, compress, ocdbt)
   r = CheckpointReader.__new__(CheckpointReader)     # just the array table of one Orbax item
   r._ctx, r._kv = ckpt_reader._read_context(), {}
   leaves = r._leaves(item, None)
@@ -49,6 +51,11 @@ def test_reader_fast_path_matches_tensorstore(tmp_path, monkeypatch, compress):
     fast += np.shares_memory(got, buf)
     want = r._read_ts(key)
     assert got.dtype == want.dtype and got.shape == want.shape, key
+    view = r.mapped(key)
+    assert (view is not None) == (not compress and not ocdbt), key
+    if view is not None:
+      assert not view.flags.writeable and view.dtype == want.dtype and view.shape == want.shape
+      np.testing.assert_array_equal(np.asarray(view, np.float64), np.asarray(want, np.float64))
     np.testing.assert_array_equal(np.asarray(got, np.float64), np.asarray(want, np.float64))
     np.testing.assert_array_equal(np.asarray(want, np.float64), arrays[key[1]].astype(np.float64))
   if compress and ckpt_reader._zstd() is None:
@@ -56,8 +63,12 @@ def test_reader_fast_path_matches_tensorstore(tmp_path, monkeypatch, compress):
   assert fast >= 4, 'the float32/int32 arrays should take the streaming path'
 
 
-def test_writer_transposes_and_casts_through_small_buffers(tmp_path, monkeypatch):
+@pytest.mark.parametrize('split', [False, True])
+def test_writer_transposes_and_casts_through_small_buffers(tmp_path, monkeypatch, split):
+  """split: every transpose of 1,000+ elements is shared with the helper thread (odd row counts
+  give unequal halves)."""
   monkeypatch.setattr(safetensors_io, '_CHUNK', 64 * 1024)
+  monkeypatch.setattr(safetensors_io, '_SPLIT_ELEMS', 1000 if split else 2**22)
   rng = np.random.default_rng(5)
   src = {'t32': rng.standard_normal((300, 77)).astype(np.float32),     # written as .T, fp32
          'odd': rng.standard_normal((3,)).astype(np.float32),          # bf16: 6 bytes, misaligns
@@ -76,3 +87,23 @@ def test_writer_transposes_and_casts_through_small_buffers(tmp_path, monkeypatch
   for n, v in views.items():
     want = np.ascontiguousarray(v).astype(safetensors_io.DTYPES[codes[n]])
     np.testing.assert_array_equal(f.read(n).view(np.uint8), want.view(np.uint8), err_msg=n)
+
+
+@pytest.mark.parametrize('compress', [True, False])
+def test_reader_truncated_chunk_file_is_one_clear_error(tmp_path, compress):
+  """An item written without OCDBT whose chunk file lost its tail: ToolError naming the array
+  (not a short array or a hang in the decoder)."""
+  from v4jax.cli import ToolError
+  a = np.random.default_rng(4).standard_normal((64, 33)).astype(np.float32)
+  item = _item(tmp_path / 'item', {'a': a}, compress, ocdbt=False)
+  chunk = os.path.join(item, 'a', '0.0')
+  with open(chunk, 'r+b') as fh:
+    fh.truncate(os.path.getsize(chunk) // 2)
+  r = CheckpointReader.__new__(CheckpointReader)
+  r._ctx, r._kv = ckpt_reader._read_context(), {}
+  r.arrays = {(c, p): (s, d, n, item, ()) for c, p, s, d, n in r._leaves(item, None)}
+  if compress and ckpt_reader._zstd() is None:
+    pytest.skip('no libzstd: the array goes through TensorStore')
+  key, = r.arrays
+  with pytest.raises(ToolError, match=r': (cannot read a |a holds)'):
+    r.read(key, np.empty(a.nbytes + 8, np.uint8))

@@ -5,8 +5,9 @@ The `state` item is an OCDBT/zarr tensor store (v4jax/checkpoint.py). The list o
 from the item's `_METADATA` tree and each array's `.zarray` (Orbax's own metadata reader where
 they do not suffice), so a plain export never imports Orbax or JAX. An array stored as Orbax writes it by default (zarr v2, one chunk, zstd or
 no compression) is read by `read(key, out)` straight into a caller's reused buffer: the chunk's
-bytes come from the OCDBT key-value store in 16 MB ranges and libzstd (ctypes) decodes them in
-a stream. Decoding into fresh memory is what made reads slow on the VM measured (first-touch
+bytes come from the OCDBT key-value store in 16 MB ranges, or from its own file where the item
+was written without OCDBT (`checkpoint.use_ocdbt=False`; uncompressed, that is one read from the
+page cache into the buffer), and libzstd (ctypes) decodes them in a stream. Decoding into fresh memory is what made reads slow on the VM measured (first-touch
 page faults cost ~1.5 s per GB, more than the zstd decode itself). Any other layout (zarr3,
 several chunks, a slice of a stacked array, no libzstd) goes through TensorStore with the read
 spec Orbax itself uses (`orbax.checkpoint.type_handlers.get_json_tspec_read`). Only the `params`
@@ -18,6 +19,7 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import mmap
 import os
 
 import ml_collections
@@ -194,13 +196,30 @@ class CheckpointReader:
       out = None
     return out if out is not None else self._leaves_orbax(item_dir, collections)
 
+  def _zarrays(self, item_dir: str, names: list[str]) -> list[dict | None]:
+    """Each array's zarr v2 `.zarray` (None where absent): from the OCDBT store (reads issued
+    together), or from the array's own directory in an item written without OCDBT."""
+    if _storage(item_dir)[0]:
+      kv = self._kvstore(item_dir)
+      reads = [kv.read(f'{n}/.zarray'.encode()) for n in names]
+      return [json.loads(r.value) if r.state == 'value' else None
+              for r in (f.result() for f in reads)]
+    out = []
+    for n in names:
+      try:
+        with open(os.path.join(item_dir, n, '.zarray'), encoding='utf-8') as fh:
+          out.append(json.load(fh))
+      except FileNotFoundError:
+        out.append(None)
+    return out
+
   def _leaves_zarr(self, item_dir: str, collections):
-    """None unless every leaf of the item is a zarr v2 array of the OCDBT store."""
-    if _storage(item_dir) != (True, False):
+    """None unless every leaf of the item is a zarr v2 array."""
+    if _storage(item_dir)[1]:
       return None
     with open(os.path.join(item_dir, '_METADATA'), encoding='utf-8') as fh:
       tree = json.load(fh)['tree_metadata']
-    kv, leaves = self._kvstore(item_dir), []
+    leaves = []
     for entry in tree.values():
       keys = [str(k['key']) for k in entry['key_metadata']]
       coll = keys[0] if collections else None
@@ -210,13 +229,10 @@ class CheckpointReader:
       if parts and parts[-1] == 'value':
         parts = parts[:-1]
       leaves.append((coll, '/'.join(parts), '.'.join(keys)))
-    reads = [kv.read(f'{name}/.zarray'.encode()) for _, _, name in leaves]
     out = []
-    for (coll, path, name), r in zip(leaves, reads):
-      res = r.result()
-      if res.state != 'value':
+    for (coll, path, name), z in zip(leaves, self._zarrays(item_dir, [n for *_, n in leaves])):
+      if z is None:
         return None
-      z = json.loads(res.value)
       out.append((coll, path, tuple(z['shape']), np.dtype(z['dtype']).newbyteorder('='), name))
     for coll in collections or ():
       if not any(c == coll for c, *_ in out):
@@ -269,17 +285,20 @@ class CheckpointReader:
       self._kv[item_dir] = ts.KvStore.open(spec, context=self._ctx).result()
     return self._kv[item_dir]
 
-  def _chunk(self, key) -> tuple[bytes, bool] | None:
-    """(kvstore key, stored bytes, zstd?) of an array kept as one zarr v2 chunk, C order, no
-    filters, no or zstd compression, read whole; None for any other layout."""
+  def _chunk(self, key) -> tuple[bytes | str, bool] | None:
+    """(where the chunk is, zstd?) of an array kept as one zarr v2 chunk, C order, no filters, no
+    or zstd compression: its OCDBT key (bytes), or its file path (str) in an item Orbax wrote
+    without OCDBT; None for any other layout."""
     shape, dtype, name, item_dir, index = self.arrays[key]
-    if index or _storage(item_dir) != (True, False):
+    use_ocdbt, use_zarr3 = _storage(item_dir)
+    if index or use_zarr3:
       return None
-    kv = self._kvstore(item_dir)
-    meta = kv.read(f'{name}/.zarray'.encode()).result()
-    if meta.state != 'value':
+    try:
+      zarray, = self._zarrays(item_dir, [name])
+    except (OSError, ValueError):
       return None
-    zarray = json.loads(meta.value)
+    if zarray is None:
+      return None
     compressor = zarray.get('compressor') or {'id': None}
     try:
       stored = np.dtype(zarray.get('dtype'))
@@ -292,7 +311,32 @@ class CheckpointReader:
       return None
     sep = zarray.get('dimension_separator', '.')
     chunk = f'{name}/' + (sep.join(['0'] * len(shape)) if shape else '0')
-    return chunk.encode(), compressor['id'] == 'zstd'
+    return (chunk.encode() if use_ocdbt else os.path.join(item_dir, chunk),
+            compressor['id'] == 'zstd')
+
+  def mapped(self, key: tuple[str, str]) -> np.ndarray | None:
+    """The array as a read-only view of its chunk file mapped into memory (an item written
+    without OCDBT and without compression): no copy at all, the page cache's own pages,
+    prefaulted in one call (MAP_POPULATE); unmapped when the view is dropped. None for any other
+    layout (then `read`)."""
+    chunk = self._chunk(key)
+    if chunk is None or not isinstance(chunk[0], str) or chunk[1]:
+      return None
+    shape, dtype, name, item_dir, _ = self.arrays[key]
+    n = self.nbytes(key)
+    try:
+      with open(chunk[0], 'rb') as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size != n:
+          raise ToolError(f'{item_dir}: {name} holds {size} bytes, metadata says {n} '
+                          f'({shape} {dtype})')
+        if n == 0:
+          return np.zeros(shape, dtype)
+        m = mmap.mmap(fh.fileno(), n, flags=mmap.MAP_PRIVATE | getattr(mmap, 'MAP_POPULATE', 0),
+                      prot=mmap.PROT_READ)
+    except OSError as e:
+      raise ToolError(f'{item_dir}: cannot read {name} ({e})') from None
+    return np.frombuffer(m, dtype).reshape(shape)
 
   def read(self, key: tuple[str, str], out: np.ndarray | None = None) -> np.ndarray:
     """The array at (collection, path) as a numpy array: a view of `out` (a uint8 buffer of at
@@ -304,12 +348,16 @@ class CheckpointReader:
         return self._read_chunk(key, *chunk, out)
     return self._read_ts(key)
 
-  def _read_chunk(self, key, chunk: bytes, zstd: bool, out: np.ndarray) -> np.ndarray:
-    """Streams the one stored chunk into out: 16 MB ranges fetched one ahead of the decoder."""
+  def _read_chunk(self, key, chunk: bytes | str, zstd: bool, out: np.ndarray) -> np.ndarray:
+    """Streams the one stored chunk into out: 16 MB ranges fetched one ahead of the decoder (a
+    chunk file without compression is read straight into out)."""
     shape, dtype, name, item_dir, _ = self.arrays[key]
-    n, kv = self.nbytes(key), self._kvstore(item_dir)
+    n = self.nbytes(key)
     _reuse_heap()
     dst = out[:n]
+    if isinstance(chunk, str):
+      return self._read_file(key, chunk, zstd, dst)
+    kv = self._kvstore(item_dir)
     feed = _zstd().decoder(dst) if zstd else None
     fetch = lambda a: kv.read(chunk, byte_range=slice(a, a + _RANGE))
     try:
@@ -340,6 +388,38 @@ class CheckpointReader:
         feed.close()
     if got != n:
       raise ToolError(f'{item_dir}: {name} holds {got} bytes, metadata says {n} ({shape} {dtype})')
+    return dst.view(dtype).reshape(shape)
+
+  def _read_file(self, key, path: str, zstd: bool, dst: np.ndarray) -> np.ndarray:
+    """A chunk file (an item written without OCDBT): readinto the destination (one copy, from
+    the page cache), or 16 MB preads fed to the zstd decoder."""
+    shape, dtype, name, item_dir, _ = self.arrays[key]
+    n, got = dst.size, 0
+    try:
+      with open(path, 'rb', buffering=0) as fh:
+        if zstd:
+          feed = _zstd().decoder(dst)
+          try:
+            piece = fh.read(_RANGE)
+            while piece and not feed(piece):
+              piece = fh.read(_RANGE)
+            got = feed.done()
+          finally:
+            feed.close()
+        else:
+          view = memoryview(dst)
+          while got < n:
+            k = fh.readinto(view[got:])
+            if not k:
+              break
+            got += k
+          if fh.read(1):
+            got += 1
+    except (OSError, ValueError) as e:
+      raise ToolError(f'{item_dir}: cannot read {name} ({e})') from None
+    if got != n:
+      raise ToolError(f'{item_dir}: {name} holds {got} bytes or more, metadata says {n} '
+                      f'({shape} {dtype})')
     return dst.view(dtype).reshape(shape)
 
   def _read_ts(self, key) -> np.ndarray:

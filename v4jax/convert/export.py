@@ -5,7 +5,8 @@ comes from the checkpoint metadata alone; then each v4jax tensor is read, its HF
 written from views (splits and transposes, materialised straight into the output's staging
 buffers) and it is dropped before the next one is read. Tensors are decoded into one reused
 arena of the largest tensor's size plus 512 MB, the next one read ahead by a thread into the
-arena's other end when both fit, so peak memory stays near the largest tensor. MTP copies of
+arena's other end when both fit, so peak memory stays near the largest tensor; tensors stored
+as raw files (checkpoint.use_ocdbt=False, checkpoint.compression=none) are mapped instead. MTP copies of
 the embedding and head are written again from the tensor still in memory (or, if it is not,
 copied from the bytes already written).
 Names: v4jax/convert/hf_names.py.
@@ -117,7 +118,9 @@ class _Tensors:
     return self.buf[:n] if end == 0 else self.buf[self.cap - n:self.cap]
 
   def _read(self, e, end):
-    return self.reader.read((e.collection, e.path), self._slot(self.size[e], end))
+    key = (e.collection, e.path)
+    view = self.reader.mapped(key)          # a file of raw bytes: mapped, the arena unused
+    return view if view is not None else self.reader.read(key, self._slot(self.size[e], end))
 
   def get(self, e):
     if e is self.current:
