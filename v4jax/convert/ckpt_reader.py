@@ -1,17 +1,19 @@
 """Reads a v4jax Orbax checkpoint one tensor at a time (for export: memory stays near the largest
 tensor, whatever the model size).
 
-The `state` item is an OCDBT/zarr tensor store (v4jax/checkpoint.py). The list of arrays comes
-from the item's `_METADATA` tree and each array's `.zarray` (Orbax's own metadata reader where
-they do not suffice), so a plain export never imports Orbax or JAX. An array stored as Orbax writes it by default (zarr v2, one chunk, zstd or
-no compression) is read by `read(key, out)` straight into a caller's reused buffer: the chunk's
-bytes come from the OCDBT key-value store in 16 MB ranges, or from its own file where the item
-was written without OCDBT (`checkpoint.use_ocdbt=False`; uncompressed, that is one read from the
-page cache into the buffer), and libzstd (ctypes) decodes them in a stream. Decoding into fresh memory is what made reads slow on the VM measured (first-touch
-page faults cost ~1.5 s per GB, more than the zstd decode itself). Any other layout (zarr3,
-several chunks, a slice of a stacked array, no libzstd) goes through TensorStore with the read
-spec Orbax itself uses (`orbax.checkpoint.type_handlers.get_json_tspec_read`). Only the `params`
-and `rest` collections are read; optimizer moments are never touched.
+The `state` item is a zarr tensor store (v4jax/checkpoint.py), in one OCDBT store or one
+directory per array. The list of arrays comes from the item's `_METADATA` tree and each array's
+`.zarray` (Orbax's own metadata reader where they do not suffice), so a plain export never
+imports Orbax or JAX. An array stored as Orbax writes it (zarr v2, one chunk, zstd or no
+compression) is read by `read(key, out)` straight into a caller's reused buffer: its bytes come
+from the OCDBT key-value store in 16 MB ranges, or from its own file (`checkpoint.use_ocdbt=False`),
+and libzstd (ctypes) decodes them in a stream. Decoding into fresh memory is what made reads slow
+on the VM measured (first-touch page faults cost ~1.5 s per GB, more than the zstd decode
+itself). A raw file (no OCDBT, no compression) can instead be mapped (`mapped(key)`): no copy at
+all. Any other layout (zarr3, several chunks, a slice of a stacked array, no libzstd) goes through
+TensorStore with the read spec Orbax itself uses
+(`orbax.checkpoint.type_handlers.get_json_tspec_read`). Only the `params` and `rest` collections
+are read; optimizer moments are never touched.
 """
 from __future__ import annotations
 

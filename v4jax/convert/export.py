@@ -6,9 +6,9 @@ written from views (splits and transposes, materialised straight into the output
 buffers) and it is dropped before the next one is read. Tensors are decoded into one reused
 arena of the largest tensor's size plus 512 MB, the next one read ahead by a thread into the
 arena's other end when both fit, so peak memory stays near the largest tensor; tensors stored
-as raw files (checkpoint.use_ocdbt=False, checkpoint.compression=none) are mapped instead. MTP copies of
-the embedding and head are written again from the tensor still in memory (or, if it is not,
-copied from the bytes already written).
+as raw files (checkpoint.use_ocdbt=False, checkpoint.compression=none) are mapped instead. MTP
+copies of the embedding and head are written again from the tensor still in memory (or, if it
+is not, copied from the bytes already written).
 Names: v4jax/convert/hf_names.py.
 """
 from __future__ import annotations
