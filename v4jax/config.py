@@ -39,7 +39,7 @@ def default_config() -> ConfigDict:
       scan_layers=False,       # build each run of identical blocks as one stacked module run by
                                # lax.scan (params get a leading 'layers' dim): compile time and
                                # HLO size stop growing with depth (docs/architecture.md)
-      logits_chunk=0,          # vocab-chunked cross entropy; 0 = one chunk
+      logits_chunk=0,          # cross entropy in chunks of this many positions; 0 = one chunk
       attn_query_block=512,    # query rows per block in dense attention (and the dense KL); 0 = one block
   ))
   c.rope = ConfigDict(dict(
