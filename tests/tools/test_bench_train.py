@@ -104,7 +104,9 @@ def test_overrides_and_bad_flags():
 
 
 def test_trace_attribution(tmp_path):
-  """A function with two scoped parts of known relative cost, traced and attributed."""
+  """A function with two scoped parts, traced and attributed: both get time, and every kernel
+  lands in the component its scope names. (No relative-timing assertion: on a shared 2-core
+  CPU the two parts' measured times swapped order in one CI run.)"""
   @jax.jit
   def f(x):
     with jax.named_scope('v4_model'):
@@ -122,11 +124,16 @@ def test_trace_attribution(tmp_path):
   p = bench_train.analyse_trace(str(tmp_path), hlo, steps=2, wall_s=1.0)
   s = p['shares']
   assert sum(s.values()) == pytest.approx(1.0)
-  assert s['attention+indexer'] > 0 and s['moe'] > s['attention+indexer'] * 0.8, s
+  assert s['attention+indexer'] > 0 and s['moe'] > 0, s
   assert p['module'] == 'jit_f' and p['top_ops']
   g = p['top_op_groups']      # ops summed per op_name: every op lands in exactly one group
   assert sum(r['s_per_step'] for r in g) == pytest.approx(p['op_time_s_per_step'], rel=1e-6)
   assert sum(r['ops'] for r in g) >= len(g) and any('v4_moe' in r['op_name'] for r in g)
+  for r in g:
+    if 'v4_moe' in r['op_name']:
+      assert r['component'] == 'moe', r
+    elif 'v4_attn' in r['op_name']:
+      assert r['component'] == 'attention+indexer', r
 
 
 def test_self_times():
