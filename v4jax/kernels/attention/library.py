@@ -13,8 +13,9 @@ The log-sum-exp (the DSA KL teacher needs it) is cuDNN's fp32 softmax statistic.
 `jax.nn.dot_product_attention(..., return_residual=True)` rounds it to the output dtype (bf16:
 errors of ~0.03 in lse, 3% in every teacher probability), so the cuDNN path calls the function
 behind it, `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`, which returns it in
-fp32 (checked on jax 0.10.2 and 0.11.2; the GPU check is in docs/benchmarks.md). The 'xla'
-implementation (CPU tests of this padding and masking) uses the public call.
+fp32 (the same signature in jax 0.10.2 and 0.11.2; checked on the GPU with 0.11.2,
+docs/benchmarks.md). The 'xla' implementation (CPU tests of this padding and masking) uses the
+public call.
 """
 from __future__ import annotations
 
