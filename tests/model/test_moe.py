@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from v4jax.config import default_config
-from v4jax.model.moe import DenseFFN, MoE, RouterBias, permuted_rows, route, update_router_bias
+from v4jax.model.moe import DenseFFN, MoE, RouterBias, route, update_router_bias
+from v4jax.parallel.expert import permuted_rows
 
 B, T, D, E, K, F, G, MG, RHO = 2, 16, 64, 8, 2, 32, 4, 2, 2.5
 HI = jax.lax.Precision.HIGHEST

@@ -99,27 +99,6 @@ class Experts(nnx.Module):
     return matmul('ecf,efd->ecd', jax.nn.silu(g_ECF) * u_ECF, self.w_down[...], dt)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def permuted_rows(x_ND: jax.Array, src_M: jax.Array, inv_M: jax.Array, k: int) -> jax.Array:
-  """y[m] = x[src[m] // k] for a permutation src of range(N*k) (each row of x repeated k
-  times, then permuted) with inverse inv. The VJP gathers too, dx[n] = Σ_j dy[inv[n*k + j]],
-  where autodiff of the gather would scatter-add rows into dx (atomics on GPU)."""
-  return x_ND[src_M // k]
-
-
-def _permuted_rows_fwd(x_ND, src_M, inv_M, k):
-  return x_ND[src_M // k], inv_M
-
-
-def _permuted_rows_bwd(k, inv_M, dy_MD):
-  dy_NkD = dy_MD[inv_M].reshape(-1, k, dy_MD.shape[-1])
-  dx_ND = dy_NkD[:, 0] if k == 1 else jnp.sum(dy_NkD.astype(f32), axis=1).astype(dy_MD.dtype)
-  return dx_ND, None, None
-
-
-permuted_rows.defvjp(_permuted_rows_fwd, _permuted_rows_bwd)
-
-
 def route(logits_AE: jax.Array, bias_E: jax.Array, *, top_k: int, n_groups: int,
           topk_groups: int, route_scale: float):
   """SPEC §4 routing in fp32 -> (scores s_AE, selected experts sel_AK int32, gates g_AK).
@@ -253,9 +232,9 @@ class MoE(nnx.Module):
     e_M = sel_AK.reshape(M)
     order_M = jnp.argsort(e_M, stable=True).astype(jnp.int32)
     sizes_E = jnp.bincount(e_M, length=self.n_experts).astype(jnp.int32)
-    inv_M = jnp.zeros((M,), jnp.int32).at[order_M].set(jnp.arange(M, dtype=jnp.int32))
-    ys_MD = self.experts.sorted_rows(permuted_rows(x_AD, order_M, inv_M, K), sizes_E)
-    return permuted_rows(ys_MD, inv_M, order_M, 1).reshape(A, K, -1)
+    inv_M = expert.inverse_permutation(order_M)
+    ys_MD = self.experts.sorted_rows(expert.permuted_rows(x_AD, order_M, inv_M, K), sizes_E)
+    return expert.permuted_rows(ys_MD, inv_M, order_M, 1).reshape(A, K, -1)
 
   def _capacity(self, x_AD, sel_AK, valid_A):
     """Fixed capacity C = ceil(cf*A*K/E) per expert, first come (token order) first served;

@@ -20,6 +20,7 @@ F expert FFN dim, E experts, P expert-parallel degree, L = E/P local experts, R 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -102,10 +103,32 @@ def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_
                                            mode='drop')
 
 
-def _inverse(perm):
+def inverse_permutation(perm):
   """The inverse permutation (a scatter of indices; rows then move by gather)."""
   n = perm.shape[0]
   return jnp.zeros((n,), i32).at[perm].set(jnp.arange(n, dtype=i32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def permuted_rows(x_ND: jax.Array, src_M: jax.Array, inv_M: jax.Array, k: int) -> jax.Array:
+  """y[m] = x[src[m] // k] for a permutation src of range(N*k) (each row of x repeated k
+  times, then permuted) with inverse inv: the sort and unsort of token-slots by expert. The VJP
+  gathers too, dx[n] = Σ_j dy[inv[n*k + j]], where autodiff of the gather would scatter-add
+  rows into dx (atomics on GPU)."""
+  return x_ND[src_M // k]
+
+
+def _permuted_rows_fwd(x_ND, src_M, inv_M, k):
+  return x_ND[src_M // k], inv_M
+
+
+def _permuted_rows_bwd(k, inv_M, dy_MD):
+  dy_NkD = dy_MD[inv_M].reshape(-1, k, dy_MD.shape[-1])
+  dx_ND = dy_NkD[:, 0] if k == 1 else jnp.sum(dy_NkD.astype(f32), axis=1).astype(dy_MD.dtype)
+  return dx_ND, None, None
+
+
+permuted_rows.defvjp(_permuted_rows_fwd, _permuted_rows_bwd)
 
 
 def _accept(S_PP, cap_peer: int, R: int):
@@ -150,8 +173,9 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
   def local(x_AD, sel_AK, g_AK, valid_A, wg, wu, wd):
     A = x_AD.shape[0]
     e_M = sel_AK.reshape(A * K)
-    order_M = jnp.argsort(e_M, stable=True)
-    xs_MD = x_AD[order_M // K]
+    order_M = jnp.argsort(e_M, stable=True).astype(i32)
+    inv_M = inverse_permutation(order_M)
+    xs_MD = permuted_rows(x_AD, order_M, inv_M, K)
     if ep == 1:
       ys_MD = ffn(xs_MD, wg, wu, wd, jnp.bincount(e_M, length=L).astype(i32))
       dropped = jnp.zeros((), f32)
@@ -169,16 +193,17 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
       mine_PL = cnt_PPL[:, me]
       acc_PL = jnp.clip(recv_P[:, None] - _excl_cumsum(mine_PL, 1), 0, mine_PL)
       run_R = jnp.searchsorted(jnp.cumsum(acc_PL.reshape(-1)), jnp.arange(R), side='right')
-      order_R = jnp.argsort(jnp.where(run_R < ep * L, run_R % L, L), stable=True)
-      y_RD = ffn(buf_RD[order_R], wg, wu, wd, jnp.sum(acc_PL, axis=0))
-      y_RD = y_RD[_inverse(order_R)]                                  # back to (src, expert) runs
+      order_R = jnp.argsort(jnp.where(run_R < ep * L, run_R % L, L), stable=True).astype(i32)
+      inv_R = inverse_permutation(order_R)
+      y_RD = ffn(permuted_rows(buf_RD, order_R, inv_R, 1), wg, wu, wd, jnp.sum(acc_PL, axis=0))
+      y_RD = permuted_rows(y_RD, inv_R, order_R, 1)                   # back to (src, expert) runs
       ys_MD = exchange(y_RD, jnp.zeros((A * K, D), y_RD.dtype), _excl_cumsum(recv_P), recv_P,
                        _excl_cumsum(S_PP, 1)[:, me], send_P)
       dst_M = e_M[order_M] // L
       kept_M = jnp.arange(A * K) - off_P[dst_M] < send_P[dst_M]
       valid_M = jnp.repeat(valid_A, K)[order_M]
       dropped = jnp.sum((valid_M & ~kept_M).astype(f32))
-    y_AKD = ys_MD[_inverse(order_M)].reshape(A, K, D).astype(f32)
+    y_AKD = permuted_rows(ys_MD, inv_M, order_M, 1).reshape(A, K, D).astype(f32)
     y_AD = jnp.einsum('ak,akd->ad', g_AK.astype(f32), y_AKD)
     if plan.ff_axes:
       y_AD = jax.lax.psum(y_AD, _entry(plan.ff_axes))
