@@ -82,23 +82,18 @@ def _chunked_nll_sum(h_BTD, head_DV, targets_BT, weight_BT, dtype, chunk):
 def _chunk_scan(h_BTD, head_DV, targets_BT, weight_BT, dtype, chunk, grads: bool):
   """(loss sum, dL/dhead fp32 or None, dL/dh [n,B,C,D] or None) for a unit cotangent."""
   w_DV = head_DV.astype(dtype)
-  vocab = jnp.arange(head_DV.shape[1])
 
-  def body(carry, xs):
+  def body(carry, xs):             # token_nll_sum's forward and backward on each chunk's logits
     total, dw_DV = carry
     h_BCD, t_BC, wt_BC = xs
     x_BCD = h_BCD.astype(dtype)
-    lf_BCV = jnp.einsum('bcd,dv->bcv', x_BCD, w_DV, preferred_element_type=dtype).astype(F32)
-    lse_BC = jax.nn.logsumexp(lf_BCV, axis=-1)
-    tgt_BC = jnp.take_along_axis(lf_BCV, t_BC[..., None], axis=-1)[..., 0]
-    total = total + jnp.sum((lse_BC - tgt_BC) * wt_BC)
+    nll, res = _nll_fwd(matmul('bcd,dv->bcv', x_BCD, w_DV, dtype), t_BC, wt_BC)
     if not grads:
-      return (total, dw_DV), None
-    p_BCV = jnp.exp(lf_BCV - lse_BC[..., None])
-    d_BCV = (wt_BC[..., None] * (p_BCV - (vocab == t_BC[..., None]))).astype(dtype)
-    dh_BCD = jnp.einsum('bcv,dv->bcd', d_BCV, w_DV, preferred_element_type=dtype)
+      return (total + nll, dw_DV), None
+    d_BCV = _nll_bwd(res, 1.0)[0]
+    dh_BCD = matmul('bcv,dv->bcd', d_BCV, w_DV, dtype)
     dw_DV = dw_DV + jnp.einsum('bcd,bcv->dv', x_BCD, d_BCV, preferred_element_type=F32)
-    return (total, dw_DV), dh_BCD
+    return (total + nll, dw_DV), dh_BCD
 
   init = (jnp.zeros((), F32), jnp.zeros(head_DV.shape, F32) if grads else None)
   (total, dw_DV), dh_nBCD = jax.lax.scan(
