@@ -321,10 +321,12 @@ class CheckpointReader:
     without OCDBT and without compression): no copy at all, the page cache's own pages,
     prefaulted in one call (MAP_POPULATE); unmapped when the view is dropped. None for any other
     layout (then `read`)."""
-    chunk = self._chunk(key)
-    if chunk is None or not isinstance(chunk[0], str) or chunk[1]:
-      return None
     shape, dtype, name, item_dir, _ = self.arrays[key]
+    if _storage(item_dir)[0]:               # an OCDBT store: no file to map (no metadata read)
+      return None
+    chunk = self._chunk(key)
+    if chunk is None or chunk[1]:
+      return None
     n = self.nbytes(key)
     try:
       with open(chunk[0], 'rb') as fh:
