@@ -482,7 +482,7 @@ class HostTables:
     self._slot_devices = [(SingleDeviceSharding(d, memory_kind=d.default_memory().kind),
                            slot_of[d] == self.first_slot[self.pid])
                           for d in self.parts_sharding.addressable_devices]
-    self._zeros = {sh: _zeros((self.u_max, 3, self.width), sh)
+    self._filler_rows = {sh: _zeros((self.u_max, 3, self.width), sh)
                    for sh, mine in self._slot_devices if not mine}    # masked out by the step
     devs = [next(d for d in mesh.devices.flat if d.process_index == q) for q in range(self.nproc)]
     self.ckpt_sharding = NamedSharding(Mesh(np.array(devs), ('rows',)), P('rows'),
@@ -700,7 +700,7 @@ class HostTables:
     process's first slot of the [P*U, 3, H] parts that the step assembles (rows_lib)."""
     if self.nproc == 1:
       return jax.device_put(rows_U3H, self.row_sharding)
-    shards = [jax.device_put(rows_U3H, sh) if mine else self._zeros[sh]
+    shards = [jax.device_put(rows_U3H, sh) if mine else self._filler_rows[sh]
               for sh, mine in self._slot_devices]
     return jax.make_array_from_single_device_arrays(self.parts_shape, self.parts_sharding, shards)
 
