@@ -11,6 +11,12 @@ up-projection (K=D, N=d_e) and the down-projection (K=d_e, N=D). TFLOP/s count 2
 
   python tools/bench_moe.py --out bench.json            # GPU
   python tools/bench_moe.py --smoke --out smoke.json    # any backend, tiny shapes, seconds
+  python tools/bench_moe.py --sweep --out sweep.json    # Hopper: tile sweep of the mgpu kernels
+
+`--sweep` times each Mosaic-GPU kernel of the mgpu VJP (fwd: y = x w[g]; fwd_t: dx = dy w[g]^T;
+dw: x_g^T dy_g) alone at each shape's up and down GEMMs (balanced routing) over candidate tilings
+(v4jax.kernels.grouped_matmul.mgpu.Tiles), against the dense matmul of the same FLOPs, and prints
+the best tiling per kernel and shape: the entries of mgpu.TUNED.
 """
 from __future__ import annotations
 
@@ -93,6 +99,63 @@ def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
   return rows
 
 
+def sweep_candidates():
+  """Tilings that fit Hopper's 227 KB of shared memory and one warpgroup's registers (the fp32
+  accumulator block_m x block_n over 128 threads: at most 128 x 128)."""
+  from v4jax.kernels.grouped_matmul.mgpu import Tiles
+  shapes = ((128, 128, 64, (3, 4, 5)), (128, 128, 128, (2,)), (64, 256, 64, (3, 4)),
+            (64, 256, 128, (2,)), (128, 64, 64, (4,)), (128, 64, 128, (3,)), (64, 128, 64, (4,)))
+  return [Tiles(bm, bn, bk, st, 4) for bm, bn, bk, stages in shapes for st in stages
+          if st * (bm * bk + bk * bn) * 2 + bm * bn * 2 <= 220 * 1024]
+
+
+def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start):
+  """Rows {kernel, K, N, tiles, ms, tflops, vs_dense} for the three kernels of one GEMM."""
+  import time
+  from v4jax.kernels.grouped_matmul import mgpu
+  rs = np.random.RandomState(0)
+  x = jnp.asarray(rs.randn(M, K).astype(np.float32), dtype)
+  w = jnp.asarray((rs.randn(G, K, N) / np.sqrt(K)).astype(np.float32), dtype)
+  dy = jnp.asarray(rs.randn(M, N).astype(np.float32), dtype)
+  sizes = jnp.asarray(group_sizes(G, M, 'balanced'))
+  flops = 2.0 * M * K * N
+  dense_ms = median_seconds(jax.jit(lambda a, b: jnp.dot(a, b[0])), x, w, iters=iters) * 1e3
+  kernels = {   # kernel: (K, N of its product, jitted call of a Tiles)
+      'fwd': (K, N, lambda t: jax.jit(lambda: mgpu._ragged(x, w, sizes, tiles=t))),
+      'fwd_t': (N, K, lambda t: jax.jit(
+          lambda: mgpu._ragged(dy, w, sizes, transpose_rhs=True, tiles=t))),
+      'dw': (K, N, lambda t: jax.jit(lambda: mgpu._transposed(x, dy, sizes, tiles=t))),
+  }
+  rows = []
+  for kernel, (kk, nn, make) in kernels.items():
+    best = None
+    cands = sweep_candidates()
+    for stage in (0, 1):
+      for t in cands:
+        if time.time() - t_start > budget_s:
+          return rows
+        row = {'shape': name, 'kernel': kernel, 'K': kk, 'N': nn, 'tiles': list(t),
+               'dense_ms': dense_ms}
+        try:
+          ms = median_seconds(make(t), iters=iters) * 1e3
+          row.update(ms=ms, tflops=flops / ms / 1e9, vs_dense=dense_ms / ms)
+          if best is None or ms < best['ms']:
+            best = row
+        except Exception as e:  # noqa: BLE001 - a tiling the kernel rejects is skipped
+          row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
+        rows.append(row)
+        print(f"{name:<11} {kernel:<6} K={kk:<5} N={nn:<5} {str(tuple(t)):<24} "
+              + (f"{row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s {row['vs_dense']:7.1%}"
+                 if 'ms' in row else row['error']), flush=True)
+      if best is None:
+        break
+      b = best['tiles']   # second stage: the snake band width for the best tile shape
+      cands = [type(cands[0])(*b[:4], g) for g in (1, 2, 8) if g != b[4]]
+    if best:
+      best['best'] = True
+  return rows
+
+
 def table(rows) -> str:
   head = (f"{'shape':<11} {'gemm':<5} {'routing':<9} {'impl':<7} {'fwd ms':>8} {'TFLOP/s':>8} "
           f"{'vs dense':>8} {'f+b ms':>8} {'TFLOP/s':>8} {'vs dense':>8}")
@@ -118,6 +181,9 @@ def main():
   ap.add_argument('--ragged_full', action='store_true',
                   help='also time lax.ragged_dot forward+backward and on skewed routing (slow on '
                   'GPU: forward on balanced routing only by default)')
+  ap.add_argument('--sweep', action='store_true',
+                  help='tile sweep of the mgpu kernels (Hopper): the best tiling per kernel')
+  ap.add_argument('--budget-s', type=float, default=1e9, help='stop the sweep after this long')
   ap.add_argument('--out', default=None, help='write the rows as JSON here')
   args = ap.parse_args()
   shapes = SMOKE if args.smoke else {k: SHAPES[k] for k in args.shapes.split(',')}
@@ -132,6 +198,24 @@ def main():
   meta = {'jax': jax.__version__, 'device': dev.device_kind, 'platform': dev.platform,
           'date': datetime.date.today().isoformat(), 'iters': iters, 'dtype': 'bfloat16'}
   rows = []
+  if args.sweep:
+    import time
+    if resolve_impl('auto', dtype) != 'mgpu':
+      raise SystemExit(f'--sweep times the Mosaic-GPU kernels: it needs a Hopper GPU '
+                       f'(backend {jax.default_backend()})')
+    t0 = time.time()
+    for name, (G, M, D, F) in shapes.items():
+      for K, N in ((D, F), (F, D)):
+        rows += sweep_case(name, G, M, K, N, iters, dtype, args.budget_s, t0)
+        if args.out:
+          with open(args.out, 'w') as f:
+            json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+    print('\nbest tilings (mgpu.TUNED entries):')
+    for r in rows:
+      if r.get('best'):
+        print(f"  ({r['kernel']!r}, {r['K']}, {r['N']}): Tiles{tuple(r['tiles'])},  "
+              f"# {r['tflops']:.0f} TFLOP/s, {r['vs_dense']:.0%} of dense ({r['shape']})")
+    return
   for name, (G, M, D, F) in shapes.items():
     for gemm, (K, N) in (('up', (D, F)), ('down', (F, D))):
       for routing in ('balanced', 'skewed'):

@@ -671,9 +671,9 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
       'other_programs_s_per_step': {m: t / per for m, t in per_module.most_common(10)},
       'top_ops': [{'component': c, 'op': o, 's_per_step': t / per,
                    'op_name': info.get(o, ('',))[0][:200]}
-                  for (c, o), t in per_op.most_common(25)],
+                  for (c, o), t in per_op.most_common(80)],
       'top_op_groups': [{'component': c, 'op_name': k, 'ops': members[(c, k)], 's_per_step': t / per}
-                        for (c, k), t in groups.most_common(25)],
+                        for (c, k), t in groups.most_common(80)],
       'top_unattributed_ops': [{'op': o, 's_per_step': t / per}
                                for (c, o), t in per_op.most_common() if c == 'unattributed'][:10],
   }

@@ -14,15 +14,35 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from v4jax.kernels.pallas_common import pad_axis, round_up
 
-# Tiles measured on the H200 (FACTS.md: 480-650 TFLOP/s for bf16 at MoE shapes).
-BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GRID_BLOCK_N = 128, 128, 64, 4, 4
 DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+class Tiles(NamedTuple):
+  """One kernel call's tiling: output tile block_m x block_n, contraction step block_k, pipeline
+  depth `stages`, and `grid_block_n` output tiles per snake band of the persistent grid."""
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 64
+  stages: int = 4
+  grid_block_n: int = 4
+
+
+DEFAULT_TILES = Tiles()   # FACTS.md: 480-650 TFLOP/s for bf16 at DeepSeek-V3 expert shapes
+# (kernel, K, N) -> tiles, where kernel is 'fwd' (y = x w[g]), 'fwd_t' (dx = dy w[g]^T, K and N of
+# that product) or 'dw' (dw[g] = x_g^T dy_g, K and N of dw). Measured on the H200 with
+# `tools/bench_moe.py --sweep` (docs/benchmarks.md); other shapes use DEFAULT_TILES.
+TUNED: dict[tuple[str, int, int], Tiles] = {}
+
+
+def tiles_for(kernel: str, k: int, n: int) -> Tiles:
+  return TUNED.get((kernel, k, n), DEFAULT_TILES)
 
 
 def _kernels():
@@ -34,8 +54,13 @@ def _kernels():
   return ragged_dot_mgpu, tmod
 
 
-def _grid_block_n(n_tiles: int) -> int:
-  return next(g for g in (GRID_BLOCK_N, 2, 1) if n_tiles % g == 0)
+def _grid_block_n(want: int, n_tiles: int) -> int:
+  return next(g for g in (want, 4, 2, 1) if g <= want and n_tiles % g == 0)
+
+
+def _tile_kw(t: Tiles, n_tiles: int) -> dict:
+  return dict(block_m=t.block_m, block_n=t.block_n, block_k=t.block_k,
+              max_concurrent_steps=t.stages, grid_block_n=_grid_block_n(t.grid_block_n, n_tiles))
 
 
 def _call(fn, *args, **kw):
@@ -49,18 +74,17 @@ def _valid_rows(y_MN, sizes_G):
   return jnp.where(rows_M1 < jnp.sum(sizes_G), y_MN, jnp.zeros((), y_MN.dtype))
 
 
-def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False):
+def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = None):
   """x [M,K] @ w[g] (or w[g]^T with transpose_rhs: w [G,N,K]) -> [M,N] in x.dtype."""
   mod, _ = _kernels()
   M, K = x_MK.shape
   N = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
-  kp, np_, mp = round_up(K, BLOCK_K), round_up(N, BLOCK_N), round_up(M, BLOCK_M)
+  t = tiles or tiles_for('fwd_t' if transpose_rhs else 'fwd', K, N)
+  kp, np_, mp = round_up(K, t.block_k), round_up(N, t.block_n), round_up(M, t.block_m)
   x = pad_axis(pad_axis(x_MK, 1, kp), 0, mp)
   k_ax, n_ax = (2, 1) if transpose_rhs else (1, 2)
   w = pad_axis(pad_axis(w_GKN, k_ax, kp), n_ax, np_)
-  kw = dict(group_sizes=sizes_G.astype(jnp.int32), block_m=BLOCK_M, block_n=BLOCK_N,
-            block_k=BLOCK_K, max_concurrent_steps=STAGES,
-            grid_block_n=_grid_block_n(np_ // BLOCK_N))
+  kw = dict(group_sizes=sizes_G.astype(jnp.int32), **_tile_kw(t, np_ // t.block_n))
   if transpose_rhs:
     if 'transpose_rhs' in inspect.signature(mod.ragged_dot).parameters:
       kw['transpose_rhs'] = True
@@ -70,7 +94,7 @@ def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False):
   return _valid_rows(y, sizes_G)
 
 
-def _transposed(x_MK, dy_MN, sizes_G):
+def _transposed(x_MK, dy_MN, sizes_G, tiles: Tiles | None = None):
   """dw[g] = x_g^T dy_g -> [G,K,N] in x.dtype (zero for empty groups)."""
   _, tmod = _kernels()
   M, K = x_MK.shape
@@ -81,12 +105,12 @@ def _transposed(x_MK, dy_MN, sizes_G):
         rhs_group_dimensions=[])
     return jax.lax.ragged_dot_general(x_MK, dy_MN, sizes_G.astype(jnp.int32), dims,
                                       preferred_element_type=jnp.float32).astype(x_MK.dtype)
-  kp, np_ = round_up(K, BLOCK_M), round_up(N, BLOCK_N)
+  t = tiles or tiles_for('dw', K, N)
+  kp, np_ = round_up(K, t.block_m), round_up(N, t.block_n)
   x = pad_axis(x_MK, 1, kp)
   dy = pad_axis(dy_MN, 1, np_)
   dw = _call(tmod.transposed_ragged_dot, x, dy, group_sizes=sizes_G.astype(jnp.int32),
-             block_m=BLOCK_M, block_n=BLOCK_N, block_k=BLOCK_K, max_concurrent_steps=STAGES,
-             grid_block_n=_grid_block_n(np_ // BLOCK_N))
+             **_tile_kw(t, np_ // t.block_n))
   return dw[:, :K, :N]
 
 
