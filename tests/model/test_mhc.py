@@ -245,3 +245,41 @@ def test_expand_streams():
   assert X.shape == (B, T, N, D)
   for m in range(N):
     np.testing.assert_array_equal(X[:, :, m], e)
+
+
+def test_coefficient_mix_of_bf16_streams_is_fp32_exact():
+  """bf16 streams take three split-bf16 GEMMs (mhc._split3): mu and its gradients (dX, dfn) match
+  a float64 oracle at fp32 accumulation error (1e-5 of the largest magnitude), i.e. as exact as
+  the fp32 HIGHEST GEMM they replace; a plain bf16 cast of fn would miss by ~1e-3."""
+  from v4jax.model.mhc import _normed_mix
+  rng = np.random.default_rng(11)
+  X = jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.bfloat16)
+  fn = jnp.asarray(rng.normal(0, 0.05, (N * D, (2 + N) * N)), jnp.float32)
+  R = rng.normal(size=(B, T, (2 + N) * N))
+  x64 = np.asarray(X, np.float64).reshape(B, T, -1)
+  fn64 = np.asarray(fn, np.float64)
+
+  def mu_np(x, f):
+    return (x @ f) / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6)
+
+  mu = _normed_mix(X, fn, 1e-6, tf32=False)
+  want = mu_np(x64, fn64)
+  scale = np.abs(want).max()
+  assert np.abs(np.asarray(mu, np.float64) - want).max() < 1e-5 * scale
+  rough = mu_np(x64, np.asarray(fn.astype(jnp.bfloat16), np.float64))
+  assert np.abs(rough - want).max() > 1e-4 * scale          # the split matters at this tolerance
+
+  gx, gf = jax.grad(lambda X, f: jnp.sum(jnp.asarray(R, jnp.float32) * _normed_mix(X, f, 1e-6,
+                                                                                     False)),
+                    argnums=(0, 1))(X, fn)
+  assert gx.dtype == jnp.bfloat16 and gf.dtype == jnp.float32
+  # analytic float64 gradients of sum(R * mu): r = rsqrt(mean(x^2) + eps), a = x fn
+  r = 1.0 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6)
+  a = x64 @ fn64
+  want_gf = np.einsum('btk,btc->kc', x64, R * r)
+  want_gx = (R * r) @ fn64.T - (np.sum(R * a, -1, keepdims=True) * r ** 3 / (N * D)) * x64
+  np.testing.assert_allclose(np.asarray(gf, np.float64), want_gf,
+                             atol=1e-5 * np.abs(want_gf).max())
+  # dX is stored in the streams' bf16: 2^-8 relative
+  np.testing.assert_allclose(np.asarray(gx, np.float64).reshape(B, T, -1), want_gx,
+                             atol=4e-3 * np.abs(want_gx).max())

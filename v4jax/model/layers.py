@@ -7,6 +7,7 @@ matmuls accumulate in fp32 (SPEC §0 precision policy).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -15,7 +16,10 @@ from flax import nnx
 
 from v4jax.parallel.rules import constrain  # re-exported for model modules
 
-__all__ = ['param', 'const_param', 'RMSNorm', 'LayerNorm', 'matmul', 'constrain', 'dtype_of']
+__all__ = ['param', 'const_param', 'RMSNorm', 'LayerNorm', 'matmul', 'constrain', 'dtype_of',
+           'dot_f32', 'f32_mode', 'linear_f32']
+
+_F32 = jnp.float32
 
 
 def dtype_of(name: str):
@@ -79,3 +83,58 @@ class LayerNorm(nnx.Module):
     var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
     y = (xf - mu) * jax.lax.rsqrt(var + self.eps)
     return y * self.scale[...] + self.bias[...]
+
+
+# ---- fp32 products of bf16 activations with fp32 weights (routers, mHC coefficients) ---------
+
+def _split3(b: jax.Array) -> jax.Array:
+  """fp32 [..., C] -> bf16 [..., 3C]: parts hi | mid | lo whose sum is b exactly (3 x 8 bits of
+  mantissa), so bf16 products with fp32 accumulation reproduce an fp32 product."""
+  hi = b.astype(jnp.bfloat16)
+  r = b - hi.astype(_F32)
+  mid = r.astype(jnp.bfloat16)
+  return jnp.concatenate([hi, mid, (r - mid.astype(_F32)).astype(jnp.bfloat16)], axis=-1)
+
+
+def f32_mode(dtype) -> str:
+  """dot_f32's mode for activations of this dtype: 'split' for bf16, else 'highest'."""
+  return 'split' if jnp.dtype(dtype) == jnp.bfloat16 else 'highest'
+
+
+def dot_f32(a: jax.Array, b_f32: jax.Array, contract, mode: str) -> jax.Array:
+  """fp32 dot_general of `a` with fp32 `b` over `contract` (no batch dims; in mode 'split' b's
+  last dim must be free).
+
+  mode 'split' (a in bf16, so exact in bf16): b as three bf16 parts on tensor cores, exact
+  products, fp32 accumulation: the fp32 result without an fp32 GEMM. The fp32 GEMMs of the mHC
+  coefficients ([8192, 6144] x [6144, 24]) and the router ([8192, 1536] x [1536, 64]) have a few
+  dozen output columns and ran on the H200 at several times their memory time
+  (docs/performance.md). 'highest' / 'tf32': one fp32 GEMM at that precision.
+  """
+  dims = (contract, ((), ()))
+  if mode == 'split':
+    C = b_f32.shape[-1]
+    out = jax.lax.dot_general(a, _split3(b_f32), dims, preferred_element_type=_F32)
+    return out[..., :C] + (out[..., C:2 * C] + out[..., 2 * C:])
+  prec = jax.lax.Precision.DEFAULT if mode == 'tf32' else jax.lax.Precision.HIGHEST
+  return jax.lax.dot_general(a.astype(_F32), b_f32, dims, precision=prec,
+                             preferred_element_type=_F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def linear_f32(x_MK: jax.Array, w_KN: jax.Array, mode: str) -> jax.Array:
+  """fp32 x @ w through dot_f32, with the weight gradient x^T g in the same mode."""
+  return dot_f32(x_MK, w_KN, ((1,), (0,)), mode)
+
+
+def _linear_f32_fwd(x_MK, w_KN, mode):
+  return linear_f32(x_MK, w_KN, mode), (x_MK, w_KN)
+
+
+def _linear_f32_bwd(mode, res, g_MN):
+  x_MK, w_KN = res
+  dx_MK = dot_f32(g_MN, w_KN, ((1,), (1,)), 'tf32' if mode == 'tf32' else 'highest')
+  return dx_MK.astype(x_MK.dtype), dot_f32(x_MK, g_MN, ((0,), (0,)), mode).astype(w_KN.dtype)
+
+
+linear_f32.defvjp(_linear_f32_fwd, _linear_f32_bwd)

@@ -10,6 +10,7 @@ j first; the paper's H^res is comb^T.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.kernels.sinkhorn import sinkhorn   # the seam; re-exported for the model's users
-from v4jax.model.layers import const_param, constrain, param
+from v4jax.model.layers import const_param, constrain, dot_f32, f32_mode, param
 
 __all__ = ['sinkhorn', 'HCSite', 'HyperHead', 'expand_streams']
 
@@ -30,14 +31,43 @@ def expand_streams(e_BTD: jax.Array, n: int) -> jax.Array:
   return jnp.broadcast_to(e_BTD[:, :, None, :], (B, T, n, D))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _mix_rows(x_MK: jax.Array, fn_KC: jax.Array, eps: float, mode: str) -> jax.Array:
+  """mu = (x @ fn) * rsqrt(mean(x^2) + eps) per row, fp32 [M,C]."""
+  return _mix_rows_fwd(x_MK, fn_KC, eps, mode)[0]
+
+
+def _mix_rows_fwd(x_MK, fn_KC, eps, mode):
+  a_MC = dot_f32(x_MK, fn_KC, ((1,), (0,)), mode)
+  xf = x_MK.astype(_F32)
+  r_M1 = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return a_MC * r_M1, (x_MK, fn_KC, a_MC, r_M1)
+
+
+def _mix_rows_bwd(eps, mode, res, dmu_MC):
+  """da = dmu r; dfn = x^T da; dx = da fn^T - (Σ_c dmu a) r^3 x / K (d r / d x = -r^3 x / K)."""
+  x_MK, fn_KC, a_MC, r_M1 = res
+  da_MC = dmu_MC * r_M1
+  dfn_KC = dot_f32(x_MK, da_MC, ((0,), (0,)), mode)
+  dx_MK = dot_f32(da_MC, fn_KC, ((1,), (1,)), 'tf32' if mode == 'tf32' else 'highest')
+  coef_M1 = jnp.sum(dmu_MC * a_MC, axis=-1, keepdims=True) * r_M1 ** 3 / x_MK.shape[-1]
+  dx_MK = dx_MK - coef_M1 * x_MK.astype(_F32)
+  return dx_MK.astype(x_MK.dtype), dfn_KC.astype(fn_KC.dtype)
+
+
+_mix_rows.defvjp(_mix_rows_fwd, _mix_rows_bwd)
+
+
 def _normed_mix(X_BTND: jax.Array, fn: jax.Array, eps: float, tf32: bool) -> jax.Array:
-  """mu = (x . fn) / sqrt(mean(x^2) + eps) over the flattened ND features, fp32."""
+  """mu = (x . fn) / sqrt(mean(x^2) + eps) over the flattened ND features, fp32.
+
+  bf16 streams take the exact split-bf16 GEMMs (layers.dot_f32); fp32 streams fp32 GEMMs at
+  HIGHEST precision; `tf32` (DeepSeek's speed mode) TF32 GEMMs for either.
+  """
   B, T, N, D = X_BTND.shape
-  x = X_BTND.astype(_F32).reshape(B, T, N * D)
-  prec = jax.lax.Precision.DEFAULT if tf32 else jax.lax.Precision.HIGHEST
-  mu = jnp.einsum('btk,kc->btc', x, fn.astype(_F32), precision=prec,
-                  preferred_element_type=_F32)
-  return mu * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  mode = 'tf32' if tf32 else f32_mode(X_BTND.dtype)
+  mu = _mix_rows(X_BTND.reshape(B * T, N * D), fn.astype(_F32), eps, mode)
+  return mu.reshape(B, T, -1)
 
 
 def _check_streams(X_BTND: jax.Array, n: int, d: int, who: str):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.kernels.grouped_matmul import grouped_matmul
-from v4jax.model.layers import constrain, dtype_of, matmul, param
+from v4jax.model.layers import constrain, dtype_of, f32_mode, linear_f32, matmul, param
 from v4jax.parallel import expert
 
 f32 = jnp.float32
@@ -57,8 +57,8 @@ class Router(nnx.Module):
     self.bias = RouterBias(jnp.zeros((E,), f32), logical_axes=('exp',))
 
   def logits(self, x_AD: jax.Array) -> jax.Array:
-    return jnp.einsum('ad,de->ae', x_AD.astype(f32), self.kernel[...],
-                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
+    """fp32 router logits [A,E] (fp32 products: exact split-bf16 GEMMs for bf16 x)."""
+    return linear_f32(x_AD, self.kernel[...].astype(f32), f32_mode(x_AD.dtype))
 
 
 class Experts(nnx.Module):
