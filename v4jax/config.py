@@ -168,6 +168,8 @@ def default_config() -> ConfigDict:
       eval_every=100,
       eval_steps=4,
       grad_accum=1,
+      cast_params_once=True,   # weights used only as one bf16 cast: cast once per step, not per
+                               # use (bit-identical gradients; v4jax/cast_once.py)
   ))
   c.checkpoint = ConfigDict(dict(
       enabled=True,
@@ -239,8 +241,9 @@ def validate(c: ConfigDict) -> ConfigDict:
     if not _get(c, path) > 0:
       _fail(path, _get(c, path), 'must be > 0')
   m = c.model
-  if not isinstance(m.scan_layers, bool):
-    _fail('model.scan_layers', m.scan_layers, 'must be True or False')
+  for path in ['model.scan_layers', 'train.cast_params_once']:
+    if not isinstance(_get(c, path), bool):
+      _fail(path, _get(c, path), 'must be True or False')
   if m.attn_query_block < 0:
     _fail('model.attn_query_block', m.attn_query_block, 'must be >= 0 (0 = one block)')
   if m.qk_rope_dim % 2:

@@ -21,9 +21,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from v4jax import checkpoint as ckpt
+from v4jax.cast_once import cast_mask
 from v4jax import flops as flops_lib
 from v4jax.config import ConfigError, validate
 from v4jax.metrics import MetricWriter
+from v4jax.model.layers import dtype_of
 from v4jax.model.moe import update_router_bias
 from v4jax.model.transformer import Transformer
 from v4jax.memory.rows import lazy_adam_rows, patch_rows, step_rows
@@ -159,6 +161,16 @@ class Trainer:
         batch = dict(batch, **embeddings(theta, batch, model.dtype))
       return model(batch, mtp_weight)
 
+  def _cast_once(self, params, rest, batch, mtp_weight, theta):
+    """params with the leaves that the loss only casts to the compute dtype cast here, once per
+    step (train.cast_params_once; v4jax/cast_once.py): their gradients come out in that dtype,
+    bit-identical to the fp32 leaves' gradients, and are accumulated in fp32."""
+    if not self.cfg.train.cast_params_once:
+      return params
+    dt = dtype_of(self.cfg.model.dtype)
+    mask = cast_mask(lambda p: self._loss(p, rest, batch, mtp_weight, theta)[0], params, dt)
+    return jax.tree.map(lambda p, m: p.astype(dt) if m else p, params, mask)
+
   def _mtp_weight(self, step):
     m = self.cfg.mtp
     return jnp.where(step < int(m.late_frac * self.cfg.train.steps), m.loss_weight, m.loss_weight_late)
@@ -174,16 +186,18 @@ class Trainer:
     theta = None if tab is None else {l: r[:, 0] for l, r in tab.items()}
     grad_fn = jax.value_and_grad(self._loss, argnums=(0, 4), has_aux=True)
     A = cfg.train.grad_accum
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
+    diff_params = self._cast_once(params, rest, jax.tree.map(lambda x: x[0], micro), mtp_w, theta)
     if A == 1:
-      (_, metrics), grads = grad_fn(params, rest, batch, mtp_w, theta)
+      (_, metrics), grads = grad_fn(diff_params, rest, batch, mtp_w, theta)
+      grads = (jax.tree.map(lambda g, p: g.astype(p.dtype), grads[0], params), grads[1])
     else:
-      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
-
       def body(acc, mb):
-        (_, m), g = grad_fn(params, rest, mb, mtp_w, theta)
-        return jax.tree.map(jnp.add, acc, (g, m)), None
-      zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(lambda x: x[0], micro), mtp_w, theta)))
-      (grads, metrics), _ = jax.lax.scan(body, (zero[1], zero[0][1]), micro)
+        (_, m), g = grad_fn(diff_params, rest, mb, mtp_w, theta)
+        return jax.tree.map(jnp.add, acc, (g, m)), None    # fp32 accumulators (zero below)
+      shapes = jax.eval_shape(lambda: grad_fn(diff_params, rest, jax.tree.map(lambda x: x[0], micro), mtp_w, theta))
+      zero = jax.tree.map(jnp.zeros_like, ((params, shapes[1][1]), shapes[0][1]))
+      (grads, metrics), _ = jax.lax.scan(body, zero, micro)
       grads = jax.tree.map(lambda g: g / A, grads)
       metrics = {k: (v if k in ('expert_counts', 'n_valid', 'dropped') else v / A)
                  for k, v in metrics.items()}
