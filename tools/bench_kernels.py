@@ -17,6 +17,7 @@ Sections (--sections, comma list; default all):
            reference up to T=8192) at the peer shapes (T=2048, K=256) and V3.2 shapes at --seqs
            for each K in --topks;
   kl       sparse indexer-KL pieces: teacher probabilities and student scores at idx (fwd+bwd);
+           the masked form's dense teacher (masked_probs_mean) over a few tilings;
   peer     configs/peer_maxtext_small.py:dsa shapes (B=8, T=2048, 16 heads, C=128+16, indexer
            16 x 64, K=256): device parity of the KL seams and radix top-k, sparse MLA fwd/bwd over
            a small block sweep, top-k, the sparse KL (model/dsa.py, both impls) and one DSA
@@ -52,6 +53,7 @@ import numpy as np  # noqa: E402
 
 from v4jax.kernels.indexer import gpu as ix_gpu  # noqa: E402
 from v4jax.kernels.indexer import reference as ix_ref  # noqa: E402
+from v4jax.kernels.sparse_attention import attention_probs_mean  # noqa: E402
 from v4jax.kernels.sparse_attention import gpu as sa_gpu  # noqa: E402
 from v4jax.kernels.sparse_attention import reference as sa_ref  # noqa: E402
 from v4jax.model.dsa import sparse_indexer_kl  # noqa: E402
@@ -400,7 +402,26 @@ class Bench:
             argnums=(0, 1, 2)))
         self.record('kl', 'student_scores_at_fwd+bwd', dict(shape, impl=impl),
                     lambda: self.timeit(sj, qi, ki, wi), flops=2 * s['HI'] * n_valid * s['DI'] * 4)
+      if label != 'v3.2' or self.smoke:
+        self.masked_teacher(s, T, idx, shape)
       del q, kv, idx, qi, ki, wi
+
+  def masked_teacher(self, s, T, idx, shape):
+    """The masked form's teacher (MHA-form q/k, D = 128 + 64) by the dense tile kernel over a
+    few tilings; lse values are random (timing only). FLOPs: 2·H·D per causal (t, s) pair."""
+    D = 40 if self.smoke else 192
+    k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+    q, k = (jax.random.normal(kk, (s['B'], T, s['H'], D), self.dtype) for kk in (k1, k2))
+    lse = jax.random.normal(k3, (s['B'], T, s['H']), jnp.float32) + 5.0
+    tilings = [{}] if self.smoke else [{}, dict(block_q=128, block_s=64, num_warps=4),
+                                       dict(block_q=64, block_s=64, num_warps=4),
+                                       dict(block_q=64, block_s=128, num_warps=4),
+                                       dict(block_q=128, block_s=128, num_warps=4)]
+    fl = 2 * s['H'] * D * s['B'] * T * (T + 1) // 2
+    for cfg in tilings:
+      f = jax.jit(lambda *a, cfg=cfg: sa_gpu.masked_probs_mean(*a, D ** -0.5, **cfg))
+      self.record('kl', 'teacher_masked_probs_mean', dict(shape, D=D, impl='pallas', **cfg),
+                  lambda: self.timeit(f, q, k, idx, lse), flops=fl)
 
   def peer(self, seqs):
     """The peer DSA config's attention-side work at its shapes (one layer, one device)."""
@@ -427,7 +448,9 @@ class Bench:
     def kl_fn(impl):
       return self.cached(('peer_kl', impl), lambda: jax.jit(jax.value_and_grad(
           lambda qi, ki, wi, q, kv, idx, lse: sparse_indexer_kl(
-              qi, ki, wi, q, kv, idx, lse, scale, query_block=512, impl=impl), argnums=(0, 1, 2))))
+              qi, ki, wi, idx, lambda: attention_probs_mean(q, kv, idx, lse, scale,
+                                                            query_block=512, impl=impl),
+              query_block=512, impl=impl), argnums=(0, 1, 2))))
     def kl_check(row):
       (vk, gk), (vr, gr) = (kl_fn(i)(qi, ki, wi, q, kv, idx, lse) for i in ('pallas', 'reference'))
       row.update(kl_rel=abs(float(vk) - float(vr)) / abs(float(vr)), dqi_rel=rel(gk[0], gr[0]),
@@ -473,7 +496,8 @@ class Bench:
         from v4jax.kernels.sparse_attention import sparse_mla
         ix = indexer_topk(qi, ki, wi, s['K'], query_block=512, impl=impl)
         o, lse = sparse_mla(q, kv, ix, s['V'], scale, query_block=512, impl=impl)
-        kl = sparse_indexer_kl(qi, ki, wi, q, kv, ix, lse, scale, query_block=512, impl=impl)
+        teacher = lambda: attention_probs_mean(q, kv, ix, lse, scale, query_block=512, impl=impl)
+        kl = sparse_indexer_kl(qi, ki, wi, ix, teacher, query_block=512, impl=impl)
         return jnp.sum(o.astype(jnp.float32)) + kl
       g = jax.jit(jax.grad(core, argnums=(0, 1, 2, 3, 4)))
       self.record('peer', 'dsa_core_fwd+bwd', dict(shape, impl=impl,

@@ -30,9 +30,9 @@ def _sum_grad(f, argnums):
 
 # Triton calls expected: scores 1; top-k: the score slab and the radix select; the student's
 # backward: the dk and dq/dw kernels; sparse MLA's backward: dkv, dq and the dkv segment sum;
-# the teacher 1.
+# the teacher 1 in either form (absorbed 'probs', MHA 'masked_probs': D = 128 + 64).
 @pytest.mark.parametrize('name,calls', [('scores', 1), ('topk', 2), ('scores_at', 2),
-                                        ('sparse_mla', 3), ('probs', 1)])
+                                        ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1)])
 def test_kernel_lowers_for_cuda(name, calls):
   qi, ki, wi = bf16(B, T, HI, DI), bf16(B, T, DI), f32(B, T, HI)
   q, kv, idx, lse = bf16(B, T, H, C + 64), bf16(B, T, C + 64), i32(B, T, K), f32(B, T, H)
@@ -50,7 +50,10 @@ def test_kernel_lowers_for_cuda(name, calls):
     f = lambda q, kv, i: sparse_gpu.sparse_mla(q, kv, i, V, 0.1, interpret=False)[0]
     assert _triton_calls(f, q, kv, idx) == 1
     n = _triton_calls(_sum_grad(f, (0, 1)), q, kv, idx) - 1
-  else:
+  elif name == 'probs':
     n = _triton_calls(lambda q, kv, i, l: sparse_gpu.attention_probs_mean(
         q, kv, i, l, V, 0.1, interpret=False), q, kv, idx, lse)
+  else:
+    n = _triton_calls(lambda q, k, i, l: sparse_gpu.masked_probs_mean(
+        q, k, i, l, 0.1, interpret=False), bf16(B, T, H, 192), bf16(B, T, H, 192), idx, lse)
   assert n == calls

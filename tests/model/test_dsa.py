@@ -14,11 +14,12 @@ from flax import nnx
 import attn_oracle as orc
 from test_mla import B, D, DIMS, T, TAU, _assert_grads_close, inputs, j, make_cfg, randomize
 from v4jax.kernels.indexer import indexer_scores, indexer_topk
-from v4jax.kernels.sparse_attention import sparse_mla
+from v4jax.kernels.sparse_attention import attention_probs_mean, sparse_mla
 from v4jax.model.dsa import kl_rows, sparse_indexer_kl
 from v4jax.model.mla import MLA, dense_attention
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+FAST = {'xla_backend_optimization_level': 0}
 
 
 def _model(stage, topk=6, block=8, min_seq_len=0, seed=0, sparse_attention='gather'):
@@ -208,6 +209,28 @@ def test_mla_stage_matches_oracle_and_isolates_gradients(stage, mode, library_ls
   assert max(amax(g_lm['indexer'])) == 0 and min(amax(g_kl['indexer'])) > 0
 
 
+def test_masked_form_kl_equals_gather_form():
+  """Same params and inputs: the masked form's indexer KL (teacher by masked_probs_mean's dense
+  kernel from the MHA-form q/k and the masked attention's lse) equals the gather form's
+  (attention_probs_mean's kernel from the absorbed form and sparse MLA's lse), with the GPU
+  kernels in Triton interpret mode (the references meet the oracle in the test above). rtol 1e-5
+  (fp32, summation order only); outputs too (TOL)."""
+  x, pos, seg = inputs(segments=True)
+  valid = jnp.asarray(np.random.RandomState(9).rand(B, T) < 0.8)
+  got = {}
+  args = (j(x), j(pos), j(seg), valid)
+  for mode in ('gather', 'masked'):
+    m, _ = _model('sparse', sparse_attention=mode)
+    m.impl = 'pallas'
+    gdef, state = nnx.split(m)
+    f = jax.jit(lambda state, *a: nnx.merge(gdef, state)(*a))
+    got[mode] = f.lower(state, *args).compile(FAST)(state, *args)
+  (o_g, a_g), (o_m, a_m) = got['gather'], got['masked']
+  assert float(a_g['indexer_kl']) > 0
+  np.testing.assert_allclose(float(a_m['indexer_kl']), float(a_g['indexer_kl']), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(o_m), np.asarray(o_g), **TOL)
+
+
 @pytest.mark.parametrize('topk,t_len,min_seq_len', [(8, 8, 0), (4, 32, 32)])
 def test_short_sequences_stay_dense(topk, t_len, min_seq_len):
   """T <= max(K, min_seq_len): the sparse stage runs dense attention and the dense KL."""
@@ -303,8 +326,9 @@ def test_sparse_indexer_kl_values_and_grads_vs_dense_oracle(impl, Bn, Tn, J, I, 
                                    else j(a) for a in _sparse_kl_inputs(Bn, Tn, J, I, H, C, K, 0))
   scale = 0.3
   want, want_g, lse = _sparse_kl_oracle(qi, ki, wi, q, kv, idx, valid, scale)
-  f = lambda qi, ki, wi: sparse_indexer_kl(qi, ki, wi, q, kv, idx, lse, scale, valid,
-                                           query_block=qb, impl=impl)
+  teacher = lambda: attention_probs_mean(q, kv, idx, lse, scale, query_block=qb, impl=impl)
+  f = lambda qi, ki, wi: sparse_indexer_kl(qi, ki, wi, idx, teacher, valid, query_block=qb,
+                                           impl=impl)
   got, got_g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(qi, ki, wi).compile(
       {'xla_backend_optimization_level': 0})(qi, ki, wi)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

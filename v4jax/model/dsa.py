@@ -1,8 +1,7 @@
 """DeepSeek Sparse Attention: the lightning indexer and its KL losses (SPEC §3).
 
-Dims: B batch, T query positions, S key positions, H MLA heads, C absorbed entry width
-(r_kv + d_r), K top-k, and for the indexer: J indexer heads (H_I), I indexer head dim (d_I),
-R q LoRA rank (r_q).
+Dims: B batch, T query positions, S key positions, H MLA heads, K top-k, and for the indexer:
+J indexer heads (H_I), I indexer head dim (d_I), R q LoRA rank (r_q).
 
 The indexer scores every allowed key s for query t with
   I[t,s] = Σ_j w[t,j]·d_I^-1/2·ReLU(Q[t,j]·k[s]),  w = x·weights_proj·H_I^-1/2,
@@ -15,6 +14,7 @@ wrt I is exactly softmax(I) - p on the support (a custom_vjp).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.kernels.blockwise import allowed_mask, map_query_blocks
 from v4jax.kernels.indexer import indexer_scores, indexer_scores_at
-from v4jax.kernels.sparse_attention import attention_probs_mean
 from v4jax.model.layers import LayerNorm, dtype_of, matmul, param
 from v4jax.model.rope import apply_rope_half, rope_cos_sin_scale, rope_inv_freq
 
@@ -136,20 +135,19 @@ def dense_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, q_BTHK, k_BSHK, lse_BTH, scale: fl
   return _masked_sum(kl_BT, valid_BT)
 
 
-def sparse_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, q_abs_BTHC, kv_BSC, idx_BTK, lse_BTH,
-                      scale: float, valid_BT=None, *, query_block: int = 0,
-                      impl: str = 'auto') -> jax.Array:
+def sparse_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, idx_BTK, teacher: Callable[[], jax.Array],
+                      valid_BT=None, *, query_block: int = 0, impl: str = 'auto') -> jax.Array:
   """Σ over valid t of KL(p^S_t ‖ softmax(I_t)) over the selected keys S_t (sparse stage).
 
-  The teacher is the head-mean of the actual sparse attention softmax (detached absorbed q and
-  entries, and the sparse lse); the student is I recomputed at the selected keys. Slots holding
-  -1 are outside the support. Both come from the kernel seams (`impl`): on GPU, kernels that
-  gather the selected rows in-kernel; otherwise gathered jnp, `query_block` rows at a time.
+  teacher() gives p^S [B,T,K], the head-mean of the actual sparse attention softmax at the
+  selected keys (0 at -1 slots; detached here): mla.py builds it from the form that attended
+  (attention_probs_mean or masked_probs_mean). A callable, so that its cost stays inside this
+  function (bench_train's indexer profile scope). The student is I recomputed at the selected
+  keys through the indexer seam (`impl`; `query_block` rows at a time in the reference). Slots
+  holding -1 are outside the support.
   """
   scores_BTK = checkpoint_name(indexer_scores_at(qi_BTJI, ki_BSI, wi_BTJ, idx_BTK,
                                                  query_block=query_block, impl=impl),
                                'dsa_student')
-  p_BTK = checkpoint_name(sg(attention_probs_mean(sg(q_abs_BTHC), sg(kv_BSC), idx_BTK,
-                                                  sg(lse_BTH), scale, query_block=query_block,
-                                                  impl=impl)), 'dsa_teacher')
+  p_BTK = checkpoint_name(sg(teacher()), 'dsa_teacher')
   return _masked_sum(kl_rows(scores_BTK, p_BTK, idx_BTK >= 0), valid_BT)

@@ -14,8 +14,9 @@ KL on the selected set). Attention stays dense when T <= max(K, dsa.min_seq_len)
 stage attends in one of two equal ways (`dsa.sparse_attention`): gather (absorbed form over the K
 selected entries per token, the sparse MLA kernels) or masked (MHA form over all keys, the
 selection as a mask: the dense attention kernels, fewer FLOPs when K is a large part of T at few
-heads). Either way the KL teacher comes from the absorbed form at the selected keys and the
-attention's own log-sum-exp.
+heads). The KL teacher comes from the form that attended, at the selected keys, with the
+attention's own log-sum-exp: gather, the absorbed q and latent entries (attention_probs_mean);
+masked, the MHA-form q and k by a dense tile kernel (masked_probs_mean), so mqa_qkv never runs.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.kernels.attention import causal_attention, dense_attention
 from v4jax.kernels.indexer import indexer_topk
-from v4jax.kernels.sparse_attention import sparse_mla
+from v4jax.kernels.sparse_attention import attention_probs_mean, masked_probs_mean, sparse_mla
 from v4jax.model.dsa import Indexer, dense_indexer_kl, sparse_indexer_kl
 from v4jax.model.layers import RMSNorm, constrain, dtype_of, matmul, param
 from v4jax.model.rope import (apply_rope_interleaved, attention_mscale, rope_cos_sin_scale,
@@ -137,23 +138,27 @@ class MLA(nnx.Module):
     if self.stage in ('warmup', 'sparse'):
       qi, ki, wi = self.indexer(x_BTD, p.c_q_BTR, positions_BT)
     if self.uses_sparse(T):
-      q_abs, kv = self.mqa_qkv(p)
+      qb = self.dsa_query_block
       idx_BTK = checkpoint_name(indexer_topk(qi, ki, wi, self.topk, segment_ids_BT,
-                                             query_block=self.dsa_query_block, impl=self.impl),
-                                'indexer_topk')
+                                             query_block=qb, impl=self.impl), 'indexer_topk')
       if self.sparse_attention == 'masked':
         q, k, v = self.mha_qkv(p)
         o_BTHV, lse_BTH = causal_attention(q, k, v, self.scale, segment_ids_BT,
                                            select_BTK=idx_BTK, query_block=self.attn_query_block,
                                            impl=self.attention_impl)
+        probs_mean = masked_probs_mean
       else:
-        o_c, lse_BTH = sparse_mla(q_abs, kv, idx_BTK, self.kv_rank, self.scale,
-                                  query_block=self.dsa_query_block, impl=self.impl)
+        q, k = self.mqa_qkv(p)
+        o_c, lse_BTH = sparse_mla(q, k, idx_BTK, self.kv_rank, self.scale, query_block=qb,
+                                  impl=self.impl)
         o_BTHV = self.unabsorb(o_c)
+        probs_mean = attention_probs_mean
       lse_BTH = checkpoint_name(lse_BTH, 'attn_lse')
-      aux['indexer_kl'] = sparse_indexer_kl(qi, ki, wi, q_abs, kv, idx_BTK, lse_BTH, self.scale,
-                                            valid_BT, query_block=self.dsa_query_block,
-                                            impl=self.impl)
+      sg = jax.lax.stop_gradient
+      teacher = lambda: probs_mean(sg(q), sg(k), idx_BTK, sg(lse_BTH), self.scale,
+                                   query_block=qb, impl=self.impl)
+      aux['indexer_kl'] = sparse_indexer_kl(qi, ki, wi, idx_BTK, teacher, valid_BT,
+                                            query_block=qb, impl=self.impl)
     else:
       q, k, v = self.mha_qkv(p)
       with_kl = self.stage in ('warmup', 'sparse')

@@ -1,7 +1,7 @@
 """Sparse MLA seam (SPEC §3): absorbed-form attention over a per-token set of K keys.
 
 Dims: B batch, T query positions, S key positions, H heads, C entry width (r_kv + d_r),
-V value width (r_kv), K selected keys per token.
+V value width (r_kv), K selected keys per token, D per-head qk width (d_n + d_r, MHA form).
 
 `impl` takes `config.kernels.impl`: reference -> gather + jnp softmax (reference.py);
 pallas -> gpu.py (Triton; interpret mode on CPU) or tpu.py (Mosaic); auto -> pallas when
@@ -73,3 +73,30 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
         q_BTHC, kv_BSC, idx_BTK, lse_BTH)
   return reference.attention_probs_mean(q_BTHC, kv_BSC, idx_BTK, lse_BTH, scale,
                                         query_block=query_block)
+
+
+def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
+                      lse_BTH: jax.Array, scale: float, *, query_block: int = 0,
+                      impl: str = 'auto') -> jax.Array:
+  """fp32 p [B,T,K] = (1/H) Σ_h exp(scale·q_h·k_h[idx] - lse_h), 0 at -1 slots; no gradient.
+
+  attention_probs_mean in the MHA form (per-head keys): the KL teacher of DSA's masked form from
+  the q/k it attends with and its lse. GPU (pallas): a dense tile kernel (gpu.py), then an XLA
+  gather at idx; TPU: always the reference (dense XLA einsums per query block, which XLA does
+  well there; no Mosaic kernel).
+  """
+  B, T, H, D = q_BTHD.shape if q_BTHD.ndim == 4 else (None,) * 4
+  if (B is None or k_BSHD.ndim != 4 or (k_BSHD.shape[0],) + k_BSHD.shape[2:] != (B, H, D)
+      or idx_BTK.ndim != 3 or idx_BTK.shape[:2] != (B, T) or lse_BTH.shape != (B, T, H)):
+    raise ValueError(f'masked_probs_mean: q_BTHD {q_BTHD.shape}, k_BSHD {k_BSHD.shape}, '
+                     f'idx_BTK {idx_BTK.shape}, lse_BTH {lse_BTH.shape} must be [B,T,H,D], '
+                     '[B,S,H,D], [B,T,K], [B,T,H]')
+  _check_impl(impl)
+  if pallas_common.use_pallas(impl) and pallas_common.target_platform() != 'tpu':
+    from v4jax.kernels.sparse_attention import gpu
+    fn = lambda q, k, idx, lse: gpu.masked_probs_mean(q, k, idx, lse, scale)
+    tok = ('batch', 'seq', None)
+    return pallas_common.per_device(fn, (tok + (None,), ('batch', None, None, None), tok, tok),
+                                    (tok,))(q_BTHD, k_BSHD, idx_BTK, lse_BTH)
+  return reference.masked_probs_mean(q_BTHD, k_BSHD, idx_BTK, lse_BTH, scale,
+                                     query_block=query_block)

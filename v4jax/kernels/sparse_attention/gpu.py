@@ -1,7 +1,7 @@
 """Sparse MLA on GPU: Pallas Triton-style kernels with in-kernel row gathers (SPEC §3).
 
 Dims: B batch, T query positions, S key positions, H heads, C entry width (V + R), V value width
-(the latent c_kv), R rope width, K selected keys per token.
+(the latent c_kv), R rope width, K selected keys per token, D per-head qk width (MHA form).
 
 Forward: one program owns one query token and a block of its heads (the heads form the matmul M
 dim, MQA style), loops over the token's K indices in chunks, gathers those entry rows straight
@@ -28,6 +28,14 @@ output) for the interpret-mode emulation of atomics.
 
 Triton needs power-of-two tiles: the V and R parts are loaded separately (512 + 64 for V3), each
 padded to a power of two when needed, and heads / K are padded up to their block sizes.
+
+`masked_probs_mean`, the KL teacher of DSA's masked form (MHA form: per-head keys of width
+D = d_n + d_r), is dense instead: one program per (batch, query block, key block) tile writes the
+head-mean probabilities (1/H) Σ_h exp(scale·q_h·k_h^T - lse_h) of the tile into an fp32
+[B, Tc, S] buffer, then XLA takes them at idx. Tiles past the last key block that the query
+block's idx reaches are skipped (under causal top-k, every tile above the diagonal), so buffer
+entries that no slot reads stay unwritten. Queries go in chunks of Tc rows whose buffer fits
+`_PROBS_BUF_BYTES`.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from v4jax.kernels.blockwise import join_blocks, split_blocks
 from v4jax.kernels.pallas_common import NEG_INF, sparse_attention_op, gpu_interpret, next_pow2, pad_axis, round_up
 
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
@@ -46,6 +55,7 @@ _TN = (((0,), (0,)), ((), ()))   # a [C,M] . b [C,N] -> [M,N]
 _BWD_BYTES = 4 << 30             # ds + dE bytes per backward token chunk
 _SEG_ROWS, _SEG_WARPS = 32, 8    # segment-sum kernel: dE rows per step, warps
 REDUCES = ('segment', 'atomic')
+_PROBS_BUF_BYTES = 256 << 20     # masked_probs_mean: fp32 [B, Tc, S] buffer per query chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,3 +502,88 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
       interpret=gpu_interpret(interpret), name='sparse_mla_probs',
   )(qp, lsep, idxp, kvp)
   return p[:, :, :K]
+
+
+# --------------------------------------------------------------- masked-form teacher (dense)
+def _dense_probs_kernel(lim_ref, q_ref, lse_ref, k_ref, p_ref, *, scale, vp, rp, nq):
+  """One (batch, query block, key block) tile of (1/H) Σ_h exp(scale·q_h·k_h^T - lse_h)."""
+  b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  h = q_ref.shape[1]
+
+  @pl.when(j < lim_ref[b * nq + i])
+  def _():
+    def head(n, acc):
+      s = _dot(q_ref[:, n, pl.ds(0, vp)], k_ref[:, n, pl.ds(0, vp)], _NT)
+      if rp:
+        s = s + _dot(q_ref[:, n, pl.ds(vp, rp)], k_ref[:, n, pl.ds(vp, rp)], _NT)
+      return acc + jnp.exp(s * scale - lse_ref[n][:, None])
+    acc = jax.lax.fori_loop(0, h, head, jnp.zeros(p_ref.shape, jnp.float32))
+    p_ref[...] = acc * (1.0 / h)
+
+
+def _dense_probs_chunk(q, lse, idx, k, *, scale, vp, rp, bq, bs, num_warps, num_stages,
+                       interpret):
+  """One query chunk: q [B,Tc,H,vp+rp], lse [B,Tc,H] (+inf: p = 0), idx [B,Tc,K], k [B,Sp,H,
+  vp+rp] (Tc, Sp multiples of the blocks) -> fp32 p [B,Tc,K]."""
+  B, Tc, H, cp = q.shape
+  Sp = k.shape[1]
+  nq, ns = Tc // bq, Sp // bs
+  # Key blocks each query block needs: up to the block holding its largest index (0 if none).
+  top = jnp.max(idx.reshape(B, nq, -1), axis=-1)
+  lim = ((top + bs) // bs).reshape(B * nq).astype(jnp.int32)
+  buf = pl.pallas_call(
+      functools.partial(_dense_probs_kernel, scale=float(scale), vp=vp, rp=rp, nq=nq),
+      grid=(B, nq, ns),
+      in_specs=[pl.BlockSpec((B * nq,), lambda b, i, j: (0,)),
+                pl.BlockSpec((None, bq, H, cp), lambda b, i, j: (b, i, 0, 0)),
+                pl.BlockSpec((None, H, bq), lambda b, i, j: (b, 0, i)),
+                pl.BlockSpec((None, bs, H, cp), lambda b, i, j: (b, j, 0, 0))],
+      out_specs=pl.BlockSpec((None, bq, bs), lambda b, i, j: (b, i, j)),
+      out_shape=jax.ShapeDtypeStruct((B, Tc, Sp), jnp.float32),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name='masked_probs_mean',
+  )(lim, q, jnp.swapaxes(lse, 1, 2), k)
+  p = jnp.take_along_axis(buf, jnp.maximum(idx, 0), axis=2)
+  return jnp.where(idx >= 0, p, 0.0)
+
+
+def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
+                      lse_BTH: jax.Array, scale: float, *, block_q: int | None = None,
+                      block_s: int | None = None, num_warps: int | None = None,
+                      num_stages: int | None = None, buf_bytes: int = _PROBS_BUF_BYTES,
+                      interpret: bool | None = None) -> jax.Array:
+  """fp32 [B,T,K]: (1/H) Σ_h exp(scale·q_h·k_h[idx] - lse_h), 0 at -1 slots; no gradient.
+
+  The KL teacher of DSA's masked form from dense block_q x block_s tiles (powers of two >= 16;
+  default 128 x 128 with 8 warps for 2-byte q/k, 64 x 64 with 4 warps for fp32, capped at the
+  padded T and S; 2 stages). D splits into its largest power of two and the rest, each part
+  padded to a power of two >= 16 (192 = 128 + 64 unpadded). Chunk rule: Tc = the most query rows
+  (a multiple of block_q) whose fp32 [B, Tc, S] buffer fits buf_bytes, then T splits evenly into
+  ceil(T / Tc) chunks, run in sequence (lax.map) so one buffer is live at a time.
+  """
+  B, T, H, D = q_BTHD.shape
+  S = k_BSHD.shape[1]
+  two_byte = q_BTHD.dtype.itemsize <= 2
+  bq = block_q or min(128 if two_byte else 64, max(16, next_pow2(T)))
+  bs = block_s or min(128 if two_byte else 64, max(16, next_pow2(S)))
+  for name, v in (('block_q', bq), ('block_s', bs)):
+    if v < 16 or v != next_pow2(v):
+      raise ValueError(f'masked_probs_mean gpu: {name}={v} must be a power of two >= 16')
+  q, k, lse = (jax.lax.stop_gradient(x) for x in (q_BTHD, k_BSHD, lse_BTH))
+  v = 1 << (D.bit_length() - 1)
+  vp, rp = max(16, v), (max(16, next_pow2(D - v)) if D > v else 0)
+  q = _split_pad(q, v, vp, rp)
+  k = pad_axis(_split_pad(k.astype(q.dtype), v, vp, rp), 1, round_up(S, bs))
+  lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)      # tokens without a key: p = 0
+  rows = max(bq, min(round_up(T, bq), buf_bytes // (4 * B * k.shape[1]) // bq * bq))
+  n = -(-T // rows)
+  rows = round_up(-(-T // n), bq)
+  chunk = functools.partial(
+      _dense_probs_chunk, k=k, scale=scale, vp=vp, rp=rp, bq=bq, bs=bs,
+      num_warps=num_warps or (8 if bq * bs >= 128 * 128 else 4), num_stages=num_stages or 2,
+      interpret=gpu_interpret(interpret))
+  xs = (split_blocks(q, rows, 0), split_blocks(lse, rows, jnp.inf),
+        split_blocks(idx_BTK.astype(jnp.int32), rows, -1))
+  if n == 1:
+    return chunk(*(x[0] for x in xs))[:, :T]
+  return join_blocks(jax.lax.map(lambda x: chunk(*x), xs), T)

@@ -1,7 +1,8 @@
 """Reference gather-based sparse MLA in absorbed (MQA) form (SPEC §2 step 6, §3).
 
 Dims: B batch, T query positions, S key positions, H heads, C entry width (r_kv + d_r),
-V value width (the first V dims of an entry: the latent c_kv), K selected keys per token.
+V value width (the first V dims of an entry: the latent c_kv), K selected keys per token,
+D per-head qk width (d_n + d_r, MHA form).
 
 Every head of a token attends to the same K gathered entries e_s = [c_kv,s ; k_r,s]; slots
 holding -1 are clamped to row 0 for the gather and masked to -inf. Autodiff of the gather is the
@@ -54,3 +55,22 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
     return jnp.where(idx_blk >= 0, jnp.mean(p_BTHK, axis=2), 0.0)
 
   return map_query_blocks(block, query_block, q_BTHC, idx_BTK, lse_BTH)
+
+
+def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
+                      lse_BTH: jax.Array, scale: float, *, query_block: int = 0) -> jax.Array:
+  """fp32 [B,T,K]: (1/H) Σ_h exp(scale·q_h·k_h[idx] - lse_h), 0 at -1 slots (no gradient).
+
+  The sparse KL teacher in the MHA form (per-head keys, DSA's masked form): dense logits
+  [B,Tq,H,S] one query block at a time, head-mean probabilities, then taken at idx.
+  """
+  q_BTHD, k_BSHD, lse_BTH = (jax.lax.stop_gradient(x) for x in (q_BTHD, k_BSHD, lse_BTH))
+
+  def block(_, q_blk, idx_blk, lse_blk):
+    logits_BTHS = scale * jnp.einsum('bthd,bshd->bths', q_blk, k_BSHD,
+                                     preferred_element_type=jnp.float32)
+    p_BTS = jnp.mean(jnp.exp(logits_BTHS - lse_blk[..., None]), axis=2)
+    p_BTK = jnp.take_along_axis(p_BTS, jnp.maximum(idx_blk, 0), axis=2)
+    return jnp.where(idx_blk >= 0, p_BTK, 0.0)
+
+  return map_query_blocks(block, query_block, q_BTHD, idx_BTK, lse_BTH)
