@@ -121,3 +121,45 @@ def test_cudnn_lse_entry_point_failure_is_one_clear_error(monkeypatch):
   q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
   with pytest.raises(RuntimeError, match=r'kernels.attention=reference'):
     library.causal_attention(q, q, q, 0.5, return_lse=True)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN flash attention needs a GPU')
+@pytest.mark.parametrize('return_lse', [False, True])
+def test_cudnn_mla_widths_match_oracle(return_lse):
+  """The cuDNN path with unequal qk / value widths (K=12, V=20: padded to 16 and 24, cuDNN's MLA
+  shapes) under a document + top-k mask: o, lse and the gradients of q, k, v against the float64
+  oracle / fp32 autodiff. bf16 inputs: 2e-2 of the largest magnitude."""
+  q, k, v, seg = draw(7, True)
+  idx, sel = draw_selection(8, seg)
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+  q, k, v = (np.asarray(bf(a), np.float64) for a in (q, k, v))   # the values cuDNN sees
+  want_o, want_lse = oracle_np(q, k, v, 0.37, seg, sel)
+  out = library.causal_attention(bf(q), bf(k), bf(v), 0.37, jnp.asarray(seg),
+                                 select_BTK=jnp.asarray(idx), return_lse=return_lse)
+  o = out[0] if return_lse else out
+  assert o.shape == (B, T, H, V)
+  np.testing.assert_allclose(np.asarray(o, np.float64), want_o, atol=2e-2 * np.abs(want_o).max())
+  if return_lse:
+    np.testing.assert_allclose(np.asarray(out[1]), want_lse, atol=2e-2)
+  w = np.random.RandomState(9).randn(B, T, H, V)
+  segj, idxj = jnp.asarray(seg), jnp.asarray(idx)
+
+  def lib(q, k, v):
+    o = library.causal_attention(q, k, v, 0.37, segj, select_BTK=idxj, return_lse=return_lse)
+    return jnp.sum(jnp.asarray(w, jnp.float32) * (o[0] if return_lse else o).astype(jnp.float32))
+
+  def ora(q, k, v):
+    return jnp.sum(jnp.asarray(w, jnp.float32) * _oracle_jnp_sel(q, k, v, 0.37, segj, sel))
+  got = jax.grad(lib, argnums=(0, 1, 2))(bf(q), bf(k), bf(v))
+  want = jax.grad(ora, argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
+  for g, e in zip(got, want):
+    e = np.asarray(e, np.float64)
+    np.testing.assert_allclose(np.asarray(g, np.float64), e, atol=2e-2 * np.abs(e).max())
+
+
+def _oracle_jnp_sel(q, k, v, scale, seg, sel):
+  logits = scale * jnp.einsum('bthk,bshk->bhts', q, k, precision='highest')
+  allowed = jnp.tril(jnp.ones((T, T), bool))[None, None]
+  allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :]) & jnp.asarray(sel)[:, None]
+  p = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+  return jnp.einsum('bhts,bshv->bthv', p, v, precision='highest')

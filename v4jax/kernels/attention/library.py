@@ -3,9 +3,9 @@
 Dims: B batch, T query positions, S key positions, H heads, K qk width, V value width, W the
 common padded width.
 
-The API wants q, k and v of one head width, so MLA's narrow qk heads (d_n + d_r, e.g. 48) and
-wider value heads (e.g. 128) are zero-padded to W = max(K, V) rounded up to 8: zero columns add
-nothing to q.k, and the padded value columns are sliced off. Document boundaries (segment ids)
+Head widths are zero-padded to multiples of 8 (zero columns add nothing to q.k; padded value
+columns are sliced off). cuDNN takes MLA's value heads at their own width (below); the public
+API, used by the 'xla' implementation, wants one width W = max(K, V) for q, k and v. Document boundaries (segment ids)
 and DSA's top-k key sets go in as one boolean mask [B,1,T,S] (jax turns it into an additive
 bias for cuDNN).
 
@@ -38,32 +38,49 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
   """o [B,T,H,V] in q's dtype, and with return_lse also lse [B,T,H] fp32. `implementation`:
   'cudnn' (GPU) or 'xla' (lets the CPU tests check the padding and masking against the
   reference)."""
-  V = v_BSHV.shape[-1]
-  W = round_up(max(q_BTHK.shape[-1], V), 8)
-  q, k, v = (pad_axis(a, 3, W) for a in (q_BTHK, k_BSHK, v_BSHV))
   mask = None
   if segment_ids_BT is not None:
     mask = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
   if select_BTK is not None:
     sel = selection_mask(select_BTK, k_BSHK.shape[1])[:, None]
     mask = sel if mask is None else mask & sel
-  if not return_lse:
-    o_BTHW = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
-                                          implementation=implementation)
-    return o_BTHW[..., :V]
   if implementation == 'cudnn':
+    return _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse)
+  V = v_BSHV.shape[-1]
+  W = round_up(max(q_BTHK.shape[-1], V), 8)
+  q, k, v = (pad_axis(a, 3, W) for a in (q_BTHK, k_BSHK, v_BSHV))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                     implementation=implementation, return_residual=return_lse)
+  if not return_lse:
+    return out[..., :V]
+  return out[0][..., :V], out[1].astype(jnp.float32)
+
+
+def _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse):
+  """cuDNN through the private entry point: fp32 lse, and value heads narrower than the qk heads
+  (cuDNN's MLA shapes, cuDNN >= 9.10 on Hopper), so MLA's values are not padded to the qk width
+  (bench_h200: 128 instead of 192; the peer: qk 48 instead of 128). A cuDNN without MLA shapes
+  gets one common padded width."""
+  V = v_BSHV.shape[-1]
+  Wqk, Wv = round_up(q_BTHK.shape[-1], 8), round_up(V, 8)
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    call = lambda wqk, wv: cudnn.dot_product_attention(
+        pad_axis(q_BTHK, 3, wqk), pad_axis(k_BSHK, 3, wqk), pad_axis(v_BSHV, 3, wv), None, mask,
+        scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout='BTNH',
+        return_residual=return_lse)
     try:
-      from jax._src.cudnn import fused_attention_stablehlo as cudnn
-      o_BTHW, lse_BHT = cudnn.dot_product_attention(
-          q, k, v, None, mask, scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout='BTNH',
-          return_residual=True)
-    except (ImportError, AttributeError, TypeError) as e:   # a private API: say what broke
-      raise RuntimeError(
-          f'cuDNN attention with its fp32 log-sum-exp is unavailable in jax {jax.__version__} '
-          f'({type(e).__name__}: {e}); set config.kernels.attention=reference') from e
-    lse_BTH = jnp.swapaxes(lse_BHT, 1, 2)
-  else:
-    o_BTHW, lse_BTH = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                                   is_causal=True, implementation=implementation,
-                                                   return_residual=True)
-  return o_BTHW[..., :V], lse_BTH.astype(jnp.float32)
+      out = call(Wqk, Wv)
+    except NotImplementedError:
+      if Wqk == Wv:
+        raise
+      out = call(max(Wqk, Wv), max(Wqk, Wv))
+  except (ImportError, AttributeError, TypeError) as e:   # a private API: say what broke
+    raise RuntimeError(
+        f'cuDNN attention through jax\'s cuDNN entry point is unavailable in jax '
+        f'{jax.__version__} ({type(e).__name__}: {e}); set config.kernels.attention=reference'
+    ) from e
+  if not return_lse:
+    return out[..., :V]
+  o_BTHW, lse_BHT = out
+  return o_BTHW[..., :V], jnp.swapaxes(lse_BHT, 1, 2).astype(jnp.float32)
