@@ -30,7 +30,9 @@ def get_config():
   m.remat = 'block'
   m.scan_layers = True           # stacked runs of identical blocks under lax.scan: compile time
                                  # independent of depth (docs/architecture.md, docs/scaling.md)
-  m.logits_chunk = 512           # chunked CE: full fp32 logits would be 8.5 GB per 16K tokens
+  m.logits_chunk = 1024          # chunked CE (full fp32 logits: 8.5 GB per 16K tokens); 4 chunks
+                                 # per micro-batch: the fp32 head gradient is read and written
+                                 # per chunk (docs/performance.md row 29)
 
   c.rope.yarn_mode = 'off'
 
