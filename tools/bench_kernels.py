@@ -494,10 +494,12 @@ class Bench:
       def core(q, kv, qi, ki, wi, impl=impl):
         from v4jax.kernels.indexer import indexer_topk
         from v4jax.kernels.sparse_attention import sparse_mla
-        ix = indexer_topk(qi, ki, wi, s['K'], query_block=512, impl=impl)
+        ix, ix_scores = indexer_topk(qi, ki, wi, s['K'], return_scores=True, query_block=512,
+                                     impl=impl)
         o, lse = sparse_mla(q, kv, ix, s['V'], scale, query_block=512, impl=impl)
         teacher = lambda: attention_probs_mean(q, kv, ix, lse, scale, query_block=512, impl=impl)
-        kl = sparse_indexer_kl(qi, ki, wi, ix, teacher, query_block=512, impl=impl)
+        kl = sparse_indexer_kl(qi, ki, wi, ix, teacher, topk_scores_BTK=ix_scores,
+                               query_block=512, impl=impl)
         return jnp.sum(o.astype(jnp.float32)) + kl
       g = jax.jit(jax.grad(core, argnums=(0, 1, 2, 3, 4)))
       self.record('peer', 'dsa_core_fwd+bwd', dict(shape, impl=impl,

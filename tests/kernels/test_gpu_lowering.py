@@ -29,10 +29,12 @@ def _sum_grad(f, argnums):
 
 
 # Triton calls expected: scores 1; top-k: the score slab and the radix select; the student's
-# backward: the dk and dq/dw kernels; sparse MLA's backward: dkv, dq and the dkv segment sum;
-# the teacher 1 in either form (absorbed 'probs', MHA 'masked_probs': D = 128 + 64).
+# backward: the dk and dq/dw kernels (also when its value is top-k's scores: no forward kernel);
+# sparse MLA's backward: dkv, dq and the dkv segment sum; the teacher 1 in either form
+# (absorbed 'probs', MHA 'masked_probs': D = 128 + 64).
 @pytest.mark.parametrize('name,calls', [('scores', 1), ('topk', 2), ('scores_at', 2),
-                                        ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1)])
+                                        ('scores_at_given', 2), ('sparse_mla', 3), ('probs', 1),
+                                        ('masked_probs', 1)])
 def test_kernel_lowers_for_cuda(name, calls):
   qi, ki, wi = bf16(B, T, HI, DI), bf16(B, T, DI), f32(B, T, HI)
   q, kv, idx, lse = bf16(B, T, H, C + 64), bf16(B, T, C + 64), i32(B, T, K), f32(B, T, H)
@@ -46,6 +48,11 @@ def test_kernel_lowers_for_cuda(name, calls):
     f = lambda q, k, w, i: indexer_gpu.indexer_scores_at(q, k, w, i, interpret=False)
     assert _triton_calls(f, qi, ki, wi, idx) == 1
     n = _triton_calls(_sum_grad(f, (0, 1, 2)), qi, ki, wi, idx) - 1
+  elif name == 'scores_at_given':
+    f = lambda q, k, w, i, s: indexer_gpu.indexer_scores_at(q, k, w, i, scores_BTK=s,
+                                                            interpret=False)
+    assert _triton_calls(f, qi, ki, wi, idx, f32(B, T, K)) == 0
+    n = _triton_calls(_sum_grad(f, (0, 1, 2)), qi, ki, wi, idx, f32(B, T, K))
   elif name == 'sparse_mla':     # forward, then the dkv and dq kernels
     f = lambda q, kv, i: sparse_gpu.sparse_mla(q, kv, i, V, 0.1, interpret=False)[0]
     assert _triton_calls(f, q, kv, idx) == 1

@@ -148,6 +148,10 @@ def test_dispatch_pallas_on_cpu_and_errors():
   assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
   with pytest.raises(ValueError, match='config.kernels.impl'):
     indexer_topk(q, k, w, 4, impl='cuda')
+  idx, none = indexer_topk(q, k, w, 4, return_scores=True, impl='reference')   # oracle recomputes
+  assert none is None
+  with pytest.raises(ValueError, match='scores_BTK'):
+    indexer_scores_at(q, k, w, idx, scores_BTK=jnp.zeros((1, 10, 3)), impl='pallas')
   with pytest.raises(ValueError, match='chunk=24'):
     gpu.indexer_topk(q, k, w, 4, chunk=24)
   with pytest.raises(ValueError, match='block_s=64'):
@@ -338,3 +342,55 @@ def test_gpu_scores_at_dense_backward(B, T, S, H, D, K, blocks, dtype, causal):
   _close(np.where(ok, got[0], 0.0), np.where(ok, want[0], 0.0), rel)
   for a, b in zip(got[1:], want[1:]):
     _close(np.asarray(a, np.float32), b, rel)
+
+
+def _oracle64_at(q, k, w, idx):
+  """float64 numpy I at idx, -inf at -1 slots."""
+  q, k, w = (np.asarray(a, np.float64) for a in (q, k, w))
+  i = np.asarray(idx)
+  kg = np.take_along_axis(k[:, None], np.maximum(i, 0)[..., None], axis=2)        # [B,T,K,D]
+  s = np.einsum('bthk,bth->btk', np.maximum(np.einsum('bthd,btkd->bthk', q, kg), 0.0), w)
+  return np.where(i >= 0, s, -np.inf)
+
+
+@pytest.mark.parametrize('backend,B,T,K', [('gpu', 2, 37, 12), ('tpu', 1, 13, 8)])
+def test_student_value_from_topk_scores(backend, B, T, K):
+  """The model's path: indexer_topk(return_scores=True) then indexer_scores_at(scores_BTK=...).
+  The value (no forward kernel) equals the float64 oracle at idx within 1e-5 x max|oracle| with
+  -inf exactly at the -1 slots (K above the allowed count of early rows, segments; T not a
+  multiple of the 64 / 8 query blocks); the q, k, w gradients equal the recomputing path's (the
+  same backward kernels) and the gathered fp32 oracle's. GPU through the seam on a batch-sharded
+  mesh (interpret), TPU kernels directly (interpret)."""
+  H, D = 3, 16
+  q, k, w = _inputs(B, T, T, H, D, seed=41)
+  segs = _segments(B, T, seed=42)
+  r = jnp.asarray(np.random.RandomState(43).randn(B, T, K), jnp.float32)
+  if backend == 'gpu':
+    topk = lambda q, k, w: indexer_topk(q, k, w, K, segs, return_scores=True, impl='pallas')
+    student = lambda q, k, w, idx, s: indexer_scores_at(q, k, w, idx, scores_BTK=s, impl='pallas')
+  else:
+    topk = lambda q, k, w: tpu.indexer_topk(q, k, w, K, segs, return_scores=True, block_t=8)
+    student = lambda q, k, w, idx, s: tpu.indexer_scores_at(q, k, w, idx, scores_BTK=s)
+
+  def run():
+    idx, s = topk(q, k, w)
+    got = _scores_at_and_grads(lambda *a: student(*a, idx, s), idx, r, q, k, w)
+    return (idx,) + got + _scores_at_and_grads(lambda *a: student(*a, idx, None), idx, r, q, k, w)
+
+  if backend == 'gpu':
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 1, 4),
+                ('data', 'fsdp', 'expert', 'tensor'), axis_types=(AxisType.Auto,) * 4)
+    with rules.activate(mesh, 'fsdp_tp'), jax.set_mesh(mesh):
+      idx, *out = run()
+  else:
+    idx, *out = run()
+  got, recomputed = out[:4], out[4:]
+  ok = np.asarray(idx) >= 0
+  assert (~ok).any() and ok.any()
+  _same_sets(idx, reference.indexer_topk(q, k, w, K, segs))
+  want = _oracle64_at(q, k, w, idx)
+  np.testing.assert_array_equal(np.isfinite(got[0]), ok)
+  _close(np.where(ok, got[0], 0.0), np.where(ok, want, 0.0))
+  for a, b in zip(got[1:], recomputed[1:]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _check_scores_at(got, _scores_at_and_grads(None, idx, r, q, k, w), idx)

@@ -165,18 +165,22 @@ def library_lse(request, monkeypatch):
     monkeypatch.setattr(mla_mod, 'causal_attention', via_library)
 
 
-@pytest.mark.parametrize('stage,mode,library_lse', [
-    ('warmup', 'gather', 'reference'), ('warmup', 'gather', 'library'),
-    ('sparse', 'gather', 'reference'), ('sparse', 'masked', 'reference'),
-    ('sparse', 'masked', 'library')], indirect=['library_lse'])
-def test_mla_stage_matches_oracle_and_isolates_gradients(stage, mode, library_lse):
+@pytest.mark.parametrize('stage,mode,library_lse,impl', [
+    ('warmup', 'gather', 'reference', 'reference'), ('warmup', 'gather', 'library', 'reference'),
+    ('sparse', 'gather', 'reference', 'reference'), ('sparse', 'masked', 'reference', 'reference'),
+    ('sparse', 'masked', 'library', 'reference'), ('sparse', 'masked', 'reference', 'pallas')],
+    indirect=['library_lse'])
+def test_mla_stage_matches_oracle_and_isolates_gradients(stage, mode, library_lse, impl):
   """Output and KL vs the oracle; main-param grads of an LM-like loss and indexer grads of the
   KL vs jax.grad of the jnp oracle (selection mask and teacher as constants). Isolation: the KL
   gives exactly zero gradient to every main param (wq_a, q_norm, ...) and the LM loss exactly
   zero to every indexer param. Both sparse forms (dsa.sparse_attention: gathered selected
-  entries, or all keys under the selection mask) meet the same oracle."""
+  entries, or all keys under the selection mask) meet the same oracle, and so do the indexer
+  kernels (impl 'pallas', GPU kernels in interpret mode: the KL student's value is the top-k
+  kernel's own selected scores, its gradient the student's backward kernels)."""
   K = 6
   m, P = _model(stage, topk=K, sparse_attention=mode)
+  m.impl = impl
   x, pos, seg = inputs(segments=True)
   valid = np.random.RandomState(9).rand(B, T) < 0.8
   r = jnp.asarray(np.random.RandomState(5).randn(B, T, D), jnp.float32)
@@ -188,7 +192,8 @@ def test_mla_stage_matches_oracle_and_isolates_gradients(stage, mode, library_ls
     out, aux = nnx.merge(gdef, state)(*args)
     return (jnp.sum(out * r), aux['indexer_kl']), (out, aux)
 
-  (g_lm, g_kl), (out, aux) = jax.jit(jax.jacrev(losses, has_aux=True))(state)
+  grads = jax.jit(jax.jacrev(losses, has_aux=True))
+  (g_lm, g_kl), (out, aux) = grads.lower(state).compile(FAST)(state)
   g_lm, g_kl = nnx.to_pure_dict(g_lm), nnx.to_pure_dict(g_kl)
   want, kl, I, sel = _oracle(P, x, pos, seg, valid, stage, K)
   np.testing.assert_allclose(np.asarray(out), want, **TOL)

@@ -136,17 +136,20 @@ def dense_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, q_BTHK, k_BSHK, lse_BTH, scale: fl
 
 
 def sparse_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, idx_BTK, teacher: Callable[[], jax.Array],
-                      valid_BT=None, *, query_block: int = 0, impl: str = 'auto') -> jax.Array:
+                      valid_BT=None, *, topk_scores_BTK=None, query_block: int = 0,
+                      impl: str = 'auto') -> jax.Array:
   """Σ over valid t of KL(p^S_t ‖ softmax(I_t)) over the selected keys S_t (sparse stage).
 
   teacher() gives p^S [B,T,K], the head-mean of the actual sparse attention softmax at the
   selected keys (0 at -1 slots; detached here): mla.py builds it from the form that attended
   (attention_probs_mean or masked_probs_mean). A callable, so that its cost stays inside this
-  function (bench_train's indexer profile scope). The student is I recomputed at the selected
-  keys through the indexer seam (`impl`; `query_block` rows at a time in the reference). Slots
-  holding -1 are outside the support.
+  function (bench_train's indexer profile scope). The student is I at the selected keys through
+  the indexer seam (`impl`; `query_block` rows at a time in the reference): the top-k kernels'
+  own scores there when given (topk_scores_BTK, from indexer_topk's return_scores), else
+  recomputed; its gradient is the seam's either way. Slots holding -1 are outside the support.
   """
   scores_BTK = checkpoint_name(indexer_scores_at(qi_BTJI, ki_BSI, wi_BTJ, idx_BTK,
+                                                 scores_BTK=topk_scores_BTK,
                                                  query_block=query_block, impl=impl),
                                'dsa_student')
   p_BTK = checkpoint_name(sg(teacher()), 'dsa_teacher')

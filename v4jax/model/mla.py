@@ -139,8 +139,11 @@ class MLA(nnx.Module):
       qi, ki, wi = self.indexer(x_BTD, p.c_q_BTR, positions_BT)
     if self.uses_sparse(T):
       qb = self.dsa_query_block
-      idx_BTK = checkpoint_name(indexer_topk(qi, ki, wi, self.topk, segment_ids_BT,
-                                             query_block=qb, impl=self.impl), 'indexer_topk')
+      # The top-k's scores at idx are the KL student's value. Unnamed: block remat keeps idx and
+      # the student ('dsa_student', these same [B,T,K] values), so top-k never reruns.
+      idx_BTK, topk_scores_BTK = indexer_topk(qi, ki, wi, self.topk, segment_ids_BT,
+                                              return_scores=True, query_block=qb, impl=self.impl)
+      idx_BTK = checkpoint_name(idx_BTK, 'indexer_topk')
       if self.sparse_attention == 'masked':
         q, k, v = self.mha_qkv(p)
         o_BTHV, lse_BTH = causal_attention(q, k, v, self.scale, segment_ids_BT,
@@ -158,7 +161,8 @@ class MLA(nnx.Module):
       teacher = lambda: probs_mean(sg(q), sg(k), idx_BTK, sg(lse_BTH), self.scale,
                                    query_block=qb, impl=self.impl)
       aux['indexer_kl'] = sparse_indexer_kl(qi, ki, wi, idx_BTK, teacher, valid_BT,
-                                            query_block=qb, impl=self.impl)
+                                            topk_scores_BTK=topk_scores_BTK, query_block=qb,
+                                            impl=self.impl)
     else:
       q, k, v = self.mha_qkv(p)
       with_kl = self.stage in ('warmup', 'sparse')

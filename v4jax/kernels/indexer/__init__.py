@@ -46,33 +46,49 @@ def indexer_scores(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, *,
 
 
 def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: int,
-                 segment_ids_BT: jax.Array | None = None, *, query_block: int = 0,
-                 impl: str = 'auto') -> jax.Array:
-  """int32 idx [B,T,K] of the top-K allowed keys per token (ties to the lower s; -1 = empty)."""
+                 segment_ids_BT: jax.Array | None = None, *, return_scores: bool = False,
+                 query_block: int = 0, impl: str = 'auto'):
+  """int32 idx [B,T,K] of the top-K allowed keys per token (ties to the lower s; -1 = empty).
+
+  return_scores: (idx, scores_BTK), the kernels' fp32 I at idx (-inf at -1 slots), which they
+  read from the score slab they select from anyway (for indexer_scores_at), or None from the
+  reference, whose student recomputes the scores and so stays an independent oracle.
+  """
   _check(q_BTHD, k_BSD, w_BTH, impl)
   if topk <= 0:
     raise ValueError(f'indexer_topk: topk={topk} must be a positive integer (config.dsa.topk)')
   if pallas_common.use_pallas(impl):
-    fn = lambda q, k, w, seg: _kernels().indexer_topk(q, k, w, topk, seg)
-    return pallas_common.per_device(fn, (_Q, _KW, _KW, ('batch', None)), (_KW,))(
+    fn = lambda q, k, w, seg: _kernels().indexer_topk(q, k, w, topk, seg,
+                                                      return_scores=return_scores)
+    return pallas_common.per_device(fn, (_Q, _KW, _KW, ('batch', None)), (_KW, _KW))(
         q_BTHD, k_BSD, w_BTH, segment_ids_BT)
-  return reference.indexer_topk(q_BTHD, k_BSD, w_BTH, topk, segment_ids_BT,
-                                query_block=query_block)
+  idx_BTK = reference.indexer_topk(q_BTHD, k_BSD, w_BTH, topk, segment_ids_BT,
+                                   query_block=query_block)
+  return (idx_BTK, None) if return_scores else idx_BTK
 
 
 def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx_BTK: jax.Array,
-                      *, query_block: int = 0, impl: str = 'auto') -> jax.Array:
+                      *, scores_BTK: jax.Array | None = None, query_block: int = 0,
+                      impl: str = 'auto') -> jax.Array:
   """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys, -inf at -1 slots; the sparse
   KL student, differentiable in q, k and w (the GPU kernel gathers rows in-kernel, its backward
   runs dense [T,S] tiles over a scattered cotangent without atomics; the TPU kernel DMA-gathers
   rows and adds dk rows by read-modify-write DMAs; the reference gathers [B,Tq,K,D] per query
-  block)."""
+  block).
+
+  scores_BTK: indexer_topk's return_scores for this idx. The kernels then return them as the
+  value and run only the backward kernels (same gradient); the reference ignores them (None
+  from its top-k anyway) and recomputes.
+  """
   _check(q_BTHD, k_BSD, w_BTH, impl)
   if idx_BTK.ndim != 3 or idx_BTK.shape[:2] != q_BTHD.shape[:2]:
     raise ValueError(f'indexer_scores_at: idx_BTK {idx_BTK.shape} must be [B,T,K] with [B,T] of '
                      f'q_BTHD {q_BTHD.shape}')
+  if scores_BTK is not None and scores_BTK.shape != idx_BTK.shape:
+    raise ValueError(f'indexer_scores_at: scores_BTK {scores_BTK.shape} must match idx_BTK '
+                     f'{idx_BTK.shape}')
   if pallas_common.use_pallas(impl):
-    fn = lambda q, k, w, idx: _kernels().indexer_scores_at(q, k, w, idx)
-    return pallas_common.per_device(fn, (_Q, _KW, _KW, _KW), (_KW,))(
-        q_BTHD, k_BSD, w_BTH, idx_BTK)
+    fn = lambda q, k, w, idx, s: _kernels().indexer_scores_at(q, k, w, idx, scores_BTK=s)
+    return pallas_common.per_device(fn, (_Q, _KW, _KW, _KW, _KW), (_KW,))(
+        q_BTHD, k_BSD, w_BTH, idx_BTK, scores_BTK)
   return reference.indexer_scores_at(q_BTHD, k_BSD, w_BTH, idx_BTK, query_block=query_block)

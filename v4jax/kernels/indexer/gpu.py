@@ -16,13 +16,15 @@ asks) and writes them compacted with a prefix sum. Each row reads only its allow
 (s <= t). The output holds the same set as `lax.top_k` would, ordered by position (the order
 carries no meaning downstream), with -1 in slots past min(K, #allowed).
 
-Scores at the selected keys I[t,j] = Σ_h w[t,h]·ReLU(q[t,h]·k[idx[t,j]]) (sparse KL student),
-one program per token gathering its key rows in-kernel. Its backward is dense and atomic-free,
-since H·D is small: the slot cotangent is scattered into an fp32 G [B,T,S] (XLA scatter-add),
-then a dk kernel per (key block, head group) and a dq/dw kernel per (head, query block) loop
-over the [bt,bs] tiles where G has a nonzero (lists built in XLA: most of the upper triangle
-drops out under causal top-k, yet no layout of idx is assumed) and recompute q_h·k. Per head and
-tile: d = q_h·k^T, dd = [d > 0]·w·G, dk += dd^T·q_h, dq_h += dd·k, dw_h += Σ_s ReLU(d)·G.
+Scores at the selected keys I[t,j] = Σ_h w[t,h]·ReLU(q[t,h]·k[idx[t,j]]) (sparse KL student):
+one program per token gathering its key rows in-kernel, or no kernel when the caller passes the
+top-k kernel's own scores at the keys it selected (the same I). Its backward is dense and
+atomic-free, since H·D is small: the slot cotangent is scattered into an fp32 G [B,T,S] (XLA
+scatter-add), then a dk kernel per (key block, head group) and a dq/dw kernel per (head, query
+block) loop over the [bt,bs] tiles where G has a nonzero (lists built in XLA: most of the upper
+triangle drops out under causal top-k, yet no layout of idx is assumed) and recompute q_h·k.
+Per head and tile: d = q_h·k^T, dd = [d > 0]·w·G, dk += dd^T·q_h, dq_h += dd·k,
+dw_h += Σ_s ReLU(d)·G.
 
 The gradient of `indexer_scores` (dense warm-up KL) reuses the jnp reference's VJP.
 """
@@ -478,6 +480,17 @@ def _scores_at_bwd(opts, res, g):
 _scores_at.defvjp(_scores_at_fwd, _scores_at_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _scores_at_given(q, k, w, idx, scores, opts):
+  """The student with its value given (the top-k kernel's scores at idx): no forward kernel,
+  the gradient is _scores_at's; none flows into `scores`."""
+  return scores
+
+
+_scores_at_given.defvjp(lambda q, k, w, idx, scores, opts: (scores, (q, k, w, idx)),
+                        lambda opts, res, g: _scores_at_bwd(opts, res, g) + (None,))
+
+
 class _AtOpts(NamedTuple):
   block_k: int
   block_t: int
@@ -492,11 +505,14 @@ def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx
                       *, block_k: int | None = None, block_t: int | None = None,
                       block_s: int | None = None, block_h: int | None = None,
                       num_warps: int | None = 4, num_stages: int | None = None,
+                      scores_BTK: jax.Array | None = None,
                       interpret: bool | None = None) -> jax.Array:
   """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys (-inf at -1 slots).
 
   The sparse-stage KL student (SPEC §3) without gathering [B,T,K,D] keys in HBM; differentiable
-  in q, k and w. The forward gathers each token's key rows in-kernel (block_k slots a step). The
+  in q, k and w. With scores_BTK (indexer_topk's return_scores for this idx: the same I, from
+  the dense score slab the selection read) the forward returns them and runs no kernel;
+  otherwise it gathers each token's key rows in-kernel (block_k slots a step). The
   backward is dense over [T,S] and atomic-free: dL/dI goes into an fp32 G [B,T,S], and block_t
   x block_s tiles (default 64 x 64; all-zero G tiles skipped) give dk per key block and group of
   block_h heads (default max(1, H // 8): under causal top-k the first key blocks carry the most
@@ -512,4 +528,6 @@ def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx
                  block_h=block_h or max(1, H // 8), num_warps=num_warps, num_stages=num_stages,
                  interpret=gpu_interpret(interpret))
   _check_blocks(block_k=opts.block_k, block_t=opts.block_t, block_s=opts.block_s)
+  if scores_BTK is not None:
+    return _scores_at_given(q_BTHD, k_BSD, w_BTH, idx_BTK, scores_BTK, opts)
   return _scores_at(q_BTHD, k_BSD, w_BTH, idx_BTK, opts)

@@ -17,7 +17,8 @@ rows by per-row DMA from HBM in double-buffered chunks (the sparse MLA kernel's 
 heads form one [H,D]x[D,bk] dot; each step waits for its own DMAs, so the forward grid is
 all "parallel". Its backward recomputes the dots, accumulates dq and dw in VMEM
 and adds each chunk's dk rows into an fp32 HBM buffer by read-modify-write row DMAs on a
-sequential grid (the indices of one token must be distinct, as top-k output is).
+sequential grid (the indices of one token must be distinct, as top-k output is). Given the
+top-k's own selected scores, the student's forward is those (no kernel).
 """
 from __future__ import annotations
 
@@ -279,14 +280,30 @@ _scores_at.defvjp(lambda q, k, w, idx, opts: (_at_forward(q, k, w, idx, opts), (
                   _scores_at_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _scores_at_given(q, k, w, idx, scores, opts):
+  """The student with its value given (top-k's scores at idx): no forward kernel, the gradient
+  is _scores_at's; none flows into `scores`."""
+  return scores
+
+
+_scores_at_given.defvjp(lambda q, k, w, idx, scores, opts: (scores, (q, k, w, idx)),
+                        lambda opts, res, g: _scores_at_bwd(opts, res, g) + (None,))
+
+
 def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx_BTK: jax.Array,
-                      *, block_k: int | None = None, interpret=None) -> jax.Array:
+                      *, block_k: int | None = None, scores_BTK: jax.Array | None = None,
+                      interpret=None) -> jax.Array:
   """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys (-inf at -1 slots).
 
   The sparse-stage KL student (SPEC §3), differentiable in q, k and w, without a [B,T,K,D]
-  gather in HBM. block_k rows per chunk: all of K (rounded to 8) when K <= 128, else 128 (a
-  multiple of 128 when compiled). The indices of one token must be distinct (top-k output).
+  gather in HBM. With scores_BTK (indexer_topk's return_scores for this idx) the forward returns
+  them and runs no kernel. block_k rows per chunk: all of K (rounded to 8) when K <= 128, else
+  128 (a multiple of 128 when compiled). The indices of one token must be distinct (top-k
+  output).
   """
   interpret = tpu_interpret(interpret)
   bk = chunk_rows(idx_BTK.shape[2], block_k, interpret, 'indexer_scores_at')
+  if scores_BTK is not None:
+    return _scores_at_given(q_BTHD, k_BSD, w_BTH, idx_BTK, scores_BTK, (bk, interpret))
   return _scores_at(q_BTHD, k_BSD, w_BTH, idx_BTK, (bk, interpret))
