@@ -84,12 +84,12 @@ class Experts(nnx.Module):
 
   def ffn(self, x_MD, w_gate, w_up, w_down, sizes_E):
     """Grouped SwiGLU of rows sorted by expert through the given expert weights."""
-    dt = self.dtype
-    gmm = functools.partial(grouped_matmul, impl=self.impl, preferred_element_type=f32)
+    dt = self.dtype   # results in the compute dtype, accumulated in fp32 inside the kernels
+    gmm = functools.partial(grouped_matmul, impl=self.impl, preferred_element_type=dt)
     x_MD = x_MD.astype(dt)
-    g_MF = gmm(x_MD, w_gate, sizes_E).astype(dt)
-    u_MF = gmm(x_MD, w_up, sizes_E).astype(dt)
-    return gmm(jax.nn.silu(g_MF) * u_MF, w_down, sizes_E).astype(dt)
+    g_MF = gmm(x_MD, w_gate, sizes_E)
+    u_MF = gmm(x_MD, w_up, sizes_E)
+    return gmm(jax.nn.silu(g_MF) * u_MF, w_down, sizes_E)
 
   def padded(self, x_ECD: jax.Array) -> jax.Array:
     """Fixed-capacity buffers [E,C,D] through their expert: batched matmuls."""
