@@ -2,11 +2,12 @@
 
 5.63B device params (1.18B active per token), mHC 4 streams, Engram at layers 1 and 8 with host
 tables (1.324B host params), DSA sparse stage, MTP depth 1: 7.19 GFLOP/token of training.
-Micro-batch 2 x 4096 with 16 accumulation steps (131K tokens per step, as SPEC §12's 4 x 8): at
-micro-batch 4 the step needed 131.7 GiB (docs/benchmarks.md). At micro-batch 2 XLA estimates
-129.4 GiB: it trains on one H200 with 97% of the memory claimed (v4jax.cli.claim_gpu_memory),
-at 16,822 tokens/s, 12.2% MFU (docs/performance.md). The built-in byte tokenizer only uses ids
-0..257 of the 129280-row vocabulary; that is fine for benchmarking.
+Micro-batch 4 x 4096 with 8 accumulation steps (131K tokens per step, SPEC §12's 4 x 8). It trains
+on one H200 with 97% of the memory claimed (v4jax.cli.claim_gpu_memory) at 23,333 tokens/s,
+17.0% MFU, peaking at 132.8 of the 135.6 GiB claimed (docs/performance.md). Where that is too
+tight, `--config.train.grad_accum=16` (micro-batch 2) peaks at 125.7 GiB and runs 5% slower. The
+built-in byte tokenizer only uses ids 0..257 of the 129280-row vocabulary; that is fine for
+benchmarking.
 """
 from v4jax.config import default_config
 
@@ -70,8 +71,8 @@ def get_config():
   c.mtp.depth = 1
 
   c.data.seq_len = 4096
-  c.data.global_batch = 32       # micro-batch 2 x grad_accum 16 = 131K tokens per step
-  c.train.grad_accum = 16
+  c.data.global_batch = 32       # micro-batch 4 x grad_accum 8 = 131K tokens per step
+  c.train.grad_accum = 8
 
   o = c.optim
   o.lr = 6e-4
