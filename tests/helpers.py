@@ -39,3 +39,18 @@ def np_sinkhorn(lam, iters: int, eps: float):
     m = m / (m.sum(-1, keepdims=True) + eps)                # row
     m = m / (m.sum(-2, keepdims=True) + eps)                # column
   return m
+
+
+def random_topk_indices(rs: np.random.RandomState, B: int, T: int, S: int, K: int) -> np.ndarray:
+  """int32 [B,T,K] DSA-like key sets: distinct allowed keys per token (s <= t + S - T) in random
+  order, fewer than K where few keys are allowed, and -1 holes in the middle of some rows."""
+  idx = np.full((B, T, K), -1, np.int32)
+  for b in range(B):
+    for t in range(T):
+      allowed = t + S - T + 1
+      n = min(K, allowed)
+      idx[b, t, :n] = rs.permutation(allowed)[:n]
+      if t % 3 == 1:
+        idx[b, t, rs.randint(0, K)] = -1
+      idx[b, t] = rs.permutation(idx[b, t])
+  return idx

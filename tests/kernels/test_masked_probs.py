@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh
 
+from helpers import random_topk_indices
 from v4jax.kernels.sparse_attention import gpu, masked_probs_mean, reference
 from v4jax.parallel import rules
 
@@ -26,15 +27,7 @@ def _inputs(B, T, S, H, D, K, dtype, seed):
   rs = np.random.RandomState(seed)
   q = jnp.asarray(rs.randn(B, T, H, D), dtype)
   k = jnp.asarray(rs.randn(B, S, H, D), dtype)
-  idx = np.full((B, T, K), -1, np.int32)
-  for b in range(B):
-    for t in range(T):
-      allowed = t + S - T + 1
-      n = min(K, allowed)
-      idx[b, t, :n] = rs.permutation(allowed)[:n]
-      if t % 3 == 1:
-        idx[b, t, rs.randint(0, K)] = -1
-      idx[b, t] = rs.permutation(idx[b, t])
+  idx = random_topk_indices(rs, B, T, S, K)
   idx[B - 1, T // 2] = -1
   return q, k, jnp.asarray(idx)
 

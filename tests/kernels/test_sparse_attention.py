@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh
 
+from helpers import random_topk_indices
 from v4jax.kernels.sparse_attention import attention_probs_mean as probs_mean_seam
 from v4jax.kernels.sparse_attention import gpu, reference, sparse_mla, tpu
 from v4jax.parallel import rules
@@ -31,15 +32,7 @@ def _inputs(B, T, S, H, C, K, dtype, seed):
   rs = np.random.RandomState(seed)
   q = jnp.asarray(rs.randn(B, T, H, C), dtype)
   kv = jnp.asarray(rs.randn(B, S, C), dtype)
-  idx = np.full((B, T, K), -1, np.int32)
-  for b in range(B):
-    for t in range(T):
-      allowed = t + S - T + 1
-      n = min(K, allowed)
-      idx[b, t, :n] = rs.permutation(allowed)[:n]
-      if t % 3 == 1:
-        idx[b, t, rs.randint(0, K)] = -1
-      idx[b, t] = rs.permutation(idx[b, t])
+  idx = random_topk_indices(rs, B, T, S, K)
   return q, kv, jnp.asarray(idx)
 
 
