@@ -187,7 +187,8 @@ class Trainer:
     grad_fn = jax.value_and_grad(self._loss, argnums=(0, 4), has_aux=True)
     A = cfg.train.grad_accum
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
-    diff_params = self._cast_once(params, rest, jax.tree.map(lambda x: x[0], micro), mtp_w, theta)
+    first = jax.tree.map(lambda x: x[0], micro)
+    diff_params = self._cast_once(params, rest, first, mtp_w, theta)
     if A == 1:
       (_, metrics), grads = grad_fn(diff_params, rest, batch, mtp_w, theta)
       grads = (jax.tree.map(lambda g, p: g.astype(p.dtype), grads[0], params), grads[1])
@@ -195,7 +196,7 @@ class Trainer:
       def body(acc, mb):
         (_, m), g = grad_fn(diff_params, rest, mb, mtp_w, theta)
         return jax.tree.map(jnp.add, acc, (g, m)), None    # fp32 accumulators (zero below)
-      shapes = jax.eval_shape(lambda: grad_fn(diff_params, rest, jax.tree.map(lambda x: x[0], micro), mtp_w, theta))
+      shapes = jax.eval_shape(lambda: grad_fn(diff_params, rest, first, mtp_w, theta))
       zero = jax.tree.map(jnp.zeros_like, ((params, shapes[1][1]), shapes[0][1]))
       (grads, metrics), _ = jax.lax.scan(body, zero, micro)
       grads = jax.tree.map(lambda g: g / A, grads)
