@@ -397,3 +397,27 @@ def test_raw_file_checkpoint_exports_the_same_bytes(trained, fp32_export, tmp_pa
   for f in names:
     with open(os.path.join(fp32_export, f), 'rb') as a, open(os.path.join(out, f), 'rb') as b:
       assert a.read() == b.read(), f
+
+
+@pytest.mark.parametrize('ahead,decoders', [(0, 1), (64 * 1024, 2)])
+def test_export_pipeline_bounds_keep_the_bytes(trained, fp32_export, tmp_path, monkeypatch,
+                                               ahead, decoders):
+  """The export with an arena of only the largest tensor (each tensor waits until the one before
+  it is written) or a few pages of read-ahead (the ring wraps), one or two decoder threads, 4 KB
+  read windows (rows written while their tensor still decodes) and 64 KB staging buffers writes
+  the same bytes as the default export."""
+  import importlib
+  from v4jax.convert import ckpt_reader, safetensors_io
+  export_module = importlib.import_module('v4jax.convert.export')
+  monkeypatch.setattr(export_module, '_AHEAD', ahead)
+  monkeypatch.setattr(export_module, '_DECODERS', decoders)
+  monkeypatch.setattr(export_module, '_POPULATE', 8192)
+  monkeypatch.setattr(ckpt_reader, '_RANGE', 4096)
+  monkeypatch.setattr(safetensors_io, '_CHUNK', 64 * 1024)
+  out = str(tmp_path / 'fp32')
+  export(trained, out, dtype='fp32', max_shard_bytes=300_000)
+  names = sorted(os.listdir(fp32_export))
+  assert sorted(os.listdir(out)) == names
+  for f in names:
+    with open(os.path.join(fp32_export, f), 'rb') as a, open(os.path.join(out, f), 'rb') as b:
+      assert a.read() == b.read(), f

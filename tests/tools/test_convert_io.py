@@ -3,9 +3,11 @@
 - CheckpointReader's array table read from _METADATA and `.zarray` files equals Orbax's metadata.
 - CheckpointReader.read(key, out): the libzstd / uncompressed streaming read into a reused buffer
   equals what TensorStore reads through Orbax's own read spec, bit for bit, for zstd and for
-  uncompressed Orbax items, in an OCDBT store or one file per array, with 4 KB ranges (many
-  ranges, a value ending exactly on a range boundary); layouts it does not handle fall back to
-  TensorStore. CheckpointReader.mapped(key) (raw files only) gives the same bytes, read-only.
+  uncompressed Orbax items, in an OCDBT store (values found through the B+tree dump and mapped
+  from the data files) or one file per array, with 4 KB windows (many windows, a value ending
+  exactly on a window boundary), reporting its progress in order; layouts it does not handle
+  fall back to TensorStore. CheckpointReader.mapped(key) (raw files only) gives the same bytes,
+  read-only. The OCDBT value index of a store whose B+tree is several levels deep.
 - ShardWriter.write: transposed fp32 views (OpenBLAS's transpose, on one thread or split in two)
   and bf16 casts, written through 64 KB staging buffers so rows straddle them, read back equal
   to numpy's x.T and ml_dtypes' rounding (exact: both are copies / the same round-to-nearest-even).
@@ -40,15 +42,19 @@ def test_reader_fast_path_matches_tensorstore(tmp_path, monkeypatch, compress, o
             'e': rng.standard_normal((6, 4)).astype(ml_dtypes.bfloat16)}
   item = _item(tmp_path / 'item', arrays, compress, ocdbt)
   r = CheckpointReader.__new__(CheckpointReader)     # just the array table of one Orbax item
-  r._ctx, r._kv = ckpt_reader._read_context(), {}
+  r._ctx, r._kv, r._index = ckpt_reader._read_context(), {}, {}
   leaves = r._leaves(item, None)
   assert sorted(leaves) == sorted(CheckpointReader._leaves_orbax(item, None))   # Orbax's own view
   r.arrays = {(c, p): (s, d, n, item, ()) for c, p, s, d, n in leaves}
   buf = np.full(max(r.nbytes(k) for k in r.arrays) + 64, 0xAB, np.uint8)
   fast = 0
   for key in r.arrays:
-    got = r.read(key, buf)
+    calls = []
+    got = r.read(key, buf, calls.append)
     fast += np.shares_memory(got, buf)
+    if np.shares_memory(got, buf):            # progress: 0 first, in order, all bytes last
+      assert calls[0] == 0 and calls == sorted(calls) and calls[-1] == r.nbytes(key), (key, calls)
+      assert len(calls) > 2 or r.nbytes(key) <= 16384, (key, calls)     # several windows
     want = r._read_ts(key)
     assert got.dtype == want.dtype and got.shape == want.shape, key
     view = r.mapped(key)
@@ -100,10 +106,41 @@ def test_reader_truncated_chunk_file_is_one_clear_error(tmp_path, compress):
   with open(chunk, 'r+b') as fh:
     fh.truncate(os.path.getsize(chunk) // 2)
   r = CheckpointReader.__new__(CheckpointReader)
-  r._ctx, r._kv = ckpt_reader._read_context(), {}
+  r._ctx, r._kv, r._index = ckpt_reader._read_context(), {}, {}
   r.arrays = {(c, p): (s, d, n, item, ()) for c, p, s, d, n in r._leaves(item, None)}
   if compress and ckpt_reader._zstd() is None:
     pytest.skip('no libzstd: the array goes through TensorStore')
   key, = r.arrays
   with pytest.raises(ToolError, match=r': (cannot read a |a holds)'):
     r.read(key, np.empty(a.nbytes + 8, np.uint8))
+
+
+def test_ocdbt_value_index_of_a_deep_tree(tmp_path):
+  """CheckpointReader._values lists every key of an OCDBT store whose B+tree is several levels
+  deep (child keys are relative to their parents' common prefixes), with the newest version's
+  value: inline bytes, or the (file, offset, length) holding it."""
+  import tensorstore as ts
+  store = str(tmp_path / 'store') + '/'
+  kv = ts.KvStore.open({'driver': 'ocdbt', 'base': 'file://' + store,
+                        'config': {'max_decoded_node_bytes': 400, 'max_inline_value_bytes': 16}}).result()
+  rng, want = np.random.default_rng(0), {}
+  for version in range(2):                  # the second commit rewrites every other key
+    with ts.Transaction() as txn:
+      for i in range(0, 150, 1 + version):
+        key, value = f'k{i:04d}'.encode(), rng.bytes(int(rng.integers(0, 300)))
+        kv.with_transaction(txn)[key] = value
+        want[key] = value
+  assert ts.ocdbt.dump(ts.KvStore.open('file://' + store).result()).result()['versions'][-1][
+      'root_height'] >= 2
+  r = CheckpointReader.__new__(CheckpointReader)
+  r._ctx, r._kv, r._index = ckpt_reader._read_context(), {}, {}
+  got = r._values(store.rstrip('/'))
+  assert set(got) == set(want)
+  for key, where in got.items():
+    if not isinstance(where, bytes):
+      path, offset, length = where
+      with open(path, 'rb') as fh:
+        fh.seek(offset)
+        where = fh.read(length)
+    assert where == want[key], key
+  assert any(isinstance(w, bytes) for w in got.values())

@@ -5,15 +5,17 @@ The `state` item is a zarr tensor store (v4jax/checkpoint.py), in one OCDBT stor
 directory per array. The list of arrays comes from the item's `_METADATA` tree and each array's
 `.zarray` (Orbax's own metadata reader where they do not suffice), so a plain export never
 imports Orbax or JAX. An array stored as Orbax writes it (zarr v2, one chunk, zstd or no
-compression) is read by `read(key, out)` straight into a caller's reused buffer: its bytes come
-from the OCDBT key-value store in 16 MB ranges, or from its own file (`checkpoint.use_ocdbt=False`),
-and libzstd (ctypes) decodes them in a stream. Decoding into fresh memory is what made reads slow
-on the VM measured (first-touch page faults cost ~1.5 s per GB, more than the zstd decode
-itself). A raw file (no OCDBT, no compression) can instead be mapped (`mapped(key)`): no copy at
-all. Any other layout (zarr3, several chunks, a slice of a stacked array, no libzstd) goes through
-TensorStore with the read spec Orbax itself uses
-(`orbax.checkpoint.type_handlers.get_json_tspec_read`). Only the `params` and `rest` collections
-are read; optimizer moments are never touched.
+compression) is read by `read(key, out)` straight into a caller's reused buffer: its stored
+bytes are mapped in 16 MB windows from the OCDBT data file that holds them (located through
+TensorStore's dump of the store's B+tree, not read through its key-value API, whose copies cost
+half as much CPU as the decode) or from its own file (`checkpoint.use_ocdbt=False`), and libzstd
+(ctypes) decodes them in a stream, reporting its progress so that a caller can use the leading
+rows early. Decoding into fresh memory is what made reads slow on the VM measured (first-touch
+page faults cost ~1.5 s per GB, more than the zstd decode itself). A raw file (no OCDBT, no
+compression) can instead be mapped (`mapped(key)`): no copy at all. Any other layout (zarr3,
+several chunks, a slice of a stacked array, no libzstd) goes through TensorStore with the read
+spec Orbax itself uses (`orbax.checkpoint.type_handlers.get_json_tspec_read`). Only the `params`
+and `rest` collections are read; optimizer moments are never touched.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import functools
 import json
 import mmap
 import os
+import urllib.parse
 
 import ml_collections
 import numpy as np
@@ -52,21 +55,36 @@ def _read_context():
     return ts.Context(ts.Context.Spec(_TS_CONTEXT))
 
 
-_RANGE = 16 * 2**20       # compressed bytes fetched per key-value read
+_RANGE = 16 * 2**20       # stored bytes mapped (and decoded) at a time
 _ZSTD_D_STABLE_OUT_BUFFER = 1001       # ZSTD_d_experimentalParam2 in zstd.h
 
 
-@functools.lru_cache(maxsize=1)
-def _reuse_heap() -> None:
-  """Lets glibc keep and reuse freed blocks up to 64 MB (the fetched ranges) instead of
-  returning them to the kernel and faulting fresh zeroed pages in for the next one, which cost
-  more system time than the decode on the VM measured."""
-  try:
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-3, 64 * 2**20)        # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 256 * 2**20)       # M_TRIM_THRESHOLD
-  except (OSError, AttributeError):     # not glibc: nothing to tune
-    pass
+def _windows(path: str, offset: int, length: int | None):
+  """Bytes [offset, offset + length) of a file (length None: to its end) as read-only mapped
+  windows of at most _RANGE bytes, each unmapped when the next is taken: the page cache's own
+  pages, no copy, and resident memory grows by one window, not by the value. The kernel is asked
+  to read the whole range ahead."""
+  with open(path, 'rb') as fh:
+    size = os.fstat(fh.fileno()).st_size
+    end = size if length is None else offset + length
+    if end > size:
+      raise ValueError(f'{path} holds {size} bytes, the value ends at byte {end}')
+    if hasattr(os, 'posix_fadvise'):
+      os.posix_fadvise(fh.fileno(), offset, end - offset, os.POSIX_FADV_WILLNEED)
+    a = offset - offset % mmap.ALLOCATIONGRANULARITY
+    while a < end:
+      b = min(end, a + _RANGE)
+      m = mmap.mmap(fh.fileno(), b - a, offset=a, prot=mmap.PROT_READ,
+                    flags=mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0))
+      try:
+        with memoryview(m) as view:
+          yield view[max(offset - a, 0):]
+      finally:
+        try:
+          m.close()
+        except BufferError:                # a caller's error left the window referenced: GC
+          pass
+      a = b
 
 
 class _Zstd:
@@ -88,16 +106,16 @@ class _Zstd:
     lib.ZSTD_DCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
 
   def decoder(self, out: np.ndarray):
-    """A function feeding compressed pieces (bytes) that decodes them into the uint8 array
-    `out`; it returns True once the frame is complete."""
+    """A function feeding compressed pieces (bytes or mapped windows) that decodes them into the
+    uint8 array `out`; it returns True once the frame is complete."""
     ctx = self.lib.ZSTD_createDCtx()
     # ZSTD_d_stableOutBuffer: decode straight into `out` rather than through the decoder's
     # window buffer and a copy (-30% decode time); an older libzstd refuses it and copies.
     self.lib.ZSTD_DCtx_setParameter(ctx, _ZSTD_D_STABLE_OUT_BUFFER, 1)
     dst = self._Buf(out.ctypes.data, out.size, 0)
 
-    def feed(piece: bytes) -> bool:
-      src = self._Buf(ctypes.cast(ctypes.c_char_p(piece), ctypes.c_void_p).value, len(piece), 0)
+    def feed(piece) -> bool:
+      src = self._Buf(np.frombuffer(piece, np.uint8).ctypes.data, len(piece), 0)
       while True:
         before = (src.pos, dst.pos)
         r = self.lib.ZSTD_decompressStream(ctx, ctypes.byref(dst), ctypes.byref(src))
@@ -142,6 +160,7 @@ class CheckpointReader:
       raise ToolError(f'--workdir {workdir!r} has no checkpoints/ directory')
     self._ctx = _read_context()
     self._kv: dict[str, object] = {}
+    self._index: dict[str, dict | None] = {}
     steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()   # Orbax renames a step's
                    and os.path.isdir(os.path.join(root, d, 'state')))  # directory when complete
     if not steps:
@@ -342,88 +361,90 @@ class CheckpointReader:
       raise ToolError(f'{item_dir}: cannot read {name} ({e})') from None
     return np.frombuffer(m, dtype).reshape(shape)
 
-  def read(self, key: tuple[str, str], out: np.ndarray | None = None) -> np.ndarray:
+  def read(self, key: tuple[str, str], out: np.ndarray | None = None, progress=None) -> np.ndarray:
     """The array at (collection, path) as a numpy array: a view of `out` (a uint8 buffer of at
     least nbytes(key) bytes, reused across calls) where the array's layout allows it, else a
-    new array."""
+    new array. When it fills `out`, progress(k) is called as the first k bytes become final
+    (first with k=0), so a caller can use the leading rows while the rest decodes."""
     if out is not None:
       chunk = self._chunk(key)
       if chunk is not None:
-        return self._read_chunk(key, *chunk, out)
+        return self._read_chunk(key, *chunk, out, progress or (lambda k: None))
     return self._read_ts(key)
 
-  def _read_chunk(self, key, chunk: bytes | str, zstd: bool, out: np.ndarray) -> np.ndarray:
-    """Streams the one stored chunk into out: 16 MB ranges fetched one ahead of the decoder (a
-    chunk file without compression is read straight into out)."""
+  def _values(self, item_dir: str) -> dict[bytes, tuple[str, int, int] | bytes] | None:
+    """Where each value of an item's OCDBT store lies: (data file, offset, length), or the
+    value's bytes where the B+tree holds it inline; from TensorStore's dump of the newest version
+    (manifest, then each tree node). None where the store cannot be listed so (then TensorStore
+    reads the arrays)."""
+    if item_dir in self._index:
+      return self._index[item_dir]
+    import tensorstore as ts  # pylint: disable=import-outside-toplevel
+    out: dict[bytes, tuple[str, int, int] | bytes] | None = {}
+    try:
+      base = ts.KvStore.open({'driver': 'file', 'path': item_dir.rstrip('/') + '/'},
+                             context=self._ctx).result()
+      versions = ts.ocdbt.dump(base).result()['versions']
+      root = max(versions, key=lambda v: v['generation_number'])['root'] if versions else {}
+      nodes = [(root['location'], b'')] if 'location' in root else []
+      while nodes:                                # (node, the key prefix its parents imply)
+        location, prefix = nodes.pop()
+        for e in ts.ocdbt.dump(base, location).result()['entries']:
+          if 'location' in e:                     # an interior node's child
+            nodes.append((e['location'], prefix + bytes(e['subtree_common_prefix'])))
+          elif 'inline_value' in e:
+            out[prefix + bytes(e['key'])] = bytes(e['inline_value'])
+          else:                                   # value:base_path:relative_path:offset:length
+            kind, base_path, rel, off, n = e['indirect_value'].split(':')
+            if kind != 'value':
+              raise ValueError(e['indirect_value'])
+            path = os.path.join(item_dir, urllib.parse.unquote(base_path) + urllib.parse.unquote(rel))
+            out[prefix + bytes(e['key'])] = (path, int(off), int(n))
+    except (AttributeError, KeyError, TypeError, ValueError):   # not this dump format
+      out = None
+    self._index[item_dir] = out
+    return out
+
+  def _read_chunk(self, key, chunk: bytes | str, zstd: bool, out: np.ndarray,
+                  progress) -> np.ndarray:
+    """Decodes (or copies) the one stored chunk into out, from its bytes mapped in _RANGE
+    windows: its own file, or its place in an OCDBT data file (no read through the key-value
+    store: TensorStore's copies of every range cost about half as much CPU as the decode)."""
     shape, dtype, name, item_dir, _ = self.arrays[key]
     n = self.nbytes(key)
-    _reuse_heap()
     dst = out[:n]
     if isinstance(chunk, str):
-      return self._read_file(key, chunk, zstd, dst)
-    kv = self._kvstore(item_dir)
+      where = (chunk, 0, None)
+    else:
+      values = self._values(item_dir)
+      where = None if values is None else values.get(chunk)
+      if where is None:                           # not listed, or a chunk never written (fill)
+        return self._read_ts(key)
     feed = _zstd().decoder(dst) if zstd else None
-    fetch = lambda a: kv.read(chunk, byte_range=slice(a, a + _RANGE))
+    pieces = iter([where]) if isinstance(where, bytes) else _windows(*where)
+    got, done = 0, False
+    progress(0)
     try:
-      pos, nxt = 0, fetch(0)
-      while nxt is not None:
-        try:
-          res = nxt.result()
-        except ValueError as e:                # the value ends inside this range: read the rest
-          if 'OUT_OF_RANGE' not in str(e):
-            raise
-          res = kv.read(chunk, byte_range=slice(pos, None)).result()
-        if res.state != 'value':
-          return self._read_ts(key)             # chunk never written: the fill value
-        piece, k = res.value, len(res.value)
-        last = k < _RANGE or not zstd and pos + k >= n
-        nxt = None if last else fetch(pos + k)  # the next range loads while this one decodes
+      while not done:
+        piece = next(pieces, None)
+        if piece is None:
+          break
         if zstd:
-          if feed(piece):
-            nxt = None
-        elif pos + k <= n:
-          dst[pos:pos + k] = np.frombuffer(piece, np.uint8)
-        pos += k
-      got = feed.done() if zstd else pos
-    except Exception as e:  # noqa: BLE001 - reported with the tensor
+          done, got = feed(piece), feed.done()
+        else:
+          k = min(len(piece), n - got)
+          dst[got:got + k] = np.frombuffer(piece, np.uint8, k)
+          got += len(piece)
+        del piece                                 # the window can be unmapped
+        progress(min(got, n))
+    except (OSError, ValueError) as e:
       raise ToolError(f'{item_dir}: cannot read {name} ({str(e).splitlines()[0]})') from None
     finally:
+      getattr(pieces, 'close', lambda: None)()
       if feed is not None:
         feed.close()
     if got != n:
       raise ToolError(f'{item_dir}: {name} holds {got} bytes, metadata says {n} ({shape} {dtype})')
-    return dst.view(dtype).reshape(shape)
-
-  def _read_file(self, key, path: str, zstd: bool, dst: np.ndarray) -> np.ndarray:
-    """A chunk file (an item written without OCDBT): readinto the destination (one copy, from
-    the page cache), or 16 MB preads fed to the zstd decoder."""
-    shape, dtype, name, item_dir, _ = self.arrays[key]
-    n, got = dst.size, 0
-    try:
-      with open(path, 'rb', buffering=0) as fh:
-        if zstd:
-          feed = _zstd().decoder(dst)
-          try:
-            piece = fh.read(_RANGE)
-            while piece and not feed(piece):
-              piece = fh.read(_RANGE)
-            got = feed.done()
-          finally:
-            feed.close()
-        else:
-          view = memoryview(dst)
-          while got < n:
-            k = fh.readinto(view[got:])
-            if not k:
-              break
-            got += k
-          if fh.read(1):
-            got += 1
-    except (OSError, ValueError) as e:
-      raise ToolError(f'{item_dir}: cannot read {name} ({e})') from None
-    if got != n:
-      raise ToolError(f'{item_dir}: {name} holds {got} bytes or more, metadata says {n} '
-                      f'({shape} {dtype})')
     return dst.view(dtype).reshape(shape)
 
   def _read_ts(self, key) -> np.ndarray:

@@ -41,6 +41,7 @@ _TILE = 512                    # tile edge of the blocked transpose copy
 _SPLIT_ELEMS = 2**22           # transposes this large run on two threads
 _BLOCK = 4096                  # O_DIRECT alignment of offsets and lengths
 _ROW_MAJOR, _TRANS = 101, 112  # CBLAS_ORDER / CBLAS_TRANSPOSE values
+MADV_POPULATE_WRITE = 23       # linux >= 5.14 (not yet a constant of Python's mmap module)
 
 if sys.byteorder != 'little':   # pragma: no cover - every supported platform is little-endian
   raise ImportError('v4jax.convert.safetensors_io assumes a little-endian machine')
@@ -48,6 +49,39 @@ if sys.byteorder != 'little':   # pragma: no cover - every supported platform is
 
 def nbytes(dtype: str, shape) -> int:
   return DTYPES[dtype].itemsize * math.prod(shape)
+
+
+def private_map(n: int) -> mmap.mmap:
+  """n bytes of private anonymous memory, page-aligned (O_DIRECT needs that). Private, not
+  Python's default shared mapping: shared anonymous pages are shmem, which cost ~1.7x the
+  system time to populate and to free on the VM measured."""
+  if hasattr(mmap, 'MAP_ANONYMOUS'):
+    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+  return mmap.mmap(-1, n)
+
+
+class Buffers:
+  """Page-aligned private memory for ShardWriters: _NBUF staging buffers for the writes,
+  populated in bulk (faulting fresh pages in one at a time cost ~3x the system time on the VM
+  measured), and two conversion buffers (used in full only for bf16 transposes). One set serves
+  the writers of consecutive shards."""
+
+  def __init__(self):
+    self._map = private_map((_NBUF + 2) * _CHUNK)
+    try:
+      self._map.madvise(MADV_POPULATE_WRITE, 0, _NBUF * _CHUNK)
+    except (OSError, ValueError):        # an older kernel: pages fault in on first write
+      pass
+    whole = np.frombuffer(self._map, np.uint8)
+    self.staging = [whole[i * _CHUNK:(i + 1) * _CHUNK] for i in range(_NBUF)]
+    self.convert = [whole[(_NBUF + i) * _CHUNK:(_NBUF + i + 1) * _CHUNK] for i in range(2)]
+
+  def close(self) -> None:
+    self.staging = self.convert = None
+    try:
+      self._map.close()
+    except BufferError:                   # a caller still holds a view: left to the GC
+      pass
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,21 +167,20 @@ class _Sink:
   measured). The file is opened with O_DIRECT where the filesystem allows it, so the bytes skip
   the page cache (there, buffered writes cost over 10x the CPU time); otherwise plain writes."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, staging: list[np.ndarray]):
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     self.direct = hasattr(os, 'O_DIRECT')
     try:
       self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o666)
     except OSError:                    # e.g. tmpfs refuses O_DIRECT
       self.fd, self.direct = os.open(path, flags, 0o666), False
-    self._maps = [mmap.mmap(-1, _CHUNK) for _ in range(_NBUF)]   # anonymous maps: page-aligned
-    self._bufs = [np.frombuffer(m, np.uint8) for m in self._maps]
+    self._bufs = staging
     self._futs: list = [None] * _NBUF
     self._pool = concurrent.futures.ThreadPoolExecutor(_NBUF - 1)
     self._cur, self._fill, self._base = 0, 0, 0    # base: file offset of the current buffer
 
   def _pwrite(self, k: int, n: int, offset: int) -> None:
-    view, done = memoryview(self._maps[k])[:n], 0
+    view, done = memoryview(self._bufs[k][:n]), 0
     while done < n:
       try:
         done += os.pwrite(self.fd, view[done:], offset + done)
@@ -181,35 +214,28 @@ class _Sink:
         self._futs[self._cur].result()
         self._futs[self._cur] = None
 
-  def sync(self) -> None:
-    """Puts every byte written so far into the file (the partly filled buffer goes out padded
-    to the block size and is written again when it fills)."""
-    for i, f in enumerate(self._futs):
-      if f is not None:
-        f.result()
-        self._futs[i] = None
-    if self._fill:
-      self._pwrite(self._cur, -(-self._fill // _BLOCK) * _BLOCK, self._base)
-
   def close(self, size: int) -> None:
+    """Writes the rest (the last buffer padded to the block size) and sets the file's size."""
     try:
-      self.sync()
+      for f in self._futs:
+        if f is not None:
+          f.result()
+      if self._fill:
+        self._pwrite(self._cur, -(-self._fill // _BLOCK) * _BLOCK, self._base)
       os.ftruncate(self.fd, size)      # drop the padding of the last block
     finally:
       os.close(self.fd)
       self._pool.shutdown()
       self._bufs = []
-      for m in self._maps:
-        m.close()
 
 
 class ShardWriter:
   """Writes one safetensors file whose tensors (name, dtype code, shape) are known up front:
-  the header goes first, then each tensor in the planned order, through `write(name, array)`
-  or, for a tensor equal to one already written, `copy(name, path, offset)`."""
+  the header goes first, then each tensor in the planned order, through `write(name, array)`.
+  `buffers`: a Buffers set to work in (the caller's to close), else the writer makes its own."""
 
   def __init__(self, path: str, plan: list[tuple[str, str, tuple[int, ...]]],
-               metadata: dict | None = None):
+               metadata: dict | None = None, buffers: Buffers | None = None):
     header, off = {}, 0
     for name, dtype, shape in plan:
       n = nbytes(dtype, shape)
@@ -219,21 +245,17 @@ class ShardWriter:
     raw = json.dumps(header, separators=(',', ':')).encode('utf-8')
     raw += b' ' * (-len(raw) % 8)
     self.path, self.plan, self.size = path, list(plan), 8 + len(raw) + off
-    self.data_start = 8 + len(raw)
-    self.offsets = {k: self.data_start + v['data_offsets'][0] for k, v in header.items()
-                    if k != '__metadata__'}
     self._next = 0
-    self._chunk = [None, None]         # reused conversion buffers (out dtype, fp32): no page faults
-    self._sink = _Sink(path)
+    self._own = buffers is None
+    self._bufs = Buffers() if buffers is None else buffers
+    self._sink = _Sink(path, self._bufs.staging)
     self._sink.write(len(raw).to_bytes(8, 'little') + raw)
 
   def _buffer(self, dtype, shape, which: int = 0) -> np.ndarray:
     n = dtype.itemsize * math.prod(shape)
     if n > _CHUNK:
       return np.empty(shape, dtype)
-    if self._chunk[which] is None:
-      self._chunk[which] = np.empty(_CHUNK, np.uint8)
-    return self._chunk[which][:n].view(dtype).reshape(shape)
+    return self._bufs.convert[which][:n].view(dtype).reshape(shape)
 
   def _check_next(self, name, shape):
     want, dtype, planned = self.plan[self._next]
@@ -242,64 +264,50 @@ class ShardWriter:
                        f'{list(shape)}')
     return DTYPES[dtype]
 
-  def write(self, name: str, x: np.ndarray, on_bytes=None) -> None:
+  def _rows(self, x: np.ndarray, a: int, k: int, out: np.ndarray | None, dt, ready) -> np.ndarray:
+    """Rows x[a:a+k] converted to dt into out (else a conversion buffer), as uint8."""
+    shape = (k,) + x.shape[1:]
+    out = self._buffer(dt, shape) if out is None else out.view(dt).reshape(shape)
+    scratch = None
+    if dt != np.float32 and x.dtype == np.float32 and x.ndim == 2:
+      scratch = self._buffer(np.dtype(np.float32), shape, 1)
+    ready(x[a:a + k])
+    return _copy_rows(x, a, a + k, out, scratch).reshape(-1).view(np.uint8)
+
+  def write(self, name: str, x: np.ndarray, on_bytes=None, ready=None) -> None:
     """Writes x (any strides, e.g. a transposed view) as the next planned tensor, converting
     to the planned dtype a block of rows at a time (at most about 64 MB), straight into the
-    output's staging buffer (through a conversion buffer where a row would straddle two)."""
+    output's staging buffer (through a conversion buffer where a row would straddle two).
+    ready(part), when given, is called before each block of rows `part` is read (a tensor
+    still being decoded: it waits for the bytes that block covers)."""
     dt = self._check_next(name, x.shape)
+    ready = ready or (lambda part: None)
+    on_bytes = on_bytes or (lambda k: None)
+    self._next += 1
     if x.ndim == 0 or x.size == 0:
+      ready(x)
       self._sink.write(np.asarray(x, dt).tobytes())
-      self._next += 1
+      on_bytes(dt.itemsize * x.size)
       return
     row = x[0].size * dt.itemsize
     step = max(1, _CHUNK // max(1, x[0].size * max(dt.itemsize, x.dtype.itemsize)))
     a = 0
     while a < x.shape[0]:
       room = self._sink.room()
-      k = min(x.shape[0] - a, step, room.size // row)
-      direct = k > 0 and room.ctypes.data % dt.itemsize == 0
-      if not direct:
-        k = min(x.shape[0] - a, step)
-      shape = (k,) + x.shape[1:]
-      out = room[:k * row].view(dt).reshape(shape) if direct else self._buffer(dt, shape)
-      scratch = None
-      if dt != np.float32 and x.dtype == np.float32 and x.ndim == 2:
-        scratch = self._buffer(np.dtype(np.float32), shape, 1)
-      _copy_rows(x, a, a + k, out, scratch)
-      if direct:
-        self._sink.advance(out.nbytes)
-      else:
-        self._sink.write(out.reshape(-1).view(np.uint8))
-      if on_bytes:
-        on_bytes(out.nbytes)
+      aligned = room.ctypes.data % dt.itemsize == 0
+      k = min(x.shape[0] - a, step, room.size // row) if aligned else 0
+      if k:
+        self._sink.advance(self._rows(x, a, k, room[:k * row], dt, ready).size)
+      else:                   # one row straddling two staging buffers, or a misaligned output
+        k = min(x.shape[0] - a, step if not aligned else 1)
+        self._sink.write(self._rows(x, a, k, None, dt, ready))
+      on_bytes(k * row)
       a += k
-    self._next += 1
-
-  def copy(self, name: str, src_path: str, src_offset: int, on_bytes=None) -> None:
-    """Writes the next planned tensor as a copy of the bytes at src_path[src_offset:] (a file
-    written earlier, or this one)."""
-    _, dtype, shape = self.plan[self._next]
-    self._check_next(name, shape)
-    n = nbytes(dtype, shape)
-    self._sink.sync()
-    buf = self._buffer(np.dtype(np.uint8), (min(n, _CHUNK),))
-    fd = os.open(src_path, os.O_RDONLY)
-    try:
-      done = 0
-      while done < n:
-        k = os.preadv(fd, [buf[:min(_CHUNK, n - done)]], src_offset + done)
-        if k <= 0:
-          raise ValueError(f'{src_path}: ended while copying {name}')
-        self._sink.write(buf[:k])
-        done += k
-        if on_bytes:
-          on_bytes(k)
-    finally:
-      os.close(fd)
-    self._next += 1
 
   def close(self) -> None:
     self._sink.close(self.size)
+    if self._own:
+      self._bufs.close()
     if self._next != len(self.plan):
       raise ValueError(f'{self.path}: {len(self.plan) - self._next} planned tensors not written')
     if os.path.getsize(self.path) != self.size:
