@@ -117,3 +117,17 @@ def with_reference_vjp(kernel: Callable, reference_fn: Callable) -> Callable:
   op.defvjp(lambda q, k, w, opts: (kernel(q, k, w, opts), (q, k, w)),
             lambda opts, res, g: jax.vjp(reference_fn, *res)[1](g))
   return op
+
+
+def given_value_vjp(backward: Callable) -> Callable:
+  """An op (q, k, w, idx, value, opts) -> value whose gradient in q, k, w is
+  `backward(opts, (q, k, w, idx), g)` (a kernel's own backward) and none flows into `value`:
+  for a forward whose result another kernel already computed (the indexer's KL student, given the
+  top-k kernel's scores at idx)."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+  def op(q, k, w, idx, value, opts):
+    return value
+
+  op.defvjp(lambda q, k, w, idx, value, opts: (value, (q, k, w, idx)),
+            lambda opts, res, g: backward(opts, res, g) + (None,))
+  return op

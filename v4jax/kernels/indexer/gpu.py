@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from v4jax.kernels.indexer import reference
-from v4jax.kernels.pallas_common import NEG_INF, with_reference_vjp, gpu_interpret, next_pow2, pad_axis, round_up
+from v4jax.kernels.pallas_common import NEG_INF, given_value_vjp, with_reference_vjp, gpu_interpret, next_pow2, pad_axis, round_up
 
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
@@ -480,15 +480,7 @@ def _scores_at_bwd(opts, res, g):
 _scores_at.defvjp(_scores_at_fwd, _scores_at_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _scores_at_given(q, k, w, idx, scores, opts):
-  """The student with its value given (the top-k kernel's scores at idx): no forward kernel,
-  the gradient is _scores_at's; none flows into `scores`."""
-  return scores
-
-
-_scores_at_given.defvjp(lambda q, k, w, idx, scores, opts: (scores, (q, k, w, idx)),
-                        lambda opts, res, g: _scores_at_bwd(opts, res, g) + (None,))
+_scores_at_given = given_value_vjp(_scores_at_bwd)   # the student given top-k's scores
 
 
 class _AtOpts(NamedTuple):

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from v4jax.kernels.indexer import reference
-from v4jax.kernels.pallas_common import (NEG_INF, pad_axis, round_up, tpu_interpret,
+from v4jax.kernels.pallas_common import (NEG_INF, given_value_vjp, pad_axis, round_up, tpu_interpret,
                                          with_reference_vjp)
 from v4jax.kernels.sparse_attention.tpu import (RowGather, chunk_rows, chunk_valid, prep_indices,
                                                 rmw_rows)
@@ -280,15 +280,7 @@ _scores_at.defvjp(lambda q, k, w, idx, opts: (_at_forward(q, k, w, idx, opts), (
                   _scores_at_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _scores_at_given(q, k, w, idx, scores, opts):
-  """The student with its value given (top-k's scores at idx): no forward kernel, the gradient
-  is _scores_at's; none flows into `scores`."""
-  return scores
-
-
-_scores_at_given.defvjp(lambda q, k, w, idx, scores, opts: (scores, (q, k, w, idx)),
-                        lambda opts, res, g: _scores_at_bwd(opts, res, g) + (None,))
+_scores_at_given = given_value_vjp(_scores_at_bwd)   # the student given top-k's scores
 
 
 def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx_BTK: jax.Array,
