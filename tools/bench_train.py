@@ -31,7 +31,8 @@ Method (docs/performance.md):
   events and host-memory copies count as host transfers; ops of other programs (Engram table
   gather/scatter jits, transfers) are listed per program. `top_ops` lists the costliest HLO ops,
   `top_op_groups` the costliest kernels with their ops summed per op_name (one row for a kernel
-  that every scanned or repeated layer runs). If the trace cannot be read, the
+  that every scanned or repeated layer runs), `top_op_groups_by_component` the 15 costliest
+  groups of each component. If the trace cannot be read, the
   profile section says so and `--ablate` (timing with one component switched off at a time) is
   the fallback.
 - `--ablate` and `--variant` repeat the measurement with config overrides in the same process,
@@ -674,6 +675,10 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
                   for (c, o), t in per_op.most_common(80)],
       'top_op_groups': [{'component': c, 'op_name': k, 'ops': members[(c, k)], 's_per_step': t / per}
                         for (c, k), t in groups.most_common(80)],
+      'top_op_groups_by_component': {
+          comp: [{'op_name': k, 'ops': members[(c, k)], 's_per_step': t / per}
+                 for (c, k), t in groups.most_common() if c == comp][:15]
+          for comp in per_comp},
       'top_unattributed_ops': [{'op': o, 's_per_step': t / per}
                                for (c, o), t in per_op.most_common() if c == 'unattributed'][:10],
   }

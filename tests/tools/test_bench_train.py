@@ -134,6 +134,10 @@ def test_trace_attribution(tmp_path):
       assert r['component'] == 'moe', r
     elif 'v4_attn' in r['op_name']:
       assert r['component'] == 'attention+indexer', r
+  by = p['top_op_groups_by_component']   # the same groups, per component, costliest first
+  assert by['moe'] and all(r in g for r in [dict(component='moe', **x) for x in by['moe']])
+  assert [x['s_per_step'] for x in by['moe']] == sorted((x['s_per_step'] for x in by['moe']),
+                                                        reverse=True)
 
 
 def test_self_times():
