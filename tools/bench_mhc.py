@@ -7,6 +7,10 @@ Times in one process, at the peer model's mHC shapes (B x T tokens, N streams, w
                   formulation the GPU runs fastest (launches vs fusion)
   pallas          the seam's Triton kernels (v4jax/kernels/sinkhorn/gpu.py; interpret mode off
                   GPU), one row per (--block_m, --num_warps, --segment) combination
+  mixing_reference, mixing
+                  the streams' read-in and write-back around an identity sub-layer, forward +
+                  backward wrt the streams and the coefficients: autodiff of the plain jnp forms
+                  vs the model's custom VJPs (v4jax.model.mhc.read_in / write_back)
   site, site_pallas
                   one HCSite (coefficients, read-in, write-back) around an identity sub-layer,
                   forward + backward wrt the streams and the site's parameters, with
@@ -18,6 +22,8 @@ parity check on the GPU). Memory-bound; no FLOP figures.
   python tools/bench_mhc.py --out bench_mhc.json            # GPU
   python tools/bench_mhc.py --candidates loop,pallas --block_m 32,64,128,256 --num_warps 1,2,4 \
       --segment 2,4,19 --sites pallas --out bench_mhc_sweep.json   # GPU: the kernel's sweep
+  python tools/bench_mhc.py --candidates sinkhorn --sites reference --shape 4,4096,4,1536 \
+      --out bench_mhc_h200.json                             # GPU: at bench_h200's shapes
   python tools/bench_mhc.py --smoke                         # any backend, tiny shapes
 """
 from __future__ import annotations
@@ -41,7 +47,8 @@ from v4jax.cli import median_seconds  # noqa: E402
 from v4jax.config import default_config  # noqa: E402
 from v4jax.kernels.sinkhorn import gpu as sinkhorn_gpu  # noqa: E402
 from v4jax.kernels.sinkhorn import reference as sinkhorn_reference  # noqa: E402
-from v4jax.model.mhc import HCSite, sinkhorn  # noqa: E402
+from v4jax.model.mhc import (HCSite, read_in, read_in_reference, sinkhorn,  # noqa: E402
+                             write_back, write_back_reference)
 
 
 def _unrolled(logits_NN, iters: int, eps: float, colsum, rowsum):
@@ -87,13 +94,19 @@ def main():
                   help='pallas: iterations per backward segment')
   ap.add_argument('--sites', default='reference,pallas',
                   help='comma list of kernels.sinkhorn impls to time one HCSite with')
+  ap.add_argument('--mixing', default='reference,custom',
+                  help="comma list of 'reference' (autodiff) and 'custom' (the model's VJPs)")
+  ap.add_argument('--shape', type=ints, default=[8, 2048, 4, 1024],
+                  help='B,T,N,D (default: the peer model; bench_h200 is 4,4096,4,1536)')
   ap.add_argument('--out', default=None, help='write the rows as JSON here')
   args = ap.parse_args()
   for name in args.candidates.split(','):
     if name not in ('sinkhorn', 'pallas') and name not in CANDIDATES:
       ap.error(f"--candidates: {name!r} is not 'sinkhorn', 'pallas' or one of "
                f"{sorted(CANDIDATES)}")
-  B, T, N, D = (2, 16, 4, 32) if args.smoke else (8, 2048, 4, 1024)
+  if len(args.shape) != 4:
+    ap.error(f'--shape: expected B,T,N,D, got {args.shape}')
+  B, T, N, D = (2, 16, 4, 32) if args.smoke else args.shape
   iters = 2 if args.smoke else args.iters
   eps = 1e-6
   dev = jax.devices()[0]
@@ -140,6 +153,30 @@ def main():
                 ms=1e3 * median_seconds(fb, lam, g, iters=iters), **opts))
 
   X = jax.random.normal(jax.random.key(2), (B, T, N, D), jnp.bfloat16)
+  ks = jax.random.split(jax.random.key(3), 3)
+  pre = jax.random.uniform(ks[0], (B, T, N))
+  post = 2 * jax.random.uniform(ks[1], (B, T, N))
+  comb = jax.nn.softmax(jax.random.normal(ks[2], (B, T, N, N)), axis=-2)
+  mix_grads = {}
+  for impl in [m for m in args.mixing.split(',') if m]:
+    rd, wb = {'reference': (read_in_reference, write_back_reference),
+              'custom': (read_in, write_back)}[impl]
+
+    def mix_loss(X, pre, post, comb, rd=rd, wb=wb):
+      out = wb(X, rd(X, pre), post, comb)
+      return jnp.sum(out.astype(jnp.float32) ** 2)
+    step = jax.jit(jax.grad(mix_loss, argnums=(0, 1, 2, 3)))
+    t0 = time.perf_counter()
+    mix_grads[impl] = jax.block_until_ready(step(X, pre, post, comb))
+    row = dict(name='mixing' if impl == 'custom' else 'mixing_reference', pass_='fwd+bwd',
+               compile_s=time.perf_counter() - t0,
+               ms=1e3 * median_seconds(step, X, pre, post, comb, iters=iters))
+    if impl != 'reference' and 'reference' in mix_grads:   # bf16 dX: rounding-level
+      row['max_rel_grad_diff'] = [
+          float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) /
+                float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+          for a, b in zip(mix_grads[impl], mix_grads['reference'])]
+    record(row)
   for impl in args.sites.split(','):
     cfg = default_config()
     cfg.model.d_model = D

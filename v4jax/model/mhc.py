@@ -20,7 +20,8 @@ from flax import nnx
 from v4jax.kernels.sinkhorn import sinkhorn   # the seam; re-exported for the model's users
 from v4jax.model.layers import const_param, constrain, dot_f32, f32_mode, param
 
-__all__ = ['sinkhorn', 'HCSite', 'HyperHead', 'expand_streams']
+__all__ = ['sinkhorn', 'HCSite', 'HyperHead', 'expand_streams', 'read_in', 'write_back',
+           'read_in_reference', 'write_back_reference']
 
 _F32 = jnp.float32
 
@@ -68,6 +69,92 @@ def _normed_mix(X_BTND: jax.Array, fn: jax.Array, eps: float, tf32: bool) -> jax
   mode = 'tf32' if tf32 else f32_mode(X_BTND.dtype)
   mu = _mix_rows(X_BTND.reshape(B * T, N * D), fn.astype(_F32), eps, mode)
   return mu.reshape(B, T, -1)
+
+
+# ---- read-in and write-back -------------------------------------------------------------------
+# The streams' mixing passes are memory-bound. Autodiff of their jnp forms materialised an fp32
+# copy of the streams (kept for, or recomputed in, the backward) and reduced a broadcast
+# [B,T,N,N,D] product over j; its cotangents were fp32 [B,T,N,D] sums. The custom VJPs below read
+# the bf16 streams in every pass, unroll the short stream axis into elementwise sums, and return
+# bf16 stream cotangents (each contribution rounded once, as a bf16 residual stream's cotangent
+# is). `*_reference` are the plain forms: the tests' and tools/bench_mhc.py's oracle.
+
+def _weighted_sum(c_BTM: jax.Array, X_BTMD: jax.Array) -> jax.Array:
+  """sum_m c[..., m] X[:, :, m] in fp32, as N elementwise terms (no [B,T,N,D] fp32 copy)."""
+  acc = c_BTM[..., 0, None] * X_BTMD[:, :, 0].astype(_F32)
+  for m in range(1, X_BTMD.shape[2]):
+    acc = acc + c_BTM[..., m, None] * X_BTMD[:, :, m].astype(_F32)
+  return acc
+
+
+def _row_dots(A_BTJD: jax.Array, G_BTKD: jax.Array) -> jax.Array:
+  """[B,T,J,K] = sum_d A[:, :, j, d] G[:, :, k, d] in fp32 (one reduction over d)."""
+  return jnp.sum(A_BTJD.astype(_F32)[:, :, :, None, :] * G_BTKD.astype(_F32)[:, :, None, :, :],
+                 axis=-1)
+
+
+def read_in_reference(X_BTND: jax.Array, pre_BTN: jax.Array) -> jax.Array:
+  """u = sum_m pre_m X_m in X's dtype (plain jnp; autodiff)."""
+  return jnp.sum(pre_BTN[..., None] * X_BTND.astype(_F32), axis=2).astype(X_BTND.dtype)
+
+
+@jax.custom_vjp
+def read_in(X_BTND: jax.Array, pre_BTN: jax.Array) -> jax.Array:
+  """u = sum_m pre_m X_m in X's dtype; pre is fp32."""
+  return _weighted_sum(pre_BTN, X_BTND).astype(X_BTND.dtype)
+
+
+def _read_in_fwd(X_BTND, pre_BTN):
+  return read_in(X_BTND, pre_BTN), (X_BTND, pre_BTN)
+
+
+def _read_in_bwd(res, du_BTD):
+  """dX_m = pre_m du; dpre_m = <X_m, du>."""
+  X_BTND, pre_BTN = res
+  du = du_BTD.astype(_F32)[:, :, None, :]
+  dX = (pre_BTN[..., None] * du).astype(X_BTND.dtype)
+  return dX, _row_dots(X_BTND, du)[..., 0].astype(pre_BTN.dtype)
+
+
+read_in.defvjp(_read_in_fwd, _read_in_bwd)
+
+
+def write_back_reference(X_BTND, y_BTD, post_BTN, comb_BTNN):
+  """X'_k = post_k y + sum_j comb[j,k] X_j in X's dtype (plain jnp; autodiff)."""
+  Xf = X_BTND.astype(_F32)
+  res = jnp.sum(comb_BTNN[..., None] * Xf[:, :, :, None, :], axis=2)
+  return (post_BTN[..., None] * y_BTD.astype(_F32)[:, :, None, :] + res).astype(X_BTND.dtype)
+
+
+@jax.custom_vjp
+def write_back(X_BTND: jax.Array, y_BTD: jax.Array, post_BTN: jax.Array,
+               comb_BTNN: jax.Array) -> jax.Array:
+  """X'_k = post_k y + sum_j comb[j,k] X_j in X's dtype; post and comb are fp32."""
+  out = post_BTN[..., None] * y_BTD.astype(_F32)[:, :, None, :]
+  for j in range(X_BTND.shape[2]):
+    out = out + comb_BTNN[..., j, :, None] * X_BTND[:, :, j, None, :].astype(_F32)
+  return out.astype(X_BTND.dtype)
+
+
+def _write_back_fwd(X_BTND, y_BTD, post_BTN, comb_BTNN):
+  return write_back(X_BTND, y_BTD, post_BTN, comb_BTNN), (X_BTND, y_BTD, post_BTN, comb_BTNN)
+
+
+def _write_back_bwd(res, g_BTND):
+  """dX_j = sum_k comb[j,k] g_k; dy = sum_k post_k g_k; dpost_k = <g_k, y>;
+  dcomb[j,k] = <X_j, g_k>."""
+  X_BTND, y_BTD, post_BTN, comb_BTNN = res
+  dX = comb_BTNN[..., :, 0, None] * g_BTND[:, :, 0, None, :].astype(_F32)
+  for k in range(1, g_BTND.shape[2]):
+    dX = dX + comb_BTNN[..., :, k, None] * g_BTND[:, :, k, None, :].astype(_F32)
+  dX = dX.astype(X_BTND.dtype)
+  dy = _weighted_sum(post_BTN, g_BTND).astype(y_BTD.dtype)
+  dpost = _row_dots(y_BTD[:, :, None, :], g_BTND)[:, :, 0]
+  dcomb = _row_dots(X_BTND, g_BTND)
+  return dX, dy, dpost.astype(post_BTN.dtype), dcomb.astype(comb_BTNN.dtype)
+
+
+write_back.defvjp(_write_back_fwd, _write_back_bwd)
 
 
 def _check_streams(X_BTND: jax.Array, n: int, d: int, who: str):
@@ -140,12 +227,9 @@ class HCSite(nnx.Module):
       y, aux = f(X_BTND[:, :, 0])
       return X_BTND + y.astype(dtype)[:, :, None, :], _as_dict(aux)
     pre, post, comb = self.coeffs(X_BTND)
-    Xf = X_BTND.astype(_F32)
-    u = constrain(jnp.sum(pre[..., None] * Xf, axis=2).astype(dtype), ('batch', 'seq', 'act_embed'))
+    u = constrain(read_in(X_BTND, pre), ('batch', 'seq', 'act_embed'))
     y, aux = f(u)
-    res = jnp.sum(comb[..., None] * Xf[:, :, :, None, :], axis=2)        # sum over source j
-    out = (post[..., None] * y.astype(_F32)[:, :, None, :] + res).astype(dtype)
-    out = constrain(out, ('batch', 'seq', 'streams', 'act_embed'))
+    out = constrain(write_back(X_BTND, y, post, comb), ('batch', 'seq', 'streams', 'act_embed'))
     return out, {**_as_dict(aux), **_diagnostics(comb)}
 
 
@@ -177,10 +261,8 @@ class HyperHead(nnx.Module):
     _check_streams(X_BTND, self.n, self.d, 'HyperHead')
     if self.n == 1 or self.mode == 'first':
       return X_BTND[:, :, 0]
-    Xf = X_BTND.astype(_F32)
     if self.mode == 'sum':
-      return jnp.sum(Xf, axis=2).astype(X_BTND.dtype)
+      return jnp.sum(X_BTND.astype(_F32), axis=2).astype(X_BTND.dtype)
     mu = _normed_mix(X_BTND, self.fn[...], self.norm_eps, self.tf32)
     a = jax.nn.sigmoid(self.scale[...].astype(_F32)[0] * mu + self.base[...].astype(_F32))
-    a = a + self.eps
-    return jnp.sum(a[..., None] * Xf, axis=2).astype(X_BTND.dtype)
+    return read_in(X_BTND, a + self.eps)
