@@ -96,6 +96,8 @@ def main():
                   help='comma list of kernels.sinkhorn impls to time one HCSite with')
   ap.add_argument('--mixing', default='reference,custom',
                   help="comma list of 'reference' (autodiff) and 'custom' (the model's VJPs)")
+  ap.add_argument('--remat', action='store_true',
+                  help='mixing rows under jax.checkpoint (the model runs its blocks so)')
   ap.add_argument('--shape', type=ints, default=[8, 2048, 4, 1024],
                   help='B,T,N,D (default: the peer model; bench_h200 is 4,4096,4,1536)')
   ap.add_argument('--out', default=None, help='write the rows as JSON here')
@@ -162,13 +164,18 @@ def main():
     rd, wb = {'reference': (read_in_reference, write_back_reference),
               'custom': (read_in, write_back)}[impl]
 
-    def mix_loss(X, pre, post, comb, rd=rd, wb=wb):
-      out = wb(X, rd(X, pre), post, comb)
-      return jnp.sum(out.astype(jnp.float32) ** 2)
+    def mix(X, pre, post, comb, rd=rd, wb=wb):
+      return wb(X, rd(X, pre), post, comb)
+    if args.remat:     # as under the model's block remat: the forward recomputed in the backward
+      mix = jax.checkpoint(mix)
+
+    def mix_loss(X, pre, post, comb, mix=mix):
+      return jnp.sum(mix(X, pre, post, comb).astype(jnp.float32) ** 2)
     step = jax.jit(jax.grad(mix_loss, argnums=(0, 1, 2, 3)))
     t0 = time.perf_counter()
     mix_grads[impl] = jax.block_until_ready(step(X, pre, post, comb))
     row = dict(name='mixing' if impl == 'custom' else 'mixing_reference', pass_='fwd+bwd',
+               remat=args.remat,
                compile_s=time.perf_counter() - t0,
                ms=1e3 * median_seconds(step, X, pre, post, comb, iters=iters))
     if impl != 'reference' and 'reference' in mix_grads:   # bf16 dX: rounding-level
