@@ -546,18 +546,6 @@ class Bench:
       gm = jax.jit(jax.grad(mloss, argnums=(0, 1, 2)))
       self.record('dense', 'cudnn_masked_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
                   lambda: self.timeit(gm, q, k, v), flops=fl)
-      # the same mask through the public call, which also has cuDNN compute the mask-bias
-      # gradient (what the seam did before it switched that off)
-      def dloss(q, k, v):
-        mask = selection_mask(idx, T)[:, None]
-        vp = jnp.pad(v, [(0, 0), (0, 0), (0, 0), (0, dqk - dv)])
-        o = jax.nn.dot_product_attention(q, k, vp, mask=mask, scale=dqk ** -0.5, is_causal=True,
-                                         implementation='cudnn')
-        return jnp.sum(o[..., :dv].astype(jnp.float32))
-      gd = jax.jit(jax.grad(dloss, argnums=(0, 1, 2)))
-      self.record('dense', 'cudnn_masked_with_dbias_fwd+bwd',
-                  dict(T=T, H=H, dqk=dqk, dv=dqk, K=K, note='public call: v padded, dbias'),
-                  lambda: self.timeit(gd, q, k, v), flops=fl)
 
       # the same with cuDNN's fp32 lse returned (the DSA teacher's), and that lse against an
       # fp32 softmax over the allowed keys of the first 16 heads

@@ -16,15 +16,8 @@ behind it, `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`, whi
 fp32 (the same signature in jax 0.10.2 and 0.11.2; checked on the GPU with 0.11.2,
 docs/benchmarks.md). The 'xla' implementation (CPU tests of this padding and masking) uses the
 public call.
-
-That entry point also asks cuDNN for the gradient of every bias it is given
-(`should_export_dbias` returns True): a [B,1,T,S] reduction of dS over the heads, written by the
-backward kernel. Our bias is a mask and its gradient is never used, so the cuDNN path traces the
-call with that switch off (`_without_bias_gradient`).
 """
 from __future__ import annotations
-
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -76,13 +69,12 @@ def _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse):
         pad_axis(q_BTHK, 3, wqk), pad_axis(k_BSHK, 3, wqk), pad_axis(v_BSHV, 3, wv), None, mask,
         scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout='BTNH',
         return_residual=return_lse)
-    with _without_bias_gradient(cudnn):
-      try:
-        out = call(Wqk, Wv)
-      except NotImplementedError:
-        if Wqk == Wv:
-          raise
-        out = call(max(Wqk, Wv), max(Wqk, Wv))
+    try:
+      out = call(Wqk, Wv)
+    except NotImplementedError:
+      if Wqk == Wv:
+        raise
+      out = call(max(Wqk, Wv), max(Wqk, Wv))
   except (ImportError, AttributeError, TypeError) as e:   # a private API: say what broke
     raise RuntimeError(
         f'cuDNN attention through jax\'s cuDNN entry point is unavailable in jax '
@@ -92,19 +84,3 @@ def _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse):
     return out[..., :V]
   o_BTHW, lse_BHT = out
   return o_BTHW[..., :V], jnp.swapaxes(lse_BHT, 1, 2).astype(jnp.float32)
-
-
-@contextlib.contextmanager
-def _without_bias_gradient(cudnn):
-  """While tracing: jax's cuDNN call gets no bias-gradient output (the mask's gradient is
-  unused; computing it made the masked backward ~2x the unmasked one). Nothing changes where the
-  module has no such switch."""
-  export = getattr(cudnn, 'should_export_dbias', None)
-  if export is None:
-    yield
-    return
-  cudnn.should_export_dbias = lambda *args, **kwargs: False
-  try:
-    yield
-  finally:
-    cudnn.should_export_dbias = export
