@@ -370,6 +370,12 @@ def param_count(trainer) -> int:
   return n
 
 
+def progress(label: str, msg: str):
+  """One line on stderr as each phase ends, so that a run cut off by its time slot still shows
+  how far it got (init, compile, the timed windows)."""
+  print(f'[bench_train {label}] {msg}', file=sys.stderr, flush=True)
+
+
 def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dict | None]:
   """Builds a Trainer for cfg, compiles, warms up and times; (report, profile inputs)."""
   import jax
@@ -382,6 +388,7 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
   trainer = Trainer(cfg, workdir)
   _sync(trainer)
   init_s = time.perf_counter() - t0
+  progress(label, f'init {init_s:.1f} s')
   scope = instrument(trainer) if profile else contextlib.nullcontext([])
   with scope as missing_scopes:
     aot = trainer._train_step = AotStep(trainer._train_step)
@@ -389,6 +396,8 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
     run_steps(trainer, 1)
     _sync(trainer)
     first_step_s = time.perf_counter() - t0
+    progress(label, f'trace+lower {aot.trace_lower_s:.1f} s  compile {aot.compile_s:.1f} s  '
+                    f'first step {first_step_s:.1f} s')
     run_steps(trainer, args.warmup)
     _sync(trainer)
 
@@ -410,6 +419,7 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
         dt = time.perf_counter() - t0
         windows.append(dt / n)
         done, total = done + n, total + dt
+        progress(label, f'steps {done}/{args.steps}: {1e3 * dt / n:.1f} ms per step')
     step_s = total / args.steps
 
     prof = None

@@ -28,7 +28,7 @@ TINY = ['--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--config.model.n_
         '--config.data.source=synthetic', '--config.mtp.depth=0']
 
 
-def test_tiny_cpu_json(tmp_path):
+def test_tiny_cpu_json(tmp_path, capsys):
   out = tmp_path / 'bench.json'
   rep = bench_train.run(TINY + ['--steps', '2', '--warmup', '1', '--window', '1', '--profile',
                                 '--profile_steps', '1', '--out', str(out),
@@ -37,6 +37,10 @@ def test_tiny_cpu_json(tmp_path):
                                 '--variant', 'dsa.sparse_attention=masked,kernels.attention=cudnn'])
   on_disk = json.loads(out.read_text())
   assert on_disk['result']['step_time_s'] == pytest.approx(rep['result']['step_time_s'])
+  err = capsys.readouterr().err   # progress as each phase ends: what a run cut short still shows
+  for line in ('[bench_train main] init ', '[bench_train main] trace+lower ',
+               '[bench_train main] steps 2/2: '):
+    assert line in err, err[-2000:]
   for k in ('config', 'overrides', 'global_batch', 'seq_len', 'device', 'result', 'profile',
             'ablations'):
     assert k in on_disk, k
