@@ -642,7 +642,7 @@ def main():
   ap.add_argument('--topks', default='2048', help='indexer section: V3.2-shape top-k sizes')
   ap.add_argument('--radix-bits', default='1',
                   help='indexer and peer sections: top-k radix bits per sweep to time (1..4)')
-  ap.add_argument('--mask-query-blocks', default='1024,512',
+  ap.add_argument('--mask-query-blocks', default='1024,512,256',
                   help='dense section: kernels.attention_mask_query_block values to time')
   ap.add_argument('--ref-max-t', type=int, default=4096,
                   help='longest T at which the sparse section also times the XLA reference')
