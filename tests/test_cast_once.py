@@ -39,6 +39,11 @@ def test_cast_mask_finds_single_casts_only():
   got = cast_mask(lambda q: loss(q) + jnp.sum(q['already_bf16']), p, jnp.dtype(BF16))
   assert got == {'scanned': True, 'reshaped': True, 'twice': False, 'fp32_math': False,
                  'to_f16': False, 'gathered': False, 'custom_vjp': False, 'already_bf16': False}
+  # the loss's output shapes from the same trace (the step sizes its accumulators by them)
+  again, shape = cast_mask(lambda q: (loss(q), {'h': q['twice'][0]}), p, jnp.dtype(BF16),
+                           return_shape=True)
+  assert again == got
+  assert shape[0].shape == () and shape[1]['h'].shape == (8,) and shape[1]['h'].dtype == jnp.float32
 
 
 def _trainer(tmp_path, name, on):

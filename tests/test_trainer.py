@@ -112,3 +112,25 @@ def test_resume_after_sigterm_and_kill9_is_exact(tmp_path):
     assert sorted(got) == list(range(1, steps + 1))
     for s in range(1, steps + 1):
       np.testing.assert_allclose(got[s], expect[s], rtol=1e-6, err_msg=f'{wd.name} step {s}')
+
+
+def test_grad_accum_matches_one_batch(tmp_path):
+  """train.grad_accum=2 (two micro-batches of 4 sequences; gradients and metrics summed in fp32
+  and divided by 2, expert counts summed) against one batch of 8, on the fp32 tiny model with
+  every component: the loss and gradient norm of two steps (the second after one update), the
+  expert load and the router biases it moves. Every token counts in these batches (loss_mask all ones), so the
+  micro-batches' mean losses average to the batch's mean: equal up to fp32 summation order
+  (rtol 1e-5; the second step 1e-4, after Adam's first update, which divides by |g|)."""
+  make = lambda a: Trainer(small_tiny(**{'checkpoint.enabled': False, 'train.grad_accum': a}),
+                           str(tmp_path / f'accum{a}'), devices=jax.devices()[:1])
+  one, two = make(1), make(2)
+  batches = [next(one.train_iter) for _ in range(2)]
+  assert all(float(np.min(b['loss_mask'])) == 1.0 for b in batches)
+  for i, b in enumerate(batches):
+    s1, s2 = one.step(b), two.step(b)
+    tol = 1e-5 if i == 0 else 1e-4
+    for k in ('loss', 'grad_norm'):
+      np.testing.assert_allclose(float(s2[k]), float(s1[k]), rtol=tol, err_msg=f'step {i} {k}')
+    assert float(s2['expert_load_max_over_mean']) == float(s1['expert_load_max_over_mean'])
+  for a, b in zip(jax.tree.leaves(two.state['rest']), jax.tree.leaves(one.state['rest'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # router biases: counts summed

@@ -65,12 +65,14 @@ def _cast_only(jaxpr, var, dtype) -> bool:
   return True
 
 
-def cast_mask(loss: Callable[[Any], Any], params: Any, dtype) -> Any:
+def cast_mask(loss: Callable[[Any], Any], params: Any, dtype, return_shape: bool = False):
   """Pytree of bools like `params`: True where loss(params) uses the leaf only through one cast
-  to `dtype` (and the leaf is not already in it)."""
+  to `dtype` (and the leaf is not already in it). With return_shape also the shapes of
+  loss(params)'s outputs, from the same trace (as jax.make_jaxpr's return_shape)."""
   leaves, treedef = jax.tree.flatten(params)
-  closed = jax.make_jaxpr(lambda *ls: loss(jax.tree.unflatten(treedef, ls)))(*leaves)
+  closed, shape = jax.make_jaxpr(lambda *ls: loss(jax.tree.unflatten(treedef, ls)),
+                                 return_shape=True)(*leaves)
   jaxpr = closed.jaxpr
-  mask = [leaf.dtype != dtype and _cast_only(jaxpr, v, dtype)
-          for leaf, v in zip(leaves, jaxpr.invars)]
-  return jax.tree.unflatten(treedef, mask)
+  mask = jax.tree.unflatten(treedef, [leaf.dtype != dtype and _cast_only(jaxpr, v, dtype)
+                                      for leaf, v in zip(leaves, jaxpr.invars)])
+  return (mask, shape) if return_shape else mask
