@@ -25,6 +25,21 @@ def claim_gpu_memory():
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.97')
 
 
+def use_compilation_cache(path: str) -> str | None:
+  """Turns on JAX's persistent compilation cache at `path` (train.compilation_cache_dir; '' =
+  off), so that a restarted or repeated run loads its compiled init and train step instead of
+  compiling them again. JAX_COMPILATION_CACHE_DIR in the environment wins (JAX reads it itself).
+  Returns the directory in use, or None. Call before the first compile."""
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
+  if not path:
+    return None
+  import jax
+  path = os.path.expanduser(path)
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
+
+
 class ToolError(Exception):
   """Bad input to a tool; the message is one line naming the file/tensor/flag and the problem."""
 

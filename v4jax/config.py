@@ -173,6 +173,9 @@ def default_config() -> ConfigDict:
       grad_accum=1,
       cast_params_once=True,   # weights used only as one bf16 cast: cast once per step, not per
                                # use (bit-identical gradients; v4jax/cast_once.py)
+      compilation_cache_dir='~/.cache/v4jax/xla',  # v4jax.train: JAX's persistent compilation
+                               # cache (a rerun loads the compiled init and step); '' = off;
+                               # JAX_COMPILATION_CACHE_DIR in the environment wins
   ))
   c.checkpoint = ConfigDict(dict(
       enabled=True,

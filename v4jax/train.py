@@ -20,8 +20,9 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv):
   del argv
-  from v4jax.cli import claim_gpu_memory
+  from v4jax.cli import claim_gpu_memory, use_compilation_cache
   claim_gpu_memory()
+  use_compilation_cache(_CONFIG.value.train.compilation_cache_dir)
   logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
   from v4jax.parallel.mesh import maybe_initialize_distributed
   maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)

@@ -1,0 +1,31 @@
+"""v4jax.cli.use_compilation_cache (train.compilation_cache_dir): where the persistent XLA cache
+goes, and that a compile lands there."""
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+from v4jax.cli import use_compilation_cache
+
+
+def test_environment_wins_and_empty_is_off(monkeypatch):
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/some/env/dir')
+  assert use_compilation_cache('~/elsewhere') == '/some/env/dir'
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+  assert use_compilation_cache('') is None
+
+
+def test_compiled_program_is_written_to_the_cache(tmp_path):
+  """A fresh process with the cache at tmp/~x (user expansion included) writes its compile there."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(HOME=str(tmp_path), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  code = ('import jax, jax.numpy as jnp\n'
+          'from v4jax.cli import use_compilation_cache\n'
+          'print(use_compilation_cache("~/xla"))\n'
+          'jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)\n'
+          'jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()\n')
+  r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split()[-1] == str(tmp_path / 'xla')
+  assert os.listdir(tmp_path / 'xla'), 'no cache entry written'
