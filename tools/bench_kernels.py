@@ -541,10 +541,13 @@ class Bench:
       idx = jnp.where(jnp.isfinite(top), idx, -1).astype(jnp.int32)
       del sc, top
 
-      def mloss(q, k, v):
-        o = library.causal_attention(q, k, v, dqk ** -0.5, select_BTK=idx)
-        return jnp.sum(o.astype(jnp.float32))
-      gm = jax.jit(jax.grad(mloss, argnums=(0, 1, 2)))
+      def masked_grad(qb):
+        """fwd+bwd of the masked attention, one call (qb=0) or in qb-row query blocks."""
+        def loss(q, k, v):
+          o = library.causal_attention(q, k, v, dqk ** -0.5, select_BTK=idx, mask_query_block=qb)
+          return jnp.sum(o.astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+      gm = masked_grad(0)
       self.record('dense', 'cudnn_masked_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
                   lambda: self.timeit(gm, q, k, v), flops=fl)
       # Forward alone, unmasked and masked: whether cuDNN still skips the blocks above the
@@ -558,10 +561,7 @@ class Bench:
                   lambda: self.timeit(fwd(select_BTK=idx), q, k, v), flops=fl_f)
       # kernels.attention_mask_query_block: query blocks over their key prefixes
       for qb in self.mask_query_blocks:
-        def bloss(q, k, v, qb=qb):
-          o = library.causal_attention(q, k, v, dqk ** -0.5, select_BTK=idx, mask_query_block=qb)
-          return jnp.sum(o.astype(jnp.float32))
-        gb = jax.jit(jax.grad(bloss, argnums=(0, 1, 2)))
+        gb = masked_grad(qb)
         self.record('dense', 'cudnn_masked_fwd+bwd',
                     dict(T=T, H=H, dqk=dqk, dv=dv, K=K, mask_query_block=qb),
                     lambda: self.timeit(gb, q, k, v), flops=fl)

@@ -79,12 +79,18 @@ def _normed_mix(X_BTND: jax.Array, fn: jax.Array, eps: float, tf32: bool) -> jax
 # bf16 stream cotangents (each contribution rounded once, as a bf16 residual stream's cotangent
 # is). `*_reference` are the plain forms: the tests' and tools/bench_mhc.py's oracle.
 
-def _weighted_sum(c_BTM: jax.Array, X_BTMD: jax.Array) -> jax.Array:
-  """sum_m c[..., m] X[:, :, m] in fp32, as N elementwise terms (no [B,T,N,D] fp32 copy)."""
-  acc = c_BTM[..., 0, None] * X_BTMD[:, :, 0].astype(_F32)
+def _mix(W_BTMK: jax.Array, X_BTMD: jax.Array) -> jax.Array:
+  """[B,T,K,D] = sum_m W[..., m, k] X[:, :, m] in fp32, as M elementwise terms (no fp32 copy of
+  X, no [B,T,M,K,D] product)."""
+  acc = W_BTMK[..., 0, :, None] * X_BTMD[:, :, 0, None, :].astype(_F32)
   for m in range(1, X_BTMD.shape[2]):
-    acc = acc + c_BTM[..., m, None] * X_BTMD[:, :, m].astype(_F32)
+    acc = acc + W_BTMK[..., m, :, None] * X_BTMD[:, :, m, None, :].astype(_F32)
   return acc
+
+
+def _weighted_sum(c_BTM: jax.Array, X_BTMD: jax.Array) -> jax.Array:
+  """sum_m c[..., m] X[:, :, m] in fp32: [B,T,D]."""
+  return _mix(c_BTM[..., None], X_BTMD)[:, :, 0]
 
 
 def _row_dots(A_BTJD: jax.Array, G_BTKD: jax.Array) -> jax.Array:
@@ -130,9 +136,7 @@ def write_back_reference(X_BTND, y_BTD, post_BTN, comb_BTNN):
 def write_back(X_BTND: jax.Array, y_BTD: jax.Array, post_BTN: jax.Array,
                comb_BTNN: jax.Array) -> jax.Array:
   """X'_k = post_k y + sum_j comb[j,k] X_j in X's dtype; post and comb are fp32."""
-  out = post_BTN[..., None] * y_BTD.astype(_F32)[:, :, None, :]
-  for j in range(X_BTND.shape[2]):
-    out = out + comb_BTNN[..., j, :, None] * X_BTND[:, :, j, None, :].astype(_F32)
+  out = post_BTN[..., None] * y_BTD.astype(_F32)[:, :, None, :] + _mix(comb_BTNN, X_BTND)
   return out.astype(X_BTND.dtype)
 
 
@@ -144,10 +148,7 @@ def _write_back_bwd(res, g_BTND):
   """dX_j = sum_k comb[j,k] g_k; dy = sum_k post_k g_k; dpost_k = <g_k, y>;
   dcomb[j,k] = <X_j, g_k>."""
   X_BTND, y_BTD, post_BTN, comb_BTNN = res
-  dX = comb_BTNN[..., :, 0, None] * g_BTND[:, :, 0, None, :].astype(_F32)
-  for k in range(1, g_BTND.shape[2]):
-    dX = dX + comb_BTNN[..., :, k, None] * g_BTND[:, :, k, None, :].astype(_F32)
-  dX = dX.astype(X_BTND.dtype)
+  dX = _mix(jnp.swapaxes(comb_BTNN, -1, -2), g_BTND).astype(X_BTND.dtype)
   dy = _weighted_sum(post_BTN, g_BTND).astype(y_BTD.dtype)
   dpost = _row_dots(y_BTD[:, :, None, :], g_BTND)[:, :, 0]
   dcomb = _row_dots(X_BTND, g_BTND)
