@@ -79,13 +79,13 @@ def _normed_mix(X_BTND: jax.Array, fn: jax.Array, eps: float, tf32: bool) -> jax
 # bf16 stream cotangents (each contribution rounded once, as a bf16 residual stream's cotangent
 # is). `*_reference` are the plain forms: the tests' and tools/bench_mhc.py's oracle.
 
-def _mix(W_BTMK: jax.Array, X_BTMD: jax.Array) -> jax.Array:
-  """[B,T,K,D] = sum_m W[..., m, k] X[:, :, m] in fp32, as M elementwise terms (no fp32 copy of
-  X, no [B,T,M,K,D] product)."""
-  acc = W_BTMK[..., 0, :, None] * X_BTMD[:, :, 0, None, :].astype(_F32)
-  for m in range(1, X_BTMD.shape[2]):
-    acc = acc + W_BTMK[..., m, :, None] * X_BTMD[:, :, m, None, :].astype(_F32)
-  return acc
+def _mix(W_BTMK: jax.Array, X_BTMD: jax.Array, acc_BTKD: jax.Array | None = None) -> jax.Array:
+  """[B,T,K,D] = acc + sum_m W[..., m, k] X[:, :, m] in fp32, as M elementwise terms added in
+  order of m (no fp32 copy of X, no [B,T,M,K,D] product)."""
+  for m in range(X_BTMD.shape[2]):
+    term = W_BTMK[..., m, :, None] * X_BTMD[:, :, m, None, :].astype(_F32)
+    acc_BTKD = term if acc_BTKD is None else acc_BTKD + term
+  return acc_BTKD
 
 
 def _weighted_sum(c_BTM: jax.Array, X_BTMD: jax.Array) -> jax.Array:
@@ -136,7 +136,7 @@ def write_back_reference(X_BTND, y_BTD, post_BTN, comb_BTNN):
 def write_back(X_BTND: jax.Array, y_BTD: jax.Array, post_BTN: jax.Array,
                comb_BTNN: jax.Array) -> jax.Array:
   """X'_k = post_k y + sum_j comb[j,k] X_j in X's dtype; post and comb are fp32."""
-  out = post_BTN[..., None] * y_BTD.astype(_F32)[:, :, None, :] + _mix(comb_BTNN, X_BTND)
+  out = _mix(comb_BTNN, X_BTND, post_BTN[..., None] * y_BTD.astype(_F32)[:, :, None, :])
   return out.astype(X_BTND.dtype)
 
 
