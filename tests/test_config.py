@@ -13,8 +13,6 @@ BAD = [
     ('model.n_heads', 0, 'config.model.n_heads=0 must be a positive integer'),
     ('model.dtype', 'float16', "config.model.dtype='float16' is not one of"),
     ('model.qk_rope_dim', 7, 'config.model.qk_rope_dim=7 must be even'),
-    ('kernels.attention_mask_query_block', -1,
-     'config.kernels.attention_mask_query_block=-1 must be >= 0'),
     ('model.n_dense_layers', 9, 'config.model.n_dense_layers=9 must be in [0, model.n_layers=4]'),
     ('moe.top_k', 9, 'config.moe.top_k=9 must be in [1, moe.num_experts=8]'),
     ('moe.n_groups', 3, 'config.moe.n_groups=3 must divide moe.num_experts=8'),

@@ -22,9 +22,9 @@ Sections (--sections, comma list; default all):
            16 x 64, K=256): device parity of the KL seams and radix top-k, sparse MLA fwd/bwd over
            a small block sweep, top-k, the sparse KL (model/dsa.py, both impls) and one DSA
            layer's attention core (top-k + sparse MLA + KL, fwd+bwd), kernel vs XLA reference;
-  dense    cuDNN causal flash attention fwd+bwd and fwd (MLA MHA shapes), the same restricted to
-           a top-K key set per query by a mask (dsa.sparse_attention=masked), in one call and
-           in query blocks over key prefixes (--mask-query-blocks), and the DSA crossover.
+  dense    cuDNN causal flash attention fwd+bwd and fwd (MLA MHA shapes), the same restricted
+           to a top-K key set per query by a mask (dsa.sparse_attention=masked), and the DSA
+           crossover.
 
 FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C+2V) (recomputed
 logits, dp, dq, dkv: the flash-attention 2.5x convention); indexer 2·H·D per allowed (t, s)
@@ -66,10 +66,9 @@ SMOKE = dict(B=1, H=16, C=40, V=32, K=16, HI=2, DI=16)
 
 class Bench:
   def __init__(self, smoke: bool, path: str | None = None, check_indexer: bool = True,
-               topks=(2048,), radix_bits=(1,), mask_query_blocks=()):
+               topks=(2048,), radix_bits=(1,)):
     self.smoke = smoke
     self.topks, self.radix_bits = topks, radix_bits
-    self.mask_query_blocks = mask_query_blocks
     self.path = path
     self.check_indexer = check_indexer
     self.dtype = jnp.float32 if smoke else jnp.bfloat16
@@ -541,17 +540,14 @@ class Bench:
       idx = jnp.where(jnp.isfinite(top), idx, -1).astype(jnp.int32)
       del sc, top
 
-      def masked_grad(qb):
-        """fwd+bwd of the masked attention, one call (qb=0) or in qb-row query blocks."""
-        def loss(q, k, v):
-          o = library.causal_attention(q, k, v, dqk ** -0.5, select_BTK=idx, mask_query_block=qb)
-          return jnp.sum(o.astype(jnp.float32))
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-      gm = masked_grad(0)
+      def mloss(q, k, v):
+        o = library.causal_attention(q, k, v, dqk ** -0.5, select_BTK=idx)
+        return jnp.sum(o.astype(jnp.float32))
+      gm = jax.jit(jax.grad(mloss, argnums=(0, 1, 2)))
       self.record('dense', 'cudnn_masked_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
                   lambda: self.timeit(gm, q, k, v), flops=fl)
-      # Forward alone, unmasked and masked: whether cuDNN still skips the blocks above the
-      # diagonal once a mask is given (the backward seems not to: 5x its forward in bench_h200)
+      # Forward alone, unmasked and masked: what the top-k mask (an additive bias for cuDNN)
+      # costs the forward (eighth session: 1.83x the unmasked causal forward at T=4096)
       fwd = lambda **kw: jax.jit(lambda q, k, v: library.causal_attention(
           q, k, v, dqk ** -0.5, return_lse=True, **kw))
       fl_f = 2 * H * (T * (T + 1) // 2) * (dqk + dv)
@@ -559,16 +555,6 @@ class Bench:
                   lambda: self.timeit(fwd(), q, k, v), flops=fl_f)
       self.record('dense', 'cudnn_masked_fwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
                   lambda: self.timeit(fwd(select_BTK=idx), q, k, v), flops=fl_f)
-      # kernels.attention_mask_query_block: query blocks over their key prefixes
-      for qb in self.mask_query_blocks:
-        gb = masked_grad(qb)
-        self.record('dense', 'cudnn_masked_fwd+bwd',
-                    dict(T=T, H=H, dqk=dqk, dv=dv, K=K, mask_query_block=qb),
-                    lambda: self.timeit(gb, q, k, v), flops=fl)
-        self.record('dense', 'cudnn_masked_fwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K,
-                                                      mask_query_block=qb),
-                    lambda: self.timeit(fwd(select_BTK=idx, mask_query_block=qb), q, k, v),
-                    flops=fl_f)
 
       # the same with cuDNN's fp32 lse returned (the DSA teacher's), and that lse against an
       # fp32 softmax over the allowed keys of the first 16 heads
@@ -642,16 +628,13 @@ def main():
   ap.add_argument('--topks', default='2048', help='indexer section: V3.2-shape top-k sizes')
   ap.add_argument('--radix-bits', default='1',
                   help='indexer and peer sections: top-k radix bits per sweep to time (1..4)')
-  ap.add_argument('--mask-query-blocks', default='1024,512,256',
-                  help='dense section: kernels.attention_mask_query_block values to time')
   ap.add_argument('--ref-max-t', type=int, default=4096,
                   help='longest T at which the sparse section also times the XLA reference')
   args = ap.parse_args()
   seqs = [64] if args.smoke else [int(t) for t in args.seqs.split(',')]
   b = Bench(args.smoke, args.out, 'indexer' in args.checks.split(','),
             topks=[int(k) for k in args.topks.split(',')],
-            radix_bits=[int(r) for r in args.radix_bits.split(',')],
-            mask_query_blocks=[int(r) for r in args.mask_query_blocks.split(',') if r])
+            radix_bits=[int(r) for r in args.radix_bits.split(',')])
   sections = args.sections.split(',')
   t0 = time.time()
   for name in ('matmul', 'check', 'sweep', 'profile', 'sparse', 'indexer', 'kl', 'peer', 'dense'):

@@ -131,9 +131,6 @@ def default_config() -> ConfigDict:
       impl='auto',             # auto | reference | pallas (per-op seams)
       grouped_matmul='auto',   # auto | ragged_dot | mgpu | megablox
       attention='auto',        # dense attention: auto | reference | cudnn (flash, GPU)
-      attention_mask_query_block=0,  # cuDNN under a document / top-k mask: query rows per call,
-                               # each over its key prefix (0 = one call over all keys); an
-                               # experiment, not yet measured (docs/performance.md)
       sinkhorn='auto',         # mHC Sinkhorn: auto (pallas on GPU) | reference | pallas (Triton;
                                # interpret mode on CPU)
   ))
@@ -252,9 +249,6 @@ def validate(c: ConfigDict) -> ConfigDict:
       _fail(path, _get(c, path), 'must be True or False')
   if m.attn_query_block < 0:
     _fail('model.attn_query_block', m.attn_query_block, 'must be >= 0 (0 = one block)')
-  if c.kernels.attention_mask_query_block < 0:
-    _fail('kernels.attention_mask_query_block', c.kernels.attention_mask_query_block,
-          'must be >= 0 (0 = one call over all keys)')
   if m.qk_rope_dim % 2:
     _fail('model.qk_rope_dim', m.qk_rope_dim, 'must be even (RoPE rotates pairs)')
   if not 0 <= m.n_dense_layers <= m.n_layers:

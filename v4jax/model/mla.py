@@ -73,7 +73,6 @@ class MLA(nnx.Module):
     self.topk, self.min_seq_len, self.dsa_query_block = d.topk, d.min_seq_len, d.query_block
     self.sparse_attention = d.sparse_attention
     self.impl, self.attention_impl = cfg.kernels.impl, cfg.kernels.attention
-    self.mask_query_block = cfg.kernels.attention_mask_query_block
 
   def project(self, x_BTD: jax.Array, positions_BT: jax.Array) -> Projections:
     """SPEC §2 steps 1-3: q latent, per-head [nope | rope] queries, kv latent and rope key."""
@@ -149,8 +148,7 @@ class MLA(nnx.Module):
         q, k, v = self.mha_qkv(p)
         o_BTHV, lse_BTH = causal_attention(q, k, v, self.scale, segment_ids_BT,
                                            select_BTK=idx_BTK, query_block=self.attn_query_block,
-                                           impl=self.attention_impl,
-                                           mask_query_block=self.mask_query_block)
+                                           impl=self.attention_impl)
         probs_mean = masked_probs_mean
       else:
         q, k = self.mqa_qkv(p)
@@ -170,8 +168,7 @@ class MLA(nnx.Module):
       with_kl = self.stage in ('warmup', 'sparse')
       o_BTHV, lse_BTH = causal_attention(q, k, v, self.scale, segment_ids_BT,
                                          query_block=self.attn_query_block,
-                                         impl=self.attention_impl, need_lse=with_kl,
-                                         mask_query_block=self.mask_query_block)
+                                         impl=self.attention_impl, need_lse=with_kl)
       if with_kl:
         lse_BTH = checkpoint_name(lse_BTH, 'attn_lse')
         aux['indexer_kl'] = dense_indexer_kl(qi, ki, wi, q, k, lse_BTH, self.scale, valid_BT,

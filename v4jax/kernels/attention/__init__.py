@@ -32,12 +32,11 @@ def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array) -> str:
 def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scale: float,
                      segment_ids_BT: jax.Array | None = None, *,
                      select_BTK: jax.Array | None = None, query_block: int = 0,
-                     impl: str = 'auto', need_lse: bool = True, mask_query_block: int = 0):
+                     impl: str = 'auto', need_lse: bool = True):
   """(o [B,T,H,V], lse [B,T,H] fp32; None from the library path unless need_lse).
 
   k/v per head [B,S,H,*] or shared by all heads [B,S,*] (the reference only). select_BTK: DSA's
-  top-k key set per query (-1 = empty slot), attended to as a mask over all keys. query_block:
-  the reference's query rows per block; mask_query_block: cuDNN's under a mask (library.py).
+  top-k key set per query (-1 = empty slot), attended to as a mask over all keys.
   """
   impl = resolve_impl(impl, q_BTHK, k_BSK)
   if impl == 'cudnn':
@@ -46,8 +45,7 @@ def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scal
                        f'(k {k_BSK.shape}); use auto')
     from v4jax.kernels.attention import library
     out = library.causal_attention(q_BTHK, k_BSK, v_BSV, scale, segment_ids_BT,
-                                   select_BTK=select_BTK, return_lse=need_lse,
-                                   mask_query_block=mask_query_block)
+                                   select_BTK=select_BTK, return_lse=need_lse)
     return out if need_lse else (out, None)
   return dense_attention(q_BTHK, k_BSK, v_BSV, scale, segment_ids_BT, select_BTK=select_BTK,
                          query_block=query_block)

@@ -34,51 +34,29 @@ CUDNN_FWD_PRIMITIVE = 'dot_product_attention_fwd_wrapper'
 def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, scale: float,
                      segment_ids_BT: jax.Array | None = None, *,
                      select_BTK: jax.Array | None = None, implementation: str = 'cudnn',
-                     return_lse: bool = False, mask_query_block: int = 0):
+                     return_lse: bool = False):
   """o [B,T,H,V] in q's dtype, and with return_lse also lse [B,T,H] fp32. `implementation`:
   'cudnn' (GPU) or 'xla' (lets the CPU tests check the padding and masking against the
-  reference).
-
-  mask_query_block > 0 (`config.kernels.attention_mask_query_block`): with a mask, one call per
-  block of that many query rows, over that block's key prefix only, the causal condition in the
-  mask. The seventh session's profile suggests cuDNN's backward covers the whole T x S square once
-  a mask is given (5x its forward, against ~2.5x unmasked); prefixes cut that to about
-  (n + 1) / 2n of the square for n blocks. Not a default until measured (docs/performance.md).
-  """
+  reference)."""
   mask = None
   if segment_ids_BT is not None:
     mask = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
   if select_BTK is not None:
     sel = selection_mask(select_BTK, k_BSHK.shape[1])[:, None]
     mask = sel if mask is None else mask & sel
-  T = q_BTHK.shape[1]
-  if mask is None or not 0 < mask_query_block < T:
-    return _attend(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse, implementation, causal=True)
-  outs = []
-  for a in range(0, T, mask_query_block):
-    b = min(a + mask_query_block, T)
-    causal = jnp.arange(a, b)[:, None] >= jnp.arange(b)[None, :]
-    outs.append(_attend(q_BTHK[:, a:b], k_BSHK[:, :b], v_BSHV[:, :b], mask[:, :, a:b, :b] & causal,
-                        scale, return_lse, implementation, causal=False))
-  if not return_lse:
-    return jnp.concatenate(outs, axis=1)
-  return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs))
-
-
-def _attend(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse, implementation, causal):
   if implementation == 'cudnn':
-    return _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse, causal)
+    return _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse)
   V = v_BSHV.shape[-1]
   W = round_up(max(q_BTHK.shape[-1], V), 8)
   q, k, v = (pad_axis(a, 3, W) for a in (q_BTHK, k_BSHK, v_BSHV))
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                      implementation=implementation, return_residual=return_lse)
   if not return_lse:
     return out[..., :V]
   return out[0][..., :V], out[1].astype(jnp.float32)
 
 
-def _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse, causal):
+def _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse):
   """cuDNN through the private entry point: fp32 lse, and value heads narrower than the qk heads
   (cuDNN's MLA shapes, cuDNN >= 9.10 on Hopper), so MLA's values are not padded to the qk width
   (bench_h200: 128 instead of 192; the peer: qk 48 instead of 128). A cuDNN without MLA shapes
@@ -89,8 +67,7 @@ def _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse, causal):
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
     call = lambda wqk, wv: cudnn.dot_product_attention(
         pad_axis(q_BTHK, 3, wqk), pad_axis(k_BSHK, 3, wqk), pad_axis(v_BSHV, 3, wv), None, mask,
-        scale=scale, mask_type=cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK,
-        qkv_layout='BTNH',
+        scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout='BTNH',
         return_residual=return_lse)
     try:
       out = call(Wqk, Wv)
