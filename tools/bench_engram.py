@@ -45,6 +45,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -231,6 +232,36 @@ def _per_step(stats, key, n):
   return sum(v) / n if v and n else 0.0
 
 
+class _SignatureWatch:
+  """Calls the jitted train step and records, per call, which inputs differ from the previous
+  call in anything jit keys its cache on (shape, dtype, weak type, sharding, memory kind): the
+  step after a change compiles again."""
+
+  def __init__(self, fn, changes: list):
+    self.fn, self.changes, self.prev, self.calls = fn, changes, None, 0
+
+  @staticmethod
+  def _sig(args):
+    import jax
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(args)[0]:
+      sh = getattr(x, 'sharding', None)
+      out[jax.tree_util.keystr(path)] = (
+          getattr(x, 'shape', None), str(getattr(x, 'dtype', type(x).__name__)),
+          getattr(x, 'weak_type', None), repr(sh), getattr(sh, 'memory_kind', None),
+          getattr(x, 'committed', None))
+    return out
+
+  def __call__(self, *args):
+    sig = self._sig(args)
+    if self.prev is not None:
+      diff = [f'{k}: {self.prev.get(k)} -> {v}' for k, v in sig.items() if self.prev.get(k) != v]
+      diff += [f'{k}: gone' for k in self.prev if k not in sig]
+      self.changes.extend((self.calls, d) for d in diff[:8])
+    self.prev, self.calls = sig, self.calls + 1
+    return self.fn(*args)
+
+
 def run_phase(tr, cfg_s, rows, memory_kind, batches, args, log):
   import numpy as np
   from v4jax.memory.host_tables import HostTables, Lookahead
@@ -244,15 +275,25 @@ def run_phase(tr, cfg_s, rows, memory_kind, batches, args, log):
   setup_s = time.perf_counter() - t0
   tr.tables = tabs
   tr.train_iter = Lookahead(_Cycle(batches))
-  times = []
-  for i in range(args.warmup + args.steps):
-    if i == args.warmup:
-      tabs.flush()
-      tabs.stats.clear()
-    t = time.perf_counter()
-    loss = float(tr.step(next(tr.train_iter))['loss'])
-    times.append(time.perf_counter() - t)
-    log(f'  {memory_kind} step {i}: {times[-1] * 1e3:.1f} ms loss {loss:.4f}')
+  times, changes, n_logged = [], [], 0
+  step_fn = tr._train_step
+  tr._train_step = _SignatureWatch(step_fn, changes)
+  try:
+    for i in range(args.warmup + args.steps):
+      if i == args.warmup:
+        tabs.flush()
+        tabs.stats.clear()
+      t = time.perf_counter()
+      loss = float(tr.step(next(tr.train_iter))['loss'])
+      times.append(time.perf_counter() - t)
+      n_prog = step_fn._cache_size() if hasattr(step_fn, '_cache_size') else '?'
+      log(f'  {memory_kind} step {i}: {times[-1] * 1e3:.1f} ms loss {loss:.4f} '
+          f'(train-step programs compiled: {n_prog})')
+      for c in changes[n_logged:]:
+        log(f'    input changed at step {c[0]}: {c[1]}')
+      n_logged = len(changes)
+  finally:
+    tr._train_step = step_fn
   tabs.flush()
   st = {k: list(v) for k, v in tabs.stats.items()}
   n_g = max(len(st.get('rows', [])), 1)
@@ -264,7 +305,7 @@ def run_phase(tr, cfg_s, rows, memory_kind, batches, args, log):
          'rows_per_step': float(np.mean(st['rows'])) if st.get('rows') else 0.0,
          'unique_ms': _per_step(st, 'unique_ms', n_g), 'gather_ms': _per_step(st, 'gather_ms', n_g),
          'h2d_ms': _per_step(st, 'h2d_ms', n_g), 'd2h_ms': _per_step(st, 'd2h_ms', n_w),
-         'scatter_ms': _per_step(st, 'scatter_ms', n_w)}
+         'scatter_ms': _per_step(st, 'scatter_ms', n_w), 'input_changes': changes}
   return res, tabs
 
 
@@ -493,6 +534,7 @@ def main():
       msg = f'{gib} GiB {kind}: {type(e).__name__}: {first}'
       report['errors'].append(msg)
       log(f'  FAILED {msg}')
+      print(traceback.format_exc(), file=sys.stderr, flush=True)   # where, for the log
       if tr.tables is not None:          # free what the failed phase allocated
         try:
           tr.tables.close()              # re-raises the failed phase's queued write-back, if any
