@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from v4jax import checkpoint as ckpt
 from v4jax.cast_once import cast_mask
 from v4jax import flops as flops_lib
+from v4jax import kernels
 from v4jax.config import ConfigError, validate
 from v4jax.metrics import MetricWriter
 from v4jax.model.layers import dtype_of
@@ -74,6 +75,7 @@ class Trainer:
   def __init__(self, cfg, workdir: str, *, devices=None):
     self.cfg = validate(cfg)
     self.workdir = workdir
+    kernels.preload()   # before any trace: one jit cache key per step (v4jax/kernels/__init__.py)
     self.mesh = make_mesh(cfg.mesh, devices)
     self.rules = rules_lib.RULES[cfg.mesh.rules]
     self.mngr = ckpt.manager(workdir, cfg) if cfg.checkpoint.enabled else None

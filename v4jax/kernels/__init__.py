@@ -1,0 +1,39 @@
+"""Kernel seams, one package per op (reference | pallas | library), chosen by backend and config."""
+from __future__ import annotations
+
+import importlib
+
+# The Pallas kernel modules of each platform (each imports jax's Pallas backend for it).
+_PALLAS_MODULES = {
+    'gpu': ('indexer.gpu', 'sinkhorn.gpu', 'sparse_attention.gpu'),
+    'tpu': ('indexer.tpu', 'sparse_attention.tpu'),
+}
+
+
+def preload() -> None:
+  """Imports the kernel modules this platform's seams pick by default, and the jax modules behind
+  them, before a train step is first traced.
+
+  Why: a jitted function's cache key includes the trace context, whose length grows when a jax
+  module that defines a trace-context option is imported. The seams import their kernels lazily,
+  i.e. during the step's first trace; the key stored for that trace then no longer matches the
+  next call's, and the whole step is traced and compiled a second time (seen on the H200 with
+  jax 0.11.2: step 1 of bench_engram's host phase took 47.8 s). Importing first keeps one key.
+  """
+  import jax.numpy as jnp
+  from v4jax.kernels.grouped_matmul import megablox, resolve_impl
+  from v4jax.kernels.pallas_common import target_platform
+  platform = target_platform()
+  for name in _PALLAS_MODULES.get(platform, ()):
+    importlib.import_module(f'{__name__}.{name}')
+  if platform == 'gpu':
+    from v4jax.kernels.attention import library
+    try:
+      library.cudnn_module()
+    except ImportError:   # the cuDNN seam says so if the model uses it
+      pass
+    if resolve_impl('auto', jnp.bfloat16) == 'mgpu':
+      from v4jax.kernels.grouped_matmul import mgpu
+      mgpu.kernel_modules()
+  elif platform == 'tpu':
+    megablox.kernel_module()

@@ -56,6 +56,12 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
   return out[0][..., :V], out[1].astype(jnp.float32)
 
 
+def cudnn_module():
+  """jax's cuDNN attention module (private; its signature is the same in jax 0.10.2 and 0.11.2)."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  return fused_attention_stablehlo
+
+
 def _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse):
   """cuDNN through the private entry point: fp32 lse, and value heads narrower than the qk heads
   (cuDNN's MLA shapes, cuDNN >= 9.10 on Hopper), so MLA's values are not padded to the qk width
@@ -64,7 +70,7 @@ def _cudnn(q_BTHK, k_BSHK, v_BSHV, mask, scale, return_lse):
   V = v_BSHV.shape[-1]
   Wqk, Wv = round_up(q_BTHK.shape[-1], 8), round_up(V, 8)
   try:
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    cudnn = cudnn_module()
     call = lambda wqk, wv: cudnn.dot_product_attention(
         pad_axis(q_BTHK, 3, wqk), pad_axis(k_BSHK, 3, wqk), pad_axis(v_BSHV, 3, wv), None, mask,
         scale=scale, mask_type=cudnn.MaskType.CAUSAL, qkv_layout='BTNH',

@@ -22,7 +22,8 @@ from v4jax.kernels.pallas_common import pad_axis, round_up, tpu_interpret
 TILE = 512   # upper bound of each tile dim; smaller dims use the full dim
 
 
-def _mod():
+def kernel_module():
+  """jax's megablox gmm module."""
   # the package re-exports a function named `gmm`, which shadows the module of the same name
   return importlib.import_module('jax.experimental.pallas.ops.tpu.megablox.gmm')
 
@@ -41,7 +42,7 @@ def _gmm_call(x_MK, w, sizes_G, out_dtype, transpose_rhs, interpret):
   N = w.shape[1] if transpose_rhs else w.shape[2]
   tiling = _tiling(M, K, N)
   x = pad_axis(x_MK, 0, round_up(M, tiling[0]))
-  y = _mod().gmm(x, w, sizes_G.astype(jnp.int32), preferred_element_type=out_dtype,
+  y = kernel_module().gmm(x, w, sizes_G.astype(jnp.int32), preferred_element_type=out_dtype,
                  tiling=tiling, transpose_rhs=transpose_rhs, interpret=tpu_interpret(interpret))
   return _valid_rows(y[:M], sizes_G)
 
@@ -51,7 +52,7 @@ def _tgmm_call(x_MK, dy_MN, sizes_G, out_dtype, interpret):
   N = dy_MN.shape[1]
   tiling = _tiling(M, K, N)
   mp = round_up(M, tiling[0])
-  return _mod().tgmm(pad_axis(x_MK, 0, mp).swapaxes(0, 1), pad_axis(dy_MN, 0, mp),
+  return kernel_module().tgmm(pad_axis(x_MK, 0, mp).swapaxes(0, 1), pad_axis(dy_MN, 0, mp),
                      sizes_G.astype(jnp.int32), preferred_element_type=out_dtype,
                      tiling=tiling, interpret=tpu_interpret(interpret))
 

@@ -45,7 +45,8 @@ def tiles_for(kernel: str, k: int, n: int) -> Tiles:
   return TUNED.get((kernel, k, n), DEFAULT_TILES)
 
 
-def _kernels():
+def kernel_modules():
+  """(ragged_dot_mgpu, transposed_ragged_dot_mgpu or None): jax's Mosaic-GPU kernel modules."""
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
   try:
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as tmod
@@ -76,7 +77,7 @@ def _valid_rows(y_MN, sizes_G):
 
 def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = None):
   """x [M,K] @ w[g] (or w[g]^T with transpose_rhs: w [G,N,K]) -> [M,N] in x.dtype."""
-  mod, _ = _kernels()
+  mod, _ = kernel_modules()
   M, K = x_MK.shape
   N = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
   t = tiles or tiles_for('fwd_t' if transpose_rhs else 'fwd', K, N)
@@ -96,7 +97,7 @@ def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = Non
 
 def _transposed(x_MK, dy_MN, sizes_G, tiles: Tiles | None = None):
   """dw[g] = x_g^T dy_g -> [G,K,N] in x.dtype (zero for empty groups)."""
-  _, tmod = _kernels()
+  _, tmod = kernel_modules()
   M, K = x_MK.shape
   N = dy_MN.shape[1]
   if tmod is None:
