@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import importlib
 
-# The Pallas kernel modules of each platform (each imports jax's Pallas backend for it).
-_PALLAS_MODULES = {
-    'gpu': ('indexer.gpu', 'sinkhorn.gpu', 'sparse_attention.gpu'),
-    'tpu': ('indexer.tpu', 'sparse_attention.tpu'),
-}
+# The Pallas kernel modules. The seams import their GPU and TPU modules together, whatever the
+# platform (each imports jax's Pallas backend for it), so all of them are preloaded.
+_PALLAS_MODULES = ('indexer.gpu', 'indexer.tpu', 'sinkhorn.gpu', 'sparse_attention.gpu',
+                   'sparse_attention.tpu')
 
 
 def preload() -> None:
@@ -17,14 +16,16 @@ def preload() -> None:
   Why: a jitted function's cache key includes the trace context, whose length grows when a jax
   module that defines a trace-context option is imported. The seams import their kernels lazily,
   i.e. during the step's first trace; the key stored for that trace then no longer matches the
-  next call's, and the whole step is traced and compiled a second time (seen on the H200 with
-  jax 0.11.2: step 1 of bench_engram's host phase took 47.8 s). Importing first keeps one key.
+  next call's, and the whole step is traced and compiled a second time. Seen on the H200 with
+  jax 0.11.2: the DSA seams imported `jax.experimental.pallas.tpu` (next to the GPU kernels)
+  during the first step, the context went from 50 to 51 values, and step 1 compiled again
+  (bench_engram's host phase: 47.8 s). Importing first keeps one key.
   """
   import jax.numpy as jnp
   from v4jax.kernels.grouped_matmul import megablox, resolve_impl
   from v4jax.kernels.pallas_common import target_platform
   platform = target_platform()
-  for name in _PALLAS_MODULES.get(platform, ()):
+  for name in _PALLAS_MODULES:
     importlib.import_module(f'{__name__}.{name}')
   if platform == 'gpu':
     from v4jax.kernels.attention import library
