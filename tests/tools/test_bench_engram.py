@@ -29,10 +29,14 @@ def test_bench_engram_update_only_smoke(tmp_path):
 
 
 def test_bench_engram_step_smoke(tmp_path):
-  rep = _run(tmp_path, '--steps', '2', '--warmup', '1', '--sizes-gib', '0.002', '--batch', '8')
+  rep = _run(tmp_path, '--steps', '2', '--warmup', '1', '--sizes-gib', '0.002', '--batch', '16',
+             '--accum', '2')
   assert not rep['errors'], rep['errors']
-  kinds = sorted(p['memory_kind'] for p in rep['phases'])
-  assert kinds == ['device', 'pinned_host'], kinds
+  kinds = [p['memory_kind'] for p in rep['phases']]
+  assert kinds == ['pinned_host', 'device'], kinds
+  # the first step of a phase compiles at most once; the later steps reuse it, same inputs
+  assert [p['compiles_after_first_step'] for p in rep['phases']] == [0, 0]
+  assert all(p['input_changes'] == [] for p in rep['phases'])
   assert all(0 < p['loss'] < 10 and p['step_ms'] > 0 for p in rep['phases'])  # ln 256 = 5.5
   s = rep['summary'][0]
   assert s['host_step_ms'] > 0 and s['hbm_step_ms'] > 0 and rep['largest_trained_gib'] > 0
