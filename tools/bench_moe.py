@@ -5,6 +5,8 @@ DeepSeek-V3 local slice: 32 of 256 experts on one GPU, D=7168, d_e=2048, 32K slo
 routing (balanced: equal group sizes; skewed: Zipf(1) group sizes), this times in one process:
   dense    x[M,K] @ w[K,N]                              (the ceiling)
   mgpu     v4jax grouped_matmul impl=mgpu (Mosaic-GPU ragged_dot + custom VJP)
+  mgpu_grouped  the same with all_rows_grouped=True (the dropless MoE's call: the group sizes
+           sum to M, so no pass zeroes rows past them); not in the default --impls
   ragged   jax.lax.ragged_dot (XLA's reference lowering)
 forward (y) and forward+backward (y, dx, dw via jax.vjp with a bf16 cotangent: 3 GEMMs), for the
 up-projection (K=D, N=d_e) and the down-projection (K=d_e, N=D). TFLOP/s count 2*M*K*N per GEMM.
@@ -61,8 +63,9 @@ def fns(impl: str, sizes):
     f = lambda x, w: jnp.dot(x, w[0])
   elif impl == 'ragged':
     f = lambda x, w: jax.lax.ragged_dot(x, w, sizes)
-  else:
-    f = lambda x, w: grouped_matmul(x, w, sizes, impl=impl, preferred_element_type=x.dtype)
+  else:   # group_sizes() sums to M, as all_rows_grouped promises
+    kw = dict(impl='mgpu', all_rows_grouped=True) if impl == 'mgpu_grouped' else dict(impl=impl)
+    f = lambda x, w: grouped_matmul(x, w, sizes, preferred_element_type=x.dtype, **kw)
 
   def fb(x, w, dy):
     y, vjp = jax.vjp(f, x, w)
@@ -189,9 +192,11 @@ def main():
   shapes = SMOKE if args.smoke else {k: SHAPES[k] for k in args.shapes.split(',')}
   impls = args.impls.split(',')
   dtype = jnp.bfloat16
-  if 'mgpu' in impls and resolve_impl('auto', dtype) != 'mgpu':
-    print(f'mgpu skipped: needs a Hopper GPU (backend {jax.default_backend()})')
-    impls.remove('mgpu')
+  if resolve_impl('auto', dtype) != 'mgpu':
+    for i in ('mgpu', 'mgpu_grouped'):
+      if i in impls:
+        print(f'{i} skipped: needs a Hopper GPU (backend {jax.default_backend()})')
+        impls.remove(i)
   iters = 2 if args.smoke else args.iters
   dev = jax.devices()[0]
   print(f'jax {jax.__version__}, {dev.platform} {dev.device_kind}', flush=True)

@@ -27,8 +27,8 @@ def _oracle(x, w, sizes, r):
   return y, gx, gw
 
 
-def _run(impl, x, w, sizes, r):
-  f = lambda x, w: grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), impl=impl)
+def _run(impl, x, w, sizes, r, **kw):
+  f = lambda x, w: grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), impl=impl, **kw)
   y = jax.jit(f)(x, w)
   gx, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * r), argnums=(0, 1)))(x, w)
   return y, gx, gw
@@ -52,6 +52,21 @@ def test_megablox_interpret_matches_oracle_and_ragged_dot():
     # fp32 products over K <= 22: 1e-5 relative to the oracle and to lax.ragged_dot
     np.testing.assert_allclose(np.asarray(g), o, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(g), np.asarray(rr), rtol=1e-5, atol=1e-5)
+
+
+@NOT_ON_GPU
+def test_megablox_all_rows_grouped_equals_masked_call():
+  """Group sizes summing to M (the dropless dispatch): skipping the row mask changes nothing."""
+  rs = np.random.RandomState(4)
+  sizes = np.array([7, 0, 11, 6], np.int32)     # 24 rows, all grouped
+  x = jnp.asarray(rs.randn(24, 16), jnp.float32)
+  w = jnp.asarray(rs.randn(4, 16, 24), jnp.float32)
+  r = jnp.asarray(rs.randn(24, 24), jnp.float32)
+  got = _run('megablox', x, w, sizes, r, all_rows_grouped=True)
+  masked = _run('megablox', x, w, sizes, r)
+  for g, m, o in zip(got, masked, _oracle(x, w, sizes, r)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(m))
+    np.testing.assert_allclose(np.asarray(g), o, rtol=1e-5, atol=1e-5)
 
 
 @NOT_ON_GPU
@@ -93,22 +108,39 @@ def test_mgpu_forward_in_gpu_interpret_mode(monkeypatch):
   assert np.all(np.asarray(y[230:]) == 0)
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='interpret test (CPU only)')
+def test_mgpu_forward_all_rows_grouped_in_gpu_interpret_mode(monkeypatch):
+  _gpu_interpret(monkeypatch)
+  rs = np.random.RandomState(5)
+  sizes = np.array([70, 0, 100, 80], np.int32)   # all 250 rows grouped: no row mask
+  x = jnp.asarray(rs.randn(250, 64), jnp.bfloat16)
+  w = jnp.asarray(rs.randn(4, 64, 72), jnp.bfloat16)
+  y = grouped_matmul(x, w, jnp.asarray(sizes), impl='mgpu', all_rows_grouped=True)
+  want = _oracle(x, w, sizes, np.zeros((250, 72)))[0]
+  np.testing.assert_allclose(np.asarray(y), want, rtol=8e-3, atol=1e-2)   # as above
+  np.testing.assert_array_equal(
+      np.asarray(y), np.asarray(grouped_matmul(x, w, jnp.asarray(sizes), impl='mgpu')))
+
+
 def _is_hopper():
   return jax.default_backend() == 'gpu' and resolve_impl('auto', jnp.bfloat16) == 'mgpu'
 
 
 @pytest.mark.skipif(not _is_hopper(), reason='the Mosaic-GPU kernels (dx, dw transposed) need a '
                     'Hopper GPU (H100/H200); CPU covers the forward in interpret mode')
-@pytest.mark.parametrize('M,K,N', [(1024, 256, 384), (1000, 200, 136)])
-def test_mgpu_values_and_grads_on_hopper(M, K, N):
+@pytest.mark.parametrize('M,K,N,grouped', [(1024, 256, 384, False), (1000, 200, 136, False),
+                                            (1000, 200, 136, True)])
+def test_mgpu_values_and_grads_on_hopper(M, K, N, grouped):
+  """grouped: every row in a group (all_rows_grouped=True, no row mask); else 24 rows past."""
   rs = np.random.RandomState(3)
-  sizes = np.bincount(rs.randint(0, 8, M - 24), minlength=8).astype(np.int32)
+  n = M if grouped else M - 24
+  sizes = np.bincount(rs.randint(0, 8, n), minlength=8).astype(np.int32)
   sizes[3] = 0
-  sizes[0] += M - 24 - sizes.sum()
+  sizes[0] += n - sizes.sum()
   x = jnp.asarray(rs.randn(M, K), jnp.bfloat16)
   w = jnp.asarray(rs.randn(8, K, N) / np.sqrt(K), jnp.bfloat16)
   r = jnp.asarray(rs.randn(M, N), jnp.bfloat16)
-  got = _run('mgpu', x, w, sizes, r)
+  got = _run('mgpu', x, w, sizes, r, all_rows_grouped=grouped)
   want = _oracle(x, w, sizes, r)
   for name, g, o in zip(('y', 'dx', 'dw'), got, want):
     scale = np.abs(o).max()

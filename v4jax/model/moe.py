@@ -76,16 +76,18 @@ class Experts(nnx.Module):
 
   def sorted_rows(self, x_MD: jax.Array, sizes_E: jax.Array) -> jax.Array:
     """Rows sorted by expert (sizes_E rows each) through their expert: grouped matmuls."""
-    return self.ffn(x_MD, *self.weights(), sizes_E)
+    return self.ffn(x_MD, *self.weights(), sizes_E, all_rows_grouped=True)
 
   def weights(self):
     """(w_gate, w_up, w_down) in the compute dtype."""
     return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
 
-  def ffn(self, x_MD, w_gate, w_up, w_down, sizes_E):
-    """Grouped SwiGLU of rows sorted by expert through the given expert weights."""
+  def ffn(self, x_MD, w_gate, w_up, w_down, sizes_E, all_rows_grouped=False):
+    """Grouped SwiGLU of rows sorted by expert through the given expert weights.
+    all_rows_grouped: sum(sizes_E) == M always (the kernels then skip zeroing rows past it)."""
     dt = self.dtype   # results in the compute dtype, accumulated in fp32 inside the kernels
-    gmm = functools.partial(grouped_matmul, impl=self.impl, preferred_element_type=dt)
+    gmm = functools.partial(grouped_matmul, impl=self.impl, preferred_element_type=dt,
+                            all_rows_grouped=all_rows_grouped)
     x_MD = x_MD.astype(dt)
     g_MF = gmm(x_MD, w_gate, sizes_E)
     u_MF = gmm(x_MD, w_up, sizes_E)

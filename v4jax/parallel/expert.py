@@ -152,8 +152,9 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
            w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array,
            ffn: Callable) -> tuple[jax.Array, jax.Array]:
   """Routed-expert output y [A,D] fp32 = sum_k g[a,k] * FFN_{sel[a,k]}(x[a]), and the number
-  of valid slots dropped (fp32 scalar, global). `ffn(x_MD, w_gate, w_up, w_down, sizes_L)`
-  runs rows sorted by local expert through their experts (rows past sum(sizes_L) give 0)."""
+  of valid slots dropped (fp32 scalar, global). `ffn(x_MD, w_gate, w_up, w_down, sizes_L,
+  all_rows_grouped=False)` runs rows sorted by local expert through their experts (rows past
+  sum(sizes_L) give 0; all_rows_grouped=True promises there are none)."""
   mesh, ep, L = plan.mesh, plan.ep, w_gate_EDF.shape[0] // plan.ep
   A, D = x_AD.shape
   K = sel_AK.shape[1]
@@ -177,7 +178,8 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
     inv_M = inverse_permutation(order_M)
     xs_MD = permuted_rows(x_AD, order_M, inv_M, K)
     if ep == 1:
-      ys_MD = ffn(xs_MD, wg, wu, wd, jnp.bincount(e_M, length=L).astype(i32))
+      ys_MD = ffn(xs_MD, wg, wu, wd, jnp.bincount(e_M, length=L).astype(i32),   # sums to A*K
+                  all_rows_grouped=True)
       dropped = jnp.zeros((), f32)
     else:
       me = jax.lax.axis_index(ep_axes)

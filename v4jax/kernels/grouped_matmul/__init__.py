@@ -7,7 +7,9 @@ Dims: M rows (token-slots sorted by expert), K contraction, N output, G groups (
   mgpu -> the Pallas Mosaic-GPU ragged_dot kernels in jax (mgpu.py; Hopper, bf16/fp16);
   megablox -> the Pallas TPU gmm/tgmm kernels in jax (megablox.py; TPU, interpret mode on CPU);
   auto -> mgpu on a Hopper GPU (bf16/fp16 inputs), megablox on TPU, ragged_dot otherwise.
-Rows past sum(group_sizes) come out zero with every impl.
+Rows past sum(group_sizes) come out zero with every impl; a caller whose group sizes always sum
+to M (the dropless dispatch on one expert shard) passes `all_rows_grouped=True`, and the Pallas
+impls skip the pass that zeroes them (on the output, and on dy and dx in the backward).
 
 The platform is `pallas_common.target_platform()`: the backend, or V4JAX_TARGET_PLATFORM
 (tools/aot_compile.py sets 'tpu' when it compiles for a TPU topology on a CPU machine).
@@ -42,8 +44,11 @@ def resolve_impl(impl: str, dtype) -> str:
 
 
 def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *,
-                   impl: str = 'auto', preferred_element_type=jnp.float32) -> jax.Array:
-  """[M,K] x [G,K,N] with int [G] group sizes -> [M,N] in `preferred_element_type`."""
+                   impl: str = 'auto', preferred_element_type=jnp.float32,
+                   all_rows_grouped: bool = False) -> jax.Array:
+  """[M,K] x [G,K,N] with int [G] group sizes -> [M,N] in `preferred_element_type`.
+  all_rows_grouped: the caller guarantees sum(group_sizes_G) == M (otherwise rows past the groups
+  are undefined with the Pallas impls)."""
   if x_MK.ndim != 2 or w_GKN.ndim != 3 or x_MK.shape[1] != w_GKN.shape[1]:
     raise ValueError(f'grouped_matmul: x_MK {x_MK.shape} and w_GKN {w_GKN.shape} must be [M,K] '
                      'and [G,K,N] with equal K')
@@ -57,10 +62,12 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, 
                        "(use config.kernels.grouped_matmul='auto')")
     from v4jax.kernels.grouped_matmul import mgpu
     return mgpu.grouped_matmul(x_MK, w_GKN, group_sizes_G,
-                               preferred_element_type=preferred_element_type)
+                               preferred_element_type=preferred_element_type,
+                               all_rows_grouped=all_rows_grouped)
   if impl == 'megablox':
     from v4jax.kernels.grouped_matmul import megablox
     return megablox.grouped_matmul(x_MK, w_GKN, group_sizes_G,
-                                   preferred_element_type=preferred_element_type)
+                                   preferred_element_type=preferred_element_type,
+                                   all_rows_grouped=all_rows_grouped)
   return reference.grouped_matmul(x_MK, w_GKN, group_sizes_G,
                                   preferred_element_type=preferred_element_type)

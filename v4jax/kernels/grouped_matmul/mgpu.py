@@ -75,8 +75,10 @@ def _valid_rows(y_MN, sizes_G):
   return jnp.where(rows_M1 < jnp.sum(sizes_G), y_MN, jnp.zeros((), y_MN.dtype))
 
 
-def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = None):
-  """x [M,K] @ w[g] (or w[g]^T with transpose_rhs: w [G,N,K]) -> [M,N] in x.dtype."""
+def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = None,
+            mask_rows: bool = True):
+  """x [M,K] @ w[g] (or w[g]^T with transpose_rhs: w [G,N,K]) -> [M,N] in x.dtype; rows past
+  the groups (never written by the kernel) zeroed unless mask_rows=False."""
   mod, _ = kernel_modules()
   M, K = x_MK.shape
   N = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
@@ -92,7 +94,7 @@ def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = Non
     else:
       w = jnp.swapaxes(w, 1, 2)
   y = _call(mod.ragged_dot, x, w, **kw)[:M, :N]
-  return _valid_rows(y, sizes_G)
+  return _valid_rows(y, sizes_G) if mask_rows else y
 
 
 def _transposed(x_MK, dy_MN, sizes_G, tiles: Tiles | None = None):
@@ -115,20 +117,22 @@ def _transposed(x_MK, dy_MN, sizes_G, tiles: Tiles | None = None):
   return dw[:, :K, :N]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm(x_MK, w_GKN, sizes_G, out_dtype):
-  return _ragged(x_MK, w_GKN, sizes_G).astype(out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(x_MK, w_GKN, sizes_G, out_dtype, mask_rows):
+  return _ragged(x_MK, w_GKN, sizes_G, mask_rows=mask_rows).astype(out_dtype)
 
 
-def _fwd(x_MK, w_GKN, sizes_G, out_dtype):
-  return _gmm(x_MK, w_GKN, sizes_G, out_dtype), (x_MK, w_GKN, sizes_G)
+def _fwd(x_MK, w_GKN, sizes_G, out_dtype, mask_rows):
+  return _gmm(x_MK, w_GKN, sizes_G, out_dtype, mask_rows), (x_MK, w_GKN, sizes_G)
 
 
-def _bwd(out_dtype, res, dy_MN):
+def _bwd(out_dtype, mask_rows, res, dy_MN):
   del out_dtype
   x_MK, w_GKN, sizes_G = res
-  dy_MN = _valid_rows(dy_MN, sizes_G).astype(x_MK.dtype)   # rows past the groups are constant 0
-  dx_MK = _ragged(dy_MN, w_GKN, sizes_G, transpose_rhs=True)
+  if mask_rows:   # rows past the groups are constant 0
+    dy_MN = _valid_rows(dy_MN, sizes_G)
+  dy_MN = dy_MN.astype(x_MK.dtype)
+  dx_MK = _ragged(dy_MN, w_GKN, sizes_G, transpose_rhs=True, mask_rows=mask_rows)
   dw_GKN = _transposed(x_MK, dy_MN, sizes_G)
   return dx_MK.astype(x_MK.dtype), dw_GKN.astype(w_GKN.dtype), None
 
@@ -137,9 +141,9 @@ _gmm.defvjp(_fwd, _bwd)
 
 
 def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *,
-                   preferred_element_type=jnp.float32) -> jax.Array:
+                   preferred_element_type=jnp.float32, all_rows_grouped: bool = False) -> jax.Array:
   """[M,K] x [G,K,N] -> [M,N]; bf16/fp16 inputs of one dtype; Hopper GPUs only."""
   if x_MK.dtype != w_GKN.dtype or x_MK.dtype not in DTYPES:
     raise ValueError(f'grouped_matmul impl=mgpu: x_MK {x_MK.dtype} and w_GKN {w_GKN.dtype} must '
                      'both be bfloat16 or float16 (use impl=ragged_dot for float32)')
-  return _gmm(x_MK, w_GKN, group_sizes_G, jnp.dtype(preferred_element_type))
+  return _gmm(x_MK, w_GKN, group_sizes_G, jnp.dtype(preferred_element_type), not all_rows_grouped)
