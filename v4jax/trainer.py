@@ -26,7 +26,7 @@ from v4jax import flops as flops_lib
 from v4jax import kernels
 from v4jax.config import ConfigError, validate
 from v4jax.metrics import MetricWriter
-from v4jax.model.layers import dtype_of
+from v4jax.model.layers import batched_draws, dtype_of
 from v4jax.model.moe import update_router_bias
 from v4jax.model.transformer import Transformer
 from v4jax.memory.rows import lazy_adam_rows, patch_rows, step_rows
@@ -89,7 +89,8 @@ class Trainer:
       self.tables = HostTables(cfg, rows, self.mesh, init=latest is None)
 
     def build(seed):
-      return Transformer(cfg, rngs=nnx.Rngs(params=seed), engram_rows_per_layer=rows)
+      with batched_draws():   # one normal draw per parameter shape: a smaller init to compile
+        return Transformer(cfg, rngs=nnx.Rngs(params=seed), engram_rows_per_layer=rows)
 
     abs_model = nnx.eval_shape(lambda: build(0))
     self.graphdef, abs_params, abs_rest = nnx.split(abs_model, nnx.Param, ...)

@@ -22,6 +22,7 @@ from flax import nnx
 from helpers import small_tiny
 from v4jax.config import ConfigError, validate
 from v4jax.data.engram_hash import hash_rows, make_hash_spec
+from v4jax.model.layers import batched_draws
 from v4jax.model.transformer import Transformer, layer_groups
 from v4jax.optim import decay_mask
 from v4jax.trainer import engram_setup
@@ -104,6 +105,27 @@ def test_layer_groups_and_config():
   d['model']['scan_layers'] = 1      # e.g. from a JSON config; ConfigDict's own type check is off
   with pytest.raises(ConfigError, match='model.scan_layers'):
     validate(ml_collections.ConfigDict(d))
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_batched_draws_equal_one_by_one_init(scan):
+  """layers.batched_draws (the Trainer's jitted init): the same keys and parameters as drawing
+  each parameter at once; the stacks hold the drawn values (a stack of the zero placeholders
+  would fail), and the draws happen in one normal per shape. Tolerance: the vmapped normal may
+  round its inverse-erf transform differently, ~1 ulp (rtol 1e-5, atol 1e-8 against std 0.02)."""
+  cfg = _cfg(scan)
+  want = _unstacked(_flat(nnx.state(_model(_cfg(False), 3))))
+
+  def batched():
+    with batched_draws():
+      return nnx.state(_model(cfg, 3))
+  got = _unstacked(_flat(jax.jit(batched)()))
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-8, err_msg=k)
+  assert np.abs(got['blocks/4/attn/wq_a']).max() > 0
+  n_normal = lambda f: jax.jit(f).lower().as_text().count('call @_normal')
+  assert n_normal(batched) < n_normal(lambda: nnx.state(_model(cfg, 3)))   # draws grouped
 
 
 def test_stacked_init_layout_and_decay_mask():

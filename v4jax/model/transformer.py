@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.kernels.attention.library import CUDNN_FWD_PRIMITIVE
-from v4jax.model.layers import RMSNorm, constrain, dtype_of, matmul, param
+from v4jax.model.layers import RMSNorm, constrain, dtype_of, flush_draws, matmul, param
 from v4jax.model.loss import cross_entropy_sum
 from v4jax.model.mla import MLA
 from v4jax.model.moe import DenseFFN, MoE
@@ -219,6 +219,7 @@ class Transformer(nnx.Module):
         engrams[str(i)] = Engram(cfg, i, engram[i], rngs=rngs)
     if engrams:
       self.engram = nnx.Dict(engrams)
+    flush_draws()   # under layers.batched_draws: the stacks below read the blocks' values
     if m.scan_layers:
       self.blocks = nnx.Dict({group_key(a, b): stack_blocks(blocks[a:b]) if b - a > 1 else blocks[a]
                               for a, b in layer_groups(cfg)})
