@@ -312,7 +312,9 @@ def test_one_device_copies_staged_rows_inside_the_step(runs, tmp_path):
     b = next(one.train_iter)
     touched.update(np.unique(b['engram_rows_1']).tolist())
     losses.append(float(one.step(b)['loss']))
-  np.testing.assert_allclose(losses, runs.losses['host'][:n], rtol=2e-5)
+  # one device vs 8: other reduction orders, drifting over the steps; 2.1e-5 seen at step 4 with
+  # the batched init draws (wrong or stale rows move the loss by ~1e-2)
+  np.testing.assert_allclose(losses, runs.losses['host'][:n], rtol=5e-5)
   after = one.tables.slots(1)
   untouched = np.setdiff1d(np.arange(after.shape[0]), sorted(touched))
   np.testing.assert_array_equal(after[untouched], runs.init[untouched])
