@@ -18,8 +18,8 @@ from flax import nnx
 
 from v4jax.parallel.rules import constrain  # re-exported for model modules
 
-__all__ = ['param', 'batched_draws', 'flush_draws', 'const_param', 'RMSNorm', 'LayerNorm', 'matmul', 'constrain', 'dtype_of',
-           'dot_f32', 'f32_mode', 'linear_f32']
+__all__ = ['param', 'batched_draws', 'flush_draws', 'const_param', 'RMSNorm', 'LayerNorm',
+           'matmul', 'constrain', 'dtype_of', 'dot_f32', 'f32_mode', 'linear_f32']
 
 _F32 = jnp.float32
 
@@ -52,8 +52,8 @@ def batched_draws():
   layers) makes all pending draws of one shape in one vmapped call.
 
   Why: each draw is a threefry + inverse-erf expansion in the jitted init program, and a deep
-  model has hundreds; one call per shape cuts XLA's compile of bench_h200's init 39.7 -> 22.3 s
-  on the CPU (docs/performance.md row 39). The keys are the same; the values equal the one-by-one
+  model has hundreds; one call per shape cut XLA's compile of bench_h200's init (small dims, CPU)
+  from 28-29 s to 21-25 s (docs/performance.md row 39). The keys are the same; the values equal the one-by-one
   draws up to the rounding of the fused transform (~1 ulp).
   """
   global _pending

@@ -43,7 +43,8 @@ def _gmm_call(x_MK, w, sizes_G, out_dtype, transpose_rhs, interpret, mask_rows=T
   tiling = _tiling(M, K, N)
   x = pad_axis(x_MK, 0, round_up(M, tiling[0]))
   y = kernel_module().gmm(x, w, sizes_G.astype(jnp.int32), preferred_element_type=out_dtype,
-                 tiling=tiling, transpose_rhs=transpose_rhs, interpret=tpu_interpret(interpret))
+                          tiling=tiling, transpose_rhs=transpose_rhs,
+                          interpret=tpu_interpret(interpret))
   return _valid_rows(y[:M], sizes_G) if mask_rows else y[:M]
 
 
@@ -53,8 +54,8 @@ def _tgmm_call(x_MK, dy_MN, sizes_G, out_dtype, interpret):
   tiling = _tiling(M, K, N)
   mp = round_up(M, tiling[0])
   return kernel_module().tgmm(pad_axis(x_MK, 0, mp).swapaxes(0, 1), pad_axis(dy_MN, 0, mp),
-                     sizes_G.astype(jnp.int32), preferred_element_type=out_dtype,
-                     tiling=tiling, interpret=tpu_interpret(interpret))
+                              sizes_G.astype(jnp.int32), preferred_element_type=out_dtype,
+                              tiling=tiling, interpret=tpu_interpret(interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
