@@ -29,7 +29,7 @@ def test_bench_engram_update_only_smoke(tmp_path):
 
 
 def test_bench_engram_step_smoke(tmp_path):
-  rep = _run(tmp_path, '--steps', '2', '--warmup', '1', '--sizes-gib', '0.002', '--batch', '16',
+  rep = _run(tmp_path, '--steps', '1', '--warmup', '2', '--sizes-gib', '0.002', '--batch', '16',
              '--accum', '2')
   assert not rep['errors'], rep['errors']
   kinds = [p['memory_kind'] for p in rep['phases']]
