@@ -10,8 +10,9 @@ _PALLAS_MODULES = ('indexer.gpu', 'indexer.tpu', 'sinkhorn.gpu', 'sparse_attenti
 
 
 def preload() -> None:
-  """Imports the kernel modules this platform's seams pick by default, and the jax modules behind
-  them, before a train step is first traced.
+  """Imports the kernel modules that the seams import lazily (all Pallas kernel modules; on GPU
+  jax's cuDNN attention and, on Hopper, Mosaic-GPU modules; on TPU megablox), and the jax modules
+  behind them, before a train step is first traced.
 
   Why: a jitted function's cache key includes the trace context, whose length grows when a jax
   module that defines a trace-context option is imported. The seams import their kernels lazily,
