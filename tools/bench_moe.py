@@ -16,7 +16,8 @@ up-projection (K=D, N=d_e) and the down-projection (K=d_e, N=D). TFLOP/s count 2
   python tools/bench_moe.py --sweep --out sweep.json    # Hopper: tile sweep of the mgpu kernels
 
 `--sweep` times each Mosaic-GPU kernel of the mgpu VJP (fwd: y = x w[g]; fwd_t: dx = dy w[g]^T;
-dw: x_g^T dy_g) alone at each shape's up and down GEMMs (balanced routing) over candidate tilings
+dw: x_g^T dy_g; `--sweep-kernels` picks some) alone, as the dropless MoE calls them (no row mask),
+at each shape's up and down GEMMs (balanced routing) over candidate tilings
 (v4jax.kernels.grouped_matmul.mgpu.Tiles), against the dense matmul of the same FLOPs, and prints
 the best tiling per kernel and shape: the entries of mgpu.TUNED.
 """
@@ -112,7 +113,7 @@ def sweep_candidates():
           if st * (bm * bk + bk * bn) * 2 + bm * bn * 2 <= 220 * 1024]
 
 
-def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start):
+def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 'fwd_t', 'dw')):
   """Rows {kernel, K, N, tiles, ms, tflops, vs_dense} for the three kernels of one GEMM."""
   import time
   from v4jax.kernels.grouped_matmul import mgpu
@@ -124,13 +125,16 @@ def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start):
   flops = 2.0 * M * K * N
   dense_ms = median_seconds(jax.jit(lambda a, b: jnp.dot(a, b[0])), x, w, iters=iters) * 1e3
   kernels = {   # kernel: (K, N of its product, jitted call of a Tiles)
-      'fwd': (K, N, lambda t: jax.jit(lambda: mgpu._ragged(x, w, sizes, tiles=t))),
+      'fwd': (K, N, lambda t: jax.jit(lambda: mgpu._ragged(x, w, sizes, tiles=t,
+                                                            mask_rows=False))),
       'fwd_t': (N, K, lambda t: jax.jit(
-          lambda: mgpu._ragged(dy, w, sizes, transpose_rhs=True, tiles=t))),
+          lambda: mgpu._ragged(dy, w, sizes, transpose_rhs=True, tiles=t, mask_rows=False))),
       'dw': (K, N, lambda t: jax.jit(lambda: mgpu._transposed(x, dy, sizes, tiles=t))),
   }
   rows = []
   for kernel, (kk, nn, make) in kernels.items():
+    if kernel not in which:
+      continue
     best = None
     cands = sweep_candidates()
     for stage in (0, 1):
@@ -186,6 +190,7 @@ def main():
                   'GPU: forward on balanced routing only by default)')
   ap.add_argument('--sweep', action='store_true',
                   help='tile sweep of the mgpu kernels (Hopper): the best tiling per kernel')
+  ap.add_argument('--sweep-kernels', default='fwd,fwd_t,dw', help='--sweep: which kernels')
   ap.add_argument('--budget-s', type=float, default=1e9, help='stop the sweep after this long')
   ap.add_argument('--out', default=None, help='write the rows as JSON here')
   args = ap.parse_args()
@@ -211,7 +216,8 @@ def main():
     t0 = time.time()
     for name, (G, M, D, F) in shapes.items():
       for K, N in ((D, F), (F, D)):
-        rows += sweep_case(name, G, M, K, N, iters, dtype, args.budget_s, t0)
+        rows += sweep_case(name, G, M, K, N, iters, dtype, args.budget_s, t0,
+                           which=tuple(args.sweep_kernels.split(',')))
         if args.out:
           with open(args.out, 'w') as f:
             json.dump({'meta': meta, 'rows': rows}, f, indent=1)
