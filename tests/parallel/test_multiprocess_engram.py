@@ -52,8 +52,14 @@ def test_two_processes_host_tables_match_one_process(tmp_path):
   touched = np.any(one[:, 1] != 0, axis=1)
   np.testing.assert_array_equal(np.any(two[:, 1] != 0, axis=1), touched)
   assert (~touched).sum() > 100 and touched.sum() > 100
-  # Rows no batch touched: bit-identical to the one-process init (each process drew its own rows).
-  np.testing.assert_array_equal(two[~touched], init[~touched])
+  # Rows no batch touched: never written, so their moments stay exactly zero and theta stays the
+  # init. Each process drew its own rows with the same keys, but in another process's compile of
+  # the draw: in one full-suite run 1.5% of these values differed from this process's draws by
+  # one ulp (never in isolation; XLA does not promise bit-equal code across compiles). So theta
+  # is held to 2 ulp; a write would move it by ~lr (1e-3), about 10^5 ulp of these ~1e-2 values.
+  # Bit-identity of untouched rows within one run is tested in tests/memory/test_host_tables.py.
+  np.testing.assert_array_equal(two[~touched][:, 1:], 0)
+  np.testing.assert_array_max_ulp(two[~touched][:, 0], init[~touched][:, 0], maxulp=2)
   # Touched rows: the same lazy Adam steps from fp32 gradients that differ at rounding level
   # (other reduction order). Adam moves an element by at most ~its step's lr whatever the
   # gradient, so an element whose gradient is rounding noise may differ by up to 2 * sum(lr)
