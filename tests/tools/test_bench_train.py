@@ -28,7 +28,10 @@ TINY = ['--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--config.model.n_
         '--config.data.source=synthetic', '--config.mtp.depth=0']
 
 
-def test_tiny_cpu_json(tmp_path, capsys):
+def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
+  # --profile appends a GPU flag to XLA_FLAGS (for a process whose backend has not started):
+  # restored afterwards, so later tests' compile-cache keys and child processes do not see it.
+  monkeypatch.setenv('XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))
   out = tmp_path / 'bench.json'
   rep = bench_train.run(TINY + ['--steps', '2', '--warmup', '1', '--window', '1', '--profile',
                                 '--profile_steps', '1', '--out', str(out),
