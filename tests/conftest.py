@@ -13,8 +13,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # One persistent compilation cache per test session (inherited by subprocess runs), so the many
 # identical tiny-model compiles across tests and child processes are paid once.
+import atexit
+import shutil
 import tempfile
 
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='v4jax-jit-cache-'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  # Made by this process (the pytest-xdist workers inherit it): removed when this process exits.
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='v4jax-jit-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
