@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -127,7 +128,24 @@ def sweep_candidates():
           if st * (bm * bk + bk * bn) * 2 + bm * bn * 2 <= 220 * 1024]
 
 
-def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 'fwd_t', 'dw')):
+def compile_all(fns, args, workers: int = 0) -> list:
+  """jax.jit(fn) compiled ahead of time at `args` for each fn (or the exception it raised), in a
+  thread pool: XLA compiles outside the GIL, so a sweep's ~12 candidates per kernel compile side
+  by side instead of one after another. The arrays are arguments, not closed-over constants
+  (a closure would embed them in the program)."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  def one(fn):
+    try:
+      return jax.jit(fn).lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - returned: the caller records it per candidate
+      return e
+  with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
+    return list(pool.map(one, fns))
+
+
+def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 'fwd_t', 'dw'),
+               threads: int = 0):
   """Rows {kernel, K, N, tiles, ms, tflops, vs_dense} for the three kernels of one GEMM."""
   import time
   from v4jax.kernels.grouped_matmul import mgpu
@@ -138,27 +156,32 @@ def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 
   sizes = jnp.asarray(group_sizes(G, M, 'balanced'))
   flops = 2.0 * M * K * N
   dense_ms = median_seconds(jax.jit(lambda a, b: jnp.dot(a, b[0])), x, w, iters=iters) * 1e3
-  kernels = {   # kernel: (K, N of its product, jitted call of a Tiles)
-      'fwd': (K, N, lambda t: jax.jit(lambda: mgpu._ragged(x, w, sizes, tiles=t,
-                                                            mask_rows=False))),
-      'fwd_t': (N, K, lambda t: jax.jit(
-          lambda: mgpu._ragged(dy, w, sizes, transpose_rhs=True, tiles=t, mask_rows=False))),
-      'dw': (K, N, lambda t: jax.jit(lambda: mgpu._transposed(x, dy, sizes, tiles=t))),
+  kernels = {   # kernel: (K, N of its product, the call for a Tiles, its arguments)
+      'fwd': (K, N, lambda t: functools.partial(mgpu._ragged, tiles=t, mask_rows=False),
+              (x, w, sizes)),
+      'fwd_t': (N, K, lambda t: functools.partial(mgpu._ragged, transpose_rhs=True, tiles=t,
+                                                  mask_rows=False), (dy, w, sizes)),
+      'dw': (K, N, lambda t: functools.partial(mgpu._transposed, tiles=t), (x, dy, sizes)),
   }
   rows = []
-  for kernel, (kk, nn, make) in kernels.items():
+  for kernel, (kk, nn, make, args) in kernels.items():
     if kernel not in which:
       continue
     best = None
     cands = sweep_candidates()
     for stage in (0, 1):
-      for t in cands:
+      if time.time() - t_start > budget_s:
+        return rows
+      compiled = compile_all([make(t) for t in cands], args, threads)
+      for t, exe in zip(cands, compiled):
         if time.time() - t_start > budget_s:
           return rows
         row = {'shape': name, 'kernel': kernel, 'K': kk, 'N': nn, 'tiles': list(t),
                'dense_ms': dense_ms}
         try:
-          ms = median_seconds(make(t), iters=iters) * 1e3
+          if isinstance(exe, Exception):
+            raise exe
+          ms = median_seconds(exe, *args, iters=iters) * 1e3
           row.update(ms=ms, tflops=flops / ms / 1e9, vs_dense=dense_ms / ms)
           if best is None or ms < best['ms']:
             best = row
@@ -205,6 +228,8 @@ def main():
   ap.add_argument('--sweep', action='store_true',
                   help='tile sweep of the mgpu kernels (Hopper): the best tiling per kernel')
   ap.add_argument('--sweep-kernels', default='fwd,fwd_t,dw', help='--sweep: which kernels')
+  ap.add_argument('--sweep-threads', type=int, default=0,
+                  help='--sweep: candidates compiled at once (0: min(16, cores); 1: one by one)')
   ap.add_argument('--budget-s', type=float, default=1e9, help='stop the sweep after this long')
   ap.add_argument('--out', default=None, help='write the rows as JSON here')
   args = ap.parse_args()
@@ -231,7 +256,7 @@ def main():
     for name, (G, M, D, F) in shapes.items():
       for K, N in ((D, F), (F, D)):
         rows += sweep_case(name, G, M, K, N, iters, dtype, args.budget_s, t0,
-                           which=tuple(args.sweep_kernels.split(',')))
+                           which=tuple(args.sweep_kernels.split(',')), threads=args.sweep_threads)
         if args.out:
           with open(args.out, 'w') as f:
             json.dump({'meta': meta, 'rows': rows}, f, indent=1)

@@ -23,3 +23,24 @@ def test_bench_moe_smoke(tmp_path):
     if x['impl'] == 'dense':
       assert len(x['fwd_ms_runs']) == 2 and x['fwd_ms'] == min(x['fwd_ms_runs'])
       assert x['fwdbwd_ms'] == min(x['fwdbwd_ms_runs']) and x['fwd_vs_dense'] == 1.0
+
+
+def test_compile_all_compiles_side_by_side_and_returns_errors():
+  """The sweep's AOT compiles in a thread pool: each result runs like its function, and a
+  candidate that fails to trace comes back as its exception instead of stopping the sweep."""
+  import importlib.util
+  import jax.numpy as jnp
+  import numpy as np
+  spec = importlib.util.spec_from_file_location('bench_moe', os.path.join(ROOT, 'tools/bench_moe.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  rs = np.random.RandomState(0)
+  x, w = rs.randn(8, 16).astype(np.float32), rs.randn(3, 16, 4).astype(np.float32)
+
+  def bad(x, w):
+    raise ValueError('tiling rejected')
+  fns = [lambda x, w, g=g: jnp.dot(x, w[g]) for g in range(3)] + [bad]
+  out = mod.compile_all(fns, (x, w), workers=2)
+  for g in range(3):
+    np.testing.assert_allclose(np.asarray(out[g](x, w)), x @ w[g], rtol=1e-5, atol=1e-5)
+  assert isinstance(out[3], ValueError) and 'tiling rejected' in str(out[3])
