@@ -56,7 +56,8 @@ def test_two_processes_host_tables_match_one_process(tmp_path):
   # init. Each process drew its own rows with the same keys, but in another process's compile of
   # the draw: in one full-suite run 1.5% of these values differed from this process's draws by
   # one ulp (never in isolation; XLA does not promise bit-equal code across compiles). So theta
-  # is held to 2 ulp; a write would move it by ~lr (1e-3), about 10^5 ulp of these ~1e-2 values.
+  # is held to 2 ulp. An Adam step moves an element by about its rate (this run's Engram rates
+  # after the warm-up's first step: 7.5e-3, 1.5e-2), ~10^7 ulp of these ~1e-2 values.
   # Bit-identity of untouched rows within one run is tested in tests/memory/test_host_tables.py.
   np.testing.assert_array_equal(two[~touched][:, 1:], 0)
   np.testing.assert_array_max_ulp(two[~touched][:, 0], init[~touched][:, 0], maxulp=2)
