@@ -564,18 +564,24 @@ class Bench:
       gl = jax.jit(jax.grad(lloss, argnums=(0, 1, 2)))
 
       def lse_err():
+        """Over the last nq queries (the most keys): [h, nq, T] fp32 logits, 2 GiB at 32K."""
         _, lse = jax.jit(lambda q, k, v: library.causal_attention(
             q, k, v, dqk ** -0.5, select_BTK=idx, return_lse=True))(q, k, v)
-        h = min(H, 16)
-        lg = jnp.einsum('bthk,bshk->bhts', q[:, :, :h], k[:, :, :h],
+        h, nq = min(H, 16), min(T, 1024)
+        lg = jnp.einsum('bthk,bshk->bhts', q[:, T - nq:, :h], k[:, :, :h],
                         preferred_element_type=jnp.float32) * dqk ** -0.5
-        allow = selection_mask(idx, T)[:, None] & jnp.tril(jnp.ones((T, T), bool))
-        want = jax.nn.logsumexp(jnp.where(allow, lg, -jnp.inf), axis=-1)       # [B,h,T]
-        return float(jnp.max(jnp.abs(jnp.swapaxes(lse[:, :, :h], 1, 2) - want)))
+        causal = jnp.arange(T)[None, :] <= jnp.arange(T - nq, T)[:, None]
+        allow = selection_mask(idx[:, T - nq:], T)[:, None] & causal
+        want = jax.nn.logsumexp(jnp.where(allow, lg, -jnp.inf), axis=-1)       # [B,h,nq]
+        return float(jnp.max(jnp.abs(jnp.swapaxes(lse[:, T - nq:, :h], 1, 2) - want)))
       row = self.record('dense', 'cudnn_masked_lse_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
                         lambda: self.timeit(gl, q, k, v), flops=fl)
       if 'error' not in row:
-        row['lse_max_abs_err'] = lse_err()
+        try:
+          row['lse_max_abs_err'] = lse_err()
+        except Exception as e:  # noqa: BLE001 - the check must not end the benchmark
+          row['lse_error'] = f'{type(e).__name__}: {str(e)[:200]}'
+        self.save()
       del q, k, v, idx
     self.crossover(seqs)
 
