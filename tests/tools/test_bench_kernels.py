@@ -1,0 +1,57 @@
+"""tools/bench_kernels.py: the --smoke run on CPU (every kernel section in Pallas interpret mode,
+so a stale call into a kernel fails here rather than in a GPU slot) and the DSA crossover table
+that the dense section ends with (computed from synthetic rows: cuDNN needs a GPU)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location('bench_kernels',
+                                                os.path.join(ROOT, 'tools/bench_kernels.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_bench_kernels_smoke(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools/bench_kernels.py'), '--smoke',
+                      '--out', str(out)], env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rep = json.load(open(out))
+  # the parity checks against the XLA references pass in interpret mode
+  assert rep['checks'] and all(c['ok'] for c in rep['checks']), rep['checks']
+  rows = rep['results']
+  assert not [x for x in rows if 'error' in x], [x for x in rows if 'error' in x]
+  assert {x['section'] for x in rows} >= {'matmul', 'sweep', 'sparse', 'indexer', 'kl', 'peer'}
+  assert all(x['ms'] > 0 for x in rows)
+
+
+def test_crossover_compares_the_dsa_layer_with_cudnn():
+  """DSA = top-k indexer + sparse MLA fwd+bwd (Pallas, V3.2 shapes) against cuDNN fwd+bwd at
+  the same T; rows of other shapes, impls or top-k are ignored."""
+  mod = _module()
+  b = mod.Bench(smoke=True)
+  k = mod.V3['K']
+  rows = [  # (name, T, extra fields, ms)
+      ('indexer_scores+topk', 4096, dict(impl='pallas', shapes='v3.2', K=k, radix_bits=1), 3.0),
+      ('sparse_mla_fwd+bwd', 4096, dict(impl='pallas'), 40.0),
+      ('cudnn_flash_fwd+bwd', 4096, {}, 20.0),
+      ('indexer_scores+topk', 16384, dict(impl='pallas', shapes='v3.2', K=k, radix_bits=1), 30.0),
+      ('indexer_scores+topk', 16384, dict(impl='xla_reference', shapes='v3.2', K=k), 1.0),
+      ('indexer_scores+topk', 16384, dict(impl='pallas', shapes='peer', K=256, radix_bits=1), 1.0),
+      ('sparse_mla_fwd+bwd', 16384, dict(impl='pallas'), 160.0),
+      ('cudnn_flash_fwd+bwd', 16384, {}, 320.0),
+      ('sparse_mla_fwd+bwd', 32768, dict(impl='pallas'), 320.0),    # no cuDNN row: skipped
+  ]
+  b.out['results'] = [dict(name=n, T=t, ms=ms, **kw) for n, t, kw, ms in rows]
+  b.crossover([4096, 16384, 32768])
+  assert b.out['crossover'] == [
+      dict(T=4096, dsa_ms=43.0, dense_cudnn_ms=20.0, dsa_faster=False),
+      dict(T=16384, dsa_ms=190.0, dense_cudnn_ms=320.0, dsa_faster=True)]
