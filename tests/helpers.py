@@ -1,11 +1,34 @@
 """Shared test fixtures: small configs built from the shipped presets."""
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
 from v4jax.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(tool: str):
+  """tools/<tool>.py imported as a module (tools/ is not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(tool, os.path.join(ROOT, 'tools', f'{tool}.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def run_tool_smoke(tmp_path, tool: str, *args) -> dict:
+  """Runs `tools/<tool>.py --smoke --out <tmp_path>/bench.json *args` in a child process (the
+  repo on PYTHONPATH), asserts it exited 0 and returns its JSON report."""
+  out = tmp_path / 'bench.json'
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', f'{tool}.py'), '--smoke',
+                      '--out', str(out), *args], env=dict(os.environ, PYTHONPATH=ROOT),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return json.load(open(out))
 
 
 def load_preset(name: str):

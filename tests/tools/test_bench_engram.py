@@ -1,25 +1,10 @@
 """tools/bench_engram.py --smoke on CPU: both modes run end to end against the current host-table
 API (a stale call into the store fails here, not on the GPU) and report consistent figures."""
-import json
-import os
-import subprocess
-import sys
-
-from helpers import ROOT
-
-
-def _run(tmp_path, *args):
-  out = tmp_path / 'bench.json'
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools/bench_engram.py'), '--smoke',
-                      '--out', str(out), *args], env=env, capture_output=True, text=True,
-                     timeout=600)
-  assert r.returncode == 0, r.stderr[-2000:]
-  return json.load(open(out))
+from helpers import run_tool_smoke
 
 
 def test_bench_engram_update_only_smoke(tmp_path):
-  rep = _run(tmp_path, '--update-only', '--steps', '2', '--warmup', '1', '--rows', '4096')
+  rep = run_tool_smoke(tmp_path, 'bench_engram', '--update-only', '--steps', '2', '--warmup', '1', '--rows', '4096')
   rows = rep['update_only']
   assert [r['size_gib'] for r in rows] == [0.008, 0.002] and not rep['errors']
   for r in rows:
@@ -29,7 +14,7 @@ def test_bench_engram_update_only_smoke(tmp_path):
 
 
 def test_bench_engram_step_smoke(tmp_path):
-  rep = _run(tmp_path, '--steps', '1', '--warmup', '2', '--sizes-gib', '0.002', '--batch', '16',
+  rep = run_tool_smoke(tmp_path, 'bench_engram', '--steps', '1', '--warmup', '2', '--sizes-gib', '0.002', '--batch', '16',
              '--accum', '2')
   assert not rep['errors'], rep['errors']
   kinds = [p['memory_kind'] for p in rep['phases']]

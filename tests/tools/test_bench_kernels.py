@@ -1,30 +1,11 @@
 """tools/bench_kernels.py: the --smoke run on CPU (every kernel section in Pallas interpret mode,
 so a stale call into a kernel fails here rather than in a GPU slot) and the DSA crossover table
 that the dense section ends with (computed from synthetic rows: cuDNN needs a GPU)."""
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-
-from helpers import ROOT
-
-
-def _module():
-  spec = importlib.util.spec_from_file_location('bench_kernels',
-                                                os.path.join(ROOT, 'tools/bench_kernels.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from helpers import load_tool, run_tool_smoke
 
 
 def test_bench_kernels_smoke(tmp_path):
-  out = tmp_path / 'bench.json'
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools/bench_kernels.py'), '--smoke',
-                      '--out', str(out)], env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-2000:]
-  rep = json.load(open(out))
+  rep = run_tool_smoke(tmp_path, 'bench_kernels')
   # the parity checks against the XLA references pass in interpret mode
   assert rep['checks'] and all(c['ok'] for c in rep['checks']), rep['checks']
   rows = rep['results']
@@ -36,7 +17,7 @@ def test_bench_kernels_smoke(tmp_path):
 def test_crossover_compares_the_dsa_layer_with_cudnn():
   """DSA = top-k indexer + sparse MLA fwd+bwd (Pallas, V3.2 shapes) against cuDNN fwd+bwd at
   the same T; rows of other shapes, impls or top-k are ignored."""
-  mod = _module()
+  mod = load_tool('bench_kernels')
   b = mod.Bench(smoke=True)
   k = mod.V3['K']
   rows = [  # (name, T, extra fields, ms)

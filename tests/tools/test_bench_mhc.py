@@ -1,22 +1,11 @@
 """tools/bench_mhc.py --smoke runs on any backend; its Sinkhorn formulations (the Pallas kernel in
 interpret mode among them) agree with the model's in values and gradients, and the streams'
 mixing custom VJPs agree with autodiff of the plain forms."""
-import json
-import os
-import subprocess
-import sys
-
-from helpers import ROOT
+from helpers import run_tool_smoke
 
 
 def test_bench_mhc_smoke(tmp_path):
-  out = tmp_path / 'bench.json'
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools/bench_mhc.py'), '--smoke',
-                      '--sinkhorn_iters', '3', '--block_m', '8,16', '--out', str(out)], env=env,
-                     capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-2000:]
-  rows = json.load(open(out))['rows']
+  rows = run_tool_smoke(tmp_path, 'bench_mhc', '--sinkhorn_iters', '3', '--block_m', '8,16')['rows']
   names = [x['name'] for x in rows]
   assert names == ['loop', 'sinkhorn', 'pallas', 'pallas', 'unrolled_reduce', 'unrolled_adds',
                    'mixing_reference', 'mixing', 'site', 'site_pallas'], names

@@ -1,19 +1,9 @@
 """tools/bench_moe.py --smoke runs on any backend and writes its JSON rows."""
-import json
-import os
-import subprocess
-import sys
-
-from helpers import ROOT
+from helpers import load_tool, run_tool_smoke
 
 
 def test_bench_moe_smoke(tmp_path):
-  out = tmp_path / 'bench.json'
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tools/bench_moe.py'), '--smoke',
-                      '--out', str(out)], env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-2000:]
-  rows = json.load(open(out))['rows']
+  rows = run_tool_smoke(tmp_path, 'bench_moe')['rows']
   # 2 GEMMs x 2 routings x (dense, ragged; mgpu only on Hopper)
   assert len(rows) >= 8 and all('error' not in x for x in rows), rows
   assert {x['impl'] for x in rows} >= {'dense', 'ragged'}
@@ -28,12 +18,9 @@ def test_bench_moe_smoke(tmp_path):
 def test_compile_all_compiles_side_by_side_and_returns_errors():
   """The sweep's AOT compiles in a thread pool: each result runs like its function, and a
   candidate that fails to trace comes back as its exception instead of stopping the sweep."""
-  import importlib.util
   import jax.numpy as jnp
   import numpy as np
-  spec = importlib.util.spec_from_file_location('bench_moe', os.path.join(ROOT, 'tools/bench_moe.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_tool('bench_moe')
   rs = np.random.RandomState(0)
   x, w = rs.randn(8, 16).astype(np.float32), rs.randn(3, 16, 4).astype(np.float32)
 

@@ -1,7 +1,6 @@
 """tools/prepare_data.py: shards that read back to the tokenised documents, a deterministic split
 and output, BPE training, one-line errors with nothing written, and training on the shards."""
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,13 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT, small_tiny
+from helpers import ROOT, load_tool, small_tiny
 from v4jax.cli import ToolError
 from v4jax.data.sources import TokenShardSource, read_manifest
 
-_spec = importlib.util.spec_from_file_location('prepare_data', os.path.join(ROOT, 'tools/prepare_data.py'))
-prepare_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prepare_data)
+prepare_data = load_tool('prepare_data')
 
 WORDS = 'alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu ünï 数据'.split()
 
