@@ -93,28 +93,25 @@ def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
     fwd, fb = fns(impl, sizes)
     row = {'shape': name, 'G': G, 'M': M, 'K': K, 'N': N, 'routing': routing, 'impl': impl}
     try:
-      t_f = median_seconds(fwd, x, w, iters=iters)
-      row.update(fwd_ms=t_f * 1e3, fwd_tflops=flops / t_f / 1e12)
+      row['fwd_ms'] = median_seconds(fwd, x, w, iters=iters) * 1e3
       if impl not in no_bwd:
-        t_fb = median_seconds(fb, x, w, dy, iters=iters)
-        row.update(fwdbwd_ms=t_fb * 1e3, fwdbwd_tflops=3 * flops / t_fb / 1e12)
+        row['fwdbwd_ms'] = median_seconds(fb, x, w, dy, iters=iters) * 1e3
     except Exception as e:  # noqa: BLE001 - one failing impl must not hide the others
       row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
     rows.append(row)
   if len(order) > len(impls):
-    again = rows.pop()
-    first = rows[impls.index('dense')]
-    for k, per in (('fwd_ms', 1), ('fwdbwd_ms', 3)):
+    again, first = rows.pop(), rows[impls.index('dense')]
+    for k in ('fwd_ms', 'fwdbwd_ms'):
       if k in first and k in again:
         first[f'{k}_runs'] = [first[k], again[k]]
         first[k] = min(first[k], again[k])
-        first[k.replace('_ms', '_tflops')] = per * flops / first[k] / 1e9
   dense = next((r for r in rows if r['impl'] == 'dense' and 'fwd_ms' in r), None)
-  for r in rows:
-    if dense and 'fwd_ms' in r:
-      r['fwd_vs_dense'] = dense['fwd_ms'] / r['fwd_ms']
-    if dense and 'fwdbwd_ms' in r:
-      r['fwdbwd_vs_dense'] = dense['fwdbwd_ms'] / r['fwdbwd_ms']
+  for r in rows:   # fwd: 1 GEMM, fwd+bwd: 3
+    for k, gemms in (('fwd', 1), ('fwdbwd', 3)):
+      if f'{k}_ms' in r:
+        r[f'{k}_tflops'] = gemms * flops / r[f'{k}_ms'] / 1e9
+        if dense and f'{k}_ms' in dense:
+          r[f'{k}_vs_dense'] = dense[f'{k}_ms'] / r[f'{k}_ms']
   return rows
 
 

@@ -4,7 +4,8 @@ from helpers import run_tool_smoke
 
 
 def test_bench_engram_update_only_smoke(tmp_path):
-  rep = run_tool_smoke(tmp_path, 'bench_engram', '--update-only', '--steps', '2', '--warmup', '1', '--rows', '4096')
+  rep = run_tool_smoke(tmp_path, 'bench_engram', '--update-only', '--steps', '2', '--warmup', '1',
+                       '--rows', '4096')
   rows = rep['update_only']
   assert [r['size_gib'] for r in rows] == [0.008, 0.002] and not rep['errors']
   for r in rows:
@@ -14,8 +15,8 @@ def test_bench_engram_update_only_smoke(tmp_path):
 
 
 def test_bench_engram_step_smoke(tmp_path):
-  rep = run_tool_smoke(tmp_path, 'bench_engram', '--steps', '1', '--warmup', '2', '--sizes-gib', '0.002', '--batch', '16',
-             '--accum', '2')
+  rep = run_tool_smoke(tmp_path, 'bench_engram', '--steps', '1', '--warmup', '2', '--sizes-gib',
+                       '0.002', '--batch', '16', '--accum', '2')
   assert not rep['errors'], rep['errors']
   kinds = [p['memory_kind'] for p in rep['phases']]
   assert kinds == ['pinned_host', 'device'], kinds

@@ -53,8 +53,8 @@ def batched_draws():
 
   Why: each draw is a threefry + inverse-erf expansion in the jitted init program, and a deep
   model has hundreds; one call per shape cut XLA's compile of bench_h200's init (small dims, CPU)
-  from 28-29 s to 21-25 s (docs/performance.md row 39). The keys are the same; the values equal the one-by-one
-  draws up to the rounding of the fused transform (~1 ulp).
+  from 28-29 s to 21-25 s (docs/performance.md row 39). The keys are the same; the values equal
+  the one-by-one draws up to the rounding of the fused transform (~1 ulp).
   """
   global _pending
   if _pending is not None:     # nested: the outer one flushes
