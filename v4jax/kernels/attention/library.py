@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.kernels.blockwise import selection_mask
-from v4jax.kernels.pallas_common import pad_axis, round_up
+from v4jax.kernels.pallas_common import pad_axis, per_device, round_up
 
 # The cuDNN forward primitive: its outputs (o and the softmax statistic) are what the backward
 # needs, so the block remat policy keeps them (v4jax.model.transformer) instead of re-running
@@ -37,7 +37,22 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                      return_lse: bool = False):
   """o [B,T,H,V] in q's dtype, and with return_lse also lse [B,T,H] fp32. `implementation`:
   'cudnn' (GPU) or 'xla' (lets the CPU tests check the padding and masking against the
-  reference)."""
+  reference).
+
+  On a multi-device mesh (`parallel.rules.activate`) the call runs per device (shard_map over
+  the batch and head axes, whole sequences on each device): jax's cuDNN partitioning rule
+  assumes the mask bias is sharded like q, and a top-k key set computed by a per-device Pallas
+  kernel broke that on 2 GPUs (cuDNN: "dimensions mismatch as broadcasting 2 non-one dimension
+  sizes"). The mask is built on each device from its own rows, so it is never gathered."""
+  heads = ('batch', None, 'act_heads', None)
+  fn = lambda q, k, v, seg, sel: _attention(q, k, v, scale, seg, sel, implementation, return_lse)
+  return per_device(fn, (heads, heads, heads, ('batch', None), ('batch', None, None)),
+                    (heads, heads[:3]) if return_lse else (heads,))(
+                        q_BTHK, k_BSHK, v_BSHV, segment_ids_BT, select_BTK)
+
+
+def _attention(q_BTHK, k_BSHK, v_BSHV, scale, segment_ids_BT, select_BTK, implementation,
+               return_lse):
   mask = None
   if segment_ids_BT is not None:
     mask = (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
