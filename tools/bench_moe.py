@@ -115,14 +115,23 @@ def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
   return rows
 
 
-def sweep_candidates():
-  """Tilings that fit Hopper's 227 KB of shared memory and one warpgroup's registers (the fp32
-  accumulator block_m x block_n over 128 threads: at most 128 x 128)."""
-  from v4jax.kernels.grouped_matmul.mgpu import Tiles
+def sweep_candidates(kernel: str = 'fwd', consumers: int = 0):
+  """Tilings of `kernel` that fit Hopper's 227 KB of shared memory and one warpgroup's registers
+  (the fp32 accumulator block_m x block_n over 128 threads: at most 128 x 128); consumers 1 or 2:
+  only that kernel's tilings (2: with the default tiling as the baseline), 0: both."""
+  from v4jax.kernels.grouped_matmul.mgpu import DEFAULT_TILES, Tiles
   shapes = ((128, 128, 64, (3, 4, 5)), (128, 128, 128, (2,)), (64, 256, 64, (3, 4)),
             (64, 256, 128, (2,)), (128, 64, 64, (4,)), (128, 64, 128, (3,)), (64, 128, 64, (4,)))
-  return [Tiles(bm, bn, bk, st, 4) for bm, bn, bk, stages in shapes for st in stages
-          if st * (bm * bk + bk * bn) * 2 + bm * bn * 2 <= 220 * 1024]
+  one = [Tiles(bm, bn, bk, st, 4) for bm, bn, bk, stages in shapes for st in stages
+         if st * (bm * bk + bk * bn) * 2 + bm * bn * 2 <= 220 * 1024]
+  # the warp-specialized kernel: CTA tile block_m x 2*block_n, 2 x block_m x 64 staging (fwd and
+  # fwd_t only; jax's transposed kernel computes dw)
+  two = [Tiles(bm, bn, bk, st, 4, 2) for bm, bn, bk, stages in
+         ((128, 128, 64, (3, 4)), (128, 64, 64, (4, 5, 6)), (64, 128, 64, (4, 5, 6)))
+         for st in stages if st * (bm * bk + bk * 2 * bn) * 2 + 2 * bm * 64 * 2 <= 224 * 1024]
+  if kernel not in ('fwd', 'fwd_t'):
+    return one
+  return {1: one, 2: [DEFAULT_TILES] + two}.get(consumers, one + two)
 
 
 def compile_all(fns, args, workers: int = 0) -> list:
@@ -142,7 +151,7 @@ def compile_all(fns, args, workers: int = 0) -> list:
 
 
 def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 'fwd_t', 'dw'),
-               threads: int = 0):
+               threads: int = 0, consumers: int = 0):
   """Rows {kernel, K, N, tiles, ms, tflops, vs_dense} for the three kernels of one GEMM; the
   dense matmul is timed before and after them and the faster time is the baseline."""
   from v4jax.kernels.grouped_matmul import mgpu
@@ -166,7 +175,7 @@ def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 
     if kernel not in which:
       continue
     _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense_ms, iters, budget_s,
-                  t_start, threads)
+                  t_start, threads, consumers)
   again = median_seconds(dense, x, w, iters=iters) * 1e3
   for r in rows:
     r.update(dense_ms=min(dense_ms, again), dense_ms_runs=[dense_ms, again])
@@ -176,12 +185,12 @@ def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 
 
 
 def _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense_ms, iters, budget_s,
-                  t_start, threads):
+                  t_start, threads, consumers):
   """Appends one kernel's candidate rows: every tile shape, then the snake band widths of the
   best one; stops where the budget ends."""
   import time
   best = None
-  cands = sweep_candidates()
+  cands = sweep_candidates(kernel, consumers)
   for _ in range(2):
     if time.time() - t_start > budget_s:
       break
@@ -207,7 +216,7 @@ def _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense_ms, iters
     if best is None:
       break
     b = best['tiles']   # second round: the snake band width for the best tile shape
-    cands = [type(cands[0])(*b[:4], g) for g in (1, 2, 8) if g != b[4]]
+    cands = [type(cands[0])(*b[:4], g, *b[5:]) for g in (1, 2, 8) if g != b[4]]
   if best:
     best['best'] = True
 
@@ -240,6 +249,9 @@ def main():
   ap.add_argument('--sweep', action='store_true',
                   help='tile sweep of the mgpu kernels (Hopper): the best tiling per kernel')
   ap.add_argument('--sweep-kernels', default='fwd,fwd_t,dw', help='--sweep: which kernels')
+  ap.add_argument('--sweep-consumers', type=int, default=0, choices=(0, 1, 2),
+                  help='--sweep: 1 = jax ragged_dot_mgpu tilings, 2 = the warp-specialized kernel '
+                  '(and the default tiling), 0 = both')
   ap.add_argument('--sweep-threads', type=int, default=0,
                   help='--sweep: candidates compiled at once (0: min(16, cores); 1: one by one)')
   ap.add_argument('--budget-s', type=float, default=1e9, help='stop the sweep after this long')
@@ -268,7 +280,8 @@ def main():
     for name, (G, M, D, F) in shapes.items():
       for K, N in ((D, F), (F, D)):
         rows += sweep_case(name, G, M, K, N, iters, dtype, args.budget_s, t0,
-                           which=tuple(args.sweep_kernels.split(',')), threads=args.sweep_threads)
+                           which=tuple(args.sweep_kernels.split(',')), threads=args.sweep_threads,
+                           consumers=args.sweep_consumers)
         if args.out:
           with open(args.out, 'w') as f:
             json.dump({'meta': meta, 'rows': rows}, f, indent=1)

@@ -122,6 +122,52 @@ def test_mgpu_forward_all_rows_grouped_in_gpu_interpret_mode(monkeypatch):
       np.asarray(y), np.asarray(grouped_matmul(x, w, jnp.asarray(sizes), impl='mgpu')))
 
 
+def _tile_table_np(sizes, M, bm):
+  """Per group in order, per block_m block its rows touch: (group, block, offset, count)."""
+  out, start = [], 0
+  for g, n in enumerate(sizes):
+    for r in range(start, start + n):
+      if out and out[-1][0] == g and out[-1][1] == r // bm:
+        out[-1][3] += 1
+      else:
+        out.append([g, r // bm, r % bm, 1])
+    start += n
+  return out
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_ws_tile_table_matches_numpy(seed):
+  from v4jax.kernels.grouped_matmul.mgpu_ws import tile_table
+  rs = np.random.RandomState(seed)
+  G, bm = 9, 16
+  sizes = rs.randint(0, 40, G).astype(np.int32)
+  sizes[rs.randint(G)] = 0
+  M = -(-int(sizes.sum() + rs.randint(0, 20)) // bm) * bm
+  tab = np.asarray(tile_table(jnp.asarray(sizes), M, bm))
+  want = _tile_table_np(sizes, M, bm)
+  assert tab.shape == (4, M // bm + G - 1)
+  np.testing.assert_array_equal(tab[:, :len(want)].T, np.array(want))
+  assert np.all(tab[3, len(want):] == 0)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='interpret test (CPU only)')
+def test_ws_kernel_in_gpu_interpret_mode(monkeypatch):
+  """v4jax's warp-specialized kernel (a memory and two compute warpgroups, 2 simulated SMs):
+  groups that share a block, an empty group, several K steps and N tiles. Its transpose_rhs form
+  (dx) runs only on the GPU test below: jax's GPU interpreter has no transposed WGMMA operand."""
+  _gpu_interpret(monkeypatch)
+  from v4jax.kernels.grouped_matmul.mgpu_ws import ragged_dot_ws
+  rs = np.random.RandomState(7)
+  sizes = np.array([60, 0, 130, 40], np.int32)   # 230 of 256 rows
+  x = jnp.asarray(rs.randn(256, 128), jnp.bfloat16)
+  w = jnp.asarray(rs.randn(4, 128, 256) / 8, jnp.bfloat16)
+  y = ragged_dot_ws(x, w, jnp.asarray(sizes), block_m=64, block_n=64, block_k=64, stages=2,
+                    num_sms=2)
+  want = _oracle(x, w, sizes, np.zeros((256, 256)))[0]
+  # bf16 store of an fp32 accumulation: 2^-8 relative plus a small absolute term
+  np.testing.assert_allclose(np.asarray(y[:230], np.float64), want[:230], rtol=8e-3, atol=1e-2)
+
+
 def _is_hopper():
   return jax.default_backend() == 'gpu' and resolve_impl('auto', jnp.bfloat16) == 'mgpu'
 
@@ -130,8 +176,13 @@ def _is_hopper():
                     'Hopper GPU (H100/H200); CPU covers the forward in interpret mode')
 @pytest.mark.parametrize('M,K,N,grouped', [(1024, 256, 384, False), (1000, 200, 136, False),
                                             (1000, 200, 136, True)])
-def test_mgpu_values_and_grads_on_hopper(M, K, N, grouped):
-  """grouped: every row in a group (all_rows_grouped=True, no row mask); else 24 rows past."""
+@pytest.mark.parametrize('consumers', [1, 2])
+def test_mgpu_values_and_grads_on_hopper(M, K, N, grouped, consumers, monkeypatch):
+  """grouped: every row in a group (all_rows_grouped=True, no row mask); else 24 rows past.
+  consumers=2: y and dx through v4jax's warp-specialized kernel."""
+  from v4jax.kernels.grouped_matmul import mgpu
+  monkeypatch.setattr(mgpu, 'DEFAULT_TILES', mgpu.Tiles(consumers=consumers))
+  monkeypatch.setattr(mgpu, 'TUNED', {})
   rs = np.random.RandomState(3)
   n = M if grouped else M - 24
   sizes = np.bincount(rs.randint(0, 8, n), minlength=8).astype(np.int32)

@@ -26,12 +26,16 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 
 class Tiles(NamedTuple):
   """One kernel call's tiling: output tile block_m x block_n, contraction step block_k, pipeline
-  depth `stages`, and `grid_block_n` output tiles per snake band of the persistent grid."""
+  depth `stages`, and `grid_block_n` output tiles per snake band of the persistent grid.
+  consumers (y = x w[g] and dx only): 1 = jax's ragged_dot_mgpu (one warpgroup loads and
+  multiplies), 2 = v4jax's warp-specialized kernel (`mgpu_ws`: a memory warpgroup and two
+  compute warpgroups, CTA tile block_m x 2*block_n)."""
   block_m: int = 128
   block_n: int = 128
   block_k: int = 64
   stages: int = 4
   grid_block_n: int = 4
+  consumers: int = 1
 
 
 DEFAULT_TILES = Tiles()   # FACTS.md: 480-650 TFLOP/s for bf16 at DeepSeek-V3 expert shapes
@@ -83,10 +87,17 @@ def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = Non
   M, K = x_MK.shape
   N = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
   t = tiles or tiles_for('fwd_t' if transpose_rhs else 'fwd', K, N)
-  kp, np_, mp = round_up(K, t.block_k), round_up(N, t.block_n), round_up(M, t.block_m)
+  kp, mp = round_up(K, t.block_k), round_up(M, t.block_m)
+  np_ = round_up(N, t.consumers * t.block_n)
   x = pad_axis(pad_axis(x_MK, 1, kp), 0, mp)
   k_ax, n_ax = (2, 1) if transpose_rhs else (1, 2)
   w = pad_axis(pad_axis(w_GKN, k_ax, kp), n_ax, np_)
+  if t.consumers == 2:
+    from v4jax.kernels.grouped_matmul.mgpu_ws import ragged_dot_ws
+    y = ragged_dot_ws(x, w, sizes_G, block_m=t.block_m, block_n=t.block_n, block_k=t.block_k,
+                      stages=t.stages, transpose_rhs=transpose_rhs,
+                      grid_block_n=_grid_block_n(t.grid_block_n, np_ // (2 * t.block_n)))
+    return _valid_rows(y[:M, :N], sizes_G) if mask_rows else y[:M, :N]
   kw = dict(group_sizes=sizes_G.astype(jnp.int32), **_tile_kw(t, np_ // t.block_n))
   if transpose_rhs:
     if 'transpose_rhs' in inspect.signature(mod.ragged_dot).parameters:
