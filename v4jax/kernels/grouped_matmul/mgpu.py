@@ -42,7 +42,12 @@ DEFAULT_TILES = Tiles()   # FACTS.md: 480-650 TFLOP/s for bf16 at DeepSeek-V3 ex
 # (kernel, K, N) -> tiles, where kernel is 'fwd' (y = x w[g]), 'fwd_t' (dx = dy w[g]^T, K and N of
 # that product) or 'dw' (dw[g] = x_g^T dy_g, K and N of dw). Measured on the H200 with
 # `tools/bench_moe.py --sweep` (docs/benchmarks.md); other shapes use DEFAULT_TILES.
-TUNED: dict[tuple[str, int, int], Tiles] = {}
+TUNED: dict[tuple[str, int, int], Tiles] = {
+    # tenth session, balanced routing, one run: ms of this tiling vs jax's kernel at DEFAULT_TILES
+    ('fwd', 1024, 1536): Tiles(128, 128, 64, 3, 4, 2),   # bench-1B down: 0.848 vs 0.885 ms
+    ('fwd', 7168, 2048): Tiles(128, 128, 64, 3, 2, 2),   # DeepSeek-V3 up: 1.752 vs 1.914 ms
+    ('fwd', 2048, 7168): Tiles(128, 128, 64, 3, 8, 2),   # DeepSeek-V3 down: 1.812 vs 2.053 ms
+}
 
 
 def tiles_for(kernel: str, k: int, n: int) -> Tiles:
