@@ -1,8 +1,9 @@
-"""Hopper grouped matmul: the Pallas Mosaic-GPU ragged_dot kernels that ship inside jax.
+"""Hopper grouped matmul: Pallas Mosaic-GPU ragged kernels (jax's, and v4jax's `mgpu_ws`).
 
-Forward y = x @ w[g] and input gradient dx = dy @ w[g]^T use `ragged_dot_mgpu.ragged_dot`; the
-weight gradient dw[g] = x_g^T dy_g uses `transposed_ragged_dot_mgpu.transposed_ragged_dot`; a
-custom VJP ties them together. Dims: M rows sorted by group, K contraction, N output, G groups.
+Forward y = x @ w[g] and input gradient dx = dy @ w[g]^T use `ragged_dot_mgpu.ragged_dot`, or
+v4jax's warp-specialized `mgpu_ws.ragged_dot_ws` where the GEMM's tiling says `consumers=2`
+(`TUNED`); the weight gradient dw[g] = x_g^T dy_g uses
+`transposed_ragged_dot_mgpu.transposed_ragged_dot`; a custom VJP ties them together. Dims: M rows sorted by group, K contraction, N output, G groups.
 
 The kernels accumulate in fp32 but store in the input dtype (bf16/fp16), so the result is the
 fp32 accumulation rounded once to bf16, then cast to `preferred_element_type`. They need K and N
