@@ -152,7 +152,7 @@ def test_ws_tile_table_matches_numpy(seed):
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='interpret test (CPU only)')
 def test_ws_kernel_in_gpu_interpret_mode(monkeypatch):
-  """v4jax's warp-specialized kernel (a memory and two compute warpgroups, 2 simulated SMs):
+  """v4jax's warp-specialized kernel (a memory and two compute warpgroups; 2 SMs on a CPU):
   groups that share a block, an empty group, several K steps and N tiles. Its transpose_rhs form
   (dx) runs only on the GPU test below: jax's GPU interpreter has no transposed WGMMA operand."""
   _gpu_interpret(monkeypatch)
@@ -161,11 +161,30 @@ def test_ws_kernel_in_gpu_interpret_mode(monkeypatch):
   sizes = np.array([60, 0, 130, 40], np.int32)   # 230 of 256 rows
   x = jnp.asarray(rs.randn(256, 128), jnp.bfloat16)
   w = jnp.asarray(rs.randn(4, 128, 256) / 8, jnp.bfloat16)
-  y = ragged_dot_ws(x, w, jnp.asarray(sizes), block_m=64, block_n=64, block_k=64, stages=2,
-                    num_sms=2)
+  y = ragged_dot_ws(x, w, jnp.asarray(sizes), block_m=64, block_n=64, block_k=64, stages=2)
   want = _oracle(x, w, sizes, np.zeros((256, 256)))[0]
   # bf16 store of an fp32 accumulation: 2^-8 relative plus a small absolute term
   np.testing.assert_allclose(np.asarray(y[:230], np.float64), want[:230], rtol=8e-3, atol=1e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='interpret test (CPU only)')
+def test_mgpu_forward_through_ws_kernel_in_gpu_interpret_mode(monkeypatch):
+  """grouped_matmul impl=mgpu with a consumers=2 tiling: K, N and M padded to the kernel's
+  multiples (N = 150 to 256 = 2 * block_n, not block_n), rows past the groups zeroed, y equal
+  to the oracle."""
+  _gpu_interpret(monkeypatch)
+  from v4jax.kernels.grouped_matmul import mgpu
+  monkeypatch.setattr(mgpu, 'DEFAULT_TILES', mgpu.Tiles(64, 64, 64, 2, 4, 2))
+  monkeypatch.setattr(mgpu, 'TUNED', {})
+  rs = np.random.RandomState(9)
+  sizes = np.array([90, 0, 70, 70], np.int32)   # 230 of 250 rows
+  x = jnp.asarray(rs.randn(250, 100), jnp.bfloat16)
+  w = jnp.asarray(rs.randn(4, 100, 150) / 8, jnp.bfloat16)
+  y = grouped_matmul(x, w, jnp.asarray(sizes), impl='mgpu')
+  assert y.shape == (250, 150)
+  want = _oracle(x, w, sizes, np.zeros((250, 150)))[0]
+  np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=8e-3, atol=1e-2)   # as above
+  assert np.all(np.asarray(y[230:]) == 0)
 
 
 def _is_hopper():

@@ -54,7 +54,12 @@ def tile_table(sizes_G: jax.Array, M: int, block_m: int) -> jax.Array:
 
 
 def _num_sms() -> int:
-  return getattr(jax.devices()[0], 'core_count', None) or _NUM_SMS_FALLBACK
+  """Persistent CTAs: the GPU's SM count; 2 on a CPU, where the kernel only runs in jax's GPU
+  interpret mode (each simulated SM is a set of Python threads)."""
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    return 2
+  return getattr(dev, 'core_count', None) or _NUM_SMS_FALLBACK
 
 
 def ragged_dot_ws(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, *, block_m: int = 128,
@@ -62,7 +67,7 @@ def ragged_dot_ws(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, *, bloc
                   transpose_rhs: bool = False, num_sms: int | None = None) -> jax.Array:
   """x [M,K] @ w[g] ([G,K,N]; with transpose_rhs w is [G,N,K] and w[g]^T is used) -> [M,N] in
   x.dtype, fp32 accumulation. M % block_m == 0, K % block_k == 0, N % (2 * block_n) == 0.
-  num_sms: persistent CTAs (default: the device's SM count; the CPU tests use a few)."""
+  num_sms: persistent CTAs (default `_num_sms()`)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
