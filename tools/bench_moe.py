@@ -10,8 +10,10 @@ routing (balanced: equal group sizes; skewed: Zipf(1) group sizes), this times i
   ragged   jax.lax.ragged_dot (XLA's reference lowering)
 forward (y) and forward+backward (y, dx, dw via jax.vjp with a bf16 cotangent: 3 GEMMs), for the
 up-projection (K=D, N=d_e) and the down-projection (K=d_e, N=D). TFLOP/s count 2*M*K*N per GEMM.
-Each time is the median of --iters calls; the dense baseline of a case is timed before and after
-the other impls and the faster of its two times counts (both kept as `*_ms_runs`).
+Each time is the median of --iters calls. Every impl is timed in --iters rounds interleaved with
+the dense matmul of its case, and its ratio to dense is the median of the per-round ratios: the
+dense GEMM's own time drifted by 10-15% between timing loops of one process on the H200, which
+moved ratios taken from separate loops by as much.
 
   python tools/bench_moe.py --out bench.json            # GPU
   python tools/bench_moe.py --smoke --out smoke.json    # any backend, tiny shapes, seconds
@@ -38,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from v4jax.cli import median_seconds  # noqa: E402
+from v4jax.cli import median_seconds, paired_seconds  # noqa: E402
 from v4jax.kernels.grouped_matmul import grouped_matmul, resolve_impl  # noqa: E402
 
 SHAPES = {   # name: (groups, slots M, model dim D, expert dim F)
@@ -78,40 +80,40 @@ def fns(impl: str, sizes):
 
 
 def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
+  """Rows {impl, fwd_ms, fwdbwd_ms, *_tflops, *_vs_dense} of one GEMM and routing. With 'dense'
+  in impls every other impl is timed in rounds interleaved with the dense matmul
+  (`cli.paired_seconds`): *_vs_dense is the median of the per-round ratios and *_dense_ms the
+  dense time of those rounds."""
   rs = np.random.RandomState(0)
   x = jnp.asarray(rs.randn(M, K).astype(np.float32), dtype)
   w = jnp.asarray((rs.randn(G, K, N) / np.sqrt(K)).astype(np.float32), dtype)
   dy = jnp.asarray(rs.randn(M, N).astype(np.float32), dtype)
   sizes = jnp.asarray(group_sizes(G, M, routing))
   flops = 2.0 * M * K * N
+  args = {'fwd': (x, w), 'fwdbwd': (x, w, dy)}
+  dense = dict(zip(args, fns('dense', sizes))) if 'dense' in impls else None
   rows = []
-  # The dense baseline is timed first and again last, and the faster of the two counts: the
-  # first call of a process ran up to 50% slower than later ones (docs/benchmarks.md, ninth
-  # measurement), which would flatter every ratio against it.
-  order = impls + ['dense'] if 'dense' in impls and len(impls) > 1 else impls
-  for impl in order:
-    fwd, fb = fns(impl, sizes)
+  for impl in impls:
     row = {'shape': name, 'G': G, 'M': M, 'K': K, 'N': N, 'routing': routing, 'impl': impl}
     try:
-      row['fwd_ms'] = median_seconds(fwd, x, w, iters=iters) * 1e3
-      if impl not in no_bwd:
-        row['fwdbwd_ms'] = median_seconds(fb, x, w, dy, iters=iters) * 1e3
+      for k, fn in zip(args, fns(impl, sizes)):
+        if k == 'fwdbwd' and impl in no_bwd:
+          continue
+        if dense is None or impl == 'dense':
+          row[f'{k}_ms'] = median_seconds(fn, *args[k], iters=iters) * 1e3
+          if impl == 'dense':
+            row[f'{k}_vs_dense'] = 1.0
+          continue
+        t, t_dense = (np.asarray(a) for a in paired_seconds(fn, args[k], dense[k], args[k], iters))
+        row.update({f'{k}_ms': float(np.median(t)) * 1e3,
+                    f'{k}_dense_ms': float(np.median(t_dense)) * 1e3,
+                    f'{k}_vs_dense': float(np.median(t_dense / t))})
     except Exception as e:  # noqa: BLE001 - one failing impl must not hide the others
       row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+    for k, gemms in (('fwd', 1), ('fwdbwd', 3)):   # fwd: 1 GEMM, fwd+bwd: 3
+      if f'{k}_ms' in row:
+        row[f'{k}_tflops'] = gemms * flops / row[f'{k}_ms'] / 1e9
     rows.append(row)
-  if len(order) > len(impls):
-    again, first = rows.pop(), rows[impls.index('dense')]
-    for k in ('fwd_ms', 'fwdbwd_ms'):
-      if k in first and k in again:
-        first[f'{k}_runs'] = [first[k], again[k]]
-        first[k] = min(first[k], again[k])
-  dense = next((r for r in rows if r['impl'] == 'dense' and 'fwd_ms' in r), None)
-  for r in rows:   # fwd: 1 GEMM, fwd+bwd: 3
-    for k, gemms in (('fwd', 1), ('fwdbwd', 3)):
-      if f'{k}_ms' in r:
-        r[f'{k}_tflops'] = gemms * flops / r[f'{k}_ms'] / 1e9
-        if dense and f'{k}_ms' in dense:
-          r[f'{k}_vs_dense'] = dense[f'{k}_ms'] / r[f'{k}_ms']
   return rows
 
 

@@ -158,6 +158,31 @@ def atomic_output_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def paired_seconds(f: Callable, f_args: tuple, ref: Callable, ref_args: tuple,
+                   iters: int) -> tuple[list[float], list[float]]:
+  """Wall seconds of f and of a reference ref over `iters` rounds, each round timing both back
+  to back (the order alternates), after one untimed call of each. A ratio taken per round
+  cancels drift that two separate timing loops would not: on the H200 the same dense GEMM ran
+  10-15% apart between loops of one process (docs/benchmarks.md, tenth measurement)."""
+  import jax
+
+  def once(g, a):
+    t0 = time.perf_counter()
+    jax.block_until_ready(g(*a))
+    return time.perf_counter() - t0
+  jax.block_until_ready(f(*f_args))
+  jax.block_until_ready(ref(*ref_args))
+  tf, tr = [], []
+  for i in range(iters):
+    if i % 2:
+      tr.append(once(ref, ref_args))
+      tf.append(once(f, f_args))
+    else:
+      tf.append(once(f, f_args))
+      tr.append(once(ref, ref_args))
+  return tf, tr
+
+
 def median_seconds(f: Callable, *args, iters: int) -> float:
   """Median wall seconds of f(*args) over `iters` timed calls after one untimed (compile) call,
   each waited on with jax.block_until_ready: the timing loop of the tools/bench_*.py scripts."""
