@@ -150,6 +150,16 @@ def test_ws_tile_table_matches_numpy(seed):
   assert np.all(tab[3, len(want):] == 0)
 
 
+def test_mgpu_tiling_errors_name_the_entry(monkeypatch):
+  from v4jax.kernels.grouped_matmul import mgpu
+  monkeypatch.setattr(mgpu, 'TUNED', {('dw', 64, 32): mgpu.Tiles(consumers=2),
+                                      ('fwd', 64, 32): mgpu.Tiles(consumers=3)})
+  for kernel in ('dw', 'fwd'):
+    with pytest.raises(ValueError, match=rf"\('{kernel}', 64, 32\): consumers="):
+      mgpu.tiles_for(kernel, 64, 32)
+  assert mgpu.tiles_for('fwd', 64, 64) == mgpu.DEFAULT_TILES
+
+
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='interpret test (CPU only)')
 def test_ws_kernel_in_gpu_interpret_mode(monkeypatch):
   """v4jax's warp-specialized kernel (a memory and two compute warpgroups; 2 SMs on a CPU):

@@ -3,7 +3,8 @@
 Forward y = x @ w[g] and input gradient dx = dy @ w[g]^T use `ragged_dot_mgpu.ragged_dot`, or
 v4jax's warp-specialized `mgpu_ws.ragged_dot_ws` where the GEMM's tiling says `consumers=2`
 (`TUNED`); the weight gradient dw[g] = x_g^T dy_g uses
-`transposed_ragged_dot_mgpu.transposed_ragged_dot`; a custom VJP ties them together. Dims: M rows sorted by group, K contraction, N output, G groups.
+`transposed_ragged_dot_mgpu.transposed_ragged_dot`; a custom VJP ties them together.
+Dims: M rows sorted by group, K contraction, N output, G groups.
 
 The kernels accumulate in fp32 but store in the input dtype (bf16/fp16), so the result is the
 fp32 accumulation rounded once to bf16, then cast to `preferred_element_type`. They need K and N
@@ -52,7 +53,13 @@ TUNED: dict[tuple[str, int, int], Tiles] = {
 
 
 def tiles_for(kernel: str, k: int, n: int) -> Tiles:
-  return TUNED.get((kernel, k, n), DEFAULT_TILES)
+  """The tiling of one kernel call: TUNED's entry for (kernel, K, N), else DEFAULT_TILES."""
+  t = TUNED.get((kernel, k, n), DEFAULT_TILES)
+  if t.consumers not in (1, 2) or (t.consumers == 2 and kernel == 'dw'):
+    raise ValueError(f'grouped_matmul mgpu tiling for {(kernel, k, n)}: consumers={t.consumers}; '
+                     "expected 1 (jax's kernels) or 2 (v4jax's warp-specialized kernel, 'fwd' and "
+                     "'fwd_t' only)")
+  return t
 
 
 def kernel_modules():

@@ -63,7 +63,7 @@ def _num_sms() -> int:
 
 
 def ragged_dot_ws(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, *, block_m: int = 128,
-                  block_n: int = 128, block_k: int = 64, stages: int = 4, grid_block_n: int = 4,
+                  block_n: int = 128, block_k: int = 64, stages: int = 3, grid_block_n: int = 4,
                   transpose_rhs: bool = False, num_sms: int | None = None) -> jax.Array:
   """x [M,K] @ w[g] ([G,K,N]; with transpose_rhs w is [G,N,K] and w[g]^T is used) -> [M,N] in
   x.dtype, fp32 accumulation. M % block_m == 0, K % block_k == 0, N % (2 * block_n) == 0.
@@ -86,7 +86,7 @@ def ragged_dot_ws(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, *, bloc
   swizzle = plgpu.find_swizzle(block_k * itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
   rhs_block = (cta_n, block_k) if transpose_rhs else (block_k, cta_n)
-  epi_n = min(block_n, 64)   # the epilogue's staging columns: 4 stages + staging fit 227 KiB
+  epi_n = min(block_n, 64)   # the epilogue's staging columns: up to 4 stages + staging fit 227 KiB
 
   def pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
