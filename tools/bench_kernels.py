@@ -16,7 +16,8 @@ Sections (--sections, comma list; default all):
   indexer  indexer scores-only and scores + top-k (kernel with each --radix-bits, and XLA
            reference up to T=8192) at the peer shapes (T=2048, K=256) and V3.2 shapes at --seqs
            for each K in --topks;
-  kl       sparse indexer-KL pieces: teacher probabilities and student scores at idx (fwd+bwd);
+  kl       sparse indexer-KL pieces: teacher probabilities and student scores at idx (fwd+bwd)
+           at the bench shape and the V3.2 shapes at --seqs (XLA reference up to --ref-max-t);
            the masked form's dense teacher (masked_probs_mean) over a few tilings;
   peer     configs/peer_maxtext_small.py:dsa shapes (B=8, T=2048, 16 heads, C=128+16, indexer
            16 x 64, K=256): device parity of the KL seams and radix top-k, sparse MLA fwd/bwd over
@@ -24,7 +25,9 @@ Sections (--sections, comma list; default all):
            layer's attention core (top-k + sparse MLA + KL, fwd+bwd), kernel vs XLA reference;
   dense    cuDNN causal flash attention fwd+bwd and fwd (MLA MHA shapes), the same restricted
            to a top-K key set per query by a mask (dsa.sparse_attention=masked), and the DSA
-           crossover.
+           crossover: per T, one DSA layer's forward+backward (indexer scores + top-k, sparse MLA
+           fwd+bwd, and with the kl section in the run the KL teacher and student fwd+bwd:
+           `kl_included`) against cuDNN's fwd+bwd.
 
 FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C+2V) (recomputed
 logits, dp, dq, dkv: the flash-attention 2.5x convention); indexer 2·H·D per allowed (t, s)
@@ -367,10 +370,13 @@ class Bench:
                     lambda: self.timeit(ref, q, k, w), flops=fl)
       del q, k, w
 
-  def kl(self, seqs):
+  def kl(self, seqs, ref_max_t=4096):
     """Sparse-stage indexer KL pieces: teacher p^S (head-mean probabilities at the selected
-    keys) and student I[t, idx] fwd+bwd, kernels vs gathered jnp (as model/dsa.py does)."""
-    cases = [('v3.2', SMOKE, 64)] if self.smoke else [('bench', BENCH, 4096), ('v3.2', V3, 4096)]
+    keys) and student I[t, idx] fwd+bwd, kernels vs gathered jnp (as model/dsa.py does; up to
+    T = ref_max_t: the gathered student keys are [T, K, 128] per row), at the bench shape
+    (T=4096) and the V3.2 shapes at every --seqs (the crossover adds them to the DSA layer)."""
+    cases = ([('v3.2', SMOKE, 64)] if self.smoke else
+             [('bench', BENCH, 4096)] + [('v3.2', V3, T) for T in seqs])
     for label, s, T in cases:
       q, kv, idx = self.sparse_inputs(s, T)
       qi, ki, wi = self.indexer_inputs(s, T)
@@ -390,9 +396,10 @@ class Bench:
         d = jnp.einsum('bthd,btkd->bthk', qi, gather(ki, idx), preferred_element_type=jnp.float32)
         return jnp.einsum('bthk,bth->btk', jax.nn.relu(d), wi)
       student_k = lambda *a: ix_gpu.indexer_scores_at(*a)
-      for impl, pf, sf in (('pallas', lambda *a: sa_gpu.attention_probs_mean(
+      impls = (('pallas', lambda *a: sa_gpu.attention_probs_mean(
           *a, s['V'], scale, **{k: v for k, v in fwd_cfg.items() if k != 'num_stages'}),
-                            student_k), ('xla_reference', probs_ref, student_ref)):
+                student_k), ('xla_reference', probs_ref, student_ref))
+      for impl, pf, sf in impls[:1 if T > ref_max_t else 2]:
         pj = jax.jit(pf)
         self.record('kl', 'teacher_probs_mean', dict(shape, impl=impl),
                     lambda: self.timeit(pj, q, kv, idx, lse),
@@ -593,12 +600,14 @@ class Bench:
          and r.get('radix_bits', self.radix_bits[0]) == self.radix_bits[0] and 'ms' in r), None)
     for T in seqs:
       parts = [get('indexer_scores+topk', T), get('sparse_mla_fwd+bwd', T)]
+      kl = [get('teacher_probs_mean', T), get('student_scores_at_fwd+bwd', T)]  # the kl section
       dense = get('cudnn_flash_fwd+bwd', T)
       if None in parts or dense is None:
         continue
-      dsa = sum(parts)
+      with_kl = None not in kl
+      dsa = sum(parts + kl) if with_kl else sum(parts)
       self.out['crossover'].append(dict(T=T, dsa_ms=round(dsa, 3), dense_cudnn_ms=round(dense, 3),
-                                        dsa_faster=dsa < dense))
+                                        dsa_faster=dsa < dense, kl_included=with_kl))
 
 
 def _plain(x):
@@ -649,10 +658,10 @@ def main():
     print(f'== {name} ({time.time() - t0:.0f}s)', flush=True)
     try:
       fn = getattr(b, name)
-      if name == 'sparse':
+      if name in ('sparse', 'kl'):
         fn(seqs, args.ref_max_t)
       else:
-        fn(seqs) if name in ('indexer', 'kl', 'peer', 'dense') else fn()
+        fn(seqs) if name in ('indexer', 'peer', 'dense') else fn()
     except Exception as e:  # noqa: BLE001
       b.out.setdefault('section_errors', {})[name] = f'{type(e).__name__}: {str(e)[:400]}'
       traceback.print_exc()

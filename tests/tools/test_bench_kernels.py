@@ -15,8 +15,9 @@ def test_bench_kernels_smoke(tmp_path):
 
 
 def test_crossover_compares_the_dsa_layer_with_cudnn():
-  """DSA = top-k indexer + sparse MLA fwd+bwd (Pallas, V3.2 shapes) against cuDNN fwd+bwd at
-  the same T; rows of other shapes, impls or top-k are ignored."""
+  """DSA = top-k indexer + sparse MLA fwd+bwd (+ the KL teacher and student fwd+bwd where the
+  kl section ran at that T) (Pallas, V3.2 shapes) against cuDNN fwd+bwd at the same T; rows of
+  other shapes, impls or top-k are ignored."""
   mod = load_tool('bench_kernels')
   b = mod.Bench(smoke=True)
   k = mod.V3['K']
@@ -31,8 +32,14 @@ def test_crossover_compares_the_dsa_layer_with_cudnn():
       ('cudnn_flash_fwd+bwd', 16384, {}, 320.0),
       ('sparse_mla_fwd+bwd', 32768, dict(impl='pallas'), 320.0),    # no cuDNN row: skipped
   ]
-  b.out['results'] = [dict(name=n, T=t, ms=ms, **kw) for n, t, kw, ms in rows]
+  kl = [  # the kl section's V3.2 rows at 16384 (pallas) count; the reference's do not
+      ('teacher_probs_mean', 16384, dict(impl='pallas', shapes='v3.2', K=k), 25.0),
+      ('student_scores_at_fwd+bwd', 16384, dict(impl='pallas', shapes='v3.2', K=k), 15.0),
+      ('student_scores_at_fwd+bwd', 16384, dict(impl='xla_reference', shapes='v3.2', K=k), 99.0),
+      ('teacher_probs_mean', 4096, dict(impl='pallas', shapes='bench', K=1024), 5.0),
+  ]
+  b.out['results'] = [dict(name=n, T=t, ms=ms, **kw) for n, t, kw, ms in rows + kl]
   b.crossover([4096, 16384, 32768])
   assert b.out['crossover'] == [
-      dict(T=4096, dsa_ms=43.0, dense_cudnn_ms=20.0, dsa_faster=False),
-      dict(T=16384, dsa_ms=190.0, dense_cudnn_ms=320.0, dsa_faster=True)]
+      dict(T=4096, dsa_ms=43.0, dense_cudnn_ms=20.0, dsa_faster=False, kl_included=False),
+      dict(T=16384, dsa_ms=230.0, dense_cudnn_ms=320.0, dsa_faster=True, kl_included=True)]
