@@ -79,6 +79,14 @@ def fns(impl: str, sizes):
   return jax.jit(f), jax.jit(fb)
 
 
+def paired_ms(fn, args, dense, dense_args, iters) -> dict:
+  """{ms, dense_ms, vs_dense}: fn timed in rounds interleaved with the dense matmul
+  (`cli.paired_seconds`), medians of each and of the per-round ratio dense / fn."""
+  t, t_dense = (np.asarray(a) for a in paired_seconds(fn, args, dense, dense_args, iters))
+  return {'ms': float(np.median(t)) * 1e3, 'dense_ms': float(np.median(t_dense)) * 1e3,
+          'vs_dense': float(np.median(t_dense / t))}
+
+
 def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
   """Rows {impl, fwd_ms, fwdbwd_ms, *_tflops, *_vs_dense} of one GEMM and routing. With 'dense'
   in impls every other impl is timed in rounds interleaved with the dense matmul
@@ -96,7 +104,8 @@ def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
   for impl in impls:
     row = {'shape': name, 'G': G, 'M': M, 'K': K, 'N': N, 'routing': routing, 'impl': impl}
     try:
-      for k, fn in zip(args, fns(impl, sizes)):
+      own = dense.values() if impl == 'dense' else fns(impl, sizes)
+      for k, fn in zip(args, own):
         if k == 'fwdbwd' and impl in no_bwd:
           continue
         if dense is None or impl == 'dense':
@@ -104,10 +113,8 @@ def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
           if impl == 'dense':
             row[f'{k}_vs_dense'] = 1.0
           continue
-        t, t_dense = (np.asarray(a) for a in paired_seconds(fn, args[k], dense[k], args[k], iters))
-        row.update({f'{k}_ms': float(np.median(t)) * 1e3,
-                    f'{k}_dense_ms': float(np.median(t_dense)) * 1e3,
-                    f'{k}_vs_dense': float(np.median(t_dense / t))})
+        row.update({f'{k}_{f}': v for f, v in
+                    paired_ms(fn, args[k], dense[k], args[k], iters).items()})
     except Exception as e:  # noqa: BLE001 - one failing impl must not hide the others
       row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
     for k, gemms in (('fwd', 1), ('fwdbwd', 3)):   # fwd: 1 GEMM, fwd+bwd: 3
@@ -154,8 +161,8 @@ def compile_all(fns, args, workers: int = 0) -> list:
 
 def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 'fwd_t', 'dw'),
                threads: int = 0, consumers: int = 0):
-  """Rows {kernel, K, N, tiles, ms, tflops, vs_dense} for the three kernels of one GEMM; the
-  dense matmul is timed before and after them and the faster time is the baseline."""
+  """Rows {kernel, K, N, tiles, ms, dense_ms, tflops, vs_dense} for the three kernels of one GEMM,
+  each candidate timed interleaved with the dense matmul of the same FLOPs (`paired_ms`)."""
   from v4jax.kernels.grouped_matmul import mgpu
   rs = np.random.RandomState(0)
   x = jnp.asarray(rs.randn(M, K).astype(np.float32), dtype)
@@ -163,8 +170,7 @@ def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 
   dy = jnp.asarray(rs.randn(M, N).astype(np.float32), dtype)
   sizes = jnp.asarray(group_sizes(G, M, 'balanced'))
   flops = 2.0 * M * K * N
-  dense = jax.jit(lambda a, b: jnp.dot(a, b[0]))
-  dense_ms = median_seconds(dense, x, w, iters=iters) * 1e3
+  dense = (jax.jit(lambda a, b: jnp.dot(a, b[0])), (x, w))
   kernels = {   # kernel: (K, N of its product, the call for a Tiles, its arguments)
       'fwd': (K, N, lambda t: functools.partial(mgpu._ragged, tiles=t, mask_rows=False),
               (x, w, sizes)),
@@ -176,17 +182,12 @@ def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 
   for kernel, (kk, nn, make, args) in kernels.items():
     if kernel not in which:
       continue
-    _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense_ms, iters, budget_s,
+    _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense, iters, budget_s,
                   t_start, threads, consumers)
-  again = median_seconds(dense, x, w, iters=iters) * 1e3
-  for r in rows:
-    r.update(dense_ms=min(dense_ms, again), dense_ms_runs=[dense_ms, again])
-    if 'ms' in r:
-      r['vs_dense'] = r['dense_ms'] / r['ms']
   return rows
 
 
-def _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense_ms, iters, budget_s,
+def _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense, iters, budget_s,
                   t_start, threads, consumers):
   """Appends one kernel's candidate rows: every tile shape, then the snake band widths of the
   best one; stops where the budget ends."""
@@ -200,14 +201,13 @@ def _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense_ms, iters
     for t, exe in zip(cands, compiled):
       if time.time() - t_start > budget_s:
         break
-      row = {'shape': name, 'kernel': kernel, 'K': kk, 'N': nn, 'tiles': list(t),
-             'dense_ms': dense_ms}
+      row = {'shape': name, 'kernel': kernel, 'K': kk, 'N': nn, 'tiles': list(t)}
       try:
         if isinstance(exe, Exception):
           raise exe
-        ms = median_seconds(exe, *args, iters=iters) * 1e3
-        row.update(ms=ms, tflops=flops / ms / 1e9, vs_dense=dense_ms / ms)
-        if best is None or ms < best['ms']:
+        row.update(paired_ms(exe, args, *dense, iters))
+        row['tflops'] = flops / row['ms'] / 1e9
+        if best is None or row['ms'] < best['ms']:
           best = row
       except Exception as e:  # noqa: BLE001 - a tiling the kernel rejects is skipped
         row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'

@@ -35,7 +35,8 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                      segment_ids_BT: jax.Array | None = None, *,
                      select_BTK: jax.Array | None = None, implementation: str = 'cudnn',
                      return_lse: bool = False):
-  """o [B,T,H,V] in q's dtype, and with return_lse also lse [B,T,H] fp32. `implementation`:
+  """o [B,T,H,V] in q's dtype, and with return_lse also lse [B,T,H] fp32 (a statistic without a
+  gradient of its own: the DSA teacher reads it detached). `implementation`:
   'cudnn' (GPU) or 'xla' (lets the CPU tests check the padding and masking against the
   reference).
 

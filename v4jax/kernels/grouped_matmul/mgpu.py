@@ -96,7 +96,6 @@ def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = Non
             mask_rows: bool = True):
   """x [M,K] @ w[g] (or w[g]^T with transpose_rhs: w [G,N,K]) -> [M,N] in x.dtype; rows past
   the groups (never written by the kernel) zeroed unless mask_rows=False."""
-  mod, _ = kernel_modules()
   M, K = x_MK.shape
   N = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
   t = tiles or tiles_for('fwd_t' if transpose_rhs else 'fwd', K, N)
@@ -110,14 +109,16 @@ def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = Non
     y = ragged_dot_ws(x, w, sizes_G, block_m=t.block_m, block_n=t.block_n, block_k=t.block_k,
                       stages=t.stages, transpose_rhs=transpose_rhs,
                       grid_block_n=_grid_block_n(t.grid_block_n, np_ // (2 * t.block_n)))
-    return _valid_rows(y[:M, :N], sizes_G) if mask_rows else y[:M, :N]
-  kw = dict(group_sizes=sizes_G.astype(jnp.int32), **_tile_kw(t, np_ // t.block_n))
-  if transpose_rhs:
-    if 'transpose_rhs' in inspect.signature(mod.ragged_dot).parameters:
-      kw['transpose_rhs'] = True
-    else:
-      w = jnp.swapaxes(w, 1, 2)
-  y = _call(mod.ragged_dot, x, w, **kw)[:M, :N]
+  else:
+    mod, _ = kernel_modules()
+    kw = dict(group_sizes=sizes_G.astype(jnp.int32), **_tile_kw(t, np_ // t.block_n))
+    if transpose_rhs:
+      if 'transpose_rhs' in inspect.signature(mod.ragged_dot).parameters:
+        kw['transpose_rhs'] = True
+      else:
+        w = jnp.swapaxes(w, 1, 2)
+    y = _call(mod.ragged_dot, x, w, **kw)
+  y = y[:M, :N]
   return _valid_rows(y, sizes_G) if mask_rows else y
 
 
