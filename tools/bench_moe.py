@@ -9,11 +9,14 @@ routing (balanced: equal group sizes; skewed: Zipf(1) group sizes), this times i
            sum to M, so no pass zeroes rows past them); not in the default --impls
   ragged   jax.lax.ragged_dot (XLA's reference lowering)
 forward (y) and forward+backward (y, dx, dw via jax.vjp with a bf16 cotangent: 3 GEMMs), for the
-up-projection (K=D, N=d_e) and the down-projection (K=d_e, N=D). TFLOP/s count 2*M*K*N per GEMM.
-Each time is the median of --iters calls. Every impl is timed in --iters rounds interleaved with
-the dense matmul of its case, and its ratio to dense is the median of the per-round ratios: the
-dense GEMM's own time drifted by 10-15% between timing loops of one process on the H200, which
-moved ratios taken from separate loops by as much.
+GEMMs the model runs (--gemms): gate_up, the gate and up projections fused into one (K=D, N=2 d_e;
+moe.Experts.ffn), and down (K=d_e, N=D); `up` (K=D, N=d_e) is one projection alone, the GEMM
+that earlier figures measured. TFLOP/s count 2*M*K*N per GEMM.
+Each time is the median over --iters timed blocks of --reps calls dispatched back to back (one
+wait per block, so sub-ms GEMMs are not timed with a host round trip each). Every impl is timed
+in --iters rounds interleaved with the dense matmul of its case, and its ratio to dense is the
+median of the per-round ratios: the dense GEMM's own time drifted by 10-15% between timing loops
+of one process on the H200, which moved ratios taken from separate loops by as much.
 
   python tools/bench_moe.py --out bench.json            # GPU
   python tools/bench_moe.py --smoke --out smoke.json    # any backend, tiny shapes, seconds
@@ -21,7 +24,7 @@ moved ratios taken from separate loops by as much.
 
 `--sweep` times each Mosaic-GPU kernel of the mgpu VJP (fwd: y = x w[g]; fwd_t: dx = dy w[g]^T;
 dw: x_g^T dy_g; `--sweep-kernels` picks some) alone, as the dropless MoE calls them (no row mask),
-at each shape's up and down GEMMs (balanced routing) over candidate tilings
+at each shape's GEMMs of --gemms (balanced routing) over candidate tilings
 (v4jax.kernels.grouped_matmul.mgpu.Tiles), against the dense matmul of the same FLOPs, and prints
 the best tiling per kernel and shape: the entries of mgpu.TUNED.
 """
@@ -48,6 +51,11 @@ SHAPES = {   # name: (groups, slots M, model dim D, expert dim F)
     'bench1b': (64, 16384 * 6, 1536, 1024),
 }
 SMOKE = {'smoke': (8, 512, 128, 64)}
+GEMMS = {   # name: (K, N) of the expert FFN's GEMMs from (D, F)
+    'gate_up': lambda D, F: (D, 2 * F),   # the model's call: gate and up fused (moe.Experts.ffn)
+    'down': lambda D, F: (F, D),
+    'up': lambda D, F: (D, F),            # one of them alone (the figures before the fusion)
+}
 
 
 def group_sizes(G: int, M: int, kind: str) -> np.ndarray:
@@ -79,15 +87,16 @@ def fns(impl: str, sizes):
   return jax.jit(f), jax.jit(fb)
 
 
-def paired_ms(fn, args, dense, dense_args, iters) -> dict:
+def paired_ms(fn, args, dense, dense_args, iters, reps=1) -> dict:
   """{ms, dense_ms, vs_dense}: fn timed in rounds interleaved with the dense matmul
   (`cli.paired_seconds`), medians of each and of the per-round ratio dense / fn."""
-  t, t_dense = (np.asarray(a) for a in paired_seconds(fn, args, dense, dense_args, iters))
+  t, t_dense = (np.asarray(a) for a in paired_seconds(fn, args, dense, dense_args, iters,
+                                                                  reps))
   return {'ms': float(np.median(t)) * 1e3, 'dense_ms': float(np.median(t_dense)) * 1e3,
           'vs_dense': float(np.median(t_dense / t))}
 
 
-def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
+def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=(), reps=1):
   """Rows {impl, fwd_ms, fwdbwd_ms, *_tflops, *_vs_dense} of one GEMM and routing. With 'dense'
   in impls every other impl is timed in rounds interleaved with the dense matmul
   (`cli.paired_seconds`): *_vs_dense is the median of the per-round ratios and *_dense_ms the
@@ -109,12 +118,12 @@ def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=()):
         if k == 'fwdbwd' and impl in no_bwd:
           continue
         if dense is None or impl == 'dense':
-          row[f'{k}_ms'] = median_seconds(fn, *args[k], iters=iters) * 1e3
+          row[f'{k}_ms'] = median_seconds(fn, *args[k], iters=iters, reps=reps) * 1e3
           if impl == 'dense':
             row[f'{k}_vs_dense'] = 1.0
           continue
         row.update({f'{k}_{f}': v for f, v in
-                    paired_ms(fn, args[k], dense[k], args[k], iters).items()})
+                    paired_ms(fn, args[k], dense[k], args[k], iters, reps).items()})
     except Exception as e:  # noqa: BLE001 - one failing impl must not hide the others
       row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
     for k, gemms in (('fwd', 1), ('fwdbwd', 3)):   # fwd: 1 GEMM, fwd+bwd: 3
@@ -160,7 +169,7 @@ def compile_all(fns, args, workers: int = 0) -> list:
 
 
 def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 'fwd_t', 'dw'),
-               threads: int = 0, consumers: int = 0):
+               threads: int = 0, consumers: int = 0, reps: int = 1):
   """Rows {kernel, K, N, tiles, ms, dense_ms, tflops, vs_dense} for the three kernels of one GEMM,
   each candidate timed interleaved with the dense matmul of the same FLOPs (`paired_ms`)."""
   from v4jax.kernels.grouped_matmul import mgpu
@@ -183,12 +192,12 @@ def sweep_case(name, G, M, K, N, iters, dtype, budget_s, t_start, which=('fwd', 
     if kernel not in which:
       continue
     _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense, iters, budget_s,
-                  t_start, threads, consumers)
+                  t_start, threads, consumers, reps)
   return rows
 
 
 def _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense, iters, budget_s,
-                  t_start, threads, consumers):
+                  t_start, threads, consumers, reps):
   """Appends one kernel's candidate rows: every tile shape, then the snake band widths of the
   best one; stops where the budget ends."""
   import time
@@ -205,7 +214,7 @@ def _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense, iters, b
       try:
         if isinstance(exe, Exception):
           raise exe
-        row.update(paired_ms(exe, args, *dense, iters))
+        row.update(paired_ms(exe, args, *dense, iters, reps))
         row['tflops'] = flops / row['ms'] / 1e9
         if best is None or row['ms'] < best['ms']:
           best = row
@@ -244,7 +253,10 @@ def main():
   ap.add_argument('--smoke', action='store_true', help='tiny shapes, any backend')
   ap.add_argument('--shapes', default=','.join(SHAPES), help=f'subset of {list(SHAPES)}')
   ap.add_argument('--impls', default='dense,mgpu,ragged')
-  ap.add_argument('--iters', type=int, default=10)
+  ap.add_argument('--gemms', default='gate_up,down', help=f'subset of {list(GEMMS)}')
+  ap.add_argument('--iters', type=int, default=10, help='timed rounds')
+  ap.add_argument('--reps', type=int, default=10,
+                  help='calls per timed block (dispatched back to back, one wait at the end)')
   ap.add_argument('--ragged_full', action='store_true',
                   help='also time lax.ragged_dot forward+backward and on skewed routing (slow on '
                   'GPU: forward on balanced routing only by default)')
@@ -261,6 +273,7 @@ def main():
   args = ap.parse_args()
   shapes = SMOKE if args.smoke else {k: SHAPES[k] for k in args.shapes.split(',')}
   impls = args.impls.split(',')
+  gemms = args.gemms.split(',')
   dtype = jnp.bfloat16
   if resolve_impl('auto', dtype) != 'mgpu':
     for i in ('mgpu', 'mgpu_grouped'):
@@ -268,10 +281,12 @@ def main():
         print(f'{i} skipped: needs a Hopper GPU (backend {jax.default_backend()})')
         impls.remove(i)
   iters = 2 if args.smoke else args.iters
+  reps = 1 if args.smoke else args.reps
   dev = jax.devices()[0]
   print(f'jax {jax.__version__}, {dev.platform} {dev.device_kind}', flush=True)
   meta = {'jax': jax.__version__, 'device': dev.device_kind, 'platform': dev.platform,
-          'date': datetime.date.today().isoformat(), 'iters': iters, 'dtype': 'bfloat16'}
+          'date': datetime.date.today().isoformat(), 'iters': iters, 'reps': reps,
+          'dtype': 'bfloat16'}
   rows = []
   if args.sweep:
     import time
@@ -280,10 +295,10 @@ def main():
                        f'(backend {jax.default_backend()})')
     t0 = time.time()
     for name, (G, M, D, F) in shapes.items():
-      for K, N in ((D, F), (F, D)):
+      for K, N in (GEMMS[g](D, F) for g in gemms):
         rows += sweep_case(name, G, M, K, N, iters, dtype, args.budget_s, t0,
                            which=tuple(args.sweep_kernels.split(',')), threads=args.sweep_threads,
-                           consumers=args.sweep_consumers)
+                           consumers=args.sweep_consumers, reps=reps)
         if args.out:
           with open(args.out, 'w') as f:
             json.dump({'meta': meta, 'rows': rows}, f, indent=1)
@@ -294,12 +309,13 @@ def main():
               f"# {r['tflops']:.0f} TFLOP/s, {r['vs_dense']:.0%} of dense ({r['shape']})")
     return
   for name, (G, M, D, F) in shapes.items():
-    for gemm, (K, N) in (('up', (D, F)), ('down', (F, D))):
+    for gemm in gemms:
+      K, N = GEMMS[gemm](D, F)
       for routing in ('balanced', 'skewed'):
         full = args.ragged_full or args.smoke
         use = [i for i in impls if full or not (i == 'ragged' and routing == 'skewed')]
         for r in bench_case(name, G, M, K, N, routing, use, iters, dtype,
-                            no_bwd=() if full else ('ragged',)):
+                            no_bwd=() if full else ('ragged',), reps=reps):
           r['gemm'] = gemm
           rows.append(r)
           print(table([r]).splitlines()[-1], flush=True)

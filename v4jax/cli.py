@@ -159,39 +159,47 @@ def atomic_output_dir(out: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def paired_seconds(f: Callable, f_args: tuple, ref: Callable, ref_args: tuple,
-                   iters: int) -> tuple[list[float], list[float]]:
-  """Wall seconds of f and of a reference ref over `iters` rounds, each round timing both back
-  to back (the order alternates), after one untimed call of each. A ratio taken per round
-  cancels drift that two separate timing loops would not: on the H200 the same dense GEMM ran
-  10-15% apart between loops of one process (docs/benchmarks.md, tenth measurement)."""
+                   iters: int, reps: int = 1) -> tuple[list[float], list[float]]:
+  """Wall seconds per call of f and of a reference ref over `iters` rounds, each round timing
+  both back to back (the order alternates), after one untimed call of each. A ratio taken per
+  round cancels drift that two separate timing loops would not: on the H200 the same dense GEMM
+  ran 10-15% apart between loops of one process (docs/benchmarks.md, tenth measurement).
+  reps: calls dispatched back to back per timed block (one wait at its end), so that sub-ms
+  kernels are not timed with a host round trip each (the eleventh measurement's single-call
+  rounds put the same dense GEMM at 0.58-0.87 ms)."""
   import jax
 
-  def once(g, a):
+  def block(g, a):
     t0 = time.perf_counter()
+    for _ in range(reps - 1):
+      g(*a)
     jax.block_until_ready(g(*a))
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / reps
   jax.block_until_ready(f(*f_args))
   jax.block_until_ready(ref(*ref_args))
   tf, tr = [], []
   for i in range(iters):
     if i % 2:
-      tr.append(once(ref, ref_args))
-      tf.append(once(f, f_args))
+      tr.append(block(ref, ref_args))
+      tf.append(block(f, f_args))
     else:
-      tf.append(once(f, f_args))
-      tr.append(once(ref, ref_args))
+      tf.append(block(f, f_args))
+      tr.append(block(ref, ref_args))
   return tf, tr
 
 
-def median_seconds(f: Callable, *args, iters: int) -> float:
-  """Median wall seconds of f(*args) over `iters` timed calls after one untimed (compile) call,
-  each waited on with jax.block_until_ready: the timing loop of the tools/bench_*.py scripts."""
+def median_seconds(f: Callable, *args, iters: int, reps: int = 1) -> float:
+  """Median wall seconds per call of f(*args) over `iters` timed blocks of `reps` back-to-back
+  calls after one untimed (compile) call, each block waited on with jax.block_until_ready: the
+  timing loop of the tools/bench_*.py scripts."""
   import jax
   import numpy as np
   jax.block_until_ready(f(*args))
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
+    for _ in range(reps - 1):
+      f(*args)
     jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
+    times.append((time.perf_counter() - t0) / reps)
   return float(np.median(times))

@@ -38,6 +38,11 @@ def test_paired_seconds_times_both_in_every_round():
   assert calls == ['f', 'r'] + ['f', 'r', 'r', 'f'] * 3      # one untimed call each, then rounds
   ratio = sorted(a / b for a, b in zip(tr, tf))[3]
   assert 0.3 < ratio < 0.7, ratio      # ~0.5 (sleep granularity on a loaded 2-core CPU)
+  # reps: each timed block dispatches that many calls and reports seconds per call
+  calls.clear()
+  tf, tr = paired_seconds(f, (1,), ref, (1,), iters=2, reps=3)
+  assert calls == ['f', 'r'] + ['f'] * 3 + ['r'] * 3 + ['r'] * 3 + ['f'] * 3
+  assert all(0.003 < t < 0.012 for t in tf), tf       # per call (~4 ms), not per block (~12)
 
 
 def test_compile_all_compiles_side_by_side_and_returns_errors():
