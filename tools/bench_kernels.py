@@ -396,9 +396,10 @@ class Bench:
         d = jnp.einsum('bthd,btkd->bthk', qi, gather(ki, idx), preferred_element_type=jnp.float32)
         return jnp.einsum('bthk,bth->btk', jax.nn.relu(d), wi)
       student_k = lambda *a: ix_gpu.indexer_scores_at(*a)
-      impls = (('pallas', lambda *a: sa_gpu.attention_probs_mean(
-          *a, s['V'], scale, **{k: v for k, v in fwd_cfg.items() if k != 'num_stages'}),
-                student_k), ('xla_reference', probs_ref, student_ref))
+      # the teacher at its own default blocks, as the model calls it: the forward's swept blocks
+      # overflow its shared memory at V3.2 shapes (443 of 227 KiB, eleventh measurement)
+      impls = (('pallas', lambda *a: sa_gpu.attention_probs_mean(*a, s['V'], scale), student_k),
+               ('xla_reference', probs_ref, student_ref))
       for impl, pf, sf in impls[:1 if T > ref_max_t else 2]:
         pj = jax.jit(pf)
         self.record('kl', 'teacher_probs_mean', dict(shape, impl=impl),
