@@ -49,6 +49,8 @@ TUNED: dict[tuple[str, int, int], Tiles] = {
     ('fwd', 1024, 1536): Tiles(128, 128, 64, 3, 4, 2),   # bench-1B down: 0.848 vs 0.885 ms
     ('fwd', 7168, 2048): Tiles(128, 128, 64, 3, 2, 2),   # DeepSeek-V3 up: 1.752 vs 1.914 ms
     ('fwd', 2048, 7168): Tiles(128, 128, 64, 3, 8, 2),   # DeepSeek-V3 down: 1.812 vs 2.053 ms
+    # eleventh session (`--sweep --sweep-kernels fwd_t --sweep-consumers 2`), same reading
+    ('fwd_t', 7168, 2048): Tiles(128, 128, 64, 4, 8, 2),  # DeepSeek-V3 down's dx: 1.794 vs 1.945 ms
 }
 
 
