@@ -84,21 +84,14 @@ class Experts(nnx.Module):
 
   def ffn(self, x_MD, w_gate, w_up, w_down, sizes_E, all_rows_grouped=False):
     """Grouped SwiGLU of rows sorted by expert through the given expert weights.
-    all_rows_grouped: sum(sizes_E) == M always (the kernels then skip zeroing rows past it).
-
-    The gate and up projections run as one grouped GEMM against their weights interleaved
-    column by column ([E,D,F,2] -> [E,D,2F]): x is read once, the GEMM is twice as wide (the
-    narrow ones run furthest below dense peak, docs/benchmarks.md), and the backward's dx is one
-    GEMM over K = 2F instead of two and a sum. Interleaving (not concatenating) keeps an F
-    sharded over a mesh axis contiguous per shard of 2F."""
+    all_rows_grouped: sum(sizes_E) == M always (the kernels then skip zeroing rows past it)."""
     dt = self.dtype   # results in the compute dtype, accumulated in fp32 inside the kernels
     gmm = functools.partial(grouped_matmul, impl=self.impl, preferred_element_type=dt,
                             all_rows_grouped=all_rows_grouped)
     x_MD = x_MD.astype(dt)
-    E, D, F = w_gate.shape
-    w_ED2F = jnp.stack([w_gate.astype(dt), w_up.astype(dt)], axis=-1).reshape(E, D, 2 * F)
-    h_MF2 = gmm(x_MD, w_ED2F, sizes_E).reshape(-1, F, 2)
-    return gmm(jax.nn.silu(h_MF2[..., 0]) * h_MF2[..., 1], w_down, sizes_E)
+    g_MF = gmm(x_MD, w_gate, sizes_E)
+    u_MF = gmm(x_MD, w_up, sizes_E)
+    return gmm(jax.nn.silu(g_MF) * u_MF, w_down, sizes_E)
 
   def padded(self, x_ECD: jax.Array) -> jax.Array:
     """Fixed-capacity buffers [E,C,D] through their expert: batched matmuls."""
