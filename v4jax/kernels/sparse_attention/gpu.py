@@ -72,7 +72,9 @@ class Blocks:
 # (block_h cap, block_k cap, warps, stages) per kernel: the fastest measured on the H200 at V3.2
 # shapes (tools/bench_kernels.py sweep; docs/benchmarks.md). dkv with 64-head blocks needs one
 # stage to fit shared memory and then spills; 32 heads x 2 stages fits in 148 KiB.
-_DEFAULTS = {'fwd': (64, 64, 8, 2), 'dkv': (32, 64, 8, 2), 'dq': (64, 64, 8, 2)}
+_DEFAULTS = {'fwd': (64, 64, 8, 2), 'dkv': (32, 64, 8, 2), 'dq': (64, 64, 8, 2),
+             # the KL teacher: 64-head blocks need 258-295 KiB of shared memory at C = 576
+             'probs': (16, 64, 4, 1)}
 
 
 def _blocks(kind: str, b, H: int, K: int) -> Blocks:
@@ -487,7 +489,7 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
   """
   B, T, H, C = q_BTHC.shape
   S, K = kv_BSC.shape[1], idx_BTK.shape[2]
-  b = _blocks('fwd', Blocks(block_h, block_k, num_warps or 4, 1), H, K)
+  b = _blocks('probs', Blocks(block_h, block_k, num_warps, 1), H, K)
   bh, bk = b.block_h, b.block_k
   q, kv, idx = (jax.lax.stop_gradient(x) for x in (q_BTHC, kv_BSC, idx_BTK))
   qp, kvp, idxp, vp, rp = _prep(q, kv, idx, v_dim, bh, bk)
