@@ -9,9 +9,9 @@ routing (balanced: equal group sizes; skewed: Zipf(1) group sizes), this times i
            sum to M, so no pass zeroes rows past them); not in the default --impls
   ragged   jax.lax.ragged_dot (XLA's reference lowering)
 forward (y) and forward+backward (y, dx, dw via jax.vjp with a bf16 cotangent: 3 GEMMs), for the
-GEMMs the model runs (--gemms): gate_up, the gate and up projections fused into one (K=D, N=2 d_e;
-moe.Experts.ffn), and down (K=d_e, N=D); `up` (K=D, N=d_e) is one projection alone, the GEMM
-that earlier figures measured. TFLOP/s count 2*M*K*N per GEMM.
+expert FFN's GEMMs (--gemms): up (K=D, N=d_e; the gate projection is the same GEMM) and down
+(K=d_e, N=D); gate_up (K=D, N=2 d_e) times the gate and up projections as one GEMM, a fusion the
+model tried and dropped (docs/performance.md row 42). TFLOP/s count 2*M*K*N per GEMM.
 Each time is the median over --iters timed blocks of --reps calls dispatched back to back (one
 wait per block, so sub-ms GEMMs are not timed with a host round trip each). Every impl is timed
 in --iters rounds interleaved with the dense matmul of its case, and its ratio to dense is the
@@ -52,9 +52,10 @@ SHAPES = {   # name: (groups, slots M, model dim D, expert dim F)
 }
 SMOKE = {'smoke': (8, 512, 128, 64)}
 GEMMS = {   # name: (K, N) of the expert FFN's GEMMs from (D, F)
-    'gate_up': lambda D, F: (D, 2 * F),   # the model's call: gate and up fused (moe.Experts.ffn)
+    'up': lambda D, F: (D, F),            # the gate and the up projection: one GEMM each
     'down': lambda D, F: (F, D),
-    'up': lambda D, F: (D, F),            # one of them alone (the figures before the fusion)
+    'gate_up': lambda D, F: (D, 2 * F),   # both as one GEMM (interleaved weights): not what the
+                                          # model runs; the eleventh measurement's fusion trial
 }
 
 
@@ -253,7 +254,7 @@ def main():
   ap.add_argument('--smoke', action='store_true', help='tiny shapes, any backend')
   ap.add_argument('--shapes', default=','.join(SHAPES), help=f'subset of {list(SHAPES)}')
   ap.add_argument('--impls', default='dense,mgpu,ragged')
-  ap.add_argument('--gemms', default='gate_up,down', help=f'subset of {list(GEMMS)}')
+  ap.add_argument('--gemms', default='up,down', help=f'subset of {list(GEMMS)}')
   ap.add_argument('--iters', type=int, default=10, help='timed rounds')
   ap.add_argument('--reps', type=int, default=10,
                   help='calls per timed block (dispatched back to back, one wait at the end)')
