@@ -410,6 +410,13 @@ class Bench:
             argnums=(0, 1, 2)))
         self.record('kl', 'student_scores_at_fwd+bwd', dict(shape, impl=impl),
                     lambda: self.timeit(sj, qi, ki, wi), flops=2 * s['HI'] * n_valid * s['DI'] * 4)
+      # the student's dq/dw from each token's gathered keys (dq_form='gather'), beside the
+      # default dense tiles: the row the crossover uses stays the model's default
+      sg = jax.jit(jax.value_and_grad(
+          lambda qi, ki, wi: jnp.sum(jnp.where(idx >= 0, ix_gpu.indexer_scores_at(
+              qi, ki, wi, idx, dq_form='gather'), 0)), argnums=(0, 1, 2)))
+      self.record('kl', 'student_scores_at_fwd+bwd', dict(shape, impl='pallas_gather_dq'),
+                  lambda: self.timeit(sg, qi, ki, wi), flops=2 * s['HI'] * n_valid * s['DI'] * 4)
       if label != 'v3.2' or self.smoke:
         self.masked_teacher(s, T, idx, shape)
       del q, kv, idx, qi, ki, wi

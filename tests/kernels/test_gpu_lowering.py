@@ -33,8 +33,8 @@ def _sum_grad(f, argnums):
 # sparse MLA's backward: dkv, dq and the dkv segment sum; the teacher 1 in either form
 # (absorbed 'probs', MHA 'masked_probs': D = 128 + 64).
 @pytest.mark.parametrize('name,calls', [('scores', 1), ('topk', 2), ('scores_at', 2),
-                                        ('scores_at_given', 2), ('sparse_mla', 3), ('probs', 1),
-                                        ('masked_probs', 1)])
+                                        ('scores_at_gather_dq', 2), ('scores_at_given', 2),
+                                        ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1)])
 def test_kernel_lowers_for_cuda(name, calls):
   qi, ki, wi = bf16(B, T, HI, DI), bf16(B, T, DI), f32(B, T, HI)
   q, kv, idx, lse = bf16(B, T, H, C + 64), bf16(B, T, C + 64), i32(B, T, K), f32(B, T, H)
@@ -44,8 +44,11 @@ def test_kernel_lowers_for_cuda(name, calls):
   elif name == 'topk':
     n = _triton_calls(lambda q, k, w: indexer_gpu.indexer_topk(q, k, w, K, interpret=False),
                       qi, ki, wi)
-  elif name == 'scores_at':      # the student forward, then its dense dk and dq/dw kernels
-    f = lambda q, k, w, i: indexer_gpu.indexer_scores_at(q, k, w, i, interpret=False)
+  elif name.startswith('scores_at') and name != 'scores_at_given':
+    # the student forward, then its dense dk kernel and its dq/dw kernel (tiles or gathered)
+    form = 'gather' if name.endswith('gather_dq') else 'dense'
+    f = lambda q, k, w, i: indexer_gpu.indexer_scores_at(q, k, w, i, dq_form=form,
+                                                         interpret=False)
     assert _triton_calls(f, qi, ki, wi, idx) == 1
     n = _triton_calls(_sum_grad(f, (0, 1, 2)), qi, ki, wi, idx) - 1
   elif name == 'scores_at_given':

@@ -156,6 +156,8 @@ def test_dispatch_pallas_on_cpu_and_errors():
     gpu.indexer_topk(q, k, w, 4, chunk=24)
   with pytest.raises(ValueError, match='block_s=64'):
     tpu.indexer_topk(q, k, w, 4, block_s=64)
+  with pytest.raises(ValueError, match="dq_form='tiles'"):
+    gpu.indexer_scores_at(q, k, w, idx, dq_form='tiles')
 
 
 def test_gpu_scores_at_selected_keys_values_and_grads():
@@ -311,9 +313,11 @@ def test_tpu_scores_at_selected_keys_interpret(B, T, S, H, D, K, bk, dtype):
     (1, 37, 45, 3, 24, 48, (16, 16, 2), jnp.float32, True),
     (2, 20, 40, 4, 16, 12, (16, 32, None), jnp.float32, False),
     (1, 50, 96, 2, 32, 24, (32, 16, 2), jnp.bfloat16, False)])
-def test_gpu_scores_at_dense_backward(B, T, S, H, D, K, blocks, dtype, causal):
-  """The GPU backward (dL/dI scattered into G [B,T,S], dk and dq/dw tile kernels skipping
-  all-zero G tiles) vs autodiff of a gathered jnp oracle run in fp32 on the same values: fp32
+@pytest.mark.parametrize('dq_form', ['dense', 'gather'])
+def test_gpu_scores_at_backward(B, T, S, H, D, K, blocks, dtype, causal, dq_form):
+  """The GPU backward (dL/dI scattered into G [B,T,S], dk from tile kernels skipping all-zero G
+  tiles; dq/dw from tile kernels too, or per token from its gathered keys with
+  dq_form='gather') vs autodiff of a gathered jnp oracle run in fp32 on the same values: fp32
   within 1e-5 x max|oracle|, bf16 within 1e-2 x max|oracle| (the kernels round dL/d(q.k) to
   bf16 before the dq / dk matmuls); dq, dk come back in the input dtype, dw in fp32."""
   rs = np.random.RandomState(T * S + K)
@@ -333,7 +337,8 @@ def test_gpu_scores_at_dense_backward(B, T, S, H, D, K, blocks, dtype, causal):
 
   bt, bs, bh = blocks
   got = _scores_at_and_grads(lambda q, k, w: gpu.indexer_scores_at(
-      q, k, w, idx, block_t=bt, block_s=bs, block_h=bh, interpret=True), idx, r, q, k, w)
+      q, k, w, idx, block_t=bt, block_s=bs, block_h=bh, dq_form=dq_form, interpret=True),
+      idx, r, q, k, w)
   want = _scores_at_and_grads(None, idx, r, q.astype(jnp.float32), k.astype(jnp.float32), w)
   assert [a.dtype for a in got[1:]] == [dtype, dtype, jnp.float32]
   rel = 1e-5 if dtype == jnp.float32 else 1e-2
