@@ -36,7 +36,9 @@ Method (docs/performance.md):
   profile section says so and `--ablate` (timing with one component switched off at a time) is
   the fallback.
 - `--ablate` and `--variant` repeat the measurement with config overrides in the same process,
-  so their step times compare with the main one from one run on one machine.
+  so their step times compare with the main one from one run on one machine. With --profile each
+  of them is profiled too (its breakdown under its own `profile`): where a component's saved
+  time went, e.g. how much of Engram's cost is its own ops and how much the rest of the step.
 """
 from __future__ import annotations
 
@@ -164,7 +166,8 @@ def parse_args(argv: list[str]):
   ap.add_argument('--out', default='', help='write the JSON report here')
   ap.add_argument('--profile', action='store_true', help='trace steps; per-component shares')
   ap.add_argument('--profile_steps', type=int, default=3)
-  ap.add_argument('--profile_dir', default='', help='trace directory (default: a temp dir)')
+  ap.add_argument('--profile_dir', default='',
+                  help='trace directories go under it, one per run (default: temp dirs)')
   ap.add_argument('--ablate', default='', help=f'comma list of {sorted(ABLATIONS)}: time each '
                   'with that component off')
   ap.add_argument('--variant', action='append', default=[], metavar='FIELD=VALUE[,FIELD=VALUE]',
@@ -424,7 +427,8 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
 
     prof = None
     if profile:
-      prof_dir = args.profile_dir or tempfile.mkdtemp(prefix='bench_train-trace-')
+      prof_dir = (os.path.join(args.profile_dir, label) if args.profile_dir else
+                  tempfile.mkdtemp(prefix=f'bench_train-trace-{label}-'))
       t0 = time.perf_counter()
       with jax.profiler.trace(prof_dir):
         run_steps(trainer, args.profile_steps)
@@ -699,6 +703,14 @@ def _fmt(v, unit='', scale=1.0, digits=3):
   return 'n/a' if v is None else f'{v * scale:.{digits}f}{unit}'
 
 
+def _shares(p: dict) -> str:
+  """'device busy N% of wall; comp x% ...' of one profile report."""
+  parts = [f'{c} {100 * s:.1f}%' for c, s in sorted(p['shares'].items(), key=lambda x: -x[1])
+           if s > 0.0005]
+  busy = p['device_busy_s_per_step'] / p['wall_s_per_step'] * 100
+  return f'device busy {busy:.0f}% of wall; ' + ', '.join(parts)
+
+
 def summary(rep: dict) -> str:
   r = rep['result']
   gib = 1024 ** 3
@@ -719,11 +731,7 @@ def summary(rep: dict) -> str:
       lines.append(f'host ms/step (median), {name}: ' + '  '.join(f'{k} {v:.1f}' for k, v in ms.items()))
   p = rep.get('profile')
   if p and 'shares' in p:
-    parts = [f'{c} {100 * s:.1f}%' for c, s in sorted(p['shares'].items(), key=lambda x: -x[1])
-             if s > 0.0005]
-    lines.append(f"profile ({p['steps']} steps, device busy "
-                 f"{p['device_busy_s_per_step'] / p['wall_s_per_step'] * 100:.0f}% of wall): "
-                 + ', '.join(parts))
+    lines.append(f"profile ({p['steps']} steps): " + _shares(p))
     for g in p.get('top_op_groups', [])[:8]:    # the costliest kernels, summed over layers
       name = '/'.join(g['op_name'].split('/')[-3:])
       lines.append(f"  {g['s_per_step'] * 1e3:8.2f} ms/step  {g['component']:<18} x{g['ops']:<3} "
@@ -736,6 +744,8 @@ def summary(rep: dict) -> str:
     lines.append(f"  {what}: FAILED {a['error']}" if 'error' in a else
                  f"  {what}: step {a['step_time_s'] * 1e3:.1f} ms "
                  f"({a['saved_s_per_step'] * 1e3:+.1f} ms saved), compile {a['compile_s']:.1f} s")
+    if 'shares' in a.get('profile', {}):
+      lines.append('    profile: ' + _shares(a['profile']))
   return '\n'.join(lines)
 
 
@@ -747,6 +757,16 @@ def write_report(rep: dict, out: str):
   with open(out + '.tmp', 'w') as f:
     json.dump(rep, f, indent=1, default=str)
   os.replace(out + '.tmp', out)
+
+
+def profile_report(prof: dict) -> dict:
+  """The per-component breakdown of one traced run (`analyse_trace`), or why there is none."""
+  try:
+    rep = analyse_trace(prof['dir'], prof['hlo_text'], prof['steps'], prof['wall_s'])
+    rep['scopes_missing'] = prof['missing']
+    return rep
+  except Exception as e:  # noqa: BLE001 - reported; --ablate is the fallback
+    return {'method': 'unavailable', 'error': f'{type(e).__name__}: {e}', 'trace_dir': prof['dir']}
 
 
 def run(argv: list[str]) -> dict:
@@ -789,19 +809,16 @@ def run(argv: list[str]) -> dict:
   result, prof = measure(cfg, args, profile=args.profile)
   rep['result'] = result
   if prof is not None:
-    try:
-      rep['profile'] = analyse_trace(prof['dir'], prof['hlo_text'], prof['steps'], prof['wall_s'])
-      rep['profile']['scopes_missing'] = prof['missing']
-    except Exception as e:  # noqa: BLE001 - reported; --ablate is the fallback
-      rep['profile'] = {'method': 'unavailable', 'error': f'{type(e).__name__}: {e}',
-                        'trace_dir': prof['dir']}
+    rep['profile'] = profile_report(prof)
   rep['ablations'], rep['variants'] = [], []
   write_report(rep, args.out)   # each measurement lands before the next compile starts
   for label, ov, key, extra in comparisons:
     c = apply_overrides(bench_config(args, overrides), ov)
     try:
-      r, _ = measure(validate(c), args, profile=False, label=label)
+      r, prof = measure(validate(c), args, profile=args.profile, label=label)
       r.update(extra, saved_s_per_step=result['step_time_s'] - r['step_time_s'])
+      if prof is not None:     # the same breakdown with the component off: where the time went
+        r['profile'] = profile_report(prof)
     except Exception as e:  # noqa: BLE001 - recorded; the other comparisons still run
       r = dict(extra, error=f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}')
       gc.collect()

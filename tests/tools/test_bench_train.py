@@ -40,7 +40,8 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
                                 '--variant', 'dsa.sparse_attention=masked,kernels.attention=cudnn'])
   on_disk = json.loads(out.read_text())
   assert on_disk['result']['step_time_s'] == pytest.approx(rep['result']['step_time_s'])
-  err = capsys.readouterr().err   # progress as each phase ends: what a run cut short still shows
+  printed = capsys.readouterr()
+  err = printed.err   # progress as each phase ends: what a run cut short still shows
   for line in ('[bench_train main] init ', '[bench_train main] trace+lower ',
                '[bench_train main] steps 2/2: '):
     assert line in err, err[-2000:]
@@ -68,6 +69,11 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
   # The masked DSA form is the same math as the gather form: after 3 fp32 training steps the
   # losses agree to summation order (measured 6e-7 relative at T=64).
   assert v['finite'] and v['final_loss'] == pytest.approx(r['final_loss'], rel=1e-5)
+  # --profile profiles each comparison too, from its own trace
+  assert sum(v['profile']['shares'].values()) == pytest.approx(1.0)
+  assert v['profile']['shares']['attention+indexer'] > 0, v['profile']['shares']
+  assert 'profile' not in bad
+  assert '    profile: device busy' in printed.out, printed.out   # the variant's, in the summary
   p = on_disk['profile']
   assert p['method'].startswith('trace'), p
   assert sum(p['shares'].values()) == pytest.approx(1.0)
