@@ -319,12 +319,15 @@ def _sparse_kl_oracle(qi, ki, wi, q, kv, idx, valid, scale):
 
 # impl, B, T, J, I, H, C, K, query_block: the Pallas path (GPU kernels in interpret mode: H below
 # the 16-head block, I padded to 32, the peer's C = 128 + 16 split without padding, K not a
-# multiple of the slot block) and the reference path with T not a multiple of the query block.
-@pytest.mark.parametrize('impl,Bn,Tn,J,I,H,C,K,qb', [
-    ('pallas', 1, 8, 3, 24, 5, 144, 10, 0),
-    ('reference', 2, 13, 3, 24, 5, 40, 10, 5),
+# multiple of the slot block) and the reference path with T not a multiple of the query block;
+# the student's dq/dw from dense tiles (default) or from each token's gathered keys.
+@pytest.mark.parametrize('impl,student_dq,Bn,Tn,J,I,H,C,K,qb', [
+    ('pallas', 'dense', 1, 8, 3, 24, 5, 144, 10, 0),
+    ('pallas', 'gather', 1, 8, 3, 24, 5, 144, 10, 0),
+    ('reference', 'dense', 2, 13, 3, 24, 5, 40, 10, 5),
 ])
-def test_sparse_indexer_kl_values_and_grads_vs_dense_oracle(impl, Bn, Tn, J, I, H, C, K, qb):
+def test_sparse_indexer_kl_values_and_grads_vs_dense_oracle(impl, student_dq, Bn, Tn, J, I, H, C,
+                                                            K, qb):
   """sparse_indexer_kl through the kernel seams vs the masked dense oracle; tolerances: value
   rtol 1e-5, grads rtol 1e-4 / atol 1e-5·max|g| (fp32, summation order only)."""
   qi, ki, wi, q, kv, idx, valid = (jnp.asarray(a) if a.dtype == bool or a.dtype == np.int32
@@ -333,7 +336,7 @@ def test_sparse_indexer_kl_values_and_grads_vs_dense_oracle(impl, Bn, Tn, J, I, 
   want, want_g, lse = _sparse_kl_oracle(qi, ki, wi, q, kv, idx, valid, scale)
   teacher = lambda: attention_probs_mean(q, kv, idx, lse, scale, query_block=qb, impl=impl)
   f = lambda qi, ki, wi: sparse_indexer_kl(qi, ki, wi, idx, teacher, valid, query_block=qb,
-                                           impl=impl)
+                                           impl=impl, student_dq=student_dq)
   got, got_g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(qi, ki, wi).compile(
       {'xla_backend_optimization_level': 0})(qi, ki, wi)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

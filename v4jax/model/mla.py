@@ -73,6 +73,7 @@ class MLA(nnx.Module):
     self.topk, self.min_seq_len, self.dsa_query_block = d.topk, d.min_seq_len, d.query_block
     self.sparse_attention = d.sparse_attention
     self.impl, self.attention_impl = cfg.kernels.impl, cfg.kernels.attention
+    self.student_dq = cfg.kernels.student_dq
 
   def project(self, x_BTD: jax.Array, positions_BT: jax.Array) -> Projections:
     """SPEC §2 steps 1-3: q latent, per-head [nope | rope] queries, kv latent and rope key."""
@@ -162,7 +163,7 @@ class MLA(nnx.Module):
                                    query_block=qb, impl=self.impl)
       aux['indexer_kl'] = sparse_indexer_kl(qi, ki, wi, idx_BTK, teacher, valid_BT,
                                             topk_scores_BTK=topk_scores_BTK, query_block=qb,
-                                            impl=self.impl)
+                                            impl=self.impl, student_dq=self.student_dq)
     else:
       q, k, v = self.mha_qkv(p)
       with_kl = self.stage in ('warmup', 'sparse')
