@@ -124,6 +124,28 @@ def test_gpu_topk_ties_toward_smaller_position(radix_bits):
       np.asarray(idx) >= 0, np.take_along_axis(slab, np.maximum(np.asarray(idx), 0), -1), -np.inf))
 
 
+@pytest.mark.parametrize('radix_bits', [1, 2, 3])
+def test_gpu_topk_distinct_scores_stop_early(radix_bits):
+  """Distinct scores (normal draws, some rows all of one sign, a row with fewer allowed keys than
+  K and one with exactly K): the search stops once the keys above its threshold number exactly
+  k, and the selection and scores still equal the stable-sort oracle's."""
+  rs = np.random.RandomState(7 + radix_bits)
+  B, R, S, K, t0 = 2, 11, 96, 10, 6
+  slab = rs.randn(B, R, S).astype(np.float32) * rs.choice([1e-3, 1.0, 50.0], (B, R, 1))
+  slab[1, 3] = np.abs(slab[1, 3])                               # one sign only
+  slab[0, 4] = -np.abs(slab[0, 4])
+  pos = np.arange(S)[None, None, :]
+  slab = np.where(pos <= t0 + np.arange(R)[None, :, None], slab, -np.inf)
+  slab[0, 5, 4:] = -np.inf                                      # 4 allowed keys < K
+  slab[1, 6, 10:] = -np.inf                                     # exactly K allowed keys
+  slab = slab.astype(np.float32)
+  idx, val = _jit(lambda s: gpu._topk_slab(s, K, t0=t0, ch=16, interpret=True,
+                                           radix_bits=radix_bits), jnp.asarray(slab))
+  np.testing.assert_array_equal(idx, _topk_oracle(slab, K, t0))
+  np.testing.assert_array_equal(np.asarray(val), np.where(
+      np.asarray(idx) >= 0, np.take_along_axis(slab, np.maximum(np.asarray(idx), 0), -1), -np.inf))
+
+
 def test_tpu_scores_and_topk_interpret():
   B, T, H, D, K = 1, 12, 2, 8, 16                               # K > T: -1 tails on every row
   q, k, w = _inputs(B, T, T, H, D, seed=2)

@@ -171,11 +171,11 @@ def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0, radix_bits)
   n_live = jnp.minimum(n_ch, t // ch + 1)          # chunks holding keys s <= t
   trash = kp                                       # spare slot for unselected lanes
 
-  def sweep(fn, init):
+  def sweep(fn, init, n=None):
     def body(j, carry):
       x = x_ref[pl.ds(j * ch, ch)]
       return fn(j, x, _to_key(x), x > NEG_INF, carry)
-    return jax.lax.fori_loop(0, n_live, body, init)
+    return jax.lax.fori_loop(0, n_live if n is None else n, body, init)
 
   def stats(j, x, key, ok, c):
     n, lo, hi = c
@@ -197,28 +197,39 @@ def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0, radix_bits)
 
   # One sweep per radix digit of `radix_bits` bits (the last one may be narrower): count the
   # keys >= each candidate digit at once; counts fall with the digit, so the digit kept is the
-  # number of candidates whose count reaches kk, minus one (digit 0 always does).
-  def digit_step(i, thr_u):
+  # number of candidates whose count reaches kk, minus one (digit 0 always does). `at` counts
+  # the keys >= thr_u. The search stops as soon as that is exactly kk: those keys are then the
+  # top kk (the lower bits cannot change the set), which with distinct scores happens once
+  # the bucket at the threshold holds no other key, well before the last bit; with ties at
+  # the k-th value it never happens and every bit is resolved as before.
+  def digit_step(c):
+    i, thr_u, _ = c
     lo_bit = jnp.maximum(n_bits - (i + 1) * radix_bits, 0)
     if radix_bits == 1:                            # scalar compares (no [ch, 2] tile)
       cand_key = (thr_u | jnp.left_shift(jnp.int32(1), lo_bit)) ^ _INT_MIN
       cnt = sweep(lambda j, x, key, ok, c: c + jnp.sum((ok & (key >= cand_key)).astype(jnp.int32)),
                   jnp.int32(0))
-      return thr_u | jnp.left_shift((cnt >= kk).astype(jnp.int32), lo_bit)
+      up = cnt >= kk
+      return (i + 1, thr_u | jnp.left_shift(up.astype(jnp.int32), lo_bit),
+              jnp.where(up, cnt, c[2]))
     width = n_bits - i * radix_bits - lo_bit
     cand_key = (thr_u | jnp.left_shift(digits, lo_bit)) ^ _INT_MIN
     cnt = sweep(lambda j, x, key, ok, c: c + jnp.sum(
         (ok[:, None] & (key[:, None] >= cand_key[None, :])).astype(jnp.int32), axis=0),
                 jnp.zeros(digits.shape, jnp.int32))
     keep = (cnt >= kk) & (digits < jnp.left_shift(jnp.int32(1), width))
-    return thr_u | jnp.left_shift(jnp.sum(keep.astype(jnp.int32)) - 1, lo_bit)
+    d = jnp.sum(keep.astype(jnp.int32)) - 1
+    return (i + 1, thr_u | jnp.left_shift(d, lo_bit),
+            jnp.sum(jnp.where(digits == d, cnt, 0)))
   n_steps = (n_bits + radix_bits - 1) // radix_bits
-  thr = jax.lax.fori_loop(0, n_steps, digit_step, thr0) ^ _INT_MIN
-  thr = jnp.where(kk == 0, _INT_MAX, thr)
+  _, thr_u, at = jax.lax.while_loop(lambda c: (c[0] < n_steps) & (c[2] != kk), digit_step,
+                                    (jnp.int32(0), thr0, n_ok))   # every allowed key >= thr0
+  exact = at == kk           # the keys >= thr are the selection: no tie break needed
+  thr = jnp.where(kk == 0, _INT_MAX, thr_u ^ _INT_MIN)
 
   n_gt = sweep(lambda j, x, key, ok, c: c + jnp.sum((ok & (key > thr)).astype(jnp.int32)),
-               jnp.int32(0))
-  need_eq = kk - n_gt
+               jnp.int32(0), n=jnp.where(exact, 0, n_live))        # no sweep when exact
+  need_eq = jnp.where(exact, kk, kk - n_gt)
 
   def emit(j, x, key, ok, c):
     n_sel, n_eq = c
