@@ -113,3 +113,20 @@ def test_sparse_mla_forward_backward_and_teacher():
   p = jax.jit(lambda *a: sa_gpu.attention_probs_mean(*a, V, scale))(q, kv, idx, got[1])
   p_ref = sa_ref.attention_probs_mean(q, kv, idx, got[1], scale)
   _close(p, p_ref, 1e-3)
+
+
+def test_masked_teacher():
+  """The masked form's KL teacher (MHA q/k of width 128 + 64 per head, dense tiles) at 128
+  heads, from a softmax lse over each token's selected keys."""
+  T, K, D = 768, 512, 192
+  ks = jax.random.split(jax.random.key(6), 2)
+  q = jax.random.normal(ks[0], (1, T, H, D), bf16)
+  k = jax.random.normal(ks[1], (1, T, H, D), bf16)
+  idx = jnp.asarray(random_topk_indices(np.random.RandomState(7), 1, T, T, K))
+  scale = D ** -0.5
+  logits = scale * jnp.einsum('bthd,bshd->bths', q, k, preferred_element_type=jnp.float32)
+  sel = jnp.zeros((1, T, T), bool).at[0, jnp.arange(T)[:, None], jnp.maximum(idx[0], 0)].max(
+      idx[0] >= 0)
+  lse = jax.nn.logsumexp(jnp.where(sel[:, :, None, :], logits, -jnp.inf), axis=-1)
+  p = jax.jit(lambda *a: sa_gpu.masked_probs_mean(*a, scale))(q, k, idx, lse)
+  _close(p, sa_ref.masked_probs_mean(q, k, idx, lse, scale), 1e-3)
