@@ -27,7 +27,8 @@ Sections (--sections, comma list; default all):
            to a top-K key set per query by a mask (dsa.sparse_attention=masked), and the DSA
            crossover: per T, one DSA layer's forward+backward (indexer scores + top-k, sparse MLA
            fwd+bwd, and with the kl section in the run the KL teacher and student fwd+bwd:
-           `kl_included`) against cuDNN's fwd+bwd.
+           `kl_included`; `dsa_ms_student_dq_gather` with the student's gathered dq/dw)
+           against cuDNN's fwd+bwd.
 
 FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C+2V) (recomputed
 logits, dp, dq, dkv: the flash-attention 2.5x convention); indexer 2·H·D per allowed (t, s)
@@ -614,8 +615,12 @@ class Bench:
         continue
       with_kl = None not in kl
       dsa = sum(parts + kl) if with_kl else sum(parts)
-      self.out['crossover'].append(dict(T=T, dsa_ms=round(dsa, 3), dense_cudnn_ms=round(dense, 3),
-                                        dsa_faster=dsa < dense, kl_included=with_kl))
+      row = dict(T=T, dsa_ms=round(dsa, 3), dense_cudnn_ms=round(dense, 3),
+                 dsa_faster=dsa < dense, kl_included=with_kl)
+      gathered = get('student_scores_at_fwd+bwd', T, impl='pallas_gather_dq')
+      if with_kl and gathered is not None:    # the same layer with kernels.student_dq=gather
+        row['dsa_ms_student_dq_gather'] = round(sum(parts) + kl[0] + gathered, 3)
+      self.out['crossover'].append(row)
 
 
 def _plain(x):
