@@ -34,7 +34,11 @@ the chunks it already holds. --budget-s: a phase starts only if its estimated ti
 rate measured so far, steps at the step time measured so far) fits what is left; SIGTERM or
 SIGINT (e.g. `timeout`) writes the report before exiting.
 --update-only: no model; times the tables' sparse update (gather of theta/m/v for U random rows
-per layer, then the in-place write-back of those rows) against its floor, on any backend.
+per layer, then the in-place write-back of those rows) against its floor, on any backend. With
+--host-adam-probe it also times, on the same rows, the update of the host-side Adam design
+(docs/engram_host_tables.md; not built): theta gathered for the H2D, then the row Adam applied
+in place by a numba kernel (numba is not a v4jax dependency: `pip install numba`), against the
+same floor: whether that design can reach the issue's <= 2x before it is built.
 """
 from __future__ import annotations
 
@@ -49,9 +53,11 @@ import sys
 import time
 import traceback
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from v4jax.cli import claim_gpu_memory  # noqa: E402  (no jax import: env first)
+from v4jax.cli import ToolError, claim_gpu_memory  # noqa: E402  (no jax import: env first)
 
 GIB = 1 << 30
 
@@ -82,6 +88,10 @@ def _parse():
                  help='time the host tables\' sparse update only (no model)')
   p.add_argument('--rows', type=int, default=262144, help='--update-only: rows per layer per step')
   p.add_argument('--threads', type=int, default=0, help='host threads (0: min(16, cores))')
+  p.add_argument('--host-adam-probe', action='store_true',
+                 help='--update-only: also time the update of the host-side Adam design '
+                 '(docs/engram_host_tables.md, not built): theta gather + in-place row Adam, '
+                 'compiled with numba (needs `pip install numba`)')
   p.add_argument('--chunk-mib', type=int, default=0,
                  help='engram.host_chunk_mib: pinned chunk size (0: the config default, 2048)')
   return p.parse_args()
@@ -371,6 +381,76 @@ def extras(tabs, batches, log):
   return out
 
 
+_ADAM_KERNELS = {}
+
+
+def _probe_kernels():
+  """numba kernels of the host-side Adam design, compiled once: theta of the rows into a
+  staging array, and SPEC §6.4's row Adam in place (as rows.lazy_adam_rows: rows with an
+  all-zero gradient or a non-finite step keep their bits)."""
+  if not _ADAM_KERNELS:
+    try:
+      from numba import njit
+    except ImportError as e:
+      raise ToolError('--host-adam-probe needs numba (pip install numba)') from e
+
+    # Plain loops: per-row slices or temporaries allocate in numba and cost ~5x.
+    @njit(nogil=True, cache=False)
+    def gather_theta(tab, rows, out):
+      for i in range(rows.shape[0]):
+        r = rows[i]
+        for h in range(out.shape[1]):
+          out[i, h] = tab[r, 0, h]
+
+    @njit(nogil=True, cache=False)
+    def adam(tab, rows, g, lr, b1, b2, eps, c1, c2, finite):
+      one = lr / lr                                     # 1 in float32
+      for i in range(rows.shape[0]):
+        touched = False
+        for h in range(g.shape[1]):
+          touched = touched or g[i, h] != 0
+        if not (finite and touched):
+          continue
+        r = rows[i]
+        for h in range(g.shape[1]):
+          gi = g[i, h]
+          m = b1 * tab[r, 1, h] + (one - b1) * gi
+          v = b2 * tab[r, 2, h] + (one - b2) * gi * gi
+          tab[r, 0, h] += -lr * (m / c1) / (np.sqrt(v / c2) + eps)
+          tab[r, 1, h] = m
+          tab[r, 2, h] = v
+    _ADAM_KERNELS.update(gather_theta=gather_theta, adam=adam)
+  return _ADAM_KERNELS
+
+
+def host_adam_probe(store, sel, rng, count=10) -> dict:
+  """{probe_theta_gather_ms, probe_adam_ms}: the host-side Adam design's update over the same
+  rows as the step's gather + write-back, on the store's thread pool: theta gathered into a
+  staging array (what its H2D would carry), then Adam applied in place from random row
+  gradients (what its D2H would bring). Timed for the floor comparison only; the tables' values
+  change as a real update would change them."""
+  import numpy as np
+  k = _probe_kernels()
+  width = store.width
+  f32 = np.float32
+  hp = (f32(1e-3), f32(0.9), f32(0.95), f32(1e-8), f32(1 - 0.9 ** (count + 1)),
+        f32(1 - 0.95 ** (count + 1)), True)
+  grads = {l: rng.standard_normal((len(ids), width), dtype=np.float32)
+           for l, (ids, _) in sel.items()}
+  theta = {l: np.empty((len(ids), width), np.float32) for l, (ids, _) in sel.items()}
+  tasks = store._row_tasks(sel)  # pylint: disable=protected-access
+  local = lambda c, g, lo, hi: (g[lo:hi] - c * store.chunk).astype(np.int64)
+  out = {}
+  for name, fn in (('probe_theta_gather_ms', lambda l, c, g, off, lo, hi: k['gather_theta'](
+      store.views[c], local(c, g, lo, hi), theta[l][off + lo:off + hi])),
+                   ('probe_adam_ms', lambda l, c, g, off, lo, hi: k['adam'](
+      store.views[c], local(c, g, lo, hi), grads[l][off + lo:off + hi], *hp))):
+    t0 = time.perf_counter()
+    store._run(fn, tasks)  # pylint: disable=protected-access
+    out[name] = 1e3 * (time.perf_counter() - t0)
+  return out
+
+
 def bench_update(args, log, report, save):
   """--update-only: the host tables' sparse update with no model (any backend). Per size: U
   random rows per layer (2 layers), gathered (theta/m/v to the device) and written back in
@@ -408,11 +488,19 @@ def bench_update(args, log, report, save):
       if i >= args.warmup:
         for key, v in st.items():
           times[key].append(v[0])
+      if args.host_adam_probe:
+        probe = host_adam_probe(tabs.store, sel, rng)
+        if i >= args.warmup:
+          for key, v in probe.items():
+            times[key].append(v)
     med = {k: statistics.median(v) for k, v in times.items()}
     floor = 1e3 * 2 * sum(n.values()) * 3 * 64 * 4 / (report['host_bandwidth_gbs'] * 1e9)
     upd = med['gather_ms'] + med['scatter_ms']
     res = dict(size_gib=gib, chunks=len(tabs.store.chunks), rows_per_step=sum(n.values()), **med,
                update_ms=upd, floor_ms=floor, update_over_floor=upd / floor)
+    if args.host_adam_probe:
+      probe_ms = med['probe_theta_gather_ms'] + med['probe_adam_ms']
+      res.update(probe_update_ms=probe_ms, probe_over_floor=probe_ms / floor)
     report['update_only'].append(res)
     log(f'  {gib} GiB tables: {json.dumps(res)}')
     tabs.close()
