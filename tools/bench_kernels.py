@@ -401,23 +401,21 @@ class Bench:
       # overflow its shared memory at V3.2 shapes (443 of 227 KiB, eleventh measurement)
       impls = (('pallas', lambda *a: sa_gpu.attention_probs_mean(*a, s['V'], scale), student_k),
                ('xla_reference', probs_ref, student_ref))
-      for impl, pf, sf in impls[:1 if T > ref_max_t else 2]:
-        pj = jax.jit(pf)
-        self.record('kl', 'teacher_probs_mean', dict(shape, impl=impl),
-                    lambda: self.timeit(pj, q, kv, idx, lse),
-                    flops=2 * s['H'] * n_valid * s['C'])
+      def student(impl, sf):
         sj = jax.jit(jax.value_and_grad(
             lambda qi, ki, wi: jnp.sum(jnp.where(idx >= 0, sf(qi, ki, wi, idx), 0)),
             argnums=(0, 1, 2)))
         self.record('kl', 'student_scores_at_fwd+bwd', dict(shape, impl=impl),
                     lambda: self.timeit(sj, qi, ki, wi), flops=2 * s['HI'] * n_valid * s['DI'] * 4)
+      for impl, pf, sf in impls[:1 if T > ref_max_t else 2]:
+        pj = jax.jit(pf)
+        self.record('kl', 'teacher_probs_mean', dict(shape, impl=impl),
+                    lambda: self.timeit(pj, q, kv, idx, lse),
+                    flops=2 * s['H'] * n_valid * s['C'])
+        student(impl, sf)
       # the student's dq/dw from each token's gathered keys (dq_form='gather'), beside the
       # default dense tiles: the row the crossover uses stays the model's default
-      sg = jax.jit(jax.value_and_grad(
-          lambda qi, ki, wi: jnp.sum(jnp.where(idx >= 0, ix_gpu.indexer_scores_at(
-              qi, ki, wi, idx, dq_form='gather'), 0)), argnums=(0, 1, 2)))
-      self.record('kl', 'student_scores_at_fwd+bwd', dict(shape, impl='pallas_gather_dq'),
-                  lambda: self.timeit(sg, qi, ki, wi), flops=2 * s['HI'] * n_valid * s['DI'] * 4)
+      student('pallas_gather_dq', lambda *a: ix_gpu.indexer_scores_at(*a, dq_form='gather'))
       if label != 'v3.2' or self.smoke:
         self.masked_teacher(s, T, idx, shape)
       del q, kv, idx, qi, ki, wi

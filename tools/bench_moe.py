@@ -91,8 +91,7 @@ def fns(impl: str, sizes):
 def paired_ms(fn, args, dense, dense_args, iters, reps=1) -> dict:
   """{ms, dense_ms, vs_dense}: fn timed in rounds interleaved with the dense matmul
   (`cli.paired_seconds`), medians of each and of the per-round ratio dense / fn."""
-  t, t_dense = (np.asarray(a) for a in paired_seconds(fn, args, dense, dense_args, iters,
-                                                                  reps))
+  t, t_dense = (np.asarray(a) for a in paired_seconds(fn, args, dense, dense_args, iters, reps))
   return {'ms': float(np.median(t)) * 1e3, 'dense_ms': float(np.median(t_dense)) * 1e3,
           'vs_dense': float(np.median(t_dense / t))}
 

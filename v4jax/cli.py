@@ -168,24 +168,27 @@ def paired_seconds(f: Callable, f_args: tuple, ref: Callable, ref_args: tuple,
   kernels are not timed with a host round trip each (the eleventh measurement's single-call
   rounds put the same dense GEMM at 0.58-0.87 ms)."""
   import jax
-
-  def block(g, a):
-    t0 = time.perf_counter()
-    for _ in range(reps - 1):
-      g(*a)
-    jax.block_until_ready(g(*a))
-    return (time.perf_counter() - t0) / reps
   jax.block_until_ready(f(*f_args))
   jax.block_until_ready(ref(*ref_args))
   tf, tr = [], []
   for i in range(iters):
     if i % 2:
-      tr.append(block(ref, ref_args))
-      tf.append(block(f, f_args))
+      tr.append(_block_seconds(ref, ref_args, reps))
+      tf.append(_block_seconds(f, f_args, reps))
     else:
-      tf.append(block(f, f_args))
-      tr.append(block(ref, ref_args))
+      tf.append(_block_seconds(f, f_args, reps))
+      tr.append(_block_seconds(ref, ref_args, reps))
   return tf, tr
+
+
+def _block_seconds(f: Callable, args: tuple, reps: int) -> float:
+  """Wall seconds per call of `reps` calls of f(*args) dispatched back to back, one wait."""
+  import jax
+  t0 = time.perf_counter()
+  for _ in range(reps - 1):
+    f(*args)
+  jax.block_until_ready(f(*args))
+  return (time.perf_counter() - t0) / reps
 
 
 def median_seconds(f: Callable, *args, iters: int, reps: int = 1) -> float:
@@ -195,11 +198,4 @@ def median_seconds(f: Callable, *args, iters: int, reps: int = 1) -> float:
   import jax
   import numpy as np
   jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    for _ in range(reps - 1):
-      f(*args)
-    jax.block_until_ready(f(*args))
-    times.append((time.perf_counter() - t0) / reps)
-  return float(np.median(times))
+  return float(np.median([_block_seconds(f, args, reps) for _ in range(iters)]))

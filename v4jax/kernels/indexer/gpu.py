@@ -203,7 +203,7 @@ def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0, radix_bits)
   # the bucket at the threshold holds no other key, well before the last bit; with ties at
   # the k-th value it never happens and every bit is resolved as before.
   def digit_step(c):
-    i, thr_u, _ = c
+    i, thr_u, at = c
     lo_bit = jnp.maximum(n_bits - (i + 1) * radix_bits, 0)
     if radix_bits == 1:                            # scalar compares (no [ch, 2] tile)
       cand_key = (thr_u | jnp.left_shift(jnp.int32(1), lo_bit)) ^ _INT_MIN
@@ -211,7 +211,7 @@ def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0, radix_bits)
                   jnp.int32(0))
       up = cnt >= kk
       return (i + 1, thr_u | jnp.left_shift(up.astype(jnp.int32), lo_bit),
-              jnp.where(up, cnt, c[2]))
+              jnp.where(up, cnt, at))
     width = n_bits - i * radix_bits - lo_bit
     cand_key = (thr_u | jnp.left_shift(digits, lo_bit)) ^ _INT_MIN
     cnt = sweep(lambda j, x, key, ok, c: c + jnp.sum(

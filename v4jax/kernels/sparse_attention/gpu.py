@@ -139,14 +139,21 @@ def _params(b: Blocks):
   return pltriton.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages)
 
 
-def _scores(qn, qr, kv_ref, rows, vp, rp, scale):
-  en = kv_ref[rows, pl.ds(0, vp)]
+def _gather_rows(kv_ref, rows, vp, rp):
+  """The selected kv rows in their power-of-two parts: ([n, vp], [n, rp] or None)."""
+  return kv_ref[rows, pl.ds(0, vp)], (kv_ref[rows, pl.ds(vp, rp)] if rp else None)
+
+
+def _logits(qn, qr, en, er, scale):
   s = _dot(qn, en, _NT)
-  er = None
-  if rp:
-    er = kv_ref[rows, pl.ds(vp, rp)]
+  if er is not None:
     s = s + _dot(qr, er, _NT)
-  return s * scale, en, er
+  return s * scale
+
+
+def _scores(qn, qr, kv_ref, rows, vp, rp, scale):
+  en, er = _gather_rows(kv_ref, rows, vp, rp)
+  return _logits(qn, qr, en, er, scale), en, er
 
 
 # ------------------------------------------------------------------------------------- forward
@@ -463,15 +470,13 @@ def _probs_kernel(q_ref, lse_ref, idx_ref, kv_ref, p_ref, *, scale, vp, rp, bh, 
     ids = idx_ref[pl.ds(j * bk, bk)]
     valid = ids >= 0
     rows = jnp.maximum(ids, 0)
-    en = kv_ref[rows, pl.ds(0, vp)]
-    er = kv_ref[rows, pl.ds(vp, rp)] if rp else None
+    en, er = _gather_rows(kv_ref, rows, vp, rp)
 
     def head_block(hb, acc):
       heads = pl.ds(hb * bh, bh)
-      s = _dot(q_ref[heads, pl.ds(0, vp)], en, _NT)
-      if rp:
-        s = s + _dot(q_ref[heads, pl.ds(vp, rp)], er, _NT)
-      return acc + jnp.sum(jnp.exp(s * scale - lse_ref[heads][:, None]), axis=0)
+      qr = q_ref[heads, pl.ds(vp, rp)] if rp else None
+      s = _logits(q_ref[heads, pl.ds(0, vp)], qr, en, er, scale)
+      return acc + jnp.sum(jnp.exp(s - lse_ref[heads][:, None]), axis=0)
     acc = jax.lax.fori_loop(0, nh, head_block, jnp.zeros((bk,), jnp.float32))
     p_ref[pl.ds(j * bk, bk)] = jnp.where(valid, acc / h, 0.0)
     return carry
