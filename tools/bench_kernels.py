@@ -397,8 +397,8 @@ class Bench:
         d = jnp.einsum('bthd,btkd->bthk', qi, gather(ki, idx), preferred_element_type=jnp.float32)
         return jnp.einsum('bthk,bth->btk', jax.nn.relu(d), wi)
       student_k = lambda *a: ix_gpu.indexer_scores_at(*a)
-      # the teacher at its own default blocks, as the model calls it: the forward's swept blocks
-      # overflow its shared memory at V3.2 shapes (443 of 227 KiB, eleventh measurement)
+      # the teacher at its own default blocks, as the model calls it (not the forward's swept
+      # blocks, which are another kernel's)
       impls = (('pallas', lambda *a: sa_gpu.attention_probs_mean(*a, s['V'], scale), student_k),
                ('xla_reference', probs_ref, student_ref))
       def student(impl, sf):
