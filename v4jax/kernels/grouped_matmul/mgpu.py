@@ -46,11 +46,17 @@ DEFAULT_TILES = Tiles()   # FACTS.md: 480-650 TFLOP/s for bf16 at DeepSeek-V3 ex
 # `tools/bench_moe.py --sweep` (docs/benchmarks.md); other shapes use DEFAULT_TILES.
 TUNED: dict[tuple[str, int, int], Tiles] = {
     # tenth session, balanced routing, one run: ms of this tiling vs jax's kernel at DEFAULT_TILES
-    ('fwd', 1024, 1536): Tiles(128, 128, 64, 3, 4, 2),   # bench-1B down: 0.848 vs 0.885 ms
     ('fwd', 7168, 2048): Tiles(128, 128, 64, 3, 2, 2),   # DeepSeek-V3 up: 1.752 vs 1.914 ms
     ('fwd', 2048, 7168): Tiles(128, 128, 64, 3, 8, 2),   # DeepSeek-V3 down: 1.812 vs 2.053 ms
     # eleventh session (`--sweep --sweep-kernels fwd_t --sweep-consumers 2`), same reading
     ('fwd_t', 7168, 2048): Tiles(128, 128, 64, 4, 8, 2),  # DeepSeek-V3 down's dx: 1.794 vs 1.945 ms
+    # twelfth session, bench-1B (`--sweep --shapes bench1b --reps 10`): ms vs DEFAULT_TILES
+    ('fwd', 1536, 1024): Tiles(128, 128, 64, 3, 4, 2),    # up: 0.570 vs 0.686 ms
+    ('fwd_t', 1024, 1536): Tiles(128, 128, 64, 3, 2, 2),  # up's dx: 0.587 vs 0.746 ms
+    ('dw', 1536, 1024): Tiles(128, 128, 64, 5, 1, 1),     # up's dw: 0.560 vs 0.589 ms
+    ('fwd', 1024, 1536): Tiles(128, 128, 64, 4, 2, 2),    # down: 0.594 vs 0.734 ms
+    ('fwd_t', 1536, 1024): Tiles(128, 128, 64, 4, 4, 2),  # down's dx: 0.573 vs 0.681 ms
+    ('dw', 1024, 1536): Tiles(128, 128, 64, 4, 1, 1),     # down's dw: 0.537 vs 0.572 ms
 }
 
 
