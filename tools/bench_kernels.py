@@ -27,7 +27,8 @@ Sections (--sections, comma list; default all):
            to a top-K key set per query by a mask (dsa.sparse_attention=masked), and the DSA
            crossover: per T, one DSA layer's forward+backward (indexer scores + top-k, sparse MLA
            fwd+bwd, and with the kl section in the run the KL teacher and student fwd+bwd:
-           `kl_included`; `dsa_ms_student_dq_gather` with the student's gathered dq/dw)
+           `kl_included`, the student in the form kernels.student_dq=auto picks at T
+           (`student_dq`), `dsa_ms_student_dq_<other>` with the other form)
            against cuDNN's fwd+bwd.
 
 FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C+2V) (recomputed
@@ -396,7 +397,7 @@ class Bench:
       def student_ref(qi, ki, wi, idx):
         d = jnp.einsum('bthd,btkd->bthk', qi, gather(ki, idx), preferred_element_type=jnp.float32)
         return jnp.einsum('bthk,bth->btk', jax.nn.relu(d), wi)
-      student_k = lambda *a: ix_gpu.indexer_scores_at(*a)
+      student_k = lambda *a: ix_gpu.indexer_scores_at(*a, dq_form='dense')
       # the teacher at its own default blocks, as the model calls it (not the forward's swept
       # blocks, which are another kernel's)
       impls = (('pallas', lambda *a: sa_gpu.attention_probs_mean(*a, s['V'], scale), student_k),
@@ -413,8 +414,8 @@ class Bench:
                     lambda: self.timeit(pj, q, kv, idx, lse),
                     flops=2 * s['H'] * n_valid * s['C'])
         student(impl, sf)
-      # the student's dq/dw from each token's gathered keys (dq_form='gather'), beside the
-      # default dense tiles: the row the crossover uses stays the model's default
+      # the student's dq/dw from each token's gathered keys (dq_form='gather'), beside the dense
+      # tiles ('pallas'); the crossover counts the form the model's default 'auto' picks at T
       student('pallas_gather_dq', lambda *a: ix_gpu.indexer_scores_at(*a, dq_form='gather'))
       if label != 'v3.2' or self.smoke:
         self.masked_teacher(s, T, idx, shape)
@@ -612,12 +613,19 @@ class Bench:
       if None in parts or dense is None:
         continue
       with_kl = None not in kl
-      dsa = sum(parts + kl) if with_kl else sum(parts)
+      student = {'dense': kl[1], 'gather': get('student_scores_at_fwd+bwd', T,
+                                                impl='pallas_gather_dq')}
+      form = ix_gpu.resolve_dq_form(T, T, V3['K'])      # kernels.student_dq=auto's pick
+      if student[form] is None:
+        form = 'dense'
+      dsa = sum(parts) + (kl[0] + student[form] if with_kl else 0.0)
       row = dict(T=T, dsa_ms=round(dsa, 3), dense_cudnn_ms=round(dense, 3),
                  dsa_faster=dsa < dense, kl_included=with_kl)
-      gathered = get('student_scores_at_fwd+bwd', T, impl='pallas_gather_dq')
-      if with_kl and gathered is not None:    # the same layer with kernels.student_dq=gather
-        row['dsa_ms_student_dq_gather'] = round(sum(parts) + kl[0] + gathered, 3)
+      if with_kl:
+        row['student_dq'] = form
+        other = 'gather' if form == 'dense' else 'dense'
+        if student[other] is not None:    # the same layer with the other student form
+          row[f'dsa_ms_student_dq_{other}'] = round(sum(parts) + kl[0] + student[other], 3)
       self.out['crossover'].append(row)
 
 

@@ -133,8 +133,9 @@ def default_config() -> ConfigDict:
       attention='auto',        # dense attention: auto | reference | cudnn (flash, GPU)
       sinkhorn='auto',         # mHC Sinkhorn: auto (pallas on GPU) | reference | pallas (Triton;
                                # interpret mode on CPU)
-      student_dq='dense',      # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
-                               # | gather (each token's K selected keys; see kernels/indexer)
+      student_dq='auto',       # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
+                               # | gather (each token's K selected keys) | auto (by T, S and K:
+                               # gather from ~8K tokens; kernels/indexer/gpu.resolve_dq_form)
   ))
   c.mesh = ConfigDict(dict(
       data=1, fsdp=-1, expert=1, tensor=1,      # ICI sizes; -1 = the rest
@@ -209,7 +210,7 @@ _CHOICES = {
     'kernels.impl': ('auto', 'reference', 'pallas'),
     'kernels.attention': ('auto', 'reference', 'cudnn'),
     'kernels.sinkhorn': ('auto', 'reference', 'pallas'),
-    'kernels.student_dq': ('dense', 'gather'),
+    'kernels.student_dq': ('auto', 'dense', 'gather'),
     'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),
     'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),
     'data.source': ('builtin', 'array_record', 'synthetic'),

@@ -371,6 +371,26 @@ def test_gpu_scores_at_backward(B, T, S, H, D, K, blocks, dtype, causal, dq_form
     _close(np.asarray(a, np.float32), b, rel)
 
 
+def test_gpu_scores_at_auto_dq_form():
+  """dq_form='auto' picks 'dense' at the shapes where the H200 timed it faster (T = S = 4K,
+  K = 1K) and 'gather' where that was (16K and 32K tokens, K = 2K), and runs exactly the form it
+  picks: the gradients are bit-identical to that form's."""
+  assert gpu.resolve_dq_form(4096, 4096, 1024) == 'dense'
+  assert gpu.resolve_dq_form(16384, 16384, 2048) == 'gather'
+  assert gpu.resolve_dq_form(32768, 32768, 2048) == 'gather'
+  assert gpu.resolve_dq_form(64, 8192, 2048) == 'gather'          # a late query chunk: S - T keys
+  B, H, D = 1, 2, 16
+  for T, K, form in ((40, 16, 'dense'), (40, 4, 'gather')):     # live/K = 20.5/16, 20.5/4
+    assert gpu.resolve_dq_form(T, T, K) == form
+    q, k, w = _inputs(B, T, T, H, D, seed=T + K)
+    idx = _distinct_idx(B, T, T, K, np.random.RandomState(K), holes=[])
+    r = jnp.asarray(np.random.RandomState(K + 1).randn(B, T, K), jnp.float32)
+    run = lambda f: _scores_at_and_grads(lambda q, k, w: gpu.indexer_scores_at(
+        q, k, w, idx, dq_form=f, interpret=True), idx, r, q, k, w)
+    for a, b in zip(run('auto'), run(form)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _oracle64_at(q, k, w, idx):
   """float64 numpy I at idx, -inf at -1 slots."""
   q, k, w = (np.asarray(a, np.float64) for a in (q, k, w))

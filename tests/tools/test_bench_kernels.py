@@ -37,12 +37,12 @@ def test_crossover_compares_the_dsa_layer_with_cudnn():
       ('student_scores_at_fwd+bwd', 16384, dict(impl='pallas', shapes='v3.2', K=k), 15.0),
       ('student_scores_at_fwd+bwd', 16384, dict(impl='xla_reference', shapes='v3.2', K=k), 99.0),
       ('student_scores_at_fwd+bwd', 16384, dict(impl='pallas_gather_dq', shapes='v3.2', K=k),
-       6.0),                       # the student_dq=gather form: its own sum beside the default
+       6.0),                       # the gather form: auto's pick at 16K, the dense form beside it
       ('teacher_probs_mean', 4096, dict(impl='pallas', shapes='bench', K=1024), 5.0),
   ]
   b.out['results'] = [dict(name=n, T=t, ms=ms, **kw) for n, t, kw, ms in rows + kl]
   b.crossover([4096, 16384, 32768])
   assert b.out['crossover'] == [
       dict(T=4096, dsa_ms=43.0, dense_cudnn_ms=20.0, dsa_faster=False, kl_included=False),
-      dict(T=16384, dsa_ms=230.0, dense_cudnn_ms=320.0, dsa_faster=True, kl_included=True,
-           dsa_ms_student_dq_gather=221.0)]
+      dict(T=16384, dsa_ms=221.0, dense_cudnn_ms=320.0, dsa_faster=True, kl_included=True,
+           student_dq='gather', dsa_ms_student_dq_dense=230.0)]

@@ -137,7 +137,7 @@ def dense_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, q_BTHK, k_BSHK, lse_BTH, scale: fl
 
 def sparse_indexer_kl(qi_BTJI, ki_BSI, wi_BTJ, idx_BTK, teacher: Callable[[], jax.Array],
                       valid_BT=None, *, topk_scores_BTK=None, query_block: int = 0,
-                      impl: str = 'auto', student_dq: str = 'dense') -> jax.Array:
+                      impl: str = 'auto', student_dq: str = 'auto') -> jax.Array:
   """Σ over valid t of KL(p^S_t ‖ softmax(I_t)) over the selected keys S_t (sparse stage).
 
   teacher() gives p^S [B,T,K], the head-mean of the actual sparse attention softmax at the

@@ -69,7 +69,7 @@ def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: in
 
 def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx_BTK: jax.Array,
                       *, scores_BTK: jax.Array | None = None, query_block: int = 0,
-                      impl: str = 'auto', dq_form: str = 'dense') -> jax.Array:
+                      impl: str = 'auto', dq_form: str = 'auto') -> jax.Array:
   """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys, -inf at -1 slots; the sparse
   KL student, differentiable in q, k and w (the GPU kernel gathers rows in-kernel, its backward
   runs dense [T,S] tiles over a scattered cotangent without atomics; the TPU kernel DMA-gathers
@@ -78,8 +78,9 @@ def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx
 
   scores_BTK: indexer_topk's return_scores for this idx. The kernels then return them as the
   value and run only the backward kernels (same gradient); the reference ignores them (None
-  from its top-k anyway) and recomputes. dq_form: the GPU backward's dq/dw ('dense' tiles or
-  'gather'ed keys, config.kernels.student_dq); the TPU kernel gathers in either case.
+  from its top-k anyway) and recomputes. dq_form: the GPU backward's dq/dw ('dense' tiles,
+  'gather'ed keys, or 'auto' by shape; config.kernels.student_dq); the TPU kernel gathers in any
+  case.
   """
   _check(q_BTHD, k_BSD, w_BTH, impl)
   if idx_BTK.ndim != 3 or idx_BTK.shape[:2] != q_BTHD.shape[:2]:

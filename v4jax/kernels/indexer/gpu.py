@@ -538,6 +538,20 @@ _scores_at.defvjp(_scores_at_fwd, _scores_at_bwd)
 _scores_at_given = given_value_vjp(_scores_at_bwd)   # the student given top-k's scores
 
 
+# dq_form='auto' takes 'gather' from this ratio of the dense tiles' live (t, s) pairs to the T*K
+# selected ones. The student's forward+backward on the H200 (docs/benchmarks.md, twelfth
+# measurement), dense vs gather: ratio 2 (T = 4K, K = 1K, 16 heads) 3.53 vs 4.37 ms; ratio 4
+# (16K, 2K, 64 heads) 30.4 vs 22.2 ms; ratio 8 (32K, 2K) 110.5 vs 70.9 ms. Even near 2.6.
+GATHER_FROM_LIVE_RATIO = 3.0
+
+
+def resolve_dq_form(T: int, S: int, K: int) -> str:
+  """'dense' or 'gather' for dq_form='auto': causal queries t < T see keys s <= t + S - T, so
+  the dense tiles cover (S - T) + (T + 1) / 2 keys per query where the gather form reads K."""
+  live_over_k = ((S - T) + (T + 1) / 2) / K
+  return 'gather' if live_over_k >= GATHER_FROM_LIVE_RATIO else 'dense'
+
+
 class _AtOpts(NamedTuple):
   block_k: int
   block_t: int
@@ -553,7 +567,7 @@ def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx
                       *, block_k: int | None = None, block_t: int | None = None,
                       block_s: int | None = None, block_h: int | None = None,
                       num_warps: int | None = 4, num_stages: int | None = None,
-                      scores_BTK: jax.Array | None = None, dq_form: str = 'dense',
+                      scores_BTK: jax.Array | None = None, dq_form: str = 'auto',
                       interpret: bool | None = None) -> jax.Array:
   """fp32 I [B,T,K] = Σ_h w·ReLU(q_h·k[idx]) at the selected keys (-inf at -1 slots).
 
@@ -569,13 +583,16 @@ def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx
   Triton settings. Any idx works (-1 slots contribute nothing, repeated indices add up).
   dq_form='gather' computes dq and dw per token from its own K gathered keys instead (K work per
   token where the dense tiles do every live tile's: at T = 32K, K = 2048 nearly every causal
-  tile is live, ~8x the sparse work); dk stays dense. Not yet timed on a GPU, hence not the
-  default.
+  tile is live, ~8x the sparse work); dk stays dense. dq_form='auto' (the default) picks by
+  resolve_dq_form: 'dense' at the bench config's 4K tokens, 'gather' from ~8K.
   """
-  if dq_form not in ('dense', 'gather'):
-    raise ValueError(f"indexer_scores_at: dq_form={dq_form!r}; expected 'dense' or 'gather'")
+  if dq_form not in ('auto', 'dense', 'gather'):
+    raise ValueError(f"indexer_scores_at: dq_form={dq_form!r}; expected 'auto', 'dense' or "
+                     "'gather'")
   T, H = q_BTHD.shape[1:3]
   S, K = k_BSD.shape[1], idx_BTK.shape[2]
+  if dq_form == 'auto':
+    dq_form = resolve_dq_form(T, S, K)
   opts = _AtOpts(block_k=block_k or min(64, max(16, next_pow2(K))),
                  block_t=block_t or min(64, max(16, next_pow2(T))),
                  block_s=block_s or min(64, max(16, next_pow2(S))),
