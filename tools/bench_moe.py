@@ -4,9 +4,11 @@ For each expert shape (bench-1B: E=64 experts, D=1536, d_e=1024, 16K tokens x to
 DeepSeek-V3 local slice: 32 of 256 experts on one GPU, D=7168, d_e=2048, 32K slots) and each
 routing (balanced: equal group sizes; skewed: Zipf(1) group sizes), this times in one process:
   dense    x[M,K] @ w[K,N]                              (the ceiling)
-  mgpu     v4jax grouped_matmul impl=mgpu (Mosaic-GPU ragged_dot + custom VJP)
-  mgpu_grouped  the same with all_rows_grouped=True (the dropless MoE's call: the group sizes
-           sum to M, so no pass zeroes rows past them); not in the default --impls
+  mgpu_grouped  v4jax grouped_matmul impl=mgpu (Mosaic-GPU ragged_dot + custom VJP) with
+           all_rows_grouped=True: the call the model makes (model/moe.py, parallel/expert.py; the
+           group sizes sum to M, so no pass zeroes rows past them); the issue's headline row
+  mgpu     the same without all_rows_grouped (a generic caller's: one more pass over y zeroes
+           rows past the groups, ~15-20% of a bench-1B forward)
   ragged   jax.lax.ragged_dot (XLA's reference lowering)
 forward (y) and forward+backward (y, dx, dw via jax.vjp with a bf16 cotangent: 3 GEMMs), for the
 expert FFN's GEMMs (--gemms): up (K=D, N=d_e; the gate projection is the same GEMM) and down
@@ -252,7 +254,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--smoke', action='store_true', help='tiny shapes, any backend')
   ap.add_argument('--shapes', default=','.join(SHAPES), help=f'subset of {list(SHAPES)}')
-  ap.add_argument('--impls', default='dense,mgpu,ragged')
+  ap.add_argument('--impls', default='dense,mgpu_grouped,mgpu,ragged')
   ap.add_argument('--gemms', default='up,down', help=f'subset of {list(GEMMS)}')
   ap.add_argument('--iters', type=int, default=10, help='timed rounds')
   ap.add_argument('--reps', type=int, default=10,
