@@ -37,6 +37,11 @@ from v4jax.parallel.mesh import make_mesh
 is_var = lambda x: isinstance(x, nnx.Variable)
 
 
+# Trainer._step's donated arguments, without / with host tables: the state, and with host tables
+# also `prev` (the last step's new Engram rows). tools/aot_compile.py compiles the same step.
+STEP_DONATE = {False: (0,), True: (0, 3)}
+
+
 def engram_setup(cfg, meta: dict | None):
   """The frozen Engram hash constants: from the checkpoint when resuming, else built once."""
   if not cfg.engram.enabled:
@@ -121,7 +126,7 @@ class Trainer:
     else:
       self.state = self._init(cfg.train.seed)
     rows_out = (self.tables.row_sharding,) if self.tables is not None else ()
-    self._train_step = jax.jit(self._step, donate_argnums=0,
+    self._train_step = jax.jit(self._step, donate_argnums=STEP_DONATE[self.tables is not None],
                                out_shardings=(self.state_shardings, None) + rows_out)
     self._eval_step = jax.jit(self._eval)
     self._stop = False
@@ -181,13 +186,14 @@ class Trainer:
     m = self.cfg.mtp
     return jnp.where(step < int(m.late_frac * self.cfg.train.steps), m.loss_weight, m.loss_weight_late)
 
-  def _step(self, state, batch, eng=None):
-    """eng (host tables): {'rows','src','prev'} per layer (memory/host_tables.py); the step then
-    also returns the Engram rows after lazy Adam."""
+  def _step(self, state, batch, eng=None, prev=None):
+    """eng (host tables): {'rows','src'} per layer (memory/host_tables.py) and prev, the last
+    step's new rows (donated with the state: XLA writes this step's new rows, which the step
+    then also returns, into their buffers)."""
     cfg = self.cfg
     params, rest, step = state['params'], state['rest'], state['step']
     mtp_w = self._mtp_weight(step)
-    tab = None if eng is None else {l: patch_rows(r, eng['src'][l], eng['prev'][l])
+    tab = None if eng is None else {l: patch_rows(r, eng['src'][l], prev[l])
                                     for l, r in step_rows(eng).items()}
     theta = None if tab is None else {l: r[:, 0] for l, r in tab.items()}
     grad_fn = jax.value_and_grad(self._loss, argnums=(0, 4), has_aux=True)
@@ -262,7 +268,9 @@ class Trainer:
       self.state, scalars = self._train_step(self.state, self.to_global(batch_np))
       return scalars
     batch_np, eng = self.tables.begin(batch_np, getattr(self.train_iter, 'peek', None))
-    self.state, scalars, new_rows = self._train_step(self.state, self.to_global(batch_np), eng)
+    prev = eng.pop('prev')
+    self.state, scalars, new_rows = self._train_step(self.state, self.to_global(batch_np), eng,
+                                                     prev)
     self.tables.end(new_rows)
     return scalars
 

@@ -261,7 +261,7 @@ def runs(tmp_path_factory):
       jax.tree.leaves(host.state['params']),
       [x for p, x in jax.tree_util.tree_leaves_with_path(dev.state['params'])
        if not _is_table(path_str(p))]))
-  losses, touched, dup = {'dev': [], 'host': []}, set(), []
+  losses, touched, dup, donated = {'dev': [], 'host': []}, set(), [], []
   for s in range(STEPS):
     bd, bh = next(dev.train_iter), next(host.train_iter)
     assert np.array_equal(bd['engram_rows_1'], bh['engram_rows_1'])
@@ -269,14 +269,19 @@ def runs(tmp_path_factory):
     touched.update(np.unique(r).tolist())
     dup.append(np.unique(r).size < r.size)
     losses['dev'].append(float(dev.step(bd)['loss']))
+    prev = dict(host.tables._prev_rows)   # pylint: disable=protected-access
     losses['host'].append(float(host.step(bh)['loss']))
+    donated.append(all(a.is_deleted() for a in prev.values()))
   host.save(force=True)
   return types.SimpleNamespace(dev=dev, host=host, host_dir=host_dir, init=init, losses=losses,
-                               touched=np.array(sorted(touched)), dup=dup, same_init=same_init)
+                               touched=np.array(sorted(touched)), dup=dup, same_init=same_init,
+                               donated=donated)
 
 
 def test_host_and_device_tables_train_alike(runs):
-  assert runs.same_init and all(runs.dup)
+  """Same losses and table updates over 20 steps, each step donating the last step's new rows
+  (`prev`) while that step's write-back DMA, queued before it, still reads them."""
+  assert runs.same_init and all(runs.dup) and all(runs.donated)
   # Same math; only the summation order of duplicate-row and norm reductions differs (fp32).
   np.testing.assert_allclose(runs.losses['host'], runs.losses['dev'], rtol=2e-5)
   assert runs.losses['host'][-1] < runs.losses['host'][0]

@@ -24,6 +24,10 @@ second thread; NumPy, which releases the GIL, is spread over a thread pool):
      group and applies row-wise lazy Adam on the device (`rows.lazy_adam_rows`);
   4. write-back: the new rows come back by DMA and are scattered into the table in place. Only the
      U_s rows are read or written: nothing scales with the table size.
+Step s+1 takes step s's new rows (for the patch) as a donated input that XLA reuses for its own
+new rows: one [U_max, 3, H] buffer per layer instead of two live through the step. So the
+write-back's DMA of step s's rows (or, for HBM tables, its device scatter) is queued on the main
+thread right after step s is dispatched, before step s+1 can donate them.
 Overlap: while step s runs on the device, the job thread gathers for step s+1 (the batch comes from
 `Lookahead.peek`), then writes step s back once its rows exist. Rows of U_s that step s+1 uses were
 read before that write-back, so the device patches them from step s's output: no step ever sees a
@@ -43,6 +47,7 @@ import functools
 import itertools
 import json
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -244,12 +249,17 @@ class _HostStore:
     stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))   # the set is free again after this
     return out
 
-  def write(self, sel: dict, new_dev: dict, stats):
-    """Scatters each layer's selected rows of the step's new rows into the tables, in place."""
+  def fetch(self, sel: dict, new_dev: dict, stats) -> dict:
+    """Queues the DMA of this device's new rows into pinned host arrays (returned; they are
+    ready once the step that made the rows has finished)."""
+    del sel, stats
+    return {l: jax.device_put(next(s.data for s in a.addressable_shards if s.device ==
+                                   self.device), self.sh) for l, a in new_dev.items()}
+
+  def write(self, sel: dict, fetched: dict, stats):
+    """Scatters each layer's selected rows of `fetch`'s host rows into the tables, in place."""
     t0 = time.perf_counter()
-    shards = {l: next(s.data for s in a.addressable_shards if s.device == self.device)
-              for l, a in new_dev.items()}
-    host = jax.block_until_ready({l: jax.device_put(a, self.sh) for l, a in shards.items()})
+    host = jax.block_until_ready(fetched)
     new = {l: _row_void(compat.host_view(a, check=False)) for l, a in host.items()}
     t1 = time.perf_counter()
 
@@ -284,6 +294,10 @@ class _DeviceStore:
     self.base, self.total = _layout(rows)
     self.rows, self.u_max = rows, u_max
     self.slots = _zeros((self.total, 3, width), self.sh)
+    # gather (job thread) and fetch (main thread) both dispatch on `slots`, which the scatter
+    # donates: one at a time. Either order gives the same rows: a row both touch is one the
+    # next step patches from this step's output anyway.
+    self._lock = threading.Lock()
 
   def gather(self, sel: dict, place, stats) -> dict:
     t0 = time.perf_counter()
@@ -292,18 +306,24 @@ class _DeviceStore:
       idx = np.zeros((self.u_max,), np.int32)
       idx[off:off + len(ids)] = ids
       idx = jax.device_put(idx + self.base[l], self.sh)
-      out[l] = place(_device_gather(self.slots, idx))
+      with self._lock:
+        out[l] = place(_device_gather(self.slots, idx))
     stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
     return out
 
-  def write(self, sel: dict, new_dev: dict, stats):
+  def fetch(self, sel: dict, new_dev: dict, stats):
+    """Dispatches the in-place scatter of the step's new rows now (the next step donates them)."""
     t0 = time.perf_counter()
     for l, (ids, off) in sel.items():
       idx = np.full((self.u_max,), self.total, np.int32)        # self.total: dropped
       idx[off:off + len(ids)] = ids + self.base[l]
       shard = next(s.data for s in new_dev[l].addressable_shards if s.device == self.device)
-      self.slots = _device_scatter(self.slots, jax.device_put(idx, self.sh), shard)
+      with self._lock:
+        self.slots = _device_scatter(self.slots, jax.device_put(idx, self.sh), shard)
     stats['scatter_ms'].append(1e3 * (time.perf_counter() - t0))
+
+  def write(self, sel: dict, fetched, stats):
+    """Nothing left: `fetch` dispatched the scatter."""
 
   def set_theta(self, l, r0, vals):
     vals3 = jnp.pad(vals[:, None, :], ((0, 0), (0, 2), (0, 0)))    # m = v = 0 at init
@@ -602,19 +622,22 @@ class HostTables:
 
   def end(self, new_rows: dict):
     """After dispatching the step: queue its write-back (after the prefetched gather, which
-    takes the rows it shares with this step from `new_rows` on the device instead)."""
+    takes the rows it shares with this step from `new_rows` on the device instead). The
+    write-back's DMA (HBM tables: its scatter) is queued here, on the calling thread, so that
+    the next step may take `new_rows` as a donated `prev`."""
     cur, self._current = self._current, None
     self._prev, self._prev_rows = (cur['uniq'], cur['n']), new_rows
-    if 'stage' in cur:                    # new_rows exist only once the step read its staging
-      self.store.mark_read(cur['stage'], new_rows)
-    self._pending.append(self._jobs.submit(self._writeback, cur['sel'], new_rows))
+    fetched = self.store.fetch(cur['sel'], new_rows, self.stats)
+    if 'stage' in cur:                    # the DMA is ready only once the step read its staging
+      self.store.mark_read(cur['stage'], fetched)
+    self._pending.append(self._jobs.submit(self._writeback, cur['sel'], fetched))
     self._reap()
 
   def eval_inputs(self, batch: dict):
-    """Rows for a forward-only step (all write-backs applied first)."""
+    """Rows for a forward-only step (all write-backs applied first; no `prev`)."""
     self.flush()
     got = self._submit_gather(batch, None, in_step=False).result()
-    return self._device_batch(batch, got), self._eng(got)
+    return self._device_batch(batch, got), self._eng(got, prev=False)
 
   def flush(self):
     """Waits for every queued gather and write-back; re-raises a failed one."""
@@ -628,8 +651,12 @@ class HostTables:
     self._pool.shutdown()
 
   # ---- jobs -----------------------------------------------------------------------------------
-  def _eng(self, got):
-    eng = {'rows': got['rows'], 'src': got['src'], 'prev': self._prev_rows}
+  def _eng(self, got, prev: bool = True):
+    """The step's `eng` input; with prev, also 'prev': the last step's new rows, which the
+    train step takes apart as a donated argument (Trainer.step)."""
+    eng = {'rows': got['rows'], 'src': got['src']}
+    if prev:
+      eng['prev'] = self._prev_rows
     if 'bounds' in got:
       eng['bounds'] = got['bounds']
     return eng
@@ -704,8 +731,8 @@ class HostTables:
               for sh, mine in self._slot_devices]
     return jax.make_array_from_single_device_arrays(self.parts_shape, self.parts_sharding, shards)
 
-  def _writeback(self, sel, new_rows):
-    self.store.write(sel, new_rows, self.stats)
+  def _writeback(self, sel, fetched):
+    self.store.write(sel, fetched, self.stats)
 
   def _reap(self):
     done = [f for f in self._pending if f.done()]
