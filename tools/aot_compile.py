@@ -143,7 +143,7 @@ def compile_step(cfg, topology: str):
   import jax
 
   from v4jax import flops as flops_lib
-  from v4jax.trainer import STEP_DONATE
+  from v4jax.trainer import step_donate
 
   topo = topology_desc(topology)
   devices = list(topo.devices)
@@ -154,12 +154,12 @@ def compile_step(cfg, topology: str):
   if host:                     # the rows HostTables gathers, as inputs; new rows as an output
     from jax.sharding import NamedSharding, PartitionSpec as P
     from v4jax.memory.host_tables import abstract_step_inputs
-    step = jax.jit(tr._step, donate_argnums=STEP_DONATE[True],
+    step = jax.jit(tr._step, donate_argnums=step_donate(cfg),
                    out_shardings=(tr.state_shardings, None, NamedSharding(tr.mesh, P())))
     eng = abstract_step_inputs(cfg, tr.mesh)
     lowered = step.trace(state, batch, eng, eng.pop('prev')).lower()
   else:
-    step = jax.jit(tr._step, donate_argnums=STEP_DONATE[False],
+    step = jax.jit(tr._step, donate_argnums=step_donate(cfg),
                    out_shardings=(tr.state_shardings, None))
     lowered = step.trace(state, batch).lower()
   t1 = time.time()

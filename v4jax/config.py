@@ -114,6 +114,9 @@ def default_config() -> ConfigDict:
       host_gather='numpy',     # host tables: numpy (threads, zero-copy view) | xla (compute_on)
       host_chunk_mib=2048,     # host tables: rows held in pinned buffers of at most this size (the
                                # GPU pinned pool grows in power-of-two regions; small chunks fit it)
+      donate_rows=True,        # host tables: the step donates the last step's new rows (one row
+                               # buffer set, not two; the step then waits for their write-back
+                               # DMA); False keeps both live (docs/engram_host_tables.md)
       table_optimizer='lazy_adam',  # lazy_adam | dense_adam
       table_init_std=0.006,
       lr_mult=5.0,
@@ -248,7 +251,7 @@ def validate(c: ConfigDict) -> ConfigDict:
     if not _get(c, path) > 0:
       _fail(path, _get(c, path), 'must be > 0')
   m = c.model
-  for path in ['model.scan_layers', 'train.cast_params_once']:
+  for path in ['model.scan_layers', 'train.cast_params_once', 'engram.donate_rows']:
     if not isinstance(_get(c, path), bool):
       _fail(path, _get(c, path), 'must be True or False')
   if m.attn_query_block < 0:

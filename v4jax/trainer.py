@@ -37,9 +37,12 @@ from v4jax.parallel.mesh import make_mesh
 is_var = lambda x: isinstance(x, nnx.Variable)
 
 
-# Trainer._step's donated arguments, without / with host tables: the state, and with host tables
-# also `prev` (the last step's new Engram rows). tools/aot_compile.py compiles the same step.
-STEP_DONATE = {False: (0,), True: (0, 3)}
+def step_donate(cfg) -> tuple[int, ...]:
+  """Trainer._step's donated arguments: the state, and with host tables and
+  `engram.donate_rows` also `prev` (the last step's new Engram rows). tools/aot_compile.py
+  compiles the same step."""
+  g = cfg.engram
+  return (0, 3) if g.enabled and g.table_memory == 'host' and g.donate_rows else (0,)
 
 
 def engram_setup(cfg, meta: dict | None):
@@ -126,7 +129,7 @@ class Trainer:
     else:
       self.state = self._init(cfg.train.seed)
     rows_out = (self.tables.row_sharding,) if self.tables is not None else ()
-    self._train_step = jax.jit(self._step, donate_argnums=STEP_DONATE[self.tables is not None],
+    self._train_step = jax.jit(self._step, donate_argnums=step_donate(self.cfg),
                                out_shardings=(self.state_shardings, None) + rows_out)
     self._eval_step = jax.jit(self._eval)
     self._stop = False

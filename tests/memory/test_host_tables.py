@@ -305,18 +305,21 @@ def test_host_and_device_tables_train_alike(runs):
 def test_one_device_copies_staged_rows_inside_the_step(runs, tmp_path):
   """On one device the step takes the pinned staging arrays and copies them to the device itself
   (two staging sets in turn): its losses follow the 8-device run, whose rows are placed before
-  the step (fp32, other reduction order), and rows no batch touched keep their bits."""
+  the step (fp32, other reduction order), and rows no batch touched keep their bits. This run
+  keeps the last step's rows (`engram.donate_rows=False`; the 8-device run donates them)."""
   n = 6
   one = Trainer(small_tiny(**{'engram.base_rows': 1009, 'engram.table_memory': 'host',
-                              'checkpoint.enabled': False}), str(tmp_path),
-                devices=jax.devices()[:1])
+                              'engram.donate_rows': False, 'checkpoint.enabled': False}),
+                str(tmp_path), devices=jax.devices()[:1])
   assert one.tables.rows_in_step and not runs.host.tables.rows_in_step
   np.testing.assert_array_equal(one.tables.slots(1), runs.init)
   losses, touched = [], set()
   for _ in range(n):
     b = next(one.train_iter)
     touched.update(np.unique(b['engram_rows_1']).tolist())
+    prev = dict(one.tables._prev_rows)   # pylint: disable=protected-access
     losses.append(float(one.step(b)['loss']))
+    assert not any(a.is_deleted() for a in prev.values())
   # one device vs 8: other reduction orders, drifting over the steps; 2.1e-5 seen at step 4 with
   # the batched init draws (wrong or stale rows move the loss by ~1e-2)
   np.testing.assert_allclose(losses, runs.losses['host'][:n], rtol=5e-5)
