@@ -138,30 +138,39 @@ def abstract_batch(tr):
   return out
 
 
-def compile_step(cfg, topology: str):
-  """Compiles the train step for `topology`; returns (compiled, report dict)."""
+def lower_step(cfg, devices):
+  """(abstract trainer, abstract state, lowered train step) for `devices`, with the step's
+  donations (trainer.step_donate) and, for host tables, their rows as inputs and new rows as
+  an output."""
   import jax
 
-  from v4jax import flops as flops_lib
   from v4jax.trainer import step_donate
 
-  topo = topology_desc(topology)
-  devices = list(topo.devices)
-  t0 = time.time()
   tr, state = abstract_trainer(cfg, devices)
   batch = abstract_batch(tr)
-  host = cfg.engram.enabled and cfg.engram.table_memory == 'host'
-  if host:                     # the rows HostTables gathers, as inputs; new rows as an output
+  if cfg.engram.enabled and cfg.engram.table_memory == 'host':
     from jax.sharding import NamedSharding, PartitionSpec as P
     from v4jax.memory.host_tables import abstract_step_inputs
     step = jax.jit(tr._step, donate_argnums=step_donate(cfg),
                    out_shardings=(tr.state_shardings, None, NamedSharding(tr.mesh, P())))
     eng = abstract_step_inputs(cfg, tr.mesh)
-    lowered = step.trace(state, batch, eng, eng.pop('prev')).lower()
-  else:
-    step = jax.jit(tr._step, donate_argnums=step_donate(cfg),
-                   out_shardings=(tr.state_shardings, None))
-    lowered = step.trace(state, batch).lower()
+    return tr, state, step.trace(state, batch, eng, eng.pop('prev')).lower()
+  step = jax.jit(tr._step, donate_argnums=step_donate(cfg),
+                 out_shardings=(tr.state_shardings, None))
+  return tr, state, step.trace(state, batch).lower()
+
+
+def compile_step(cfg, topology: str):
+  """Compiles the train step for `topology`; returns (compiled, report dict)."""
+  import jax
+
+  from v4jax import flops as flops_lib
+
+  topo = topology_desc(topology)
+  devices = list(topo.devices)
+  t0 = time.time()
+  tr, state, lowered = lower_step(cfg, devices)
+  host = cfg.engram.enabled and cfg.engram.table_memory == 'host'
   t1 = time.time()
   n_params = sum(int(x.size) for x in jax.tree.leaves(state['params']))
   state_bytes = state_bytes_per_chip(state)

@@ -2,6 +2,8 @@
 the prefetch/patch/write-back pipeline against a dense NumPy lazy Adam, and host vs device table
 modes of the Trainer over 20 steps, with a checkpoint restored onto another mesh."""
 import json
+import os
+import sys
 import types
 
 import jax
@@ -10,11 +12,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from helpers import small_tiny
+from helpers import ROOT, small_tiny
 from v4jax import compat
 from v4jax.config import ConfigError
 from v4jax.memory import rows as rows_lib
-from v4jax.memory.host_tables import HostTables, Lookahead
+from v4jax.memory.host_tables import HostTables, Lookahead, row_dims
 from v4jax.optim import path_str
 from v4jax.trainer import Trainer
 
@@ -300,6 +302,23 @@ def test_host_and_device_tables_train_alike(runs):
   assert not np.any(host[untouched, 1:])
   np.testing.assert_array_equal(np.asarray(table)[untouched], runs.init[untouched, 0])
   assert np.all(np.any(host[runs.touched, 1] != 0, axis=1))               # touched rows moved
+
+
+def test_donated_rows_become_the_new_rows():
+  """engram.donate_rows: XLA writes the step's new rows into the donated last-step rows. The
+  compiled step (tiny config, host tables, one CPU device) aliases exactly one [U_max, 3, H]
+  fp32 set per Engram layer more than without the donation, and its peak is at least that much
+  lower."""
+  sys.path.insert(0, os.path.join(ROOT, 'tools'))
+  import aot_compile   # pylint: disable=import-outside-toplevel
+  mem = {}
+  for donate in (True, False):
+    cfg = small_tiny(**{'engram.table_memory': 'host', 'engram.donate_rows': donate})
+    mem[donate] = aot_compile.lower_step(cfg, jax.devices()[:1])[2].compile().memory_analysis()
+  u_max, width = row_dims(cfg)
+  rows = len(cfg.engram.layer_ids) * u_max * 3 * width * 4
+  assert mem[True].alias_size_in_bytes - mem[False].alias_size_in_bytes == rows
+  assert mem[False].peak_memory_in_bytes - mem[True].peak_memory_in_bytes >= rows
 
 
 def test_one_device_copies_staged_rows_inside_the_step(runs, tmp_path):
