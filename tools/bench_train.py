@@ -20,7 +20,8 @@ Method (docs/performance.md):
   peak (None on CPU). XLA's own count of the compiled step (which includes remat recompute) is
   reported as xla_tflops_per_device.
 - Memory: the largest `peak_bytes_in_use` of the local devices (None where the backend keeps no
-  statistics, e.g. CPU), and the compiled step's memory analysis.
+  statistics, e.g. CPU), and the compiled step's memory analysis (printed per run as `XLA memory
+  GB`: arguments, outputs and the part aliased to donated inputs, temporaries, XLA's peak).
 - Profile (--profile): `--profile_steps` steps under jax.profiler.trace. The trace (.xplane.pb) is
   read with jax.profiler.ProfileData (in jaxlib: no TensorBoard plugin needed). Each device op
   event carries its HLO instruction name; the compiled step's HLO text maps that name to its
@@ -711,6 +712,18 @@ def _shares(p: dict) -> str:
   return f'device busy {busy:.0f}% of wall; ' + ', '.join(parts)
 
 
+def _xla_memory(run: dict) -> str:
+  """'XLA memory GB: args .. outputs .. (.. aliased) temps .. peak ..' of one run's compiled step
+  (what donation and rematerialization change), or '' without the analysis."""
+  c = (run.get('memory') or {}).get('compiled') or {}
+  keys = ('argument_size', 'output_size', 'alias_size', 'temp_size', 'peak_memory')
+  if any(f'{k}_in_bytes' not in c for k in keys):
+    return ''
+  args, outs, alias, temps, peak = (c[f'{k}_in_bytes'] / 1e9 for k in keys)
+  return (f'XLA memory GB: args {args:.2f}  outputs {outs:.2f} ({alias:.2f} aliased)  '
+          f'temps {temps:.2f}  peak {peak:.2f}')
+
+
 def summary(rep: dict) -> str:
   r = rep['result']
   gib = 1024 ** 3
@@ -724,6 +737,8 @@ def summary(rep: dict) -> str:
       f"{r['tokens_per_s']:,.0f} tokens/s  {r['tflops_per_device']:.1f} TFLOP/s/device  "
       f"MFU {_fmt(r['mfu'], '%', 100, 1)}  peak mem {_fmt(mem and mem / gib, ' GiB', digits=2)}",
   ]
+  if _xla_memory(r):
+    lines.append(_xla_memory(r))
   hosts = [(name, r.get(key) or {}) for name, key in
            (('main thread', 'host_main_thread_ms'), ('engram tables', 'engram_host_ms'))]
   for name, ms in hosts:
@@ -744,6 +759,8 @@ def summary(rep: dict) -> str:
     lines.append(f"  {what}: FAILED {a['error']}" if 'error' in a else
                  f"  {what}: step {a['step_time_s'] * 1e3:.1f} ms "
                  f"({a['saved_s_per_step'] * 1e3:+.1f} ms saved), compile {a['compile_s']:.1f} s")
+    if _xla_memory(a):
+      lines.append('    ' + _xla_memory(a))
     if 'shares' in a.get('profile', {}):
       lines.append('    profile: ' + _shares(a['profile']))
   return '\n'.join(lines)

@@ -74,6 +74,7 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
   assert v['profile']['shares']['attention+indexer'] > 0, v['profile']['shares']
   assert 'profile' not in bad
   assert '    profile: device busy' in printed.out, printed.out   # the variant's, in the summary
+  assert printed.out.count('XLA memory GB: args ') == 2, printed.out   # the main run's, v's
   p = on_disk['profile']
   assert p['method'].startswith('trace'), p
   assert sum(p['shares'].values()) == pytest.approx(1.0)
