@@ -144,11 +144,12 @@ def lower_step(cfg, devices):
   an output."""
   import jax
 
+  from v4jax.config import host_tables
   from v4jax.trainer import step_donate
 
   tr, state = abstract_trainer(cfg, devices)
   batch = abstract_batch(tr)
-  if cfg.engram.enabled and cfg.engram.table_memory == 'host':
+  if host_tables(cfg):
     from jax.sharding import NamedSharding, PartitionSpec as P
     from v4jax.memory.host_tables import abstract_step_inputs
     step = jax.jit(tr._step, donate_argnums=step_donate(cfg),
@@ -165,12 +166,13 @@ def compile_step(cfg, topology: str):
   import jax
 
   from v4jax import flops as flops_lib
+  from v4jax.config import host_tables
 
   topo = topology_desc(topology)
   devices = list(topo.devices)
   t0 = time.time()
   tr, state, lowered = lower_step(cfg, devices)
-  host = cfg.engram.enabled and cfg.engram.table_memory == 'host'
+  host = host_tables(cfg)
   t1 = time.time()
   n_params = sum(int(x.size) for x in jax.tree.leaves(state['params']))
   state_bytes = state_bytes_per_chip(state)

@@ -162,7 +162,6 @@ class _Cycle:
 
 
 def _batches(cfg, spec, tokens_list):
-  import numpy as np
   from v4jax.data.engram_hash import hash_rows
   out = []
   for tok, tgt in tokens_list:
@@ -225,7 +224,6 @@ def probe_result(proc):
 
 def measure_bandwidth(pool, mib):
   """NumPy copy between two buffers on `pool`: (read + written bytes) / s."""
-  import numpy as np
   from v4jax.memory.host_tables import _tasks
   n = mib * (1 << 20) // 4
   a, b = np.ones(n, np.float32), np.zeros(n, np.float32)
@@ -282,7 +280,6 @@ class _SignatureWatch:
 
 
 def run_phase(tr, cfg_s, rows, memory_kind, batches, args, log):
-  import numpy as np
   from v4jax.memory.host_tables import HostTables, Lookahead
   if tr.tables is not None:
     tr.tables.close()
@@ -334,7 +331,6 @@ def extras(tabs, batches, log):
   """XLA host gather vs NumPy gather, and the donated XLA host scatter, for one batch's rows of
   one layer (the rows of that layer in the first table chunk, which XLA reads as one array)."""
   import jax
-  import numpy as np
   from v4jax import compat
   from v4jax.memory import rows as rows_lib
   from v4jax.memory.host_tables import _xla_host_gather
@@ -431,7 +427,6 @@ def host_adam_probe(store, sel, rng, count=10) -> dict:
   staging array (what its H2D would carry), then Adam applied in place from random row
   gradients (what its D2H would bring). Timed for the floor comparison only; the tables' values
   change as a real update would change them."""
-  import numpy as np
   k = _probe_kernels()
   width = store.width
   f32 = np.float32
@@ -458,7 +453,6 @@ def bench_update(args, log, report, save):
   random rows per layer (2 layers), gathered (theta/m/v to the device) and written back in
   place, --steps times; floor = 2 x rows x 3 x d_h x 4 bytes at the measured bandwidth."""
   import jax
-  import numpy as np
   from jax.sharding import Mesh
   from v4jax.memory import rows as rows_lib
   from v4jax.memory.host_tables import HostTables
@@ -543,7 +537,6 @@ def main():
   import signal
 
   import jax
-  import numpy as np
   t_start = time.perf_counter()
   report = {'meta': {'jax': jax.__version__, 'device': str(jax.devices()[0].device_kind),
                      'backend': jax.default_backend(), 'cpus': os.cpu_count(),

@@ -737,8 +737,8 @@ def summary(rep: dict) -> str:
       f"{r['tokens_per_s']:,.0f} tokens/s  {r['tflops_per_device']:.1f} TFLOP/s/device  "
       f"MFU {_fmt(r['mfu'], '%', 100, 1)}  peak mem {_fmt(mem and mem / gib, ' GiB', digits=2)}",
   ]
-  if _xla_memory(r):
-    lines.append(_xla_memory(r))
+  if mem_line := _xla_memory(r):
+    lines.append(mem_line)
   hosts = [(name, r.get(key) or {}) for name, key in
            (('main thread', 'host_main_thread_ms'), ('engram tables', 'engram_host_ms'))]
   for name, ms in hosts:
@@ -759,8 +759,8 @@ def summary(rep: dict) -> str:
     lines.append(f"  {what}: FAILED {a['error']}" if 'error' in a else
                  f"  {what}: step {a['step_time_s'] * 1e3:.1f} ms "
                  f"({a['saved_s_per_step'] * 1e3:+.1f} ms saved), compile {a['compile_s']:.1f} s")
-    if _xla_memory(a):
-      lines.append('    ' + _xla_memory(a))
+    if mem_line := _xla_memory(a):
+      lines.append('    ' + mem_line)
     if 'shares' in a.get('profile', {}):
       lines.append('    profile: ' + _shares(a['profile']))
   return '\n'.join(lines)

@@ -232,6 +232,11 @@ def _fail(path, value, expected):
   raise ConfigError(f'config.{path}={value!r} {expected}')
 
 
+def host_tables(c: ConfigDict) -> bool:
+  """Engram on with its tables in host memory (outside the model and its train state)."""
+  return bool(c.engram.enabled and c.engram.table_memory == 'host')
+
+
 def validate(c: ConfigDict) -> ConfigDict:
   """Checks ranges and cross-field rules; raises ConfigError naming the first bad field."""
   for path, allowed in _CHOICES.items():

@@ -24,7 +24,7 @@ from v4jax import checkpoint as ckpt
 from v4jax.cast_once import cast_mask
 from v4jax import flops as flops_lib
 from v4jax import kernels
-from v4jax.config import ConfigError, validate
+from v4jax.config import ConfigError, host_tables, validate
 from v4jax.metrics import MetricWriter
 from v4jax.model.layers import batched_draws, dtype_of
 from v4jax.model.moe import update_router_bias
@@ -41,8 +41,7 @@ def step_donate(cfg) -> tuple[int, ...]:
   """Trainer._step's donated arguments: the state, and with host tables and
   `engram.donate_rows` also `prev` (the last step's new Engram rows). tools/aot_compile.py
   compiles the same step."""
-  g = cfg.engram
-  return (0, 3) if g.enabled and g.table_memory == 'host' and g.donate_rows else (0,)
+  return (0, 3) if host_tables(cfg) and cfg.engram.donate_rows else (0,)
 
 
 def engram_setup(cfg, meta: dict | None):
@@ -92,7 +91,7 @@ class Trainer:
     self.hash_spec, rows = engram_setup(cfg, meta)
     self._check_batch()
     self.tables = None   # Engram tables in host memory (v4jax.memory.host_tables), else in params
-    if cfg.engram.enabled and cfg.engram.table_memory == 'host':
+    if host_tables(cfg):
       from v4jax.memory.host_tables import HostTables
       self.tables = HostTables(cfg, rows, self.mesh, init=latest is None)
 

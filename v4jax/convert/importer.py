@@ -131,6 +131,7 @@ def _abstract_shapes(cfg, rows):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from v4jax.model.transformer import Transformer  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
+  from v4jax.config import host_tables  # pylint: disable=import-outside-toplevel
   from v4jax.optim import path_str  # pylint: disable=import-outside-toplevel
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0), engram_rows_per_layer=rows))
   _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -140,7 +141,7 @@ def _abstract_shapes(cfg, rows):
       key = path_str(p)
       out[(coll, key[:-len('/value')] if key.endswith('/value') else key)] = tuple(leaf.shape)
   g = cfg.engram
-  if g.enabled and g.table_memory == 'host':    # tables outside the model (v4jax.memory)
+  if host_tables(cfg):    # tables outside the model (v4jax.memory)
     d_h = g.d_mem // ((g.max_ngram - 1) * g.heads_per_ngram)
     for layer in g.layer_ids:
       out[('host_tables', f'engram/{layer}/table')] = (rows[layer], d_h)
