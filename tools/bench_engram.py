@@ -103,9 +103,14 @@ def _setup_env(args, sizes):
   else:
     # The GPU client's pinned pool (a BFC allocator) is capped at 64 GiB by default and never
     # shrinks; it grows by regions of min(next power of two, what the cap leaves). With 2 GiB table
-    # chunks the cap only has to hold tables + moments, the staging and D2H buffers (~4 x 0.2 GiB
-    # per layer) and the slack of the regions' last chunk: 3 x table + 6 GiB.
-    need = int(3 * max(sizes) + 6.5)
+    # chunks the cap only has to hold tables + moments, per Engram layer two staging sets and two
+    # sets of fetched new rows of [U_max, 3, H] fp32 (0.2 GiB each at the default cut model, 1.5
+    # GiB at the whole bench config), and the slack of the regions' last chunk (6.5 GiB).
+    from v4jax.memory.host_tables import row_dims   # imports jax; its backend starts later
+    cfg = bench_config(args)
+    u_max, width = row_dims(cfg)
+    sets = 4 * len(cfg.engram.layer_ids) * u_max * 3 * width * 4 / 2**30
+    need = int(3 * max(sizes) + sets + 6.5) + 1
     os.environ.setdefault('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', str(max(need, 64)))
     claim_gpu_memory()
 
@@ -507,17 +512,19 @@ def bench_update(args, log, report, save):
 
 
 def _plan(sizes, hbm_sizes):
-  """(size, memory kind) in the order that answers the goals first: the overhead pair at the
-  largest HBM size below the maximum (8 GiB by default); the smallest host-only size above it
-  (16 GiB: the >= 48 GiB point); the larger HBM sizes, host then HBM; the other host-only sizes,
-  descending (main skips one once a larger host run trained); then the smaller sizes."""
+  """(size, memory kind) in the order that answers the goals first, each pair HBM before host (the
+  HBM store is one buffer of 3x the table: it needs a device pool that no earlier phase has broken
+  up): the HBM sizes above the overhead pair's, largest first; then the overhead pair at the
+  largest HBM size below the maximum (8 GiB by default); the smallest host-only size above
+  it (16 GiB: the >= 48 GiB point); the other host-only sizes, descending (main skips one once a
+  larger host run trained); then the smaller sizes."""
   below = [s for s in sizes if s in hbm_sizes and s < max(sizes)]
   first = max(below) if below else max(sizes)
-  out = [(first, 'pinned_host')] + ([(first, 'device')] if first in hbm_sizes else [])
-  probes = sorted(s for s in sizes if s > first and s not in hbm_sizes)
   big = sorted((s for s in sizes if s > first and s in hbm_sizes), reverse=True)
+  out = [(s, k) for s in big for k in ('device', 'pinned_host')]
+  out += ([(first, 'device')] if first in hbm_sizes else []) + [(first, 'pinned_host')]
+  probes = sorted(s for s in sizes if s > first and s not in hbm_sizes)
   out += [(s, 'pinned_host') for s in probes[:1]]
-  out += [(s, 'pinned_host') for s in big] + [(s, 'device') for s in big]
   out += [(s, 'pinned_host') for s in probes[1:][::-1]]
   out += [(s, k) for s in sorted(sizes, reverse=True) if s < first
           for k in ('pinned_host', 'device') if k == 'pinned_host' or s in hbm_sizes]
