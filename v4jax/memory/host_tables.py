@@ -69,6 +69,7 @@ __all__ = ['HostTables', 'Lookahead', 'abstract_step_inputs', 'parts_layout', 'r
 _BLOCK = 4096            # init: rows per PRNG block (values do not depend on the chunking)
 _CHUNK_BLOCKS = 256      # init: blocks generated per device call
 _MIN_ROWS_PER_TASK = 2048
+_SCRATCH_ROWS = 1024     # gather: rows per scratch block (768 KiB at H = 64: stays in L2)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
@@ -123,14 +124,6 @@ def _tasks(n: int, workers: int) -> list[slice]:
   return [slice(int(b[i]), int(b[i + 1])) for i in range(k) if b[i + 1] > b[i]]
 
 
-def _split_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """[N, 3, H] contiguous -> ([N] opaque theta rows, [N] opaque moment rows): strided views, one
-  random access per row and part."""
-  h = a.shape[-1]
-  rec = a.reshape(a.shape[0], 3 * h).view(np.dtype([('t', f'V{4 * h}'), ('m', f'V{8 * h}')]))
-  return rec['t'][:, 0], rec['m'][:, 0]
-
-
 def _row_void(a: np.ndarray) -> np.ndarray:
   """[N, ...] contiguous -> [N] of opaque rows (NumPy copies whole rows faster)."""
   n = a.shape[0]
@@ -171,21 +164,20 @@ class _HostStore:
     self.u_max, self.width = u_max, width
     self.base, total = _layout(rows)
     self.chunk = max(1, total if gather == 'xla' else min(chunk_rows, total))  # XLA reads one array
-    self.chunks, self.views, self.void, self.parts = [], [], [], []
+    self.chunks, self.views, self.void = [], [], []
     for r0 in range(0, total, self.chunk):      # tables first: later small buffers fill the gaps
       a = _zeros((min(self.chunk, total - r0), 3, width), self.sh)
       v = compat.host_view(a, check=not self.chunks)   # one probe per store proves the pointer
       self.chunks.append(a)
       self.views.append(v)
       self.void.append(_row_void(v))
-      self.parts.append(_split_rows(v))
     # Two staging sets, used in turn, each per layer theta [U,H] and the moments [U,2,H] apart
     # (the step copies them to the device at different times). readers[k]: arrays whose
     # readiness proves that the step which took set k as input has read it (set by the caller,
     # `mark_read`).
     self.stages = [{l: (_zeros((u_max, width), self.sh), _zeros((u_max, 2, width), self.sh))
                     for l in rows} for _ in range(2)]
-    self.stage_voids = [{l: tuple(_row_void(compat.host_view(a, check=False)) for a in pair)
+    self.stage_views = [{l: tuple(compat.host_view(a, check=False) for a in pair)
                          for l, pair in st.items()} for st in self.stages]
     self.readers: list = [None, None]
     self.turn = 0                          # the set the next gather fills
@@ -259,12 +251,19 @@ class _HostStore:
     if self.readers[k] is not None:        # the step that read this set two gathers ago
       jax.block_until_ready(self.readers[k])
       self.readers[k] = None
-    stage, stage_void = self.stages[k], self.stage_voids[k]
+    stage, stage_views = self.stages[k], self.stage_views[k]
 
     def copy(l, c, g, off, lo, hi):
-      ids = g[lo:hi] - c * self.chunk
-      for src, dst in zip(self.parts[c], stage_void[l]):
-        np.take(src, ids, out=dst[off + lo:off + hi], mode='clip')
+      # Whole 768 B rows into a cache-sized scratch (np.take's fast path; a strided source would
+      # make it copy the whole chunk first), then theta and the moments apart into the staging.
+      theta, moments = stage_views[l]
+      buf = np.empty((min(hi - lo, _SCRATCH_ROWS), 3, self.width), np.float32)
+      buf_void = _row_void(buf)
+      for a in range(lo, hi, _SCRATCH_ROWS):
+        b = min(hi, a + _SCRATCH_ROWS)
+        np.take(self.void[c], g[a:b] - c * self.chunk, out=buf_void[:b - a], mode='clip')
+        theta[off + a:off + b] = buf[:b - a, 0]
+        moments[off + a:off + b] = buf[:b - a, 1:]
     self._run(copy, self._row_tasks(sel))
     t1 = time.perf_counter()
     stats['gather_ms'].append(1e3 * (t1 - t0))
