@@ -23,3 +23,45 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+# Scheduling for `pytest -n 2 --dist loadfile` (the CI command): pytest-xdist hands out whole
+# files, by default sorted by test count (most tests first), which queues this suite's heaviest
+# files -- one or two whole-Trainer or multi-process tests each -- last, so one worker ran a 1-2
+# minute file while the other had nothing left. Instead the files below go first, heaviest first
+# (longest-processing-time-first scheduling); every other file follows in collection order, so
+# the many short files fill the end evenly. Seconds are from a `--durations=0` run of the suite
+# on the 2-core CI machine (dev venv), for ordering only; keep the list roughly current.
+HEAVY_FILES = {
+    'tests/memory/test_host_tables.py': 172,
+    'tests/test_trainer_scan.py': 147,
+    'tests/parallel/test_parity.py': 120,
+    'tests/test_trainer.py': 105,
+    'tests/parallel/test_multiprocess_engram.py': 96,
+    'tests/parallel/test_multiprocess.py': 96,
+    'tests/test_trainer_resume.py': 90,
+    'tests/model/test_scan_layers.py': 85,
+    'tests/tools/test_convert.py': 65,
+    'tests/test_cast_once.py': 61,
+    'tests/tools/test_aot_compile.py': 60,      # libtpu only (CI's tpu extra); a guess
+    'tests/tools/test_bench_engram.py': 54,
+    'tests/model/test_transformer.py': 52,
+    'tests/tools/test_bench_train.py': 52,
+    'tests/tools/test_convert_scan.py': 43,
+    'tests/model/test_dsa.py': 40,
+    'tests/tools/test_bench_kernels.py': 36,
+    'tests/kernels/test_tpu_aot.py': 30,         # libtpu only; a guess
+}
+
+
+def pytest_configure(config):
+  # Keep the collection order below (xdist's own reorder by test count would undo it).
+  if hasattr(config.option, 'loadscopereorder'):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  def weight(item):
+    path = os.path.relpath(str(item.path), str(config.rootpath)).replace(os.sep, '/')
+    return -HEAVY_FILES.get(path, 0)
+  items.sort(key=weight)      # stable: tests keep their order within a file
