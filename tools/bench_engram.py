@@ -27,8 +27,9 @@ Method:
   32, 24, 16, 8, 1 GiB: 16 GiB is 48 GiB with moments; 24 GiB runs only if 32 GiB did not train).
 - Extras at the smallest size: the XLA host gather (compute_on) vs the NumPy gather for the same
   rows, and the donated XLA host scatter of the same rows (FACTS.md: it rewrote the whole table).
-Order: the phases that answer the goals first (8 GiB host and HBM, then the >= 48 GiB host
-point, then 32 GiB host and HBM, then 1 GiB). Tables are 2 GiB pinned chunks
+Order: 32 GiB HBM and host first (the HBM store is one buffer of 3x the table, which a device
+pool that earlier phases have broken up no longer places), then the phases that answer the other
+goals (8 GiB HBM and host, the >= 48 GiB host point, then 1 GiB); each pair HBM before host. Tables are 2 GiB pinned chunks
 (`engram.host_chunk_mib`), so the pinned pool, which never shrinks, serves every later size from
 the chunks it already holds. --budget-s: a phase starts only if its estimated time (setup at the
 rate measured so far, steps at the step time measured so far) fits what is left; SIGTERM or
