@@ -139,26 +139,17 @@ def abstract_batch(tr):
 
 
 def lower_step(cfg, devices):
-  """(abstract trainer, abstract state, lowered train step) for `devices`, with the step's
-  donations (trainer.step_donate) and, for host tables, their rows as inputs and new rows as
-  an output."""
-  import jax
-
+  """(abstract trainer, abstract state, lowered train step) for `devices`: the Trainer's own
+  jitted step (its donations; for host tables the rows as inputs, the new rows as an output)."""
   from v4jax.config import host_tables
-  from v4jax.trainer import step_donate
 
   tr, state = abstract_trainer(cfg, devices)
-  batch = abstract_batch(tr)
+  args = (state, abstract_batch(tr))
   if host_tables(cfg):
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from v4jax.memory.host_tables import abstract_step_inputs
-    step = jax.jit(tr._step, donate_argnums=step_donate(cfg),
-                   out_shardings=(tr.state_shardings, None, NamedSharding(tr.mesh, P())))
     eng = abstract_step_inputs(cfg, tr.mesh)
-    return tr, state, step.trace(state, batch, eng, eng.pop('prev')).lower()
-  step = jax.jit(tr._step, donate_argnums=step_donate(cfg),
-                 out_shardings=(tr.state_shardings, None))
-  return tr, state, step.trace(state, batch).lower()
+    args += (eng, eng.pop('prev'))
+  return tr, state, tr.jit_step().trace(*args).lower()
 
 
 def compile_step(cfg, topology: str):

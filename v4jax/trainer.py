@@ -37,13 +37,6 @@ from v4jax.parallel.mesh import make_mesh
 is_var = lambda x: isinstance(x, nnx.Variable)
 
 
-def step_donate(cfg) -> tuple[int, ...]:
-  """Trainer._step's donated arguments: the state, and with host tables and
-  `engram.donate_rows` also `prev` (the last step's new Engram rows). tools/aot_compile.py
-  compiles the same step."""
-  return (0, 3) if host_tables(cfg) and cfg.engram.donate_rows else (0,)
-
-
 def engram_setup(cfg, meta: dict | None):
   """The frozen Engram hash constants: from the checkpoint when resuming, else built once."""
   if not cfg.engram.enabled:
@@ -127,9 +120,7 @@ class Trainer:
       print(f'resumed from {self.mngr.directory}/{latest}', flush=True)
     else:
       self.state = self._init(cfg.train.seed)
-    rows_out = (self.tables.row_sharding,) if self.tables is not None else ()
-    self._train_step = jax.jit(self._step, donate_argnums=step_donate(self.cfg),
-                               out_shardings=(self.state_shardings, None) + rows_out)
+    self._train_step = self.jit_step()
     self._eval_step = jax.jit(self._eval)
     self._stop = False
 
@@ -183,6 +174,16 @@ class Trainer:
     dt = dtype_of(self.cfg.model.dtype)
     mask, shape = cast_mask(loss, params, dt, return_shape=True)
     return jax.tree.map(lambda p, m: p.astype(dt) if m else p, params, mask), shape
+
+  def jit_step(self):
+    """`_step` under jit: the state donated, and with host tables and `engram.donate_rows` also
+    `prev` (the last step's new Engram rows); host tables also return the new rows, replicated.
+    tools/aot_compile.py lowers the same for a TPU topology."""
+    host = host_tables(self.cfg)
+    donate = (0, 3) if host and self.cfg.engram.donate_rows else (0,)
+    rows_out = (NamedSharding(self.mesh, P()),) if host else ()
+    return jax.jit(self._step, donate_argnums=donate,
+                   out_shardings=(self.state_shardings, None) + rows_out)
 
   def _mtp_weight(self, step):
     m = self.cfg.mtp
