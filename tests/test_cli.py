@@ -1,11 +1,11 @@
-"""v4jax.cli.use_compilation_cache (train.compilation_cache_dir): where the persistent XLA cache
-goes, and that a compile lands there."""
+"""v4jax.cli: use_compilation_cache (train.compilation_cache_dir: where the persistent XLA cache
+goes, and that a compile lands there) and claim_gpu_memory's environment defaults."""
 import os
 import subprocess
 import sys
 
 from helpers import ROOT
-from v4jax.cli import use_compilation_cache
+from v4jax.cli import claim_gpu_memory, use_compilation_cache
 
 
 def test_environment_wins_and_empty_is_off(monkeypatch):
@@ -29,3 +29,33 @@ def test_compiled_program_is_written_to_the_cache(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.split()[-1] == str(tmp_path / 'xla')
   assert os.listdir(tmp_path / 'xla'), 'no cache entry written'
+
+
+def test_claim_gpu_memory_sets_defaults_and_keeps_the_environment(monkeypatch):
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_MEM_FRACTION', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_enable_triton_gemm=false')
+  claim_gpu_memory()
+  assert os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.98'
+  assert os.environ['XLA_FLAGS'] == ('--xla_gpu_enable_triton_gemm=false '
+                                     '--xla_gpu_memory_limit_slop_factor=97')
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.9')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_memory_limit_slop_factor=90')
+  claim_gpu_memory()
+  assert os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.9'
+  assert os.environ['XLA_FLAGS'] == '--xla_gpu_memory_limit_slop_factor=90'
+
+
+def test_claimed_flags_start_jax(tmp_path):
+  """XLA parses every flag in XLA_FLAGS at start-up and aborts on one it does not know: the GPU
+  flag claim_gpu_memory adds must start a CPU-only jax too (the README's train command)."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  code = ('import os\n'
+          'from v4jax.cli import claim_gpu_memory\n'
+          'claim_gpu_memory()\n'
+          'import jax, jax.numpy as jnp\n'
+          'print(float(jnp.arange(4.0).sum()), os.environ["XLA_FLAGS"])\n')
+  r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == ['6.0', '--xla_gpu_memory_limit_slop_factor=97']

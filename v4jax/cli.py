@@ -18,11 +18,17 @@ from typing import Callable, Iterator
 
 
 def claim_gpu_memory():
-  """A training or benchmark process owns its GPU: XLA's allocator may take 97% of it rather than
-  JAX's default 75%. bench-1B's step needs 127.3 GiB by XLA's estimate: 0.94 of an H200 leaves
-  122.4, 0.97 leaves 135.6, and it trained there (docs/benchmarks.md). The environment still
-  wins. Call before jax starts its backend."""
-  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.97')
+  """A training or benchmark process owns its GPU: XLA's allocator may take 98% of it rather than
+  JAX's default 75%, and XLA's scheduler and rematerialization may plan up to 97% of what that
+  leaves after the step's arguments (`--xla_gpu_memory_limit_slop_factor`, XLA's default 95).
+  bench-1B's step plans 134.4 GiB: at 0.97 and 95% XLA's limit was 132.1 GiB, so it
+  rematerialized (compile 84.7 s, 5,310 ms per step); at 0.98 and 97% the limit is 134.8 GiB
+  (compile 60.2 s, 5,124 ms; docs/performance.md row 48). The environment still wins. Call
+  before jax starts its backend."""
+  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.98')
+  flags = os.environ.get('XLA_FLAGS', '')
+  if '--xla_gpu_memory_limit_slop_factor' not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} --xla_gpu_memory_limit_slop_factor=97'.strip()
 
 
 def use_compilation_cache(path: str) -> str | None:

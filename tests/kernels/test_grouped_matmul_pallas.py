@@ -208,10 +208,12 @@ def _is_hopper():
 @pytest.mark.parametrize('consumers', [1, 2])
 def test_mgpu_values_and_grads_on_hopper(M, K, N, grouped, consumers, monkeypatch):
   """grouped: every row in a group (all_rows_grouped=True, no row mask); else 24 rows past.
-  consumers=2: y and dx through v4jax's warp-specialized kernel."""
+  consumers=2: y and dx through v4jax's warp-specialized kernel (dw always runs jax's)."""
   from v4jax.kernels.grouped_matmul import mgpu
-  monkeypatch.setattr(mgpu, 'DEFAULT_TILES', mgpu.Tiles(consumers=consumers))
   monkeypatch.setattr(mgpu, 'TUNED', {})
+  default_tiles = mgpu.tiles_for
+  monkeypatch.setattr(mgpu, 'tiles_for', lambda kernel, k, n: (
+      default_tiles(kernel, k, n) if kernel == 'dw' else mgpu.Tiles(consumers=consumers)))
   rs = np.random.RandomState(3)
   n = M if grouped else M - 24
   sizes = np.bincount(rs.randint(0, 8, n), minlength=8).astype(np.int32)
