@@ -3,7 +3,7 @@ and (--profile) the share of step time per model component.
 
   python tools/bench_train.py --config configs/peer_maxtext_small.py[:dsa|:full] \\
       [--steps 30 --warmup 5 --out bench.json --profile --ablate dsa,mhc,engram] \\
-      [--variant dsa.sparse_attention=masked] \\
+      [--variant dsa.sparse_attention=masked] [--variant xla_gpu_memory_limit_slop_factor=95] \\
       [--per_device_batch 8] [--config.model.remat=full ...]
   python tools/bench_train.py --config configs/tiny.py --steps 3 --warmup 1     # CPU smoke
 
@@ -37,7 +37,11 @@ Method (docs/performance.md):
   profile section says so and `--ablate` (timing with one component switched off at a time) is
   the fallback.
 - `--ablate` and `--variant` repeat the measurement with config overrides in the same process,
-  so their step times compare with the main one from one run on one machine. With --profile each
+  so their step times compare with the main one from one run on one machine. A variant's
+  `xla_*` keys are XLA compiler options for that build's compile (`Lowered.compile(
+  compiler_options=...)`), e.g. `--variant xla_gpu_memory_limit_slop_factor=95` against the
+  XLA_FLAGS of the main run; options read when the backend starts (the allocator's memory
+  fraction) cannot differ within one process. With --profile each
   of them is profiled too (its breakdown under its own `profile`): where a component's saved
   time went, e.g. how much of Engram's cost is its own ops and how much the rest of the step.
 """
@@ -173,7 +177,8 @@ def parse_args(argv: list[str]):
                   'with that component off')
   ap.add_argument('--variant', action='append', default=[], metavar='FIELD=VALUE[,FIELD=VALUE]',
                   help='time the config again with these overrides, in the same process '
-                  '(repeatable), e.g. --variant dsa.sparse_attention=masked')
+                  '(repeatable), e.g. --variant dsa.sparse_attention=masked; xla_* keys are XLA '
+                  'compiler options for that build, e.g. xla_gpu_memory_limit_slop_factor=95')
   ap.add_argument('--workdir', default='', help='Trainer workdir (default: a temp dir)')
   args, rest = ap.parse_known_args(argv)
   overrides = {}
@@ -196,7 +201,8 @@ def parse_args(argv: list[str]):
 
 
 def _parse_variant(text: str) -> dict[str, str]:
-  """'a.b=1,c.d=(1,2)' -> {'a.b': '1', 'c.d': '(1,2)'} (commas inside brackets stay)."""
+  """'a.b=1,c.d=(1,2)' -> {'a.b': '1', 'c.d': '(1,2)'} (commas inside brackets stay). Keys that
+  start with `xla_` are XLA compiler options (`_split_variant`), the others config fields."""
   out = {}
   for part in re.split(r',(?![^()\[\]]*[)\]])', text):
     m = re.fullmatch(r'([\w.]+)=(.+)', part.strip(), re.S)
@@ -205,6 +211,13 @@ def _parse_variant(text: str) -> dict[str, str]:
                       'dsa.sparse_attention=masked')
     out[m.group(1)] = m.group(2)
   return out
+
+
+def _split_variant(variant: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+  """A variant's (config overrides, XLA compiler options): config fields never start with
+  `xla_`; XLA's option names all do."""
+  xla = {k: v for k, v in variant.items() if k.startswith('xla_')}
+  return {k: v for k, v in variant.items() if k not in xla}, xla
 
 
 def bench_config(args, overrides):
@@ -273,11 +286,12 @@ def instrument(trainer=None):
 
 
 class AotStep:
-  """Stands in for Trainer._train_step: lowers and compiles on the first call (timed apart),
-  then calls the compiled executable."""
+  """Stands in for Trainer._train_step: lowers and compiles on the first call (timed apart, with
+  `compiler_options` if given), then calls the compiled executable."""
 
-  def __init__(self, jitted):
+  def __init__(self, jitted, compiler_options: dict[str, str] | None = None):
     self.jitted, self.compiled = jitted, None
+    self.compiler_options = compiler_options or None
     self.trace_lower_s = self.compile_s = None
 
   def __call__(self, *args):
@@ -285,7 +299,7 @@ class AotStep:
       t0 = time.perf_counter()
       lowered = self.jitted.lower(*args)
       t1 = time.perf_counter()
-      self.compiled = lowered.compile()
+      self.compiled = lowered.compile(compiler_options=self.compiler_options)
       self.trace_lower_s, self.compile_s = t1 - t0, time.perf_counter() - t1
     return self.compiled(*args)
 
@@ -380,8 +394,10 @@ def progress(label: str, msg: str):
   print(f'[bench_train {label}] {msg}', file=sys.stderr, flush=True)
 
 
-def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dict | None]:
-  """Builds a Trainer for cfg, compiles, warms up and times; (report, profile inputs)."""
+def measure(cfg, args, *, profile: bool, label: str = 'main',
+            compiler_options: dict[str, str] | None = None) -> tuple[dict, dict | None]:
+  """Builds a Trainer for cfg, compiles (with XLA `compiler_options` if given), warms up and
+  times; (report, profile inputs)."""
   import jax
   import numpy as np
   from v4jax import flops as flops_lib
@@ -395,7 +411,7 @@ def measure(cfg, args, *, profile: bool, label: str = 'main') -> tuple[dict, dic
   progress(label, f'init {init_s:.1f} s')
   scope = instrument(trainer) if profile else contextlib.nullcontext([])
   with scope as missing_scopes:
-    aot = trainer._train_step = AotStep(trainer._train_step)
+    aot = trainer._train_step = AotStep(trainer._train_step, compiler_options)
     t0 = time.perf_counter()
     run_steps(trainer, 1)
     _sync(trainer)
@@ -755,7 +771,7 @@ def summary(rep: dict) -> str:
     lines.append(f"profile: {p.get('error')}")
   for a in rep.get('ablations', []) + rep.get('variants', []):
     what = f"without {a['without']}" if 'without' in a else 'with ' + ','.join(
-        f'{k}={v}' for k, v in a['overrides'].items())
+        f'{k}={v}' for k, v in {**a['overrides'], **a.get('xla_options', {})}.items())
     lines.append(f"  {what}: FAILED {a['error']}" if 'error' in a else
                  f"  {what}: step {a['step_time_s'] * 1e3:.1f} ms "
                  f"({a['saved_s_per_step'] * 1e3:+.1f} ms saved), compile {a['compile_s']:.1f} s")
@@ -801,11 +817,15 @@ def run(argv: list[str]) -> dict:
   from v4jax.config import ConfigError, validate
   # Each run's config, checked before the first compile: a bad variant fails now, not after
   # the main measurement.
-  comparisons = [(f'without_{n}', ABLATIONS[n], 'ablations', {'without': n}) for n in args.ablate]
-  comparisons += [('variant', v, 'variants', {'overrides': v}) for v in args.variant]
+  comparisons = [(f'without_{n}', ABLATIONS[n], {}, 'ablations', {'without': n})
+                 for n in args.ablate]
+  for v in args.variant:
+    ov, xla = _split_variant(v)
+    comparisons.append(('variant', ov, xla, 'variants',
+                        dict({'overrides': ov}, **({'xla_options': xla} if xla else {}))))
   try:
     validate(cfg)
-    for _, ov, _, _ in comparisons:
+    for _, ov, _, _, _ in comparisons:
       validate(apply_overrides(bench_config(args, overrides), ov))
   except ConfigError as e:
     raise ToolError(str(e)) from e
@@ -829,10 +849,11 @@ def run(argv: list[str]) -> dict:
     rep['profile'] = profile_report(prof)
   rep['ablations'], rep['variants'] = [], []
   write_report(rep, args.out)   # each measurement lands before the next compile starts
-  for label, ov, key, extra in comparisons:
+  for label, ov, xla, key, extra in comparisons:
     c = apply_overrides(bench_config(args, overrides), ov)
     try:
-      r, prof = measure(validate(c), args, profile=args.profile, label=label)
+      r, prof = measure(validate(c), args, profile=args.profile, label=label,
+                        compiler_options=xla)
       r.update(extra, saved_s_per_step=result['step_time_s'] - r['step_time_s'])
       if prof is not None:     # the same breakdown with the component off: where the time went
         r['profile'] = profile_report(prof)

@@ -35,7 +35,10 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
   out = tmp_path / 'bench.json'
   rep = bench_train.run(TINY + ['--steps', '2', '--warmup', '1', '--window', '1', '--profile',
                                 '--profile_steps', '1', '--out', str(out),
-                                '--workdir', str(tmp_path / 'w'), '--variant', 'dsa.sparse_attention=masked',
+                                '--workdir', str(tmp_path / 'w'),
+                                # a config override and an XLA compiler option for its compile
+                                '--variant', 'dsa.sparse_attention=masked,'
+                                'xla_gpu_memory_limit_slop_factor=90',
                                 # cuDNN does not exist on CPU: this comparison fails, is recorded
                                 '--variant', 'dsa.sparse_attention=masked,kernels.attention=cudnn'])
   on_disk = json.loads(out.read_text())
@@ -65,6 +68,8 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
   assert bad['overrides'] == {'dsa.sparse_attention': 'masked', 'kernels.attention': 'cudnn'}
   assert bad['error'] and 'step_time_s' not in bad
   assert v['overrides'] == {'dsa.sparse_attention': 'masked'} and v['step_time_s'] > 0
+  assert v['xla_options'] == {'xla_gpu_memory_limit_slop_factor': '90'}
+  assert 'xla_options' not in bad
   assert v['saved_s_per_step'] == pytest.approx(r['step_time_s'] - v['step_time_s'])
   # The masked DSA form is the same math as the gather form: after 3 fp32 training steps the
   # losses agree to summation order (measured 6e-7 relative at T=64).
@@ -85,6 +90,20 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
   # instrumentation is undone: the model classes hold their own methods again
   from v4jax.model.mla import MLA
   assert MLA.__call__.__module__ == 'v4jax.model.mla' and not hasattr(MLA.__call__, '__wrapped__')
+
+
+def test_aot_step_compiles_with_the_variants_xla_options():
+  """AotStep hands its compiler options to XLA's compile: an unknown option fails there, a
+  known one compiles the same function (the step's values unchanged)."""
+  f = jax.jit(lambda x: jnp.sin(x) @ x.T)
+  x = jnp.asarray(np.random.RandomState(0).randn(8, 8), jnp.float32)
+  want = np.sin(np.asarray(x, np.float64)) @ np.asarray(x, np.float64).T
+  got = bench_train.AotStep(f, {'xla_gpu_memory_limit_slop_factor': '90'})(x)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(Exception, match='xla_no_such_option'):
+    bench_train.AotStep(f, {'xla_no_such_option': '1'})(x)
+  assert bench_train._split_variant({'model.remat': 'full', 'xla_gpu_foo': '1'}) == (
+      {'model.remat': 'full'}, {'xla_gpu_foo': '1'})
 
 
 def test_overrides_and_bad_flags():
