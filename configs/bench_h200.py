@@ -3,8 +3,9 @@
 5.63B device params (1.18B active per token), mHC 4 streams, Engram at layers 1 and 8 with host
 tables (1.324B host params), DSA sparse stage, MTP depth 1: 7.19 GFLOP/token of training.
 Micro-batch 4 x 4096 with 8 accumulation steps (131K tokens per step, SPEC §12's 4 x 8). It trains
-on one H200 with 97% of the memory claimed (v4jax.cli.claim_gpu_memory) at 24,777 tokens/s,
-18.0% MFU (thirteenth session), peaking at 133.4 of the 135.6 GiB claimed (docs/benchmarks.md). Where that is too
+on one H200 with 98% of the memory claimed and XLA planning up to 97% of it
+(v4jax.cli.claim_gpu_memory) at 25,765 tokens/s, 18.7% MFU (fourteenth session), peaking at
+134.3 of the 137.0 GiB claimed (docs/benchmarks.md). Where that is too
 tight, `--config.train.grad_accum=16` (micro-batch 2) peaks at 125.7 GiB and runs 5% slower. The
 built-in byte tokenizer only uses ids 0..257 of the 129280-row vocabulary; that is fine for
 benchmarking.

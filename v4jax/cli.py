@@ -20,11 +20,11 @@ from typing import Callable, Iterator
 def claim_gpu_memory():
   """A training or benchmark process owns its GPU: XLA's allocator may take 98% of it rather than
   JAX's default 75%, and XLA's scheduler and rematerialization may plan up to 97% of what that
-  leaves after the step's arguments (`--xla_gpu_memory_limit_slop_factor`, XLA's default 95).
+  leaves after the step's arguments (`--xla_gpu_memory_limit_slop_factor`; XLA's default is 95).
   bench-1B's step plans 134.4 GiB: at 0.97 and 95% XLA's limit was 132.1 GiB, so it
-  rematerialized (compile 84.7 s, 5,310 ms per step); at 0.98 and 97% the limit is 134.8 GiB
-  (compile 60.2 s, 5,124 ms; docs/performance.md row 48). The environment still wins. Call
-  before jax starts its backend."""
+  rematerialized and ran 5,248 ms per step; at 0.98 and 97% the limit is 134.8 GiB and the same
+  machine ran 5,087 ms (docs/performance.md row 48). The environment still wins. Call before
+  jax starts its backend."""
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.98')
   flags = os.environ.get('XLA_FLAGS', '')
   if '--xla_gpu_memory_limit_slop_factor' not in flags:
