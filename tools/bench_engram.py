@@ -358,11 +358,13 @@ def extras(tabs, batches, log):
   out['gather_numpy_ms'] = timed(lambda: np.take(store.void[0], g, out=dst, mode='clip'))
   try:
     idx = jax.device_put(g.astype(np.int32), store.sh)
-    out['gather_xla_ms'] = timed(lambda: _xla_host_gather(store.chunks[0], idx).block_until_ready())
+    out['gather_xla_ms'] = timed(lambda: jax.block_until_ready(_xla_host_gather(store.chunks[0],
+                                                                                idx)))
   except Exception as e:  # noqa: BLE001
     out['gather_xla_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
   sel = {l: (uniq[:n], 0)}
-  rows_dev = store.gather(sel, lambda a: jax.device_put(a, tabs.row_sharding), stats)[l]
+  rows_dev = rows_lib.join_rows(*(part[l] for part in store.gather(
+      sel, lambda a: jax.device_put(a, tabs.row_sharding), stats)))
   out['writeback_numpy_ms'] = timed(    # DMA + scatter of the same rows
       lambda: store.write(sel, store.fetch(sel, {l: rows_dev}, stats), stats))
   try:   # the donated XLA host scatter on a table of the same shape (our table stays intact)
@@ -485,7 +487,8 @@ def bench_update(args, log, report, save):
         u, _, k = rows_lib.unique_rows(rng.integers(0, R, (1, args.rows, 1)), args.rows)
         sel[l], n[l] = (u[:k], 0), k
       st = collections.defaultdict(list)
-      rows = tabs.store.gather(sel, place, st)
+      theta, moments = tabs.store.gather(sel, place, st)
+      rows = {l: rows_lib.join_rows(theta[l], moments[l]) for l in theta}
       tabs.store.write(sel, tabs.store.fetch(sel, rows, st), st)
       if i >= args.warmup:
         for key, v in st.items():

@@ -117,6 +117,10 @@ def default_config() -> ConfigDict:
       donate_rows=True,        # host tables: the step donates the last step's new rows (one row
                                # buffer set, not two; the step then waits for their write-back
                                # DMA); False keeps both live (docs/engram_host_tables.md)
+      late_moments=True,       # host tables: the step copies its rows' Adam moments to the device
+                               # for the optimizer at its end, apart from theta (2/3 of the rows'
+                               # bytes not live through the backward); False: at its start, with
+                               # theta (for A/B)
       table_optimizer='lazy_adam',  # lazy_adam | dense_adam
       table_init_std=0.006,
       lr_mult=5.0,
@@ -256,7 +260,8 @@ def validate(c: ConfigDict) -> ConfigDict:
     if not _get(c, path) > 0:
       _fail(path, _get(c, path), 'must be > 0')
   m = c.model
-  for path in ['model.scan_layers', 'train.cast_params_once', 'engram.donate_rows']:
+  for path in ['model.scan_layers', 'train.cast_params_once', 'engram.donate_rows',
+               'engram.late_moments']:
     if not isinstance(_get(c, path), bool):
       _fail(path, _get(c, path), 'must be True or False')
   if m.attn_query_block < 0:

@@ -29,7 +29,7 @@ from v4jax.metrics import MetricWriter
 from v4jax.model.layers import batched_draws, dtype_of
 from v4jax.model.moe import update_router_bias
 from v4jax.model.transformer import Transformer
-from v4jax.memory.rows import lazy_adam_rows, patch_rows, step_rows
+from v4jax.memory.rows import join_rows, lazy_adam_rows, patch_rows, step_rows
 from v4jax.optim import clip_grads, make_optimizer, path_str, schedule
 from v4jax.parallel import rules as rules_lib
 from v4jax.parallel.mesh import make_mesh
@@ -190,15 +190,16 @@ class Trainer:
     return jnp.where(step < int(m.late_frac * self.cfg.train.steps), m.loss_weight, m.loss_weight_late)
 
   def _step(self, state, batch, eng=None, prev=None):
-    """eng (host tables): {'rows','src'} per layer (memory/host_tables.py) and prev, the last
-    step's new rows (donated with the state: XLA writes this step's new rows, which the step
-    then also returns, into their buffers)."""
+    """eng (host tables): {'theta','moments','src'} per layer (memory/host_tables.py) and prev,
+    the last step's new rows (donated with the state: XLA writes this step's new rows, which the
+    step then also returns, into their buffers)."""
     cfg = self.cfg
     params, rest, step = state['params'], state['rest'], state['step']
     mtp_w = self._mtp_weight(step)
-    tab = None if eng is None else {l: patch_rows(r, eng['src'][l], prev[l])
-                                    for l, r in step_rows(eng).items()}
-    theta = None if tab is None else {l: r[:, 0] for l, r in tab.items()}
+    theta = None if eng is None else {l: patch_rows(r, eng['src'][l], prev[l][:, 0])
+                                      for l, r in step_rows(eng, 'theta').items()}
+    if eng is not None and not cfg.engram.late_moments:     # A/B: the moments at the start too
+      theta, moments = jax.lax.optimization_barrier((theta, step_rows(eng, 'moments')))
     grad_fn = jax.value_and_grad(self._loss, argnums=(0, 4), has_aux=True)
     A = cfg.train.grad_accum
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -232,12 +233,16 @@ class Trainer:
     scalars = {k: v for k, v in metrics.items() if k != 'expert_counts'}
     scalars.update(norms, lr=schedule(cfg, cfg.optim.lr)(step), skipped=out['skipped'],
                    finite=finite, expert_load_max_over_mean=load)
-    if tab is None:
+    if eng is None:
       return out, scalars
+    if cfg.engram.late_moments:      # first used here: XLA copies them in for the optimizer
+      moments = step_rows(eng, 'moments')
     o, count = cfg.optim, step - state['skipped']   # = optim.lazy_adam's count of applied updates
     lr = schedule(cfg, o.lr * cfg.engram.lr_mult)(count)
-    return out, scalars, {l: lazy_adam_rows(tab[l], g_theta[l], count, lr, o.b1, o.b2, o.eps,
-                                            finite) for l in tab}
+    return out, scalars, {
+        l: lazy_adam_rows(join_rows(theta[l], patch_rows(moments[l], eng['src'][l],
+                                                         prev[l][:, 1:])),
+                          g_theta[l], count, lr, o.b1, o.b2, o.eps, finite) for l in theta}
 
   def _update_biases(self, params, rest, metrics, step, finite):
     cfg = self.cfg
@@ -261,7 +266,7 @@ class Trainer:
     return nnx.split(model, nnx.Param, ...)[2]
 
   def _eval(self, state, batch, eng=None):
-    theta = None if eng is None else {l: r[:, 0] for l, r in step_rows(eng).items()}
+    theta = None if eng is None else step_rows(eng, 'theta')
     _, m = self._loss(state['params'], state['rest'], batch, 0.0, theta)
     return m['loss'] * m['n_valid'], m['n_valid']
 

@@ -147,12 +147,14 @@ def test_pipeline_matches_dense_lazy_adam(memory_kind, gather, chunk_rows):
   @jax.jit
   def step(eng, inv, w, count, lr):
     out = {}
-    rows = rows_lib.step_rows(eng)        # pinned staging rows move to the device here
+    theta = rows_lib.step_rows(eng, 'theta')     # pinned staging rows move to the device here
+    moments = rows_lib.step_rows(eng, 'moments')
     for l in R:
-      tab = rows_lib.patch_rows(rows[l], eng['src'][l], eng['prev'][l])
+      th = rows_lib.patch_rows(theta[l], eng['src'][l], eng['prev'][l][:, 0])
+      mv = rows_lib.patch_rows(moments[l], eng['src'][l], eng['prev'][l][:, 1:])
       f = lambda t, l=l: 0.5 * jnp.sum(w * rows_lib.expand_rows(t, inv[l]) ** 2)
-      g = jax.grad(f)(tab[:, 0])
-      out[l] = rows_lib.lazy_adam_rows(tab, g, count, lr, B1, B2, EPS, jnp.bool_(True))
+      out[l] = rows_lib.lazy_adam_rows(rows_lib.join_rows(th, mv), jax.grad(f)(th), count, lr,
+                                       B1, B2, EPS, jnp.bool_(True))
     return out
 
   slots0 = {l: tabs.slots(l) for l in R}
@@ -328,10 +330,13 @@ def test_one_device_copies_staged_rows_inside_the_step(runs, tmp_path):
   """On one device the step takes the pinned staging arrays and copies them to the device itself
   (two staging sets in turn): its losses follow the 8-device run, whose rows are placed before
   the step (fp32, other reduction order), and rows no batch touched keep their bits. This run
-  keeps the last step's rows (`engram.donate_rows=False`; the 8-device run donates them)."""
+  keeps the last step's rows (`engram.donate_rows=False`; the 8-device run donates them) and
+  takes the rows' moments in at the step's start (`engram.late_moments=False`; the 8-device run
+  uses them only at its end)."""
   n = 6
   one = Trainer(small_tiny(**{'engram.base_rows': 1009, 'engram.table_memory': 'host',
-                              'engram.donate_rows': False, 'checkpoint.enabled': False}),
+                              'engram.donate_rows': False, 'engram.late_moments': False,
+                              'checkpoint.enabled': False}),
                 str(tmp_path), devices=jax.devices()[:1])
   assert one.tables.rows_in_step and not runs.host.tables.rows_in_step
   np.testing.assert_array_equal(one.tables.slots(1), runs.init)

@@ -12,16 +12,20 @@ the same rows in one HBM array with the same sparse machinery: the benchmark's b
 Per step s (host work runs on one job thread, in submission order, item 1 (unique rows) on a
 second thread; NumPy, which releases the GIL, is spread over a thread pool):
   1. the unique rows U_s of the global batch and each position's index into them;
-  2. gather of theta/m/v for U_s from the tables into a pinned staging buffer (zero-copy views of
-     the chunks, `compat.host_view`; all layers and chunks in one pass over the thread pool; or XLA
-     host compute with `engram.host_gather='xla'`, then the tables are one chunk). One device with
-     the NumPy gather: the step takes the staging arrays as inputs and copies them to the device
-     inside its own program (XLA overlaps the copy with the layers before the first Engram layer),
-     with two staging sets so the next gather never writes rows a running step still reads;
-     otherwise one DMA per layer to the device before the step;
+  2. gather of U_s's rows from the tables into pinned staging buffers, theta [U,H] and the Adam
+     moments [U,2,H] apart (zero-copy views of the chunks, `compat.host_view`; all layers and
+     chunks in one pass over the thread pool; or XLA host compute with `engram.host_gather='xla'`,
+     then the tables are one chunk). One device with the NumPy gather: the step takes the staging
+     arrays as inputs and copies them to the device inside its own program where it first uses
+     them: theta at the start (XLA overlaps the copy with the layers before the first Engram
+     layer), the moments only for the optimizer at the end (`engram.late_moments`), so 2/3 of
+     the rows' bytes are neither copied ahead of the first layers nor live through the backward;
+     two staging sets so the next gather never writes rows a running step still reads; otherwise
+     one DMA per layer and part to the device before the step;
   3. the jitted train step patches in the rows step s-1 updated (`rows.patch_rows`), runs the model
      on theta, sums duplicate references deterministically, clips the row gradients with the main
-     group and applies row-wise lazy Adam on the device (`rows.lazy_adam_rows`);
+     group and applies row-wise lazy Adam on the device (`rows.lazy_adam_rows`) to theta and the
+     moments, patched the same way;
   4. write-back: the new rows come back by DMA and are scattered into the table in place. Only the
      U_s rows are read or written: nothing scales with the table size.
 Step s+1 takes step s's new rows (for the patch) as a donated input that XLA reuses for its own
@@ -65,6 +69,7 @@ __all__ = ['HostTables', 'Lookahead', 'abstract_step_inputs', 'parts_layout', 'r
 _BLOCK = 4096            # init: rows per PRNG block (values do not depend on the chunking)
 _CHUNK_BLOCKS = 256      # init: blocks generated per device call
 _MIN_ROWS_PER_TASK = 2048
+_MOMENT_SLOTS = np.array([1, 2], np.int64)   # a row's Adam m and v after its theta (slot 0)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
@@ -91,13 +96,16 @@ def _zeros(shape, sharding) -> jax.Array:
 
 @jax.jit
 def _xla_host_gather(slots, idx):
+  """(theta [U,H], moments [U,2,H]) of the rows idx, gathered on the host, on the device."""
   rows = compat.on_host(lambda t, i: t.at[i].get(mode='promise_in_bounds'))(slots, idx)
-  return jax.device_put(rows, compat.DEVICE)
+  rows = jax.device_put(rows, compat.DEVICE)
+  return rows[:, 0], rows[:, 1:]
 
 
 @jax.jit
 def _device_gather(slots, idx):
-  return jnp.take(slots, idx, axis=0, mode='clip')
+  rows = jnp.take(slots, idx, axis=0, mode='clip')
+  return rows[:, 0], rows[:, 1:]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -120,6 +128,11 @@ def _row_void(a: np.ndarray) -> np.ndarray:
   """[N, ...] contiguous -> [N] of opaque rows (NumPy copies whole rows faster)."""
   n = a.shape[0]
   return a.reshape(n, -1).view(np.dtype((np.void, a[0].nbytes))).reshape(n)
+
+
+def _unzip(pairs: dict) -> tuple[dict, dict]:
+  """{l: (theta, moments)} -> ({l: theta}, {l: moments})."""
+  return {l: p[0] for l, p in pairs.items()}, {l: p[1] for l, p in pairs.items()}
 
 
 def _layout(rows: dict[int, int]) -> tuple[dict[int, int], int]:
@@ -151,19 +164,22 @@ class _HostStore:
     self.u_max, self.width = u_max, width
     self.base, total = _layout(rows)
     self.chunk = max(1, total if gather == 'xla' else min(chunk_rows, total))  # XLA reads one array
-    self.chunks, self.views, self.void = [], [], []
+    self.chunks, self.views, self.void, self.slot_void = [], [], [], []
     for r0 in range(0, total, self.chunk):      # tables first: later small buffers fill the gaps
       a = _zeros((min(self.chunk, total - r0), 3, width), self.sh)
       v = compat.host_view(a, check=not self.chunks)   # one probe per store proves the pointer
       self.chunks.append(a)
       self.views.append(v)
       self.void.append(_row_void(v))
-    # Two staging sets, used in turn. readers[k]: arrays whose readiness proves that the step
-    # which took set k as input has read it (set by the caller, `mark_read`).
-    self.stages = [{l: _zeros((u_max, 3, width), self.sh)
+      self.slot_void.append(_row_void(v.reshape(-1, width)))   # [3N]: row r's slot j at 3r+j
+    # Two staging sets, used in turn, each per layer theta [U,H] and the moments [U,2,H] apart
+    # (the step copies them to the device at different times). readers[k]: arrays whose
+    # readiness proves that the step which took set k as input has read it (set by the caller,
+    # `mark_read`).
+    self.stages = [{l: (_zeros((u_max, width), self.sh), _zeros((u_max, 2, width), self.sh))
                     for l in rows} for _ in range(2)]
-    self.stage_voids = [{l: _row_void(compat.host_view(a, check=False)) for l, a in st.items()}
-                        for st in self.stages]
+    self.stage_voids = [{l: tuple(_row_void(compat.host_view(a, check=False).reshape(-1, width))
+                               for a in pair) for l, pair in st.items()} for st in self.stages]
     self.readers: list = [None, None]
     self.turn = 0                          # the set the next gather fills
 
@@ -214,11 +230,12 @@ class _HostStore:
     """Set k may be overwritten once `readers` (outputs of the step that took it) are ready."""
     self.readers[k] = readers
 
-  def gather(self, sel: dict, place, stats) -> dict:
-    """{layer: place([u_max, 3, H] staging rows)}: the selected rows at their positions, the
-    other positions stale filler. `place` moves a layer's rows to the step's devices; with
-    place=None the pinned staging arrays themselves are returned (set `last_set`), for a step
-    that copies them to the device itself and is then registered with `mark_read`."""
+  def gather(self, sel: dict, place, stats) -> tuple[dict, dict]:
+    """({layer: place(theta [u_max, H])}, {layer: place(moments [u_max, 2, H])}): the selected
+    rows at their positions, the other positions stale filler. `place` moves an array to the
+    step's devices; with place=None the pinned staging arrays themselves are returned (set
+    `last_set`), for a step that copies them to the device itself and is then registered with
+    `mark_read`."""
     t0 = time.perf_counter()
     if self.gather_mode == 'xla':     # one process: sel[l] = (all U rows, 0)
       out = {}
@@ -226,10 +243,10 @@ class _HostStore:
         idx = np.full((self.u_max,), ids[-1] if len(ids) else 0, np.int32)
         idx[:len(ids)] = ids
         idx = jax.device_put(idx + self.base[l], self.sh)
-        out[l] = place(_xla_host_gather(self.slots, idx))
+        out[l] = tuple(map(place, _xla_host_gather(self.slots, idx)))
       jax.block_until_ready(out)
       stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
-      return out
+      return _unzip(out)
 
     k, self.turn = self.turn, self.turn ^ 1
     if self.readers[k] is not None:        # the step that read this set two gathers ago
@@ -238,16 +255,21 @@ class _HostStore:
     stage, stage_void = self.stages[k], self.stage_voids[k]
 
     def copy(l, c, g, off, lo, hi):
-      np.take(self.void[c], g[lo:hi] - c * self.chunk, out=stage_void[l][off + lo:off + hi],
-              mode='clip')
+      # Contiguous sources and outputs only (np.take copies a strided source whole): the chunk
+      # as [3N] slots, theta at 3r, the moments at 3r+1, 3r+2 (into [2U] moment slots).
+      first = 3 * (g[lo:hi].astype(np.int64) - c * self.chunk)
+      theta, moments = stage_void[l]
+      np.take(self.slot_void[c], first, out=theta[off + lo:off + hi], mode='clip')
+      np.take(self.slot_void[c], (first[:, None] + _MOMENT_SLOTS).reshape(-1),
+              out=moments[2 * (off + lo):2 * (off + hi)], mode='clip')
     self._run(copy, self._row_tasks(sel))
     t1 = time.perf_counter()
     stats['gather_ms'].append(1e3 * (t1 - t0))
     if place is None:
-      return dict(stage)
-    out = jax.block_until_ready({l: place(a) for l, a in stage.items()})
+      return _unzip(stage)
+    out = jax.block_until_ready({l: tuple(map(place, pair)) for l, pair in stage.items()})
     stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))   # the set is free again after this
-    return out
+    return _unzip(out)
 
   def fetch(self, sel: dict, new_dev: dict, stats) -> dict:
     """Queues the DMA of this device's new rows into pinned host arrays (returned; they are
@@ -299,7 +321,7 @@ class _DeviceStore:
     # next step patches from this step's output anyway.
     self._lock = threading.Lock()
 
-  def gather(self, sel: dict, place, stats) -> dict:
+  def gather(self, sel: dict, place, stats) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     out = {}
     for l, (ids, off) in sel.items():
@@ -307,9 +329,9 @@ class _DeviceStore:
       idx[off:off + len(ids)] = ids
       idx = jax.device_put(idx + self.base[l], self.sh)
       with self._lock:
-        out[l] = place(_device_gather(self.slots, idx))
+        out[l] = tuple(map(place, _device_gather(self.slots, idx)))
     stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
-    return out
+    return _unzip(out)
 
   def fetch(self, sel: dict, new_dev: dict, stats):
     """Dispatches the in-place scatter of the step's new rows now (the next step donates them)."""
@@ -395,17 +417,23 @@ def row_dims(cfg) -> tuple[int, int]:
   return cfg.data.global_batch * cfg.data.seq_len * heads, g.d_mem // heads
 
 
-def parts_layout(cfg, mesh, u_max: int, width: int):
-  """Several processes: the [P*U, 3, H] parts array the step assembles its rows from (one slot
-  of U rows per batch shard, sharded like the batch). (shape, sharding, {device: slot})."""
+def parts_layout(cfg, mesh, u_max: int):
+  """Several processes: the parts arrays the step assembles its rows from (one slot of U rows
+  per batch shard, sharded like the batch over their first dim). (number of slots, sharding,
+  {device: slot})."""
   from v4jax.parallel import rules as rules_lib
-  spec = rules_lib.logical_to_spec(('batch', None, None), rules_lib.RULES[cfg.mesh.rules])
+  spec = rules_lib.logical_to_spec(('batch',), rules_lib.RULES[cfg.mesh.rules])
   axes = spec[0] if isinstance(spec[0], tuple) else (() if spec[0] is None else (spec[0],))
   n_slots = int(np.prod([mesh.shape[a] for a in axes]))
-  shape = (n_slots * u_max, 3, width)
-  sharding = NamedSharding(mesh, P(*spec))
-  slot_of = {d: i[0].start // u_max for d, i in sharding.devices_indices_map(shape).items()}
-  return shape, sharding, slot_of
+  sharding = NamedSharding(mesh, P(spec[0]))
+  slot_of = {d: i[0].start // u_max for d, i in sharding.devices_indices_map(
+      (n_slots * u_max,)).items()}
+  return n_slots, sharding, slot_of
+
+
+def _part_shapes(u_max: int, width: int) -> dict:
+  """Per-layer shapes of what the step takes: theta and its Adam moments apart."""
+  return {'theta': (u_max, width), 'moments': (u_max, 2, width)}
 
 
 def abstract_step_inputs(cfg, mesh) -> dict:
@@ -415,17 +443,19 @@ def abstract_step_inputs(cfg, mesh) -> dict:
   rep = NamedSharding(mesh, P())
   several = len({d.process_index for d in mesh.devices.flat}) > 1
   sds = jax.ShapeDtypeStruct
-  eng = {'src': {}, 'prev': {}, 'rows': {}, **({'bounds': {}} if several else {})}
+  eng = {'src': {}, 'prev': {}, 'theta': {}, 'moments': {}, **({'bounds': {}} if several else {})}
   if several:
-    shape, sharding, _ = parts_layout(cfg, mesh, u_max, width)
+    n_slots, sharding, _ = parts_layout(cfg, mesh, u_max)
   for l in cfg.engram.layer_ids:
     eng['src'][l] = sds((u_max,), jnp.int32, sharding=rep)
     eng['prev'][l] = sds((u_max, 3, width), jnp.float32, sharding=rep)
+    for part, (_, *rest) in _part_shapes(u_max, width).items():
+      if several:
+        eng[part][l] = sds((n_slots * u_max, *rest), jnp.float32, sharding=sharding)
+      else:
+        eng[part][l] = sds((u_max, *rest), jnp.float32, sharding=rep)
     if several:
-      eng['rows'][l] = sds(shape, jnp.float32, sharding=sharding)
-      eng['bounds'][l] = sds((shape[0] // u_max, 2), jnp.int32, sharding=rep)
-    else:
-      eng['rows'][l] = sds((u_max, 3, width), jnp.float32, sharding=rep)
+      eng['bounds'][l] = sds((n_slots, 2), jnp.int32, sharding=rep)
   return eng
 
 
@@ -490,8 +520,7 @@ class HostTables:
 
   def _setup_processes(self, cfg, mesh):
     """Several processes: the parts layout, the checkpoint sharding and the id exchange."""
-    self.parts_shape, self.parts_sharding, slot_of = parts_layout(cfg, mesh, self.u_max,
-                                                                  self.width)
+    self.n_slots, self.parts_sharding, slot_of = parts_layout(cfg, mesh, self.u_max)
     slots = [{k for d, k in slot_of.items() if d.process_index == q} for q in range(self.nproc)]
     if any(slots[a] & slots[b] for a in range(self.nproc) for b in range(a)):
       raise NotImplementedError(
@@ -502,8 +531,9 @@ class HostTables:
     self._slot_devices = [(SingleDeviceSharding(d, memory_kind=d.default_memory().kind),
                            slot_of[d] == self.first_slot[self.pid])
                           for d in self.parts_sharding.addressable_devices]
-    self._filler_rows = {sh: _zeros((self.u_max, 3, self.width), sh)
-                   for sh, mine in self._slot_devices if not mine}    # masked out by the step
+    self._filler_rows = {(sh, shape): _zeros(shape, sh)                # masked out by the step
+                         for sh, mine in self._slot_devices if not mine
+                         for shape in _part_shapes(self.u_max, self.width).values()}
     devs = [next(d for d in mesh.devices.flat if d.process_index == q) for q in range(self.nproc)]
     self.ckpt_sharding = NamedSharding(Mesh(np.array(devs), ('rows',)), P('rows'),
                                        memory_kind=self._ckpt_kind)
@@ -654,7 +684,7 @@ class HostTables:
   def _eng(self, got, prev: bool = True):
     """The step's `eng` input; with prev, also 'prev': the last step's new rows, which the
     train step takes apart as a donated argument (Trainer.step)."""
-    eng = {'rows': got['rows'], 'src': got['src']}
+    eng = {'theta': got['theta'], 'moments': got['moments'], 'src': got['src']}
     if prev:
       eng['prev'] = self._prev_rows
     if 'bounds' in got:
@@ -706,7 +736,7 @@ class HostTables:
         continue
       c = self.span[l]       # process q's rows of U: a contiguous segment of the sorted U
       cut = np.searchsorted(u[:k], np.minimum(np.arange(self.nproc + 1) * c, self.rows[l]))
-      b = np.zeros((self.parts_shape[0] // self.u_max, 2), np.int32)
+      b = np.zeros((self.n_slots, 2), np.int32)
       for q in range(self.nproc):
         b[self.first_slot[q]] = cut[q], cut[q + 1]
       bounds[l] = self._replicated(b)
@@ -714,22 +744,25 @@ class HostTables:
       sel[l] = (u[a0:a1] - self.lo[l], a0)
     self.stats['maps_ms'].append(1e3 * (time.perf_counter() - t0))   # incl. waiting for unique
     self.stats['rows'].append(sum(n.values()))
-    out = self.store.gather(sel, None if in_step else self._place, self.stats)
-    got = {'uniq': uniq, 'inv': inv, 'n': n, 'src': src, 'sel': sel, 'rows': out}
+    theta, moments = self.store.gather(sel, None if in_step else self._place, self.stats)
+    got = {'uniq': uniq, 'inv': inv, 'n': n, 'src': src, 'sel': sel, 'theta': theta,
+           'moments': moments}
     if in_step:
       got['stage'] = self.store.last_set
     if bounds:
       got['bounds'] = bounds
     return got
 
-  def _place(self, rows_U3H):
-    """A layer's staged rows on the step's devices: replicated (one process), or as this
-    process's first slot of the [P*U, 3, H] parts that the step assembles (rows_lib)."""
+  def _place(self, rows_U):
+    """A layer's staged theta or moments [U,...] on the step's devices: replicated (one
+    process), or as this process's first slot of the [P*U,...] parts that the step assembles
+    (rows_lib)."""
     if self.nproc == 1:
-      return jax.device_put(rows_U3H, self.row_sharding)
-    shards = [jax.device_put(rows_U3H, sh) if mine else self._filler_rows[sh]
+      return jax.device_put(rows_U, self.row_sharding)
+    shards = [jax.device_put(rows_U, sh) if mine else self._filler_rows[sh, rows_U.shape]
               for sh, mine in self._slot_devices]
-    return jax.make_array_from_single_device_arrays(self.parts_shape, self.parts_sharding, shards)
+    return jax.make_array_from_single_device_arrays(
+        (self.n_slots * self.u_max, *rows_U.shape[1:]), self.parts_sharding, shards)
 
   def _writeback(self, sel, fetched):
     self.store.write(sel, fetched, self.stats)

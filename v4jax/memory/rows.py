@@ -4,9 +4,10 @@ Dims: B batch, T positions, J table heads per layer, H row width d_h, U unique r
 global batch (padded to the static U_max = global_batch * T * J), S = 3 row slots (theta, m, v),
 P slots of the per-process parts (several processes: one per batch shard of the mesh).
 
-Per step the host hands the device, per Engram layer, the step's unique rows with their optimizer
-moments (`rows_US3H`, fp32) and each position's index into them (`inv_BTJ`). The model sees
-`expand_rows(theta_UH, inv_BTJ)`; its backward sums the duplicate references of a row in a fixed
+Per step the host hands the device, per Engram layer, the step's unique rows (`theta_UH`, fp32),
+their optimizer moments apart (`moments_U2H`: the forward and backward need only theta, so the
+step copies the moments to the device only for the optimizer at its end) and each position's
+index into the rows (`inv_BTJ`). The model sees `expand_rows(theta_UH, inv_BTJ)`; its backward sums the duplicate references of a row in a fixed
 order (sort, then a segmented tree scan), so the row gradient does not depend on scatter atomics.
 `lazy_adam_rows` then updates exactly the rows with a non-zero gradient, as `optim.lazy_adam` does
 for a device table.
@@ -22,7 +23,7 @@ import numpy as np
 from v4jax import compat
 
 __all__ = ['unique_rows', 'merge_unique_rows', 'patch_map', 'expand_rows', 'embeddings',
-           'assemble_rows', 'step_rows', 'patch_rows', 'lazy_adam_rows']
+           'assemble_rows', 'step_rows', 'patch_rows', 'join_rows', 'lazy_adam_rows']
 
 _F32 = jnp.float32
 
@@ -137,32 +138,39 @@ def embeddings(theta: dict, batch: dict, dtype) -> dict:
   return out
 
 
-def assemble_rows(parts_PU3H: jax.Array, bounds_P2: jax.Array) -> jax.Array:
-  """[U,3,H] from the processes' parts (several processes, docs/engram_host_tables.md): slot p
-  holds rows [lo_p, hi_p) of U (its process's owned segment; empty for all other slots) and
-  anything elsewhere. The bit patterns of the owned rows are summed as integers, every other
+def assemble_rows(parts_PU: jax.Array, bounds_P2: jax.Array) -> jax.Array:
+  """[U,...] from the processes' parts [P,U,...] (several processes, docs/engram_host_tables.md):
+  slot p holds rows [lo_p, hi_p) of U (its process's owned segment; empty for all other slots)
+  and anything elsewhere. The bit patterns of the owned rows are summed as integers, every other
   term is 0, so each row arrives bit-exactly from its owner (no float rounding, no -0.0 -> 0)."""
-  u = jnp.arange(parts_PU3H.shape[1])
+  u = jnp.arange(parts_PU.shape[1])
   own = (u[None] >= bounds_P2[:, :1]) & (u[None] < bounds_P2[:, 1:])          # [P, U]
-  bits = jax.lax.bitcast_convert_type(parts_PU3H, jnp.uint32)
-  bits = jnp.where(own[:, :, None, None], bits, jnp.uint32(0))
+  bits = jax.lax.bitcast_convert_type(parts_PU, jnp.uint32)
+  bits = jnp.where(own.reshape(own.shape + (1,) * (bits.ndim - 2)), bits, jnp.uint32(0))
   return jax.lax.bitcast_convert_type(jnp.sum(bits, axis=0, dtype=jnp.uint32), _F32)
 
 
-def step_rows(eng: dict) -> dict:
-  """Each layer's gathered [U,3,H] rows of a step's `eng` inputs, on the device: as handed over
-  by one process (rows in pinned host staging are copied to the device here, inside the step; a
-  no-op for device rows), or assembled from the processes' parts (`eng['bounds']` present)."""
+def step_rows(eng: dict, part: str) -> dict:
+  """Each layer's gathered rows of a step's `eng` inputs on the device, `part` 'theta' ([U,H]) or
+  'moments' ([U,2,H], Adam's m and v): as handed over by one process (rows in pinned host staging
+  are copied to the device here, inside the step, where this value is first used; a no-op for
+  device rows), or assembled from the processes' parts (`eng['bounds']` present)."""
   if 'bounds' not in eng:
-    return {l: jax.device_put(r, compat.DEVICE) for l, r in eng['rows'].items()}
+    return {l: jax.device_put(r, compat.DEVICE) for l, r in eng[part].items()}
   return {l: assemble_rows(r.reshape(eng['bounds'][l].shape[0], -1, *r.shape[1:]),
-                          eng['bounds'][l]) for l, r in eng['rows'].items()}
+                          eng['bounds'][l]) for l, r in eng[part].items()}
 
 
-def patch_rows(rows_US3H: jax.Array, src_U: jax.Array, prev_US3H: jax.Array) -> jax.Array:
-  """This step's gathered rows with the previous step's updated rows patched in where shared."""
-  take = jnp.take(prev_US3H, jnp.maximum(src_U, 0), axis=0)
-  return jnp.where((src_U >= 0)[:, None, None], take, rows_US3H)
+def patch_rows(rows_U: jax.Array, src_U: jax.Array, prev_U: jax.Array) -> jax.Array:
+  """This step's gathered rows [U,...] with the previous step's updated rows patched in where
+  shared (prev_U: the same slots of the last step's [U,3,H] output)."""
+  take = jnp.take(prev_U, jnp.maximum(src_U, 0), axis=0)
+  return jnp.where(src_U.reshape((-1,) + (1,) * (rows_U.ndim - 1)) >= 0, take, rows_U)
+
+
+def join_rows(theta_UH: jax.Array, moments_U2H: jax.Array) -> jax.Array:
+  """[U,3,H] rows (theta, m, v) from theta and the moments."""
+  return jnp.concatenate([theta_UH[:, None], moments_U2H], axis=1)
 
 
 def lazy_adam_rows(rows_US3H, g_UH, count, lr, b1: float, b2: float, eps: float, finite):
