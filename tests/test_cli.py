@@ -15,19 +15,26 @@ def test_environment_wins_and_empty_is_off(monkeypatch):
   assert use_compilation_cache('') is None
 
 
-def test_compiled_program_is_written_to_the_cache(tmp_path):
-  """A fresh process with the cache at tmp/~x (user expansion included) writes its compile there."""
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
-  env.update(HOME=str(tmp_path), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  code = ('import jax, jax.numpy as jnp\n'
-          'from v4jax.cli import use_compilation_cache\n'
-          'print(use_compilation_cache("~/xla"))\n'
-          'jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)\n'
-          'jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()\n')
+def _fresh_process(code: str, drop: str, **env) -> str:
+  """Runs `code` in a new CPU-only Python with the repo importable and the environment variable
+  `drop` unset; its stdout."""
+  env = dict({k: v for k, v in os.environ.items() if k != drop}, PYTHONPATH=ROOT,
+             JAX_PLATFORMS='cpu', **env)
   r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
-  assert r.stdout.split()[-1] == str(tmp_path / 'xla')
+  return r.stdout
+
+
+def test_compiled_program_is_written_to_the_cache(tmp_path):
+  """A fresh process with the cache at tmp/~x (user expansion included) writes its compile there."""
+  out = _fresh_process('import jax, jax.numpy as jnp\n'
+                       'from v4jax.cli import use_compilation_cache\n'
+                       'print(use_compilation_cache("~/xla"))\n'
+                       'jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)\n'
+                       'jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()\n',
+                       'JAX_COMPILATION_CACHE_DIR', HOME=str(tmp_path))
+  assert out.split()[-1] == str(tmp_path / 'xla')
   assert os.listdir(tmp_path / 'xla'), 'no cache entry written'
 
 
@@ -45,17 +52,13 @@ def test_claim_gpu_memory_sets_defaults_and_keeps_the_environment(monkeypatch):
   assert os.environ['XLA_FLAGS'] == '--xla_gpu_memory_limit_slop_factor=90'
 
 
-def test_claimed_flags_start_jax(tmp_path):
+def test_claimed_flags_start_jax():
   """XLA parses every flag in XLA_FLAGS at start-up and aborts on one it does not know: the GPU
   flag claim_gpu_memory adds must start a CPU-only jax too (the README's train command)."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  code = ('import os\n'
-          'from v4jax.cli import claim_gpu_memory\n'
-          'claim_gpu_memory()\n'
-          'import jax, jax.numpy as jnp\n'
-          'print(float(jnp.arange(4.0).sum()), os.environ["XLA_FLAGS"])\n')
-  r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert r.stdout.split() == ['6.0', '--xla_gpu_memory_limit_slop_factor=97']
+  out = _fresh_process('import os\n'
+                       'from v4jax.cli import claim_gpu_memory\n'
+                       'claim_gpu_memory()\n'
+                       'import jax, jax.numpy as jnp\n'
+                       'print(float(jnp.arange(4.0).sum()), os.environ["XLA_FLAGS"])\n',
+                       'XLA_FLAGS')
+  assert out.split() == ['6.0', '--xla_gpu_memory_limit_slop_factor=97']
