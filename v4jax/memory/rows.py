@@ -7,10 +7,10 @@ P slots of the per-process parts (several processes: one per batch shard of the 
 Per step the host hands the device, per Engram layer, the step's unique rows (`theta_UH`, fp32),
 their optimizer moments apart (`moments_U2H`: the forward and backward need only theta, so the
 step copies the moments to the device only for the optimizer at its end) and each position's
-index into the rows (`inv_BTJ`). The model sees `expand_rows(theta_UH, inv_BTJ)`; its backward sums the duplicate references of a row in a fixed
-order (sort, then a segmented tree scan), so the row gradient does not depend on scatter atomics.
-`lazy_adam_rows` then updates exactly the rows with a non-zero gradient, as `optim.lazy_adam` does
-for a device table.
+index into the rows (`inv_BTJ`). The model sees `expand_rows(theta_UH, inv_BTJ)`; its backward
+sums the duplicate references of a row in a fixed order (sort, then a segmented tree scan), so
+the row gradient does not depend on scatter atomics. `lazy_adam_rows` then updates exactly the
+rows with a non-zero gradient, as `optim.lazy_adam` does for a device table.
 """
 from __future__ import annotations
 
