@@ -5,6 +5,8 @@ Dims: B batch, T query positions, S key positions, H heads, K qk width, V value 
 `impl` takes `config.kernels.attention`:
   reference -> blockwise jnp softmax attention (reference.py; every backend; returns the lse);
   cudnn -> cuDNN flash attention (library.py; GPU, bf16/fp16, per-head k/v), fp32 lse on request;
+  pallas -> Pallas Triton flash attention (gpu.py; per-head k/v; the top-k set as packed bits;
+    interpret mode on CPU), always with its fp32 lse; not picked by auto;
   auto -> cudnn on a GPU for bf16/fp16 per-head k/v, the reference otherwise.
 """
 from __future__ import annotations
@@ -13,9 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.kernels.attention.reference import dense_attention
-from v4jax.kernels.pallas_common import target_platform
+from v4jax.kernels.pallas_common import per_device, target_platform
 
-IMPLS = ('auto', 'reference', 'cudnn')
+IMPLS = ('auto', 'reference', 'cudnn', 'pallas')
 
 
 def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array) -> str:
@@ -39,10 +41,16 @@ def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scal
   top-k key set per query (-1 = empty slot), attended to as a mask over all keys.
   """
   impl = resolve_impl(impl, q_BTHK, k_BSK)
+  if impl in ('cudnn', 'pallas') and k_BSK.ndim != 4:
+    raise ValueError(f'config.kernels.attention={impl} needs per-head k/v [B,S,H,*] '
+                     f'(k {k_BSK.shape}); use auto')
+  if impl == 'pallas':
+    from v4jax.kernels.attention import gpu
+    heads = ('batch', None, 'act_heads', None)
+    fn = lambda q, k, v, seg, sel: gpu.causal_attention(q, k, v, scale, seg, select_BTK=sel)
+    return per_device(fn, (heads, heads, heads, ('batch', None), ('batch', None, None)),
+                      (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT, select_BTK)
   if impl == 'cudnn':
-    if k_BSK.ndim != 4:
-      raise ValueError('config.kernels.attention=cudnn needs per-head k/v [B,S,H,*] '
-                       f'(k {k_BSK.shape}); use auto')
     from v4jax.kernels.attention import library
     out = library.causal_attention(q_BTHK, k_BSK, v_BSV, scale, segment_ids_BT,
                                    select_BTK=select_BTK, return_lse=need_lse)
