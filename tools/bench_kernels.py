@@ -24,7 +24,9 @@ Sections (--sections, comma list; default all):
            a small block sweep, top-k, the sparse KL (model/dsa.py, both impls) and one DSA
            layer's attention core (top-k + sparse MLA + KL, fwd+bwd), kernel vs XLA reference;
   dense    cuDNN causal flash attention fwd+bwd and fwd (MLA MHA shapes), the same restricted
-           to a top-K key set per query by a mask (dsa.sparse_attention=masked), and the DSA
+           to a top-K key set per query by a mask (dsa.sparse_attention=masked), the Pallas
+           kernel of kernels.attention=pallas under the same set (fwd+bwd and fwd, its output
+           against cuDNN's: `o_max_abs_err_vs_cudnn`), and the DSA
            crossover: per T, one DSA layer's forward+backward (indexer scores + top-k, sparse MLA
            fwd+bwd, and with the kl section in the run the KL teacher and student fwd+bwd:
            `kl_included`, the student in the form kernels.student_dq=auto picks at T
@@ -570,6 +572,25 @@ class Bench:
                   lambda: self.timeit(fwd(), q, k, v), flops=fl_f)
       self.record('dense', 'cudnn_masked_fwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
                   lambda: self.timeit(fwd(select_BTK=idx), q, k, v), flops=fl_f)
+      # kernels.attention=pallas: the Triton kernel reading the top-k set as packed bits, the
+      # same two timings, and its output against cuDNN's masked one
+      from v4jax.kernels.attention import gpu as attn_gpu
+      pfwd = jax.jit(lambda q, k, v: attn_gpu.causal_attention(q, k, v, dqk ** -0.5,
+                                                                select_BTK=idx))
+      gp = jax.jit(jax.grad(lambda q, k, v: jnp.sum(pfwd(q, k, v)[0].astype(jnp.float32)),
+                            argnums=(0, 1, 2)))
+      self.record('dense', 'pallas_masked_fwd+bwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
+                  lambda: self.timeit(gp, q, k, v), flops=fl)
+      row = self.record('dense', 'pallas_masked_fwd', dict(T=T, H=H, dqk=dqk, dv=dv, K=K),
+                        lambda: self.timeit(pfwd, q, k, v), flops=fl_f)
+      if 'error' not in row:
+        try:
+          want = fwd(select_BTK=idx)(q, k, v)[0].astype(jnp.float32)
+          row['o_max_abs_err_vs_cudnn'] = float(jnp.max(jnp.abs(
+              pfwd(q, k, v)[0].astype(jnp.float32) - want)))
+        except Exception as e:  # noqa: BLE001 - the check must not end the benchmark
+          row['o_check_error'] = f'{type(e).__name__}: {str(e)[:200]}'
+        self.save()
 
       # the same with cuDNN's fp32 lse returned (the DSA teacher's), and that lse against an
       # fp32 softmax over the allowed keys of the first 16 heads

@@ -152,3 +152,35 @@ def test_seam_pallas_per_device_on_mesh():
     o, lse = jax.jit(call)(q, k, v)
   _close(o, want_o, 2e-5)
   _close(lse, want_lse, 2e-5)
+
+
+def _pallas_call_names(jaxpr) -> list:
+  """Names of the pallas_calls in a jaxpr, nested jaxprs included, in order."""
+  out = []
+  for e in jaxpr.eqns:
+    if e.primitive.name == 'pallas_call':
+      n = e.params.get('name_and_src_info', e.params.get('name'))
+      out.append(getattr(n, 'name', n))
+    for p in e.params.values():
+      inner = getattr(p, 'jaxpr', p)
+      if hasattr(inner, 'eqns'):
+        out += _pallas_call_names(inner)
+  return out
+
+
+def test_block_remat_keeps_the_forward_kernels_outputs():
+  """The block remat policy's attention term (`forward_kernel_saveable`) saves the Pallas forward
+  kernel's outputs: the gradient runs that kernel once; with nothing saveable, twice."""
+  from v4jax.kernels.attention import forward_kernel_saveable
+  q, k, v, seg, idx, _ = _inputs(7, False)
+  f = lambda q, k, v: jnp.sum(jnp.sin(_kernel(seg, idx)(q * 1.0, k, v)[0]))
+  runs = {}
+  for label, policy in (('saved', forward_kernel_saveable),
+                        ('nothing', jax.checkpoint_policies.nothing_saveable)):
+    grad = jax.grad(jax.checkpoint(f, policy=policy), argnums=(0, 1, 2))
+    runs[label] = _pallas_call_names(jax.make_jaxpr(grad)(q, k, v).jaxpr).count(gpu.FWD_KERNEL)
+  assert runs == {'saved': 1, 'nothing': 2}, runs
+  from types import SimpleNamespace
+  from v4jax.kernels.attention.library import CUDNN_FWD_PRIMITIVE
+  assert forward_kernel_saveable(SimpleNamespace(name=CUDNN_FWD_PRIMITIVE))   # cuDNN's, as before
+  assert not forward_kernel_saveable(SimpleNamespace(name='pallas_call'), name='other_kernel')

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax.kernels.attention.library import CUDNN_FWD_PRIMITIVE
+from v4jax.kernels.attention import forward_kernel_saveable
 from v4jax.model.layers import RMSNorm, constrain, dtype_of, flush_draws, matmul, param
 from v4jax.model.loss import cross_entropy_sum
 from v4jax.model.mla import MLA
@@ -93,13 +93,13 @@ def _checkpoint(cfg, fn):
     return fn
   cp = jax.checkpoint_policies
   policy = {
-      # weight matmuls, the cuDNN attention forward's outputs (o and its lse: the backward
-      # kernel's inputs) and the DSA tensors that are costly to redo and small to keep ([B,T,K]
-      # per layer): the top-k set, the attention lse, the KL teacher and student
+      # weight matmuls, the attention forward kernel's outputs (o and its lse: the backward
+      # kernel's inputs; cuDNN or Pallas) and the DSA tensors that are costly to redo and small
+      # to keep ([B,T,K] per layer): the top-k set, the attention lse, the KL teacher and student
       'block': cp.save_from_both_policies(
           cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
                                      cp.save_only_these_names(*BLOCK_SAVED_NAMES)),
-          lambda prim, *_, **__: prim.name == CUDNN_FWD_PRIMITIVE),
+          forward_kernel_saveable),
       'full': cp.nothing_saveable,
   }[cfg.model.remat]
   return jax.checkpoint(fn, policy=policy, static_argnums=(0,))

@@ -20,6 +20,18 @@ from v4jax.kernels.pallas_common import per_device, target_platform
 IMPLS = ('auto', 'reference', 'cudnn', 'pallas')
 
 
+def forward_kernel_saveable(prim, *_, **params) -> bool:
+  """A remat policy term: True for the forward kernel of an attention implementation (cuDNN's
+  forward primitive, the Pallas forward pallas_call), whose outputs (o, lse) are the backward
+  kernel's inputs, so block remat keeps them instead of running the forward again."""
+  from v4jax.kernels.attention.gpu import FWD_KERNEL
+  from v4jax.kernels.attention.library import CUDNN_FWD_PRIMITIVE
+  if prim.name == CUDNN_FWD_PRIMITIVE:
+    return True
+  name = params.get('name_and_src_info', params.get('name'))
+  return prim.name == 'pallas_call' and getattr(name, 'name', name) == FWD_KERNEL
+
+
 def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array) -> str:
   """The concrete impl `auto` stands for with these inputs on this platform."""
   if impl not in IMPLS:

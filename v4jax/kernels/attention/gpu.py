@@ -42,6 +42,7 @@ from v4jax.kernels.pallas_common import NEG_INF, gpu_interpret, next_pow2, pad_a
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
 _TN = (((0,), (0,)), ((), ()))   # a [C,M] . b [C,N] -> [M,N]
 BITS = 32                        # keys per mask word
+FWD_KERNEL = 'masked_attention_fwd'   # the forward pallas_call's name (remat keeps its outputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +254,7 @@ def _forward(q, k, v, seg, words, cfg):
       out_specs=[rows(wv), stat],
       out_shape=[jax.ShapeDtypeStruct((B, tp, H, wv), q.dtype),
                  jax.ShapeDtypeStruct((B, tp, H), jnp.float32)],
-      compiler_params=_params(f), interpret=cfg.interpret, name='masked_attention_fwd',
+      compiler_params=_params(f), interpret=cfg.interpret, name=FWD_KERNEL,
   )(qp, kp, vp, *extra)
   return o[:, :T, :, :V], lse[:, :T]
 
