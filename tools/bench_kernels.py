@@ -5,7 +5,7 @@ One command writes everything to --out (JSON; default $OUT/bench_kernels.json):
   python tools/bench_kernels.py                  # H200: checks, sweep, V3.2 + bench shapes
   python tools/bench_kernels.py --smoke          # CPU: tiny shapes, Pallas interpret mode
 
-Sections (--sections, comma list; default all):
+Sections (--sections, comma list; default all but attn_sweep):
   matmul   dense bf16 8192^3 matmul: the peak every kernel is quoted against (frac_dense);
   check    kernel vs jnp reference parity on the device (values, grads, top-k sets);
   sweep    sparse MLA forward and backward configurations (blocks, warps, stages of each kernel;
@@ -31,7 +31,10 @@ Sections (--sections, comma list; default all):
            fwd+bwd, and with the kl section in the run the KL teacher and student fwd+bwd:
            `kl_included`, the student in the form kernels.student_dq=auto picks at T
            (`student_dq`), `dsa_ms_student_dq_<other>` with the other form)
-           against cuDNN's fwd+bwd.
+           against cuDNN's fwd+bwd;
+  attn_sweep (opt-in) the tilings of that Pallas kernel (Blocks of fwd, dkv, dq) at the
+           bench_h200 (B=4, H=16) and V3.2 (B=1, H=128) attention shapes (T=4096, d_qk 192,
+           d_v 128, top-2048 sets), best kept; ends with `attn_config`, _DEFAULTS' form.
 
 FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C+2V) (recomputed
 logits, dp, dq, dkv: the flash-attention 2.5x convention); indexer 2·H·D per allowed (t, s)
@@ -314,6 +317,61 @@ class Bench:
     if 'bwd' in best:
       self.sa_cfg.update(best['bwd'][1])
     self.out['sparse_config'] = self.sa_cfg
+
+  def attn_sweep(self):
+    """Tilings of kernels.attention=pallas (kernels/attention/gpu.py) at the bench_h200 and V3.2
+    attention shapes: each forward candidate timed on the forward alone; dkv candidates timed on
+    the gradient (fwd+bwd) with the best forward and the default dq, then dq candidates with the
+    best forward and dkv (the kernels are separate, so their times add). `bwd_ms` = fwd+bwd minus
+    the best forward. Ends with the best Blocks per shape in _DEFAULTS' form (attn_config)."""
+    from v4jax.kernels.attention import gpu as attn_gpu
+    # cases (label, B, T, H, d_qk, d_v, K); candidates (block_m, block_n, warps, stages)
+    if self.smoke:
+      cases = [('smoke', 1, 64, 2, 48, 32, 16)]
+      fwd_cfgs, dkv_cfgs, dq_cfgs = [(16, 32, 4, 1), (32, 64, 4, 1)], [(16, 32, 4, 1)], [
+          (16, 32, 4, 1)]
+    else:
+      cases = [('bench', 4, 4096, 16, 192, 128, 2048), ('v3.2', 1, 4096, V3['H'], 192, 128, 2048)]
+      fwd_cfgs = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2), (64, 128, 8, 2),
+                  (128, 128, 8, 2)]
+      dkv_cfgs = [(64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]
+      dq_cfgs = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)]
+    self.out['attn_config'] = {}
+    for label, Bt, T, H, dqk, dv, K in cases:
+      ks = jax.random.split(jax.random.key(3), 3)
+      q = jax.random.normal(ks[0], (Bt, T, H, dqk), self.dtype)
+      k = jax.random.normal(ks[1], (Bt, T, H, dqk), self.dtype)
+      v = jax.random.normal(ks[2], (Bt, T, H, dv), self.dtype)
+      idx = self.idx(Bt, T, K)
+      fl_f = 2 * Bt * H * (T * (T + 1) // 2) * (dqk + dv)   # the dense section's convention
+      shape = dict(shapes=label, B=Bt, T=T, H=H, dqk=dqk, dv=dv, K=K)
+      # the sets go in as an argument (not a closed-over constant): the packing is timed too
+      fwd = lambda **cfg: jax.jit(lambda q, k, v, idx: attn_gpu.causal_attention(
+          q, k, v, dqk ** -0.5, select_BTK=idx,
+          **{n: attn_gpu.Blocks(*c) for n, c in cfg.items()}))
+      grad = lambda **cfg: jax.jit(jax.grad(lambda q, k, v, idx: jnp.sum(
+          fwd(**cfg)(q, k, v, idx)[0].astype(jnp.float32)), argnums=(0, 1, 2)))
+      best = {}
+
+      def keep(kind, name, cfg, fn, flops):
+        row = self.record('attn_sweep', name, dict(shape, **cfg), fn, flops=flops)
+        if 'ms' in row and 'fwd' in best and kind != 'fwd':
+          row['bwd_ms'] = round(row['ms'] - best['fwd'][0], 4)
+        if 'ms' in row and row['ms'] < best.get(kind, (1e30, None))[0]:
+          best[kind] = (row['ms'], cfg[kind])
+      for c in fwd_cfgs:
+        keep('fwd', 'pallas_masked_fwd', dict(fwd=c),
+             lambda: self.timeit(fwd(fwd=c), q, k, v, idx), fl_f)
+      for kind, cands in (('dkv', dkv_cfgs), ('dq', dq_cfgs)):
+        for c in cands:
+          cfg = {n: best[n][1] for n in ('fwd', 'dkv') if n in best and n != kind}
+          cfg[kind] = c
+          keep(kind, 'pallas_masked_fwd+bwd', cfg,
+               lambda: self.timeit(grad(**cfg), q, k, v, idx), 3.5 * fl_f)
+      self.out['attn_config'][label] = {n: best[n][1] for n in ('fwd', 'dkv', 'dq') if n in best}
+      self.save()
+    for label, cfg in self.out['attn_config'].items():
+      print(f'attn_config {label}: _DEFAULTS = {cfg!r}', flush=True)
 
   def sparse(self, seqs, ref_max_t):
     cases = [('v3.2', SMOKE, 64)] if self.smoke else (
@@ -692,7 +750,8 @@ def main():
             radix_bits=[int(r) for r in args.radix_bits.split(',')])
   sections = args.sections.split(',')
   t0 = time.time()
-  for name in ('matmul', 'check', 'sweep', 'profile', 'sparse', 'indexer', 'kl', 'peer', 'dense'):
+  for name in ('matmul', 'check', 'sweep', 'profile', 'sparse', 'indexer', 'kl', 'peer', 'dense',
+               'attn_sweep'):
     if name not in sections:
       continue
     print(f'== {name} ({time.time() - t0:.0f}s)', flush=True)
@@ -719,6 +778,8 @@ def main():
     print('check', json.dumps(c, default=_plain))
   for c in b.out['crossover']:
     print('crossover', c)
+  for label, cfg in b.out.get('attn_config', {}).items():
+    print(f'attn_config {label}: _DEFAULTS = {cfg!r}')
 
 
 if __name__ == '__main__':

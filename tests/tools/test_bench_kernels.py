@@ -1,6 +1,7 @@
 """tools/bench_kernels.py: the --smoke run on CPU (every kernel section in Pallas interpret mode,
-so a stale call into a kernel fails here rather than in a GPU slot) and the DSA crossover table
-that the dense section ends with (computed from synthetic rows: cuDNN needs a GPU)."""
+the opt-in attn_sweep in a run of its own, so a stale call into a kernel fails here rather than
+in a GPU slot) and the DSA crossover table that the dense section ends with (computed from
+synthetic rows: cuDNN needs a GPU)."""
 from helpers import load_tool, run_tool_smoke
 
 
@@ -12,6 +13,20 @@ def test_bench_kernels_smoke(tmp_path):
   assert not [x for x in rows if 'error' in x], [x for x in rows if 'error' in x]
   assert {x['section'] for x in rows} >= {'matmul', 'sweep', 'sparse', 'indexer', 'kl', 'peer'}
   assert all(x['ms'] > 0 for x in rows)
+
+
+def test_bench_kernels_attn_sweep_smoke(tmp_path):
+  """The opt-in attn_sweep section (kernels.attention=pallas tilings) in interpret mode: every
+  candidate timed, the best Blocks per kernel kept in _DEFAULTS' form."""
+  rep = run_tool_smoke(tmp_path, 'bench_kernels', '--sections', 'attn_sweep')
+  rows = [x for x in rep['results'] if x['section'] == 'attn_sweep']
+  assert rows and all(x['ms'] > 0 for x in rows), rows
+  assert {x['name'] for x in rows} == {'pallas_masked_fwd', 'pallas_masked_fwd+bwd'}
+  assert all(x['bwd_ms'] > 0 for x in rows if x['name'] == 'pallas_masked_fwd+bwd'), rows
+  best = rep['attn_config']['smoke']
+  assert set(best) == {'fwd', 'dkv', 'dq'} and all(len(b) == 4 for b in best.values()), best
+  fwd = min((x for x in rows if x['name'] == 'pallas_masked_fwd'), key=lambda x: x['ms'])
+  assert best['fwd'] == fwd['fwd']
 
 
 def test_crossover_compares_the_dsa_layer_with_cudnn():
