@@ -25,8 +25,10 @@ Method:
   scatter (NumPy parts; the DMAs run on the copy engines and are reported apart).
 - Largest: the biggest table + moments that trained in host memory in this run (default sizes
   32, 24, 16, 8, 1 GiB: 16 GiB is 48 GiB with moments; 24 GiB runs only if 32 GiB did not train).
-- Extras at the smallest size: the XLA host gather (compute_on) vs the NumPy gather for the same
-  rows, and the donated XLA host scatter of the same rows (FACTS.md: it rewrote the whole table).
+- Extras at the smallest size: the XLA host gather (compute_on) vs one NumPy take of the same
+  whole [3, H] rows (the store's own gather, timed in `update`, takes theta and the moments
+  apart), and the donated XLA host scatter of the same rows (FACTS.md: it rewrote the whole
+  table).
 Order: 32 GiB HBM and host first (the HBM store is one buffer of 3x the table, which a device
 pool that earlier phases have broken up no longer places), then the phases that answer the other
 goals (8 GiB HBM and host, the >= 48 GiB host point, then 1 GiB); each pair HBM before host. Tables are 2 GiB pinned chunks

@@ -444,16 +444,13 @@ def abstract_step_inputs(cfg, mesh) -> dict:
   several = len({d.process_index for d in mesh.devices.flat}) > 1
   sds = jax.ShapeDtypeStruct
   eng = {'src': {}, 'prev': {}, 'theta': {}, 'moments': {}, **({'bounds': {}} if several else {})}
-  if several:
-    n_slots, sharding, _ = parts_layout(cfg, mesh, u_max)
+  # one process: replicated [U,...] parts; several: [P*U,...] sharded like the batch
+  n_slots, sharding = parts_layout(cfg, mesh, u_max)[:2] if several else (1, rep)
   for l in cfg.engram.layer_ids:
     eng['src'][l] = sds((u_max,), jnp.int32, sharding=rep)
     eng['prev'][l] = sds((u_max, 3, width), jnp.float32, sharding=rep)
     for part, (_, *rest) in _part_shapes(u_max, width).items():
-      if several:
-        eng[part][l] = sds((n_slots * u_max, *rest), jnp.float32, sharding=sharding)
-      else:
-        eng[part][l] = sds((u_max, *rest), jnp.float32, sharding=rep)
+      eng[part][l] = sds((n_slots * u_max, *rest), jnp.float32, sharding=sharding)
     if several:
       eng['bounds'][l] = sds((n_slots, 2), jnp.int32, sharding=rep)
   return eng
