@@ -54,8 +54,9 @@ def get_config():
   d.n_heads = 16
   d.head_dim = 128
   d.topk = 1024
-  d.sparse_attention = 'masked'  # 16 heads: cuDNN over all keys under the top-k mask beats the
-                                 # gather kernels (4-layer step 216 vs 261 ms, docs/performance.md)
+  d.sparse_attention = 'masked'  # 16 heads: flash attention over all keys under the top-k mask
+                                 # beats the gather kernels (4-layer step 216 vs 261 ms with cuDNN,
+                                 # docs/performance.md); auto runs it in the Pallas bit-mask kernel
 
   c.mhc.streams = 4
   c.mhc.sinkhorn_iters = 20

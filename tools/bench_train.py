@@ -36,12 +36,14 @@ Method (docs/performance.md):
   groups of each component. If the trace cannot be read, the
   profile section says so and `--ablate` (timing with one component switched off at a time) is
   the fallback.
-- `--ablate` and `--variant` repeat the measurement with config overrides in the same process,
-  so their step times compare with the main one from one run on one machine. A variant's
-  `xla_*` keys are XLA compiler options for that build's compile (`Lowered.compile(
-  compiler_options=...)`), e.g. `--variant xla_gpu_memory_limit_slop_factor=95` against the
-  XLA_FLAGS of the main run; options read when the backend starts (the allocator's memory
-  fraction) cannot differ within one process. With --profile each
+- `--ablate` and `--variant` repeat the measurement with config overrides, one after another on
+  the same machine, so their step times compare with the main one. By default (`--isolate
+  process`) the main measurement and each comparison run in a fresh child process: on a GPU the
+  allocator's pool keeps the layout one build left, and bench_h200's next build then found no
+  contiguous room for its temporaries (performance.md row 54); `--isolate none` runs them all in
+  this process (a shared jit cache, no pool isolation). A variant's `xla_*` keys are XLA compiler
+  options for that build's compile (`Lowered.compile(compiler_options=...)`), e.g. `--variant
+  xla_gpu_memory_limit_slop_factor=95` against the XLA_FLAGS of the main run. With --profile each
   of them is profiled too (its breakdown under its own `profile`): where a component's saved
   time went, e.g. how much of Engram's cost is its own ops and how much the rest of the step.
 """
@@ -176,10 +178,14 @@ def parse_args(argv: list[str]):
   ap.add_argument('--ablate', default='', help=f'comma list of {sorted(ABLATIONS)}: time each '
                   'with that component off')
   ap.add_argument('--variant', action='append', default=[], metavar='FIELD=VALUE[,FIELD=VALUE]',
-                  help='time the config again with these overrides, in the same process '
+                  help='time the config again with these overrides '
                   '(repeatable), e.g. --variant dsa.sparse_attention=masked; xla_* keys are XLA '
                   'compiler options for that build, e.g. xla_gpu_memory_limit_slop_factor=95')
   ap.add_argument('--workdir', default='', help='Trainer workdir (default: a temp dir)')
+  ap.add_argument('--isolate', choices=('process', 'none'), default='process',
+                  help='with --ablate/--variant: each measurement (the main one too) in its own '
+                  'process, one after another (default), or all in this one (none)')
+  ap.add_argument('--measure_spec', default='', help=argparse.SUPPRESS)   # a child's one run
   args, rest = ap.parse_known_args(argv)
   overrides = {}
   for a in rest:
@@ -806,64 +812,124 @@ def run(argv: list[str]) -> dict:
   """Parses argv, benchmarks, prints the summary, writes --out; returns the report."""
   args, overrides = parse_args(argv)
   claim_gpu_memory()
-  if args.profile:
+  if args.profile and '--xla_gpu_enable_command_buffer=' not in os.environ.get('XLA_FLAGS', ''):
     # XLA:GPU wraps runs of kernels in command buffers (CUDA graphs), whose trace events carry
     # no HLO op: with them on, nearly all device time would be unattributed. Set before jax
     # starts its backend; the report records the flags.
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                ' --xla_gpu_enable_command_buffer=').strip()
-  import jax
-  cfg = bench_config(args, overrides)
+  if args.measure_spec:
+    return _measure_child(args, overrides, json.loads(args.measure_spec))
   from v4jax.config import ConfigError, validate
   # Each run's config, checked before the first compile: a bad variant fails now, not after
-  # the main measurement.
+  # the main measurement. In isolated mode this process never starts jax's backend (it would
+  # claim the GPU), so --per_device_batch is applied in the children.
   comparisons = [(f'without_{n}', ABLATIONS[n], {}, 'ablations', {'without': n})
                  for n in args.ablate]
   for v in args.variant:
     ov, xla = _split_variant(v)
     comparisons.append(('variant', ov, xla, 'variants',
                         dict({'overrides': ov}, **({'xla_options': xla} if xla else {}))))
+  isolated = args.isolate == 'process' and bool(comparisons)
+  check_args = argparse.Namespace(**dict(vars(args), per_device_batch=0)) if isolated else args
   try:
-    validate(cfg)
+    cfg = validate(bench_config(check_args, overrides))
     for _, ov, _, _, _ in comparisons:
-      validate(apply_overrides(bench_config(args, overrides), ov))
+      validate(apply_overrides(bench_config(check_args, overrides), ov))
   except ConfigError as e:
     raise ToolError(str(e)) from e
-  dev = jax.devices()[0]
+  one = functools.partial(_measure_in_child, argv) if isolated else functools.partial(
+      _measure_here, args, overrides)
+  result = one('main', {}, {})
+  if 'error' in result:
+    raise ToolError(f'the main measurement failed: {result["error"]}')
   rep = {
       'tool': 'tools/bench_train.py',
       'started': time.strftime('%Y-%m-%d %H:%M:%S'),
       'config': args.config,
       'overrides': overrides,
       'per_device_batch': args.per_device_batch or None,
-      'global_batch': cfg.data.global_batch,
+      'global_batch': result.pop('global_batch'),
       'seq_len': cfg.data.seq_len,
       'grad_accum': cfg.train.grad_accum,
-      'device': {'kind': dev.device_kind, 'platform': dev.platform, 'count': jax.device_count(),
-                 'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-                 'compilation_cache': os.environ.get('JAX_COMPILATION_CACHE_DIR') or None},
+      'isolate': 'process' if isolated else 'none',
+      'device': result.pop('device'),
   }
-  result, prof = measure(cfg, args, profile=args.profile)
   rep['result'] = result
-  if prof is not None:
-    rep['profile'] = profile_report(prof)
+  if 'profile' in result:
+    rep['profile'] = result.pop('profile')
   rep['ablations'], rep['variants'] = [], []
   write_report(rep, args.out)   # each measurement lands before the next compile starts
   for label, ov, xla, key, extra in comparisons:
-    c = apply_overrides(bench_config(args, overrides), ov)
-    try:
-      r, prof = measure(validate(c), args, profile=args.profile, label=label,
-                        compiler_options=xla)
-      r.update(extra, saved_s_per_step=result['step_time_s'] - r['step_time_s'])
-      if prof is not None:     # the same breakdown with the component off: where the time went
-        r['profile'] = profile_report(prof)
-    except Exception as e:  # noqa: BLE001 - recorded; the other comparisons still run
-      r = dict(extra, error=f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}')
-      gc.collect()
+    r = one(label, ov, xla)
+    for k in ('device', 'global_batch'):
+      r.pop(k, None)
+    r.update(extra)
+    if 'error' not in r:
+      r['saved_s_per_step'] = result['step_time_s'] - r['step_time_s']
     rep[key].append(r)
     write_report(rep, args.out)
   print(summary(rep), flush=True)
   return rep
+
+
+def _device_info() -> dict:
+  import jax
+  dev = jax.devices()[0]
+  return {'kind': dev.device_kind, 'platform': dev.platform, 'count': jax.device_count(),
+          'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'compilation_cache': os.environ.get('JAX_COMPILATION_CACHE_DIR') or None}
+
+
+def _measure_here(args, overrides, label: str, ov: dict, xla: dict) -> dict:
+  """One measurement in this process: the config with `ov` applied, compiled with XLA options
+  `xla`; its report (with its profile breakdown under --profile, the device, the global batch).
+  A comparison's failure is recorded as {'error': ...}; the main run's propagates."""
+  from v4jax.config import validate
+  try:
+    cfg = validate(apply_overrides(bench_config(args, overrides), ov))
+    r, prof = measure(cfg, args, profile=args.profile, label=label, compiler_options=xla)
+  except Exception as e:  # noqa: BLE001 - recorded; the other comparisons still run
+    if label == 'main':
+      raise
+    gc.collect()
+    return {'error': f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'}
+  if prof is not None:     # with a component off: where its time went
+    r['profile'] = profile_report(prof)
+  return dict(r, device=_device_info(), global_batch=cfg.data.global_batch)
+
+
+def _measure_child(args, overrides, spec: dict) -> dict:
+  """The child's side of `_measure_in_child`: one measurement, its report written to
+  spec['out'] ({'error': ...} if it failed)."""
+  try:
+    r = _measure_here(args, overrides, spec['label'], spec['overrides'], spec['xla'])
+  except Exception as e:  # noqa: BLE001 - the parent reports it
+    r = {'error': f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'}
+  write_report(r, spec['out'])
+  return r
+
+
+def _measure_in_child(argv: list[str], label: str, ov: dict, xla: dict) -> dict:
+  """One measurement in a fresh process (`--isolate process`): a GPU's allocator pool keeps
+  the layout one build left, and at bench_h200's size the next build's temporaries (~69 GiB)
+  found no contiguous room in the same process (docs/performance.md row 54). The child gets
+  this command line plus the measurement to make; its output (progress) is relayed to stderr."""
+  import subprocess
+  with tempfile.TemporaryDirectory(prefix='bench_train-child-') as tmp:
+    spec = {'label': label, 'overrides': ov, 'xla': xla, 'out': os.path.join(tmp, 'r.json')}
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, '--measure_spec', json.dumps(spec)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = collections.deque(maxlen=20)
+    for line in proc.stdout:
+      sys.stderr.write(line)
+      tail.append(line.strip())
+    rc = proc.wait()
+    if os.path.exists(spec['out']):
+      with open(spec['out']) as f:
+        return json.load(f)
+  last = next((t for t in reversed(tail) if t), '')
+  return {'error': f'the {label} measurement process exited with code {rc}: {last[:300]}'}
 
 
 if __name__ == '__main__':

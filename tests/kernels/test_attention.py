@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh
 
+from v4jax.kernels import attention
 from v4jax.kernels.attention import causal_attention, resolve_impl
 from v4jax.kernels.attention import library
 from v4jax.parallel import rules
@@ -140,11 +141,17 @@ def test_library_gradients_match_oracle():
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(e))))
 
 
-def test_impl_selection_and_errors():
+def test_impl_selection_and_errors(monkeypatch):
   q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
   k4, k3 = jnp.zeros((1, 8, 2, 16), jnp.bfloat16), jnp.zeros((1, 8, 16), jnp.bfloat16)
   assert resolve_impl('auto', q, k4) == 'reference'   # CPU: no cuDNN
+  assert resolve_impl('auto', q, k4, masked=True) == 'reference'
   assert resolve_impl('cudnn', q, k4) == 'cudnn'
+  monkeypatch.setattr(attention, 'target_platform', lambda: 'gpu')
+  assert resolve_impl('auto', q, k4) == 'cudnn'                   # dense: cuDNN
+  assert resolve_impl('auto', q, k4, masked=True) == 'pallas'     # under a top-k set: Triton
+  assert resolve_impl('auto', q, k3) == 'reference'               # shared k/v: neither
+  assert resolve_impl('auto', q.astype(jnp.float32), k4, masked=True) == 'reference'
   with pytest.raises(ValueError, match='config.kernels.attention'):
     resolve_impl('flash', q, k4)
   with pytest.raises(ValueError, match='per-head k/v'):

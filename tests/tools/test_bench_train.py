@@ -87,9 +87,18 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
     assert p['shares'][comp] > 0, (comp, p['shares'])
   assert p['shares']['unattributed'] < 0.2, p['shares']
   assert p['scopes_missing'] == []   # every SCOPES target still exists in v4jax
-  # instrumentation is undone: the model classes hold their own methods again
+  # with comparisons, each measurement ran in its own process (the main one too)
+  assert on_disk['isolate'] == 'process' and on_disk['device']['count'] == jax.device_count()
+
+
+def test_instrumentation_is_undone():
+  """--profile's named scopes wrap the model's entry points only inside `instrument`: after it
+  the model classes hold their own methods again."""
   from v4jax.model.mla import MLA
-  assert MLA.__call__.__module__ == 'v4jax.model.mla' and not hasattr(MLA.__call__, '__wrapped__')
+  own = MLA.__call__
+  with bench_train.instrument() as missing:
+    assert missing == [] and MLA.__call__ is not own
+  assert MLA.__call__ is own and not hasattr(MLA.__call__, '__wrapped__')
 
 
 def test_aot_step_compiles_with_the_variants_xla_options():

@@ -6,8 +6,10 @@ Dims: B batch, T query positions, S key positions, H heads, K qk width, V value 
   reference -> blockwise jnp softmax attention (reference.py; every backend; returns the lse);
   cudnn -> cuDNN flash attention (library.py; GPU, bf16/fp16, per-head k/v), fp32 lse on request;
   pallas -> Pallas Triton flash attention (gpu.py; per-head k/v; the top-k set as packed bits;
-    interpret mode on CPU), always with its fp32 lse; not picked by auto;
-  auto -> cudnn on a GPU for bf16/fp16 per-head k/v, the reference otherwise.
+    interpret mode on CPU), always with its fp32 lse;
+  auto -> on a GPU for bf16/fp16 per-head k/v: pallas under a DSA top-k set (bench_h200's step
+    3.0% shorter than with cuDNN's [B,1,T,S] bias, docs/performance.md row 53), cudnn without
+    one; the reference otherwise.
 """
 from __future__ import annotations
 
@@ -32,15 +34,18 @@ def forward_kernel_saveable(prim, *_, **params) -> bool:
   return prim.name == 'pallas_call' and getattr(name, 'name', name) == FWD_KERNEL
 
 
-def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array) -> str:
-  """The concrete impl `auto` stands for with these inputs on this platform."""
+def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array, masked: bool = False) -> str:
+  """The concrete impl `auto` stands for with these inputs on this platform (`masked`: a DSA
+  top-k set is given)."""
   if impl not in IMPLS:
     raise ValueError(f'config.kernels.attention={impl!r} is not one of {IMPLS}')
   if impl != 'auto':
     return impl
   library_ok = (target_platform() == 'gpu' and k_BSK.ndim == 4
                 and q_BTHK.dtype in (jnp.bfloat16, jnp.float16))
-  return 'cudnn' if library_ok else 'reference'
+  if not library_ok:
+    return 'reference'
+  return 'pallas' if masked else 'cudnn'
 
 
 def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scale: float,
@@ -52,7 +57,7 @@ def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scal
   k/v per head [B,S,H,*] or shared by all heads [B,S,*] (the reference only). select_BTK: DSA's
   top-k key set per query (-1 = empty slot), attended to as a mask over all keys.
   """
-  impl = resolve_impl(impl, q_BTHK, k_BSK)
+  impl = resolve_impl(impl, q_BTHK, k_BSK, masked=select_BTK is not None)
   if impl in ('cudnn', 'pallas') and k_BSK.ndim != 4:
     raise ValueError(f'config.kernels.attention={impl} needs per-head k/v [B,S,H,*] '
                      f'(k {k_BSK.shape}); use auto')

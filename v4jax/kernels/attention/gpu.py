@@ -56,9 +56,10 @@ class Blocks:
   num_stages: int | None = None
 
 
-# (block_m, block_n, warps, stages) per kernel: starting points for the H200 (K = 192, V = 128,
-# bf16), not yet measured there.
-_DEFAULTS = {'fwd': (64, 64, 4, 3), 'dkv': (64, 64, 8, 2), 'dq': (64, 64, 4, 2)}
+# (block_m, block_n, warps, stages) per kernel: the best of `bench_kernels --sections attn_sweep`
+# on the H200 at K = 192, V = 128, T = 4096, top-2048 sets, bf16, both at B=4 x 16 heads and at
+# B=1 x 128 heads (fwd+bwd 6.43 and 12.29 ms; docs/benchmarks.md, fifteenth measurement).
+_DEFAULTS = {'fwd': (128, 64, 8, 3), 'dkv': (128, 64, 8, 2), 'dq': (128, 64, 8, 2)}
 
 
 def _blocks(kind: str, b, T: int, S: int) -> Blocks:
