@@ -910,6 +910,16 @@ def _measure_child(args, overrides, spec: dict) -> dict:
   return r
 
 
+def _die_with_parent():
+  """In the child before exec (Linux): SIGKILL when the parent dies, so a parent killed by a
+  time limit does not leave a child holding the GPU."""
+  try:
+    import ctypes
+    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, 9)   # PR_SET_PDEATHSIG, SIGKILL
+  except OSError:
+    pass
+
+
 def _measure_in_child(argv: list[str], label: str, ov: dict, xla: dict) -> dict:
   """One measurement in a fresh process (`--isolate process`): a GPU's allocator pool keeps
   the layout one build left, and at bench_h200's size the next build's temporaries (~69 GiB)
@@ -919,12 +929,17 @@ def _measure_in_child(argv: list[str], label: str, ov: dict, xla: dict) -> dict:
   with tempfile.TemporaryDirectory(prefix='bench_train-child-') as tmp:
     spec = {'label': label, 'overrides': ov, 'xla': xla, 'out': os.path.join(tmp, 'r.json')}
     cmd = [sys.executable, os.path.abspath(__file__), *argv, '--measure_spec', json.dumps(spec)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_die_with_parent)
     tail = collections.deque(maxlen=20)
-    for line in proc.stdout:
-      sys.stderr.write(line)
-      tail.append(line.strip())
-    rc = proc.wait()
+    try:
+      for line in proc.stdout:
+        sys.stderr.write(line)
+        tail.append(line.strip())
+      rc = proc.wait()
+    finally:             # interrupted: the child must not keep the GPU
+      if proc.poll() is None:
+        proc.kill()
     if os.path.exists(spec['out']):
       with open(spec['out']) as f:
         return json.load(f)
