@@ -138,7 +138,8 @@ def default_config() -> ConfigDict:
       impl='auto',             # auto | reference | pallas (per-op seams)
       grouped_matmul='auto',   # auto | ragged_dot | mgpu | megablox
       attention='auto',        # dense attention: auto | reference | cudnn (flash, GPU) | pallas
-                               # (Triton flash, top-k set as bits; interpret mode on CPU)
+                               # (Triton flash, top-k set as bits; interpret mode on CPU) |
+                               # tpu_flash (jax's Pallas TPU flash kernels; no top-k set)
       sinkhorn='auto',         # mHC Sinkhorn: auto (pallas on GPU) | reference | pallas (Triton;
                                # interpret mode on CPU)
       student_dq='auto',       # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
@@ -216,7 +217,7 @@ _CHOICES = {
     'engram.host_gather': ('numpy', 'xla'),
     'engram.table_optimizer': ('lazy_adam', 'dense_adam'),
     'kernels.impl': ('auto', 'reference', 'pallas'),
-    'kernels.attention': ('auto', 'reference', 'cudnn', 'pallas'),
+    'kernels.attention': ('auto', 'reference', 'cudnn', 'pallas', 'tpu_flash'),
     'kernels.sinkhorn': ('auto', 'reference', 'pallas'),
     'kernels.student_dq': ('auto', 'dense', 'gather'),
     'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),

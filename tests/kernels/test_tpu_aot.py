@@ -25,7 +25,8 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from jax.experimental import topologies  # noqa: E402
 
-from v4jax.kernels import indexer, sparse_attention  # noqa: E402
+from v4jax.kernels import attention, indexer, sparse_attention  # noqa: E402
+from v4jax.kernels.attention import tpu as attention_tpu  # noqa: E402
 from v4jax.kernels.indexer import tpu as indexer_tpu  # noqa: E402
 from v4jax.kernels.sparse_attention import tpu as sparse_tpu  # noqa: E402
 
@@ -92,6 +93,22 @@ def test_sparse_kl_kernels_compile(topology):
       q, kv, idx, lse, C ** -0.5, interpret=False), *pshapes)
 
 
+@pytest.mark.parametrize('topology', TOPOLOGIES)
+def test_dense_flash_attention_compiles(topology):
+  """jax's bundled TPU flash attention behind kernels.attention=tpu_flash, forward (o, lse) and
+  q/k/v backward, at bench_h200's MLA widths (qk 192, values 128: padded to 256) and a T that is
+  not a multiple of its 128-row blocks, with segment ids."""
+  B, T, H, K, V = 1, 1000, 16, 192, 128
+  shapes = [((B, T, H, K), jnp.bfloat16), ((B, T, H, K), jnp.bfloat16),
+            ((B, T, H, V), jnp.bfloat16), ((B, T), jnp.int32)]
+  f = lambda q, k, v, seg: attention_tpu.causal_attention(q, k, v, K ** -0.5, seg)
+  fwd = _compile(topology, f, *shapes)
+  bwd = _compile(topology, lambda q, k, v, seg: _grads(lambda *a: f(*a, seg), 3)(q, k, v),
+                 *shapes)
+  assert fwd.memory_analysis() is not None and bwd.memory_analysis() is not None
+  assert attention_tpu.FWD_SCOPE in fwd.as_text() and attention_tpu.BWD_SCOPE in bwd.as_text()
+
+
 def test_dispatch_auto_picks_tpu_kernels(monkeypatch):
   """With V4JAX_TARGET_PLATFORM=tpu (AOT on a CPU host) impl='auto' runs the Mosaic kernels."""
   monkeypatch.setenv('V4JAX_TARGET_PLATFORM', 'tpu')
@@ -110,3 +127,7 @@ def test_dispatch_auto_picks_tpu_kernels(monkeypatch):
   c = _compile('v5p:2x2x1', lambda q, kv, idx, lse: sparse_attention.attention_probs_mean(
       q, kv, idx, lse, 0.1), *shapes, ((B, T, H), jnp.float32))
   assert 'sparse_mla_probs_tpu' in c.as_text()
+  c = _compile('v5p:2x2x1', lambda q, k, v: attention.causal_attention(q, k, v, 0.1),
+               ((B, T, H, 192), jnp.bfloat16), ((B, T, H, 192), jnp.bfloat16),
+               ((B, T, H, 128), jnp.bfloat16))
+  assert attention_tpu.FWD_SCOPE in c.as_text()      # dense attention: the bundled TPU flash

@@ -7,9 +7,12 @@ Dims: B batch, T query positions, S key positions, H heads, K qk width, V value 
   cudnn -> cuDNN flash attention (library.py; GPU, bf16/fp16, per-head k/v), fp32 lse on request;
   pallas -> Pallas Triton flash attention (gpu.py; per-head k/v; the top-k set as packed bits;
     interpret mode on CPU), always with its fp32 lse;
+  tpu_flash -> jax's bundled Pallas TPU flash attention kernels (tpu.py; per-head k/v, no top-k
+    set; TPU interpret mode on CPU), always with its fp32 lse (differentiable). Compiled ahead
+    of time for TPU in CI, not yet timed on a TPU;
   auto -> on a GPU for bf16/fp16 per-head k/v: pallas under a DSA top-k set (bench_h200's step
     3.0% shorter than with cuDNN's [B,1,T,S] bias, docs/performance.md row 53), cudnn without
-    one; the reference otherwise.
+    one; on a TPU for per-head k/v without a top-k set: tpu_flash; the reference otherwise.
 """
 from __future__ import annotations
 
@@ -19,19 +22,24 @@ import jax.numpy as jnp
 from v4jax.kernels.attention.reference import dense_attention
 from v4jax.kernels.pallas_common import per_device, target_platform
 
-IMPLS = ('auto', 'reference', 'cudnn', 'pallas')
+IMPLS = ('auto', 'reference', 'cudnn', 'pallas', 'tpu_flash')
 
 
 def forward_kernel_saveable(prim, *_, **params) -> bool:
   """A remat policy term: True for the forward kernel of an attention implementation (cuDNN's
-  forward primitive, the Pallas forward pallas_call), whose outputs (o, lse) are the backward
-  kernel's inputs, so block remat keeps them instead of running the forward again."""
-  from v4jax.kernels.attention.gpu import FWD_KERNEL
+  forward primitive, the Pallas forward pallas_calls on GPU and TPU), whose outputs (o, lse or
+  the softmax statistics) are the backward kernels' inputs, so block remat keeps them instead of
+  running the forward again."""
+  from v4jax.kernels.attention import gpu, tpu
   from v4jax.kernels.attention.library import CUDNN_FWD_PRIMITIVE
   if prim.name == CUDNN_FWD_PRIMITIVE:
     return True
+  if prim.name != 'pallas_call':
+    return False
   name = params.get('name_and_src_info', params.get('name'))
-  return prim.name == 'pallas_call' and getattr(name, 'name', name) == FWD_KERNEL
+  # jax's bundled TPU kernels pass no name: theirs is the kernel function's.
+  name = getattr(name, 'name', name) or params['jaxpr'].debug_info.func_name
+  return name in (gpu.FWD_KERNEL, tpu.FWD_KERNEL)
 
 
 def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array, masked: bool = False) -> str:
@@ -41,6 +49,8 @@ def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array, masked: bool = 
     raise ValueError(f'config.kernels.attention={impl!r} is not one of {IMPLS}')
   if impl != 'auto':
     return impl
+  if target_platform() == 'tpu' and k_BSK.ndim == 4 and not masked:
+    return 'tpu_flash'
   library_ok = (target_platform() == 'gpu' and k_BSK.ndim == 4
                 and q_BTHK.dtype in (jnp.bfloat16, jnp.float16))
   if not library_ok:
@@ -52,18 +62,26 @@ def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scal
                      segment_ids_BT: jax.Array | None = None, *,
                      select_BTK: jax.Array | None = None, query_block: int = 0,
                      impl: str = 'auto', need_lse: bool = True):
-  """(o [B,T,H,V], lse [B,T,H] fp32; None from the library path unless need_lse).
+  """(o [B,T,H,V], lse [B,T,H] fp32; None from the cuDNN path unless need_lse).
 
   k/v per head [B,S,H,*] or shared by all heads [B,S,*] (the reference only). select_BTK: DSA's
   top-k key set per query (-1 = empty slot), attended to as a mask over all keys.
   """
   impl = resolve_impl(impl, q_BTHK, k_BSK, masked=select_BTK is not None)
-  if impl in ('cudnn', 'pallas') and k_BSK.ndim != 4:
+  if impl in ('cudnn', 'pallas', 'tpu_flash') and k_BSK.ndim != 4:
     raise ValueError(f'config.kernels.attention={impl} needs per-head k/v [B,S,H,*] '
                      f'(k {k_BSK.shape}); use auto')
+  heads = ('batch', None, 'act_heads', None)
+  if impl == 'tpu_flash':
+    if select_BTK is not None:
+      raise ValueError('config.kernels.attention=tpu_flash takes no DSA top-k set (select_BTK; '
+                       'its masked form would need a [B,H,T,S] bias); use auto or reference')
+    from v4jax.kernels.attention import tpu
+    fn = lambda q, k, v, seg: tpu.causal_attention(q, k, v, scale, seg)
+    return per_device(fn, (heads, heads, heads, ('batch', None)),
+                      (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT)
   if impl == 'pallas':
     from v4jax.kernels.attention import gpu
-    heads = ('batch', None, 'act_heads', None)
     fn = lambda q, k, v, seg, sel: gpu.causal_attention(q, k, v, scale, seg, select_BTK=sel)
     return per_device(fn, (heads, heads, heads, ('batch', None), ('batch', None, None)),
                       (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT, select_BTK)
