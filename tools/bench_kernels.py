@@ -31,7 +31,8 @@ Sections (--sections, comma list; default all but attn_sweep):
            fwd+bwd, and with the kl section in the run the KL teacher and student fwd+bwd:
            `kl_included`, the student in the form kernels.student_dq=auto picks at T
            (`student_dq`), `dsa_ms_student_dq_<other>` with the other form)
-           against cuDNN's fwd+bwd;
+           against cuDNN's fwd+bwd; then cuDNN's masked form against the Pallas kernel at
+           bench_h200's attention shape (rows with shapes='bench');
   attn_sweep (opt-in) the tilings of that Pallas kernel (Blocks of fwd, dkv, dq) at the
            bench_h200 (B=4, H=16) and V3.2 (B=1, H=128) attention shapes (T=4096, d_qk 192,
            d_v 128, top-2048 sets), best kept; ends with `attn_config`, _DEFAULTS' form.
@@ -681,7 +682,35 @@ class Bench:
           row['lse_error'] = f'{type(e).__name__}: {str(e)[:200]}'
         self.save()
       del q, k, v, idx
+    self.dense_bench_shape()
     self.crossover(seqs)
+
+  def dense_bench_shape(self):
+    """The masked form at bench_h200's attention shape (B=4, T=4096, 16 heads, d_qk 192, d_v
+    128, top-1024 sets): cuDNN under the [B,1,T,S] bias against the Pallas bit-mask kernel that
+    `kernels.attention=auto` picks there, fwd+bwd and fwd, in one run."""
+    from v4jax.kernels.attention import gpu as attn_gpu
+    from v4jax.kernels.attention import library
+    B, T, H, dqk, dv, K = BENCH['B'], 4096, BENCH['H'], 192, 128, BENCH['K']
+    ks = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(ks[0], (B, T, H, dqk), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, dqk), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, dv), jnp.bfloat16)
+    idx = self.idx(B, T, K)
+    fl_f = 2 * B * H * (T * (T + 1) // 2) * (dqk + dv)
+    shape = dict(shapes='bench', B=B, T=T, H=H, dqk=dqk, dv=dv, K=K)
+    fwds = {'cudnn': jax.jit(lambda q, k, v: library.causal_attention(
+                q, k, v, dqk ** -0.5, select_BTK=idx, return_lse=True)),
+            'pallas': jax.jit(lambda q, k, v: attn_gpu.causal_attention(
+                q, k, v, dqk ** -0.5, select_BTK=idx))}
+    for impl, f in fwds.items():
+      g = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v)[0].astype(jnp.float32)),
+                           argnums=(0, 1, 2)))
+      self.record('dense', f'{impl}_masked_fwd+bwd', shape, lambda: self.timeit(g, q, k, v),
+                  flops=3.5 * fl_f)
+      self.record('dense', f'{impl}_masked_fwd', shape, lambda: self.timeit(f, q, k, v),
+                  flops=fl_f)
+    del q, k, v, idx
 
   def crossover(self, seqs):
     res = self.out['results']
