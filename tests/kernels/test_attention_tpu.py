@@ -123,3 +123,17 @@ def test_block_remat_keeps_the_forward_kernels_outputs(monkeypatch):
     grad = jax.grad(jax.checkpoint(f, policy=policy), argnums=(0, 1, 2))
     runs[label] = _kernel_names(jax.make_jaxpr(grad)(q, k, v).jaxpr).count(tpu.FWD_KERNEL)
   assert runs == {'saved': 1, 'nothing': 2}, runs
+
+
+@pytest.mark.parametrize('which', ['_flash_attention_impl', '_flash_attention_bwd_dq'])
+def test_private_api_change_is_one_clear_error(monkeypatch, which):
+  """tpu_flash calls the bundled module's private forward and backward functions; if a jax
+  release changes one, the error (forward or gradient) names the jax version and the fallback
+  setting instead of a bare TypeError."""
+  def changed(*a, **k):
+    raise TypeError(f"{which}() got an unexpected keyword argument 'block_b'")
+  monkeypatch.setattr(tpu.fa, which, changed)
+  q, k, v, _, _, _ = _inputs(3, 1, 8, 8, 1, 16, 16, False)
+  f = lambda q: jnp.sum(tpu.causal_attention(q, k, v, SCALE)[0])
+  with pytest.raises(RuntimeError, match=r'jax [0-9.]+ .*config\.kernels\.attention=reference'):
+    jax.grad(f)(q)

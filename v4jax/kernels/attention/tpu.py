@@ -44,6 +44,13 @@ def _block(n: int) -> int:
   return next(b for b in (512, 256, 128) if n % b == 0)
 
 
+def _private_api_error(e: Exception) -> RuntimeError:
+  return RuntimeError(
+      f"tpu_flash drives jax's bundled TPU flash attention through its private functions, "
+      f'which jax {jax.__version__} does not offer as expected ({type(e).__name__}: {e}); set '
+      f'config.kernels.attention=reference')
+
+
 def _interpret_scope():
   """The bundled kernels take no `interpret` argument: on a CPU target their pallas_calls are
   built under TPU interpret mode instead."""
@@ -76,13 +83,16 @@ def _flash_bwd(opts, res, cts):
   do_BHTD, dlse_BHT = cts
   scale, bq, bk = opts
   di_BHT = jnp.sum(o_BHTD.astype(F32) * do_BHTD.astype(F32), axis=-1) - dlse_BHT.astype(F32)
-  common = dict(sm_scale=scale, causal=True, mask_value=fa.DEFAULT_MASK_VALUE, debug=False)
   args = (q_BHTD, k_BHSD, v_BHSD, None, seg, l_BHT, m_BHT, do_BHTD, di_BHT)
-  with _interpret_scope(), jax.named_scope(BWD_SCOPE):
-    dk_BHSD, dv_BHSD = fa._flash_attention_bwd_dkv(
-        *args, block_q_major=bq, block_q=bq, block_k_major=bk, block_k=bk, **common)
-    dq_BHTD, _ = fa._flash_attention_bwd_dq(
-        *args, block_q_major=bq, block_k_major=bk, block_k=bk, **common)
+  try:
+    common = dict(sm_scale=scale, causal=True, mask_value=fa.DEFAULT_MASK_VALUE, debug=False)
+    with _interpret_scope(), jax.named_scope(BWD_SCOPE):
+      dk_BHSD, dv_BHSD = fa._flash_attention_bwd_dkv(
+          *args, block_q_major=bq, block_q=bq, block_k_major=bk, block_k=bk, **common)
+      dq_BHTD, _ = fa._flash_attention_bwd_dq(
+          *args, block_q_major=bq, block_k_major=bk, block_k=bk, **common)
+  except (AttributeError, TypeError) as e:
+    raise _private_api_error(e) from e
   return dq_BHTD, dk_BHSD, dv_BHSD, None
 
 
@@ -112,7 +122,10 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                      f'[B,S,H,V] for q {q_BTHK.shape}')
   D, Tp, Sp = round_up(max(K, V), LANES), round_up(T, LANES), round_up(S, LANES)
   heads_first = lambda x, n: pad_axis(pad_axis(jnp.swapaxes(x, 1, 2), 2, n), 3, D)
-  seg = _segment_ids(segment_ids_BT, B, T, S, Tp, Sp)
-  o_BHTD, lse_BHT = _flash(heads_first(q_BTHK, Tp), heads_first(k_BSHK, Sp),
-                           heads_first(v_BSHV, Sp), seg, (float(scale), _block(Tp), _block(Sp)))
+  try:   # a private API: say what broke (the backward's calls are guarded in _flash_bwd)
+    seg = _segment_ids(segment_ids_BT, B, T, S, Tp, Sp)
+    o_BHTD, lse_BHT = _flash(heads_first(q_BTHK, Tp), heads_first(k_BSHK, Sp),
+                             heads_first(v_BSHV, Sp), seg, (float(scale), _block(Tp), _block(Sp)))
+  except (AttributeError, TypeError) as e:   # a private API: say what broke
+    raise _private_api_error(e) from e
   return jnp.swapaxes(o_BHTD[:, :, :T, :V], 1, 2), jnp.swapaxes(lse_BHT[:, :, :T], 1, 2)
