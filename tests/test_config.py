@@ -28,6 +28,9 @@ BAD = [
     ('train.grad_accum', 3, 'config.train.grad_accum=3 must divide data.global_batch=16'),
     ('data.val_fraction', 0.0, 'config.data.val_fraction=0.0 must be in (0, 1)'),
     ('mesh.rules', 'tp', "config.mesh.rules='tp' is not one of"),
+    ('model.remat_save', ('moe_out',), "config.model.remat_save=('moe_out',) must be a tuple of "
+     "names from ('moe_dispatch', 'moe_gemms', 'mla_ckv')"),
+    ('optim.moment_dtype', 'float16', "config.optim.moment_dtype='float16' is not one of"),
 ]
 
 

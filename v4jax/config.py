@@ -36,6 +36,10 @@ def default_config() -> ConfigDict:
       dtype='float32',         # compute dtype: float32 | bfloat16
       param_dtype='float32',   # master weights
       remat='block',           # none | block | full
+      remat_save=(),           # block remat: named values kept besides its defaults, from
+                               # REMAT_SAVE_NAMES (moe_dispatch: the rows sorted by expert;
+                               # moe_gemms: the experts' gate, up and down outputs; mla_ckv:
+                               # the normed latent kv and its rope key)
       scan_layers=False,       # build each run of identical blocks as one stacked module run by
                                # lax.scan (params get a leading 'layers' dim): compile time and
                                # HLO size stop growing with depth (docs/architecture.md)
@@ -170,6 +174,8 @@ def default_config() -> ConfigDict:
       min_lr_ratio=0.1,
       b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1,
+      moment_dtype='float32',  # AdamW moments of the main and indexer groups: float32 (SPEC §9)
+                               # | bfloat16 (DeepSeek-V3's recipe: half the optimizer memory)
       clip_norm=1.0,
       indexer_clip_norm=1.0,
   ))
@@ -204,6 +210,7 @@ def default_config() -> ConfigDict:
 _CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
+    'optim.moment_dtype': ('float32', 'bfloat16'),
     'model.remat': ('none', 'block', 'full'),
     'rope.yarn_mode': ('off', 'on', 'auto'),
     'moe.bal_indicator': ('selected', 'unbiased_topk'),
@@ -243,6 +250,10 @@ def host_tables(c: ConfigDict) -> bool:
   return bool(c.engram.enabled and c.engram.table_memory == 'host')
 
 
+# Named values that model.remat_save can keep under block remat (model/moe.py tags them).
+REMAT_SAVE_NAMES = ('moe_dispatch', 'moe_gemms', 'mla_ckv')
+
+
 def validate(c: ConfigDict) -> ConfigDict:
   """Checks ranges and cross-field rules; raises ConfigError naming the first bad field."""
   for path, allowed in _CHOICES.items():
@@ -262,6 +273,8 @@ def validate(c: ConfigDict) -> ConfigDict:
     if not _get(c, path) > 0:
       _fail(path, _get(c, path), 'must be > 0')
   m = c.model
+  if not isinstance(m.remat_save, tuple) or not set(m.remat_save) <= set(REMAT_SAVE_NAMES):
+    _fail('model.remat_save', m.remat_save, f'must be a tuple of names from {REMAT_SAVE_NAMES}')
   for path in ['model.scan_layers', 'train.cast_params_once', 'engram.donate_rows',
                'engram.late_moments']:
     if not isinstance(_get(c, path), bool):

@@ -108,6 +108,48 @@ def lazy_adam(lr, b1, b2, eps) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+class AdamState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def scale_by_adam_stored(b1, b2, eps, moment_dtype) -> optax.GradientTransformation:
+  """Adam's scaling with both moments stored in `moment_dtype` (DeepSeek-V3 keeps them in bf16:
+  half the optimizer memory). Each step upcasts them to fp32, updates, takes the direction from
+  the fp32 moments and rounds them back for storage, as optax does for its mu_dtype."""
+  f32 = jnp.float32
+
+  def init(params):
+    z = lambda p: jnp.zeros(p.shape, moment_dtype)
+    return AdamState(jnp.zeros((), jnp.int32), jax.tree.map(z, params), jax.tree.map(z, params))
+
+  def update(g, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    c = count.astype(f32)
+    mu = jax.tree.map(lambda g, m: b1 * m.astype(f32) + (1 - b1) * g.astype(f32), g, state.mu)
+    nu = jax.tree.map(lambda g, v: b2 * v.astype(f32) + (1 - b2) * jnp.square(g.astype(f32)),
+                      g, state.nu)
+    upd = jax.tree.map(lambda g, m, v: ((m / (1 - b1 ** c)) / (jnp.sqrt(v / (1 - b2 ** c)) + eps))
+                       .astype(g.dtype), g, mu, nu)
+    store = lambda t: jax.tree.map(lambda x: x.astype(moment_dtype), t)
+    return upd, AdamState(count, store(mu), store(nu))
+
+  return optax.GradientTransformation(init, update)
+
+
+def adamw(lr, cfg) -> optax.GradientTransformation:
+  """AdamW of the main and indexer groups: optax's with fp32 moments (SPEC §9), or with the
+  moments stored in optim.moment_dtype (bfloat16: DeepSeek-V3's recipe)."""
+  o = cfg.optim
+  if o.moment_dtype == 'float32':
+    return optax.adamw(lr, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+  return optax.chain(scale_by_adam_stored(o.b1, o.b2, o.eps, jnp.dtype(o.moment_dtype)),
+                     optax.add_decayed_weights(o.weight_decay, decay_mask),
+                     optax.scale_by_learning_rate(lr))
+
+
 def make_optimizer(cfg, params) -> optax.GradientTransformation:
   """The multi-group optimizer for `params` (an nnx.State of Params). Clipping happens in
   `clip_grads`, before this transform, because the main and table groups share one norm."""
@@ -120,10 +162,8 @@ def make_optimizer(cfg, params) -> optax.GradientTransformation:
   else:
     table_tx = optax.adam(table_lr, o.b1, o.b2, o.eps)
   txs = {
-      'main': optax.adamw(main_lr, o.b1, o.b2, o.eps, weight_decay=o.weight_decay,
-                          mask=decay_mask),
-      'indexer': optax.adamw(idx_lr, o.b1, o.b2, o.eps, weight_decay=o.weight_decay,
-                             mask=decay_mask),
+      'main': adamw(main_lr, cfg),
+      'indexer': adamw(idx_lr, cfg),
       'table': table_tx,
       'frozen': optax.set_to_zero(),
   }

@@ -246,3 +246,27 @@ def test_block_remat_keeps_the_dsa_tensors(capsys, sparse_attention):
     for n in names:
       saved = out.count(f"named '{n}'")
       assert saved == (cfg.model.n_layers if n in kept else 0), (remat, n, out)
+
+
+def test_remat_save_keeps_the_moe_rows_and_gemm_outputs(capsys):
+  """model.remat_save=('moe_dispatch', 'moe_gemms') keeps, per MoE layer, the rows sorted by
+  expert and the gate, up and down grouped-GEMM outputs (not dots, so block remat would rerun
+  them in the backward); without it none are saved. Saved residuals as jax reports them, and the
+  grouped matmuls in the gradient's jaxpr: three fewer per MoE layer when they are kept."""
+  off = {'mtp.depth': 0, 'mhc.streams': 1, 'engram.enabled': False}
+  runs = {}
+  for save in ((), ('moe_dispatch', 'moe_gemms')):
+    cfg = small_tiny(**{'model.remat': 'block', 'model.remat_save': save, **off})
+    n_moe = cfg.model.n_layers - cfg.model.n_dense_layers
+    model = _model(cfg)
+    batch = _batch(cfg, 2)
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0]
+    jax.ad_checkpoint.print_saved_residuals(loss, params)
+    out = capsys.readouterr().out
+    counts = {n: out.count(f"named '{n}'") for n in ('moe_dispatch', 'moe_gemms')}
+    assert counts == ({'moe_dispatch': n_moe, 'moe_gemms': 3 * n_moe} if save else
+                      {'moe_dispatch': 0, 'moe_gemms': 0}), (save, counts)
+    text = str(jax.make_jaxpr(jax.grad(loss))(params))
+    runs[save] = text.count('ragged_dot_general')
+  assert n_moe > 0 and runs[()] - runs[('moe_dispatch', 'moe_gemms')] == 3 * n_moe, runs

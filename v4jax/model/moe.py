@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.kernels.grouped_matmul import grouped_matmul
 from v4jax.model.layers import constrain, dtype_of, f32_mode, linear_f32, matmul, param
@@ -88,10 +89,12 @@ class Experts(nnx.Module):
     dt = self.dtype   # results in the compute dtype, accumulated in fp32 inside the kernels
     gmm = functools.partial(grouped_matmul, impl=self.impl, preferred_element_type=dt,
                             all_rows_grouped=all_rows_grouped)
-    x_MD = x_MD.astype(dt)
-    g_MF = gmm(x_MD, w_gate, sizes_E)
-    u_MF = gmm(x_MD, w_up, sizes_E)
-    return gmm(jax.nn.silu(g_MF) * u_MF, w_down, sizes_E)
+    # model.remat_save can keep these under block remat: the backward then neither gathers the
+    # rows again nor reruns the grouped GEMMs (their outputs are not dots the policy saves)
+    x_MD = checkpoint_name(x_MD.astype(dt), 'moe_dispatch')
+    g_MF = checkpoint_name(gmm(x_MD, w_gate, sizes_E), 'moe_gemms')
+    u_MF = checkpoint_name(gmm(x_MD, w_up, sizes_E), 'moe_gemms')
+    return checkpoint_name(gmm(jax.nn.silu(g_MF) * u_MF, w_down, sizes_E), 'moe_gemms')
 
   def padded(self, x_ECD: jax.Array) -> jax.Array:
     """Fixed-capacity buffers [E,C,D] through their expert: batched matmuls."""

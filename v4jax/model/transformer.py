@@ -95,10 +95,12 @@ def _checkpoint(cfg, fn):
   policy = {
       # weight matmuls, the attention forward kernel's outputs (o and its lse: the backward
       # kernel's inputs; cuDNN or Pallas) and the DSA tensors that are costly to redo and small
-      # to keep ([B,T,K] per layer): the top-k set, the attention lse, the KL teacher and student
+      # to keep ([B,T,K] per layer): the top-k set, the attention lse, the KL teacher and student;
+      # and the names in model.remat_save
       'block': cp.save_from_both_policies(
           cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
-                                     cp.save_only_these_names(*BLOCK_SAVED_NAMES)),
+                                     cp.save_only_these_names(*BLOCK_SAVED_NAMES,
+                                                              *cfg.model.remat_save)),
           forward_kernel_saveable),
       'full': cp.nothing_saveable,
   }[cfg.model.remat]
