@@ -29,7 +29,7 @@ BAD = [
     ('data.val_fraction', 0.0, 'config.data.val_fraction=0.0 must be in (0, 1)'),
     ('mesh.rules', 'tp', "config.mesh.rules='tp' is not one of"),
     ('model.remat_save', ('moe_out',), "config.model.remat_save=('moe_out',) must be a tuple of "
-     "names from ('moe_dispatch', 'moe_gemms', 'mla_ckv')"),
+     "names from ('moe_dispatch', 'moe_gemms', 'mla_ckv', 'mhc_coeffs')"),
     ('optim.moment_dtype', 'float16', "config.optim.moment_dtype='float16' is not one of"),
 ]
 

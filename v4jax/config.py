@@ -39,7 +39,8 @@ def default_config() -> ConfigDict:
       remat_save=(),           # block remat: named values kept besides its defaults, from
                                # REMAT_SAVE_NAMES (moe_dispatch: the rows sorted by expert;
                                # moe_gemms: the experts' gate, up and down outputs; mla_ckv:
-                               # the normed latent kv and its rope key)
+                               # the normed latent kv and its rope key; mhc_coeffs: each mHC
+                               # site's pre, post and comb)
       scan_layers=False,       # build each run of identical blocks as one stacked module run by
                                # lax.scan (params get a leading 'layers' dim): compile time and
                                # HLO size stop growing with depth (docs/architecture.md)
@@ -251,7 +252,7 @@ def host_tables(c: ConfigDict) -> bool:
 
 
 # Named values that model.remat_save can keep under block remat (model/moe.py tags them).
-REMAT_SAVE_NAMES = ('moe_dispatch', 'moe_gemms', 'mla_ckv')
+REMAT_SAVE_NAMES = ('moe_dispatch', 'moe_gemms', 'mla_ckv', 'mhc_coeffs')
 
 
 def validate(c: ConfigDict) -> ConfigDict:

@@ -11,6 +11,7 @@ mHC and Engram in the gradient test): fewer blocks keep the compile time, which 
 file, near 40 s of CPU.
 """
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -270,3 +271,27 @@ def test_remat_save_keeps_the_moe_rows_and_gemm_outputs(capsys):
     text = str(jax.make_jaxpr(jax.grad(loss))(params))
     runs[save] = text.count('ragged_dot_general')
   assert n_moe > 0 and runs[()] - runs[('moe_dispatch', 'moe_gemms')] == 3 * n_moe, runs
+
+
+def test_remat_save_keeps_the_mhc_coefficients(capsys):
+  """model.remat_save=('mhc_coeffs',) keeps each mHC site's pre, post and comb (two sites per
+  block): the gradient then no longer reruns the Sinkhorn iterations of the forward."""
+  off = {'mtp.depth': 0, 'engram.enabled': False, 'dsa.enabled': False, 'dsa.stage': 'dense'}
+  sinkhorns = {}
+  for save in ((), ('mhc_coeffs',)):
+    cfg = small_tiny(**{'model.remat': 'block', 'model.remat_save': save,
+                        'kernels.sinkhorn': 'reference', **off})
+    assert cfg.mhc.streams > 1
+    model = _model(cfg)
+    batch = _batch(cfg, 2)
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0]
+    jax.ad_checkpoint.print_saved_residuals(loss, params)
+    saved = capsys.readouterr().out.count("named 'mhc_coeffs'")
+    assert saved == (3 * 2 * cfg.model.n_layers if save else 0), (save, saved)
+    # the reference Sinkhorn's iterations: a fori_loop, a scan of length iters - 1 in the jaxpr
+    text = str(jax.make_jaxpr(jax.grad(loss))(params))
+    sinkhorns[save] = len(re.findall(rf'length={cfg.mhc.sinkhorn_iters - 1}\b', text))
+  # per site: forward, remat forward, and the custom VJP's recompute + transpose; kept: no remat
+  sites = 2 * cfg.model.n_layers
+  assert sinkhorns == {(): 4 * sites, ('mhc_coeffs',): 3 * sites}, sinkhorns

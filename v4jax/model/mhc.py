@@ -16,6 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.kernels.sinkhorn import sinkhorn   # the seam; re-exported for the model's users
 from v4jax.model.layers import const_param, constrain, dot_f32, f32_mode, param
@@ -227,7 +228,9 @@ class HCSite(nnx.Module):
     if self.n == 1:
       y, aux = f(X_BTND[:, :, 0])
       return X_BTND + y.astype(dtype)[:, :, None, :], _as_dict(aux)
-    pre, post, comb = self.coeffs(X_BTND)
+    # model.remat_save=('mhc_coeffs',) keeps them ([B,T,(2+N)N] fp32): the backward then reruns
+    # neither the streams' RMS nor the Sinkhorn iterations
+    pre, post, comb = (checkpoint_name(c, 'mhc_coeffs') for c in self.coeffs(X_BTND))
     u = constrain(read_in(X_BTND, pre), ('batch', 'seq', 'act_embed'))
     y, aux = f(u)
     out = constrain(write_back(X_BTND, y, post, comb), ('batch', 'seq', 'streams', 'act_embed'))
