@@ -79,7 +79,8 @@ def warmup_indexer_schedule(cfg):
                                optax.constant_schedule(d.warmup_lr)], [d.warmup_lr_warmup_steps])
 
 
-class LazyAdamState(NamedTuple):
+class AdamState(NamedTuple):
+  """The Adam transforms' state (lazy_adam, scale_by_adam_stored): step count, moments."""
   count: jax.Array
   mu: Any
   nu: Any
@@ -90,7 +91,7 @@ def lazy_adam(lr, b1, b2, eps) -> optax.GradientTransformation:
   bias correction uses the global step."""
   def init(params):
     z = jax.tree.map(jnp.zeros_like, params)
-    return LazyAdamState(jnp.zeros((), jnp.int32), z, jax.tree.map(jnp.zeros_like, params))
+    return AdamState(jnp.zeros((), jnp.int32), z, jax.tree.map(jnp.zeros_like, params))
 
   def update(g, state, params=None):
     count = state.count + 1
@@ -103,15 +104,9 @@ def lazy_adam(lr, b1, b2, eps) -> optax.GradientTransformation:
     upd = jax.tree.map(
         lambda g, m, v: jnp.where(touched(g), -lr_t * (m / (1 - b1 ** c))
                                   / (jnp.sqrt(v / (1 - b2 ** c)) + eps), 0.0), g, mu, nu)
-    return upd, LazyAdamState(count, mu, nu)
+    return upd, AdamState(count, mu, nu)
 
   return optax.GradientTransformation(init, update)
-
-
-class AdamState(NamedTuple):
-  count: jax.Array
-  mu: Any
-  nu: Any
 
 
 def scale_by_adam_stored(b1, b2, eps, moment_dtype) -> optax.GradientTransformation:
