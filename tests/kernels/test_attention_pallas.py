@@ -184,6 +184,9 @@ def test_block_remat_keeps_the_forward_kernels_outputs():
   from v4jax.kernels.attention.library import CUDNN_FWD_PRIMITIVE
   assert forward_kernel_saveable(SimpleNamespace(name=CUDNN_FWD_PRIMITIVE))   # cuDNN's, as before
   assert not forward_kernel_saveable(SimpleNamespace(name='pallas_call'), name='other_kernel')
+  # a pallas_call with no name and no jaxpr parameter (another backend's kernel) is not kept and
+  # does not break the policy
+  assert not forward_kernel_saveable(SimpleNamespace(name='pallas_call'), name=None)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiled Triton kernels need a GPU; '

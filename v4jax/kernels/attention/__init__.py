@@ -37,8 +37,9 @@ def forward_kernel_saveable(prim, *_, **params) -> bool:
   if prim.name != 'pallas_call':
     return False
   name = params.get('name_and_src_info', params.get('name'))
-  # jax's bundled TPU kernels pass no name: theirs is the kernel function's.
-  name = getattr(name, 'name', name) or params['jaxpr'].debug_info.func_name
+  name = getattr(name, 'name', name)
+  if not name:   # jax's bundled TPU kernels pass no name: theirs is the kernel function's
+    name = getattr(getattr(params.get('jaxpr'), 'debug_info', None), 'func_name', None)
   return name in (gpu.FWD_KERNEL, tpu.FWD_KERNEL)
 
 
