@@ -81,6 +81,7 @@ class _Cfg:
   dkv: Blocks
   dq: Blocks
   interpret: bool
+  dq_atomic: bool = False
 
 
 def pack_mask(select_BTK: jax.Array, s_len: int) -> jax.Array:
@@ -273,9 +274,12 @@ def _p_ds(q_ref, do_ref, lse_ref, dl_ref, rows, k_ref, v_ref, keys, t0, s0, bm, 
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, parts, bm, s_len,
-                has_seg, has_mask):
-  """One key block: dv = Σ_t p^T·do, dk = scale·Σ_t ds^T·q over the query blocks it reaches."""
-  segq, segk, words, (dk_ref, dv_ref) = _split_refs(refs, has_seg, has_mask, 2)
+                has_seg, has_mask, dq_atomic):
+  """One key block: dv = Σ_t p^T·do, dk = scale·Σ_t ds^T·q over the query blocks it reaches.
+  dq_atomic: also each query block's share of Σ_s ds·k, added with atomics into an fp32 dq
+  buffer (all query rows; scaled outside), so that no dq kernel recomputes p and ds."""
+  segq, segk, words, tail = _split_refs(refs, has_seg, has_mask, 4 if dq_atomic else 2)
+  dk_ref, dv_ref = tail[-3:-1] if dq_atomic else tail   # dq in (aliased), dk, dv, dq out
   bn = k_ref.shape[0]
   s0 = pl.program_id(1) * bn
   keys = pl.ds(0, bn)
@@ -290,6 +294,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, part
     dv = dv + _dot(p.astype(do.dtype), do, _TN)
     q_parts = [q_ref[rows, pl.ds(off, w)] for off, w in parts]
     dks = tuple(a + _dot(ds.astype(qq.dtype), qq, _TN) for a, qq in zip(dks, q_parts))
+    if dq_atomic:
+      row_ids = (t0 + jnp.arange(bm, dtype=jnp.int32))[:, None]
+      for off, w in parts:
+        kk = k_ref[keys, pl.ds(off, w)]
+        col_ids = off + jnp.arange(w, dtype=jnp.int32)[None, :]
+        pltriton.atomic_add(tail[-1], (row_ids, col_ids), _dot(ds.astype(kk.dtype), kk))
     return dv, dks
 
   init = (jnp.zeros(dv_ref.shape, jnp.float32),
@@ -341,19 +351,28 @@ def _backward(q, k, v, seg, words, o, lse, do, cfg):
               has_mask=has_mask)
 
   # dk, dv: one program per key block; all query rows (and keys) resident, sliced in the loop.
+  # With dq_atomic it also adds dq into a zeroed fp32 buffer [B, tp, H, wq] (aliased in and out).
   bn = a.block_n
   rows, keys, stat = _specs(H, a.block_m, tp, sp, row_block=False)
   key_block = lambda w: pl.BlockSpec((None, bn, None, w), lambda g, j: (g // H, j, g % H, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, bm=a.block_m, **opts),
+  opt_specs = _opt_specs(H, a.block_m, tp, sp, has_seg, has_mask, False)
+  dq_shape = jax.ShapeDtypeStruct((B, tp, H, wq), jnp.float32)
+  at = cfg.dq_atomic
+  outs = pl.pallas_call(
+      functools.partial(_dkv_kernel, bm=a.block_m, dq_atomic=at, **opts),
       grid=(B * H, sp // bn),
-      in_specs=[rows(wq), key_block(wq), key_block(wv), rows(wv), stat, stat]
-               + _opt_specs(H, a.block_m, tp, sp, has_seg, has_mask, False),
-      out_specs=[key_block(wq), key_block(wv)],
+      in_specs=[rows(wq), key_block(wq), key_block(wv), rows(wv), stat, stat] + opt_specs
+               + ([rows(wq)] if at else []),
+      out_specs=[key_block(wq), key_block(wv)] + ([rows(wq)] if at else []),
       out_shape=[jax.ShapeDtypeStruct((B, sp, H, wq), k.dtype),
-                 jax.ShapeDtypeStruct((B, sp, H, wv), v.dtype)],
+                 jax.ShapeDtypeStruct((B, sp, H, wv), v.dtype)] + ([dq_shape] if at else []),
+      input_output_aliases={len(args): 2} if at else {},
       compiler_params=_params(a), interpret=cfg.interpret, name='masked_attention_bwd_dkv',
-  )(*args)
+  )(*args, *([jnp.zeros(dq_shape.shape, jnp.float32)] if at else []))
+  dk, dv = outs[:2]
+  if at:
+    dq = (cfg.scale * outs[2]).astype(q.dtype)
+    return dq[:, :T, :, :K], dk[:, :S, :, :K], dv[:, :S, :, :V]
 
   # dq: one program per query block; all keys resident.
   bm = d.block_m
@@ -395,11 +414,14 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                      segment_ids_BT: jax.Array | None = None, *,
                      select_BTK: jax.Array | None = None, fwd: Blocks | dict | None = None,
                      dkv: Blocks | dict | None = None, dq: Blocks | dict | None = None,
+                     dq_atomic: bool = False,
                      interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """(o [B,T,H,V] in q's dtype, lse [B,T,H] fp32) of causal softmax attention of query t over
   the keys s <= t in its top-k set (select_BTK, -1 = empty slot; all keys when None) and its
   document (segment_ids_BT, when given). Per-head k/v. Differentiable in q, k, v (kernels both
-  ways); lse carries no gradient. fwd / dkv / dq: each kernel's Blocks."""
+  ways); lse carries no gradient. fwd / dkv / dq: each kernel's Blocks. dq_atomic: the dk/dv
+  kernel also adds dq with fp32 atomics and the dq kernel does not run (2.5x the forward's
+  FLOPs instead of 3.5x; an experiment for bench_kernels' attn_sweep, not yet timed)."""
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
   if (k_BSHK.shape != (B, S, H, K) or v_BSHV.shape[:3] != (B, S, H)
@@ -409,6 +431,6 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                      f'v_BSHV {v_BSHV.shape} must be [B,T,H,K], [B,S,H,K], [B,S,H,V]; select_BTK '
                      f'[B,T,*], segment_ids_BT [B,T] (then S <= T)')
   cfg = _Cfg(float(scale), _blocks('fwd', fwd, T, S), _blocks('dkv', dkv, T, S),
-             _blocks('dq', dq, T, S), gpu_interpret(interpret))
+             _blocks('dq', dq, T, S), gpu_interpret(interpret), bool(dq_atomic))
   words = None if select_BTK is None else pack_mask(select_BTK, S)
   return _attention(q_BTHK, k_BSHK, v_BSHV, segment_ids_BT, words, cfg)
