@@ -881,6 +881,11 @@ def _device_info() -> dict:
           'compilation_cache': os.environ.get('JAX_COMPILATION_CACHE_DIR') or None}
 
 
+def _error(e: Exception) -> dict:
+  """A failed measurement's record: the exception's type and first line."""
+  return {'error': f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'}
+
+
 def _measure_here(args, overrides, label: str, ov: dict, xla: dict) -> dict:
   """One measurement in this process: the config with `ov` applied, compiled with XLA options
   `xla`; its report (with its profile breakdown under --profile, the device, the global batch).
@@ -893,7 +898,7 @@ def _measure_here(args, overrides, label: str, ov: dict, xla: dict) -> dict:
     if label == 'main':
       raise
     gc.collect()
-    return {'error': f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'}
+    return _error(e)
   if prof is not None:     # with a component off: where its time went
     r['profile'] = profile_report(prof)
   return dict(r, device=_device_info(), global_batch=cfg.data.global_batch)
@@ -905,7 +910,7 @@ def _measure_child(args, overrides, spec: dict) -> dict:
   try:
     r = _measure_here(args, overrides, spec['label'], spec['overrides'], spec['xla'])
   except Exception as e:  # noqa: BLE001 - the parent reports it
-    r = {'error': f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'}
+    r = _error(e)
   write_report(r, spec['out'])
   return r
 

@@ -50,13 +50,14 @@ def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array, masked: bool = 
     raise ValueError(f'config.kernels.attention={impl!r} is not one of {IMPLS}')
   if impl != 'auto':
     return impl
-  if target_platform() == 'tpu' and k_BSK.ndim == 4 and not masked:
-    return 'tpu_flash'
-  library_ok = (target_platform() == 'gpu' and k_BSK.ndim == 4
-                and q_BTHK.dtype in (jnp.bfloat16, jnp.float16))
-  if not library_ok:
+  platform = target_platform()
+  if k_BSK.ndim != 4:                     # k/v shared by all heads: the reference only
     return 'reference'
-  return 'pallas' if masked else 'cudnn'
+  if platform == 'tpu' and not masked:
+    return 'tpu_flash'
+  if platform == 'gpu' and q_BTHK.dtype in (jnp.bfloat16, jnp.float16):
+    return 'pallas' if masked else 'cudnn'
+  return 'reference'
 
 
 def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scale: float,
