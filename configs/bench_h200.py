@@ -2,13 +2,17 @@
 
 5.63B device params (1.18B active per token), mHC 4 streams, Engram at layers 1 and 8 with host
 tables (1.324B host params), DSA sparse stage, MTP depth 1: 7.19 GFLOP/token of training.
-Micro-batch 4 x 4096 with 8 accumulation steps (131K tokens per step, SPEC §12's 4 x 8). It trains
+131K tokens per step (SPEC §12's 32 x 4096), as 4 accumulation steps of micro-batch 8 x 4096,
+with the AdamW moments stored in bf16 (DeepSeek-V3's recipe; SPEC §9 keeps fp32, the default of
+every other config): the bf16 moments free ~22 GB, which the larger micro-batch uses. It trains
 on one H200 with 98% of the memory claimed and XLA planning up to 97% of it
-(v4jax.cli.claim_gpu_memory) at 25,765 tokens/s, 18.7% MFU (fourteenth session), peaking at
-134.3 of the 137.0 GiB claimed (docs/benchmarks.md). Where that is too
-tight, `--config.train.grad_accum=16` (micro-batch 2) peaks at 125.7 GiB and runs 5% slower. The
-built-in byte tokenizer only uses ids 0..257 of the 129280-row vocabulary; that is fine for
-benchmarking.
+(v4jax.cli.claim_gpu_memory) at 26,699 tokens/s, 19.4% MFU (sixteenth session), peaking at
+135.6 of the 137.0 GiB claimed (docs/benchmarks.md). The fp32-moment form of SPEC §9:
+`--config.optim.moment_dtype=float32 --config.train.grad_accum=8` (micro-batch 4; 1.3% slower
+than bf16 moments at the same micro-batch, 2.5% slower than this preset). Where memory is too
+tight, `--config.train.grad_accum=16` (micro-batch 2 with fp32 moments) peaked at 125.7 GiB and
+ran 5% slower. The built-in byte tokenizer only uses ids 0..257 of the 129280-row vocabulary;
+that is fine for benchmarking.
 """
 from v4jax.config import default_config
 
@@ -73,10 +77,11 @@ def get_config():
   c.mtp.depth = 1
 
   c.data.seq_len = 4096
-  c.data.global_batch = 32       # micro-batch 4 x grad_accum 8 = 131K tokens per step
-  c.train.grad_accum = 8
+  c.data.global_batch = 32       # micro-batch 8 x grad_accum 4 = 131K tokens per step
+  c.train.grad_accum = 4
 
   o = c.optim
+  o.moment_dtype = 'bfloat16'    # DeepSeek-V3's recipe (module docstring)
   o.lr = 6e-4
   o.warmup_steps = 2000
   o.schedule = 'cosine'

@@ -35,9 +35,7 @@ Sections (--sections, comma list; default all but attn_sweep):
            bench_h200's attention shape (rows with shapes='bench');
   attn_sweep (opt-in) the tilings of that Pallas kernel (Blocks of fwd, dkv, dq) at the
            bench_h200 (B=4, H=16) and V3.2 (B=1, H=128) attention shapes (T=4096, d_qk 192,
-           d_v 128, top-2048 sets), best kept; then the dk/dv tilings again with dq added by
-           that kernel's atomics (`dq_atomic`, no dq kernel); ends with `attn_config`,
-           _DEFAULTS' form (and the atomic variant's best against the split backward's).
+           d_v 128, top-2048 sets), best kept; ends with `attn_config`, _DEFAULTS' form.
 
 FLOP conventions: sparse fwd 2·H·n_valid·(C+V); sparse bwd 2·H·n_valid·(3C+2V) (recomputed
 logits, dp, dq, dkv: the flash-attention 2.5x convention); indexer 2·H·D per allowed (t, s)
@@ -353,19 +351,19 @@ class Bench:
       fl_f = 2 * Bt * H * (T * (T + 1) // 2) * (dqk + dv)   # the dense section's convention
       shape = dict(shapes=label, B=Bt, T=T, H=H, dqk=dqk, dv=dv, K=K)
       # the sets go in as an argument (not a closed-over constant): the packing is timed too
-      fwd = lambda dq_atomic=False, **cfg: jax.jit(lambda q, k, v, idx: attn_gpu.causal_attention(
-          q, k, v, dqk ** -0.5, select_BTK=idx, dq_atomic=dq_atomic,
+      fwd = lambda **cfg: jax.jit(lambda q, k, v, idx: attn_gpu.causal_attention(
+          q, k, v, dqk ** -0.5, select_BTK=idx,
           **{n: attn_gpu.Blocks(*c) for n, c in cfg.items()}))
-      grad = lambda dq_atomic=False, **cfg: jax.jit(jax.grad(lambda q, k, v, idx: jnp.sum(
-          fwd(dq_atomic, **cfg)(q, k, v, idx)[0].astype(jnp.float32)), argnums=(0, 1, 2)))
+      grad = lambda **cfg: jax.jit(jax.grad(lambda q, k, v, idx: jnp.sum(
+          fwd(**cfg)(q, k, v, idx)[0].astype(jnp.float32)), argnums=(0, 1, 2)))
       best = {}
 
-      def keep(kind, name, cfg, fn, flops, tiling=None):
+      def keep(kind, name, cfg, fn, flops):
         row = self.record('attn_sweep', name, dict(shape, **cfg), fn, flops=flops)
         if 'ms' in row and 'fwd' in best and kind != 'fwd':
           row['bwd_ms'] = round(row['ms'] - best['fwd'][0], 4)
         if 'ms' in row and row['ms'] < best.get(kind, (1e30, None))[0]:
-          best[kind] = (row['ms'], cfg[kind] if tiling is None else tiling)
+          best[kind] = (row['ms'], cfg[kind])
       for c in fwd_cfgs:
         keep('fwd', 'pallas_masked_fwd', dict(fwd=c),
              lambda: self.timeit(fwd(fwd=c), q, k, v, idx), fl_f)
@@ -375,23 +373,10 @@ class Bench:
           cfg[kind] = c
           keep(kind, 'pallas_masked_fwd+bwd', cfg,
                lambda: self.timeit(grad(**cfg), q, k, v, idx), 3.5 * fl_f)
-      # dq added by the dk/dv kernel with atomics (no dq kernel): the dkv tilings again
-      for c in dkv_cfgs:
-        cfg = {'fwd': best['fwd'][1], 'dkv': c} if 'fwd' in best else {'dkv': c}
-        keep('dkv_atomic', 'pallas_masked_fwd+bwd_dq_atomic', dict(cfg, dq_atomic=True),
-             lambda: self.timeit(grad(True, **cfg), q, k, v, idx), 3.5 * fl_f, tiling=c)
       self.out['attn_config'][label] = {n: best[n][1] for n in ('fwd', 'dkv', 'dq') if n in best}
-      if 'dkv_atomic' in best:   # against the split backward's best (fwd + dkv + dq kernels)
-        self.out['attn_config'][label]['dq_atomic'] = {
-            'dkv': best['dkv_atomic'][1], 'ms': best['dkv_atomic'][0],
-            'split_ms': best.get('dq', best.get('dkv', (None,)))[0]}
       self.save()
     for label, cfg in self.out['attn_config'].items():
-      cfg = dict(cfg)
-      atomic = cfg.pop('dq_atomic', None)
       print(f'attn_config {label}: _DEFAULTS = {cfg!r}', flush=True)
-      if atomic:
-        print(f'attn_config {label}: dq_atomic {atomic!r}', flush=True)
 
   def sparse(self, seqs, ref_max_t):
     cases = [('v3.2', SMOKE, 64)] if self.smoke else (

@@ -55,13 +55,11 @@ def _close(got, want, rtol_max):
   np.testing.assert_allclose(got, want, rtol=0, atol=rtol_max * np.abs(want).max())
 
 
-@pytest.mark.parametrize('segments,dtype,dq_atomic', [
-    (False, jnp.float32, False), (True, jnp.float32, False), (True, jnp.bfloat16, False),
-    (True, jnp.float32, True), (False, jnp.bfloat16, True)])
-def test_values_and_gradients_match_reference(segments, dtype, dq_atomic):
-  """dq_atomic: dq added by the dk/dv kernel with atomics (interpret mode emulates them)."""
+@pytest.mark.parametrize('segments,dtype', [(False, jnp.float32), (True, jnp.float32),
+                                            (True, jnp.bfloat16)])
+def test_values_and_gradients_match_reference(segments, dtype):
   q, k, v, seg, idx, do = _inputs(1 + segments, segments, dtype)
-  (o, lse), vjp = jax.vjp(_kernel(seg, idx, dq_atomic=dq_atomic), q, k, v)
+  (o, lse), vjp = jax.vjp(_kernel(seg, idx), q, k, v)
   f32 = lambda *a: [x.astype(jnp.float32) for x in a]
   ref = lambda q, k, v: dense_attention(q, k, v, SCALE, seg, select_BTK=idx)
   (want_o, want_lse), ref_vjp = jax.vjp(ref, *f32(q, k, v))
@@ -123,20 +121,17 @@ def test_seam_pallas_matches_reference():
 
 
 def test_lowers_to_triton_for_cuda():
-  """Forward 1 Triton call, the gradient 2 more (dk/dv, dq; with dq_atomic only dk/dv, its atomics
-  lowered too), at bench_h200's widths (K = 192 = 128 + 64, V = 128) with default blocks; values
-  are checked in interpret mode above, PTX compilation needs a GPU."""
+  """Forward 1 Triton call, the gradient 2 more (dk/dv, dq), at bench_h200's widths (K = 192 =
+  128 + 64, V = 128) with default blocks; values are checked in interpret mode above, PTX
+  compilation needs a GPU."""
   bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
   args = (bf(1, 192, 2, 192), bf(1, 192, 2, 192), bf(1, 192, 2, 128),
           jax.ShapeDtypeStruct((1, 192), jnp.int32), jax.ShapeDtypeStruct((1, 192, 64), jnp.int32))
   f = lambda q, k, v, s, i: gpu.causal_attention(q, k, v, 0.1, s, select_BTK=i,
                                                  interpret=False)[0]
   grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
-  f_at = lambda q, k, v, s, i: gpu.causal_attention(q, k, v, 0.1, s, select_BTK=i,
-                                                    dq_atomic=True, interpret=False)[0]
-  grad_at = jax.grad(lambda *a: jnp.sum(f_at(*a).astype(jnp.float32) ** 2), argnums=(0, 1, 2))
   triton = '__gpu$xla.gpu.triton'
-  for fn, calls in ((f, 1), (grad, 3), (grad_at, 2)):   # dq_atomic: no dq kernel
+  for fn, calls in ((f, 1), (grad, 3)):
     exp = export.export(jax.jit(fn), platforms=['cuda'], disabled_checks=[
         export.DisabledSafetyCheck.custom_call(triton)])(*args)
     assert exp.mlir_module().count(triton) == calls

@@ -17,17 +17,13 @@ def test_bench_kernels_smoke(tmp_path):
 
 def test_bench_kernels_attn_sweep_smoke(tmp_path):
   """The opt-in attn_sweep section (kernels.attention=pallas tilings) in interpret mode: every
-  candidate timed (the dq_atomic backward too), the best Blocks per kernel kept in _DEFAULTS'
-  form."""
+  candidate timed, the best Blocks per kernel kept in _DEFAULTS' form."""
   rep = run_tool_smoke(tmp_path, 'bench_kernels', '--sections', 'attn_sweep')
   rows = [x for x in rep['results'] if x['section'] == 'attn_sweep']
   assert rows and all(x['ms'] > 0 for x in rows), rows
-  assert {x['name'] for x in rows} == {'pallas_masked_fwd', 'pallas_masked_fwd+bwd',
-                                       'pallas_masked_fwd+bwd_dq_atomic'}
-  assert all(x['bwd_ms'] > 0 for x in rows if x['name'] != 'pallas_masked_fwd'), rows
-  best = dict(rep['attn_config']['smoke'])
-  atomic = best.pop('dq_atomic')     # the dk/dv kernel adding dq with atomics, against the split
-  assert len(atomic['dkv']) == 4 and atomic['ms'] > 0 and atomic['split_ms'] > 0, atomic
+  assert {x['name'] for x in rows} == {'pallas_masked_fwd', 'pallas_masked_fwd+bwd'}
+  assert all(x['bwd_ms'] > 0 for x in rows if x['name'] == 'pallas_masked_fwd+bwd'), rows
+  best = rep['attn_config']['smoke']
   assert set(best) == {'fwd', 'dkv', 'dq'} and all(len(b) == 4 for b in best.values()), best
   fwd = min((x for x in rows if x['name'] == 'pallas_masked_fwd'), key=lambda x: x['ms'])
   assert best['fwd'] == fwd['fwd']

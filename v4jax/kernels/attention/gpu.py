@@ -58,8 +58,9 @@ class Blocks:
 
 # (block_m, block_n, warps, stages) per kernel: the best of `bench_kernels --sections attn_sweep`
 # on the H200 at K = 192, V = 128, T = 4096, top-2048 sets, bf16, both at B=4 x 16 heads and at
-# B=1 x 128 heads (fwd+bwd 6.43 and 12.29 ms; docs/benchmarks.md, fifteenth measurement).
-_DEFAULTS = {'fwd': (128, 64, 8, 3), 'dkv': (128, 64, 8, 2), 'dq': (128, 64, 8, 2)}
+# B=1 x 128 heads (fwd+bwd 6.52 and 12.17 ms; docs/benchmarks.md, fifteenth and sixteenth
+# measurements: the dq kernel's third stage took 0.27 and 0.97 ms off).
+_DEFAULTS = {'fwd': (128, 64, 8, 3), 'dkv': (128, 64, 8, 2), 'dq': (128, 64, 8, 3)}
 
 
 def _blocks(kind: str, b, T: int, S: int) -> Blocks:
@@ -81,7 +82,6 @@ class _Cfg:
   dkv: Blocks
   dq: Blocks
   interpret: bool
-  dq_atomic: bool = False
 
 
 def pack_mask(select_BTK: jax.Array, s_len: int) -> jax.Array:
@@ -274,12 +274,9 @@ def _p_ds(q_ref, do_ref, lse_ref, dl_ref, rows, k_ref, v_ref, keys, t0, s0, bm, 
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, parts, bm, s_len,
-                has_seg, has_mask, dq_atomic):
-  """One key block: dv = Σ_t p^T·do, dk = scale·Σ_t ds^T·q over the query blocks it reaches.
-  dq_atomic: also each query block's share of Σ_s ds·k, added with atomics into an fp32 dq
-  buffer (all query rows; scaled outside), so that no dq kernel recomputes p and ds."""
-  segq, segk, words, tail = _split_refs(refs, has_seg, has_mask, 4 if dq_atomic else 2)
-  dk_ref, dv_ref = tail[-3:-1] if dq_atomic else tail   # dq in (aliased), dk, dv, dq out
+                has_seg, has_mask):
+  """One key block: dv = Σ_t p^T·do, dk = scale·Σ_t ds^T·q over the query blocks it reaches."""
+  segq, segk, words, (dk_ref, dv_ref) = _split_refs(refs, has_seg, has_mask, 2)
   bn = k_ref.shape[0]
   s0 = pl.program_id(1) * bn
   keys = pl.ds(0, bn)
@@ -294,12 +291,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, part
     dv = dv + _dot(p.astype(do.dtype), do, _TN)
     q_parts = [q_ref[rows, pl.ds(off, w)] for off, w in parts]
     dks = tuple(a + _dot(ds.astype(qq.dtype), qq, _TN) for a, qq in zip(dks, q_parts))
-    if dq_atomic:
-      row_ids = (t0 + jnp.arange(bm, dtype=jnp.int32))[:, None]
-      for off, w in parts:
-        kk = k_ref[keys, pl.ds(off, w)]
-        col_ids = off + jnp.arange(w, dtype=jnp.int32)[None, :]
-        pltriton.atomic_add(tail[-1], (row_ids, col_ids), _dot(ds.astype(kk.dtype), kk))
     return dv, dks
 
   init = (jnp.zeros(dv_ref.shape, jnp.float32),
@@ -351,28 +342,19 @@ def _backward(q, k, v, seg, words, o, lse, do, cfg):
               has_mask=has_mask)
 
   # dk, dv: one program per key block; all query rows (and keys) resident, sliced in the loop.
-  # With dq_atomic it also adds dq into a zeroed fp32 buffer [B, tp, H, wq] (aliased in and out).
   bn = a.block_n
   rows, keys, stat = _specs(H, a.block_m, tp, sp, row_block=False)
   key_block = lambda w: pl.BlockSpec((None, bn, None, w), lambda g, j: (g // H, j, g % H, 0))
-  opt_specs = _opt_specs(H, a.block_m, tp, sp, has_seg, has_mask, False)
-  dq_shape = jax.ShapeDtypeStruct((B, tp, H, wq), jnp.float32)
-  at = cfg.dq_atomic
-  outs = pl.pallas_call(
-      functools.partial(_dkv_kernel, bm=a.block_m, dq_atomic=at, **opts),
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, bm=a.block_m, **opts),
       grid=(B * H, sp // bn),
-      in_specs=[rows(wq), key_block(wq), key_block(wv), rows(wv), stat, stat] + opt_specs
-               + ([rows(wq)] if at else []),
-      out_specs=[key_block(wq), key_block(wv)] + ([rows(wq)] if at else []),
+      in_specs=[rows(wq), key_block(wq), key_block(wv), rows(wv), stat, stat]
+               + _opt_specs(H, a.block_m, tp, sp, has_seg, has_mask, False),
+      out_specs=[key_block(wq), key_block(wv)],
       out_shape=[jax.ShapeDtypeStruct((B, sp, H, wq), k.dtype),
-                 jax.ShapeDtypeStruct((B, sp, H, wv), v.dtype)] + ([dq_shape] if at else []),
-      input_output_aliases={len(args): 2} if at else {},
+                 jax.ShapeDtypeStruct((B, sp, H, wv), v.dtype)],
       compiler_params=_params(a), interpret=cfg.interpret, name='masked_attention_bwd_dkv',
-  )(*args, *([jnp.zeros(dq_shape.shape, jnp.float32)] if at else []))
-  dk, dv = outs[:2]
-  if at:
-    dq = (cfg.scale * outs[2]).astype(q.dtype)
-    return dq[:, :T, :, :K], dk[:, :S, :, :K], dv[:, :S, :, :V]
+  )(*args)
 
   # dq: one program per query block; all keys resident.
   bm = d.block_m
@@ -414,14 +396,11 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                      segment_ids_BT: jax.Array | None = None, *,
                      select_BTK: jax.Array | None = None, fwd: Blocks | dict | None = None,
                      dkv: Blocks | dict | None = None, dq: Blocks | dict | None = None,
-                     dq_atomic: bool = False,
                      interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """(o [B,T,H,V] in q's dtype, lse [B,T,H] fp32) of causal softmax attention of query t over
   the keys s <= t in its top-k set (select_BTK, -1 = empty slot; all keys when None) and its
   document (segment_ids_BT, when given). Per-head k/v. Differentiable in q, k, v (kernels both
-  ways); lse carries no gradient. fwd / dkv / dq: each kernel's Blocks. dq_atomic: the dk/dv
-  kernel also adds dq with fp32 atomics and the dq kernel does not run (2.5x the forward's
-  FLOPs instead of 3.5x; an experiment for bench_kernels' attn_sweep, not yet timed)."""
+  ways); lse carries no gradient. fwd / dkv / dq: each kernel's Blocks."""
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
   if (k_BSHK.shape != (B, S, H, K) or v_BSHV.shape[:3] != (B, S, H)
@@ -431,6 +410,6 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                      f'v_BSHV {v_BSHV.shape} must be [B,T,H,K], [B,S,H,K], [B,S,H,V]; select_BTK '
                      f'[B,T,*], segment_ids_BT [B,T] (then S <= T)')
   cfg = _Cfg(float(scale), _blocks('fwd', fwd, T, S), _blocks('dkv', dkv, T, S),
-             _blocks('dq', dq, T, S), gpu_interpret(interpret), bool(dq_atomic))
+             _blocks('dq', dq, T, S), gpu_interpret(interpret))
   words = None if select_BTK is None else pack_mask(select_BTK, S)
   return _attention(q_BTHK, k_BSHK, v_BSHV, segment_ids_BT, words, cfg)
