@@ -8,6 +8,8 @@
   has no such memory (TPU/GPU builds differ: the H200 has no `unpinned_host`).
 - `host_view(arr)`: a writable NumPy view of a single-device host-memory jax.Array, so the host can
   update rows in place (XLA's donated host scatter rewrites the whole table, FACTS.md).
+- `set_scan_outputs(mode)`: how `lax.scan` creates its stacked outputs when lowered ('zeros',
+  jax's own broadcast of zeros, or 'empty', `lax.empty`'s uninitialised buffer on GPU and TPU).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import jax
 import numpy as np
 from jax.experimental import compute_on as _compute_on
 
-__all__ = ['HOST', 'DEVICE', 'HostMemoryError', 'on_host', 'require_memory_kind', 'host_view']
+__all__ = ['HOST', 'DEVICE', 'HostMemoryError', 'on_host', 'require_memory_kind', 'host_view',
+           'set_scan_outputs', 'SCAN_OUTPUTS']
 
 HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
 _FALLBACK = "set config.engram.table_memory='device' to keep the Engram tables in device memory"
@@ -88,3 +91,48 @@ def _check_view(arr: jax.Array, view: np.ndarray):
   if seen != probe:
     raise HostMemoryError(f'the buffer pointer of a {arr.sharding.memory_kind} array on {dev} is '
                           f'not a host address (wrote {probe}, XLA read {seen}); {_FALLBACK}')
+
+
+# ---- scan outputs ------------------------------------------------------------------------------
+# jax 0.10-0.11 lower a scan's stacked outputs ([L, ...] per scanned-out value: the layer scans'
+# saved activations and stacked weight gradients) as a broadcast of zeros that the loop then
+# overwrites slice by slice (`_empty_array` in jax/_src/lax/control_flow/loops.py, with a TODO to
+# use `lax.empty`). At bench_h200 those fills write ~20 GB per micro-batch (docs/performance.md,
+# open item 9). 'empty' swaps in `lax.empty`, which XLA:GPU and TPU lower to an uninitialised
+# `AllocateBuffer` (other backends still fill zeros). Every element is written by the loop before
+# it is read, so results do not change. Private API: it is patched only when asked for, and a
+# jax without the function fails with the config field to change.
+SCAN_OUTPUTS = ('zeros', 'empty')
+try:
+  from jax._src.lax.control_flow import loops as _loops
+  _ZEROS_INIT = _loops._empty_array
+except (ImportError, AttributeError):
+  _loops = _ZEROS_INIT = None
+
+
+def _uninitialized_outputs(prefix, length_spec, aval):
+  """`_empty_array` with lax.empty for device-memory outputs outside manual (shard_map) axes
+  and without explicit shardings; jax's zero fill for every other case."""
+  mat = getattr(aval, 'mat', None)
+  if (aval.memory_space != DEVICE or (mat is not None and mat.varying)
+      or not aval.sharding.mesh.empty):
+    return _ZEROS_INIT(prefix, length_spec, aval)
+  return jax.lax.empty((*prefix, *aval.shape), aval.dtype)
+
+
+def set_scan_outputs(mode: str):
+  """Lower every later-traced `lax.scan` with its stacked outputs made by `mode` ('zeros' |
+  'empty'; config.train.scan_outputs). Process-wide; 'zeros' restores jax's own. A change of
+  mode clears jax's caches."""
+  if mode not in SCAN_OUTPUTS:
+    raise ValueError(f'config.train.scan_outputs={mode!r} is not one of {SCAN_OUTPUTS}')
+  if mode == 'zeros' and _loops is None:
+    return
+  if _ZEROS_INIT is None or not hasattr(jax.lax, 'empty'):
+    raise NotImplementedError(f"config.train.scan_outputs='empty' needs jax's private "
+                              f"lax.control_flow.loops._empty_array and lax.empty, which jax "
+                              f"{jax.__version__} lacks; set config.train.scan_outputs='zeros'")
+  init = _uninitialized_outputs if mode == 'empty' else _ZEROS_INIT
+  if _loops._empty_array is not init:
+    _loops._empty_array = init
+    jax.clear_caches()     # lowerings of scans made in the other mode are cached

@@ -189,6 +189,9 @@ def default_config() -> ConfigDict:
       grad_accum=1,
       cast_params_once=True,   # weights used only as one bf16 cast: cast once per step, not per
                                # use (bit-identical gradients; v4jax/cast_once.py)
+      scan_outputs='zeros',    # lax.scan's stacked outputs: zeros (jax's fill) | empty
+                               # (uninitialised on GPU/TPU: no zero fill of the layer scans'
+                               # saved activations; v4jax/compat.set_scan_outputs)
       compilation_cache_dir='~/.cache/v4jax/xla',  # v4jax.train: JAX's persistent compilation
                                # cache (a rerun loads the compiled init and step); '' = off;
                                # JAX_COMPILATION_CACHE_DIR in the environment wins
@@ -212,6 +215,7 @@ _CHOICES = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'optim.moment_dtype': ('float32', 'bfloat16'),
+    'train.scan_outputs': ('zeros', 'empty'),
     'model.remat': ('none', 'block', 'full'),
     'rope.yarn_mode': ('off', 'on', 'auto'),
     'moe.bal_indicator': ('selected', 'unbiased_topk'),

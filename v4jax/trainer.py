@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from v4jax import checkpoint as ckpt
+from v4jax import compat
 from v4jax.cast_once import cast_mask
 from v4jax import flops as flops_lib
 from v4jax import kernels
@@ -75,6 +76,7 @@ class Trainer:
   def __init__(self, cfg, workdir: str, *, devices=None):
     self.cfg = validate(cfg)
     self.workdir = workdir
+    compat.set_scan_outputs(cfg.train.scan_outputs)   # read when the step is lowered
     kernels.preload()   # before any trace: one jit cache key per step (v4jax/kernels/__init__.py)
     self.mesh = make_mesh(cfg.mesh, devices)
     self.rules = rules_lib.RULES[cfg.mesh.rules]
