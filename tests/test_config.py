@@ -31,6 +31,7 @@ BAD = [
     ('model.remat_save', ('moe_out',), "config.model.remat_save=('moe_out',) must be a tuple of "
      "names from ('moe_dispatch', 'moe_gemms', 'mla_ckv', 'mhc_coeffs')"),
     ('optim.moment_dtype', 'float16', "config.optim.moment_dtype='float16' is not one of"),
+    ('kernels.hc_mix', 'triton', "config.kernels.hc_mix='triton' is not one of"),
 ]
 
 

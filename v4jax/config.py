@@ -147,6 +147,9 @@ def default_config() -> ConfigDict:
                                # tpu_flash (jax's Pallas TPU flash kernels; no top-k set)
       sinkhorn='auto',         # mHC Sinkhorn: auto (pallas on GPU) | reference | pallas (Triton;
                                # interpret mode on CPU)
+      hc_mix='auto',           # mHC stream passes (normed mix, read-in, write-back): auto (pallas
+                               # on GPU) | reference (jnp custom VJPs) | pallas (Triton; interpret
+                               # mode on CPU)
       student_dq='auto',       # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
                                # | gather (each token's K selected keys) | auto (by T, S and K:
                                # gather from ~8K tokens; kernels/indexer/gpu.resolve_dq_form)
@@ -231,6 +234,7 @@ _CHOICES = {
     'kernels.impl': ('auto', 'reference', 'pallas'),
     'kernels.attention': ('auto', 'reference', 'cudnn', 'pallas', 'tpu_flash'),
     'kernels.sinkhorn': ('auto', 'reference', 'pallas'),
+    'kernels.hc_mix': ('auto', 'reference', 'pallas'),      # mHC's normed mix, read-in, write-back
     'kernels.student_dq': ('auto', 'dense', 'gather'),
     'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),
     'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),

@@ -5,8 +5,8 @@ import importlib
 
 # The Pallas kernel modules. The seams import their GPU and TPU modules together, whatever the
 # platform (each imports jax's Pallas backend for it), so all of them are preloaded.
-_PALLAS_MODULES = ('attention.gpu', 'attention.tpu', 'indexer.gpu', 'indexer.tpu', 'sinkhorn.gpu',
-                   'sparse_attention.gpu', 'sparse_attention.tpu')
+_PALLAS_MODULES = ('attention.gpu', 'attention.tpu', 'hc_mix.gpu', 'indexer.gpu', 'indexer.tpu',
+                   'sinkhorn.gpu', 'sparse_attention.gpu', 'sparse_attention.tpu')
 
 
 def preload() -> None:

@@ -1,0 +1,74 @@
+"""mHC stream-mixing seam (SPEC §5): the coefficients' normed mix, read-in and write-back.
+
+Dims: B batch, T positions, N mHC streams, D model dim, C coefficient slots ((2+N)N at a site,
+N at the HyperHead).
+
+`impl` takes `config.kernels.hc_mix`:
+  reference -> reference.py: custom VJPs in jnp (every backend; on GPU XLA runs each pass as
+               several memory-bound kernels: fp32 converts, reductions, cotangent adds);
+  pallas    -> gpu.py: one Triton kernel per pass and direction over blocks of tokens, each
+               reading and writing the streams once (interpret mode on CPU; no TPU kernel);
+  auto      -> pallas on GPU, reference elsewhere.
+The normed mix takes the kernels for bf16 streams only: fp32 streams (a test and debugging
+dtype) stay on the reference, whose fp32 GEMMs the kernel's bf16 tensor-core splits would not
+reproduce exactly. The kernel's products are exact for bf16 streams in every mode, so
+`mhc.tf32` (TF32 GEMMs for speed) changes nothing there: the pass is memory-bound either way.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.kernels import pallas_common
+from v4jax.kernels.hc_mix import reference
+from v4jax.kernels.hc_mix.reference import read_in_reference, write_back_reference
+
+__all__ = ['IMPLS', 'resolve_impl', 'normed_mix', 'read_in', 'write_back', 'read_in_reference',
+           'write_back_reference']
+
+IMPLS = ('auto', 'reference', 'pallas')
+
+
+def resolve_impl(impl: str) -> str:
+  """The concrete impl `auto` stands for on this platform (pallas on GPU, else reference)."""
+  if impl not in IMPLS:
+    raise ValueError(f'config.kernels.hc_mix={impl!r} is not one of {IMPLS}')
+  if impl == 'auto':
+    return 'pallas' if pallas_common.target_platform() == 'gpu' else 'reference'
+  return impl
+
+
+def _pallas(impl: str) -> bool:
+  if resolve_impl(impl) == 'reference':
+    return False
+  if pallas_common.target_platform() == 'tpu':
+    raise NotImplementedError("hc_mix: no TPU Pallas kernel; use config.kernels.hc_mix="
+                              "'reference' (or 'auto')")
+  return True
+
+
+def normed_mix(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, mode: str, *,
+               impl: str = 'auto') -> jax.Array:
+  """mu [B,T,C] = (x . fn) / sqrt(mean(x^2) + eps) over each token's flattened ND features, fp32
+  (SPEC §5 step 1); fn [N*D, C] fp32. `mode`: the reference's layers.dot_f32 mode."""
+  if _pallas(impl) and X_BTND.dtype == jnp.bfloat16:
+    from v4jax.kernels.hc_mix import gpu
+    return gpu.normed_mix(X_BTND, fn_KC, eps)
+  return reference.normed_mix(X_BTND, fn_KC, eps, mode)
+
+
+def read_in(X_BTND: jax.Array, pre_BTN: jax.Array, *, impl: str = 'auto') -> jax.Array:
+  """u [B,T,D] = sum_m pre_m X_m in X's dtype; pre [B,T,N] fp32."""
+  if _pallas(impl):
+    from v4jax.kernels.hc_mix import gpu
+    return gpu.read_in(X_BTND, pre_BTN)
+  return reference.read_in(X_BTND, pre_BTN)
+
+
+def write_back(X_BTND: jax.Array, y_BTD: jax.Array, post_BTN: jax.Array, comb_BTNN: jax.Array, *,
+               impl: str = 'auto') -> jax.Array:
+  """X'_k = post_k y + sum_j comb[j,k] X_j [B,T,N,D] in X's dtype; post, comb fp32."""
+  if _pallas(impl):
+    from v4jax.kernels.hc_mix import gpu
+    return gpu.write_back(X_BTND, y_BTD, post_BTN, comb_BTNN)
+  return reference.write_back(X_BTND, y_BTD, post_BTN, comb_BTNN)
