@@ -1,5 +1,6 @@
-"""Every DSA GPU kernel lowers to Triton for a CUDA target on this CPU host, forward and (where
-differentiable) backward, at the bench config's head counts and widths: every primitive inside
+"""Every DSA and mHC-mixing GPU kernel lowers to Triton for a CUDA target on this CPU host, forward
+and (where differentiable) backward, at the bench config's head counts and widths (mHC: N = 4 and
+N = 3, tokens and D not whole blocks): every primitive inside
 has a Triton lowering and every block shape is legal. Values are tested in interpret mode beside
 each kernel; PTX compilation and the run itself need a GPU (tools/bench_kernels.py). This is the
 CI guard for kernel code that only a GPU would otherwise exercise."""
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
+from v4jax.kernels.hc_mix import gpu as hc_gpu
 from v4jax.kernels.indexer import gpu as indexer_gpu
 from v4jax.kernels.sparse_attention import gpu as sparse_gpu
 
@@ -31,10 +33,13 @@ def _sum_grad(f, argnums):
 # Triton calls expected: scores 1; top-k: the score slab and the radix select; the student's
 # backward: the dk and dq/dw kernels (also when its value is top-k's scores: no forward kernel);
 # sparse MLA's backward: dkv, dq and the dkv segment sum; the teacher 1 in either form
-# (absorbed 'probs', MHA 'masked_probs': D = 128 + 64).
+# (absorbed 'probs', MHA 'masked_probs': D = 128 + 64); mHC's read-in, write-back and normed mix:
+# one forward and one backward kernel each.
 @pytest.mark.parametrize('name,calls', [('scores', 1), ('topk', 2), ('scores_at', 2),
                                         ('scores_at_gather_dq', 2), ('scores_at_given', 2),
-                                        ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1)])
+                                        ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1),
+                                        ('hc_read_in', 2), ('hc_write_back', 2),
+                                        ('hc_normed_mix', 2)])
 def test_kernel_lowers_for_cuda(name, calls):
   qi, ki, wi = bf16(B, T, HI, DI), bf16(B, T, DI), f32(B, T, HI)
   q, kv, idx, lse = bf16(B, T, H, C + 64), bf16(B, T, C + 64), i32(B, T, K), f32(B, T, H)
@@ -60,6 +65,8 @@ def test_kernel_lowers_for_cuda(name, calls):
     f = lambda q, kv, i: sparse_gpu.sparse_mla(q, kv, i, V, 0.1, interpret=False)[0]
     assert _triton_calls(f, q, kv, idx) == 1
     n = _triton_calls(_sum_grad(f, (0, 1)), q, kv, idx) - 1
+  elif name.startswith('hc_'):
+    n = _hc_mix_calls(name)
   elif name == 'probs':
     n = _triton_calls(lambda q, kv, i, l: sparse_gpu.attention_probs_mean(
         q, kv, i, l, V, 0.1, interpret=False), q, kv, idx, lse)
@@ -67,3 +74,23 @@ def test_kernel_lowers_for_cuda(name, calls):
     n = _triton_calls(lambda q, k, i, l: sparse_gpu.masked_probs_mean(
         q, k, i, l, 0.1, interpret=False), bf16(B, T, H, 192), bf16(B, T, H, 192), idx, lse)
   assert n == calls
+
+
+def _hc_mix_calls(name: str) -> int:
+  """Forward + backward Triton calls of one mHC mixing op, at N = 4, D = 1536 (bf16 streams) and
+  at N = 3, D = 200 (fp32 streams where the op takes them), T = 100: partial blocks."""
+  total = set()
+  for N, D, dtype in ((4, 1536, jnp.bfloat16), (3, 200, jnp.float32)):
+    X, y = jax.ShapeDtypeStruct((B, 100, N, D), dtype), jax.ShapeDtypeStruct((B, 100, D), dtype)
+    if name == 'hc_read_in':
+      f, args = (lambda X, p: hc_gpu.read_in(X, p, interpret=False)), (X, f32(B, 100, N))
+    elif name == 'hc_write_back':
+      f = lambda X, y, p, c: hc_gpu.write_back(X, y, p, c, interpret=False)
+      args = (X, y, f32(B, 100, N), f32(B, 100, N, N))
+    else:
+      f = lambda X, fn: hc_gpu.normed_mix(X, fn, 1e-6, interpret=False)
+      args = (X.update(dtype=jnp.bfloat16), f32(N * D, (2 + N) * N))
+    total.add(_triton_calls(_sum_grad(lambda *a: f(*a).astype(jnp.float32),
+                                      tuple(range(len(args)))), *args))
+  assert len(total) == 1, total
+  return total.pop()

@@ -1,0 +1,140 @@
+"""hc_mix seam: the Triton kernels (interpret mode) against plain jnp autodiff oracles.
+
+Oracles: `read_in_reference` / `write_back_reference` (plain jnp, autodiff) and a plain normed mix
+(x fn at HIGHEST precision times rsqrt(mean(x^2) + eps), autodiff), on fresh random inputs.
+Shapes leave a partial token block and a partial feature chunk (22 tokens in blocks of 8, D = 40
+in chunks of 16), tile exactly, and take N = 3 (C = 15 padded to 16) as well as N = 4.
+
+Tolerances, as a fraction of the oracle's largest magnitude: fp32 results 1e-5 (the same fp32
+math summed in another order); bf16 results 2^-7 (both round an fp32 value once to bf16: one
+ulp). The normed mix's products are exact for bf16 streams (fn split in three bf16 parts), so mu
+and dfn meet the fp32 oracle at 1e-5 too; dx is bf16 (2^-7). A transposed comb, a dropped
+stream, an unmasked tail chunk (interpret mode fills what lies past an array with NaN) or a
+two-part fn split in the forward (~1e-4 off) each fail these bounds.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh
+
+from v4jax.kernels import hc_mix
+from v4jax.kernels.hc_mix import gpu
+from v4jax.parallel import rules
+
+EPS = 1e-6
+# (B, T, N, D, block_m, block_d): tails in tokens and features; whole blocks; N = 3.
+CASES = [(2, 11, 4, 40, 8, 16), (2, 8, 4, 32, 8, 16), (1, 7, 3, 24, 4, 16)]
+MIX_CASES = [(2, 11, 4, 40, 16, 32), (1, 9, 3, 24, 16, 16)]   # K = 160 / 72: partial chunks
+
+
+def _close(got, want, tol):
+  want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+
+
+def _tol(dtype):
+  return 2.0 ** -7 if dtype == jnp.bfloat16 else 1e-5
+
+
+def _inputs(B, T, N, D, dtype, seed):
+  rng = np.random.default_rng(seed)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return dict(X=jnp.asarray(rng.normal(size=(B, T, N, D)), dtype),
+              y=jnp.asarray(rng.normal(size=(B, T, D)), dtype),
+              pre=f32(rng.uniform(0.1, 1.0, (B, T, N))),
+              post=f32(rng.uniform(0.1, 2.0, (B, T, N))),
+              comb=f32(rng.dirichlet(np.ones(N), size=(B, T, N))),
+              gu=jnp.asarray(rng.normal(size=(B, T, D)), dtype),
+              gX=jnp.asarray(rng.normal(size=(B, T, N, D)), dtype))
+
+
+def _check_vjp(fn, oracle, args, g, tol):
+  """Values and every input's cotangent of fn against the oracle's; dtypes match."""
+  got, got_vjp = jax.vjp(fn, *args)
+  want, want_vjp = jax.vjp(oracle, *args)
+  assert got.dtype == want.dtype
+  _close(got, want, tol)
+  for a, b in zip(got_vjp(g), want_vjp(g)):
+    assert a.dtype == b.dtype
+    _close(a, b, _tol(a.dtype) if a.dtype == jnp.bfloat16 else tol)
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32], ids=['bf16', 'f32'])
+@pytest.mark.parametrize('B,T,N,D,bm,bd', CASES)
+def test_read_in_and_write_back_match_autodiff_oracles(B, T, N, D, bm, bd, dtype):
+  v = _inputs(B, T, N, D, dtype, seed=B * 100 + T + N)
+  blocks = dict(block_m=bm, block_d=bd)
+  tol = _tol(dtype)
+  _check_vjp(jax.jit(lambda X, p: gpu.read_in(X, p, blocks=blocks, interpret=True)),
+             hc_mix.read_in_reference, (v['X'], v['pre']), v['gu'], tol)
+  _check_vjp(jax.jit(lambda *a: gpu.write_back(*a, blocks=blocks, interpret=True)),
+             hc_mix.write_back_reference, (v['X'], v['y'], v['post'], v['comb']), v['gX'], tol)
+
+
+def plain_normed_mix(X, fn):
+  """mu = (x fn) rsqrt(mean(x^2) + eps) in fp32 at HIGHEST precision (autodiff)."""
+  B, T, N, D = X.shape
+  x = X.reshape(B, T, N * D).astype(jnp.float32)
+  a = jnp.einsum('btk,kc->btc', x, fn, precision=jax.lax.Precision.HIGHEST)
+  return a * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + EPS)
+
+
+@pytest.mark.parametrize('B,T,N,D,bm,bd', MIX_CASES)
+def test_normed_mix_matches_fp32_oracle(B, T, N, D, bm, bd):
+  rng = np.random.default_rng(N * 10 + D)
+  X = jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.bfloat16)
+  fn = jnp.asarray(rng.normal(0, 0.05, (N * D, (2 + N) * N)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(B, T, (2 + N) * N)), jnp.float32)
+  f = jax.jit(lambda X, fn: gpu.normed_mix(X, fn, EPS, blocks=dict(block_m=bm, block_d=bd),
+                                           interpret=True))
+  _check_vjp(f, plain_normed_mix, (X, fn), g, 1e-5)
+
+
+def test_seam_per_device_on_mesh_and_dtype_dispatch():
+  """impl='pallas' through the seam, per device on a batch-sharded 8-device mesh: the three ops'
+  values and gradients (fn replicated: its gradient sums every device's tokens) as the reference
+  impl's within 2^-6 of the largest magnitude (bf16 roundings chain: u, then y u, then the output
+  and the cotangents back; observed 0.6-1.0%); fp32 streams keep the normed mix on the reference
+  (the same values)."""
+  B, T, N, D = 8, 3, 4, 16
+  v = _inputs(B, T, N, D, jnp.bfloat16, seed=5)
+  fn = jnp.asarray(np.random.default_rng(6).normal(0, 0.05, (N * D, (2 + N) * N)), jnp.float32)
+
+  def site(impl):
+    def loss(X, fn, y):
+      mu = hc_mix.normed_mix(X, fn, EPS, 'split', impl=impl)
+      pre = jax.nn.sigmoid(mu[..., :N])
+      post = 2 * jax.nn.sigmoid(mu[..., N:2 * N])
+      comb = jax.nn.softmax(mu[..., 2 * N:].reshape(B, T, N, N), axis=-2)
+      u = hc_mix.read_in(X, pre, impl=impl)
+      out = hc_mix.write_back(X, y * u, post, comb, impl=impl)
+      return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1, 1),
+              ('data', 'fsdp', 'expert', 'tensor'), axis_types=(AxisType.Auto,) * 4)
+  with rules.activate(mesh, 'fsdp'), jax.set_mesh(mesh):
+    (_, out), grads = site('pallas')(v['X'], fn, v['y'])
+  (_, out_ref), grads_ref = site('reference')(v['X'], fn, v['y'])
+  _close(out, out_ref, 2.0 ** -6)
+  for a, b in zip(grads, grads_ref):
+    assert a.dtype == b.dtype
+    _close(a, b, 2.0 ** -6)
+  X32 = v['X'].astype(jnp.float32)
+  np.testing.assert_array_equal(hc_mix.normed_mix(X32, fn, EPS, 'highest', impl='pallas'),
+                                hc_mix.normed_mix(X32, fn, EPS, 'highest', impl='reference'))
+
+
+def test_bad_arguments_raise():
+  X = jnp.zeros((1, 4, 4, 16), jnp.bfloat16)
+  with pytest.raises(ValueError, match='config.kernels.hc_mix'):
+    hc_mix.read_in(X, jnp.ones((1, 4, 4)), impl='triton')
+  with pytest.raises(ValueError, match='block_m=12'):
+    gpu.read_in(X, jnp.ones((1, 4, 4)), blocks=dict(block_m=12))
+  with pytest.raises(ValueError, match='block_d=8 must be a power of two >= 16'):
+    gpu.normed_mix(X, jnp.ones((64, 24)), EPS, blocks=dict(block_d=8))
+  with pytest.raises(ValueError, match='bf16'):
+    gpu.normed_mix(X.astype(jnp.float32), jnp.ones((64, 24)), EPS)
