@@ -7,28 +7,44 @@ Times in one process, at the peer model's mHC shapes (B x T tokens, N streams, w
                   formulation the GPU runs fastest (launches vs fusion)
   pallas          the seam's Triton kernels (v4jax/kernels/sinkhorn/gpu.py; interpret mode off
                   GPU), one row per (--block_m, --num_warps, --segment) combination
-  mixing_reference, mixing
+  mixing_reference, mixing, mixing_pallas
                   the streams' read-in and write-back around an identity sub-layer, forward +
                   backward wrt the streams and the coefficients: autodiff of the plain jnp forms
-                  vs the model's custom VJPs (v4jax.model.mhc.read_in / write_back)
-  site, site_pallas
+                  vs the hc_mix seam's jnp custom VJPs (kernels.hc_mix=reference) vs its Triton
+                  kernels (pallas)
+  hc_read_in, hc_write_back, hc_normed_mix
+                  each hc_mix op alone, pass 'fwd' and 'fwd+bwd' (a VJP with a random
+                  cotangent), impl reference (jnp custom VJPs) and pallas (v4jax/kernels/hc_mix/
+                  gpu.py), the pallas rows one per (--hc_block_m, --hc_block_d, --hc_num_warps,
+                  --hc_num_stages) combination; with GB/s = the pass's own bytes (the streams
+                  and coefficients each kernel reads and writes once; the normed mix's backward
+                  also its XLA dfn GEMM's read of x) / time, and the largest difference from the
+                  reference relative to its largest magnitude
+  site, site_pallas, site_hc_pallas, site_pallas_hc_pallas
                   one HCSite (coefficients, read-in, write-back) around an identity sub-layer,
                   forward + backward wrt the streams and the site's parameters, with
-                  kernels.sinkhorn = reference / pallas
+                  kernels.sinkhorn (--sites) x kernels.hc_mix (--site_hc_mix) = reference / pallas
 Each row: median ms over --iters calls after a compile call, the compile time, and the largest
 difference of the candidate's output and of its logits gradient from the model's (the kernel's
-parity check on the GPU). Memory-bound; no FLOP figures.
+parity check on the GPU). Memory-bound; no FLOP figures. At the end: the fastest tiling of each
+hc_mix op's pallas rows (fwd+bwd), to paste into gpu._DEFAULTS.
 
   python tools/bench_mhc.py --out bench_mhc.json            # GPU
   python tools/bench_mhc.py --candidates loop,pallas --block_m 32,64,128,256 --num_warps 1,2,4 \
       --segment 2,4,19 --sites pallas --out bench_mhc_sweep.json   # GPU: the kernel's sweep
   python tools/bench_mhc.py --candidates sinkhorn --sites reference --shape 4,4096,4,1536 \
       --out bench_mhc_h200.json                             # GPU: at bench_h200's shapes
+  python tools/bench_mhc.py --candidates sinkhorn --mixing reference,custom,pallas \
+      --shape 8,4096,4,1536 --out bench_hc_mix.json         # GPU: the hc_mix kernels vs XLA
+  python tools/bench_mhc.py --candidates sinkhorn --mixing '' --sites pallas --site_hc_mix pallas \
+      --hc_mix pallas --hc_block_m 4,8,16,32,64 --hc_block_d 128,256,512,1024 --hc_num_warps 4,8 \
+      --hc_num_stages 1,2 --shape 8,4096,4,1536 --out bench_hc_mix_sweep.json   # GPU: the sweep
   python tools/bench_mhc.py --smoke                         # any backend, tiny shapes
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import itertools
@@ -45,10 +61,15 @@ from flax import nnx  # noqa: E402
 
 from v4jax.cli import median_seconds  # noqa: E402
 from v4jax.config import default_config  # noqa: E402
+from v4jax.kernels import hc_mix  # noqa: E402
+from v4jax.kernels.hc_mix import gpu as hc_mix_gpu  # noqa: E402
 from v4jax.kernels.sinkhorn import gpu as sinkhorn_gpu  # noqa: E402
 from v4jax.kernels.sinkhorn import reference as sinkhorn_reference  # noqa: E402
 from v4jax.model.mhc import (HCSite, read_in, read_in_reference, sinkhorn,  # noqa: E402
                              write_back, write_back_reference)
+
+_OPTS = ('impl', 'block_m', 'block_d', 'num_warps', 'num_stages', 'segment')
+_HC_OPS = ('read_in', 'write_back', 'normed_mix')
 
 
 def _unrolled(logits_NN, iters: int, eps: float, colsum, rowsum):
@@ -94,8 +115,20 @@ def main():
                   help='pallas: iterations per backward segment')
   ap.add_argument('--sites', default='reference,pallas',
                   help='comma list of kernels.sinkhorn impls to time one HCSite with')
-  ap.add_argument('--mixing', default='reference,custom',
-                  help="comma list of 'reference' (autodiff) and 'custom' (the model's VJPs)")
+  ap.add_argument('--site_hc_mix', default='reference,pallas',
+                  help='comma list of kernels.hc_mix impls to time each --sites row with')
+  ap.add_argument('--mixing', default='reference,custom,pallas',
+                  help="comma list of 'reference' (autodiff), 'custom' (the jnp custom VJPs) and "
+                       "'pallas' (the hc_mix Triton kernels)")
+  ap.add_argument('--hc_mix', default='reference,pallas',
+                  help="comma list of hc_mix impls to time each op with ('' = none)")
+  ap.add_argument('--hc_ops', default=','.join(_HC_OPS), help=f'comma list of {_HC_OPS}')
+  ap.add_argument('--hc_block_m', type=ints, default=[0],
+                  help='hc_mix pallas: tokens per program (0 = the op\'s default)')
+  ap.add_argument('--hc_block_d', type=ints, default=[0],
+                  help='hc_mix pallas: features per chunk (0 = the op\'s default)')
+  ap.add_argument('--hc_num_warps', type=ints, default=[0], help='hc_mix pallas (0 = default)')
+  ap.add_argument('--hc_num_stages', type=ints, default=[0], help='hc_mix pallas (0 = default)')
   ap.add_argument('--remat', action='store_true',
                   help='mixing rows under jax.checkpoint (the model runs its blocks so)')
   ap.add_argument('--shape', type=ints, default=[8, 2048, 4, 1024],
@@ -108,6 +141,9 @@ def main():
                f"{sorted(CANDIDATES)}")
   if len(args.shape) != 4:
     ap.error(f'--shape: expected B,T,N,D, got {args.shape}')
+  for name in [o for o in args.hc_ops.split(',') if o]:
+    if name not in _HC_OPS:
+      ap.error(f'--hc_ops: {name!r} is not one of {_HC_OPS}')
   B, T, N, D = (2, 16, 4, 32) if args.smoke else args.shape
   iters = 2 if args.smoke else args.iters
   eps = 1e-6
@@ -123,9 +159,10 @@ def main():
   def record(row):
     """Print and save each row as soon as it is measured (a run cut short keeps its rows)."""
     rows.append(row)
-    opts = ' '.join(f'{k}={row[k]}' for k in ('block_m', 'num_warps', 'segment') if k in row)
+    opts = ' '.join(f'{k}={row[k]}' for k in _OPTS if k in row)
+    gbps = f"{row['gbps']:7.0f} GB/s" if 'gbps' in row else ''
     print(f"{row['name']:<16} {row['pass_']:<8} compile {row['compile_s']:6.1f} s "
-          f"{row['ms']:9.3f} ms {opts}", flush=True)
+          f"{row['ms']:9.3f} ms {gbps} {opts}", flush=True)
     if args.out:
       with open(args.out, 'w') as f:
         json.dump({'meta': meta, 'rows': rows}, f, indent=1)
@@ -162,7 +199,10 @@ def main():
   mix_grads = {}
   for impl in [m for m in args.mixing.split(',') if m]:
     rd, wb = {'reference': (read_in_reference, write_back_reference),
-              'custom': (read_in, write_back)}[impl]
+              'custom': (functools.partial(read_in, impl='reference'),
+                         functools.partial(write_back, impl='reference')),
+              'pallas': (functools.partial(read_in, impl='pallas'),
+                         functools.partial(write_back, impl='pallas'))}[impl]
 
     def mix(X, pre, post, comb, rd=rd, wb=wb):
       return wb(X, rd(X, pre), post, comb)
@@ -174,7 +214,8 @@ def main():
     step = jax.jit(jax.grad(mix_loss, argnums=(0, 1, 2, 3)))
     t0 = time.perf_counter()
     mix_grads[impl] = jax.block_until_ready(step(X, pre, post, comb))
-    row = dict(name='mixing' if impl == 'custom' else 'mixing_reference', pass_='fwd+bwd',
+    row = dict(name={'custom': 'mixing', 'reference': 'mixing_reference',
+                     'pallas': 'mixing_pallas'}[impl], pass_='fwd+bwd',
                remat=args.remat,
                compile_s=time.perf_counter() - t0,
                ms=1e3 * median_seconds(step, X, pre, post, comb, iters=iters))
@@ -184,11 +225,13 @@ def main():
                 float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
           for a, b in zip(mix_grads[impl], mix_grads['reference'])]
     record(row)
-  for impl in args.sites.split(','):
+  _hc_rows(args, X, pre, post, comb, iters, record)
+  for impl, hc in itertools.product([m for m in args.sites.split(',') if m],
+                                    [m for m in args.site_hc_mix.split(',') if m]):
     cfg = default_config()
     cfg.model.d_model = D
     cfg.mhc.update(streams=N, sinkhorn_iters=args.sinkhorn_iters)
-    cfg.kernels.sinkhorn = impl
+    cfg.kernels.sinkhorn, cfg.kernels.hc_mix = impl, hc
     gdef, params = nnx.split(HCSite(cfg, 0, rngs=nnx.Rngs(0)))
 
     def loss(params, X, gdef=gdef):
@@ -197,15 +240,96 @@ def main():
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     t0 = time.perf_counter()
     jax.block_until_ready(step(params, X))
-    record(dict(name='site' if impl == 'reference' else f'site_{impl}', pass_='fwd+bwd',
-                compile_s=time.perf_counter() - t0,
+    name = 'site' + ('' if impl == 'reference' else f'_{impl}') + (
+        '' if hc == 'reference' else f'_hc_{hc}')
+    record(dict(name=name, pass_='fwd+bwd', compile_s=time.perf_counter() - t0,
                 ms=1e3 * median_seconds(step, params, X, iters=iters)))
   base = next((r['ms'] for r in rows if r['name'] == 'loop'), None)
   if base:
     for r in rows:
-      if not r['name'].startswith('site'):
-        opts = ' '.join(f'{k}={r[k]}' for k in ('block_m', 'num_warps', 'segment') if k in r)
+      if r['name'] in CANDIDATES or r['name'] in ('sinkhorn', 'pallas'):
+        opts = ' '.join(f'{k}={r[k]}' for k in _OPTS if k in r)
         print(f"{r['name']:<16} {base / r['ms']:.2f}x the loop's speed {opts}")
+  for op in _HC_OPS:
+    tiled = [r for r in rows if r['name'] == f'hc_{op}' and r['impl'] == 'pallas'
+             and r['pass_'] == 'fwd+bwd']
+    if tiled:
+      best = min(tiled, key=lambda r: r['ms'])
+      print(f"fastest hc_{op} fwd+bwd: {best['ms']:.3f} ms, {best.get('gbps', 0):.0f} GB/s: " +
+            ' '.join(f'{k}={best[k]}' for k in _OPTS[1:5]))
+
+
+def _hc_bytes(op: str, pass_: str, X, C: int) -> int:
+  """Bytes an hc_mix pass reads and writes once: streams X [B,T,N,D] (and u / y / their
+  cotangents [B,T,D]) in X's dtype, fp32 coefficients; the normed mix's backward also reads x for
+  its dfn GEMM. fp32 [K,C] weights and their gradient are left out (< 0.1% at the bench shapes)."""
+  B, T, N, D = X.shape
+  s, M = X.dtype.itemsize, B * T
+  streams = {('read_in', 'fwd'): N + 1, ('read_in', 'fwd+bwd'): 3 * N + 2,
+             ('write_back', 'fwd'): 2 * N + 1, ('write_back', 'fwd+bwd'): 5 * N + 3,
+             ('normed_mix', 'fwd'): N, ('normed_mix', 'fwd+bwd'): 4 * N}[op, pass_]
+  coeffs = {'read_in': 2 * N, 'write_back': 2 * (N + N * N), 'normed_mix': 3 * (C + 1)}[op]
+  return M * (D * s * streams + 4 * coeffs * (1 if pass_ == 'fwd' else 2))
+
+
+def _hc_rows(args, X, pre, post, comb, iters, record):
+  """Rows hc_<op> for each hc_mix op alone, fwd and fwd+bwd (VJP with a random cotangent), the
+  reference and the pallas kernels at each tiling; GB/s and the difference from the reference."""
+  B, T, N, D = X.shape
+  C = (2 + N) * N
+  ks = jax.random.split(jax.random.key(4), 4)
+  y = jax.random.normal(ks[0], (B, T, D), X.dtype)
+  fn = 0.02 * jax.random.normal(ks[1], (N * D, C), jnp.float32)
+  inputs = {'read_in': (X, pre), 'write_back': (X, y, post, comb), 'normed_mix': (X, fn)}
+  ref_fns = {'read_in': functools.partial(hc_mix.read_in, impl='reference'),
+             'write_back': functools.partial(hc_mix.write_back, impl='reference'),
+             'normed_mix': lambda X, fn: hc_mix.normed_mix(X, fn, 1e-6, 'split',
+                                                           impl='reference')}
+  tilings = list(itertools.product(args.hc_block_m, args.hc_block_d, args.hc_num_warps,
+                                   args.hc_num_stages))
+  rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) /
+                           jnp.max(jnp.abs(b.astype(jnp.float32))))
+  for op in [o for o in args.hc_ops.split(',') if o]:
+    a = inputs[op]
+    out_ref = jax.jit(ref_fns[op])(*a)
+    g = jax.random.normal(ks[2], out_ref.shape, out_ref.dtype)
+    runs = []
+    for impl in [m for m in args.hc_mix.split(',') if m]:
+      if impl == 'reference':
+        runs.append((impl, {}, ref_fns[op]))
+        continue
+      for bm, bd, nw, ns in tilings:
+        opts = {k: v for k, v in (('block_m', bm), ('block_d', bd), ('num_warps', nw),
+                                  ('num_stages', ns)) if v}
+        kernel = getattr(hc_mix_gpu, op)
+        if op == 'normed_mix':
+          fn_ = functools.partial(kernel, eps=1e-6, blocks=opts)
+        else:
+          fn_ = functools.partial(kernel, blocks=opts)
+        try:
+          tiles = dataclasses.asdict(hc_mix_gpu.resolved_blocks(op, opts, X.shape))
+        except ValueError as e:     # e.g. block_m 8 for the normed mix (tl.dot needs >= 16)
+          print(f'hc_{op} {opts}: skipped: {e}')
+          continue
+        if all(tiles != t for _, t, _ in runs):     # capped tilings can coincide
+          runs.append((impl, tiles, fn_))
+    want_grads = jax.jit(lambda g, *a: jax.vjp(ref_fns[op], *a)[1](g))(g, *a)
+    for impl, opts, f in runs:
+      fwd = jax.jit(f)
+      fb = jax.jit(lambda g, *a, f=f: jax.vjp(f, *a)[1](g))
+      for pass_, step, call in (('fwd', fwd, a), ('fwd+bwd', fb, (g, *a))):
+        t0 = time.perf_counter()
+        try:
+          got = jax.block_until_ready(step(*call))
+        except Exception as e:       # a tiling the GPU cannot compile: say so, go on sweeping
+          print(f'hc_{op} {pass_} {opts}: failed: {type(e).__name__}: {str(e)[:300]}')
+          break
+        compile_s = time.perf_counter() - t0
+        ms = 1e3 * median_seconds(step, *call, iters=iters)
+        diff = (rel(got, out_ref) if pass_ == 'fwd' else
+                max(rel(x, w) for x, w in zip(got, want_grads)))
+        record(dict(name=f'hc_{op}', pass_=pass_, impl=impl, compile_s=compile_s, ms=ms,
+                    gbps=_hc_bytes(op, pass_, X, C) / ms / 1e6, max_rel_diff=diff, **opts))
 
 
 if __name__ == '__main__':
