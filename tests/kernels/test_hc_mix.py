@@ -3,7 +3,8 @@
 Oracles: `read_in_reference` / `write_back_reference` (plain jnp, autodiff) and a plain normed mix
 (x fn at HIGHEST precision times rsqrt(mean(x^2) + eps), autodiff), on fresh random inputs.
 Shapes leave a partial token block and a partial feature chunk (22 tokens in blocks of 8, D = 40
-in chunks of 16), tile exactly, and take N = 3 (C = 15 padded to 16) as well as N = 4.
+in chunks of 16), or only the latter, tile exactly, and take N = 3 (C = 15 padded to 16) as well
+as N = 4.
 
 Tolerances, as a fraction of the oracle's largest magnitude: fp32 results 1e-5 (the same fp32
 math summed in another order); bf16 results 2^-7 (both round an fp32 value once to bf16: one
@@ -23,8 +24,9 @@ from v4jax.kernels.hc_mix import gpu
 from v4jax.parallel import rules
 
 EPS = 1e-6
-# (B, T, N, D, block_m, block_d): tails in tokens and features; whole blocks; N = 3.
-CASES = [(2, 11, 4, 40, 8, 16), (2, 8, 4, 32, 8, 16), (1, 7, 3, 24, 4, 16)]
+# (B, T, N, D, block_m, block_d): tails in tokens and features; whole blocks; a tail in features
+# alone; N = 3.
+CASES = [(2, 11, 4, 40, 8, 16), (2, 8, 4, 32, 8, 16), (2, 8, 4, 40, 8, 16), (1, 7, 3, 24, 4, 16)]
 MIX_CASES = [(2, 11, 4, 40, 16, 32), (1, 9, 3, 24, 16, 16)]   # K = 160 / 72: partial chunks
 
 

@@ -54,8 +54,8 @@ _MIN_DOT = 16                    # tl.dot's smallest dimension
 @dataclasses.dataclass(frozen=True)
 class Blocks:
   """One op's tiling (its forward and backward kernels): block_m tokens per program, block_d
-  features per chunk (powers of two; >= 16 for the normed mix, whose tiles feed tl.dot), Triton
-  warps and pipeline stages. None takes the op's default."""
+  features per chunk (of D; of K = N*D for the normed mix), powers of two (>= 16 for the normed
+  mix, whose tiles feed tl.dot), Triton warps and pipeline stages. None takes the op's default."""
   block_m: int | None = None
   block_d: int | None = None
   num_warps: int | None = None
@@ -63,8 +63,8 @@ class Blocks:
 
 
 # (block_m, block_d, warps, stages) per op: a guess (a few [bm, bd] fp32 tiles per program, up to
-# 2N+1 of them live in write_back's backward) until `tools/bench_mhc.py --hc_sweep` has run on a
-# GPU.
+# 2N+1 of them live in write_back's backward) until the sweep of `tools/bench_mhc.py --hc_block_m
+# .. --hc_num_stages ..` has run on a GPU.
 _DEFAULTS = {'read_in': (16, 256, 4, 2), 'write_back': (8, 256, 4, 2), 'normed_mix': (64, 128, 4, 2)}
 
 
