@@ -140,3 +140,21 @@ def test_bad_arguments_raise():
     gpu.normed_mix(X, jnp.ones((64, 24)), EPS, blocks=dict(block_d=8))
   with pytest.raises(ValueError, match='bf16'):
     gpu.normed_mix(X.astype(jnp.float32), jnp.ones((64, 24)), EPS)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiled Triton kernels need a GPU; '
+                    'CPU covers the same code in interpret mode above')
+def test_compiled_kernels_on_gpu_match_oracles():
+  """bench_h200's widths (N = 4, D = 1536) in bf16 with the default tilings, compiled for the GPU,
+  300 tokens (a partial block): the three ops' values and cotangents against the autodiff
+  oracles, within the interpret-mode tests' bounds (bf16 2^-7, the normed mix's fp32 mu 1e-5)."""
+  B, T, N, D = 2, 150, 4, 1536
+  v = _inputs(B, T, N, D, jnp.bfloat16, seed=21)
+  _check_vjp(jax.jit(gpu.read_in), hc_mix.read_in_reference, (v['X'], v['pre']), v['gu'],
+             2.0 ** -7)
+  _check_vjp(jax.jit(gpu.write_back), hc_mix.write_back_reference,
+             (v['X'], v['y'], v['post'], v['comb']), v['gX'], 2.0 ** -7)
+  fn = jnp.asarray(np.random.default_rng(22).normal(0, 0.05, (N * D, (2 + N) * N)), jnp.float32)
+  gmu = jnp.asarray(np.random.default_rng(23).normal(size=(B, T, (2 + N) * N)), jnp.float32)
+  _check_vjp(jax.jit(lambda X, fn: gpu.normed_mix(X, fn, EPS)), plain_normed_mix, (v['X'], fn),
+             gmu, 1e-5)
