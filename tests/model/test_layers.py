@@ -40,3 +40,18 @@ def test_linear_f32_values_and_gradients(dtype):
   # dx is stored in x's dtype: bf16 rounds to 2^-9 relative
   rtol = 4e-3 if dtype == jnp.bfloat16 else 1e-5
   np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, atol=rtol * np.abs(want_dx).max())
+
+
+def test_split_survives_xla_dropping_convert_pairs():
+  """The split's parts come from reduce_precision, which XLA keeps, not from f32 -> bf16 -> f32
+  round trips, which XLA:GPU's excess-precision pass removes (on the H200 that left hi = b and
+  mid = lo = 0: dw off by ~1e-3 relative). Checked in the lowered program for CUDA (two
+  reduce_precision ops, no bf16 -> f32 convert), and the parts sum to b exactly in bf16."""
+  from jax import export
+  from v4jax.model.layers import _split3
+  b = jnp.asarray(np.random.default_rng(3).normal(0, 0.1, (64, 24)), jnp.float32)
+  text = export.export(jax.jit(_split3), platforms=['cuda'])(b).mlir_module()
+  assert text.count('stablehlo.reduce_precision') == 2
+  assert 'tensor<64x24xbf16>) -> tensor<64x24xf32>' not in text
+  parts = np.asarray(_split3(b), np.float64).reshape(64, 3, 24)
+  np.testing.assert_array_equal(parts.sum(axis=1), np.asarray(b, np.float64))

@@ -136,13 +136,20 @@ class LayerNorm(nnx.Module):
 
 # ---- fp32 products of bf16 activations with fp32 weights (routers, mHC coefficients) ---------
 
+def _bf16_part(x: jax.Array) -> jax.Array:
+  """x rounded to bf16's 8 significant bits, kept in fp32. reduce_precision, not a round trip
+  through bf16: XLA:GPU drops convert(convert(x, bf16), f32) pairs when it may keep excess
+  precision (its default), which made every split below hi = b, mid = lo = 0 on the H200."""
+  return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+
+
 def _split3(b: jax.Array) -> jax.Array:
   """fp32 [..., C] -> bf16 [..., 3C]: parts hi | mid | lo whose sum is b exactly (3 x 8 bits of
   mantissa), so bf16 products with fp32 accumulation reproduce an fp32 product."""
-  hi = b.astype(jnp.bfloat16)
-  r = b - hi.astype(_F32)
-  mid = r.astype(jnp.bfloat16)
-  return jnp.concatenate([hi, mid, (r - mid.astype(_F32)).astype(jnp.bfloat16)], axis=-1)
+  hi = _bf16_part(b)
+  r = b - hi
+  mid = _bf16_part(r)
+  return jnp.concatenate([hi, mid, r - mid], axis=-1).astype(jnp.bfloat16)
 
 
 def f32_mode(dtype) -> str:
