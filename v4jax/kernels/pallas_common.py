@@ -41,6 +41,19 @@ def use_pallas(impl: str) -> bool:
   return impl == 'pallas' or (impl == 'auto' and target_platform() in ('gpu', 'tpu'))
 
 
+GPU_IMPLS = ('auto', 'reference', 'pallas')
+
+
+def resolve_gpu_impl(impl: str, field: str) -> str:
+  """A GPU-only kernel seam's impl (`config.<field>`, one of GPU_IMPLS): 'auto' is 'pallas' when
+  compiling for a GPU, 'reference' elsewhere."""
+  if impl not in GPU_IMPLS:
+    raise ValueError(f'config.{field}={impl!r} is not one of {GPU_IMPLS}')
+  if impl == 'auto':
+    return 'pallas' if target_platform() == 'gpu' else 'reference'
+  return impl
+
+
 def gpu_interpret(interpret):
   """None -> interpret only when compiling for CPU (the Triton lowering needs a GPU)."""
   if interpret is None:

@@ -28,16 +28,12 @@ from v4jax.kernels.hc_mix.reference import read_in_reference, write_back_referen
 __all__ = ['IMPLS', 'resolve_impl', 'normed_mix', 'read_in', 'write_back', 'read_in_reference',
            'write_back_reference']
 
-IMPLS = ('auto', 'reference', 'pallas')
+IMPLS = pallas_common.GPU_IMPLS
 
 
 def resolve_impl(impl: str) -> str:
   """The concrete impl `auto` stands for on this platform (pallas on GPU, else reference)."""
-  if impl not in IMPLS:
-    raise ValueError(f'config.kernels.hc_mix={impl!r} is not one of {IMPLS}')
-  if impl == 'auto':
-    return 'pallas' if pallas_common.target_platform() == 'gpu' else 'reference'
-  return impl
+  return pallas_common.resolve_gpu_impl(impl, 'kernels.hc_mix')
 
 
 def _pallas(impl: str) -> bool:

@@ -20,16 +20,12 @@ import jax
 from v4jax.kernels import pallas_common
 from v4jax.kernels.sinkhorn import reference
 
-IMPLS = ('auto', 'reference', 'pallas')
+IMPLS = pallas_common.GPU_IMPLS
 
 
 def resolve_impl(impl: str) -> str:
   """The concrete impl `auto` stands for on this platform (pallas on GPU, else reference)."""
-  if impl not in IMPLS:
-    raise ValueError(f'config.kernels.sinkhorn={impl!r} is not one of {IMPLS}')
-  if impl == 'auto':
-    return 'pallas' if pallas_common.target_platform() == 'gpu' else 'reference'
-  return impl
+  return pallas_common.resolve_gpu_impl(impl, 'kernels.sinkhorn')
 
 
 def _axes(ndim: int) -> tuple:
