@@ -38,7 +38,6 @@ HEAVY_FILES = {
     'tests/parallel/test_parity.py': 120,
     'tests/test_trainer.py': 105,
     'tests/parallel/test_multiprocess_engram.py': 96,
-    'tests/parallel/test_multiprocess.py': 96,
     'tests/test_trainer_resume.py': 90,
     'tests/model/test_scan_layers.py': 85,
     'tests/tools/test_convert.py': 65,

@@ -1,6 +1,8 @@
-"""Engram tables in host memory with two processes (jax.distributed on loopback, 2 x 4 CPU
-devices, mesh fsdp=4 x expert=2) against one process: each process holds half of every table's
-rows, the row ids go through the coordination service's key-value store, the step assembles the
+"""Two local processes x 4 CPU devices (jax.distributed on loopback, gloo collectives, mesh
+fsdp=4 x expert=2 with the fsdp_ep preset: parameters gathered across the process boundary, the
+expert exchange inside each process's device pairs) train the tiny config with its Engram tables
+in host memory against one process: the losses match, and each process holds half of every
+table's rows, the row ids go through the coordination service's key-value store, the step assembles the
 rows from their owners, and the checkpoint saves each layer split by row range.
 
 The workers run `python -m v4jax.train` (started and killed here on a timeout) and save a
