@@ -162,9 +162,6 @@ def test_compiled_read_in_and_write_back_on_gpu_match_oracles():
 
 
 @_GPU_ONLY
-@pytest.mark.xfail(reason='on the H200 (sixteenth session) mu and dx passed and dfn (the XLA '
-                   'GEMM of layers.dot_f32) was off by 2e-3 relative; the split is fixed since '
-                   '(layers._bf16_part), not yet re-run on a GPU', strict=False)
 def test_compiled_normed_mix_on_gpu_matches_fp32_oracle():
   """Compiled for the GPU: the normed mix's mu and cotangents against the fp32 HIGHEST oracle
   (1e-5 of the largest magnitude, as in interpret mode)."""
