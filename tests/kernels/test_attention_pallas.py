@@ -18,7 +18,7 @@ from jax import export
 
 from v4jax.kernels.attention import causal_attention, gpu
 from v4jax.kernels.attention.reference import dense_attention
-from v4jax.kernels.blockwise import selection_mask
+from v4jax.kernels.blockwise import pack_mask, selection_mask
 
 B, T, H, K, V = 2, 40, 2, 48, 32
 SCALE = 0.3
@@ -101,7 +101,7 @@ def test_pack_mask_matches_selection_mask():
   """S = 70 (a partial last word), -1 slots and repeated indices."""
   rs = np.random.RandomState(5)
   idx = jnp.asarray(rs.randint(-1, 70, (2, 9, 20)), jnp.int32)
-  words = gpu.pack_mask(idx, 70)
+  words = pack_mask(idx, 70)
   assert words.dtype == jnp.uint32 and words.shape == (2, 9, 3)
   bits = (np.asarray(words)[..., None] >> np.arange(32, dtype=np.uint32)) & 1
   np.testing.assert_array_equal(bits.reshape(2, 9, 96)[..., :70] == 1,
@@ -118,6 +118,28 @@ def test_seam_pallas_matches_reference():
   _close(lse, want_lse, 2e-5)
   with pytest.raises(ValueError, match='per-head k/v'):
     causal_attention(q, k[:, :, 0], v[:, :, 0], SCALE, impl='pallas')
+
+
+def test_packed_words_stand_in_for_the_indices():
+  """select_words_BTW (the top-k kernel's packed set) gives the same o, lse and gradients as
+  select_BTK, and replaces it: garbage indices beside the words change nothing. Wrongly shaped
+  or typed words are refused."""
+  q, k, v, seg, idx, do = _inputs(6, True)
+  words = pack_mask(idx, T)
+  run = lambda sel, w: jax.vjp(lambda q, k, v: gpu.causal_attention(
+      q, k, v, SCALE, seg, select_BTK=sel, select_words_BTW=w, fwd=BLK, dkv=BLK, dq=BLK,
+      interpret=True), q, k, v)
+  (o, lse), vjp = run(idx, None)
+  (o_w, lse_w), vjp_w = run(jnp.zeros_like(idx), words)
+  np.testing.assert_array_equal(o_w, o)
+  np.testing.assert_array_equal(lse_w, lse)
+  for g_w, g in zip(vjp_w((do, jnp.zeros_like(lse))), vjp((do, jnp.zeros_like(lse)))):
+    np.testing.assert_array_equal(g_w, g)
+  with pytest.raises(ValueError, match='select_words_BTW'):
+    gpu.causal_attention(q, k, v, SCALE, select_words_BTW=words[:, :, :1], interpret=True)
+  with pytest.raises(ValueError, match='select_words_BTW'):
+    gpu.causal_attention(q, k, v, SCALE, select_words_BTW=words.astype(jnp.int32),
+                         interpret=True)
 
 
 def test_lowers_to_triton_for_cuda():

@@ -35,7 +35,8 @@ def _sum_grad(f, argnums):
 # sparse MLA's backward: dkv, dq and the dkv segment sum; the teacher 1 in either form
 # (absorbed 'probs', MHA 'masked_probs': D = 128 + 64); mHC's read-in, write-back and normed mix:
 # one forward and one backward kernel each.
-@pytest.mark.parametrize('name,calls', [('scores', 1), ('topk', 2), ('scores_at', 2),
+@pytest.mark.parametrize('name,calls', [('scores', 1), ('topk', 2), ('topk_words', 2),
+                                        ('scores_at', 2),
                                         ('scores_at_gather_dq', 2), ('scores_at_given', 2),
                                         ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1),
                                         ('hc_read_in', 2), ('hc_write_back', 2),
@@ -46,9 +47,10 @@ def test_kernel_lowers_for_cuda(name, calls):
   if name == 'scores':
     n = _triton_calls(lambda q, k, w: indexer_gpu.indexer_scores(q, k, w, interpret=False),
                       qi, ki, wi)
-  elif name == 'topk':
-    n = _triton_calls(lambda q, k, w: indexer_gpu.indexer_topk(q, k, w, K, interpret=False),
-                      qi, ki, wi)
+  elif name.startswith('topk'):     # the set as bit words too: the same two kernels
+    words = name == 'topk_words'
+    n = _triton_calls(lambda q, k, w: indexer_gpu.indexer_topk(q, k, w, K, return_words=words,
+                                                               interpret=False), qi, ki, wi)
   elif name.startswith('scores_at') and name != 'scores_at_given':
     # the student forward, then its dense dk kernel and its dq/dw kernel (tiles or gathered)
     form = 'gather' if name.endswith('gather_dq') else 'dense'

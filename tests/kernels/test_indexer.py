@@ -94,6 +94,50 @@ def test_gpu_topk_matches_reference(B, T, H, D, K, seg, bits):
   _close(np.where(fin, val, 0.0), np.where(fin, sel, 0.0))
 
 
+def _words_oracle(idx, S):
+  """numpy uint32 [B,T,ceil(S/32)]: bit s % 32 of word s // 32 set for each selected key s."""
+  B, T, _ = idx.shape
+  words = np.zeros((B, T, -(-S // 32)), np.uint32)
+  for (b, t), row in np.ndenumerate(np.empty((B, T))):
+    for s in np.asarray(idx)[b, t]:
+      if s >= 0:
+        words[b, t, s // 32] |= np.uint32(1) << np.uint32(s % 32)
+  return words
+
+
+# S = 70 keys (3 words, the last partial); a slab budget of 16 rows, so the first slabs' words
+# end before the last key; K > #allowed for early rows; the second case K > T.
+@pytest.mark.parametrize('B,T,H,D,K,seg', [(2, 70, 3, 16, 8, True), (1, 45, 2, 16, 64, False)])
+def test_gpu_topk_bit_words_hold_the_selected_set(B, T, H, D, K, seg):
+  q, k, w = _inputs(B, T, T, H, D, seed=T + 1)
+  segs = _segments(B, T, seed=2) if seg else None
+  f = lambda q, k, w, s: gpu.indexer_topk(q, k, w, K, s, return_scores=True, return_words=True,
+                                          block_t=16, block_s=16, chunk=32,
+                                          slab_bytes=4 * B * 96 * 16, interpret=True)
+  idx, val, words = _jit(f, q, k, w, segs)
+  _same_sets(idx, reference.indexer_topk(q, k, w, K, segs))
+  assert words.dtype == jnp.uint32 and words.shape == (B, T, -(-T // 32))
+  np.testing.assert_array_equal(words, _words_oracle(idx, T))
+  idx_only, words_only = _jit(lambda *a: gpu.indexer_topk(
+      *a[:3], K, a[3], return_words=True, chunk=32, interpret=True), q, k, w, segs)
+  _same_sets(idx_only, idx)
+  np.testing.assert_array_equal(words_only, words)
+  with pytest.raises(ValueError, match='chunk=16 must be >= 32'):
+    gpu.indexer_topk(q, k, w, K, return_words=True, chunk=16, interpret=True)
+
+
+@pytest.mark.parametrize('impl', ['reference', 'pallas'])
+def test_topk_seam_returns_bit_words(impl):
+  """Both impls: (idx, scores, words) and (idx, words), the words holding idx's set."""
+  q, k, w = _inputs(1, 40, 40, 2, 16, seed=3)
+  idx, scores, words = indexer_topk(q, k, w, 6, return_scores=True, return_words=True, impl=impl)
+  assert (scores is None) == (impl == 'reference')
+  np.testing.assert_array_equal(words, _words_oracle(idx, 40))
+  idx2, words2 = indexer_topk(q, k, w, 6, return_words=True, impl=impl)
+  np.testing.assert_array_equal(idx2, idx)
+  np.testing.assert_array_equal(words2, words)
+
+
 def _topk_oracle(slab, K, t0):
   """Stable sort by (-score, position) over allowed (finite) keys; -0.0 counts as +0.0."""
   B, R, _ = slab.shape

@@ -165,22 +165,27 @@ def library_lse(request, monkeypatch):
     monkeypatch.setattr(mla_mod, 'causal_attention', via_library)
 
 
-@pytest.mark.parametrize('stage,mode,library_lse,impl', [
-    ('warmup', 'gather', 'reference', 'reference'), ('warmup', 'gather', 'library', 'reference'),
-    ('sparse', 'gather', 'reference', 'reference'), ('sparse', 'masked', 'reference', 'reference'),
-    ('sparse', 'masked', 'library', 'reference'), ('sparse', 'masked', 'reference', 'pallas')],
+@pytest.mark.parametrize('stage,mode,library_lse,impl,attn', [
+    ('warmup', 'gather', 'reference', 'reference', 'auto'),
+    ('warmup', 'gather', 'library', 'reference', 'auto'),
+    ('sparse', 'gather', 'reference', 'reference', 'auto'),
+    ('sparse', 'masked', 'reference', 'reference', 'auto'),
+    ('sparse', 'masked', 'library', 'reference', 'auto'),
+    ('sparse', 'masked', 'reference', 'pallas', 'auto'),
+    ('sparse', 'masked', 'reference', 'pallas', 'pallas')],
     indirect=['library_lse'])
-def test_mla_stage_matches_oracle_and_isolates_gradients(stage, mode, library_lse, impl):
+def test_mla_stage_matches_oracle_and_isolates_gradients(stage, mode, library_lse, impl, attn):
   """Output and KL vs the oracle; main-param grads of an LM-like loss and indexer grads of the
   KL vs jax.grad of the jnp oracle (selection mask and teacher as constants). Isolation: the KL
   gives exactly zero gradient to every main param (wq_a, q_norm, ...) and the LM loss exactly
   zero to every indexer param. Both sparse forms (dsa.sparse_attention: gathered selected
   entries, or all keys under the selection mask) meet the same oracle, and so do the indexer
   kernels (impl 'pallas', GPU kernels in interpret mode: the KL student's value is the top-k
-  kernel's own selected scores, its gradient the student's backward kernels)."""
+  kernel's own selected scores, its gradient the student's backward kernels), also with the
+  Pallas masked attention (attn 'pallas'), which then reads the top-k kernel's bit words."""
   K = 6
   m, P = _model(stage, topk=K, sparse_attention=mode)
-  m.impl = impl
+  m.impl, m.attention_impl = impl, attn
   x, pos, seg = inputs(segments=True)
   valid = np.random.RandomState(9).rand(B, T) < 0.8
   r = jnp.asarray(np.random.RandomState(5).randn(B, T, D), jnp.float32)

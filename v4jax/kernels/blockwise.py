@@ -13,6 +13,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+MASK_BITS = 32          # keys per word of a packed top-k set (pack_mask)
+
 
 def allowed_mask(q_offset, t_len: int, s_len: int, segment_ids_q_BT=None,
                  segment_ids_k_BS=None) -> jax.Array:
@@ -31,6 +33,18 @@ def selection_mask(idx_BTK: jax.Array, s_len: int) -> jax.Array:
   b = jnp.arange(B)[:, None, None]
   t = jnp.arange(T)[None, :, None]
   return jnp.zeros((B, T, s_len + 1), bool).at[b, t, cols].set(True)[..., :s_len]
+
+
+def pack_mask(idx_BTK: jax.Array, s_len: int) -> jax.Array:
+  """uint32 [B,T,ceil(s_len/32)]: bit s % 32 of word s // 32 is set iff key s is in query t's
+  top-k set (idx_BTK, -1 = empty slot; repeated indices allowed): the masked attention kernel's
+  form of the set (the GPU top-k kernel writes it directly)."""
+  B, T, _ = idx_BTK.shape
+  W = -(-s_len // MASK_BITS)
+  sel_BTS = jnp.pad(selection_mask(idx_BTK, s_len), ((0, 0), (0, 0), (0, W * MASK_BITS - s_len)))
+  bits = jnp.left_shift(jnp.uint32(1), jnp.arange(MASK_BITS, dtype=jnp.uint32))
+  return jnp.sum(sel_BTS.reshape(B, T, W, MASK_BITS).astype(jnp.uint32) * bits, axis=-1,
+                 dtype=jnp.uint32)
 
 
 def map_query_blocks(fn: Callable, block: int, *xs):

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.kernels.attention import causal_attention, dense_attention
+from v4jax.kernels.attention import resolve_impl as resolve_attention_impl
 from v4jax.kernels.indexer import indexer_topk
 from v4jax.kernels.sparse_attention import attention_probs_mean, masked_probs_mean, sparse_mla
 from v4jax.model.dsa import Indexer, dense_indexer_kl, sparse_indexer_kl
@@ -140,15 +141,23 @@ class MLA(nnx.Module):
       qi, ki, wi = self.indexer(x_BTD, p.c_q_BTR, positions_BT)
     if self.uses_sparse(T):
       qb = self.dsa_query_block
-      # The top-k's scores at idx are the KL student's value. Unnamed: block remat keeps idx and
-      # the student ('dsa_student', these same [B,T,K] values), so top-k never reruns.
-      idx_BTK, topk_scores_BTK = indexer_topk(qi, ki, wi, self.topk, segment_ids_BT,
-                                              return_scores=True, query_block=qb, impl=self.impl)
-      idx_BTK = checkpoint_name(idx_BTK, 'indexer_topk')
-      if self.sparse_attention == 'masked':
+      masked = self.sparse_attention == 'masked'
+      if masked:
         q, k, v = self.mha_qkv(p)
+      # The Pallas masked attention reads the set as bits, which the top-k kernel then writes.
+      want_words = masked and resolve_attention_impl(self.attention_impl, q, k,
+                                                     masked=True) == 'pallas'
+      # The top-k's scores at idx are the KL student's value. Unnamed: block remat keeps idx,
+      # its bits and the student ('dsa_student', these same [B,T,K] values): top-k never reruns.
+      idx_BTK, topk_scores_BTK, *words = indexer_topk(
+          qi, ki, wi, self.topk, segment_ids_BT, return_scores=True, return_words=want_words,
+          query_block=qb, impl=self.impl)
+      idx_BTK = checkpoint_name(idx_BTK, 'indexer_topk')
+      words_BTW = checkpoint_name(words[0], 'indexer_topk') if words else None
+      if masked:
         o_BTHV, lse_BTH = causal_attention(q, k, v, self.scale, segment_ids_BT,
-                                           select_BTK=idx_BTK, query_block=self.attn_query_block,
+                                           select_BTK=idx_BTK, select_words_BTW=words_BTW,
+                                           query_block=self.attn_query_block,
                                            impl=self.attention_impl)
         probs_mean = masked_probs_mean
       else:

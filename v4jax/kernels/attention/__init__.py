@@ -62,12 +62,16 @@ def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array, masked: bool = 
 
 def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scale: float,
                      segment_ids_BT: jax.Array | None = None, *,
-                     select_BTK: jax.Array | None = None, query_block: int = 0,
+                     select_BTK: jax.Array | None = None,
+                     select_words_BTW: jax.Array | None = None, query_block: int = 0,
                      impl: str = 'auto', need_lse: bool = True):
   """(o [B,T,H,V], lse [B,T,H] fp32; None from the cuDNN path unless need_lse).
 
   k/v per head [B,S,H,*] or shared by all heads [B,S,*] (the reference only). select_BTK: DSA's
   top-k key set per query (-1 = empty slot), attended to as a mask over all keys.
+  select_words_BTW: optionally the same set as packed bits (blockwise.pack_mask's uint32
+  [B,T,ceil(S/32)], e.g. from indexer_topk's return_words), which the pallas kernels take
+  instead of packing select_BTK themselves; the other impls read select_BTK.
   """
   impl = resolve_impl(impl, q_BTHK, k_BSK, masked=select_BTK is not None)
   if impl in ('cudnn', 'pallas', 'tpu_flash') and k_BSK.ndim != 4:
@@ -84,9 +88,12 @@ def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scal
                       (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT)
   if impl == 'pallas':
     from v4jax.kernels.attention import gpu
-    fn = lambda q, k, v, seg, sel: gpu.causal_attention(q, k, v, scale, seg, select_BTK=sel)
-    return per_device(fn, (heads, heads, heads, ('batch', None), ('batch', None, None)),
-                      (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT, select_BTK)
+    fn = lambda q, k, v, seg, sel, words: gpu.causal_attention(
+        q, k, v, scale, seg, select_BTK=sel, select_words_BTW=words)
+    rows = ('batch', None, None)
+    return per_device(fn, (heads, heads, heads, ('batch', None), rows, rows),
+                      (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT, select_BTK,
+                                          select_words_BTW)
   if impl == 'cudnn':
     from v4jax.kernels.attention import library
     out = library.causal_attention(q_BTHK, k_BSK, v_BSV, scale, segment_ids_BT,

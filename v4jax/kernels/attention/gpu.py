@@ -6,9 +6,10 @@ of a tile (block_m, block_n).
 
 DSA's masked form attends every query t over the keys s <= t that are in its top-k set (and in
 its document when segment ids are given). cuDNN takes that set as an additive [B,1,T,S] bias and
-reads and adds it in every tile of every head; here it goes in as bits: `pack_mask` turns the
-top-k indices into uint32 words [B,T,W] (bit s % 32 of word s // 32 = key s is in the set), 1/32
-of a bool mask's bytes, and each tile expands its [M, N/32] words with shifts.
+reads and adds it in every tile of every head; here it goes in as bits: uint32 words [B,T,W]
+(bit s % 32 of word s // 32 = key s is in the set), 1/32 of a bool mask's bytes, and each tile
+expands its [M, N/32] words with shifts. The GPU top-k kernel writes them as it selects
+(select_words_BTW); from indices alone, `blockwise.pack_mask` builds them (an XLA scatter).
 
 Forward: one program per (batch x head, query block) runs an online softmax over the key blocks
 from 0 up to the causal diagonal. Rows without an allowed key give o = 0 and lse = -inf (the
@@ -36,12 +37,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from v4jax.kernels.blockwise import selection_mask
+from v4jax.kernels.blockwise import MASK_BITS as BITS, pack_mask
 from v4jax.kernels.pallas_common import NEG_INF, gpu_interpret, next_pow2, pad_axis, round_up
 
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
 _TN = (((0,), (0,)), ((), ()))   # a [C,M] . b [C,N] -> [M,N]
-BITS = 32                        # keys per mask word
 FWD_KERNEL = 'masked_attention_fwd'   # the forward pallas_call's name (remat keeps its outputs)
 
 
@@ -82,17 +82,6 @@ class _Cfg:
   dkv: Blocks
   dq: Blocks
   interpret: bool
-
-
-def pack_mask(select_BTK: jax.Array, s_len: int) -> jax.Array:
-  """uint32 [B, T, ceil(s_len/32)]: bit s % 32 of word s // 32 is set iff key s is in query t's
-  top-k set (select_BTK, -1 = empty slot; repeated indices allowed)."""
-  B, T, _ = select_BTK.shape
-  W = -(-s_len // BITS)
-  sel_BTS = pad_axis(selection_mask(select_BTK, s_len), 2, W * BITS, value=False)
-  bits = jnp.left_shift(jnp.uint32(1), jnp.arange(BITS, dtype=jnp.uint32))
-  return jnp.sum(sel_BTS.reshape(B, T, W, BITS).astype(jnp.uint32) * bits, axis=-1,
-                 dtype=jnp.uint32)
 
 
 def _parts(k: int) -> tuple[tuple[int, int], ...]:
@@ -394,13 +383,17 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, scale: float,
                      segment_ids_BT: jax.Array | None = None, *,
-                     select_BTK: jax.Array | None = None, fwd: Blocks | dict | None = None,
-                     dkv: Blocks | dict | None = None, dq: Blocks | dict | None = None,
+                     select_BTK: jax.Array | None = None,
+                     select_words_BTW: jax.Array | None = None,
+                     fwd: Blocks | dict | None = None, dkv: Blocks | dict | None = None,
+                     dq: Blocks | dict | None = None,
                      interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """(o [B,T,H,V] in q's dtype, lse [B,T,H] fp32) of causal softmax attention of query t over
   the keys s <= t in its top-k set (select_BTK, -1 = empty slot; all keys when None) and its
-  document (segment_ids_BT, when given). Per-head k/v. Differentiable in q, k, v (kernels both
-  ways); lse carries no gradient. fwd / dkv / dq: each kernel's Blocks."""
+  document (segment_ids_BT, when given). select_words_BTW: the same set as uint32 words
+  [B,T,ceil(S/32)] (blockwise.pack_mask's layout), used instead of select_BTK when given.
+  Per-head k/v. Differentiable in q, k, v (kernels both ways); lse carries no gradient.
+  fwd / dkv / dq: each kernel's Blocks."""
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
   if (k_BSHK.shape != (B, S, H, K) or v_BSHV.shape[:3] != (B, S, H)
@@ -409,7 +402,14 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
     raise ValueError(f'masked attention gpu: q_BTHK {q_BTHK.shape}, k_BSHK {k_BSHK.shape}, '
                      f'v_BSHV {v_BSHV.shape} must be [B,T,H,K], [B,S,H,K], [B,S,H,V]; select_BTK '
                      f'[B,T,*], segment_ids_BT [B,T] (then S <= T)')
+  W = -(-S // BITS)
+  if select_words_BTW is not None and (select_words_BTW.shape != (B, T, W)
+                                       or select_words_BTW.dtype != jnp.uint32):
+    raise ValueError(f'masked attention gpu: select_words_BTW {select_words_BTW.shape} '
+                     f'{select_words_BTW.dtype} must be uint32 [B,T,ceil(S/32)]={(B, T, W)}')
   cfg = _Cfg(float(scale), _blocks('fwd', fwd, T, S), _blocks('dkv', dkv, T, S),
              _blocks('dq', dq, T, S), gpu_interpret(interpret))
-  words = None if select_BTK is None else pack_mask(select_BTK, S)
+  words = select_words_BTW
+  if words is None and select_BTK is not None:
+    words = pack_mask(select_BTK, S)
   return _attention(q_BTHK, k_BSHK, v_BSHV, segment_ids_BT, words, cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 
 from v4jax.kernels import pallas_common
+from v4jax.kernels.blockwise import pack_mask
 from v4jax.kernels.indexer import reference
 
 IMPLS = ('auto', 'reference', 'pallas')
@@ -47,24 +48,37 @@ def indexer_scores(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, *,
 
 def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: int,
                  segment_ids_BT: jax.Array | None = None, *, return_scores: bool = False,
-                 query_block: int = 0, impl: str = 'auto'):
+                 return_words: bool = False, query_block: int = 0, impl: str = 'auto'):
   """int32 idx [B,T,K] of the top-K allowed keys per token (ties to the lower s; -1 = empty).
 
   return_scores: (idx, scores_BTK), the kernels' fp32 I at idx (-inf at -1 slots), which they
   read from the score slab they select from anyway (for indexer_scores_at), or None from the
   reference, whose student recomputes the scores and so stays an independent oracle.
+  return_words: the set as packed bits too (uint32 [B,T,ceil(S/32)], blockwise.pack_mask's
+  layout: the masked attention kernel's input), last in the tuple: written by the GPU top-k
+  kernel while it selects, built from idx by pack_mask elsewhere.
   """
   _check(q_BTHD, k_BSD, w_BTH, impl)
   if topk <= 0:
     raise ValueError(f'indexer_topk: topk={topk} must be a positive integer (config.dsa.topk)')
+  extra = (return_scores, return_words)
   if pallas_common.use_pallas(impl):
-    fn = lambda q, k, w, seg: _kernels().indexer_topk(q, k, w, topk, seg,
-                                                      return_scores=return_scores)
-    return pallas_common.per_device(fn, (_Q, _KW, _KW, ('batch', None)), (_KW, _KW))(
+    gpu_words = return_words and pallas_common.target_platform() != 'tpu'
+    kw = {'return_scores': return_scores, **({'return_words': True} if gpu_words else {})}
+    fn = lambda q, k, w, seg: _kernels().indexer_topk(q, k, w, topk, seg, **kw)
+    n_out = 1 + return_scores + gpu_words
+    out = pallas_common.per_device(fn, (_Q, _KW, _KW, ('batch', None)), (_KW,) * n_out)(
         q_BTHD, k_BSD, w_BTH, segment_ids_BT)
-  idx_BTK = reference.indexer_topk(q_BTHD, k_BSD, w_BTH, topk, segment_ids_BT,
-                                   query_block=query_block)
-  return (idx_BTK, None) if return_scores else idx_BTK
+    out = out if n_out > 1 else (out,)
+    if return_words and not gpu_words:
+      out += (pack_mask(out[0], k_BSD.shape[1]),)
+  else:
+    idx_BTK = reference.indexer_topk(q_BTHD, k_BSD, w_BTH, topk, segment_ids_BT,
+                                     query_block=query_block)
+    out = (idx_BTK,) + ((None,) if return_scores else ())
+    if return_words:
+      out += (pack_mask(idx_BTK, k_BSD.shape[1]),)
+  return out if any(extra) else out[0]
 
 
 def indexer_scores_at(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, idx_BTK: jax.Array,

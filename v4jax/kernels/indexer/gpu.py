@@ -39,6 +39,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from v4jax.kernels.blockwise import MASK_BITS
 from v4jax.kernels.indexer import reference
 from v4jax.kernels.pallas_common import NEG_INF, given_value_vjp, with_reference_vjp, gpu_interpret, next_pow2, pad_axis, round_up
 
@@ -166,7 +167,7 @@ def _to_key(x):
   return jnp.where(bits >= 0, bits, bits ^ _INT_MAX)
 
 
-def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0, radix_bits):
+def _topk_kernel(x_ref, idx_ref, val_ref, *words_ref, topk, kp, ch, n_ch, t0, radix_bits):
   t = t0 + pl.program_id(1)
   n_live = jnp.minimum(n_ch, t // ch + 1)          # chunks holding keys s <= t
   trash = kp                                       # spare slot for unselected lanes
@@ -240,8 +241,18 @@ def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0, radix_bits)
     pos = jnp.where(sel > 0, n_sel + jnp.cumsum(sel) - sel, trash)
     idx_ref[pos] = j * ch + jnp.arange(ch, dtype=jnp.int32)
     val_ref[pos] = x
+    if words_ref:         # the set as bits: bit s % 32 of word s // 32 (distinct bits: sum = or)
+      bits = jnp.left_shift(sel.reshape(nw, MASK_BITS),
+                            jax.lax.broadcasted_iota(jnp.int32, (nw, MASK_BITS), 1))
+      words_ref[0][pl.ds(j * nw, nw)] = jnp.sum(bits, axis=1)
     return n_sel + jnp.sum(sel), n_eq + jnp.sum(eq)
+  nw = ch // MASK_BITS
   sweep(emit, (jnp.int32(0), jnp.int32(0)))
+  if words_ref:           # chunks past the row's last allowed key hold no selected key
+    def clear(j, c):
+      words_ref[0][pl.ds(j * nw, nw)] = jnp.zeros((nw,), jnp.int32)
+      return c
+    jax.lax.fori_loop(n_live, n_ch, clear, 0)
 
   slot = jnp.arange(kp, dtype=jnp.int32)
   rest = jnp.where(slot >= kk, slot, trash)
@@ -249,8 +260,9 @@ def _topk_kernel(x_ref, idx_ref, val_ref, *, topk, kp, ch, n_ch, t0, radix_bits)
   val_ref[rest] = jnp.full((kp,), NEG_INF, jnp.float32)
 
 
-def _topk_slab(slab, topk, *, t0, ch, interpret, num_warps=None, radix_bits=None):
-  """idx, scores [B, rows, K] of the top-k per row of a masked slab [B, rows, n_ch*ch]."""
+def _topk_slab(slab, topk, *, t0, ch, interpret, num_warps=None, radix_bits=None, words=False):
+  """idx, scores [B, rows, K] of the top-k per row of a masked slab [B, rows, n_cols = n_ch*ch],
+  and with `words` the set as int32 bit words [B, rows, n_cols/32] (ch a multiple of 32)."""
   B, rows, n_cols = slab.shape
   kp = next_pow2(topk)
   radix_bits = radix_bits or RADIX_BITS
@@ -258,37 +270,49 @@ def _topk_slab(slab, topk, *, t0, ch, interpret, num_warps=None, radix_bits=None
     raise ValueError(f'indexer gpu: radix_bits={radix_bits} must be 1, 2, 3 or 4')
   kernel = functools.partial(_topk_kernel, topk=topk, kp=kp, ch=ch, n_ch=n_cols // ch, t0=t0,
                              radix_bits=radix_bits)
-  idx, val = pl.pallas_call(
+  row = lambda b, r: (b, r, 0)
+  out_specs = [pl.BlockSpec((None, None, kp + 1), row)] * 2
+  out_shape = [jax.ShapeDtypeStruct((B, rows, kp + 1), jnp.int32),
+               jax.ShapeDtypeStruct((B, rows, kp + 1), jnp.float32)]
+  if words:
+    out_specs.append(pl.BlockSpec((None, None, n_cols // MASK_BITS), row))
+    out_shape.append(jax.ShapeDtypeStruct((B, rows, n_cols // MASK_BITS), jnp.int32))
+  out = pl.pallas_call(
       kernel,
       grid=(B, rows),
-      in_specs=[pl.BlockSpec((None, None, n_cols), lambda b, r: (b, r, 0))],
-      out_specs=[pl.BlockSpec((None, None, kp + 1), lambda b, r: (b, r, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct((B, rows, kp + 1), jnp.int32),
-                 jax.ShapeDtypeStruct((B, rows, kp + 1), jnp.float32)],
+      in_specs=[pl.BlockSpec((None, None, n_cols), row)],
+      out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(num_warps), interpret=interpret, name='indexer_topk',
   )(slab)
-  return idx[..., :topk], val[..., :topk]
+  return (out[0][..., :topk], out[1][..., :topk]) + tuple(out[2:])
 
 
 def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: int,
                  segment_ids_BT: jax.Array | None = None, *, return_scores: bool = False,
-                 block_t: int | None = None, block_s: int | None = None,
-                 chunk: int | None = None, slab_bytes: int = 1 << 30,
-                 radix_bits: int | None = None, interpret: bool | None = None):
+                 return_words: bool = False, block_t: int | None = None,
+                 block_s: int | None = None, chunk: int | None = None,
+                 slab_bytes: int = 1 << 30, radix_bits: int | None = None,
+                 interpret: bool | None = None):
   """int32 idx [B,T,K] of the top-K allowed keys per token (ties to the smaller s, -1 empty).
 
   The index set equals the reference's; slots are ordered by position. With return_scores, also
-  the fp32 scores [B,T,K] of the selected keys (-inf at -1 slots), e.g. for the sparse KL.
+  the fp32 scores [B,T,K] of the selected keys (-inf at -1 slots), e.g. for the sparse KL; with
+  return_words, also the same set as uint32 bit words [B,T,ceil(S/32)] (blockwise.pack_mask's
+  layout, the masked attention kernel's input), written by the selection kernel as it emits the
+  indices, so no [B,T,S] mask is ever scattered. Returns idx alone, or a tuple of idx and the
+  outputs asked for, in this order.
   block_t x block_s score tiles (default 64 x 64), `chunk` keys per top-k sweep step (default
-  1024), all powers of two >= 16 (smaller defaults for short sequences); radix_bits: bits per
-  radix sweep (default RADIX_BITS).
+  1024), all powers of two >= 16, >= 32 with return_words (smaller defaults for short
+  sequences); radix_bits: bits per radix sweep (default RADIX_BITS).
   """
   B, T, H, D = q_BTHD.shape
   S = k_BSD.shape[1]
   block_t = block_t or min(64, max(16, next_pow2(T)))
   block_s = block_s or min(64, max(16, next_pow2(S)))
-  chunk = chunk or min(1024, max(block_s, next_pow2(S)))
+  chunk = chunk or min(1024, max(block_s, MASK_BITS if return_words else 16, next_pow2(S)))
   _check_blocks(block_t=block_t, block_s=block_s, chunk=chunk)
+  if return_words and chunk < MASK_BITS:
+    raise ValueError(f'indexer gpu: chunk={chunk} must be >= {MASK_BITS} with return_words')
   interpret = gpu_interpret(interpret)
   if segment_ids_BT is not None and S != T:
     raise ValueError(f'indexer_topk: segment_ids_BT needs S == T, got k_BSD {k_BSD.shape}')
@@ -298,20 +322,22 @@ def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: in
   qT, kp, wT, sq, sk = _layout(q_BTHD, k_BSD, w_BTH, segment_ids_BT, block_t, block_s, s_mult)
   Tp, Sp = qT.shape[2], kp.shape[1]
   rows = max(block_t, min(Tp, (slab_bytes // (4 * B * Sp)) // block_t * block_t))
-  idx_parts, val_parts = [], []
+  parts = []
   for t0 in range(0, Tp, rows):
     n = min(rows, Tp - t0)
     n_cols = min(Sp, round_up(t0 + n, s_mult))
     slab = _score_slab(qT, kp, wT, sq, sk, t0=t0, rows=n, n_cols=n_cols, n_keys=S, masked=True,
                        bt=block_t, bs=block_s, interpret=interpret)
-    idx, val = _topk_slab(slab, topk, t0=t0, ch=chunk, interpret=interpret,
-                          radix_bits=radix_bits)
-    idx_parts.append(idx)
-    val_parts.append(val)
-  idx = jnp.concatenate(idx_parts, axis=1)[:, :T]
-  if not return_scores:
-    return idx
-  return idx, jnp.concatenate(val_parts, axis=1)[:, :T]
+    out = _topk_slab(slab, topk, t0=t0, ch=chunk, interpret=interpret, radix_bits=radix_bits,
+                     words=return_words)
+    if return_words:      # a short slab's words end at its last column: no key selected past it
+      out = out[:2] + (pad_axis(out[2], 2, Sp // MASK_BITS),)
+    parts.append(out)
+  idx, val, *words = (jnp.concatenate(p, axis=1)[:, :T] for p in zip(*parts))
+  res = (idx,) + ((val,) if return_scores else ())
+  if return_words:
+    res += (jax.lax.bitcast_convert_type(words[0][..., :-(-S // MASK_BITS)], jnp.uint32),)
+  return res if len(res) > 1 else idx
 
 
 # ----------------------------------------------------------------------------- scores at idx
