@@ -62,12 +62,11 @@ class Blocks:
   num_stages: int | None = None
 
 
-# (block_m, block_d, warps, stages) per op. read_in and write_back: the H200 sweep of
-# `tools/bench_mhc.py --hc_block_m .. --hc_num_stages ..` at bench_h200's streams [8,4096,4,1536]
-# (seventeenth session; the least forward + forward-and-backward time, what a remat step runs:
-# read_in 0.62 ms against 0.82 with (16, 256, 4, 2)). normed_mix: unswept (a few [bm, bd] fp32
-# tiles per program).
-_DEFAULTS = {'read_in': (4, 128, 4, 2), 'write_back': (8, 128, 4, 1), 'normed_mix': (64, 128, 4, 2)}
+# (block_m, block_d, warps, stages) per op: the H200 sweeps of `tools/bench_mhc.py --hc_block_m
+# .. --hc_num_stages ..` at bench_h200's streams [8,4096,4,1536] (seventeenth session), the least
+# forward + forward-and-backward time (what a remat step runs): read_in 0.62 ms against 0.82 with
+# the first guess (16, 256, 4, 2), normed_mix 1.21 against 1.37 with (64, 128, 4, 2).
+_DEFAULTS = {'read_in': (4, 128, 4, 2), 'write_back': (8, 128, 4, 1), 'normed_mix': (64, 128, 4, 1)}
 
 
 def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
