@@ -231,8 +231,8 @@ def test_tiny_golden_one_step_and_loss_falls(tmp_path):
 def test_block_remat_keeps_the_dsa_tensors(capsys, sparse_attention):
   """model.remat='block' saves the sparse stage's top-k set, KL teacher and student (one [B,T,K]
   each per layer) instead of recomputing the indexer, the teacher and (masked form) the sparse
-  attention forward behind its lse in the backward; 'full' saves none of them. Saved residuals
-  as jax reports them."""
+  attention forward behind its lse in the backward; 'full' saves none of them. The top-k set is
+  kept in int16 (T < 2^15), no int32 copy beside it. Saved residuals as jax reports them."""
   off = {'mtp.depth': 0, 'mhc.streams': 1, 'engram.enabled': False,
          'dsa.sparse_attention': sparse_attention}
   names = ('indexer_topk', 'dsa_teacher', 'dsa_student')
@@ -247,6 +247,8 @@ def test_block_remat_keeps_the_dsa_tensors(capsys, sparse_attention):
     for n in names:
       saved = out.count(f"named '{n}'")
       assert saved == (cfg.model.n_layers if n in kept else 0), (remat, n, out)
+    topk = [ln for ln in out.splitlines() if "named 'indexer_topk'" in ln]
+    assert all(ln.startswith('i16[') for ln in topk), topk
 
 
 def test_remat_save_keeps_the_moe_rows_and_gemm_outputs(capsys):

@@ -39,6 +39,15 @@ from v4jax.model.rope import (apply_rope_interleaved, attention_mscale, rope_cos
 ACT_BTHK = ('batch', 'seq', 'act_heads', None)
 
 
+def _keep_narrow(idx_BTK: jax.Array, s_len: int) -> jax.Array:
+  """idx named 'indexer_topk' for block remat, the kept copy in int16 while every key id (and
+  -1) fits: half the bytes of one of the three [B,T,K] tensors it keeps per layer (idx, teacher,
+  student), with the same values."""
+  if s_len > jnp.iinfo(jnp.int16).max:
+    return checkpoint_name(idx_BTK, 'indexer_topk')
+  return checkpoint_name(idx_BTK.astype(jnp.int16), 'indexer_topk').astype(idx_BTK.dtype)
+
+
 class Projections(NamedTuple):
   """Per-token MLA projections shared by both attention forms and the indexer."""
   c_q_BTR: jax.Array     # RMSNorm'd q latent (also the indexer's query input)
@@ -152,7 +161,7 @@ class MLA(nnx.Module):
       idx_BTK, topk_scores_BTK, *words = indexer_topk(
           qi, ki, wi, self.topk, segment_ids_BT, return_scores=True, return_words=want_words,
           query_block=qb, impl=self.impl)
-      idx_BTK = checkpoint_name(idx_BTK, 'indexer_topk')
+      idx_BTK = _keep_narrow(idx_BTK, T)
       words_BTW = checkpoint_name(words[0], 'indexer_topk') if words else None
       if masked:
         o_BTHV, lse_BTH = causal_attention(q, k, v, self.scale, segment_ids_BT,
