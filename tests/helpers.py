@@ -77,3 +77,15 @@ def random_topk_indices(rs: np.random.RandomState, B: int, T: int, S: int, K: in
         idx[b, t, rs.randint(0, K)] = -1
       idx[b, t] = rs.permutation(idx[b, t])
   return idx
+
+
+def packed_words(idx: np.ndarray, S: int) -> np.ndarray:
+  """numpy oracle of a packed top-k set: uint32 [B,T,ceil(S/32)], bit s % 32 of word s // 32 set
+  for each selected key s of idx [B,T,K] (-1 = empty slot, repeats allowed)."""
+  idx = np.asarray(idx)
+  B, T, _ = idx.shape
+  n = -(-S // 32) * 32
+  bits = np.zeros((B, T, n + 1), bool)
+  np.put_along_axis(bits, np.where(idx >= 0, idx, n), True, axis=-1)
+  packed = np.packbits(bits[..., :n].reshape(B, T, n // 32, 32), axis=-1, bitorder='little')
+  return packed.view('<u4')[..., 0].astype(np.uint32)

@@ -20,7 +20,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from helpers import random_topk_indices
+from helpers import packed_words, random_topk_indices
 from v4jax.kernels.indexer import gpu as ix_gpu
 from v4jax.kernels.indexer import reference as ix_ref
 from v4jax.kernels.sparse_attention import gpu as sa_gpu
@@ -57,11 +57,8 @@ def test_indexer_topk_selects_the_largest_scores(radix_bits):
       q, k, w, K, return_scores=True, return_words=True, radix_bits=radix_bits))(q, k, w)
   full = np.asarray(ix_ref.indexer_scores(q, k, w))[0]                      # [T, S], -inf masked
   idx, val = np.asarray(idx)[0], np.asarray(val)[0]
-  # the set as bit words (the masked attention's input): bit s % 32 of word s // 32 per key
-  bits = np.zeros((T, T + 1), bool)
-  np.put_along_axis(bits, np.where(idx >= 0, idx, T), True, axis=1)
-  want = np.packbits(bits[:, :T].reshape(T, -1, 32), axis=-1, bitorder='little')
-  np.testing.assert_array_equal(np.asarray(words)[0], want.view(np.uint32)[..., 0])
+  # the set as bit words (the masked attention's input)
+  np.testing.assert_array_equal(np.asarray(words)[0], packed_words(idx[None], T)[0])
   for t in (0, 1, 700, K - 1, K, K + 1, 2300, T - 1):
     allowed = t + 1
     sel = idx[t][idx[t] >= 0]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh
 
+from helpers import packed_words
 from v4jax.kernels.indexer import (gpu, indexer_scores, indexer_scores_at, indexer_topk, reference,
                                    tpu)
 from v4jax.parallel import rules
@@ -94,17 +95,6 @@ def test_gpu_topk_matches_reference(B, T, H, D, K, seg, bits):
   _close(np.where(fin, val, 0.0), np.where(fin, sel, 0.0))
 
 
-def _words_oracle(idx, S):
-  """numpy uint32 [B,T,ceil(S/32)]: bit s % 32 of word s // 32 set for each selected key s."""
-  B, T, _ = idx.shape
-  words = np.zeros((B, T, -(-S // 32)), np.uint32)
-  for (b, t), row in np.ndenumerate(np.empty((B, T))):
-    for s in np.asarray(idx)[b, t]:
-      if s >= 0:
-        words[b, t, s // 32] |= np.uint32(1) << np.uint32(s % 32)
-  return words
-
-
 # S = 70 keys (3 words, the last partial); a slab budget of 16 rows, so the first slabs' words
 # end before the last key; K > #allowed for early rows; the second case K > T.
 @pytest.mark.parametrize('B,T,H,D,K,seg', [(2, 70, 3, 16, 8, True), (1, 45, 2, 16, 64, False)])
@@ -117,7 +107,7 @@ def test_gpu_topk_bit_words_hold_the_selected_set(B, T, H, D, K, seg):
   idx, val, words = _jit(f, q, k, w, segs)
   _same_sets(idx, reference.indexer_topk(q, k, w, K, segs))
   assert words.dtype == jnp.uint32 and words.shape == (B, T, -(-T // 32))
-  np.testing.assert_array_equal(words, _words_oracle(idx, T))
+  np.testing.assert_array_equal(words, packed_words(idx, T))
   idx_only, words_only = _jit(lambda *a: gpu.indexer_topk(
       *a[:3], K, a[3], return_words=True, chunk=32, interpret=True), q, k, w, segs)
   _same_sets(idx_only, idx)
@@ -132,7 +122,7 @@ def test_topk_seam_returns_bit_words(impl):
   q, k, w = _inputs(1, 40, 40, 2, 16, seed=3)
   idx, scores, words = indexer_topk(q, k, w, 6, return_scores=True, return_words=True, impl=impl)
   assert (scores is None) == (impl == 'reference')
-  np.testing.assert_array_equal(words, _words_oracle(idx, 40))
+  np.testing.assert_array_equal(words, packed_words(idx, 40))
   idx2, words2 = indexer_topk(q, k, w, 6, return_words=True, impl=impl)
   np.testing.assert_array_equal(idx2, idx)
   np.testing.assert_array_equal(words2, words)
