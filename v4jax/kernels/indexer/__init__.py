@@ -64,7 +64,9 @@ def indexer_topk(q_BTHD: jax.Array, k_BSD: jax.Array, w_BTH: jax.Array, topk: in
   extra = (return_scores, return_words)
   if pallas_common.use_pallas(impl):
     gpu_words = return_words and pallas_common.target_platform() != 'tpu'
-    kw = {'return_scores': return_scores, **({'return_words': True} if gpu_words else {})}
+    kw = {'return_scores': return_scores}
+    if gpu_words:                    # the TPU kernel has no words output: pack_mask below
+      kw['return_words'] = True
     fn = lambda q, k, w, seg: _kernels().indexer_topk(q, k, w, topk, seg, **kw)
     n_out = 1 + return_scores + gpu_words
     out = pallas_common.per_device(fn, (_Q, _KW, _KW, ('batch', None)), (_KW,) * n_out)(
