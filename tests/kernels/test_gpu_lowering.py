@@ -39,7 +39,6 @@ def _sum_grad(f, argnums):
                                         ('scores_at', 2),
                                         ('scores_at_gather_dq', 2), ('scores_at_given', 2),
                                         ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1),
-                                        ('masked_probs_unrolled', 1),
                                         ('hc_read_in', 2), ('hc_write_back', 2),
                                         ('hc_normed_mix', 2)])
 def test_kernel_lowers_for_cuda(name, calls):
@@ -73,10 +72,9 @@ def test_kernel_lowers_for_cuda(name, calls):
   elif name == 'probs':
     n = _triton_calls(lambda q, kv, i, l: sparse_gpu.attention_probs_mean(
         q, kv, i, l, V, 0.1, interpret=False), q, kv, idx, lse)
-  else:          # the teacher's head loop as a loop or unrolled
-    unroll = name.endswith('unrolled')
+  else:          # the masked form's teacher
     n = _triton_calls(lambda q, k, i, l: sparse_gpu.masked_probs_mean(
-        q, k, i, l, 0.1, unroll_heads=unroll, interpret=False), bf16(B, T, H, 192),
+        q, k, i, l, 0.1, interpret=False), bf16(B, T, H, 192),
         bf16(B, T, H, 192), idx, lse)
   assert n == calls
 

@@ -78,19 +78,17 @@ def test_reference_matches_oracle():
 
 # B, T, S, H, D, K, block_q, block_s, buf_bytes: T not a multiple of block_q; D = 16 + 8 (the
 # second part padded to 16) or 128 + 64 (the model's d_n + d_r, split unpadded); one query chunk,
-# or a buffer of one block row so T runs in 3 chunks through lax.map; the head loop as a loop or
-# unrolled.
+# or a buffer of one block row so T runs in 3 chunks through lax.map.
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('B,T,S,H,D,K,bq,bs,buf,unroll', [
-    (2, 37, 37, 3, 24, 12, 16, 16, None, False),
-    (1, 40, 44, 2, 192, 20, 16, 32, 4 * 16 * 64, False),
-    (2, 37, 37, 3, 24, 12, 16, 16, None, True),
+@pytest.mark.parametrize('B,T,S,H,D,K,bq,bs,buf', [
+    (2, 37, 37, 3, 24, 12, 16, 16, None),
+    (1, 40, 44, 2, 192, 20, 16, 32, 4 * 16 * 64),
 ])
-def test_gpu_kernel_matches_oracle(B, T, S, H, D, K, bq, bs, buf, unroll, dtype):
+def test_gpu_kernel_matches_oracle(B, T, S, H, D, K, bq, bs, buf, dtype):
   q, k, idx = _inputs(B, T, S, H, D, K, dtype, seed=T + D)
   scale = D ** -0.5
   lse, want = _oracle(q, k, idx, scale)
-  opts = dict(block_q=bq, block_s=bs, unroll_heads=unroll, interpret=True) | (
+  opts = dict(block_q=bq, block_s=bs, interpret=True) | (
       {'buf_bytes': buf} if buf else {})
   p = _jit(lambda *a: gpu.masked_probs_mean(*a, scale, **opts),
            q, k, idx, jnp.asarray(lse, jnp.float32))

@@ -519,10 +519,9 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
 
 
 # --------------------------------------------------------------- masked-form teacher (dense)
-def _dense_probs_kernel(lim_ref, q_ref, lse_ref, k_ref, p_ref, *, scale, vp, rp, nq,
-                        unroll_heads):
-  """One (batch, query block, key block) tile of (1/H) Σ_h exp(scale·q_h·k_h^T - lse_h); the
-  heads in a loop, or unrolled (Triton may then overlap one head's exp with the next's dot)."""
+def _dense_probs_kernel(lim_ref, q_ref, lse_ref, k_ref, p_ref, *, scale, vp, rp, nq):
+  """One (batch, query block, key block) tile of (1/H) Σ_h exp(scale·q_h·k_h^T - lse_h), the
+  heads in a loop (unrolled it ran 1.8x slower on the H200: docs/performance.md row 67)."""
   b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   h = q_ref.shape[1]
 
@@ -533,17 +532,12 @@ def _dense_probs_kernel(lim_ref, q_ref, lse_ref, k_ref, p_ref, *, scale, vp, rp,
       if rp:
         s = s + _dot(q_ref[:, n, pl.ds(vp, rp)], k_ref[:, n, pl.ds(vp, rp)], _NT)
       return acc + jnp.exp(s * scale - lse_ref[n][:, None])
-    acc = jnp.zeros(p_ref.shape, jnp.float32)
-    if unroll_heads:
-      for n in range(h):
-        acc = head(n, acc)
-    else:
-      acc = jax.lax.fori_loop(0, h, head, acc)
+    acc = jax.lax.fori_loop(0, h, head, jnp.zeros(p_ref.shape, jnp.float32))
     p_ref[...] = acc * (1.0 / h)
 
 
 def _dense_probs_chunk(q, lse, idx, k, *, scale, vp, rp, bq, bs, num_warps, num_stages,
-                       unroll_heads, interpret):
+                       interpret):
   """One query chunk: q [B,Tc,H,vp+rp], lse [B,Tc,H] (+inf: p = 0), idx [B,Tc,K], k [B,Sp,H,
   vp+rp] (Tc, Sp multiples of the blocks) -> fp32 p [B,Tc,K]."""
   B, Tc, H, cp = q.shape
@@ -553,8 +547,7 @@ def _dense_probs_chunk(q, lse, idx, k, *, scale, vp, rp, bq, bs, num_warps, num_
   top = jnp.max(idx.reshape(B, nq, -1), axis=-1)
   lim = ((top + bs) // bs).reshape(B * nq).astype(jnp.int32)
   buf = pl.pallas_call(
-      functools.partial(_dense_probs_kernel, scale=float(scale), vp=vp, rp=rp, nq=nq,
-                        unroll_heads=unroll_heads),
+      functools.partial(_dense_probs_kernel, scale=float(scale), vp=vp, rp=rp, nq=nq),
       grid=(B, nq, ns),
       in_specs=[pl.BlockSpec((B * nq,), lambda b, i, j: (0,)),
                 pl.BlockSpec((None, bq, H, cp), lambda b, i, j: (b, i, 0, 0)),
@@ -573,7 +566,7 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
                       lse_BTH: jax.Array, scale: float, *, block_q: int | None = None,
                       block_s: int | None = None, num_warps: int | None = None,
                       num_stages: int | None = None, buf_bytes: int = _PROBS_BUF_BYTES,
-                      unroll_heads: bool = False, interpret: bool | None = None) -> jax.Array:
+                      interpret: bool | None = None) -> jax.Array:
   """fp32 [B,T,K]: (1/H) Σ_h exp(scale·q_h·k_h[idx] - lse_h), 0 at -1 slots; no gradient.
 
   The KL teacher of DSA's masked form from dense block_q x block_s tiles (powers of two >= 16;
@@ -582,8 +575,6 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   padded to a power of two >= 16 (192 = 128 + 64 unpadded). Chunk rule: Tc = the most query rows
   (a multiple of block_q) whose fp32 [B, Tc, S] buffer fits buf_bytes, then T splits evenly into
   ceil(T / Tc) chunks, run in sequence (lax.map) so one buffer is live at a time.
-  unroll_heads: the per-tile loop over heads unrolled (a tiling option for
-  tools/bench_kernels.py's teacher sweep; same values).
   """
   B, T, H, D = q_BTHD.shape
   S = k_BSHD.shape[1]
@@ -605,7 +596,7 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   chunk = functools.partial(
       _dense_probs_chunk, k=k, scale=scale, vp=vp, rp=rp, bq=bq, bs=bs,
       num_warps=num_warps or (8 if bq * bs >= 128 * 128 else 4), num_stages=num_stages or 2,
-      unroll_heads=unroll_heads, interpret=gpu_interpret(interpret))
+      interpret=gpu_interpret(interpret))
   xs = (split_blocks(q, rows, 0), split_blocks(lse, rows, jnp.inf),
         split_blocks(idx_BTK.astype(jnp.int32), rows, -1))
   if n == 1:
