@@ -4,11 +4,13 @@ this CPU host) and changes no value or gradient (checked on CPU, where lax.empty
 construction: the loop writes every slice before anything reads it)."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax import export
 
 from v4jax import compat
+from v4jax.parallel import mesh, rules
 
 
 def _layers(w_LDD, x_BD):
@@ -40,6 +42,40 @@ def test_empty_outputs_lower_to_allocate_buffer(empty_mode):
   with_zeros = _cuda_text(grad, *args)
   assert with_empty.count('AllocateBuffer') >= 2        # forward ys and the backward's dw stack
   assert 'AllocateBuffer' not in with_zeros
+
+
+def _constrained_layers(w_LDD, x_BD):
+  """_layers with its activations under the model's sharding constraints: the scanned values
+  then carry the mesh in their types (as every activation of the model does under a preset)."""
+  def body(x, w):
+    y = rules.constrain(jnp.tanh(x @ w), ('batch', 'act_embed'))
+    return y, y
+  x, ys = jax.lax.scan(body, rules.constrain(x_BD, ('batch', 'act_embed')), w_LDD)
+  return jnp.sum(x ** 2) + jnp.sum(ys[1:] * 0.5)
+
+
+@pytest.mark.parametrize('n_dev', [1, 8])
+def test_empty_outputs_under_a_sharding_preset(empty_mode, n_dev):
+  """Under rules.activate (the Trainer's step) the stacked outputs are still uninitialised
+  buffers (the fifteenth to seventeenth sessions' 'empty' fell back to zero fills there: the
+  constrained activations' types carry the mesh), and values and gradients equal the zero-fill
+  lowering's (fp32, exact: same ops, the fill is overwritten before any read)."""
+  cfg = ml_collections.ConfigDict({a: -1 if a == 'fsdp' else 1 for a in rules.MESH_AXES})
+  cfg.update({f'dcn_{a}': 1 for a in rules.MESH_AXES})
+  mesh_ = mesh.make_mesh(cfg, jax.devices()[:n_dev])
+  rs = np.random.RandomState(n_dev)
+  w = jnp.asarray(rs.randn(5, 16, 16) * 0.3, jnp.float32)
+  x = jnp.asarray(rs.randn(8, 16), jnp.float32)
+  f = jax.value_and_grad(_constrained_layers, argnums=(0, 1))
+  got = {}
+  for mode in ('empty', 'zeros'):
+    compat.set_scan_outputs(mode)
+    with rules.activate(mesh_, 'fsdp'):
+      text = _cuda_text(f, w, x)
+      got[mode] = jax.jit(f)(w, x)
+    assert (text.count('AllocateBuffer') >= 2) == (mode == 'empty'), mode
+  for g, r in zip(jax.tree.leaves(got['empty']), jax.tree.leaves(got['zeros'])):
+    np.testing.assert_array_equal(g, r)
 
 
 def test_values_and_gradients_unchanged(empty_mode):

@@ -111,13 +111,19 @@ except (ImportError, AttributeError):
 
 
 def _uninitialized_outputs(prefix, length_spec, aval):
-  """`_empty_array` with lax.empty for device-memory outputs outside manual (shard_map) axes
-  and without explicit shardings; jax's zero fill for every other case."""
+  """`_empty_array` with lax.empty for device-memory outputs outside manual (shard_map) axes,
+  typed with the stacked sharding jax's fill would have (the mesh axes of the model's sharding
+  constraints ride on every activation's type); jax's zero fill for every other case."""
   mat = getattr(aval, 'mat', None)
-  if (aval.memory_space != DEVICE or (mat is not None and mat.varying)
-      or not aval.sharding.mesh.empty):
+  if aval.memory_space != DEVICE or (mat is not None and mat.varying):
     return _ZEROS_INIT(prefix, length_spec, aval)
-  return jax.lax.empty((*prefix, *aval.shape), aval.dtype)
+  shape = (*prefix, *aval.shape)
+  if aval.sharding.mesh.empty:
+    return jax.lax.empty(shape, aval.dtype)
+  spec = aval.sharding.spec
+  sharding = aval.sharding.update(spec=spec.update(partitions=(*length_spec, *spec.partitions)))
+  with jax.sharding.use_abstract_mesh(sharding.mesh):
+    return jax.lax.empty(shape, aval.dtype, out_sharding=sharding)
 
 
 def set_scan_outputs(mode: str):
