@@ -78,6 +78,26 @@ def test_empty_outputs_under_a_sharding_preset(empty_mode, n_dev):
     np.testing.assert_array_equal(g, r)
 
 
+def test_empty_outputs_with_explicit_shardings(empty_mode):
+  """Explicit mesh axes (the sharding is part of every type): the stacked outputs are
+  uninitialised with the batch-sharded type, and values and gradients equal the zero fill's."""
+  mesh_ = jax.make_mesh((4, 2), ('x', 'y'), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  rs = np.random.RandomState(3)
+  with jax.set_mesh(mesh_):
+    w = jax.device_put(jnp.asarray(rs.randn(5, 16, 16) * 0.3, jnp.float32),
+                       jax.NamedSharding(mesh_, jax.P()))
+    x = jax.device_put(jnp.asarray(rs.randn(8, 16), jnp.float32),
+                       jax.NamedSharding(mesh_, jax.P('x', None)))
+    f = jax.value_and_grad(_layers, argnums=(0, 1))
+    got = {}
+    for mode in ('empty', 'zeros'):
+      compat.set_scan_outputs(mode)
+      got[mode] = jax.jit(f)(w, x)
+      assert (_cuda_text(f, w, x).count('AllocateBuffer') >= 2) == (mode == 'empty'), mode
+  for g, r in zip(jax.tree.leaves(got['empty']), jax.tree.leaves(got['zeros'])):
+    np.testing.assert_array_equal(g, r)
+
+
 def test_values_and_gradients_unchanged(empty_mode):
   rs = np.random.RandomState(0)
   w = jnp.asarray(rs.randn(5, 16, 16) * 0.3, jnp.float32)
