@@ -57,9 +57,9 @@ def _constrained_layers(w_LDD, x_BD):
 @pytest.mark.parametrize('n_dev', [1, 8])
 def test_empty_outputs_under_a_sharding_preset(empty_mode, n_dev):
   """Under rules.activate (the Trainer's step) the stacked outputs are still uninitialised
-  buffers (the fifteenth to seventeenth sessions' 'empty' fell back to zero fills there: the
-  constrained activations' types carry the mesh), and values and gradients equal the zero-fill
-  lowering's (fp32, exact: same ops, the fill is overwritten before any read)."""
+  buffers, though the constrained activations' types carry the mesh (a mesh-less check once
+  sent them all to the zero fill), and values and gradients equal the zero-fill lowering's
+  (fp32, exact: same ops, the fill is overwritten before any read)."""
   cfg = ml_collections.ConfigDict({a: -1 if a == 'fsdp' else 1 for a in rules.MESH_AXES})
   cfg.update({f'dcn_{a}': 1 for a in rules.MESH_AXES})
   mesh_ = mesh.make_mesh(cfg, jax.devices()[:n_dev])
