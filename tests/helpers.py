@@ -12,10 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_tool(tool: str):
-  """tools/<tool>.py imported as a module (tools/ is not a package)."""
+  """tools/<tool>.py imported as a module (tools/ is not a package), registered in sys.modules
+  as `tools.<tool>` (dataclasses look their module up there)."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location(tool, os.path.join(ROOT, 'tools', f'{tool}.py'))
+  name = f'tools.{tool}'
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'tools', f'{tool}.py'))
   mod = importlib.util.module_from_spec(spec)
+  sys.modules[name] = mod
   spec.loader.exec_module(mod)
   return mod
 

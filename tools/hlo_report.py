@@ -1,0 +1,204 @@
+"""Where a compiled step moves bytes without computing: an XLA HLO dump's fills, copies and slices.
+
+Reads the after-optimizations HLO text of one module (an XLA dump: `XLA_FLAGS="--xla_dump_to=DIR
+--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_step.*"`) and lists, per non-fused computation
+(the entry, each while body), the instructions that only move data, by the bytes they write:
+
+  fill                  a fusion rooted at a broadcast whose operands are all constants (or
+                        none): a constant fill, e.g. the zeros jax lowers a scan's stacked
+                        outputs to; or a bare broadcast of a constant
+  copy                  `copy` and fusions rooted at a copy
+  transpose             `transpose` and fusions rooted at a transpose
+  dynamic-slice         fusions rooted at a dynamic-slice (a scan's per-iteration slice of a
+                        stacked operand, copied when its consumer is a library call or kernel)
+  dynamic-update-slice  fusions rooted at a dynamic-update-slice (a scan writing its outputs;
+                        counted by the update's bytes: the buffer is written in place)
+  uninitialised         `AllocateBuffer` custom calls (lax.empty on GPU and TPU: no bytes written)
+
+Bytes count each instruction once: an instruction in a loop body runs once per trip. Work that
+XLA moved into an async computation (or any other called computation but a fusion) counts in the
+computation that calls it. The profile
+(`tools/bench_train.py --profile`) gives the time; this gives what each op is, and its shape. The
+eighteenth session found 23.5 GB of zero fills per micro-batch at bench_h200 with it
+(docs/performance.md row 68).
+
+  python tools/hlo_report.py /tmp/dump --top 40 --out hlo_report.json
+  python tools/hlo_report.py /tmp/dump/module_0123.jit__step.sm_9.0a_gpu_after_optimizations.txt
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import json
+import os
+import re
+import sys
+
+CATEGORIES = ('fill', 'copy', 'transpose', 'dynamic-slice', 'dynamic-update-slice',
+              'uninitialised')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2, 'f16': 2,
+          'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
+          'c128': 16}
+_COMP = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{\s*$')
+_INSTR = re.compile(r'^\s*(ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$')
+_ARRAY = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  category: str
+  computation: str
+  name: str
+  shape: str
+  bytes: int
+  op_name: str
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string: an array `bf16[8,4096]{1,0}` or a tuple of them."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    if dtype not in _BYTES:
+      continue
+    n = 1
+    for d in filter(None, dims.split(',')):
+      n *= int(d)
+    total += n * _BYTES[dtype]
+  return total
+
+
+def parse(text: str) -> dict[str, list[tuple[bool, str, str, str, str]]]:
+  """{computation: [(is_root, name, shape, opcode, rest of the line)]} of an HLO module text."""
+  comps: dict[str, list] = {}
+  cur = None
+  for line in text.splitlines():
+    if not line.startswith((' ', '\t')):
+      m = _COMP.match(line)
+      cur = m.group(2) if m else None
+      if cur is not None:
+        comps[cur] = []
+      continue
+    m = _INSTR.match(line) if cur is not None else None
+    if m:
+      comps[cur].append((bool(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)))
+  return comps
+
+
+def _called(rest: str) -> str | None:
+  m = re.search(r'calls=%?([\w.\-]+)', rest)
+  return m.group(1) if m else None
+
+
+def _operands(rest: str) -> list[str]:
+  """Operand names of an instruction line's rest (after its opening parenthesis)."""
+  return re.findall(r'%([\w.\-]+)', rest.split(')', 1)[0])
+
+
+def _category(opcode: str, rest: str, roots: dict, constants: set) -> str | None:
+  """The instruction's category, or None. constants: the names of its computation's constants."""
+  if opcode == 'custom-call':
+    return 'uninitialised' if 'custom_call_target="AllocateBuffer"' in rest else None
+  if opcode == 'broadcast':
+    return 'fill' if set(_operands(rest)) <= constants else None
+  if opcode in ('copy', 'transpose'):
+    return opcode
+  if opcode != 'fusion':
+    return None
+  root = roots.get(_called(rest), ('', ''))[0]
+  if root == 'broadcast' and set(_operands(rest)) <= constants:
+    return 'fill'
+  if root in ('copy', 'transpose', 'dynamic-slice', 'dynamic-update-slice'):
+    return root
+  return None
+
+
+def report(text: str) -> list[Row]:
+  """Every data-movement instruction of the module outside fused computations, largest first,
+  each under the computation that runs it (a while body, the entry)."""
+  comps = parse(text)
+  shapes = {c: {name: shape for _, name, shape, _, _ in instrs} for c, instrs in comps.items()}
+  roots = {c: next(((op, rest) for is_root, _, _, op, rest in instrs if is_root), ('', ''))
+           for c, instrs in comps.items()}
+  fused, caller = set(), {}
+  for comp, instrs in comps.items():
+    for *_, op, rest in instrs:
+      callee = _called(rest)
+      if callee is not None:
+        (fused.add(callee) if op == 'fusion' else caller.setdefault(callee, comp))
+
+  def owner(comp):
+    seen = set()
+    while comp in caller and comp not in seen:
+      seen.add(comp)
+      comp = caller[comp]
+    return comp
+
+  rows = []
+  for comp, instrs in comps.items():
+    if comp in fused:
+      continue
+    constants = {name for _, name, _, op, _ in instrs if op == 'constant'}
+    for _, name, shape, opcode, rest in instrs:
+      cat = _category(opcode, rest, roots, constants)
+      if cat is None:
+        continue
+      nbytes = 0 if cat == 'uninitialised' else shape_bytes(shape)
+      if cat == 'dynamic-update-slice' and opcode == 'fusion':
+        callee = _called(rest)
+        ops = _operands(roots[callee][1])
+        if len(ops) > 1:
+          nbytes = shape_bytes(shapes[callee].get(ops[1], ''))
+      meta = re.search(r'op_name="([^"]*)"', rest)
+      rows.append(Row(cat, owner(comp), name, shape.split('{')[0], nbytes,
+                      meta.group(1) if meta else ''))
+  return sorted(rows, key=lambda r: -r.bytes)
+
+
+def find_module(path: str, module: str) -> str:
+  """The after-optimizations HLO text at `path` (a file, or the largest match in a dump dir)."""
+  if os.path.isfile(path):
+    return path
+  files = [f for f in glob.glob(os.path.join(path, '*after_optimizations.txt'))
+           if re.search(module, os.path.basename(f))]
+  if not files:
+    raise SystemExit(f'hlo_report: no *after_optimizations.txt matching {module!r} in {path} '
+                     f'(dump with --xla_dump_to=DIR --xla_dump_hlo_as_text)')
+  return max(files, key=os.path.getsize)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('path', help='an after-optimizations HLO text file or an XLA dump directory')
+  ap.add_argument('--module', default='', help='regex on the dump file names (default: any; '
+                  'the largest module is read)')
+  ap.add_argument('--top', type=int, default=30, help='largest instructions to list')
+  ap.add_argument('--out', default='', help='write the JSON report here')
+  args = ap.parse_args(argv)
+  path = find_module(args.path, args.module)
+  with open(path) as f:
+    rows = report(f.read())
+  totals = collections.defaultdict(lambda: [0, 0])
+  for r in rows:
+    totals[(r.category, r.computation)][0] += r.bytes
+    totals[(r.category, r.computation)][1] += 1
+  print(f'{path}\n\n{"category":22s} {"computation":40s} {"ops":>5s} {"MB":>10s}')
+  for (cat, comp), (b, n) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+    print(f'{cat:22s} {comp[:40]:40s} {n:5d} {b / 1e6:10.1f}')
+  print(f'\n{"MB":>9s}  {"category":20s} {"computation":28s} {"shape":44s} op_name')
+  for r in rows[:args.top]:
+    print(f'{r.bytes / 1e6:9.1f}  {r.category:20s} {r.computation[:28]:28s} {r.shape[:44]:44s} '
+          f'{r.op_name[-90:]}')
+  out = {'tool': 'hlo_report', 'file': path,
+         'totals': [{'category': c, 'computation': comp, 'ops': n, 'bytes': b}
+                    for (c, comp), (b, n) in totals.items()],
+         'rows': [dataclasses.asdict(r) for r in rows[:args.top]]}
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(out, f, indent=1)
+  return out
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
