@@ -33,7 +33,9 @@ Method (docs/performance.md):
   gather/scatter jits, transfers) are listed per program. `top_ops` lists the costliest HLO ops,
   `top_op_groups` the costliest kernels with their ops summed per op_name (one row for a kernel
   that every scanned or repeated layer runs), `top_op_groups_by_component` the 15 costliest
-  groups of each component. If the trace cannot be read, the
+  groups of each component, `data_movement` the compiled step's constant fills, copies,
+  transposes and dynamic(-update) slices by bytes per loop body (tools/hlo_report.py: what the
+  unattributed time is). If the trace cannot be read, the
   profile section says so and `--ablate` (timing with one component switched off at a time) is
   the fallback.
 - `--ablate` and `--variant` repeat the measurement with config overrides, one after another on
@@ -66,7 +68,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import hlo_report  # noqa: E402
 from v4jax.cli import ToolError, claim_gpu_memory, run_tool  # noqa: E402
 from v4jax.config import load_config_file  # noqa: E402
 
@@ -507,42 +511,28 @@ def measure(cfg, args, *, profile: bool, label: str = 'main',
 
 
 # ---- trace analysis ----------------------------------------------------------------------------
-_INSTR_RE = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
-_COMP_RE = re.compile(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$')
 _CALLS_RE = re.compile(r'(?:calls|to_apply|body|condition)=%?([\w.\-]+)'
                        r'|(?:called_computations|branch_computations)=\{([^}]*)\}')
 
 
 def hlo_index(hlo_text: str) -> tuple[str, dict]:
   """(module name, {instruction: (op_name, called computations, operands, is_host_copy)}) of HLO
-  text; '@<computation>' keys hold the op_names of a computation's instructions."""
-  module = ''
+  text (parsed by tools/hlo_report.py); '@<computation>' keys hold the op_names of a
+  computation's instructions."""
+  module = next((line.split()[1].rstrip(',') for line in hlo_text.splitlines()
+                 if line.startswith('HloModule')), '')
   info: dict[str, tuple] = {}
-  comp = None
-  for line in hlo_text.splitlines():
-    if line.startswith('HloModule'):
-      module = line.split()[1].rstrip(',')
-      continue
-    m = _COMP_RE.match(line)
-    if m and '=' not in line.split('(')[0]:
-      comp = m.group(1)
-      info.setdefault('@' + comp, ([], [], [], False))
-      continue
-    m = _INSTR_RE.match(line)
-    if not m:
-      continue
-    name, rest = m.groups()
-    op = re.search(r'op_name="([^"]*)"', rest)
-    calls = [c.strip().lstrip('%') for g in _CALLS_RE.findall(rest) for c in ','.join(g).split(',')
-             if c.strip()]
-    body = rest.split(', metadata=')[0]
-    operands = [o for o in re.findall(r'%([\w.\-]+)', body) if o not in calls]
-    opcode = re.search(r'\s([a-z][\w\-]*)\(', ' ' + rest)
-    host_copy = bool(opcode and opcode.group(1) in ('copy-start', 'copy-done', 'copy')
-                     and 'S(5)' in rest.split(opcode.group(1) + '(')[0])
-    info[name] = (op.group(1) if op else '', calls, operands, host_copy)
-    if comp is not None:
-      info['@' + comp][0].append(op.group(1) if op else '')
+  for comp, instrs in hlo_report.parse(hlo_text).items():
+    names = info.setdefault('@' + comp, ([], [], [], False))[0]
+    for ins in instrs:
+      op = re.search(r'op_name="([^"]*)"', ins.rest)
+      calls = [c.strip().lstrip('%') for g in _CALLS_RE.findall(ins.rest)
+               for c in ','.join(g).split(',') if c.strip()]
+      operands = [o for o in re.findall(r'%([\w.\-]+)', ins.rest.split(', metadata=')[0])
+                  if o not in calls]
+      host_copy = ins.opcode in ('copy-start', 'copy-done', 'copy') and 'S(5)' in ins.shape
+      info[ins.name] = (op.group(1) if op else '', calls, operands, host_copy)
+      names.append(op.group(1) if op else '')
   return module, info
 
 
@@ -773,6 +763,12 @@ def summary(rep: dict) -> str:
       name = '/'.join(g['op_name'].split('/')[-3:])
       lines.append(f"  {g['s_per_step'] * 1e3:8.2f} ms/step  {g['component']:<18} x{g['ops']:<3} "
                    f"{name}")
+    moved = collections.Counter()
+    for t in p.get('data_movement', []):
+      moved[t['category']] += t['bytes']
+    if moved:
+      lines.append('  data movement, MB written per run of each program and loop body: ' +
+                   ', '.join(f'{c} {b / 1e6:,.0f}' for c, b in moved.most_common() if b))
   elif p:
     lines.append(f"profile: {p.get('error')}")
   for a in rep.get('ablations', []) + rep.get('variants', []):
@@ -803,6 +799,8 @@ def profile_report(prof: dict) -> dict:
   try:
     rep = analyse_trace(prof['dir'], prof['hlo_text'], prof['steps'], prof['wall_s'])
     rep['scopes_missing'] = prof['missing']
+    # what the unattributed fills, copies and slices are (tools/hlo_report.py), per loop body
+    rep['data_movement'] = hlo_report.totals(hlo_report.report(prof['hlo_text']))
     return rep
   except Exception as e:  # noqa: BLE001 - reported; --ablate is the fallback
     return {'method': 'unavailable', 'error': f'{type(e).__name__}: {e}', 'trace_dir': prof['dir']}

@@ -35,6 +35,7 @@ import json
 import os
 import re
 import sys
+from typing import NamedTuple
 
 CATEGORIES = ('fill', 'copy', 'transpose', 'dynamic-slice', 'dynamic-update-slice',
               'uninitialised')
@@ -69,9 +70,19 @@ def shape_bytes(shape: str) -> int:
   return total
 
 
-def parse(text: str) -> dict[str, list[tuple[bool, str, str, str, str]]]:
-  """{computation: [(is_root, name, shape, opcode, rest of the line)]} of an HLO module text."""
-  comps: dict[str, list] = {}
+class Instr(NamedTuple):
+  """One HLO instruction line: `[ROOT] %name = shape opcode(rest`."""
+  is_root: bool
+  name: str
+  shape: str
+  opcode: str
+  rest: str
+
+
+def parse(text: str) -> dict[str, list[Instr]]:
+  """{computation: its instructions} of an HLO module's text (the one HLO-text parser of the
+  tools: bench_train's trace attribution reads it too)."""
+  comps: dict[str, list[Instr]] = {}
   cur = None
   for line in text.splitlines():
     if not line.startswith((' ', '\t')):
@@ -82,7 +93,7 @@ def parse(text: str) -> dict[str, list[tuple[bool, str, str, str, str]]]:
       continue
     m = _INSTR.match(line) if cur is not None else None
     if m:
-      comps[cur].append((bool(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)))
+      comps[cur].append(Instr(bool(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)))
   return comps
 
 
@@ -156,6 +167,16 @@ def report(text: str) -> list[Row]:
   return sorted(rows, key=lambda r: -r.bytes)
 
 
+def totals(rows: list[Row]) -> list[dict]:
+  """[{category, computation, ops, bytes}] summed over `report`'s rows, largest first."""
+  acc = collections.defaultdict(lambda: [0, 0])
+  for r in rows:
+    acc[(r.category, r.computation)][0] += r.bytes
+    acc[(r.category, r.computation)][1] += 1
+  return [{'category': c, 'computation': comp, 'ops': n, 'bytes': b}
+          for (c, comp), (b, n) in sorted(acc.items(), key=lambda kv: -kv[1][0])]
+
+
 def find_module(path: str, module: str) -> str:
   """The after-optimizations HLO text at `path` (a file, or the largest match in a dump dir)."""
   if os.path.isfile(path):
@@ -179,20 +200,15 @@ def main(argv=None) -> dict:
   path = find_module(args.path, args.module)
   with open(path) as f:
     rows = report(f.read())
-  totals = collections.defaultdict(lambda: [0, 0])
-  for r in rows:
-    totals[(r.category, r.computation)][0] += r.bytes
-    totals[(r.category, r.computation)][1] += 1
+  sums = totals(rows)
   print(f'{path}\n\n{"category":22s} {"computation":40s} {"ops":>5s} {"MB":>10s}')
-  for (cat, comp), (b, n) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
-    print(f'{cat:22s} {comp[:40]:40s} {n:5d} {b / 1e6:10.1f}')
+  for t in sums:
+    print(f'{t["category"]:22s} {t["computation"][:40]:40s} {t["ops"]:5d} {t["bytes"] / 1e6:10.1f}')
   print(f'\n{"MB":>9s}  {"category":20s} {"computation":28s} {"shape":44s} op_name')
   for r in rows[:args.top]:
     print(f'{r.bytes / 1e6:9.1f}  {r.category:20s} {r.computation[:28]:28s} {r.shape[:44]:44s} '
           f'{r.op_name[-90:]}')
-  out = {'tool': 'hlo_report', 'file': path,
-         'totals': [{'category': c, 'computation': comp, 'ops': n, 'bytes': b}
-                    for (c, comp), (b, n) in totals.items()],
+  out = {'tool': 'hlo_report', 'file': path, 'totals': sums,
          'rows': [dataclasses.asdict(r) for r in rows[:args.top]]}
   if args.out:
     with open(args.out, 'w') as f:

@@ -87,6 +87,10 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
     assert p['shares'][comp] > 0, (comp, p['shares'])
   assert p['shares']['unattributed'] < 0.2, p['shares']
   assert p['scopes_missing'] == []   # every SCOPES target still exists in v4jax
+  # the step's data movement (tools/hlo_report.py): at least the entry's copies or fills
+  moved = p['data_movement']
+  assert moved and all(m['bytes'] >= 0 and m['ops'] > 0 for m in moved), moved
+  assert {m['category'] for m in moved} <= set(bench_train.hlo_report.CATEGORIES)
   # with comparisons, each measurement ran in its own process (the main one too)
   assert on_disk['isolate'] == 'process' and on_disk['device']['count'] == jax.device_count()
 

@@ -85,6 +85,7 @@ def test_every_category_and_its_bytes():
       ('dynamic-update-slice', 'body.14', 'loop_dynamic_update_slice_fusion.21', 4 * 8 * 4),
       ('copy', 'body.14', 'copy.22', 9 * 9 * 2),
   }                                  # the add fusion and the fused computations are not listed
+  assert {r.category for r in report(MODULE)} == set(hlo_report.CATEGORIES)
   assert [r.bytes for r in report(MODULE)] == sorted((r.bytes for r in report(MODULE)),
                                                       reverse=True)
 
