@@ -129,15 +129,19 @@ def report(text: str) -> list[Row]:
   """Every data-movement instruction of the module outside fused computations, largest first,
   each under the computation that runs it (a while body, the entry)."""
   comps = parse(text)
-  shapes = {c: {name: shape for _, name, shape, _, _ in instrs} for c, instrs in comps.items()}
-  roots = {c: next(((op, rest) for is_root, _, _, op, rest in instrs if is_root), ('', ''))
+  shapes = {c: {i.name: i.shape for i in instrs} for c, instrs in comps.items()}
+  roots = {c: next(((i.opcode, i.rest) for i in instrs if i.is_root), ('', ''))
            for c, instrs in comps.items()}
-  fused, caller = set(), {}
+  fused, caller = set(), {}      # fused computations; other callees -> the computation calling
   for comp, instrs in comps.items():
-    for *_, op, rest in instrs:
-      callee = _called(rest)
-      if callee is not None:
-        (fused.add(callee) if op == 'fusion' else caller.setdefault(callee, comp))
+    for i in instrs:
+      callee = _called(i.rest)
+      if callee is None:
+        continue
+      if i.opcode == 'fusion':
+        fused.add(callee)
+      else:
+        caller.setdefault(callee, comp)
 
   def owner(comp):
     seen = set()
@@ -150,19 +154,19 @@ def report(text: str) -> list[Row]:
   for comp, instrs in comps.items():
     if comp in fused:
       continue
-    constants = {name for _, name, _, op, _ in instrs if op == 'constant'}
-    for _, name, shape, opcode, rest in instrs:
-      cat = _category(opcode, rest, roots, constants)
+    constants = {i.name for i in instrs if i.opcode == 'constant'}
+    for i in instrs:
+      cat = _category(i.opcode, i.rest, roots, constants)
       if cat is None:
         continue
-      nbytes = 0 if cat == 'uninitialised' else shape_bytes(shape)
-      if cat == 'dynamic-update-slice' and opcode == 'fusion':
-        callee = _called(rest)
+      nbytes = 0 if cat == 'uninitialised' else shape_bytes(i.shape)
+      if cat == 'dynamic-update-slice' and i.opcode == 'fusion':   # the update, not the buffer
+        callee = _called(i.rest)
         ops = _operands(roots[callee][1])
         if len(ops) > 1:
           nbytes = shape_bytes(shapes[callee].get(ops[1], ''))
-      meta = re.search(r'op_name="([^"]*)"', rest)
-      rows.append(Row(cat, owner(comp), name, shape.split('{')[0], nbytes,
+      meta = re.search(r'op_name="([^"]*)"', i.rest)
+      rows.append(Row(cat, owner(comp), i.name, i.shape.split('{')[0], nbytes,
                       meta.group(1) if meta else ''))
   return sorted(rows, key=lambda r: -r.bytes)
 
