@@ -77,6 +77,7 @@ def abstract_trainer(cfg, devices):
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
 
+  from v4jax import compat
   from v4jax.config import validate
   from v4jax.model.transformer import Transformer
   from v4jax.optim import make_optimizer
@@ -86,6 +87,7 @@ def abstract_trainer(cfg, devices):
 
   tr = object.__new__(Trainer)   # __init__ would build data pipelines and materialise state
   tr.cfg = validate(cfg)
+  compat.set_scan_outputs(cfg.train.scan_outputs)   # as Trainer.__init__: lowered as it trains
   tr.mesh = make_mesh(cfg.mesh, devices)
   tr.rules = rules_lib.RULES[cfg.mesh.rules]
   tr.hash_spec, rows = engram_setup(cfg, None)
