@@ -74,8 +74,7 @@ def test_kernel_lowers_for_cuda(name, calls):
         q, kv, i, l, V, 0.1, interpret=False), q, kv, idx, lse)
   else:          # the masked form's teacher
     n = _triton_calls(lambda q, k, i, l: sparse_gpu.masked_probs_mean(
-        q, k, i, l, 0.1, interpret=False), bf16(B, T, H, 192),
-        bf16(B, T, H, 192), idx, lse)
+        q, k, i, l, 0.1, interpret=False), bf16(B, T, H, 192), bf16(B, T, H, 192), idx, lse)
   assert n == calls
 
 

@@ -88,8 +88,7 @@ def test_gpu_kernel_matches_oracle(B, T, S, H, D, K, bq, bs, buf, dtype):
   q, k, idx = _inputs(B, T, S, H, D, K, dtype, seed=T + D)
   scale = D ** -0.5
   lse, want = _oracle(q, k, idx, scale)
-  opts = dict(block_q=bq, block_s=bs, interpret=True) | (
-      {'buf_bytes': buf} if buf else {})
+  opts = dict(block_q=bq, block_s=bs, interpret=True) | ({'buf_bytes': buf} if buf else {})
   p = _jit(lambda *a: gpu.masked_probs_mean(*a, scale, **opts),
            q, k, idx, jnp.asarray(lse, jnp.float32))
   _check(p, want, idx, 1e-6)
