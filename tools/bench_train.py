@@ -223,11 +223,13 @@ def _parse_variant(text: str) -> dict[str, str]:
   return out
 
 
-def _split_variant(variant: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+def _split_variant(variant: dict[str, str]) -> tuple[dict[str, str], dict[str, str | bool]]:
   """A variant's (config overrides, XLA compiler options): config fields never start with
-  `xla_`; XLA's option names all do."""
+  `xla_`; XLA's option names all do. An option's true / false (any case) becomes a bool: XLA
+  reads a string only as True or False."""
   xla = {k: v for k, v in variant.items() if k.startswith('xla_')}
-  return {k: v for k, v in variant.items() if k not in xla}, xla
+  config = {k: v for k, v in variant.items() if k not in xla}
+  return config, {k: {'true': True, 'false': False}.get(v.lower(), v) for k, v in xla.items()}
 
 
 def bench_config(args, overrides):

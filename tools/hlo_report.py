@@ -17,7 +17,8 @@ Reads the after-optimizations HLO text of one module (an XLA dump: `XLA_FLAGS="-
 
 Bytes count each instruction once: an instruction in a loop body runs once per trip. Work that
 XLA moved into an async computation (or any other called computation but a fusion) counts in the
-computation that calls it. The profile
+computation that calls it. An async fusion (`fusion-start` / `fusion-done`, as XLA on GPU runs a
+while body's slices of its stacked operands) counts at its `fusion-done`, by the bytes it yields. The profile
 (`tools/bench_train.py --profile`) gives the time; this gives what each op is, and its shape. The
 eighteenth session found 23.5 GB of zero fills per micro-batch at bench_h200 with it
 (docs/performance.md row 68).
@@ -138,7 +139,7 @@ def report(text: str) -> list[Row]:
       callee = _called(i.rest)
       if callee is None:
         continue
-      if i.opcode == 'fusion':
+      if i.opcode in ('fusion', 'fusion-start'):
         fused.add(callee)
       else:
         caller.setdefault(callee, comp)
@@ -155,13 +156,18 @@ def report(text: str) -> list[Row]:
     if comp in fused:
       continue
     constants = {i.name for i in instrs if i.opcode == 'constant'}
+    starts = {i.name: i for i in instrs if i.opcode == 'fusion-start'}
     for i in instrs:
-      cat = _category(i.opcode, i.rest, roots, constants)
+      opcode, rest = i.opcode, i.rest          # an async fusion: its start's callee and operands
+      if opcode == 'fusion-done':
+        start = starts.get(next(iter(_operands(rest)), ''))
+        opcode, rest = ('fusion', start.rest) if start else (opcode, rest)
+      cat = _category(opcode, rest, roots, constants)
       if cat is None:
         continue
       nbytes = 0 if cat == 'uninitialised' else shape_bytes(i.shape)
-      if cat == 'dynamic-update-slice' and i.opcode == 'fusion':   # the update, not the buffer
-        callee = _called(i.rest)
+      if cat == 'dynamic-update-slice' and opcode == 'fusion':   # the update, not the buffer
+        callee = _called(rest)
         ops = _operands(roots[callee][1])
         if len(ops) > 1:
           nbytes = shape_bytes(shapes[callee].get(ops[1], ''))

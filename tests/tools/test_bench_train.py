@@ -117,6 +117,11 @@ def test_aot_step_compiles_with_the_variants_xla_options():
     bench_train.AotStep(f, {'xla_no_such_option': '1'})(x)
   assert bench_train._split_variant({'model.remat': 'full', 'xla_gpu_foo': '1'}) == (
       {'model.remat': 'full'}, {'xla_gpu_foo': '1'})
+  # XLA rejects the string 'false' for a bool option; the variant's text becomes a bool.
+  _, opts = bench_train._split_variant({'xla_cpu_enable_fast_math': 'false'})
+  assert opts == {'xla_cpu_enable_fast_math': False}
+  got = bench_train.AotStep(f, opts)(x)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_overrides_and_bad_flags():

@@ -37,6 +37,13 @@ MODULE = textwrap.dedent('''\
       ROOT %dynamic-slice.10 = bf16[1,16,2]{2,1,0} dynamic-slice(%param_0.7, %param_1.8, %constant_9, %constant_9), dynamic_slice_sizes={1,16,2}
     }
 
+    %fused_ds.34 (param_0.36: bf16[6,16,2], param_1.37: s32[]) -> bf16[1,16,2] {
+      %param_0.36 = bf16[6,16,2]{2,1,0} parameter(0)
+      %param_1.37 = s32[] parameter(1)
+      %constant_38 = s32[] constant(0)
+      ROOT %dynamic-slice.39 = bf16[1,16,2]{2,1,0} dynamic-slice(%param_0.36, %param_1.37, %constant_38, %constant_38), dynamic_slice_sizes={1,16,2}
+    }
+
     %fused_add.11 (param_0.12: f32[4,8]) -> f32[4,8] {
       %param_0.12 = f32[4,8]{1,0} parameter(0)
       ROOT %add.13 = f32[4,8]{1,0} add(%param_0.12, %param_0.12)
@@ -51,6 +58,8 @@ MODULE = textwrap.dedent('''\
       %upd.20 = f32[1,4,8]{2,1,0} parameter(1)
       %loop_dynamic_update_slice_fusion.21 = f32[6,4,8]{2,1,0} fusion(%buf.17, %upd.20, %i.16), kind=kLoop, calls=%fused_dus.3
       %copy.22 = bf16[9,9]{1,0} copy(%xs.18)
+      %fusion-start.33 = ((bf16[6,16,2]{2,1,0}, s32[]), bf16[1,16,2]{2,1,0}, u32[]) fusion-start(%xs.18, %i.16), kind=kLoop, calls=%fused_ds.34
+      %fusion-done.35 = bf16[1,16,2]{2,1,0} fusion-done(%fusion-start.33)
       ROOT %tuple.23 = (s32[], f32[6,4,8]{2,1,0}, bf16[6,16,2]{2,1,0}) tuple(%i.16, %loop_dynamic_update_slice_fusion.21, %xs.18)
     }
 
@@ -84,6 +93,7 @@ def test_every_category_and_its_bytes():
       ('dynamic-slice', 'body.14', 'loop_dynamic_slice_fusion.19', 16 * 2 * 2),
       ('dynamic-update-slice', 'body.14', 'loop_dynamic_update_slice_fusion.21', 4 * 8 * 4),
       ('copy', 'body.14', 'copy.22', 9 * 9 * 2),
+      ('dynamic-slice', 'body.14', 'fusion-done.35', 16 * 2 * 2),    # async: once, at its done
   }                                  # the add fusion and the fused computations are not listed
   assert {r.category for r in report(MODULE)} == set(hlo_report.CATEGORIES)
   assert [r.bytes for r in report(MODULE)] == sorted((r.bytes for r in report(MODULE)),
