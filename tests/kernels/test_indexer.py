@@ -405,6 +405,34 @@ def test_gpu_scores_at_backward(B, T, S, H, D, K, blocks, dtype, causal, dq_form
     _close(np.asarray(a, np.float32), b, rel)
 
 
+def test_gpu_live_blocks_lists():
+  """The backward's live-tile lists vs a numpy oracle on a G with empty tiles, a tile holding
+  one tiny normal value, one holding a NaN, one of -0.0 and one of subnormals only (the last two
+  empty): per query block its live key blocks ascending then the rest, and the counts; the same
+  per key block."""
+  rs = np.random.RandomState(7)
+  B, nt, ns, bt, bs = 2, 3, 5, 4, 8
+  G = np.where(rs.rand(B, nt * bt, ns * bs) < 0.02, rs.randn(B, nt * bt, ns * bs), 0.0)
+  G = G.astype(np.float32)
+  tile = lambda b, i, j: (b, slice(i * bt, (i + 1) * bt), slice(j * bs, (j + 1) * bs))
+  for (b, i, j), v in (((0, 0, 1), np.finfo(np.float32).tiny), ((0, 2, 4), np.nan),
+                       ((1, 1, 0), -0.0), ((1, 2, 2), np.finfo(np.float32).smallest_subnormal)):
+    G[tile(b, i, j)] = 0.0
+    G[tile(b, i, j)][1, 2] = v
+  want = np.zeros((B, nt, ns), bool)
+  for b, i, j in np.ndindex(B, nt, ns):
+    t = G[tile(b, i, j)]
+    want[b, i, j] = np.any(np.isnan(t) | (np.abs(t) >= np.finfo(np.float32).tiny))
+  assert want[0, 0, 1] and want[0, 2, 4] and not want[1, 1, 0] and not want[1, 2, 2]
+  assert 0 < want.sum() < want.size
+  (kb, kn), (qb, qn) = gpu._live_blocks(jnp.asarray(G), bt, bs)
+  for lists, n, live in ((kb, kn, want), (qb, qn, np.swapaxes(want, 1, 2))):
+    np.testing.assert_array_equal(np.asarray(n)[..., 0], live.sum(-1))
+    for idx in np.ndindex(live.shape[:2]):
+      order = np.concatenate([np.flatnonzero(live[idx]), np.flatnonzero(~live[idx])])
+      np.testing.assert_array_equal(np.asarray(lists)[idx], order)
+
+
 def test_gpu_scores_at_auto_dq_form():
   """dq_form='auto' picks 'dense' at the shapes where the H200 timed it faster (T = S = 4K,
   K = 1K) and 'gather' where that was (16K and 32K tokens, K = 2K), and runs exactly the form it

@@ -474,9 +474,15 @@ def _live_blocks(G, bt, bs):
   """Tiles of G holding any nonzero (NaN counts): per query block the live key blocks, first
   in ascending order ([B,nt,ns], count [B,nt,1]), and per key block the live query blocks
   ([B,ns,nt], count [B,ns,1]). The kernels loop over these lists: no per-tile branch, so Triton
-  can pipeline the loads, and no assumption on where the live tiles lie."""
+  can pipeline the loads, and no assumption on where the live tiles lie.
+
+  Nonzero means |G| >= the least normal fp32 (a tile of only subnormals is empty: its products
+  are flushed anyway). Not `G != 0`: XLA merges that zero with _dense_cotangent's zero slab,
+  which then stays live beside G and costs a copy of the slab plus a second read of it."""
   B, Tp, Sp = G.shape
-  live = jnp.any(G.reshape(B, Tp // bt, bt, Sp // bs, bs) != 0.0, axis=(2, 4))     # [B,nt,ns]
+  g = G.reshape(B, Tp // bt, bt, Sp // bs, bs)
+  nonzero = (jnp.abs(g) >= np.finfo(np.float32).tiny) | jnp.isnan(g)
+  live = jnp.any(nonzero, axis=(2, 4))                                             # [B,nt,ns]
   lists = lambda x: (jnp.argsort(~x, axis=2, stable=True).astype(jnp.int32),
                      jnp.sum(x, axis=2, keepdims=True, dtype=jnp.int32))
   return lists(live), lists(jnp.swapaxes(live, 1, 2))
