@@ -17,11 +17,11 @@ Reads the after-optimizations HLO text of one module (an XLA dump: `XLA_FLAGS="-
 
 Bytes count each instruction once: an instruction in a loop body runs once per trip. Work that
 XLA moved into an async computation (or any other called computation but a fusion) counts in the
-computation that calls it. An async fusion (`fusion-start` / `fusion-done`, as XLA on GPU runs a
-while body's slices of its stacked operands) counts at its `fusion-done`, by the bytes it yields. The profile
-(`tools/bench_train.py --profile`) gives the time; this gives what each op is, and its shape. The
-eighteenth session found 23.5 GB of zero fills per micro-batch at bench_h200 with it
-(docs/performance.md row 68).
+computation that calls it. An async fusion (`fusion-start` / `fusion-done`: how XLA on GPU runs
+a while body's slices of its stacked operands) counts once, at its `fusion-done`, by the bytes
+it yields. The profile (`tools/bench_train.py --profile`) gives the time; this gives what each
+op is, and its shape. The eighteenth session found 23.5 GB of zero fills per micro-batch at
+bench_h200 with it (docs/performance.md row 68).
 
   python tools/hlo_report.py /tmp/dump --top 40 --out hlo_report.json
   python tools/hlo_report.py /tmp/dump/module_0123.jit__step.sm_9.0a_gpu_after_optimizations.txt

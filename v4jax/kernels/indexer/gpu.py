@@ -476,9 +476,10 @@ def _live_blocks(G, bt, bs):
   ([B,ns,nt], count [B,ns,1]). The kernels loop over these lists: no per-tile branch, so Triton
   can pipeline the loads, and no assumption on where the live tiles lie.
 
-  Nonzero means |G| >= the least normal fp32 (a tile of only subnormals is empty: its products
-  are flushed anyway). Not `G != 0`: XLA merges that zero with _dense_cotangent's zero slab,
-  which then stays live beside G and costs a copy of the slab plus a second read of it."""
+  Nonzero means |G| >= the least normal fp32: a tile holding only subnormal values counts as
+  empty, and what it would add to dq, dk and dw (under 1.2e-38 times q, k or w) is dropped. Not
+  `G != 0`: XLA merges that zero with _dense_cotangent's zero slab, which then stays live beside
+  G and costs a copy of the slab plus a second read of it."""
   B, Tp, Sp = G.shape
   g = G.reshape(B, Tp // bt, bt, Sp // bs, bs)
   nonzero = (jnp.abs(g) >= np.finfo(np.float32).tiny) | jnp.isnan(g)
