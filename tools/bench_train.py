@@ -34,10 +34,10 @@ Method (docs/performance.md):
   `top_op_groups` the costliest kernels with their ops summed per op_name (one row for a kernel
   that every scanned or repeated layer runs), `top_op_groups_by_component` the 15 costliest
   groups of each component, `data_movement` the compiled step's constant fills, copies,
-  transposes and dynamic(-update) slices by bytes per loop body (tools/hlo_report.py: what the
-  unattributed time is). If the trace cannot be read, the
-  profile section says so and `--ablate` (timing with one component switched off at a time) is
-  the fallback.
+  transposes and dynamic(-update) slices by bytes per loop body and per step
+  (tools/hlo_report.py: what the unattributed time is). If the trace cannot be read, the profile
+  section says so and `--ablate` (timing with one component switched off at a time) is the
+  fallback.
 - `--ablate` and `--variant` repeat the measurement with config overrides, one after another on
   the same machine, so their step times compare with the main one. By default (`--isolate
   process`) the main measurement and each comparison run in a fresh child process: on a GPU the
@@ -765,12 +765,10 @@ def summary(rep: dict) -> str:
       name = '/'.join(g['op_name'].split('/')[-3:])
       lines.append(f"  {g['s_per_step'] * 1e3:8.2f} ms/step  {g['component']:<18} x{g['ops']:<3} "
                    f"{name}")
-    moved = collections.Counter()
-    for t in p.get('data_movement', []):
-      moved[t['category']] += t['bytes']
-    if moved:
-      lines.append('  data movement, MB written per run of each program and loop body: ' +
-                   ', '.join(f'{c} {b / 1e6:,.0f}' for c, b in moved.most_common() if b))
+    moved = hlo_report.per_step(p.get('data_movement', []))
+    if any(moved.values()):
+      lines.append('  data movement, GB written per step (loop trips counted): ' +
+                   ', '.join(f'{c} {b / 1e9:,.1f}' for c, b in moved.items() if b))
   elif p:
     lines.append(f"profile: {p.get('error')}")
   for a in rep.get('ablations', []) + rep.get('variants', []):

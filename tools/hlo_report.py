@@ -15,7 +15,9 @@ Reads the after-optimizations HLO text of one module (an XLA dump: `XLA_FLAGS="-
                         counted by the update's bytes: the buffer is written in place)
   uninitialised         `AllocateBuffer` custom calls (lax.empty on GPU and TPU: no bytes written)
 
-Bytes count each instruction once: an instruction in a loop body runs once per trip. Work that
+Bytes count each instruction once, and `runs` says how often it runs per execution of the
+module: the product of the known trip counts (XLA's `known_trip_count`) of the while loops around
+it (a loop without one counts once); `bytes x runs` is what it writes per step. Work that
 XLA moved into an async computation (or any other called computation but a fusion) counts in the
 computation that calls it. An async fusion (`fusion-start` / `fusion-done`: how XLA on GPU runs
 a while body's slices of its stacked operands) counts once, at its `fusion-done`, by the bytes
@@ -56,6 +58,7 @@ class Row:
   shape: str
   bytes: int
   op_name: str
+  runs: int = 1
 
 
 def shape_bytes(shape: str) -> int:
@@ -151,6 +154,21 @@ def report(text: str) -> list[Row]:
       comp = caller[comp]
     return comp
 
+  loops = {}                     # while body -> (the computation running the loop, trip count)
+  for comp, instrs in comps.items():
+    for i in instrs:
+      body = re.search(r'body=%?([\w.\-]+)', i.rest) if i.opcode == 'while' else None
+      if body:
+        n = re.search(r'known_trip_count"?:\{"n":"(\d+)"', i.rest)
+        loops[body.group(1)] = (comp, int(n.group(1)) if n else 1)
+
+  def runs(comp, depth=0):
+    comp = owner(comp)
+    if comp not in loops or depth > len(loops):
+      return 1
+    holder, n = loops[comp]
+    return n * runs(holder, depth + 1)
+
   rows = []
   for comp, instrs in comps.items():
     if comp in fused:
@@ -173,18 +191,31 @@ def report(text: str) -> list[Row]:
           nbytes = shape_bytes(shapes[callee].get(ops[1], ''))
       meta = re.search(r'op_name="([^"]*)"', i.rest)
       rows.append(Row(cat, owner(comp), i.name, i.shape.split('{')[0], nbytes,
-                      meta.group(1) if meta else ''))
+                      meta.group(1) if meta else '', runs(comp)))
   return sorted(rows, key=lambda r: -r.bytes)
 
 
 def totals(rows: list[Row]) -> list[dict]:
-  """[{category, computation, ops, bytes}] summed over `report`'s rows, largest first."""
-  acc = collections.defaultdict(lambda: [0, 0])
+  """[{category, computation, ops, bytes, runs, bytes_per_step}] summed over `report`'s rows
+  (bytes per run of the computation, which runs `runs` times per step), largest per step
+  first."""
+  acc = collections.defaultdict(lambda: [0, 0, 1])
   for r in rows:
-    acc[(r.category, r.computation)][0] += r.bytes
-    acc[(r.category, r.computation)][1] += 1
-  return [{'category': c, 'computation': comp, 'ops': n, 'bytes': b}
-          for (c, comp), (b, n) in sorted(acc.items(), key=lambda kv: -kv[1][0])]
+    a = acc[(r.category, r.computation)]
+    a[0] += r.bytes
+    a[1] += 1
+    a[2] = r.runs
+  out = [{'category': c, 'computation': comp, 'ops': n, 'bytes': b, 'runs': k,
+          'bytes_per_step': b * k} for (c, comp), (b, n, k) in acc.items()]
+  return sorted(out, key=lambda t: (-t['bytes_per_step'], -t['bytes']))
+
+
+def per_step(sums: list[dict]) -> dict[str, int]:
+  """{category: bytes written per step} over `totals`' rows, largest first."""
+  acc = collections.Counter()
+  for t in sums:
+    acc[t['category']] += t['bytes_per_step']
+  return dict(acc.most_common())
 
 
 def find_module(path: str, module: str) -> str:
@@ -211,14 +242,18 @@ def main(argv=None) -> dict:
   with open(path) as f:
     rows = report(f.read())
   sums = totals(rows)
-  print(f'{path}\n\n{"category":22s} {"computation":40s} {"ops":>5s} {"MB":>10s}')
+  steps = per_step(sums)
+  print(f'{path}\n\n{"category":22s} {"computation":40s} {"ops":>5s} {"MB per run":>11s} '
+        f'{"runs":>5s} {"GB per step":>12s}')
   for t in sums:
-    print(f'{t["category"]:22s} {t["computation"][:40]:40s} {t["ops"]:5d} {t["bytes"] / 1e6:10.1f}')
-  print(f'\n{"MB":>9s}  {"category":20s} {"computation":28s} {"shape":44s} op_name')
+    print(f'{t["category"]:22s} {t["computation"][:40]:40s} {t["ops"]:5d} '
+          f'{t["bytes"] / 1e6:11.1f} {t["runs"]:5d} {t["bytes_per_step"] / 1e9:12.2f}')
+  print('\nper step: ' + ', '.join(f'{c} {b / 1e9:.1f} GB' for c, b in steps.items()))
+  print(f'\n{"MB":>9s} {"runs":>5s}  {"category":20s} {"computation":28s} {"shape":44s} op_name')
   for r in rows[:args.top]:
-    print(f'{r.bytes / 1e6:9.1f}  {r.category:20s} {r.computation[:28]:28s} {r.shape[:44]:44s} '
-          f'{r.op_name[-90:]}')
-  out = {'tool': 'hlo_report', 'file': path, 'totals': sums,
+    print(f'{r.bytes / 1e6:9.1f} {r.runs:5d}  {r.category:20s} {r.computation[:28]:28s} '
+          f'{r.shape[:44]:44s} {r.op_name[-90:]}')
+  out = {'tool': 'hlo_report', 'file': path, 'totals': sums, 'per_step': steps,
          'rows': [dataclasses.asdict(r) for r in rows[:args.top]]}
   if args.out:
     with open(args.out, 'w') as f:

@@ -91,6 +91,7 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
   moved = p['data_movement']
   assert moved and all(m['bytes'] >= 0 and m['ops'] > 0 for m in moved), moved
   assert {m['category'] for m in moved} <= set(bench_train.hlo_report.CATEGORIES)
+  assert all(m['runs'] >= 1 and m['bytes_per_step'] == m['bytes'] * m['runs'] for m in moved)
   # with comparisons, each measurement ran in its own process (the main one too)
   assert on_disk['isolate'] == 'process' and on_disk['device']['count'] == jax.device_count()
 

@@ -69,6 +69,7 @@ MODULE = textwrap.dedent('''\
       %empty.27 = f32[6,4,8]{2,1,0} custom-call(), custom_call_target="AllocateBuffer"
       %transpose.28 = f32[8,4]{0,1} transpose(%x.25), dimensions={1,0}
       %loop_add_fusion.29 = f32[4,8]{1,0} fusion(%x.25), kind=kLoop, calls=%fused_add.11
+      %loop.40 = (s32[], f32[6,4,8]{2,1,0}, bf16[6,16,2]{2,1,0}) while(%init.41), condition=%cond.42, body=%body.14, backend_config={"known_trip_count":{"n":"6"}}
       %constant_30 = f32[] constant(1)
       %broadcast.31 = f32[2,2]{1,0} broadcast(%constant_30), dimensions={}
       ROOT %copy.32 = f32[4,8]{1,0} copy(%loop_add_fusion.29)
@@ -84,6 +85,8 @@ def test_shape_bytes():
 
 def test_every_category_and_its_bytes():
   got = {(r.category, r.computation, r.name, r.bytes) for r in report(MODULE)}
+  assert {r.runs for r in report(MODULE) if r.computation == 'body.14'} == {6}   # trip count
+  assert {r.runs for r in report(MODULE) if r.computation == 'main.24'} == {1}
   assert got == {
       ('fill', 'main.24', 'loop_broadcast_fusion.26', 3 * 5 * 7 * 2),
       ('fill', 'main.24', 'broadcast.31', 2 * 2 * 4),
@@ -98,6 +101,11 @@ def test_every_category_and_its_bytes():
   assert {r.category for r in report(MODULE)} == set(hlo_report.CATEGORIES)
   assert [r.bytes for r in report(MODULE)] == sorted((r.bytes for r in report(MODULE)),
                                                       reverse=True)
+  sums = {(t['category'], t['computation']): t for t in hlo_report.totals(report(MODULE))}
+  assert sums[('dynamic-slice', 'body.14')]['ops'] == 2
+  assert sums[('dynamic-slice', 'body.14')]['bytes_per_step'] == 6 * 2 * 16 * 2 * 2
+  assert sums[('fill', 'main.24')]['bytes_per_step'] == 3 * 5 * 7 * 2 + 2 * 2 * 4
+  assert hlo_report.per_step(list(sums.values()))['copy'] == 6 * 9 * 9 * 2 + 4 * 8 * 4
 
 
 def test_cli_on_a_real_cpu_dump(tmp_path):
