@@ -17,6 +17,8 @@ jnp reference gives NaN o there; cuDNN's value for such a row is not relied on).
 delta = rowsum(do·o) in XLA, then a dk/dv kernel (one program per key block, looping over the
 query blocks from the diagonal down) and a dq kernel (one program per query block, looping over
 key blocks up to the diagonal), p recomputed from the saved lse; fp32 accumulation throughout.
+Each kernel splits its loop: tiles wholly below the diagonal skip the causal compare (known
+true), the tiles the diagonal crosses make it (the same values as one loop, bit for bit).
 
 lse [B,T,H] fp32 is a statistic without a gradient of its own, as in library.py (the DSA KL
 teacher reads it detached): its cotangent is dropped.
@@ -119,24 +121,31 @@ def _logits(q_ref, q_rows, k_ref, k_rows, parts, scale):
   return s * scale
 
 
-def _allowed(t0, s0, bm, bn, s_len, rows, segq_ref, segk_ref, words_ref):
+def _allowed(t0, s0, bm, bn, s_len, rows, segq_ref, segk_ref, words_ref, causal):
   """Bool [M, N]: key s0+n is allowed for query t0+m (causal, below s_len, in the top-k set and
-  the same document where given). `rows` indexes the tile's rows in segq_ref and words_ref;
-  segk_ref and words_ref's columns cover all keys."""
-  t = t0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
+  the same document where given), or None when every pair is. `rows` indexes the tile's rows in
+  segq_ref and words_ref; segk_ref and words_ref's columns cover all keys. causal=False for a
+  tile wholly below the diagonal (every key s <= every query t: the compare is known true)."""
+  conds = []
   s = s0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
-  ok = s <= t
+  if causal:
+    conds.append(s <= t0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0))
   if s_len is not None:
-    ok = ok & (s < s_len)
+    conds.append(s < s_len)
   if segq_ref is not None:
-    ok = ok & (segq_ref[rows][:, None] == segk_ref[pl.ds(s0, bn)][None, :])
+    conds.append(segq_ref[rows][:, None] == segk_ref[pl.ds(s0, bn)][None, :])
   if words_ref is not None:
     nw = bn // BITS
     words = words_ref[rows, pl.ds(pl.multiple_of(s0 // BITS, nw), nw)]       # [M, N/32]
     shift = jax.lax.broadcasted_iota(jnp.uint32, (bm, nw, BITS), 2)
     bits = jnp.right_shift(words[:, :, None], shift) & jnp.uint32(1)
-    ok = ok & (bits.reshape(bm, bn) != 0)
-  return ok
+    conds.append(bits.reshape(bm, bn) != 0)
+  return functools.reduce(jnp.logical_and, conds) if conds else None
+
+
+def _below_diagonal(t0, bn):
+  """Key blocks 0.. of this count lie wholly below query row t0 (every key s <= t0)."""
+  return (t0 + 1) // bn
 
 
 def _split_refs(refs, has_seg, has_mask, n_tail):
@@ -155,13 +164,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, parts, bn, s_len, has_seg, ha
   t0 = pl.program_id(1) * bm
   rows = pl.ds(0, bm)
 
-  def block(j, carry):
+  def block(j, carry, causal):
     m, l, acc = carry
     s0 = pl.multiple_of(j * bn, bn)
     keys = pl.ds(s0, bn)
     s = _logits(q_ref, rows, k_ref, keys, parts, scale)
-    ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words)
-    s = jnp.where(ok, s, NEG_INF)
+    ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words, causal)
+    s = s if ok is None else jnp.where(ok, s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)      # rows with no key yet stay finite
     p = jnp.exp(s - m_safe[:, None])
@@ -173,7 +182,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, parts, bn, s_len, has_seg, ha
   init = (jnp.full((bm,), NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32),
           jnp.zeros(o_ref.shape, jnp.float32))
   n_blocks = jnp.minimum((t0 + bm + bn - 1) // bn, k_ref.shape[0] // bn)   # up to the diagonal
-  m, l, acc = jax.lax.fori_loop(0, n_blocks, block, init)
+  n_full = jnp.minimum(_below_diagonal(t0, bn), n_blocks)
+  carry = jax.lax.fori_loop(0, n_full, functools.partial(block, causal=False), init)
+  m, l, acc = jax.lax.fori_loop(n_full, n_blocks, functools.partial(block, causal=True), carry)
   ok = l > 0
   l_safe = jnp.where(ok, l, 1.0)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -252,12 +263,13 @@ def _forward(q, k, v, seg, words, cfg):
 
 # ------------------------------------------------------------------------------------ backward
 def _p_ds(q_ref, do_ref, lse_ref, dl_ref, rows, k_ref, v_ref, keys, t0, s0, bm, bn, opt, *,
-          scale, parts, s_len):
+          scale, parts, s_len, causal):
   """p = exp(s - lse) on allowed pairs (0 elsewhere) and ds = p·(do·v^T - delta), [M, N] fp32."""
   segq, segk, words = opt
   s = _logits(q_ref, rows, k_ref, keys, parts, scale)
-  ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words)
-  p = jnp.where(ok, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
+  ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words, causal)
+  p = jnp.exp(s - lse_ref[rows][:, None])
+  p = p if ok is None else jnp.where(ok, p, 0.0)
   dp = _dot(do_ref[rows, :], v_ref[keys, :], _NT)
   return p, p * (dp - dl_ref[rows][:, None])
 
@@ -270,12 +282,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, part
   s0 = pl.program_id(1) * bn
   keys = pl.ds(0, bn)
 
-  def block(i, carry):
+  def block(i, carry, causal):
     dv, dks = carry
     t0 = pl.multiple_of(i * bm, bm)
     rows = pl.ds(t0, bm)
     p, ds = _p_ds(q_ref, do_ref, lse_ref, dl_ref, rows, k_ref, v_ref, keys, t0, s0, bm, bn,
-                  (segq, segk, words), scale=scale, parts=parts, s_len=s_len)
+                  (segq, segk, words), scale=scale, parts=parts, s_len=s_len, causal=causal)
     do = do_ref[rows, :]
     dv = dv + _dot(p.astype(do.dtype), do, _TN)
     q_parts = [q_ref[rows, pl.ds(off, w)] for off, w in parts]
@@ -284,7 +296,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, part
 
   init = (jnp.zeros(dv_ref.shape, jnp.float32),
           tuple(jnp.zeros((bn, w), jnp.float32) for _, w in parts))
-  dv, dks = jax.lax.fori_loop(s0 // bm, q_ref.shape[0] // bm, block, init)   # diagonal down
+  # from the diagonal down: the query blocks the key block straddles, then those wholly past it
+  n_q = q_ref.shape[0] // bm
+  first_full = jnp.minimum((s0 + bn + bm - 2) // bm, n_q)     # first i with i·bm >= s0 + bn - 1
+  carry = jax.lax.fori_loop(s0 // bm, first_full, functools.partial(block, causal=True), init)
+  dv, dks = jax.lax.fori_loop(first_full, n_q, functools.partial(block, causal=False), carry)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   for (off, w), dk in zip(parts, dks):
     dk_ref[:, pl.ds(off, w)] = (scale * dk).astype(dk_ref.dtype)
@@ -298,17 +314,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, parts
   t0 = pl.program_id(1) * bm
   rows = pl.ds(0, bm)
 
-  def block(j, dqs):
+  def block(j, dqs, causal):
     s0 = pl.multiple_of(j * bn, bn)
     keys = pl.ds(s0, bn)
     _, ds = _p_ds(q_ref, do_ref, lse_ref, dl_ref, rows, k_ref, v_ref, keys, t0, s0, bm, bn,
-                  (segq, segk, words), scale=scale, parts=parts, s_len=s_len)
+                  (segq, segk, words), scale=scale, parts=parts, s_len=s_len, causal=causal)
     k_parts = [k_ref[keys, pl.ds(off, w)] for off, w in parts]
     return tuple(a + _dot(ds.astype(kk.dtype), kk) for a, kk in zip(dqs, k_parts))
 
   init = tuple(jnp.zeros((bm, w), jnp.float32) for _, w in parts)
   n_blocks = jnp.minimum((t0 + bm + bn - 1) // bn, k_ref.shape[0] // bn)
-  dqs = jax.lax.fori_loop(0, n_blocks, block, init)
+  n_full = jnp.minimum(_below_diagonal(t0, bn), n_blocks)
+  dqs = jax.lax.fori_loop(0, n_full, functools.partial(block, causal=False), init)
+  dqs = jax.lax.fori_loop(n_full, n_blocks, functools.partial(block, causal=True), dqs)
   for (off, w), dq in zip(parts, dqs):
     dq_ref[:, pl.ds(off, w)] = (scale * dq).astype(dq_ref.dtype)
 
