@@ -18,7 +18,9 @@ delta = rowsum(do·o) in XLA, then a dk/dv kernel (one program per key block, lo
 query blocks from the diagonal down) and a dq kernel (one program per query block, looping over
 key blocks up to the diagonal), p recomputed from the saved lse; fp32 accumulation throughout.
 Each kernel splits its loop: tiles wholly below the diagonal skip the causal compare (known
-true), the tiles the diagonal crosses make it (the same values as one loop, bit for bit).
+true), the tiles the diagonal crosses make it (the same values as one loop, bit for bit). What
+is fixed for a program is loaded before its loop (the forward's and dq's query rows, do, lse
+and delta; dk/dv's keys and values), and each tile's operands once for all the dots using them.
 
 lse [B,T,H] fp32 is a statistic without a gradient of its own, as in library.py (the DSA KL
 teacher reads it detached): its cotangent is dropped.
@@ -112,11 +114,16 @@ def _params(b: Blocks):
   return pltriton.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages)
 
 
-def _logits(q_ref, q_rows, k_ref, k_rows, parts, scale):
-  """scale·q[q_rows]·k[k_rows]^T [M, N] in fp32, summed over the qk parts."""
+def _load_parts(ref, rows, parts):
+  """ref[rows] as its qk parts: [[M, w] for each (offset, width)]."""
+  return [ref[rows, pl.ds(off, w)] for off, w in parts]
+
+
+def _logits(q_parts, k_parts, scale):
+  """scale·q·k^T [M, N] in fp32 from the loaded qk parts of q [M, .] and k [N, .]."""
   s = None
-  for off, w in parts:
-    d = _dot(q_ref[q_rows, pl.ds(off, w)], k_ref[k_rows, pl.ds(off, w)], _NT)
+  for qq, kk in zip(q_parts, k_parts):
+    d = _dot(qq, kk, _NT)
     s = d if s is None else s + d
   return s * scale
 
@@ -163,12 +170,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, parts, bn, s_len, has_seg, ha
   bm = o_ref.shape[0]
   t0 = pl.program_id(1) * bm
   rows = pl.ds(0, bm)
+  q_parts = _load_parts(q_ref, rows, parts)          # the program's rows: loaded once
 
   def block(j, carry, causal):
     m, l, acc = carry
     s0 = pl.multiple_of(j * bn, bn)
     keys = pl.ds(s0, bn)
-    s = _logits(q_ref, rows, k_ref, keys, parts, scale)
+    s = _logits(q_parts, _load_parts(k_ref, keys, parts), scale)
     ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words, causal)
     s = s if ok is None else jnp.where(ok, s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -262,16 +270,12 @@ def _forward(q, k, v, seg, words, cfg):
 
 
 # ------------------------------------------------------------------------------------ backward
-def _p_ds(q_ref, do_ref, lse_ref, dl_ref, rows, k_ref, v_ref, keys, t0, s0, bm, bn, opt, *,
-          scale, parts, s_len, causal):
-  """p = exp(s - lse) on allowed pairs (0 elsewhere) and ds = p·(do·v^T - delta), [M, N] fp32."""
-  segq, segk, words = opt
-  s = _logits(q_ref, rows, k_ref, keys, parts, scale)
-  ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words, causal)
-  p = jnp.exp(s - lse_ref[rows][:, None])
+def _p_ds(q_parts, k_parts, do, v, lse, dl, ok, scale):
+  """p = exp(s - lse) on allowed pairs (ok; None: all) and ds = p·(do·v^T - delta), [M, N] fp32,
+  from the tile's loaded q, k parts, do [M, V], v [N, V] and the rows' lse, delta [M]."""
+  p = jnp.exp(_logits(q_parts, k_parts, scale) - lse[:, None])
   p = p if ok is None else jnp.where(ok, p, 0.0)
-  dp = _dot(do_ref[rows, :], v_ref[keys, :], _NT)
-  return p, p * (dp - dl_ref[rows][:, None])
+  return p, p * (_dot(do, v, _NT) - dl[:, None])
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, parts, bm, s_len,
@@ -281,16 +285,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, part
   bn = k_ref.shape[0]
   s0 = pl.program_id(1) * bn
   keys = pl.ds(0, bn)
+  k_parts, v = _load_parts(k_ref, keys, parts), v_ref[keys, :]     # the program's keys: once
 
   def block(i, carry, causal):
     dv, dks = carry
     t0 = pl.multiple_of(i * bm, bm)
     rows = pl.ds(t0, bm)
-    p, ds = _p_ds(q_ref, do_ref, lse_ref, dl_ref, rows, k_ref, v_ref, keys, t0, s0, bm, bn,
-                  (segq, segk, words), scale=scale, parts=parts, s_len=s_len, causal=causal)
-    do = do_ref[rows, :]
+    q_parts, do = _load_parts(q_ref, rows, parts), do_ref[rows, :]   # each once per tile
+    ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words, causal)
+    p, ds = _p_ds(q_parts, k_parts, do, v, lse_ref[rows], dl_ref[rows], ok, scale)
     dv = dv + _dot(p.astype(do.dtype), do, _TN)
-    q_parts = [q_ref[rows, pl.ds(off, w)] for off, w in parts]
     dks = tuple(a + _dot(ds.astype(qq.dtype), qq, _TN) for a, qq in zip(dks, q_parts))
     return dv, dks
 
@@ -313,13 +317,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, parts
   bm = q_ref.shape[0]
   t0 = pl.program_id(1) * bm
   rows = pl.ds(0, bm)
+  q_parts, do = _load_parts(q_ref, rows, parts), do_ref[rows, :]     # the program's rows: once
+  lse, dl = lse_ref[rows], dl_ref[rows]
 
   def block(j, dqs, causal):
     s0 = pl.multiple_of(j * bn, bn)
     keys = pl.ds(s0, bn)
-    _, ds = _p_ds(q_ref, do_ref, lse_ref, dl_ref, rows, k_ref, v_ref, keys, t0, s0, bm, bn,
-                  (segq, segk, words), scale=scale, parts=parts, s_len=s_len, causal=causal)
-    k_parts = [k_ref[keys, pl.ds(off, w)] for off, w in parts]
+    k_parts = _load_parts(k_ref, keys, parts)                          # once per tile
+    ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words, causal)
+    _, ds = _p_ds(q_parts, k_parts, do, v_ref[keys, :], lse, dl, ok, scale)
     return tuple(a + _dot(ds.astype(kk.dtype), kk) for a, kk in zip(dqs, k_parts))
 
   init = tuple(jnp.zeros((bm, w), jnp.float32) for _, w in parts)
