@@ -18,9 +18,9 @@ delta = rowsum(do·o) in XLA, then a dk/dv kernel (one program per key block, lo
 query blocks from the diagonal down) and a dq kernel (one program per query block, looping over
 key blocks up to the diagonal), p recomputed from the saved lse; fp32 accumulation throughout.
 Each kernel splits its loop: tiles wholly below the diagonal skip the causal compare (known
-true), the tiles the diagonal crosses make it (the same values as one loop, bit for bit). What
-is fixed for a program is loaded before its loop (the forward's and dq's query rows, do, lse
-and delta; dk/dv's keys and values), and each tile's operands once for all the dots using them.
+true), the tiles the diagonal crosses make it (the same values as one loop, bit for bit). The
+forward and dq load their program's query rows (and dq its do, lse and delta) once, before the
+loop: the dots take them as register operands; dq loads each key tile once for both its dots.
 
 lse [B,T,H] fp32 is a statistic without a gradient of its own, as in library.py (the DSA KL
 teacher reads it detached): its cotangent is dropped.
@@ -285,17 +285,21 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, part
   bn = k_ref.shape[0]
   s0 = pl.program_id(1) * bn
   keys = pl.ds(0, bn)
-  k_parts, v = _load_parts(k_ref, keys, parts), v_ref[keys, :]     # the program's keys: once
 
+  # Every operand is loaded where its dot uses it, q and do twice: k, v and the second q and do
+  # are the dots' shared-memory operands, which Triton fills by pipelined copies; loaded once
+  # they would be register values that each tile copies into shared memory again.
   def block(i, carry, causal):
     dv, dks = carry
     t0 = pl.multiple_of(i * bm, bm)
     rows = pl.ds(t0, bm)
-    q_parts, do = _load_parts(q_ref, rows, parts), do_ref[rows, :]   # each once per tile
     ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words, causal)
-    p, ds = _p_ds(q_parts, k_parts, do, v, lse_ref[rows], dl_ref[rows], ok, scale)
+    p, ds = _p_ds(_load_parts(q_ref, rows, parts), _load_parts(k_ref, keys, parts),
+                  do_ref[rows, :], v_ref[keys, :], lse_ref[rows], dl_ref[rows], ok, scale)
+    do = do_ref[rows, :]
     dv = dv + _dot(p.astype(do.dtype), do, _TN)
-    dks = tuple(a + _dot(ds.astype(qq.dtype), qq, _TN) for a, qq in zip(dks, q_parts))
+    dks = tuple(a + _dot(ds.astype(qq.dtype), qq, _TN)
+                for a, qq in zip(dks, _load_parts(q_ref, rows, parts)))
     return dv, dks
 
   init = (jnp.zeros(dv_ref.shape, jnp.float32),
