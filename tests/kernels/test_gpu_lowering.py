@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from v4jax.kernels.attention import gpu as attn_gpu
 from v4jax.kernels.hc_mix import gpu as hc_gpu
 from v4jax.kernels.indexer import gpu as indexer_gpu
 from v4jax.kernels.sparse_attention import gpu as sparse_gpu
@@ -35,10 +34,8 @@ def _sum_grad(f, argnums):
 # backward: the dk and dq/dw kernels (also when its value is top-k's scores: no forward kernel);
 # sparse MLA's backward: dkv, dq and the dkv segment sum; the teacher 1 in either form
 # (absorbed 'probs', MHA 'masked_probs': D = 128 + 64); mHC's read-in, write-back and normed mix:
-# one forward and one backward kernel each; the masked attention under bit words: its forward,
-# then the dkv and dq kernels (and with document ids).
-@pytest.mark.parametrize('name,calls', [('masked_attention', 2), ('masked_attention_seg', 2),
-                                        ('scores', 1), ('topk', 2), ('topk_words', 2),
+# one forward and one backward kernel each.
+@pytest.mark.parametrize('name,calls', [('scores', 1), ('topk', 2), ('topk_words', 2),
                                         ('scores_at', 2),
                                         ('scores_at_gather_dq', 2), ('scores_at_given', 2),
                                         ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1),
@@ -72,14 +69,6 @@ def test_kernel_lowers_for_cuda(name, calls):
     n = _triton_calls(_sum_grad(f, (0, 1)), q, kv, idx) - 1
   elif name.startswith('hc_'):
     n = _hc_mix_calls(name)
-  elif name.startswith('masked_attention'):
-    seg = i32(B, T) if name.endswith('_seg') else None
-    f = lambda q, k, v, w, sg: attn_gpu.causal_attention(
-        q, k, v, 0.1, sg, select_words_BTW=w, interpret=False)[0]
-    args = (bf16(B, T, H, 192), bf16(B, T, H, 192), bf16(B, T, H, 128),
-            jax.ShapeDtypeStruct((B, T, T // 32), jnp.uint32), seg)
-    assert _triton_calls(f, *args) == 1
-    n = _triton_calls(_sum_grad(f, (0, 1, 2)), *args) - 1
   elif name == 'probs':
     n = _triton_calls(lambda q, kv, i, l: sparse_gpu.attention_probs_mean(
         q, kv, i, l, V, 0.1, interpret=False), q, kv, idx, lse)
