@@ -44,6 +44,7 @@ from v4jax.kernels.indexer import reference
 from v4jax.kernels.pallas_common import NEG_INF, given_value_vjp, with_reference_vjp, gpu_interpret, next_pow2, pad_axis, round_up
 
 _NT = (((1,), (1,)), ((), ()))
+_TN = (((0,), (0,)), ((), ()))
 _INT_MIN = -2**31
 _INT_MAX = 2**31 - 1
 # Bits resolved per top-k radix sweep: 1 = one compare per key per sweep (up to 32 sweeps); b > 1
@@ -395,19 +396,16 @@ def _scores_at_fwd(q, k, w, idx, opts):
 
 def _at_dk_kernel(n_ref, blk_ref, q_ref, w_ref, g_ref, k_ref, dk_ref, *, bt, bh):
   """One (head group, key block, batch): dk = Σ_t Σ_h dd_h^T·q_h over the live query blocks
-  (blk_ref lists them, n_ref counts them), one (query block, head) pair a step. Keys-major
-  tiles, as the masked attention's dk/dv: the block's k is the left (register) operand of
-  d^T = k·q^T, and dd^T the left operand of dk += dd^T·q, so no register tile is transposed
-  (only the G tile, as it is loaded)."""
+  (blk_ref lists them, n_ref counts them), one (query block, head) pair a step."""
   k = k_ref[...]                                                           # [bs, dp]
 
   def step(m, acc):
     rows = pl.ds(pl.multiple_of(blk_ref[jax.lax.div(m, bh)] * bt, bt), bt)
     h = jax.lax.rem(m, bh)               # m >= 0; jnp's // and % fail in the Triton lowering
     q = q_ref[h, rows, :]                                                  # [bt, dp]
-    d_t = jax.lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32)  # [bs, bt]
-    dd_t = jnp.where(d_t > 0, w_ref[h, rows][None, :] * g_ref[rows, :].T, 0.0).astype(q.dtype)
-    return acc + jnp.dot(dd_t, q, preferred_element_type=jnp.float32)
+    d = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)  # [bt, bs]
+    dd = jnp.where(d > 0, w_ref[h, rows][:, None] * g_ref[rows, :], 0.0).astype(q.dtype)
+    return acc + jax.lax.dot_general(dd, q, _TN, preferred_element_type=jnp.float32)
   acc = jax.lax.fori_loop(0, n_ref[0] * bh, step, jnp.zeros(dk_ref.shape, jnp.float32))
   dk_ref[...] = acc.astype(dk_ref.dtype)
 
