@@ -2,6 +2,8 @@
 (an `AllocateBuffer` custom call instead of a broadcast of zeros, checked in the CUDA lowering on
 this CPU host) and changes no value or gradient (checked on CPU, where lax.empty is zeros, and by
 construction: the loop writes every slice before anything reads it)."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,6 +56,19 @@ def _constrained_layers(w_LDD, x_BD):
   return jnp.sum(x ** 2) + jnp.sum(ys[1:] * 0.5)
 
 
+def _check_empty_against_zeros(f, w, x, context=contextlib.nullcontext):
+  """f's CUDA lowering holds uninitialised stacked outputs with 'empty' and none with 'zeros',
+  and its values under both modes are exactly equal (each run inside `context()`)."""
+  got = {}
+  for mode in ('empty', 'zeros'):
+    compat.set_scan_outputs(mode)
+    with context():
+      assert (_cuda_text(f, w, x).count('AllocateBuffer') >= 2) == (mode == 'empty'), mode
+      got[mode] = jax.jit(f)(w, x)
+  for g, r in zip(jax.tree.leaves(got['empty']), jax.tree.leaves(got['zeros'])):
+    np.testing.assert_array_equal(g, r)
+
+
 @pytest.mark.parametrize('n_dev', [1, 8])
 def test_empty_outputs_under_a_sharding_preset(empty_mode, n_dev):
   """Under rules.activate (the Trainer's step) the stacked outputs are still uninitialised
@@ -66,16 +81,8 @@ def test_empty_outputs_under_a_sharding_preset(empty_mode, n_dev):
   rs = np.random.RandomState(n_dev)
   w = jnp.asarray(rs.randn(5, 16, 16) * 0.3, jnp.float32)
   x = jnp.asarray(rs.randn(8, 16), jnp.float32)
-  f = jax.value_and_grad(_constrained_layers, argnums=(0, 1))
-  got = {}
-  for mode in ('empty', 'zeros'):
-    compat.set_scan_outputs(mode)
-    with rules.activate(mesh_, 'fsdp'):
-      text = _cuda_text(f, w, x)
-      got[mode] = jax.jit(f)(w, x)
-    assert (text.count('AllocateBuffer') >= 2) == (mode == 'empty'), mode
-  for g, r in zip(jax.tree.leaves(got['empty']), jax.tree.leaves(got['zeros'])):
-    np.testing.assert_array_equal(g, r)
+  _check_empty_against_zeros(jax.value_and_grad(_constrained_layers, argnums=(0, 1)), w, x,
+                             lambda: rules.activate(mesh_, 'fsdp'))
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason='a 4 x 2 mesh (the fake 8-device CPU mesh)')
@@ -89,14 +96,7 @@ def test_empty_outputs_with_explicit_shardings(empty_mode):
                        jax.NamedSharding(mesh_, jax.P()))
     x = jax.device_put(jnp.asarray(rs.randn(8, 16), jnp.float32),
                        jax.NamedSharding(mesh_, jax.P('x', None)))
-    f = jax.value_and_grad(_layers, argnums=(0, 1))
-    got = {}
-    for mode in ('empty', 'zeros'):
-      compat.set_scan_outputs(mode)
-      got[mode] = jax.jit(f)(w, x)
-      assert (_cuda_text(f, w, x).count('AllocateBuffer') >= 2) == (mode == 'empty'), mode
-  for g, r in zip(jax.tree.leaves(got['empty']), jax.tree.leaves(got['zeros'])):
-    np.testing.assert_array_equal(g, r)
+    _check_empty_against_zeros(jax.value_and_grad(_layers, argnums=(0, 1)), w, x)
 
 
 def test_values_and_gradients_unchanged(empty_mode):
