@@ -21,8 +21,6 @@ Each kernel splits its loop: tiles wholly below the diagonal skip the causal com
 true), the tiles the diagonal crosses make it (the same values as one loop, bit for bit). The
 forward and dq load their program's query rows (and dq its do, lse and delta) once, before the
 loop: the dots take them as register operands; dq loads each key tile once for both its dots.
-dk/dv works keys-major (s^T = k·q^T, p^T, ds^T), as FA2's Triton kernel does: its k and v are
-loaded once, and dv += p^T·do, dk += ds^T·q need no transposed register tile.
 
 lse [B,T,H] fp32 is a statistic without a gradient of its own, as in library.py (the DSA KL
 teacher reads it detached): its cotangent is dropped.
@@ -47,6 +45,7 @@ from v4jax.kernels.blockwise import MASK_BITS as BITS, pack_mask
 from v4jax.kernels.pallas_common import NEG_INF, gpu_interpret, next_pow2, pad_axis, round_up
 
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
+_TN = (((0,), (0,)), ((), ()))   # a [C,M] . b [C,N] -> [M,N]
 FWD_KERNEL = 'masked_attention_fwd'   # the forward pallas_call's name (remat keeps its outputs)
 
 
@@ -120,43 +119,34 @@ def _load_parts(ref, rows, parts):
   return [ref[rows, pl.ds(off, w)] for off, w in parts]
 
 
-def _logits(a_parts, b_parts, scale):
-  """scale·a·b^T in fp32 from the loaded qk parts of a [M, .] and b [N, .]: the logits [M, N]
-  for a = q, b = k, their transpose for a = k, b = q."""
+def _logits(q_parts, k_parts, scale):
+  """scale·q·k^T [M, N] in fp32 from the loaded qk parts of q [M, .] and k [N, .]."""
   s = None
-  for aa, bb in zip(a_parts, b_parts):
-    d = _dot(aa, bb, _NT)
+  for qq, kk in zip(q_parts, k_parts):
+    d = _dot(qq, kk, _NT)
     s = d if s is None else s + d
   return s * scale
 
 
-def _allowed(t0, s0, bm, bn, s_len, rows, segq_ref, segk_ref, words_ref, causal,
-             keys_major=False):
-  """Bool [M, N] ([N, M] when keys_major): key s0+n is allowed for query t0+m (causal, below
-  s_len, in the top-k set and the same document where given), or None when every pair is.
-  `rows` indexes the tile's rows in segq_ref and words_ref; segk_ref and words_ref's columns
-  cover all keys. causal=False for a tile wholly below the diagonal (every key s <= every query
-  t: the compare is known true)."""
-  shape, s_ax = ((bn, bm), 0) if keys_major else ((bm, bn), 1)
+def _allowed(t0, s0, bm, bn, s_len, rows, segq_ref, segk_ref, words_ref, causal):
+  """Bool [M, N]: key s0+n is allowed for query t0+m (causal, below s_len, in the top-k set and
+  the same document where given), or None when every pair is. `rows` indexes the tile's rows in
+  segq_ref and words_ref; segk_ref and words_ref's columns cover all keys. causal=False for a
+  tile wholly below the diagonal (every key s <= every query t: the compare is known true)."""
   conds = []
-  s = s0 + jax.lax.broadcasted_iota(jnp.int32, shape, s_ax)
+  s = s0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
   if causal:
-    conds.append(s <= t0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - s_ax))
+    conds.append(s <= t0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0))
   if s_len is not None:
     conds.append(s < s_len)
   if segq_ref is not None:
-    sq, sk = segq_ref[rows], segk_ref[pl.ds(s0, bn)]
-    conds.append(sk[:, None] == sq[None, :] if keys_major else sq[:, None] == sk[None, :])
+    conds.append(segq_ref[rows][:, None] == segk_ref[pl.ds(s0, bn)][None, :])
   if words_ref is not None:
     nw = bn // BITS
     words = words_ref[rows, pl.ds(pl.multiple_of(s0 // BITS, nw), nw)]       # [M, N/32]
-    if keys_major:                   # bit b of words[m, w] is key 32 w + b: row 32 w + b
-      shift = jax.lax.broadcasted_iota(jnp.uint32, (nw, BITS, bm), 1)
-      bits = jnp.right_shift(words.T[:, None, :], shift) & jnp.uint32(1)
-    else:
-      shift = jax.lax.broadcasted_iota(jnp.uint32, (bm, nw, BITS), 2)
-      bits = jnp.right_shift(words[:, :, None], shift) & jnp.uint32(1)
-    conds.append(bits.reshape(shape) != 0)
+    shift = jax.lax.broadcasted_iota(jnp.uint32, (bm, nw, BITS), 2)
+    bits = jnp.right_shift(words[:, :, None], shift) & jnp.uint32(1)
+    conds.append(bits.reshape(bm, bn) != 0)
   return functools.reduce(jnp.logical_and, conds) if conds else None
 
 
@@ -280,17 +270,12 @@ def _forward(q, k, v, seg, words, cfg):
 
 
 # ------------------------------------------------------------------------------------ backward
-def _p_ds(q_parts, k_parts, do, v, lse, dl, ok, scale, keys_major=False):
-  """p = exp(s - lse) on allowed pairs (ok; None: all) and ds = p·(do·v^T - delta), [M, N] fp32
-  (both [N, M], transposed, when keys_major), from the tile's loaded q, k parts, do [M, V],
-  v [N, V] and the rows' lse, delta [M]."""
-  if keys_major:
-    s, dp, lse, dl = _logits(k_parts, q_parts, scale), _dot(v, do, _NT), lse[None], dl[None]
-  else:
-    s, dp, lse, dl = _logits(q_parts, k_parts, scale), _dot(do, v, _NT), lse[:, None], dl[:, None]
-  p = jnp.exp(s - lse)
+def _p_ds(q_parts, k_parts, do, v, lse, dl, ok, scale):
+  """p = exp(s - lse) on allowed pairs (ok; None: all) and ds = p·(do·v^T - delta), [M, N] fp32,
+  from the tile's loaded q, k parts, do [M, V], v [N, V] and the rows' lse, delta [M]."""
+  p = jnp.exp(_logits(q_parts, k_parts, scale) - lse[:, None])
   p = p if ok is None else jnp.where(ok, p, 0.0)
-  return p, p * (dp - dl)
+  return p, p * (_dot(do, v, _NT) - dl[:, None])
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, parts, bm, s_len,
@@ -301,21 +286,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, part
   s0 = pl.program_id(1) * bn
   keys = pl.ds(0, bn)
 
-  # Keys-major tiles (p^T, ds^T [N, M]), as FA2's Triton kernel: the program's k and v are
-  # loaded once and are the left (register) operands of s^T = k·q^T and dp^T = v·do^T; p^T and
-  # ds^T are the left operands of dv += p^T·do and dk += ds^T·q, so no tile is transposed.
-  k_parts, v = _load_parts(k_ref, keys, parts), v_ref[keys, :]
-
+  # Every operand is loaded where its dot uses it, q and do twice: k, v and the second q and do
+  # are the dots' shared-memory operands, which Triton fills by pipelined copies; loaded once
+  # they would be register values that each tile copies into shared memory again.
   def block(i, carry, causal):
     dv, dks = carry
     t0 = pl.multiple_of(i * bm, bm)
     rows = pl.ds(t0, bm)
-    q_parts, do = _load_parts(q_ref, rows, parts), do_ref[rows, :]
-    ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words, causal, keys_major=True)
-    p_t, ds_t = _p_ds(q_parts, k_parts, do, v, lse_ref[rows], dl_ref[rows], ok, scale,
-                      keys_major=True)
-    dv = dv + _dot(p_t.astype(do.dtype), do)
-    dks = tuple(a + _dot(ds_t.astype(qq.dtype), qq) for a, qq in zip(dks, q_parts))
+    ok = _allowed(t0, s0, bm, bn, s_len, rows, segq, segk, words, causal)
+    p, ds = _p_ds(_load_parts(q_ref, rows, parts), _load_parts(k_ref, keys, parts),
+                  do_ref[rows, :], v_ref[keys, :], lse_ref[rows], dl_ref[rows], ok, scale)
+    do = do_ref[rows, :]
+    dv = dv + _dot(p.astype(do.dtype), do, _TN)
+    dks = tuple(a + _dot(ds.astype(qq.dtype), qq, _TN)
+                for a, qq in zip(dks, _load_parts(q_ref, rows, parts)))
     return dv, dks
 
   init = (jnp.zeros(dv_ref.shape, jnp.float32),
