@@ -689,8 +689,8 @@ class Bench:
   def dense_bench_shape(self):
     """The masked form at bench_h200's attention shape (B=4, T=4096, 16 heads, d_qk 192, d_v
     128, top-1024 sets): cuDNN under the [B,1,T,S] bias against the Pallas bit-mask kernel that
-    `kernels.attention=auto` picks there, and that kernel without the mask (causal only), fwd+bwd
-    and fwd, in one run."""
+    `kernels.attention=auto` picks there, that kernel with document ids (the model's call) and
+    without the mask (causal only), fwd+bwd and fwd, in one run."""
     from v4jax.kernels.attention import gpu as attn_gpu
     from v4jax.kernels.attention import library
     B, T, H, dqk, dv, K = BENCH['B'], 4096, BENCH['H'], 192, 128, BENCH['K']
@@ -699,12 +699,16 @@ class Bench:
     k = jax.random.normal(ks[1], (B, T, H, dqk), jnp.bfloat16)
     v = jax.random.normal(ks[2], (B, T, H, dv), jnp.bfloat16)
     idx = self.idx(B, T, K)
+    seg = jnp.ones((B, T), jnp.int32)
     fl_f = 2 * B * H * (T * (T + 1) // 2) * (dqk + dv)
     shape = dict(shapes='bench', B=B, T=T, H=H, dqk=dqk, dv=dv, K=K)
     fwds = {'cudnn_masked': jax.jit(lambda q, k, v: library.causal_attention(
                 q, k, v, dqk ** -0.5, select_BTK=idx, return_lse=True)),
             'pallas_masked': jax.jit(lambda q, k, v: attn_gpu.causal_attention(
                 q, k, v, dqk ** -0.5, select_BTK=idx)),
+            # with document ids, as the model calls it (synthetic and packed data carry them)
+            'pallas_masked_seg': jax.jit(lambda q, k, v: attn_gpu.causal_attention(
+                q, k, v, dqk ** -0.5, seg, select_BTK=idx)),
             # the same kernel over all causal keys: what reading and expanding the bits costs
             'pallas_unmasked': jax.jit(lambda q, k, v: attn_gpu.causal_attention(
                 q, k, v, dqk ** -0.5))}
@@ -714,7 +718,7 @@ class Bench:
       self.record('dense', f'{name}_fwd+bwd', shape, lambda: self.timeit(g, q, k, v),
                   flops=3.5 * fl_f)
       self.record('dense', f'{name}_fwd', shape, lambda: self.timeit(f, q, k, v), flops=fl_f)
-    del q, k, v, idx
+    del q, k, v, idx, seg
 
   def crossover(self, seqs):
     res = self.out['results']
