@@ -321,7 +321,7 @@ class Bench:
 
   def attn_sweep(self):
     """Tilings of kernels.attention=pallas (kernels/attention/gpu.py) at the bench_h200 and V3.2
-    attention shapes: each forward candidate timed on the forward alone; dkv candidates timed on
+    attention shapes, with document ids as the model passes them: each forward candidate timed on the forward alone; dkv candidates timed on
     the gradient (fwd+bwd) with the best forward and the default dq, then dq candidates with the
     best forward and dkv (the kernels are separate, so their times add). `bwd_ms` = fwd+bwd minus
     the best forward. Ends with the best Blocks per shape in _DEFAULTS' form (attn_config)."""
@@ -332,7 +332,9 @@ class Bench:
       fwd_cfgs, dkv_cfgs, dq_cfgs = [(16, 32, 4, 1), (32, 64, 4, 1)], [(16, 32, 4, 1)], [
           (16, 32, 4, 1)]
     else:
-      cases = [('bench', 4, 4096, 16, 192, 128, 2048), ('v3.2', 1, 4096, V3['H'], 192, 128, 2048)]
+      # bench: bench_h200's call (micro-batch 8, top-1024); both with document ids, as the model
+      # passes them (the twentieth session's row 75 was slower only with them)
+      cases = [('bench', 8, 4096, 16, 192, 128, 1024), ('v3.2', 1, 4096, V3['H'], 192, 128, 2048)]
       # the fifteenth session's best (128, 64, 8, 3|2) and its neighbours: stages, warps, and
       # the wider/narrower block on each axis
       fwd_cfgs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2),
@@ -348,11 +350,12 @@ class Bench:
       k = jax.random.normal(ks[1], (Bt, T, H, dqk), self.dtype)
       v = jax.random.normal(ks[2], (Bt, T, H, dv), self.dtype)
       idx = self.idx(Bt, T, K)
+      seg = jnp.ones((Bt, T), jnp.int32)
       fl_f = 2 * Bt * H * (T * (T + 1) // 2) * (dqk + dv)   # the dense section's convention
-      shape = dict(shapes=label, B=Bt, T=T, H=H, dqk=dqk, dv=dv, K=K)
+      shape = dict(shapes=label, B=Bt, T=T, H=H, dqk=dqk, dv=dv, K=K, segment_ids=True)
       # the sets go in as an argument (not a closed-over constant): the packing is timed too
       fwd = lambda **cfg: jax.jit(lambda q, k, v, idx: attn_gpu.causal_attention(
-          q, k, v, dqk ** -0.5, select_BTK=idx,
+          q, k, v, dqk ** -0.5, seg, select_BTK=idx,
           **{n: attn_gpu.Blocks(*c) for n, c in cfg.items()}))
       grad = lambda **cfg: jax.jit(jax.grad(lambda q, k, v, idx: jnp.sum(
           fwd(**cfg)(q, k, v, idx)[0].astype(jnp.float32)), argnums=(0, 1, 2)))
