@@ -333,7 +333,7 @@ class Bench:
           (16, 32, 4, 1)]
     else:
       # bench: bench_h200's call (micro-batch 8, top-1024); both with document ids, as the model
-      # passes them (the twentieth session's row 75 was slower only with them)
+      # passes them
       cases = [('bench', 8, 4096, 16, 192, 128, 1024), ('v3.2', 1, 4096, V3['H'], 192, 128, 2048)]
       # the fifteenth session's best (128, 64, 8, 3|2) and its neighbours: stages, warps, and
       # the wider/narrower block on each axis
