@@ -321,10 +321,10 @@ class Bench:
 
   def attn_sweep(self):
     """Tilings of kernels.attention=pallas (kernels/attention/gpu.py) at the bench_h200 and V3.2
-    attention shapes, with document ids as the model passes them: each forward candidate timed on the forward alone; dkv candidates timed on
-    the gradient (fwd+bwd) with the best forward and the default dq, then dq candidates with the
-    best forward and dkv (the kernels are separate, so their times add). `bwd_ms` = fwd+bwd minus
-    the best forward. Ends with the best Blocks per shape in _DEFAULTS' form (attn_config)."""
+    attention shapes, with document ids as the model passes them: each forward candidate timed
+    on the forward alone; dkv candidates timed on the gradient (fwd+bwd) with the best forward
+    and the default dq, then dq candidates with the best forward and dkv (the kernels are
+    separate, so their times add). `bwd_ms` = fwd+bwd minus the best forward. Ends with the best Blocks per shape in _DEFAULTS' form (attn_config)."""
     from v4jax.kernels.attention import gpu as attn_gpu
     # cases (label, B, T, H, d_qk, d_v, K); candidates (block_m, block_n, warps, stages)
     if self.smoke:
