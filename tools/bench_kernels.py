@@ -324,7 +324,8 @@ class Bench:
     attention shapes, with document ids as the model passes them: each forward candidate timed
     on the forward alone; dkv candidates timed on the gradient (fwd+bwd) with the best forward
     and the default dq, then dq candidates with the best forward and dkv (the kernels are
-    separate, so their times add). `bwd_ms` = fwd+bwd minus the best forward. Ends with the best Blocks per shape in _DEFAULTS' form (attn_config)."""
+    separate, so their times add). `bwd_ms` = fwd+bwd minus the best forward. Ends with the
+    best Blocks per shape in _DEFAULTS' form (attn_config)."""
     from v4jax.kernels.attention import gpu as attn_gpu
     # cases (label, B, T, H, d_qk, d_v, K); candidates (block_m, block_n, warps, stages)
     if self.smoke:
