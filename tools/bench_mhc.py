@@ -12,8 +12,9 @@ Times in one process, at the peer model's mHC shapes (B x T tokens, N streams, w
                   backward wrt the streams and the coefficients: autodiff of the plain jnp forms
                   vs the hc_mix seam's jnp custom VJPs (kernels.hc_mix=reference) vs its Triton
                   kernels (pallas)
-  hc_read_in, hc_write_back, hc_normed_mix
-                  each hc_mix op alone, pass 'fwd' and 'fwd+bwd' (a VJP with a random
+  hc_read_in, hc_write_back, hc_normed_mix, hc_mix_read_in
+                  each hc_mix op alone (mix_read_in as a site calls it: the streams handed on,
+                  cotangents on mu, u and the handed-on streams), pass 'fwd' and 'fwd+bwd' (a VJP with a random
                   cotangent), impl reference (jnp custom VJPs) and pallas (v4jax/kernels/hc_mix/
                   gpu.py), the pallas rows one per (--hc_block_m, --hc_block_d, --hc_num_warps,
                   --hc_num_stages) combination; with GB/s = the pass's own bytes (the streams
@@ -69,7 +70,7 @@ from v4jax.model.mhc import (HCSite, read_in, read_in_reference, sinkhorn,  # no
                              write_back, write_back_reference)
 
 _OPTS = ('impl', 'block_m', 'block_d', 'num_warps', 'num_stages', 'segment')
-_HC_OPS = ('read_in', 'write_back', 'normed_mix')
+_HC_OPS = ('read_in', 'write_back', 'normed_mix', 'mix_read_in')
 
 
 def _unrolled(logits_NN, iters: int, eps: float, colsum, rowsum):
@@ -267,8 +268,12 @@ def _hc_bytes(op: str, pass_: str, X, C: int) -> int:
   s, M = X.dtype.itemsize, B * T
   streams = {('read_in', 'fwd'): N + 1, ('read_in', 'fwd+bwd'): 3 * N + 2,
              ('write_back', 'fwd'): 2 * N + 1, ('write_back', 'fwd+bwd'): 5 * N + 3,
-             ('normed_mix', 'fwd'): N, ('normed_mix', 'fwd+bwd'): 4 * N}[op, pass_]
-  coeffs = {'read_in': 2 * N, 'write_back': 2 * (N + N * N), 'normed_mix': 3 * (C + 1)}[op]
+             ('normed_mix', 'fwd'): N, ('normed_mix', 'fwd+bwd'): 4 * N,
+             # X once (its second read hits L2), u; the backward's dots X + du, dX pass X + du +
+             # dXw + dX, dfn GEMM X
+             ('mix_read_in', 'fwd'): N + 1, ('mix_read_in', 'fwd+bwd'): 6 * N + 3}[op, pass_]
+  coeffs = {'read_in': 2 * N, 'write_back': 2 * (N + N * N), 'normed_mix': 3 * (C + 1),
+            'mix_read_in': 3 * (C + 1) + N}[op]
   return M * (D * s * streams + 4 * coeffs * (1 if pass_ == 'fwd' else 2))
 
 
@@ -280,19 +285,24 @@ def _hc_rows(args, X, pre, post, comb, iters, record):
   ks = jax.random.split(jax.random.key(4), 4)
   y = jax.random.normal(ks[0], (B, T, D), X.dtype)
   fn = 0.02 * jax.random.normal(ks[1], (N * D, C), jnp.float32)
-  inputs = {'read_in': (X, pre), 'write_back': (X, y, post, comb), 'normed_mix': (X, fn)}
+  gate = (jnp.float32(1.0), 0.5 * jax.random.normal(ks[3], (N,), jnp.float32))
+  inputs = {'read_in': (X, pre), 'write_back': (X, y, post, comb), 'normed_mix': (X, fn),
+            'mix_read_in': (X, fn, *gate)}
   ref_fns = {'read_in': functools.partial(hc_mix.read_in, impl='reference'),
              'write_back': functools.partial(hc_mix.write_back, impl='reference'),
              'normed_mix': lambda X, fn: hc_mix.normed_mix(X, fn, 1e-6, 'split',
-                                                           impl='reference')}
+                                                           impl='reference'),
+             'mix_read_in': lambda *a: hc_mix.mix_read_in(*a, 1e-6, 1e-6, 'split',
+                                                          pass_streams=True, impl='reference')}
   tilings = list(itertools.product(args.hc_block_m, args.hc_block_d, args.hc_num_warps,
                                    args.hc_num_stages))
-  rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) /
-                           jnp.max(jnp.abs(b.astype(jnp.float32))))
+  rel1 = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) /
+                            jnp.max(jnp.abs(b.astype(jnp.float32))))
+  rel = lambda a, b: max(map(rel1, jax.tree.leaves(a), jax.tree.leaves(b)))   # tuples: worst
   for op in [o for o in args.hc_ops.split(',') if o]:
     a = inputs[op]
     out_ref = jax.jit(ref_fns[op])(*a)
-    g = jax.random.normal(ks[2], out_ref.shape, out_ref.dtype)
+    g = jax.tree.map(lambda o: jax.random.normal(ks[2], o.shape, o.dtype), out_ref)
     runs = []
     for impl in [m for m in args.hc_mix.split(',') if m]:
       if impl == 'reference':
@@ -304,6 +314,9 @@ def _hc_rows(args, X, pre, post, comb, iters, record):
         kernel = getattr(hc_mix_gpu, op)
         if op == 'normed_mix':
           fn_ = functools.partial(kernel, eps=1e-6, blocks=opts)
+        elif op == 'mix_read_in':
+          fn_ = functools.partial(kernel, eps=1e-6, pre_eps=1e-6, pass_streams=True,
+                                  blocks=opts)
         else:
           fn_ = functools.partial(kernel, blocks=opts)
         try:

@@ -40,7 +40,7 @@ def default_config() -> ConfigDict:
                                # REMAT_SAVE_NAMES (moe_dispatch: the rows sorted by expert;
                                # moe_gemms: the experts' gate, up and down outputs; mla_ckv:
                                # the normed latent kv and its rope key; mhc_coeffs: each mHC
-                               # site's pre, post and comb)
+                               # site's post and comb)
       scan_layers=False,       # build each run of identical blocks as one stacked module run by
                                # lax.scan (params get a leading 'layers' dim): compile time and
                                # HLO size stop growing with depth (docs/architecture.md)

@@ -95,32 +95,90 @@ def test_normed_mix_matches_fp32_oracle(B, T, N, D, bm, bd):
   _check_vjp(f, plain_normed_mix, (X, fn), g, 1e-5)
 
 
+def plain_mix_read_in(X, fn, scale, base):
+  """(mu, u, X) in fp32: plain_normed_mix, pre = sigmoid(scale mu[:N] + base) + eps (SPEC §5
+  step 2), u = sum_m pre_m X_m; X handed on unchanged (autodiff)."""
+  mu = plain_normed_mix(X, fn)
+  pre = jax.nn.sigmoid(scale * mu[..., :X.shape[2]] + base) + EPS
+  return mu, jnp.einsum('btm,btmd->btd', pre, X, precision=jax.lax.Precision.HIGHEST), X
+
+
+# (B, T, N, D, C, block_m, block_d): a site (C = (2+N)N) with tails in tokens and features, the
+# HyperHead's C = N, whole blocks with N = 3
+MIX_READ_CASES = [(2, 11, 4, 40, 24, 16, 16), (1, 9, 4, 24, 4, 16, 16), (2, 8, 3, 32, 15, 16, 32)]
+
+
+@pytest.mark.parametrize('pass_streams', [True, False], ids=['pass', 'nopass'])
+@pytest.mark.parametrize('B,T,N,D,C,bm,bd', MIX_READ_CASES)
+def test_mix_read_in_matches_fp32_oracle(B, T, N, D, C, bm, bd, pass_streams):
+  """The fused op against the fp32 oracle fed the same bf16 stream values: mu at 1e-5 (exact
+  products), u and dX at 2^-7 (rounded once to bf16), dfn, dscale, dbase at 1e-4 (their path
+  through the gate's sigmoid carries the bf16 rounding of nothing but fp32 sums). Random
+  cotangents on mu (its pre columns too), u and the handed-on streams, whose cotangent the dX
+  kernel adds: a dropped dXw, a gate derivative without the chain through mu, or pre taken from
+  the wrong column each fail."""
+  rng = np.random.default_rng(B * 1000 + T * 10 + C)
+  X = jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.bfloat16)
+  fn = jnp.asarray(rng.normal(0, 0.1, (N * D, C)), jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5), jnp.float32)
+  base = jnp.asarray(rng.normal(0, 1.0, (N,)), jnp.float32)
+  g_mu = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
+  g_u = jnp.asarray(rng.normal(size=(B, T, D)), jnp.bfloat16)
+  g_X = jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.bfloat16)
+
+  f = jax.jit(lambda *a: gpu.mix_read_in(*a, EPS, EPS, pass_streams=pass_streams,
+                                         blocks=dict(block_m=bm, block_d=bd), interpret=True))
+  got, vjp = jax.vjp(f, X, fn, scale, base)
+  want, want_vjp = jax.vjp(plain_mix_read_in, X.astype(jnp.float32), fn, scale, base)
+  assert len(got) == (3 if pass_streams else 2)
+  assert got[0].dtype == jnp.float32 and got[1].dtype == jnp.bfloat16
+  _close(got[0], want[0], 1e-5)
+  _close(got[1], want[1], 2.0 ** -7)
+  if pass_streams:
+    assert got[2] is X or np.array_equal(got[2], X)
+  cts = (g_mu, g_u, g_X) if pass_streams else (g_mu, g_u)
+  dX, dfn, dscale, dbase = vjp(cts)
+  w = want_vjp((g_mu, g_u.astype(jnp.float32),
+                g_X.astype(jnp.float32) if pass_streams else jnp.zeros(X.shape, jnp.float32)))
+  assert dX.dtype == jnp.bfloat16 and dfn.dtype == dscale.dtype == dbase.dtype == jnp.float32
+  _close(dX, w[0], 2.0 ** -7)
+  for a, b in zip((dfn, dscale, dbase), w[1:]):
+    _close(a, b, 1e-4)
+
+
 def test_seam_per_device_on_mesh_and_dtype_dispatch():
   """impl='pallas' through the seam, per device on a batch-sharded 8-device mesh: a site's values
-  and gradients (fn replicated: its gradient sums every device's tokens) as the reference impl's
+  and gradients as the model computes them (mix_read_in handing its streams to the write-back),
+  and the normed mix and read-in as separate ops (fn and the gate parameters replicated: their
+  gradients sum every device's tokens), as the reference impl's
   within 2^-6 of the largest magnitude (bf16 roundings chain: u, then y u, then the output and the
   cotangents back; observed 0.6-1.0%); fp32 streams keep the normed mix on the reference (the
   same values)."""
   B, T, N, D = 8, 3, 4, 16
   v = _inputs(B, T, N, D, jnp.bfloat16, seed=5)
   fn = jnp.asarray(np.random.default_rng(6).normal(0, 0.05, (N * D, (2 + N) * N)), jnp.float32)
+  gate = jnp.asarray(np.random.default_rng(7).normal(0, 1.0, (1 + N,)), jnp.float32)
 
   def site(impl):
-    def loss(X, fn, y):
-      mu = hc_mix.normed_mix(X, fn, EPS, 'split', impl=impl)
-      pre = jax.nn.sigmoid(mu[..., :N])
+    def loss(X, fn, y, gate):
+      # the model's site: the fused op, the write-back on the streams it hands on
+      mu, u, Xw = hc_mix.mix_read_in(X, fn, gate[0], gate[1:], EPS, EPS, 'split',
+                                     pass_streams=True, impl=impl)
       post = 2 * jax.nn.sigmoid(mu[..., N:2 * N])
       comb = jax.nn.softmax(mu[..., 2 * N:].reshape(B, T, N, N), axis=-2)
-      u = hc_mix.read_in(X, pre, impl=impl)
-      out = hc_mix.write_back(X, y * u, post, comb, impl=impl)
-      return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+      out = hc_mix.write_back(Xw, y * u, post, comb, impl=impl)
+      # the normed mix and the read-in as separate ops
+      mu2 = hc_mix.normed_mix(X, fn, EPS, 'split', impl=impl)
+      u2 = hc_mix.read_in(X, jax.nn.sigmoid(mu2[..., :N]), impl=impl)
+      value = jnp.sum(jnp.sin(out.astype(jnp.float32))) + jnp.sum(jnp.cos(u2.astype(jnp.float32)))
+      return value, out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
 
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1, 1),
               ('data', 'fsdp', 'expert', 'tensor'), axis_types=(AxisType.Auto,) * 4)
   with rules.activate(mesh, 'fsdp'), jax.set_mesh(mesh):
-    (_, out), grads = site('pallas')(v['X'], fn, v['y'])
-  (_, out_ref), grads_ref = site('reference')(v['X'], fn, v['y'])
+    (_, out), grads = site('pallas')(v['X'], fn, v['y'], gate)
+  (_, out_ref), grads_ref = site('reference')(v['X'], fn, v['y'], gate)
   _close(out, out_ref, 2.0 ** -6)
   for a, b in zip(grads, grads_ref):
     assert a.dtype == b.dtype
@@ -171,3 +229,27 @@ def test_compiled_normed_mix_on_gpu_matches_fp32_oracle():
   gmu = jnp.asarray(np.random.default_rng(23).normal(size=(B, T, (2 + N) * N)), jnp.float32)
   _check_vjp(jax.jit(lambda X, fn: gpu.normed_mix(X, fn, EPS)), plain_normed_mix, (X, fn), gmu,
              1e-5)
+
+
+@_GPU_ONLY
+def test_compiled_mix_read_in_on_gpu_matches_fp32_oracle():
+  """Compiled for the GPU, at the default tiling: the fused op's values and cotangents (streams
+  handed on) against the fp32 oracle, with the interpret-mode bounds."""
+  B, T, N, D = GPU_SHAPE
+  C = (2 + N) * N
+  rng = np.random.default_rng(24)
+  X = _inputs(*GPU_SHAPE, jnp.bfloat16, seed=25)['X']
+  fn = jnp.asarray(rng.normal(0, 0.05, (N * D, C)), jnp.float32)
+  scale, base = jnp.float32(1.2), jnp.asarray(rng.normal(size=(N,)), jnp.float32)
+  cts = (jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32),
+         jnp.asarray(rng.normal(size=(B, T, D)), jnp.bfloat16),
+         jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.bfloat16))
+  got, vjp = jax.vjp(jax.jit(lambda *a: gpu.mix_read_in(*a, EPS, EPS, pass_streams=True)),
+                     X, fn, scale, base)
+  want, want_vjp = jax.vjp(plain_mix_read_in, X.astype(jnp.float32), fn, scale, base)
+  _close(got[0], want[0], 1e-5)
+  _close(got[1], want[1], 2.0 ** -7)
+  grads, want_grads = vjp(cts), want_vjp(tuple(c.astype(jnp.float32) for c in cts))
+  _close(grads[0], want_grads[0], 2.0 ** -7)
+  for a, b in zip(grads[1:], want_grads[1:]):
+    _close(a, b, 1e-4)

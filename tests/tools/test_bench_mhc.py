@@ -8,7 +8,8 @@ from helpers import run_tool_smoke
 def test_bench_mhc_smoke(tmp_path):
   rows = run_tool_smoke(tmp_path, 'bench_mhc', '--sinkhorn_iters', '3', '--block_m', '8,16')['rows']
   names = [x['name'] for x in rows]
-  hc = [f'hc_{op}' for op in ('read_in', 'write_back', 'normed_mix') for _ in range(4)]
+  hc = [f'hc_{op}' for op in ('read_in', 'write_back', 'normed_mix', 'mix_read_in')
+        for _ in range(4)]
   assert names == ['loop', 'sinkhorn', 'pallas', 'pallas', 'unrolled_reduce', 'unrolled_adds',
                    'mixing_reference', 'mixing', 'mixing_pallas', *hc, 'site', 'site_hc_pallas',
                    'site_pallas', 'site_pallas_hc_pallas'], names

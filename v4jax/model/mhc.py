@@ -8,9 +8,10 @@ comb is doubly stochastic (Sinkhorn) so the residual gain stays near 1. The coef
 one RMS-normalised matmul over all ND features of a token, in fp32. comb[j,k] has the source stream
 j first; the paper's H^res is comb^T.
 
-The coefficients' normed matmul, the read-in and the write-back go through the hc_mix seam
-(`config.kernels.hc_mix`: jnp custom VJPs, or Triton kernels that read and write the streams once
-per pass on GPU; v4jax/kernels/hc_mix), the Sinkhorn through its own (`config.kernels.sinkhorn`).
+The coefficients' normed matmul with the read-in (one op, hc_mix.mix_read_in) and the write-back
+go through the hc_mix seam (`config.kernels.hc_mix`: jnp custom VJPs, or Triton kernels that read
+and write the streams once per pass on GPU; v4jax/kernels/hc_mix), the Sinkhorn through its own
+(`config.kernels.sinkhorn`).
 """
 from __future__ import annotations
 
@@ -39,16 +40,18 @@ def expand_streams(e_BTD: jax.Array, n: int) -> jax.Array:
   return jnp.broadcast_to(e_BTD[:, :, None, :], (B, T, n, D))
 
 
+def _mix_mode(X_BTND: jax.Array, tf32: bool) -> str:
+  """The reference's GEMM mode for the normed mix: bf16 streams take the exact split-bf16 GEMMs
+  (layers.dot_f32), fp32 streams fp32 GEMMs at HIGHEST precision, `tf32` (DeepSeek's speed mode)
+  TF32 GEMMs for either. The Triton kernels are exact for bf16 streams."""
+  return 'tf32' if tf32 else f32_mode(X_BTND.dtype)
+
+
 def _normed_mix(X_BTND: jax.Array, fn: jax.Array, eps: float, tf32: bool,
                 impl: str = 'auto') -> jax.Array:
-  """mu = (x . fn) / sqrt(mean(x^2) + eps) over the flattened ND features, fp32 [B,T,C].
-
-  Through the hc_mix seam (`impl`: config.kernels.hc_mix). The reference: bf16 streams take the
-  exact split-bf16 GEMMs (layers.dot_f32); fp32 streams fp32 GEMMs at HIGHEST precision; `tf32`
-  (DeepSeek's speed mode) TF32 GEMMs for either. The Triton kernel is exact for bf16 streams.
-  """
-  mode = 'tf32' if tf32 else f32_mode(X_BTND.dtype)
-  return hc_mix.normed_mix(X_BTND, fn.astype(_F32), eps, mode, impl=impl)
+  """mu = (x . fn) / sqrt(mean(x^2) + eps) over the flattened ND features, fp32 [B,T,C], through
+  the hc_mix seam (`impl`: config.kernels.hc_mix)."""
+  return hc_mix.normed_mix(X_BTND, fn.astype(_F32), eps, _mix_mode(X_BTND, tf32), impl=impl)
 
 
 def _check_streams(X_BTND: jax.Array, n: int, d: int, who: str):
@@ -99,15 +102,19 @@ class HCSite(nnx.Module):
   def coeffs(self, X_BTND: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(pre [B,T,N], post [B,T,N], comb [B,T,N,N]) in fp32 (SPEC §5 steps 1-5)."""
     _check_streams(X_BTND, self.n, self.d, 'HCSite.coeffs')
-    n = self.n
     mu = _normed_mix(X_BTND, self.fn[...], self.norm_eps, self.tf32, self.hc_mix_impl)
+    b, a = self.base[...], self.scale[...]
+    return (hc_mix.pre_gate(mu, a[0], b[:self.n], self.eps), *self._post_comb(mu))
+
+  def _post_comb(self, mu_BTC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """post [B,T,N] and the Sinkhorn-projected comb [B,T,N,N] from the normed mix (steps 3-5)."""
+    n = self.n
     b, a = self.base[...].astype(_F32), self.scale[...].astype(_F32)
-    pre = jax.nn.sigmoid(a[0] * mu[..., :n] + b[:n]) + self.eps
-    post = 2.0 * jax.nn.sigmoid(a[1] * mu[..., n:2 * n] + b[n:2 * n])
-    lam = a[2] * mu[..., 2 * n:] + b[2 * n:]
+    post = 2.0 * jax.nn.sigmoid(a[1] * mu_BTC[..., n:2 * n] + b[n:2 * n])
+    lam = a[2] * mu_BTC[..., 2 * n:] + b[2 * n:]
     comb = sinkhorn(lam.reshape(*lam.shape[:-1], n, n), self.iters, self.eps,
                     impl=self.sinkhorn_impl)
-    return pre, post, comb
+    return post, comb
 
   def __call__(self, X_BTND: jax.Array,
                f: Callable[[jax.Array], tuple[jax.Array, Any]]) -> tuple[jax.Array, dict]:
@@ -120,12 +127,16 @@ class HCSite(nnx.Module):
     if self.n == 1:
       y, aux = f(X_BTND[:, :, 0])
       return X_BTND + y.astype(dtype)[:, :, None, :], _as_dict(aux)
-    # model.remat_save=('mhc_coeffs',) keeps them ([B,T,(2+N)N] fp32): the backward then reruns
-    # neither the streams' RMS nor the Sinkhorn iterations
-    pre, post, comb = (checkpoint_name(c, 'mhc_coeffs') for c in self.coeffs(X_BTND))
-    u = constrain(read_in(X_BTND, pre, impl=self.hc_mix_impl), ('batch', 'seq', 'act_embed'))
-    y, aux = f(u)
-    out = constrain(write_back(X_BTND, y, post, comb, impl=self.hc_mix_impl),
+    # The normed mix and the read-in in one op; the write-back takes the streams it hands on
+    # (Xw is X), so the op's backward adds the write-back's stream cotangent in its dX pass.
+    mu, u, Xw = hc_mix.mix_read_in(X_BTND, self.fn[...], self.scale[0], self.base[:self.n],
+                                   self.norm_eps, self.eps, _mix_mode(X_BTND, self.tf32),
+                                   pass_streams=True, impl=self.hc_mix_impl)
+    # model.remat_save=('mhc_coeffs',) keeps post and comb ([B,T,N+N^2] fp32): the backward
+    # then reruns no Sinkhorn iterations
+    post, comb = (checkpoint_name(c, 'mhc_coeffs') for c in self._post_comb(mu))
+    y, aux = f(constrain(u, ('batch', 'seq', 'act_embed')))
+    out = constrain(write_back(Xw, y, post, comb, impl=self.hc_mix_impl),
                     ('batch', 'seq', 'streams', 'act_embed'))
     return out, {**_as_dict(aux), **_diagnostics(comb)}
 
@@ -161,6 +172,7 @@ class HyperHead(nnx.Module):
       return X_BTND[:, :, 0]
     if self.mode == 'sum':
       return jnp.sum(X_BTND.astype(_F32), axis=2).astype(X_BTND.dtype)
-    mu = _normed_mix(X_BTND, self.fn[...], self.norm_eps, self.tf32, self.hc_mix_impl)
-    a = jax.nn.sigmoid(self.scale[...].astype(_F32)[0] * mu + self.base[...].astype(_F32))
-    return read_in(X_BTND, a + self.eps, impl=self.hc_mix_impl)
+    _, u = hc_mix.mix_read_in(X_BTND, self.fn[...], self.scale[0], self.base[...],
+                              self.norm_eps, self.eps, _mix_mode(X_BTND, self.tf32),
+                              impl=self.hc_mix_impl)
+    return u

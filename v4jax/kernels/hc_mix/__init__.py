@@ -1,4 +1,5 @@
-"""mHC stream-mixing seam (SPEC §5): the coefficients' normed mix, read-in and write-back.
+"""mHC stream-mixing seam (SPEC §5): the coefficients' normed mix, read-in and write-back, and
+the normed mix with the read-in as one op (mix_read_in, what the model calls).
 
 Dims: B batch, T positions, N mHC streams, D model dim, C coefficient slots ((2+N)N at a site,
 N at the HyperHead).
@@ -22,10 +23,10 @@ import jax.numpy as jnp
 
 from v4jax.kernels import pallas_common
 from v4jax.kernels.hc_mix import reference
-from v4jax.kernels.hc_mix.reference import read_in_reference, write_back_reference
+from v4jax.kernels.hc_mix.reference import pre_gate, read_in_reference, write_back_reference
 
-__all__ = ['IMPLS', 'resolve_impl', 'normed_mix', 'read_in', 'write_back', 'read_in_reference',
-           'write_back_reference']
+__all__ = ['IMPLS', 'resolve_impl', 'normed_mix', 'read_in', 'write_back', 'mix_read_in',
+           'pre_gate', 'read_in_reference', 'write_back_reference']
 
 IMPLS = pallas_common.GPU_IMPLS
 
@@ -53,6 +54,22 @@ def normed_mix(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, mode: str, *,
     from v4jax.kernels.hc_mix import gpu
     return gpu.normed_mix(X_BTND, fn_KC, eps)
   return reference.normed_mix(X_BTND, fn_KC, eps, mode)
+
+
+def mix_read_in(X_BTND: jax.Array, fn_KC: jax.Array, scale: jax.Array, base_N: jax.Array,
+                eps: float, pre_eps: float, mode: str, *, pass_streams: bool = False,
+                impl: str = 'auto'):
+  """(mu [B,T,C], u [B,T,D]) = the normed mix and the read-in with weights pre_gate(mu, scale,
+  base, pre_eps); with `pass_streams`, (mu, u, X): the site's write-back takes that X, so the
+  kernel adds the write-back's stream cotangent in its own dX pass (gpu.py). The kernel for bf16
+  streams only, as normed_mix's."""
+  if _pallas(impl) and X_BTND.dtype == jnp.bfloat16:
+    from v4jax.kernels.hc_mix import gpu
+    return gpu.mix_read_in(X_BTND, fn_KC, scale, base_N, eps, pre_eps,
+                           pass_streams=pass_streams)
+  out = reference.mix_read_in(X_BTND, fn_KC.astype(jnp.float32), scale, base_N, eps, pre_eps,
+                              mode)
+  return (*out, X_BTND) if pass_streams else out
 
 
 def read_in(X_BTND: jax.Array, pre_BTN: jax.Array, *, impl: str = 'auto') -> jax.Array:

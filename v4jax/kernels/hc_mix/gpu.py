@@ -5,8 +5,8 @@ Dims: B batch, T positions, M = B*T tokens of a device, N mHC streams, D model d
 features of a token, C = (2+N)N coefficient slots (N at the HyperHead), P = C padded to a power
 of two >= 16 (the narrowest tl.dot), bm tokens per program, bd features per chunk.
 
-Each kernel runs one program per block of bm tokens and loops over D (or K) in chunks of bd, so
-a program holds a few [bm, bd] tiles and its per-token sums, and no [B,T,N,N,D] product or fp32
+Each kernel runs one program per block of bm tokens and loops over D in chunks of bd (every
+stream's chunk in one iteration), so a program holds a few [bm, bd] tiles and its per-token sums, and no [B,T,N,N,D] product or fp32
 copy of the streams is ever written. Under XLA the same passes were several memory-bound kernels
 each (fp32 converts, reductions, the adds of the stream cotangents); here:
 
@@ -15,8 +15,13 @@ each (fp32 converts, reductions, the adds of the stream cotangents); here:
   write_back  fwd  X'_k = post_k y + sum_j comb[j,k] X_j      reads X, y; writes X'
               bwd  dX_j = sum_k comb[j,k] g_k, dy = sum_k post_k g_k, dpost_k = <g_k, y>,
                    dcomb[j,k] = <X_j, g_k>                    reads X, y, g; writes dX, dy
-  normed_mix  fwd  a = x fn, r = rsqrt(mean(x^2) + eps), mu = a r   reads x, writes a, r
-              bwd  dx = da fn^T - (sum_c dmu a) r^3 x / K      reads x, writes dx
+  normed_mix  fwd  a = x fn, r = rsqrt(mean(x^2) + eps), mu = a r   reads x, writes mu, r
+              bwd  dx = da fn^T - (sum_c dmu mu) r^2 x / K     reads x, writes dx
+  mix_read_in fwd  the normed mix, s = sigmoid(scale mu[:N] + base), pre = s + eps,
+                   u = sum_m pre_m X_m                        reads X twice (the second time
+                                                              from L2), writes mu, r, s, u
+              bwd  dots_m = <X_m, du>                          reads X, du
+                   dX = da fn^T - coef X + pre du [+ dXw]     reads X, du [, dXw]; writes dX
 with fp32 arithmetic and accumulation throughout and results rounded once to the streams' dtype.
 
 The normed mix's products are exact for bf16 x as layers.dot_f32's 'split' mode is: fn is split
@@ -26,7 +31,14 @@ two-part splits (hi.hi + hi.lo + lo.hi: ~2^-16 relative, far below dx's bf16 rou
 fp32 FMA GEMM, which at C = 24 columns would run several times the pass's memory time. Its
 dfn = x^T da stays an XLA GEMM (dot_f32 'split'): it contracts over all tokens, i.e. across
 programs, so a kernel would need atomics or [M/bm, K, C] partial sums; the GEMM reads x once near
-bandwidth. Only bf16 x takes the kernels here (the seam keeps fp32 streams on the reference);
+bandwidth.
+
+mix_read_in is the model's op (an mHC site reads its streams for the coefficients and for its
+sub-layer's input): one forward pass instead of two, and in the backward one pass fewer and no
+separate add of the stream cotangents. With `pass_streams` it returns X itself as a third output,
+which the site's write-back takes: the write-back's stream cotangent then arrives here as that
+output's cotangent dXw and is added inside the dX kernel, so the streams' cotangent is written
+once instead of as three bf16 tensors summed by XLA. Only bf16 x takes the kernels here (the seam keeps fp32 streams on the reference);
 read-in and write-back take either dtype.
 
 Tokens and features need not fill whole blocks: loads past M or D are masked to zero and such
@@ -53,9 +65,10 @@ _MIN_DOT = 16                    # tl.dot's smallest dimension
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """One op's tiling (its forward and backward kernels): block_m tokens per program, block_d
-  features per chunk (of D; of K = N*D for the normed mix), powers of two (>= 16 for the normed
-  mix, whose tiles feed tl.dot), Triton warps and pipeline stages. None takes the op's default."""
+  """One op's tiling (its forward and backward kernels; mix_read_in's forward only): block_m
+  tokens per program, block_d features of D per chunk, powers of two (>= 16 for the normed mix
+  and mix_read_in, whose tiles feed tl.dot), Triton warps and pipeline stages. None takes the
+  op's default."""
   block_m: int | None = None
   block_d: int | None = None
   num_warps: int | None = None
@@ -65,8 +78,10 @@ class Blocks:
 # (block_m, block_d, warps, stages) per op: the H200 sweeps of `tools/bench_mhc.py --hc_block_m
 # .. --hc_num_stages ..` at bench_h200's streams [8,4096,4,1536] (seventeenth session), the least
 # forward + forward-and-backward time (what a remat step runs): read_in 0.62 ms against 0.82 with
-# the first guess (16, 256, 4, 2), normed_mix 1.21 against 1.37 with (64, 128, 4, 2).
-_DEFAULTS = {'read_in': (4, 128, 4, 2), 'write_back': (8, 128, 4, 1), 'normed_mix': (64, 128, 4, 1)}
+# the first guess (16, 256, 4, 2), normed_mix 1.21 against 1.37 with (64, 128, 4, 2) (then a
+# chunk of 128 of the flattened N*D features; now of each stream's D). mix_read_in: unswept.
+_DEFAULTS = {'read_in': (4, 128, 4, 2), 'write_back': (8, 128, 4, 1), 'normed_mix': (64, 128, 4, 1),
+             'mix_read_in': (16, 128, 4, 2)}
 
 
 def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
@@ -74,7 +89,7 @@ def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
   are."""
   b = b or Blocks()
   bm, bd, warps, stages = _DEFAULTS[op]
-  lo = _MIN_DOT if op == 'normed_mix' else 1
+  lo = _MIN_DOT if op in ('normed_mix', 'mix_read_in') else 1
   for name, v in (('block_m', b.block_m), ('block_d', b.block_d)):
     if v is not None and (v < lo or v != next_pow2(v)):
       raise ValueError(f'hc_mix gpu {op}: {name}={v} must be a power of two >= {lo}')
@@ -84,11 +99,11 @@ def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
 
 
 def resolved_blocks(op: str, blocks: Blocks | dict | None, shape_BTND) -> Blocks:
-  """The tiling `op` ('read_in', 'write_back' or 'normed_mix') runs with on streams of this
-  [B,T,N,D] shape (one device's) when given `blocks` (tools/bench_mhc.py records it)."""
+  """The tiling `op` ('read_in', 'write_back', 'normed_mix' or 'mix_read_in') runs with on streams
+  of this [B,T,N,D] shape (one device's) when given `blocks` (tools/bench_mhc.py records it)."""
   B, T, N, D = shape_BTND
   b = Blocks(**blocks) if isinstance(blocks, dict) else blocks
-  return _blocks(op, b, B * T, N * D if op == 'normed_mix' else D)
+  return _blocks(op, b, B * T, D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +185,9 @@ def _split(f, parts: int):
 
 # ---- kernels ----------------------------------------------------------------------------------
 
-def _read_in_fwd_kernel(x_ref, pre_ref, u_ref, *, m, bd):
+def _read_in_loop(x_ref, pre, u_ref, rows, bd):
+  """u = sum_m pre_m X_m over the D chunks, stored to u_ref [bm, D]; pre: N columns [bm, 1]."""
   bm, n, d = x_ref.shape
-  rows = _rows_ok(bm, m)
-  pre = _columns(pre_ref, n, rows)
 
   def chunk(d0, carry):
     cols = pl.ds(d0, bd)
@@ -188,10 +202,9 @@ def _read_in_fwd_kernel(x_ref, pre_ref, u_ref, *, m, bd):
   _chunks(chunk, d, bd, 0)
 
 
-def _read_in_bwd_kernel(x_ref, pre_ref, du_ref, dx_ref, dpre_ref, *, m, bd):
+def _stream_dots(x_ref, du_ref, rows, bd, pre=None, dx_ref=None):
+  """[<X_m, du> for m < N], each [bm] fp32; with `pre`, also stores dX_m = pre_m du to dx_ref."""
   bm, n, d = x_ref.shape
-  rows = _rows_ok(bm, m)
-  pre = _columns(pre_ref, n, rows)
 
   def chunk(d0, acc):
     cols = pl.ds(d0, bd)
@@ -199,13 +212,36 @@ def _read_in_bwd_kernel(x_ref, pre_ref, du_ref, dx_ref, dpre_ref, *, m, bd):
     du = _ld(du_ref.at[:, cols], ok)
     out = []
     for i in range(n):
-      _st(dx_ref.at[:, _at(i), cols], pre[i] * du, ok)
+      if pre is not None:
+        _st(dx_ref.at[:, _at(i), cols], pre[i] * du, ok)
       out.append(acc[i] + jnp.sum(_ld(x_ref.at[:, _at(i), cols], ok) * du, axis=1))
     return tuple(out)
 
-  dpre = _chunks(chunk, d, bd, tuple(jnp.zeros((bm,), _F32) for _ in range(n)))
-  for i in range(n):
-    _st(dpre_ref.at[:, _at(i)], dpre[i], rows)
+  return _chunks(chunk, d, bd, tuple(jnp.zeros((bm,), _F32) for _ in range(n)))
+
+
+def _store_columns(ref, cols, rows):
+  for i, c in enumerate(cols):
+    _st(ref.at[:, _at(i)], c, rows)
+
+
+def _read_in_fwd_kernel(x_ref, pre_ref, u_ref, *, m, bd):
+  bm, n, _ = x_ref.shape
+  rows = _rows_ok(bm, m)
+  _read_in_loop(x_ref, _columns(pre_ref, n, rows), u_ref, rows, bd)
+
+
+def _read_in_bwd_kernel(x_ref, pre_ref, du_ref, dx_ref, dpre_ref, *, m, bd):
+  bm, n, _ = x_ref.shape
+  rows = _rows_ok(bm, m)
+  _store_columns(dpre_ref, _stream_dots(x_ref, du_ref, rows, bd, _columns(pre_ref, n, rows),
+                                        dx_ref), rows)
+
+
+def _stream_dots_kernel(x_ref, du_ref, dots_ref, *, m, bd):
+  """dots_m = <X_m, du> per token (the fused op's gate cotangent; no dX)."""
+  rows = _rows_ok(x_ref.shape[0], m)
+  _store_columns(dots_ref, _stream_dots(x_ref, du_ref, rows, bd), rows)
 
 
 def _write_back_fwd_kernel(x_ref, y_ref, post_ref, comb_ref, o_ref, *, m, bd):
@@ -266,53 +302,100 @@ def _write_back_bwd_kernel(x_ref, y_ref, post_ref, comb_ref, g_ref, dx_ref, dy_r
     _st(dcomb_ref.at[:, _at(jk)], dcomb[jk], rows)
 
 
-def _mix_fwd_kernel(x_ref, fn_ref, a_ref, r_ref, *, m, bd, eps):
-  bm, k = x_ref.shape
+def _mix_dots(x_ref, fn_ref, rows, bd, eps):
+  """a = x fn (exact for bf16 x: fn in three bf16 parts) and r = rsqrt(mean(x^2) + eps) over a
+  token's N*D features, x_ref [bm, N, D] read in chunks of bd of every stream: ([bm, P], [bm])."""
+  bm, n, d = x_ref.shape
   p = fn_ref.shape[1]
-  rows = _rows_ok(bm, m)
 
-  def chunk(k0, acc):
+  def chunk(d0, acc):
     hi, lo, ss = acc
-    cols = pl.ds(k0, bd)
-    kok = _cols_ok(k0, bd, k)
-    ok = _both(rows, kok)
-    x = pltriton.load(x_ref.at[:, cols]) if ok is None else pltriton.load(
-        x_ref.at[:, cols], mask=ok, other=0)
-    f = _ld(fn_ref.at[cols, :], None if kok is None else kok[:, None])
-    f_hi, f_mid, f_lo = _split(f, 3)
-    xf = x.astype(_F32)
-    return (hi + _dot(x, f_hi), lo + (_dot(x, f_mid) + _dot(x, f_lo)),
-            ss + jnp.sum(xf * xf, axis=1))
+    cols = pl.ds(d0, bd)
+    dok = _cols_ok(d0, bd, d)
+    ok = _both(rows, dok)
+    for i in range(n):
+      x = (pltriton.load(x_ref.at[:, _at(i), cols]) if ok is None else
+           pltriton.load(x_ref.at[:, _at(i), cols], mask=ok, other=0))
+      f = _ld(fn_ref.at[pl.ds(i * d + d0, bd), :], None if dok is None else dok[:, None])
+      f_hi, f_mid, f_lo = _split(f, 3)
+      xf = x.astype(_F32)
+      hi, lo = hi + _dot(x, f_hi), lo + (_dot(x, f_mid) + _dot(x, f_lo))
+      ss = ss + jnp.sum(xf * xf, axis=1)
+    return hi, lo, ss
 
   init = (jnp.zeros((bm, p), _F32), jnp.zeros((bm, p), _F32), jnp.zeros((bm,), _F32))
-  hi, lo, ss = _chunks(chunk, k, bd, init)
-  _st(a_ref, hi + lo, None if rows is None else rows[:, None])
-  _st(r_ref, jax.lax.rsqrt(ss / k + eps), rows)
+  hi, lo, ss = _chunks(chunk, d, bd, init)
+  return hi + lo, jax.lax.rsqrt(ss / (n * d) + eps)
 
 
-def _mix_dx_kernel(x_ref, fn_ref, da_ref, coef_ref, dx_ref, *, m, bd):
-  bm, k = x_ref.shape
+def _mix_fwd_kernel(x_ref, fn_ref, mu_ref, r_ref, *, m, bd, eps):
+  rows = _rows_ok(x_ref.shape[0], m)
+  a, r = _mix_dots(x_ref, fn_ref, rows, bd, eps)
+  _st(mu_ref, a * r[:, None], None if rows is None else rows[:, None])
+  _st(r_ref, r, rows)
+
+
+def _mix_read_in_fwd_kernel(x_ref, fn_ref, scale_ref, base_ref, mu_ref, r_ref, s_ref, u_ref, *,
+                            m, bd, eps, pre_eps):
+  """The normed mix, the gate s = sigmoid(scale mu + base) of its first N columns and the read-in
+  u = sum_m (s_m + pre_eps) X_m: two passes over the token block's streams, the second while the
+  block is still in L2."""
+  bm, n, _ = x_ref.shape
+  p = fn_ref.shape[1]
+  rows = _rows_ok(bm, m)
+  rows2 = None if rows is None else rows[:, None]
+  a, r = _mix_dots(x_ref, fn_ref, rows, bd, eps)
+  mu = a * r[:, None]
+  z = mu * _ld(scale_ref, None)[None, :] + _ld(base_ref, None)[None, :]
+  s = 1.0 / (1.0 + jnp.exp(-z))
+  _st(mu_ref, mu, rows2)
+  _st(r_ref, r, rows)
+  _st(s_ref, s, rows2)
+  lane = _iota(p)[None, :]
+  pre = [jnp.sum(jnp.where(lane == i, s, 0.0), axis=1)[:, None] + pre_eps for i in range(n)]
+  _read_in_loop(x_ref, pre, u_ref, rows, bd)
+
+
+def _mix_dx_kernel(x_ref, fn_ref, da_ref, coef_ref, *refs, m, bd, read_in, add):
+  """dX_m = (da fn^T)_m - coef X_m [+ pre_m du] [+ dXw_m]: the normed mix's dx, with the fused
+  op's read-in cotangent and the passed-through streams' cotangent added before the one rounding.
+  refs: (pre_ref, du_ref if read_in) + (dxw_ref if add) + (dx_ref,)."""
+  bm, n, d = x_ref.shape
+  refs = list(refs)
+  pre_ref, du_ref = (refs.pop(0), refs.pop(0)) if read_in else (None, None)
+  dxw_ref = refs.pop(0) if add else None
+  (dx_ref,) = refs
   rows = _rows_ok(bm, m)
   da_hi, da_lo = _split(_ld(da_ref, None if rows is None else rows[:, None]), 2)
   coef = _ld(coef_ref, rows)[:, None]
+  pre = _columns(pre_ref, n, rows) if read_in else None
 
-  def chunk(k0, carry):
-    cols = pl.ds(k0, bd)
-    kok = _cols_ok(k0, bd, k)
-    ok = _both(rows, kok)
-    f_hi, f_lo = _split(_ld(fn_ref.at[cols, :], None if kok is None else kok[:, None]), 2)
-    g = _dot(da_hi, f_hi, _NT) + (_dot(da_hi, f_lo, _NT) + _dot(da_lo, f_hi, _NT))
-    _st(dx_ref.at[:, cols], g - coef * _ld(x_ref.at[:, cols], ok), ok)
+  def chunk(d0, carry):
+    cols = pl.ds(d0, bd)
+    dok = _cols_ok(d0, bd, d)
+    ok = _both(rows, dok)
+    du = _ld(du_ref.at[:, cols], ok) if read_in else None
+    for i in range(n):
+      f_hi, f_lo = _split(_ld(fn_ref.at[pl.ds(i * d + d0, bd), :],
+                              None if dok is None else dok[:, None]), 2)
+      g = _dot(da_hi, f_hi, _NT) + (_dot(da_hi, f_lo, _NT) + _dot(da_lo, f_hi, _NT))
+      g = g - coef * _ld(x_ref.at[:, _at(i), cols], ok)
+      if read_in:
+        g = g + pre[i] * du
+      if add:
+        g = g + _ld(dxw_ref.at[:, _at(i), cols], ok)
+      _st(dx_ref.at[:, _at(i), cols], g, ok)
     return carry
 
-  _chunks(chunk, k, bd, 0)
+  _chunks(chunk, d, bd, 0)
 
 
 # ---- drivers (one device's arrays, tokens flattened) ------------------------------------------
 
-def _call(kernel, name, m, b: Blocks, interpret, ins, outs, **kw):
+def _call(kernel, name, m, b: Blocks, interpret, ins, outs, aliases=None, **kw):
   """pallas_call over cdiv(m, block_m) programs. ins / outs: (array or ShapeDtypeStruct,
-  token-blocked?) pairs; a token-blocked array gets [block_m, rest..] blocks, others whole."""
+  token-blocked?) pairs; a token-blocked array gets [block_m, rest..] blocks, others whole;
+  aliases: {input index: output index} buffers shared."""
   def spec(shape, blocked):
     nd = len(shape)
     if blocked:
@@ -326,7 +409,7 @@ def _call(kernel, name, m, b: Blocks, interpret, ins, outs, **kw):
       out_shape=[o for o, _ in outs],
       # Always Triton params: without them a GPU pallas_call may pick the Mosaic GPU backend.
       compiler_params=pltriton.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages),
-      interpret=interpret, name=name,
+      input_output_aliases=aliases or {}, interpret=interpret, name=name,
   )(*(a for a, _ in ins))
 
 
@@ -387,24 +470,49 @@ def _write_back_bwd_dev(X_BTND, y_BTD, post_BTN, comb_BTNN, g_BTND, cfg):
 
 def _mix_fwd_dev(X_BTND, fn_KP, cfg, eps):
   B, T, N, D = X_BTND.shape
-  M, K = B * T, N * D
-  b = _blocks('normed_mix', cfg.blocks, M, K)
-  P = fn_KP.shape[1]
-  a, r = _call(_mix_fwd_kernel, 'hc_normed_mix_fwd', M, b, cfg.interpret,
-               [(X_BTND.reshape(M, K), True), (fn_KP, False)],
-               [(_sds((M, P), _F32), True), (_sds((M,), _F32), True)], eps=eps)
-  return a.reshape(B, T, P), r.reshape(B, T)
+  M, P = B * T, fn_KP.shape[1]
+  b = _blocks('normed_mix', cfg.blocks, M, D)
+  mu, r = _call(_mix_fwd_kernel, 'hc_normed_mix_fwd', M, b, cfg.interpret,
+                [(_flat(X_BTND, 2), True), (fn_KP, False)],
+                [(_sds((M, P), _F32), True), (_sds((M,), _F32), True)], eps=eps)
+  return mu.reshape(B, T, P), r.reshape(B, T)
 
 
-def _mix_dx_dev(X_BTND, fn_KP, da_BTP, coef_BT, cfg):
+def _mix_dx_dev(X_BTND, fn_KP, da_BTP, coef_BT, *extra, cfg, read_in=False, add=False):
+  """dX of the normed mix; `extra`: (pre [B,T,N], du [B,T,D]) if read_in, then dXw [B,T,N,D]
+  if add (its buffer becomes dX's)."""
   B, T, N, D = X_BTND.shape
-  M, K = B * T, N * D
-  b = _blocks('normed_mix', cfg.blocks, M, K)
-  (dx,) = _call(_mix_dx_kernel, 'hc_normed_mix_dx', M, b, cfg.interpret,
-                [(X_BTND.reshape(M, K), True), (fn_KP, False), (_flat(da_BTP, 1), True),
-                 (coef_BT.reshape(M), True)],
-                [(_sds((M, K), X_BTND.dtype), True)])
+  M = B * T
+  b = _blocks('normed_mix', cfg.blocks, M, D)
+  extra = [(_flat(e, e.ndim - 2), True) for e in extra]
+  ins = [(_flat(X_BTND, 2), True), (fn_KP, False), (_flat(da_BTP, 1), True),
+         (coef_BT.reshape(M), True), *extra]
+  (dx,) = _call(_mix_dx_kernel, 'hc_mix_read_in_dx' if read_in else 'hc_normed_mix_dx', M, b,
+                cfg.interpret, ins, [(_sds((M, N, D), X_BTND.dtype), True)],
+                aliases={len(ins) - 1: 0} if add else None, read_in=read_in, add=add)
   return dx.reshape(X_BTND.shape)
+
+
+def _mix_read_in_fwd_dev(X_BTND, fn_KP, scale_P, base_P, cfg, eps, pre_eps):
+  B, T, N, D = X_BTND.shape
+  M, P = B * T, fn_KP.shape[1]
+  b = _blocks('mix_read_in', cfg.blocks, M, D)
+  mu, r, s, u = _call(
+      _mix_read_in_fwd_kernel, 'hc_mix_read_in_fwd', M, b, cfg.interpret,
+      [(_flat(X_BTND, 2), True), (fn_KP, False), (scale_P, False), (base_P, False)],
+      [(_sds((M, P), _F32), True), (_sds((M,), _F32), True), (_sds((M, P), _F32), True),
+       (_sds((M, D), X_BTND.dtype), True)], eps=eps, pre_eps=pre_eps)
+  return mu.reshape(B, T, P), r.reshape(B, T), s.reshape(B, T, P), u.reshape(B, T, D)
+
+
+def _stream_dots_dev(X_BTND, du_BTD, cfg):
+  B, T, N, D = X_BTND.shape
+  M = B * T
+  b = _blocks('read_in', cfg.blocks, M, D)
+  (dots,) = _call(_stream_dots_kernel, 'hc_mix_read_in_dots', M, b, cfg.interpret,
+                  [(_flat(X_BTND, 2), True), (_flat(du_BTD, 1), True)],
+                  [(_sds((M, N), _F32), True)])
+  return dots.reshape(B, T, N)
 
 
 # Logical axes for per_device: tokens shard as the activations do, the rest is whole per device.
@@ -460,37 +568,93 @@ def _pad_cols(fn_KC):
 
 def _mix_residuals(X_BTND, fn_KC, eps, cfg):
   fwd = functools.partial(_mix_fwd_dev, cfg=cfg, eps=eps)
-  a, r = per_device(fwd, (_BT__, _WHOLE), (_BT_, _BT))(X_BTND, _pad_cols(fn_KC))
-  return a[..., :fn_KC.shape[1]], r
+  mu, r = per_device(fwd, (_BT__, _WHOLE), (_BT_, _BT))(X_BTND, _pad_cols(fn_KC))
+  return mu[..., :fn_KC.shape[1]], r
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _normed_mix(X_BTND, fn_KC, eps, cfg):
-  a_BTC, r_BT = _mix_residuals(X_BTND, fn_KC, eps, cfg)
-  return a_BTC * r_BT[..., None]
-
-
-def _normed_mix_vjp_fwd(X_BTND, fn_KC, eps, cfg):
-  a_BTC, r_BT = _mix_residuals(X_BTND, fn_KC, eps, cfg)
-  return a_BTC * r_BT[..., None], (X_BTND, fn_KC, a_BTC, r_BT)
-
-
-def _normed_mix_vjp_bwd(eps, cfg, res, dmu_BTC):
-  """As reference._mix_rows_bwd: da = dmu r; dfn = x^T da (an XLA GEMM: the module docstring
-  says why); dx = da fn^T - (sum_c dmu a) r^3 x / K (the kernel)."""
-  X_BTND, fn_KC, a_BTC, r_BT = res
+def _mix_cotangents(X_BTND, fn_KC, mu_BTC, r_BT, dmu_BTC):
+  """As reference._mix_rows_bwd, from mu = a r: da = dmu r (padded to P columns), the dx
+  kernel's coef = (sum_c dmu a) r^3 / K = (sum_c dmu mu) r^2 / K, and dfn = x^T da (an XLA GEMM:
+  the module docstring says why)."""
   B, T, N, D = X_BTND.shape
   da_BTC = dmu_BTC * r_BT[..., None]
   dfn_KC = dot_f32(X_BTND.reshape(B * T, N * D), da_BTC.reshape(B * T, -1), ((0,), (0,)),
                    'split')
-  coef_BT = jnp.sum(dmu_BTC * a_BTC, axis=-1) * r_BT ** 3 / (N * D)
+  coef_BT = jnp.sum(dmu_BTC * mu_BTC, axis=-1) * r_BT ** 2 / (N * D)
   fn_KP = _pad_cols(fn_KC)
+  return fn_KP, pad_axis(da_BTC, 2, fn_KP.shape[1]), coef_BT, dfn_KC.astype(fn_KC.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _normed_mix(X_BTND, fn_KC, eps, cfg):
+  return _mix_residuals(X_BTND, fn_KC, eps, cfg)[0]
+
+
+def _normed_mix_vjp_fwd(X_BTND, fn_KC, eps, cfg):
+  mu_BTC, r_BT = _mix_residuals(X_BTND, fn_KC, eps, cfg)
+  return mu_BTC, (X_BTND, fn_KC, mu_BTC, r_BT)
+
+
+def _normed_mix_vjp_bwd(eps, cfg, res, dmu_BTC):
+  """dx = da fn^T - coef x (the kernel); dfn from _mix_cotangents."""
+  X_BTND, fn_KC, mu_BTC, r_BT = res
+  fn_KP, da_BTP, coef_BT, dfn_KC = _mix_cotangents(X_BTND, fn_KC, mu_BTC, r_BT, dmu_BTC)
   dx = per_device(functools.partial(_mix_dx_dev, cfg=cfg), (_BT__, _WHOLE, _BT_, _BT),
-                  (_BT__,))(X_BTND, fn_KP, pad_axis(da_BTC, 2, fn_KP.shape[1]), coef_BT)
-  return dx, dfn_KC.astype(fn_KC.dtype)
+                  (_BT__,))(X_BTND, fn_KP, da_BTP, coef_BT)
+  return dx, dfn_KC
 
 
 _normed_mix.defvjp(_normed_mix_vjp_fwd, _normed_mix_vjp_bwd)
+
+
+def _gate_row(v, P):
+  """A scalar or [N] fp32 gate parameter as a [P] row (zeros past N)."""
+  return pad_axis(jnp.broadcast_to(v.astype(_F32), (P,)) if v.ndim == 0 else v.astype(_F32), 0, P)
+
+
+def _mix_read_in_residuals(X_BTND, fn_KC, scale, base_N, eps, pre_eps, cfg):
+  """(mu [B,T,C], r [B,T], s [B,T,N] = the gate's sigmoid, u [B,T,D]) by the forward kernel."""
+  fn_KP = _pad_cols(fn_KC)
+  P, C, N = fn_KP.shape[1], fn_KC.shape[1], X_BTND.shape[2]
+  fwd = functools.partial(_mix_read_in_fwd_dev, cfg=cfg, eps=eps, pre_eps=pre_eps)
+  mu, r, s, u = per_device(fwd, (_BT__, _WHOLE, (None,), (None,)), (_BT_, _BT, _BT_, _BT_))(
+      X_BTND, fn_KP, _gate_row(scale, P), _gate_row(base_N, P))
+  return mu[..., :C], r, s[..., :N], u
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _mix_read_in(X_BTND, fn_KC, scale, base_N, eps, pre_eps, pass_streams, cfg):
+  mu, _, _, u = _mix_read_in_residuals(X_BTND, fn_KC, scale, base_N, eps, pre_eps, cfg)
+  return (mu, u, X_BTND) if pass_streams else (mu, u)
+
+
+def _mix_read_in_vjp_fwd(X_BTND, fn_KC, scale, base_N, eps, pre_eps, pass_streams, cfg):
+  mu, r, s, u = _mix_read_in_residuals(X_BTND, fn_KC, scale, base_N, eps, pre_eps, cfg)
+  out = (mu, u, X_BTND) if pass_streams else (mu, u)
+  return out, (X_BTND, fn_KC, scale, base_N, mu, r, s)
+
+
+def _mix_read_in_vjp_bwd(eps, pre_eps, pass_streams, cfg, res, cts):
+  """dpre_m = <X_m, du> (kernel 1); through the gate into dmu's first N columns, dscale, dbase;
+  then the normed mix's cotangents, and dX = da fn^T - coef X + pre du [+ dXw] (kernel 2)."""
+  X_BTND, fn_KC, scale, base_N, mu, r, s = res
+  dmu, du = cts[:2]
+  cfg = dataclasses.replace(cfg, blocks=None)      # `blocks` tiles the forward kernel only
+  N = X_BTND.shape[2]
+  dots = per_device(functools.partial(_stream_dots_dev, cfg=cfg), (_BT__, _BT_), (_BT_,))
+  dz = dots(X_BTND, du) * s * (1.0 - s)                    # d loss / d (scale mu + base), [B,T,N]
+  dscale = jnp.sum(dz * mu[..., :N])
+  dbase = jnp.sum(dz, axis=(0, 1))
+  dmu = dmu.at[..., :N].add(scale.astype(_F32) * dz)
+  fn_KP, da_BTP, coef_BT, dfn_KC = _mix_cotangents(X_BTND, fn_KC, mu, r, dmu)
+  extra = (s + pre_eps, du) + ((cts[2],) if pass_streams else ())
+  dx = per_device(functools.partial(_mix_dx_dev, cfg=cfg, read_in=True, add=pass_streams),
+                  (_BT__, _WHOLE, _BT_, _BT, _BT_, _BT_) + ((_BT__,) if pass_streams else ()),
+                  (_BT__,))(X_BTND, fn_KP, da_BTP, coef_BT, *extra)
+  return dx, dfn_KC, dscale.astype(scale.dtype), dbase.astype(base_N.dtype)
+
+
+_mix_read_in.defvjp(_mix_read_in_vjp_fwd, _mix_read_in_vjp_bwd)
 
 
 # ---- public ops -------------------------------------------------------------------------------
@@ -516,3 +680,19 @@ def normed_mix(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, *,
     raise ValueError(f'hc_mix gpu normed_mix: X_BTND is {X_BTND.dtype}; the kernels take bf16 '
                      'streams (the seam keeps other dtypes on the reference)')
   return _normed_mix(X_BTND, fn_KC, float(eps), _cfg(blocks, interpret))
+
+
+def mix_read_in(X_BTND: jax.Array, fn_KC: jax.Array, scale: jax.Array, base_N: jax.Array,
+                eps: float, pre_eps: float, *, pass_streams: bool = False,
+                blocks: Blocks | dict | None = None, interpret: bool | None = None):
+  """The normed mix and the read-in as one op, for bf16 streams: mu [B,T,C] as normed_mix,
+  pre = sigmoid(scale mu[..., :N] + base) + pre_eps and u = sum_m pre_m X_m; returns (mu, u), or
+  (mu, u, X) with `pass_streams`: X handed on for the site's write-back, so that the write-back's
+  stream cotangent is added inside this op's dX kernel instead of by a separate pass. `blocks`
+  tiles the forward kernel (default `mix_read_in`); the backward's two kernels take the read-in's
+  and the normed mix's default tilings."""
+  if X_BTND.dtype != _BF16:
+    raise ValueError(f'hc_mix gpu mix_read_in: X_BTND is {X_BTND.dtype}; the kernels take bf16 '
+                     'streams (the seam keeps other dtypes on the reference)')
+  return _mix_read_in(X_BTND, fn_KC, scale, base_N, float(eps), float(pre_eps), pass_streams,
+                      _cfg(blocks, interpret))

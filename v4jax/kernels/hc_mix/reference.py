@@ -61,6 +61,13 @@ def normed_mix(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, mode: str) -> ja
   return _mix_rows(X_BTND.reshape(B * T, N * D), fn_KC.astype(_F32), eps, mode).reshape(B, T, -1)
 
 
+def pre_gate(mu_BTC: jax.Array, scale: jax.Array, base_N: jax.Array, eps: float) -> jax.Array:
+  """pre [B,T,N] = sigmoid(scale mu[..., :N] + base) + eps (SPEC §5 step 2; the HyperHead's
+  weights too): the read-in's weights from the first N columns of the normed mix."""
+  n = base_N.shape[-1]
+  return jax.nn.sigmoid(scale.astype(_F32) * mu_BTC[..., :n] + base_N.astype(_F32)) + eps
+
+
 # ---- read-in and write-back -------------------------------------------------------------------
 
 def _mix(W_BTMK: jax.Array, X_BTMD: jax.Array, acc_BTKD: jax.Array | None = None) -> jax.Array:
@@ -140,3 +147,11 @@ def _write_back_bwd(res, g_BTND):
 
 
 write_back.defvjp(_write_back_fwd, _write_back_bwd)
+
+
+def mix_read_in(X_BTND: jax.Array, fn_KC: jax.Array, scale: jax.Array, base_N: jax.Array,
+                eps: float, pre_eps: float, mode: str) -> tuple[jax.Array, jax.Array]:
+  """(mu, u): the normed mix, then the read-in with pre_gate's weights (the composition that
+  gpu.mix_read_in fuses)."""
+  mu_BTC = normed_mix(X_BTND, fn_KC, eps, mode)
+  return mu_BTC, read_in(X_BTND, pre_gate(mu_BTC, scale, base_N, pre_eps))
