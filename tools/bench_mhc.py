@@ -69,7 +69,7 @@ from v4jax.kernels.sinkhorn import reference as sinkhorn_reference  # noqa: E402
 from v4jax.model.mhc import (HCSite, read_in, read_in_reference, sinkhorn,  # noqa: E402
                              write_back, write_back_reference)
 
-_OPTS = ('impl', 'block_m', 'block_d', 'num_warps', 'num_stages', 'segment')
+_OPTS = ('impl', 'block_m', 'block_d', 'num_warps', 'num_stages', 'segment', 'forward')
 _HC_OPS = ('read_in', 'write_back', 'normed_mix', 'mix_read_in')
 
 
@@ -130,6 +130,8 @@ def main():
                   help='hc_mix pallas: features per chunk (0 = the op\'s default)')
   ap.add_argument('--hc_num_warps', type=ints, default=[0], help='hc_mix pallas (0 = default)')
   ap.add_argument('--hc_num_stages', type=ints, default=[0], help='hc_mix pallas (0 = default)')
+  ap.add_argument('--hc_forward', default='xla,kernel',
+                  help="comma list of mix_read_in's forwards to time (hc_mix gpu.FORWARDS)")
   ap.add_argument('--remat', action='store_true',
                   help='mixing rows under jax.checkpoint (the model runs its blocks so)')
   ap.add_argument('--shape', type=ints, default=[8, 2048, 4, 1024],
@@ -257,7 +259,7 @@ def main():
     if tiled:
       best = min(tiled, key=lambda r: r['ms'])
       print(f"fastest hc_{op} fwd+bwd: {best['ms']:.3f} ms, {best.get('gbps', 0):.0f} GB/s: " +
-            ' '.join(f'{k}={best[k]}' for k in _OPTS[1:5]))
+            ' '.join(f'{k}={best[k]}' for k in (*_OPTS[1:5], 'forward') if k in best))
 
 
 def _hc_bytes(op: str, pass_: str, X, C: int) -> int:
@@ -308,7 +310,8 @@ def _hc_rows(args, X, pre, post, comb, iters, record):
       if impl == 'reference':
         runs.append((impl, {}, ref_fns[op]))
         continue
-      for bm, bd, nw, ns in tilings:
+      forwards = args.hc_forward.split(',') if op == 'mix_read_in' else ['']
+      for (bm, bd, nw, ns), fwd_form in itertools.product(tilings, forwards):
         opts = {k: v for k, v in (('block_m', bm), ('block_d', bd), ('num_warps', nw),
                                   ('num_stages', ns)) if v}
         kernel = getattr(hc_mix_gpu, op)
@@ -316,14 +319,18 @@ def _hc_rows(args, X, pre, post, comb, iters, record):
           fn_ = functools.partial(kernel, eps=1e-6, blocks=opts)
         elif op == 'mix_read_in':
           fn_ = functools.partial(kernel, eps=1e-6, pre_eps=1e-6, pass_streams=True,
-                                  blocks=opts)
+                                  forward=fwd_form, blocks=opts)
         else:
           fn_ = functools.partial(kernel, blocks=opts)
         try:
-          tiles = dataclasses.asdict(hc_mix_gpu.resolved_blocks(op, opts, X.shape))
+          # mix_read_in's 'xla' forward tiles the read-in kernel
+          tiled_op = 'read_in' if fwd_form == 'xla' else op
+          tiles = dataclasses.asdict(hc_mix_gpu.resolved_blocks(tiled_op, opts, X.shape))
         except ValueError as e:     # e.g. block_m 8 for the normed mix (tl.dot needs >= 16)
           print(f'hc_{op} {opts}: skipped: {e}')
           continue
+        if fwd_form:
+          tiles['forward'] = fwd_form
         if all(tiles != t for _, t, _ in runs):     # capped tilings can coincide
           runs.append((impl, tiles, fn_))
     want_grads = jax.jit(lambda g, *a: jax.vjp(ref_fns[op], *a)[1](g))(g, *a)

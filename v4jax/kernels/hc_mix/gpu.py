@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from v4jax.kernels.hc_mix import reference
 from v4jax.kernels.pallas_common import gpu_interpret, next_pow2, pad_axis, per_device
 from v4jax.model.layers import dot_f32
 
@@ -79,9 +80,17 @@ class Blocks:
 # .. --hc_num_stages ..` at bench_h200's streams [8,4096,4,1536] (seventeenth session), the least
 # forward + forward-and-backward time (what a remat step runs): read_in 0.62 ms against 0.82 with
 # the first guess (16, 256, 4, 2), normed_mix 1.21 against 1.37 with (64, 128, 4, 2) (then a
-# chunk of 128 of the flattened N*D features; now of each stream's D). mix_read_in: unswept.
+# chunk of 128 of the flattened N*D features; now of each stream's D). mix_read_in's fused forward
+# kernel (twenty-first session): fwd+bwd 1.73 ms at (128, 64, 4, 2), 2.28 at the first guess
+# (16, 128, 4, 2); at 32 x 256 it spilled (30 ms).
 _DEFAULTS = {'read_in': (4, 128, 4, 2), 'write_back': (8, 128, 4, 1), 'normed_mix': (64, 128, 4, 1),
-             'mix_read_in': (16, 128, 4, 2)}
+             'mix_read_in': (128, 64, 4, 2)}
+# mix_read_in's forward at those streams (twenty-first session): the fused kernel at its best
+# tiling 0.87-0.90 ms, where the normed mix's kernel and the read-in's took 0.55 + 0.28 and the
+# reference's split-bf16 GEMMs for the mix alone 0.35; so the XLA GEMMs and the read-in kernel
+# ('xla') are the default.
+FORWARDS = ('kernel', 'xla')
+FORWARD = 'xla'
 
 
 def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
@@ -110,10 +119,14 @@ def resolved_blocks(op: str, blocks: Blocks | dict | None, shape_BTND) -> Blocks
 class _Cfg:
   blocks: Blocks | None
   interpret: bool
+  forward: str = FORWARD         # mix_read_in's forward, one of FORWARDS
 
 
-def _cfg(blocks, interpret) -> _Cfg:
-  return _Cfg(Blocks(**blocks) if isinstance(blocks, dict) else blocks, gpu_interpret(interpret))
+def _cfg(blocks, interpret, forward: str = FORWARD) -> _Cfg:
+  if forward not in FORWARDS:
+    raise ValueError(f'hc_mix gpu mix_read_in: forward={forward!r} is not one of {FORWARDS}')
+  return _Cfg(Blocks(**blocks) if isinstance(blocks, dict) else blocks, gpu_interpret(interpret),
+              forward)
 
 
 # ---- in-kernel helpers ------------------------------------------------------------------------
@@ -613,9 +626,18 @@ def _gate_row(v, P):
 
 
 def _mix_read_in_residuals(X_BTND, fn_KC, scale, base_N, eps, pre_eps, cfg):
-  """(mu [B,T,C], r [B,T], s [B,T,N] = the gate's sigmoid, u [B,T,D]) by the forward kernel."""
+  """(mu [B,T,C], r [B,T], s [B,T,N] = the gate's sigmoid, u [B,T,D]): by the fused forward
+  kernel, or (cfg.forward 'xla') the normed mix's split-bf16 GEMMs in XLA, then the read-in
+  kernel."""
+  N = X_BTND.shape[2]
+  if cfg.forward == 'xla':
+    mu, r = reference.normed_mix_and_rsqrt(X_BTND, fn_KC, eps, 'split')
+    s = reference.gate(mu, scale, base_N)
+    u = per_device(functools.partial(_read_in_fwd_dev, cfg=cfg), (_BT__, _BT_), (_BT_,))(
+        X_BTND, s + pre_eps)
+    return mu, r, s, u
   fn_KP = _pad_cols(fn_KC)
-  P, C, N = fn_KP.shape[1], fn_KC.shape[1], X_BTND.shape[2]
+  P, C = fn_KP.shape[1], fn_KC.shape[1]
   fwd = functools.partial(_mix_read_in_fwd_dev, cfg=cfg, eps=eps, pre_eps=pre_eps)
   mu, r, s, u = per_device(fwd, (_BT__, _WHOLE, (None,), (None,)), (_BT_, _BT, _BT_, _BT_))(
       X_BTND, fn_KP, _gate_row(scale, P), _gate_row(base_N, P))
@@ -684,15 +706,18 @@ def normed_mix(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, *,
 
 def mix_read_in(X_BTND: jax.Array, fn_KC: jax.Array, scale: jax.Array, base_N: jax.Array,
                 eps: float, pre_eps: float, *, pass_streams: bool = False,
-                blocks: Blocks | dict | None = None, interpret: bool | None = None):
+                forward: str = FORWARD, blocks: Blocks | dict | None = None,
+                interpret: bool | None = None):
   """The normed mix and the read-in as one op, for bf16 streams: mu [B,T,C] as normed_mix,
   pre = sigmoid(scale mu[..., :N] + base) + pre_eps and u = sum_m pre_m X_m; returns (mu, u), or
   (mu, u, X) with `pass_streams`: X handed on for the site's write-back, so that the write-back's
-  stream cotangent is added inside this op's dX kernel instead of by a separate pass. `blocks`
-  tiles the forward kernel (default `mix_read_in`); the backward's two kernels take the read-in's
-  and the normed mix's default tilings."""
+  stream cotangent is added inside this op's dX kernel instead of by a separate pass. `forward`:
+  'kernel' (one Triton kernel for mu, the gate and u) or 'xla' (the normed mix's split-bf16 GEMMs
+  in XLA, then the read-in kernel). `blocks` tiles the forward's kernel (defaults: 'mix_read_in',
+  or 'read_in' for forward 'xla'); the backward's two kernels take the read-in's and the normed
+  mix's default tilings."""
   if X_BTND.dtype != _BF16:
     raise ValueError(f'hc_mix gpu mix_read_in: X_BTND is {X_BTND.dtype}; the kernels take bf16 '
                      'streams (the seam keeps other dtypes on the reference)')
   return _mix_read_in(X_BTND, fn_KC, scale, base_N, float(eps), float(pre_eps), pass_streams,
-                      _cfg(blocks, interpret))
+                      _cfg(blocks, interpret, forward))

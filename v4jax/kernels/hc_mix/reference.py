@@ -54,6 +54,16 @@ def _mix_rows_bwd(eps, mode, res, dmu_MC):
 _mix_rows.defvjp(_mix_rows_fwd, _mix_rows_bwd)
 
 
+def normed_mix_and_rsqrt(X_BTND: jax.Array, fn_KC: jax.Array, eps: float,
+                         mode: str) -> tuple[jax.Array, jax.Array]:
+  """(mu [B,T,C], r [B,T]) by the GEMMs of _mix_rows' forward (no VJP): what a custom VJP that
+  keeps r for its own backward takes (gpu.py's mix_read_in, forward 'xla')."""
+  B, T, N, D = X_BTND.shape
+  mu_MC, (_, _, _, r_M1) = _mix_rows_fwd(X_BTND.reshape(B * T, N * D), fn_KC.astype(_F32), eps,
+                                         mode)
+  return mu_MC.reshape(B, T, -1), r_M1.reshape(B, T)
+
+
 def normed_mix(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, mode: str) -> jax.Array:
   """mu [B,T,C] = (x . fn) / sqrt(mean(x^2) + eps) over each token's flattened ND features,
   fp32; the GEMMs in layers.dot_f32's `mode`."""
@@ -61,11 +71,16 @@ def normed_mix(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, mode: str) -> ja
   return _mix_rows(X_BTND.reshape(B * T, N * D), fn_KC.astype(_F32), eps, mode).reshape(B, T, -1)
 
 
-def pre_gate(mu_BTC: jax.Array, scale: jax.Array, base_N: jax.Array, eps: float) -> jax.Array:
-  """pre [B,T,N] = sigmoid(scale mu[..., :N] + base) + eps (SPEC §5 step 2; the HyperHead's
-  weights too): the read-in's weights from the first N columns of the normed mix."""
+def gate(mu_BTC: jax.Array, scale: jax.Array, base_N: jax.Array) -> jax.Array:
+  """sigmoid(scale mu[..., :N] + base) [B,T,N]: the read-in's weights less their eps (SPEC §5
+  step 2; the HyperHead's too), from the first N columns of the normed mix."""
   n = base_N.shape[-1]
-  return jax.nn.sigmoid(scale.astype(_F32) * mu_BTC[..., :n] + base_N.astype(_F32)) + eps
+  return jax.nn.sigmoid(scale.astype(_F32) * mu_BTC[..., :n] + base_N.astype(_F32))
+
+
+def pre_gate(mu_BTC: jax.Array, scale: jax.Array, base_N: jax.Array, eps: float) -> jax.Array:
+  """pre [B,T,N] = gate(mu, scale, base) + eps: the read-in's weights."""
+  return gate(mu_BTC, scale, base_N) + eps
 
 
 # ---- read-in and write-back -------------------------------------------------------------------
