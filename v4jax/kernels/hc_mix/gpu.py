@@ -82,9 +82,11 @@ class Blocks:
 # the first guess (16, 256, 4, 2), normed_mix 1.21 against 1.37 with (64, 128, 4, 2) (then a
 # chunk of 128 of the flattened N*D features; now of each stream's D). mix_read_in's fused forward
 # kernel (twenty-first session): fwd+bwd 1.73 ms at (128, 64, 4, 2), 2.28 at the first guess
-# (16, 128, 4, 2); at 32 x 256 it spilled (30 ms).
+# (16, 128, 4, 2); at 32 x 256 it spilled (30 ms). Its dX kernel (the normed mix's dx with the
+# read-in's and the write-back's cotangents): 0.90 ms at (128, 64, 4, 2) against 1.13 at the normed
+# mix's tiling, best of 36 (a one-off sweep, twenty-first session).
 _DEFAULTS = {'read_in': (4, 128, 4, 2), 'write_back': (8, 128, 4, 1), 'normed_mix': (64, 128, 4, 1),
-             'mix_read_in': (128, 64, 4, 2)}
+             'mix_read_in': (128, 64, 4, 2), 'mix_read_in_dx': (128, 64, 4, 2)}
 # mix_read_in's forward at those streams (twenty-first session): the fused kernel at its best
 # tiling 0.87-0.90 ms, where the normed mix's kernel and the read-in's took 0.55 + 0.28 and the
 # reference's split-bf16 GEMMs for the mix alone 0.35; so the XLA GEMMs and the read-in kernel
@@ -98,7 +100,7 @@ def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
   are."""
   b = b or Blocks()
   bm, bd, warps, stages = _DEFAULTS[op]
-  lo = _MIN_DOT if op in ('normed_mix', 'mix_read_in') else 1
+  lo = _MIN_DOT if op in ('normed_mix', 'mix_read_in', 'mix_read_in_dx') else 1
   for name, v in (('block_m', b.block_m), ('block_d', b.block_d)):
     if v is not None and (v < lo or v != next_pow2(v)):
       raise ValueError(f'hc_mix gpu {op}: {name}={v} must be a power of two >= {lo}')
@@ -496,7 +498,7 @@ def _mix_dx_dev(X_BTND, fn_KP, da_BTP, coef_BT, *extra, cfg, read_in=False, add=
   if add (its buffer becomes dX's)."""
   B, T, N, D = X_BTND.shape
   M = B * T
-  b = _blocks('normed_mix', cfg.blocks, M, D)
+  b = _blocks('mix_read_in_dx' if read_in else 'normed_mix', cfg.blocks, M, D)
   extra = [(_flat(e, e.ndim - 2), True) for e in extra]
   ins = [(_flat(X_BTND, 2), True), (fn_KP, False), (_flat(da_BTP, 1), True),
          (coef_BT.reshape(M), True), *extra]
@@ -714,8 +716,8 @@ def mix_read_in(X_BTND: jax.Array, fn_KC: jax.Array, scale: jax.Array, base_N: j
   stream cotangent is added inside this op's dX kernel instead of by a separate pass. `forward`:
   'kernel' (one Triton kernel for mu, the gate and u) or 'xla' (the normed mix's split-bf16 GEMMs
   in XLA, then the read-in kernel). `blocks` tiles the forward's kernel (defaults: 'mix_read_in',
-  or 'read_in' for forward 'xla'); the backward's two kernels take the read-in's and the normed
-  mix's default tilings."""
+  or 'read_in' for forward 'xla'); the backward's two kernels take their defaults ('read_in' for
+  the stream dots, 'mix_read_in_dx')."""
   if X_BTND.dtype != _BF16:
     raise ValueError(f'hc_mix gpu mix_read_in: X_BTND is {X_BTND.dtype}; the kernels take bf16 '
                      'streams (the seam keeps other dtypes on the reference)')
