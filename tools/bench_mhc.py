@@ -14,7 +14,8 @@ Times in one process, at the peer model's mHC shapes (B x T tokens, N streams, w
                   kernels (pallas)
   hc_read_in, hc_write_back, hc_normed_mix, hc_mix_read_in
                   each hc_mix op alone (mix_read_in as a site calls it: the streams handed on,
-                  cotangents on mu, u and the handed-on streams), pass 'fwd' and 'fwd+bwd' (a VJP with a random
+                  cotangents on mu, u and the handed-on streams; its --hc_* tiling is its
+                  forward's read-in kernel's), pass 'fwd' and 'fwd+bwd' (a VJP with a random
                   cotangent), impl reference (jnp custom VJPs) and pallas (v4jax/kernels/hc_mix/
                   gpu.py), the pallas rows one per (--hc_block_m, --hc_block_d, --hc_num_warps,
                   --hc_num_stages) combination; with GB/s = the pass's own bytes (the streams
@@ -69,7 +70,7 @@ from v4jax.kernels.sinkhorn import reference as sinkhorn_reference  # noqa: E402
 from v4jax.model.mhc import (HCSite, read_in, read_in_reference, sinkhorn,  # noqa: E402
                              write_back, write_back_reference)
 
-_OPTS = ('impl', 'block_m', 'block_d', 'num_warps', 'num_stages', 'segment', 'forward')
+_OPTS = ('impl', 'block_m', 'block_d', 'num_warps', 'num_stages', 'segment')
 _HC_OPS = ('read_in', 'write_back', 'normed_mix', 'mix_read_in')
 
 
@@ -130,8 +131,6 @@ def main():
                   help='hc_mix pallas: features per chunk (0 = the op\'s default)')
   ap.add_argument('--hc_num_warps', type=ints, default=[0], help='hc_mix pallas (0 = default)')
   ap.add_argument('--hc_num_stages', type=ints, default=[0], help='hc_mix pallas (0 = default)')
-  ap.add_argument('--hc_forward', default='xla,kernel',
-                  help="comma list of mix_read_in's forwards to time (hc_mix gpu.FORWARDS)")
   ap.add_argument('--remat', action='store_true',
                   help='mixing rows under jax.checkpoint (the model runs its blocks so)')
   ap.add_argument('--shape', type=ints, default=[8, 2048, 4, 1024],
@@ -259,7 +258,7 @@ def main():
     if tiled:
       best = min(tiled, key=lambda r: r['ms'])
       print(f"fastest hc_{op} fwd+bwd: {best['ms']:.3f} ms, {best.get('gbps', 0):.0f} GB/s: " +
-            ' '.join(f'{k}={best[k]}' for k in (*_OPTS[1:5], 'forward') if k in best))
+            ' '.join(f'{k}={best[k]}' for k in _OPTS[1:5]))
 
 
 def _hc_bytes(op: str, pass_: str, X, C: int) -> int:
@@ -271,9 +270,9 @@ def _hc_bytes(op: str, pass_: str, X, C: int) -> int:
   streams = {('read_in', 'fwd'): N + 1, ('read_in', 'fwd+bwd'): 3 * N + 2,
              ('write_back', 'fwd'): 2 * N + 1, ('write_back', 'fwd+bwd'): 5 * N + 3,
              ('normed_mix', 'fwd'): N, ('normed_mix', 'fwd+bwd'): 4 * N,
-             # X once (its second read hits L2), u; the backward's dots X + du, dX pass X + du +
+             # the mix's GEMM X, the read-in X + u; the backward's dots X + du, dX pass X + du +
              # dXw + dX, dfn GEMM X
-             ('mix_read_in', 'fwd'): N + 1, ('mix_read_in', 'fwd+bwd'): 6 * N + 3}[op, pass_]
+             ('mix_read_in', 'fwd'): 2 * N + 1, ('mix_read_in', 'fwd+bwd'): 7 * N + 3}[op, pass_]
   coeffs = {'read_in': 2 * N, 'write_back': 2 * (N + N * N), 'normed_mix': 3 * (C + 1),
             'mix_read_in': 3 * (C + 1) + N}[op]
   return M * (D * s * streams + 4 * coeffs * (1 if pass_ == 'fwd' else 2))
@@ -310,8 +309,7 @@ def _hc_rows(args, X, pre, post, comb, iters, record):
       if impl == 'reference':
         runs.append((impl, {}, ref_fns[op]))
         continue
-      forwards = args.hc_forward.split(',') if op == 'mix_read_in' else ['']
-      for (bm, bd, nw, ns), fwd_form in itertools.product(tilings, forwards):
+      for bm, bd, nw, ns in tilings:
         opts = {k: v for k, v in (('block_m', bm), ('block_d', bd), ('num_warps', nw),
                                   ('num_stages', ns)) if v}
         kernel = getattr(hc_mix_gpu, op)
@@ -319,18 +317,16 @@ def _hc_rows(args, X, pre, post, comb, iters, record):
           fn_ = functools.partial(kernel, eps=1e-6, blocks=opts)
         elif op == 'mix_read_in':
           fn_ = functools.partial(kernel, eps=1e-6, pre_eps=1e-6, pass_streams=True,
-                                  forward=fwd_form, blocks=opts)
+                                  blocks=opts)
         else:
           fn_ = functools.partial(kernel, blocks=opts)
         try:
-          # mix_read_in's 'xla' forward tiles the read-in kernel
-          tiled_op = 'read_in' if fwd_form == 'xla' else op
+          # mix_read_in's blocks tile the read-in kernel of its forward
+          tiled_op = 'read_in' if op == 'mix_read_in' else op
           tiles = dataclasses.asdict(hc_mix_gpu.resolved_blocks(tiled_op, opts, X.shape))
         except ValueError as e:     # e.g. block_m 8 for the normed mix (tl.dot needs >= 16)
           print(f'hc_{op} {opts}: skipped: {e}')
           continue
-        if fwd_form:
-          tiles['forward'] = fwd_form
         if all(tiles != t for _, t, _ in runs):     # capped tilings can coincide
           runs.append((impl, tiles, fn_))
     want_grads = jax.jit(lambda g, *a: jax.vjp(ref_fns[op], *a)[1](g))(g, *a)

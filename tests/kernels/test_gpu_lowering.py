@@ -34,15 +34,14 @@ def _sum_grad(f, argnums):
 # backward: the dk and dq/dw kernels (also when its value is top-k's scores: no forward kernel);
 # sparse MLA's backward: dkv, dq and the dkv segment sum; the teacher 1 in either form
 # (absorbed 'probs', MHA 'masked_probs': D = 128 + 64); mHC's read-in, write-back and normed mix:
-# one forward and one backward kernel each; the fused normed mix and read-in: one forward (the
-# read-in's after XLA's GEMMs, or the fused kernel), two backward (the stream dots, then dX).
+# one forward and one backward kernel each; the normed mix and read-in as one op: one forward (the
+# read-in's, after XLA's GEMMs), two backward (the stream dots, then dX).
 @pytest.mark.parametrize('name,calls', [('scores', 1), ('topk', 2), ('topk_words', 2),
                                         ('scores_at', 2),
                                         ('scores_at_gather_dq', 2), ('scores_at_given', 2),
                                         ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1),
                                         ('hc_read_in', 2), ('hc_write_back', 2),
-                                        ('hc_normed_mix', 2), ('hc_mix_read_in', 3),
-                                        ('hc_mix_read_in_kernel', 3)])
+                                        ('hc_normed_mix', 2), ('hc_mix_read_in', 3)])
 def test_kernel_lowers_for_cuda(name, calls):
   qi, ki, wi = bf16(B, T, HI, DI), bf16(B, T, DI), f32(B, T, HI)
   q, kv, idx, lse = bf16(B, T, H, C + 64), bf16(B, T, C + 64), i32(B, T, K), f32(B, T, H)
@@ -91,10 +90,9 @@ def _hc_mix_calls(name: str) -> int:
     elif name == 'hc_write_back':
       f = lambda X, y, p, c: hc_gpu.write_back(X, y, p, c, interpret=False)
       args = (X, y, f32(B, 100, N), f32(B, 100, N, N))
-    elif name.startswith('hc_mix_read_in'):     # all three outputs get a cotangent
+    elif name == 'hc_mix_read_in':     # all three outputs get a cotangent
       def f(X, fn, scale, base):
         mu, u, Xw = hc_gpu.mix_read_in(X, fn, scale, base, 1e-6, 1e-6, pass_streams=True,
-                                       forward='kernel' if name.endswith('kernel') else 'xla',
                                        interpret=False)
         return (jnp.sum(mu) + jnp.sum(u.astype(jnp.float32)) +
                 jnp.sum(Xw.astype(jnp.float32) ** 2))

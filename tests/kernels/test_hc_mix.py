@@ -108,14 +108,12 @@ def plain_mix_read_in(X, fn, scale, base):
 MIX_READ_CASES = [(2, 11, 4, 40, 24, 16, 16), (1, 9, 4, 24, 4, 16, 16), (2, 8, 3, 32, 15, 16, 32)]
 
 
-@pytest.mark.parametrize('forward', gpu.FORWARDS)
 @pytest.mark.parametrize('pass_streams', [True, False], ids=['pass', 'nopass'])
 @pytest.mark.parametrize('B,T,N,D,C,bm,bd', MIX_READ_CASES)
-def test_mix_read_in_matches_fp32_oracle(B, T, N, D, C, bm, bd, pass_streams, forward):
+def test_mix_read_in_matches_fp32_oracle(B, T, N, D, C, bm, bd, pass_streams):
   """The fused op against the fp32 oracle fed the same bf16 stream values: mu at 1e-5 (exact
   products), u and dX at 2^-7 (rounded once to bf16), dfn, dscale, dbase at 1e-4 (fp32 sums
-  of exact products), with either forward (the fused kernel, or XLA's GEMMs and the read-in
-  kernel). Random
+  of exact products). Random
   cotangents on mu (its pre columns too), u and the handed-on streams, whose cotangent the dX
   kernel adds: a dropped dXw, a gate derivative without the chain through mu, or pre taken from
   the wrong column each fail."""
@@ -129,8 +127,7 @@ def test_mix_read_in_matches_fp32_oracle(B, T, N, D, C, bm, bd, pass_streams, fo
   g_X = jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.bfloat16)
 
   f = jax.jit(lambda *a: gpu.mix_read_in(*a, EPS, EPS, pass_streams=pass_streams,
-                                         forward=forward, blocks=dict(block_m=bm, block_d=bd),
-                                         interpret=True))
+                                         blocks=dict(block_m=bm, block_d=bd), interpret=True))
   got, vjp = jax.vjp(f, X, fn, scale, base)
   want, want_vjp = jax.vjp(plain_mix_read_in, X.astype(jnp.float32), fn, scale, base)
   assert len(got) == (3 if pass_streams else 2)
@@ -201,8 +198,8 @@ def test_bad_arguments_raise():
     gpu.normed_mix(X, jnp.ones((64, 24)), EPS, blocks=dict(block_d=8))
   with pytest.raises(ValueError, match='bf16'):
     gpu.normed_mix(X.astype(jnp.float32), jnp.ones((64, 24)), EPS)
-  with pytest.raises(ValueError, match="forward='triton' is not one of"):
-    gpu.mix_read_in(X, jnp.ones((64, 24)), 1.0, jnp.ones(4), EPS, EPS, forward='triton')
+  with pytest.raises(ValueError, match='bf16'):
+    gpu.mix_read_in(X.astype(jnp.float32), jnp.ones((64, 24)), 1.0, jnp.ones(4), EPS, EPS)
 
 
 
@@ -237,11 +234,10 @@ def test_compiled_normed_mix_on_gpu_matches_fp32_oracle():
 
 
 @_GPU_ONLY
-@pytest.mark.parametrize('forward', gpu.FORWARDS)
-def test_compiled_mix_read_in_on_gpu_matches_fp32_oracle(forward):
+def test_compiled_mix_read_in_on_gpu_matches_fp32_oracle():
   """Compiled for the GPU, at the default tilings: the fused op's values and cotangents (streams
-  handed on) against the fp32 oracle, with the interpret-mode bounds. Passed on the H200 with
-  the fused forward kernel (twenty-first session)."""
+  handed on) against the fp32 oracle, with the interpret-mode bounds. Passed on the H200
+  (twenty-first session, 551926a)."""
   B, T, N, D = GPU_SHAPE
   C = (2 + N) * N
   rng = np.random.default_rng(24)
@@ -251,8 +247,8 @@ def test_compiled_mix_read_in_on_gpu_matches_fp32_oracle(forward):
   cts = (jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32),
          jnp.asarray(rng.normal(size=(B, T, D)), jnp.bfloat16),
          jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.bfloat16))
-  got, vjp = jax.vjp(jax.jit(lambda *a: gpu.mix_read_in(*a, EPS, EPS, pass_streams=True,
-                                                       forward=forward)), X, fn, scale, base)
+  got, vjp = jax.vjp(jax.jit(lambda *a: gpu.mix_read_in(*a, EPS, EPS, pass_streams=True)),
+                     X, fn, scale, base)
   want, want_vjp = jax.vjp(plain_mix_read_in, X.astype(jnp.float32), fn, scale, base)
   _close(got[0], want[0], 1e-5)
   _close(got[1], want[1], 2.0 ** -7)

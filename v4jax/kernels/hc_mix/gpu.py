@@ -6,9 +6,10 @@ features of a token, C = (2+N)N coefficient slots (N at the HyperHead), P = C pa
 of two >= 16 (the narrowest tl.dot), bm tokens per program, bd features per chunk.
 
 Each kernel runs one program per block of bm tokens and loops over D in chunks of bd (every
-stream's chunk in one iteration), so a program holds a few [bm, bd] tiles and its per-token sums, and no [B,T,N,N,D] product or fp32
-copy of the streams is ever written. Under XLA the same passes were several memory-bound kernels
-each (fp32 converts, reductions, the adds of the stream cotangents); here:
+stream's chunk in one iteration), so a program holds a few [bm, bd] tiles and its per-token sums,
+and no [B,T,N,N,D] product or fp32 copy of the streams is ever written. Under XLA the same passes
+were several memory-bound kernels each (fp32 converts, reductions, the adds of the stream
+cotangents); here:
 
   read_in     fwd  u = sum_m pre_m X_m                        reads X, writes u
               bwd  dX_m = pre_m du, dpre_m = <X_m, du>        reads X, du; writes dX
@@ -17,9 +18,8 @@ each (fp32 converts, reductions, the adds of the stream cotangents); here:
                    dcomb[j,k] = <X_j, g_k>                    reads X, y, g; writes dX, dy
   normed_mix  fwd  a = x fn, r = rsqrt(mean(x^2) + eps), mu = a r   reads x, writes mu, r
               bwd  dx = da fn^T - (sum_c dmu mu) r^2 x / K     reads x, writes dx
-  mix_read_in fwd  the normed mix, s = sigmoid(scale mu[:N] + base), pre = s + eps,
-                   u = sum_m pre_m X_m                        reads X twice (the second time
-                                                              from L2), writes mu, r, s, u
+  mix_read_in fwd  the normed mix by XLA's GEMMs, s = sigmoid(scale mu[:N] + base),
+                   u = sum_m (s_m + eps) X_m (the read-in's kernel)
               bwd  dots_m = <X_m, du>                          reads X, du
                    dX = da fn^T - coef X + pre du [+ dXw]     reads X, du [, dXw]; writes dX
 with fp32 arithmetic and accumulation throughout and results rounded once to the streams' dtype.
@@ -34,12 +34,17 @@ programs, so a kernel would need atomics or [M/bm, K, C] partial sums; the GEMM 
 bandwidth.
 
 mix_read_in is the model's op (an mHC site reads its streams for the coefficients and for its
-sub-layer's input): one forward pass instead of two, and in the backward one pass fewer and no
-separate add of the stream cotangents. With `pass_streams` it returns X itself as a third output,
+sub-layer's input): one custom VJP whose backward makes one pass fewer over the streams and no
+separate add of their cotangents. With `pass_streams` it returns X itself as a third output,
 which the site's write-back takes: the write-back's stream cotangent then arrives here as that
 output's cotangent dXw and is added inside the dX kernel, so the streams' cotangent is written
-once instead of as three bf16 tensors summed by XLA. Only bf16 x takes the kernels here (the seam keeps fp32 streams on the reference);
-read-in and write-back take either dtype.
+once instead of as three bf16 tensors summed by XLA. Its forward runs the mix as XLA's split-bf16
+GEMMs (the reference's): at ~26 MFLOP per token the kernel's three split dots per chunk, not the
+streams' bytes, set its time, and on the H200 a kernel computing mu, the gate and u in one
+launch (the token block read twice, the second time from L2) ran 0.87 ms at its best tiling
+against 0.35 + 0.28 for XLA's GEMM and the read-in kernel (twenty-first session; that kernel is
+in de269f6, docs/performance.md row 76). Only bf16 x takes the kernels here (the seam keeps fp32
+streams on the reference); read-in and write-back take either dtype.
 
 Tokens and features need not fill whole blocks: loads past M or D are masked to zero and such
 stores dropped, so nothing is padded or copied. The coefficient columns are strided loads and
@@ -66,9 +71,9 @@ _MIN_DOT = 16                    # tl.dot's smallest dimension
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """One op's tiling (its forward and backward kernels; mix_read_in's forward only): block_m
-  tokens per program, block_d features of D per chunk, powers of two (>= 16 for the normed mix
-  and mix_read_in, whose tiles feed tl.dot), Triton warps and pipeline stages. None takes the
+  """One op's tiling (its forward and backward kernels; for mix_read_in the read-in kernel of its
+  forward): block_m tokens per program, block_d features of D per chunk, powers of two (>= 16 for
+  the normed mix, whose tiles feed tl.dot), Triton warps and pipeline stages. None takes the
   op's default."""
   block_m: int | None = None
   block_d: int | None = None
@@ -80,19 +85,12 @@ class Blocks:
 # .. --hc_num_stages ..` at bench_h200's streams [8,4096,4,1536] (seventeenth session), the least
 # forward + forward-and-backward time (what a remat step runs): read_in 0.62 ms against 0.82 with
 # the first guess (16, 256, 4, 2), normed_mix 1.21 against 1.37 with (64, 128, 4, 2) (then a
-# chunk of 128 of the flattened N*D features; now of each stream's D). mix_read_in's fused forward
-# kernel (twenty-first session): fwd+bwd 1.73 ms at (128, 64, 4, 2), 2.28 at the first guess
-# (16, 128, 4, 2); at 32 x 256 it spilled (30 ms). Its dX kernel (the normed mix's dx with the
-# read-in's and the write-back's cotangents): 0.90 ms at (128, 64, 4, 2) against 1.13 at the normed
-# mix's tiling, best of 36 (a one-off sweep, twenty-first session).
+# chunk of 128 of the flattened N*D features; now of each stream's D). mix_read_in's dX kernel
+# (the normed mix's dx with the read-in's and the write-back's cotangents): 0.90 ms at
+# (128, 64, 4, 2) against 1.13 at the normed mix's tiling, the best of 36 (a one-off sweep,
+# twenty-first session).
 _DEFAULTS = {'read_in': (4, 128, 4, 2), 'write_back': (8, 128, 4, 1), 'normed_mix': (64, 128, 4, 1),
-             'mix_read_in': (128, 64, 4, 2), 'mix_read_in_dx': (128, 64, 4, 2)}
-# mix_read_in's forward at those streams (twenty-first session): the fused kernel at its best
-# tiling 0.87-0.90 ms, where the normed mix's kernel and the read-in's took 0.55 + 0.28 and the
-# reference's split-bf16 GEMMs for the mix alone 0.35; so the XLA GEMMs and the read-in kernel
-# ('xla') are the default.
-FORWARDS = ('kernel', 'xla')
-FORWARD = 'xla'
+             'mix_read_in_dx': (128, 64, 4, 2)}
 
 
 def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
@@ -100,7 +98,7 @@ def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
   are."""
   b = b or Blocks()
   bm, bd, warps, stages = _DEFAULTS[op]
-  lo = _MIN_DOT if op in ('normed_mix', 'mix_read_in', 'mix_read_in_dx') else 1
+  lo = _MIN_DOT if op in ('normed_mix', 'mix_read_in_dx') else 1
   for name, v in (('block_m', b.block_m), ('block_d', b.block_d)):
     if v is not None and (v < lo or v != next_pow2(v)):
       raise ValueError(f'hc_mix gpu {op}: {name}={v} must be a power of two >= {lo}')
@@ -110,8 +108,8 @@ def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
 
 
 def resolved_blocks(op: str, blocks: Blocks | dict | None, shape_BTND) -> Blocks:
-  """The tiling `op` ('read_in', 'write_back', 'normed_mix' or 'mix_read_in') runs with on streams
-  of this [B,T,N,D] shape (one device's) when given `blocks` (tools/bench_mhc.py records it)."""
+  """The tiling `op` ('read_in', 'write_back' or 'normed_mix') runs with on streams of this
+  [B,T,N,D] shape (one device's) when given `blocks` (tools/bench_mhc.py records it)."""
   B, T, N, D = shape_BTND
   b = Blocks(**blocks) if isinstance(blocks, dict) else blocks
   return _blocks(op, b, B * T, D)
@@ -121,14 +119,10 @@ def resolved_blocks(op: str, blocks: Blocks | dict | None, shape_BTND) -> Blocks
 class _Cfg:
   blocks: Blocks | None
   interpret: bool
-  forward: str = FORWARD         # mix_read_in's forward, one of FORWARDS
 
 
-def _cfg(blocks, interpret, forward: str = FORWARD) -> _Cfg:
-  if forward not in FORWARDS:
-    raise ValueError(f'hc_mix gpu mix_read_in: forward={forward!r} is not one of {FORWARDS}')
-  return _Cfg(Blocks(**blocks) if isinstance(blocks, dict) else blocks, gpu_interpret(interpret),
-              forward)
+def _cfg(blocks, interpret) -> _Cfg:
+  return _Cfg(Blocks(**blocks) if isinstance(blocks, dict) else blocks, gpu_interpret(interpret))
 
 
 # ---- in-kernel helpers ------------------------------------------------------------------------
@@ -200,23 +194,6 @@ def _split(f, parts: int):
 
 # ---- kernels ----------------------------------------------------------------------------------
 
-def _read_in_loop(x_ref, pre, u_ref, rows, bd):
-  """u = sum_m pre_m X_m over the D chunks, stored to u_ref [bm, D]; pre: N columns [bm, 1]."""
-  bm, n, d = x_ref.shape
-
-  def chunk(d0, carry):
-    cols = pl.ds(d0, bd)
-    ok = _both(rows, _cols_ok(d0, bd, d))
-    u = None
-    for i in range(n):
-      t = pre[i] * _ld(x_ref.at[:, _at(i), cols], ok)
-      u = t if u is None else u + t
-    _st(u_ref.at[:, cols], u, ok)
-    return carry
-
-  _chunks(chunk, d, bd, 0)
-
-
 def _stream_dots(x_ref, du_ref, rows, bd, pre=None, dx_ref=None):
   """[<X_m, du> for m < N], each [bm] fp32; with `pre`, also stores dX_m = pre_m du to dx_ref."""
   bm, n, d = x_ref.shape
@@ -241,9 +218,21 @@ def _store_columns(ref, cols, rows):
 
 
 def _read_in_fwd_kernel(x_ref, pre_ref, u_ref, *, m, bd):
-  bm, n, _ = x_ref.shape
+  bm, n, d = x_ref.shape
   rows = _rows_ok(bm, m)
-  _read_in_loop(x_ref, _columns(pre_ref, n, rows), u_ref, rows, bd)
+  pre = _columns(pre_ref, n, rows)
+
+  def chunk(d0, carry):
+    cols = pl.ds(d0, bd)
+    ok = _both(rows, _cols_ok(d0, bd, d))
+    u = None
+    for i in range(n):
+      t = pre[i] * _ld(x_ref.at[:, _at(i), cols], ok)
+      u = t if u is None else u + t
+    _st(u_ref.at[:, cols], u, ok)
+    return carry
+
+  _chunks(chunk, d, bd, 0)
 
 
 def _read_in_bwd_kernel(x_ref, pre_ref, du_ref, dx_ref, dpre_ref, *, m, bd):
@@ -317,11 +306,12 @@ def _write_back_bwd_kernel(x_ref, y_ref, post_ref, comb_ref, g_ref, dx_ref, dy_r
     _st(dcomb_ref.at[:, _at(jk)], dcomb[jk], rows)
 
 
-def _mix_dots(x_ref, fn_ref, rows, bd, eps):
-  """a = x fn (exact for bf16 x: fn in three bf16 parts) and r = rsqrt(mean(x^2) + eps) over a
-  token's N*D features, x_ref [bm, N, D] read in chunks of bd of every stream: ([bm, P], [bm])."""
+def _mix_fwd_kernel(x_ref, fn_ref, mu_ref, r_ref, *, m, bd, eps):
+  """mu = (x fn) r, exact for bf16 x (fn in three bf16 parts), r = rsqrt(mean(x^2) + eps) over a
+  token's N*D features, x_ref [bm, N, D] read in chunks of bd of every stream."""
   bm, n, d = x_ref.shape
   p = fn_ref.shape[1]
+  rows = _rows_ok(bm, m)
 
   def chunk(d0, acc):
     hi, lo, ss = acc
@@ -340,35 +330,9 @@ def _mix_dots(x_ref, fn_ref, rows, bd, eps):
 
   init = (jnp.zeros((bm, p), _F32), jnp.zeros((bm, p), _F32), jnp.zeros((bm,), _F32))
   hi, lo, ss = _chunks(chunk, d, bd, init)
-  return hi + lo, jax.lax.rsqrt(ss / (n * d) + eps)
-
-
-def _mix_fwd_kernel(x_ref, fn_ref, mu_ref, r_ref, *, m, bd, eps):
-  rows = _rows_ok(x_ref.shape[0], m)
-  a, r = _mix_dots(x_ref, fn_ref, rows, bd, eps)
-  _st(mu_ref, a * r[:, None], None if rows is None else rows[:, None])
+  r = jax.lax.rsqrt(ss / (n * d) + eps)
+  _st(mu_ref, (hi + lo) * r[:, None], None if rows is None else rows[:, None])
   _st(r_ref, r, rows)
-
-
-def _mix_read_in_fwd_kernel(x_ref, fn_ref, scale_ref, base_ref, mu_ref, r_ref, s_ref, u_ref, *,
-                            m, bd, eps, pre_eps):
-  """The normed mix, the gate s = sigmoid(scale mu + base) of its first N columns and the read-in
-  u = sum_m (s_m + pre_eps) X_m: two passes over the token block's streams, the second while the
-  block is still in L2."""
-  bm, n, _ = x_ref.shape
-  p = fn_ref.shape[1]
-  rows = _rows_ok(bm, m)
-  rows2 = None if rows is None else rows[:, None]
-  a, r = _mix_dots(x_ref, fn_ref, rows, bd, eps)
-  mu = a * r[:, None]
-  z = mu * _ld(scale_ref, None)[None, :] + _ld(base_ref, None)[None, :]
-  s = 1.0 / (1.0 + jnp.exp(-z))
-  _st(mu_ref, mu, rows2)
-  _st(r_ref, r, rows)
-  _st(s_ref, s, rows2)
-  lane = _iota(p)[None, :]
-  pre = [jnp.sum(jnp.where(lane == i, s, 0.0), axis=1)[:, None] + pre_eps for i in range(n)]
-  _read_in_loop(x_ref, pre, u_ref, rows, bd)
 
 
 def _mix_dx_kernel(x_ref, fn_ref, da_ref, coef_ref, *refs, m, bd, read_in, add):
@@ -508,18 +472,6 @@ def _mix_dx_dev(X_BTND, fn_KP, da_BTP, coef_BT, *extra, cfg, read_in=False, add=
   return dx.reshape(X_BTND.shape)
 
 
-def _mix_read_in_fwd_dev(X_BTND, fn_KP, scale_P, base_P, cfg, eps, pre_eps):
-  B, T, N, D = X_BTND.shape
-  M, P = B * T, fn_KP.shape[1]
-  b = _blocks('mix_read_in', cfg.blocks, M, D)
-  mu, r, s, u = _call(
-      _mix_read_in_fwd_kernel, 'hc_mix_read_in_fwd', M, b, cfg.interpret,
-      [(_flat(X_BTND, 2), True), (fn_KP, False), (scale_P, False), (base_P, False)],
-      [(_sds((M, P), _F32), True), (_sds((M,), _F32), True), (_sds((M, P), _F32), True),
-       (_sds((M, D), X_BTND.dtype), True)], eps=eps, pre_eps=pre_eps)
-  return mu.reshape(B, T, P), r.reshape(B, T), s.reshape(B, T, P), u.reshape(B, T, D)
-
-
 def _stream_dots_dev(X_BTND, du_BTD, cfg):
   B, T, N, D = X_BTND.shape
   M = B * T
@@ -622,28 +574,14 @@ def _normed_mix_vjp_bwd(eps, cfg, res, dmu_BTC):
 _normed_mix.defvjp(_normed_mix_vjp_fwd, _normed_mix_vjp_bwd)
 
 
-def _gate_row(v, P):
-  """A scalar or [N] fp32 gate parameter as a [P] row (zeros past N)."""
-  return pad_axis(jnp.broadcast_to(v.astype(_F32), (P,)) if v.ndim == 0 else v.astype(_F32), 0, P)
-
-
 def _mix_read_in_residuals(X_BTND, fn_KC, scale, base_N, eps, pre_eps, cfg):
-  """(mu [B,T,C], r [B,T], s [B,T,N] = the gate's sigmoid, u [B,T,D]): by the fused forward
-  kernel, or (cfg.forward 'xla') the normed mix's split-bf16 GEMMs in XLA, then the read-in
-  kernel."""
-  N = X_BTND.shape[2]
-  if cfg.forward == 'xla':
-    mu, r = reference.normed_mix_and_rsqrt(X_BTND, fn_KC, eps, 'split')
-    s = reference.gate(mu, scale, base_N)
-    u = per_device(functools.partial(_read_in_fwd_dev, cfg=cfg), (_BT__, _BT_), (_BT_,))(
-        X_BTND, s + pre_eps)
-    return mu, r, s, u
-  fn_KP = _pad_cols(fn_KC)
-  P, C = fn_KP.shape[1], fn_KC.shape[1]
-  fwd = functools.partial(_mix_read_in_fwd_dev, cfg=cfg, eps=eps, pre_eps=pre_eps)
-  mu, r, s, u = per_device(fwd, (_BT__, _WHOLE, (None,), (None,)), (_BT_, _BT, _BT_, _BT_))(
-      X_BTND, fn_KP, _gate_row(scale, P), _gate_row(base_N, P))
-  return mu[..., :C], r, s[..., :N], u
+  """(mu [B,T,C], r [B,T], s [B,T,N] = the gate's sigmoid, u [B,T,D]): the normed mix's
+  split-bf16 GEMMs in XLA (the module docstring says why), then the read-in kernel."""
+  mu, r = reference.normed_mix_and_rsqrt(X_BTND, fn_KC, eps, 'split')
+  s = reference.gate(mu, scale, base_N)
+  u = per_device(functools.partial(_read_in_fwd_dev, cfg=cfg), (_BT__, _BT_), (_BT_,))(
+      X_BTND, s + pre_eps)
+  return mu, r, s, u
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -663,7 +601,7 @@ def _mix_read_in_vjp_bwd(eps, pre_eps, pass_streams, cfg, res, cts):
   then the normed mix's cotangents, and dX = da fn^T - coef X + pre du [+ dXw] (kernel 2)."""
   X_BTND, fn_KC, scale, base_N, mu, r, s = res
   dmu, du = cts[:2]
-  cfg = dataclasses.replace(cfg, blocks=None)      # `blocks` tiles the forward kernel only
+  cfg = dataclasses.replace(cfg, blocks=None)      # `blocks` tiles the forward's read-in only
   N = X_BTND.shape[2]
   dots = per_device(functools.partial(_stream_dots_dev, cfg=cfg), (_BT__, _BT_), (_BT_,))
   dz = dots(X_BTND, du) * s * (1.0 - s)                    # d loss / d (scale mu + base), [B,T,N]
@@ -708,18 +646,15 @@ def normed_mix(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, *,
 
 def mix_read_in(X_BTND: jax.Array, fn_KC: jax.Array, scale: jax.Array, base_N: jax.Array,
                 eps: float, pre_eps: float, *, pass_streams: bool = False,
-                forward: str = FORWARD, blocks: Blocks | dict | None = None,
-                interpret: bool | None = None):
+                blocks: Blocks | dict | None = None, interpret: bool | None = None):
   """The normed mix and the read-in as one op, for bf16 streams: mu [B,T,C] as normed_mix,
   pre = sigmoid(scale mu[..., :N] + base) + pre_eps and u = sum_m pre_m X_m; returns (mu, u), or
   (mu, u, X) with `pass_streams`: X handed on for the site's write-back, so that the write-back's
-  stream cotangent is added inside this op's dX kernel instead of by a separate pass. `forward`:
-  'kernel' (one Triton kernel for mu, the gate and u) or 'xla' (the normed mix's split-bf16 GEMMs
-  in XLA, then the read-in kernel). `blocks` tiles the forward's kernel (defaults: 'mix_read_in',
-  or 'read_in' for forward 'xla'); the backward's two kernels take their defaults ('read_in' for
-  the stream dots, 'mix_read_in_dx')."""
+  stream cotangent is added inside this op's dX kernel instead of by a separate pass. `blocks`
+  tiles the forward's read-in kernel (default 'read_in'); the backward's two kernels take their
+  defaults ('read_in' for the stream dots, 'mix_read_in_dx')."""
   if X_BTND.dtype != _BF16:
     raise ValueError(f'hc_mix gpu mix_read_in: X_BTND is {X_BTND.dtype}; the kernels take bf16 '
                      'streams (the seam keeps other dtypes on the reference)')
   return _mix_read_in(X_BTND, fn_KC, scale, base_N, float(eps), float(pre_eps), pass_streams,
-                      _cfg(blocks, interpret, forward))
+                      _cfg(blocks, interpret))
