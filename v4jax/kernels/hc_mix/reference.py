@@ -56,8 +56,8 @@ _mix_rows.defvjp(_mix_rows_fwd, _mix_rows_bwd)
 
 def normed_mix_and_rsqrt(X_BTND: jax.Array, fn_KC: jax.Array, eps: float,
                          mode: str) -> tuple[jax.Array, jax.Array]:
-  """(mu [B,T,C], r [B,T]) by the GEMMs of _mix_rows' forward (no VJP): what a custom VJP that
-  keeps r for its own backward takes (gpu.py's mix_read_in, forward 'xla')."""
+  """(mu [B,T,C], r [B,T]) by the GEMMs of _mix_rows' forward (no VJP): the forward of a custom
+  VJP that keeps r for its own backward (gpu.py's mix_read_in)."""
   B, T, N, D = X_BTND.shape
   mu_MC, (_, _, _, r_M1) = _mix_rows_fwd(X_BTND.reshape(B * T, N * D), fn_KC.astype(_F32), eps,
                                          mode)
