@@ -371,10 +371,13 @@ def _mix_dx_kernel(x_ref, fn_ref, da_ref, coef_ref, *refs, m, bd, read_in, add):
 
 # ---- drivers (one device's arrays, tokens flattened) ------------------------------------------
 
-def _call(kernel, name, m, b: Blocks, interpret, ins, outs, aliases=None, **kw):
-  """pallas_call over cdiv(m, block_m) programs. ins / outs: (array or ShapeDtypeStruct,
-  token-blocked?) pairs; a token-blocked array gets [block_m, rest..] blocks, others whole;
-  aliases: {input index: output index} buffers shared."""
+def _call(kernel, name, op, cfg, X_BTND, ins, outs, aliases=None, **kw):
+  """pallas_call over cdiv(B*T, block_m) programs for streams X [B,T,N,D], tiled by `op`'s Blocks.
+  ins / outs: (array or ShapeDtypeStruct, token-blocked?) pairs; a token-blocked array gets
+  [block_m, rest..] blocks, others whole; aliases: {input index: output index} buffers shared."""
+  B, T, _, D = X_BTND.shape
+  m = B * T
+  b = _blocks(op, cfg.blocks, m, D)
   def spec(shape, blocked):
     nd = len(shape)
     if blocked:
@@ -388,7 +391,7 @@ def _call(kernel, name, m, b: Blocks, interpret, ins, outs, aliases=None, **kw):
       out_shape=[o for o, _ in outs],
       # Always Triton params: without them a GPU pallas_call may pick the Mosaic GPU backend.
       compiler_params=pltriton.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages),
-      input_output_aliases=aliases or {}, interpret=interpret, name=name,
+      input_output_aliases=aliases or {}, interpret=cfg.interpret, name=name,
   )(*(a for a, _ in ins))
 
 
@@ -404,8 +407,7 @@ def _flat(a, tail: int):
 def _read_in_fwd_dev(X_BTND, pre_BTN, cfg):
   B, T, N, D = X_BTND.shape
   M = B * T
-  b = _blocks('read_in', cfg.blocks, M, D)
-  (u,) = _call(_read_in_fwd_kernel, 'hc_read_in_fwd', M, b, cfg.interpret,
+  (u,) = _call(_read_in_fwd_kernel, 'hc_read_in_fwd', 'read_in', cfg, X_BTND,
                [(_flat(X_BTND, 2), True), (_flat(pre_BTN, 1), True)],
                [(_sds((M, D), X_BTND.dtype), True)])
   return u.reshape(B, T, D)
@@ -414,8 +416,7 @@ def _read_in_fwd_dev(X_BTND, pre_BTN, cfg):
 def _read_in_bwd_dev(X_BTND, pre_BTN, du_BTD, cfg):
   B, T, N, D = X_BTND.shape
   M = B * T
-  b = _blocks('read_in', cfg.blocks, M, D)
-  dx, dpre = _call(_read_in_bwd_kernel, 'hc_read_in_bwd', M, b, cfg.interpret,
+  dx, dpre = _call(_read_in_bwd_kernel, 'hc_read_in_bwd', 'read_in', cfg, X_BTND,
                    [(_flat(X_BTND, 2), True), (_flat(pre_BTN, 1), True), (_flat(du_BTD, 1), True)],
                    [(_sds((M, N, D), X_BTND.dtype), True), (_sds((M, N), _F32), True)])
   return dx.reshape(X_BTND.shape), dpre.reshape(B, T, N).astype(pre_BTN.dtype)
@@ -424,8 +425,7 @@ def _read_in_bwd_dev(X_BTND, pre_BTN, du_BTD, cfg):
 def _write_back_fwd_dev(X_BTND, y_BTD, post_BTN, comb_BTNN, cfg):
   B, T, N, D = X_BTND.shape
   M = B * T
-  b = _blocks('write_back', cfg.blocks, M, D)
-  (out,) = _call(_write_back_fwd_kernel, 'hc_write_back_fwd', M, b, cfg.interpret,
+  (out,) = _call(_write_back_fwd_kernel, 'hc_write_back_fwd', 'write_back', cfg, X_BTND,
                  [(_flat(X_BTND, 2), True), (_flat(y_BTD, 1), True), (_flat(post_BTN, 1), True),
                   (comb_BTNN.reshape(M, N * N), True)],
                  [(_sds((M, N, D), X_BTND.dtype), True)])
@@ -435,9 +435,8 @@ def _write_back_fwd_dev(X_BTND, y_BTD, post_BTN, comb_BTNN, cfg):
 def _write_back_bwd_dev(X_BTND, y_BTD, post_BTN, comb_BTNN, g_BTND, cfg):
   B, T, N, D = X_BTND.shape
   M = B * T
-  b = _blocks('write_back', cfg.blocks, M, D)
   dx, dy, dpost, dcomb = _call(
-      _write_back_bwd_kernel, 'hc_write_back_bwd', M, b, cfg.interpret,
+      _write_back_bwd_kernel, 'hc_write_back_bwd', 'write_back', cfg, X_BTND,
       [(_flat(X_BTND, 2), True), (_flat(y_BTD, 1), True), (_flat(post_BTN, 1), True),
        (comb_BTNN.reshape(M, N * N), True), (_flat(g_BTND, 2), True)],
       [(_sds((M, N, D), X_BTND.dtype), True), (_sds((M, D), y_BTD.dtype), True),
@@ -450,8 +449,7 @@ def _write_back_bwd_dev(X_BTND, y_BTD, post_BTN, comb_BTNN, g_BTND, cfg):
 def _mix_fwd_dev(X_BTND, fn_KP, cfg, eps):
   B, T, N, D = X_BTND.shape
   M, P = B * T, fn_KP.shape[1]
-  b = _blocks('normed_mix', cfg.blocks, M, D)
-  mu, r = _call(_mix_fwd_kernel, 'hc_normed_mix_fwd', M, b, cfg.interpret,
+  mu, r = _call(_mix_fwd_kernel, 'hc_normed_mix_fwd', 'normed_mix', cfg, X_BTND,
                 [(_flat(X_BTND, 2), True), (fn_KP, False)],
                 [(_sds((M, P), _F32), True), (_sds((M,), _F32), True)], eps=eps)
   return mu.reshape(B, T, P), r.reshape(B, T)
@@ -462,12 +460,12 @@ def _mix_dx_dev(X_BTND, fn_KP, da_BTP, coef_BT, *extra, cfg, read_in=False, add=
   if add (its buffer becomes dX's)."""
   B, T, N, D = X_BTND.shape
   M = B * T
-  b = _blocks('mix_read_in_dx' if read_in else 'normed_mix', cfg.blocks, M, D)
   extra = [(_flat(e, e.ndim - 2), True) for e in extra]
   ins = [(_flat(X_BTND, 2), True), (fn_KP, False), (_flat(da_BTP, 1), True),
          (coef_BT.reshape(M), True), *extra]
-  (dx,) = _call(_mix_dx_kernel, 'hc_mix_read_in_dx' if read_in else 'hc_normed_mix_dx', M, b,
-                cfg.interpret, ins, [(_sds((M, N, D), X_BTND.dtype), True)],
+  (dx,) = _call(_mix_dx_kernel, 'hc_mix_read_in_dx' if read_in else 'hc_normed_mix_dx',
+                'mix_read_in_dx' if read_in else 'normed_mix', cfg, X_BTND, ins,
+                [(_sds((M, N, D), X_BTND.dtype), True)],
                 aliases={len(ins) - 1: 0} if add else None, read_in=read_in, add=add)
   return dx.reshape(X_BTND.shape)
 
@@ -475,8 +473,7 @@ def _mix_dx_dev(X_BTND, fn_KP, da_BTP, coef_BT, *extra, cfg, read_in=False, add=
 def _stream_dots_dev(X_BTND, du_BTD, cfg):
   B, T, N, D = X_BTND.shape
   M = B * T
-  b = _blocks('read_in', cfg.blocks, M, D)
-  (dots,) = _call(_stream_dots_kernel, 'hc_mix_read_in_dots', M, b, cfg.interpret,
+  (dots,) = _call(_stream_dots_kernel, 'hc_mix_read_in_dots', 'read_in', cfg, X_BTND,
                   [(_flat(X_BTND, 2), True), (_flat(du_BTD, 1), True)],
                   [(_sds((M, N), _F32), True)])
   return dots.reshape(B, T, N)
