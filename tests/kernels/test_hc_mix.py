@@ -1,7 +1,8 @@
 """hc_mix seam: the Triton kernels (interpret mode) against plain jnp autodiff oracles.
 
-Oracles: `read_in_reference` / `write_back_reference` (plain jnp, autodiff) and a plain normed mix
-(x fn at HIGHEST precision times rsqrt(mean(x^2) + eps), autodiff), on fresh random inputs.
+Oracles: `read_in_reference` / `write_back_reference` (plain jnp, autodiff), a plain normed mix
+(x fn at HIGHEST precision times rsqrt(mean(x^2) + eps), autodiff) and from it a plain
+mix_read_in (the SPEC's sigmoid gate, then the read-in in fp32), on fresh random inputs.
 Shapes leave a partial token block and a partial feature chunk (22 tokens in blocks of 8, D = 40
 in chunks of 16), or only the latter, tile exactly, and take N = 3 (C = 15 padded to 16) as well
 as N = 4.
@@ -112,11 +113,10 @@ MIX_READ_CASES = [(2, 11, 4, 40, 24, 16, 16), (1, 9, 4, 24, 4, 16, 16), (2, 8, 3
 @pytest.mark.parametrize('B,T,N,D,C,bm,bd', MIX_READ_CASES)
 def test_mix_read_in_matches_fp32_oracle(B, T, N, D, C, bm, bd, pass_streams):
   """The fused op against the fp32 oracle fed the same bf16 stream values: mu at 1e-5 (exact
-  products), u and dX at 2^-7 (rounded once to bf16), dfn, dscale, dbase at 1e-4 (fp32 sums
-  of exact products). Random
-  cotangents on mu (its pre columns too), u and the handed-on streams, whose cotangent the dX
-  kernel adds: a dropped dXw, a gate derivative without the chain through mu, or pre taken from
-  the wrong column each fail."""
+  products), u and dX at 2^-7 (rounded once to bf16), dfn, dscale, dbase at 1e-4 (fp32 sums of
+  exact products). Random cotangents on mu (its pre columns too), u and the handed-on streams,
+  whose cotangent the dX kernel adds: a dropped dXw, a gate derivative without the chain through
+  mu, or the read-in's term with the wrong stream's pre each fail."""
   rng = np.random.default_rng(B * 1000 + T * 10 + C)
   X = jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.bfloat16)
   fn = jnp.asarray(rng.normal(0, 0.1, (N * D, C)), jnp.float32)
