@@ -22,6 +22,11 @@ Times in one process, at the peer model's mHC shapes (B x T tokens, N streams, w
                   and coefficients each kernel reads and writes once; the normed mix's backward
                   also its XLA dfn GEMM's read of x) / time, and the largest difference from the
                   reference relative to its largest magnitude
+  hc_mix_read_in_dx, hc_mix_read_in_dots (--hc_bwd)
+                  mix_read_in's two backward kernels alone, one row per --hc_* tiling: the dX
+                  kernel (reads X, du and the handed-on streams' cotangent, writes dX; chained
+                  in a fori_loop of --hc_bwd_chain calls, each one's dX the next one's dXw, so
+                  its aliased input is not copied, as in the step) and the stream dots (X, du)
   site, site_pallas, site_hc_pallas, site_pallas_hc_pallas
                   one HCSite (coefficients, read-in, write-back) around an identity sub-layer,
                   forward + backward wrt the streams and the site's parameters, with
@@ -131,6 +136,10 @@ def main():
                   help='hc_mix pallas: features per chunk (0 = the op\'s default)')
   ap.add_argument('--hc_num_warps', type=ints, default=[0], help='hc_mix pallas (0 = default)')
   ap.add_argument('--hc_num_stages', type=ints, default=[0], help='hc_mix pallas (0 = default)')
+  ap.add_argument('--hc_bwd', action='store_true',
+                  help="time mix_read_in's backward kernels alone over the --hc_* tilings")
+  ap.add_argument('--hc_bwd_chain', type=int, default=8,
+                  help='--hc_bwd: dX kernel calls chained per timed call')
   ap.add_argument('--remat', action='store_true',
                   help='mixing rows under jax.checkpoint (the model runs its blocks so)')
   ap.add_argument('--shape', type=ints, default=[8, 2048, 4, 1024],
@@ -228,6 +237,8 @@ def main():
           for a, b in zip(mix_grads[impl], mix_grads['reference'])]
     record(row)
   _hc_rows(args, X, pre, post, comb, iters, record)
+  if args.hc_bwd:
+    _hc_bwd_rows(args, X, pre, iters, record)
   for impl, hc in itertools.product([m for m in args.sites.split(',') if m],
                                     [m for m in args.site_hc_mix.split(',') if m]):
     cfg = default_config()
@@ -346,6 +357,50 @@ def _hc_rows(args, X, pre, post, comb, iters, record):
                 max(rel(x, w) for x, w in zip(got, want_grads)))
         record(dict(name=f'hc_{op}', pass_=pass_, impl=impl, compile_s=compile_s, ms=ms,
                     gbps=_hc_bytes(op, pass_, X, C) / ms / 1e6, max_rel_diff=diff, **opts))
+
+
+
+def _hc_bwd_rows(args, X, pre, iters, record):
+  """Rows hc_mix_read_in_dx / hc_mix_read_in_dots: mix_read_in's backward kernels alone at each
+  --hc_* tiling (hc_mix.gpu's drivers, as its custom VJP calls them); GB/s = each kernel's own
+  stream bytes (dX: X, du, dXw read, dX written; dots: X, du read)."""
+  B, T, N, D = X.shape
+  C = (2 + N) * N
+  ks = jax.random.split(jax.random.key(5), 5)
+  du = jax.random.normal(ks[0], (B, T, D), X.dtype)
+  dxw = jax.random.normal(ks[1], X.shape, X.dtype)
+  fn_KP = hc_mix_gpu._pad_cols(0.02 * jax.random.normal(ks[2], (N * D, C), jnp.float32))
+  da = jax.random.normal(ks[3], (B, T, fn_KP.shape[1]), jnp.float32)
+  coef = 1e-3 * jax.random.normal(ks[4], (B, T), jnp.float32)
+  chain, s = args.hc_bwd_chain, X.dtype.itemsize
+  tilings = itertools.product(args.hc_block_m, args.hc_block_d, args.hc_num_warps,
+                              args.hc_num_stages)
+  for bm, bd, nw, ns in tilings:
+    opts = {k: v for k, v in (('block_m', bm), ('block_d', bd), ('num_warps', nw),
+                              ('num_stages', ns)) if v}
+    cfg = hc_mix_gpu._cfg(opts, None)
+
+    def dx_chain(X, da, coef, pre, du, dxw, cfg=cfg):
+      step = lambda _, g: hc_mix_gpu._mix_dx_dev(X, fn_KP, da, coef, pre, du, g, cfg=cfg,
+                                                 read_in=True, add=True)
+      return jax.lax.fori_loop(0, chain, step, dxw)
+
+    dots = jax.jit(functools.partial(hc_mix_gpu._stream_dots_dev, cfg=cfg))
+    kernels = (('hc_mix_read_in_dx', 'mix_read_in_dx', jax.jit(dx_chain),
+                (X, da, coef, pre, du, dxw), chain, 3 * N + 1),
+               ('hc_mix_read_in_dots', 'read_in', dots, (X, du), 1, N + 1))
+    for name, op, f, call, calls, streams in kernels:
+      try:
+        tiles = dataclasses.asdict(hc_mix_gpu.resolved_blocks(op, opts, X.shape))
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*call))
+      except Exception as e:       # a tiling that is illegal or will not compile: go on
+        print(f'{name} {opts}: skipped: {type(e).__name__}: {str(e)[:200]}')
+        continue
+      compile_s = time.perf_counter() - t0
+      ms = 1e3 * median_seconds(f, *call, iters=iters) / calls
+      record(dict(name=name, pass_='bwd', impl='pallas', compile_s=compile_s, ms=ms,
+                  gbps=B * T * D * s * streams / ms / 1e6, **tiles))
 
 
 if __name__ == '__main__':

@@ -6,12 +6,14 @@ from helpers import run_tool_smoke
 
 
 def test_bench_mhc_smoke(tmp_path):
-  rows = run_tool_smoke(tmp_path, 'bench_mhc', '--sinkhorn_iters', '3', '--block_m', '8,16')['rows']
+  rows = run_tool_smoke(tmp_path, 'bench_mhc', '--sinkhorn_iters', '3', '--block_m', '8,16',
+                        '--hc_bwd', '--hc_bwd_chain', '2')['rows']
   names = [x['name'] for x in rows]
   hc = [f'hc_{op}' for op in ('read_in', 'write_back', 'normed_mix', 'mix_read_in')
         for _ in range(4)]
   assert names == ['loop', 'sinkhorn', 'pallas', 'pallas', 'unrolled_reduce', 'unrolled_adds',
-                   'mixing_reference', 'mixing', 'mixing_pallas', *hc, 'site', 'site_hc_pallas',
+                   'mixing_reference', 'mixing', 'mixing_pallas', *hc, 'hc_mix_read_in_dx',
+                   'hc_mix_read_in_dots', 'site', 'site_hc_pallas',
                    'site_pallas', 'site_pallas_hc_pallas'], names
   assert [x['block_m'] for x in rows if x['name'] == 'pallas'] == [8, 16]
   assert all(x['ms'] > 0 for x in rows)
@@ -25,8 +27,13 @@ def test_bench_mhc_smoke(tmp_path):
     assert mix[0] <= 2 ** -7 and max(mix[1:]) < 1e-3, (name, mix)
   # hc_mix ops, pallas vs reference: bf16 outputs and stream cotangents within one ulp of the
   # largest, fp32 ones closer; 'fwd' and 'fwd+bwd' rows for each impl, tilings recorded
-  ops = [x for x in rows if x['name'].startswith('hc_')]
+  ops = [x for x in rows if x['name'].startswith('hc_') and x['pass_'] != 'bwd']
   assert [(x['impl'], x['pass_']) for x in ops[:4]] == [
       ('reference', 'fwd'), ('reference', 'fwd+bwd'), ('pallas', 'fwd'), ('pallas', 'fwd+bwd')]
   assert all(x['max_rel_diff'] <= 2 ** -7 and x['gbps'] > 0 for x in ops), ops
   assert all(x['block_m'] >= 1 for x in ops if x['impl'] == 'pallas')
+  # --hc_bwd: mix_read_in's backward kernels at their default tilings, capped at the smoke
+  # shape's 32 tokens (dX: 128 -> 32; the dots keep the read-in's 4)
+  bwd = {x['name']: x for x in rows if x['pass_'] == 'bwd'}
+  assert bwd['hc_mix_read_in_dx']['block_m'] == 32 and bwd['hc_mix_read_in_dots']['block_m'] == 4
+  assert all(x['gbps'] > 0 for x in bwd.values())
