@@ -100,7 +100,8 @@ class HCSite(nnx.Module):
     self.scale = const_param(h.alpha_init, (3,), (None,))
 
   def coeffs(self, X_BTND: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(pre [B,T,N], post [B,T,N], comb [B,T,N,N]) in fp32 (SPEC §5 steps 1-5)."""
+    """(pre [B,T,N], post [B,T,N], comb [B,T,N,N]) in fp32 (SPEC §5 steps 1-5), for inspection
+    and tests: __call__ gets the same values through hc_mix.mix_read_in and _post_comb."""
     _check_streams(X_BTND, self.n, self.d, 'HCSite.coeffs')
     mu = _normed_mix(X_BTND, self.fn[...], self.norm_eps, self.tf32, self.hc_mix_impl)
     b, a = self.base[...], self.scale[...]

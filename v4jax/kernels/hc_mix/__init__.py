@@ -67,8 +67,7 @@ def mix_read_in(X_BTND: jax.Array, fn_KC: jax.Array, scale: jax.Array, base_N: j
     from v4jax.kernels.hc_mix import gpu
     return gpu.mix_read_in(X_BTND, fn_KC, scale, base_N, eps, pre_eps,
                            pass_streams=pass_streams)
-  out = reference.mix_read_in(X_BTND, fn_KC.astype(jnp.float32), scale, base_N, eps, pre_eps,
-                              mode)
+  out = reference.mix_read_in(X_BTND, fn_KC, scale, base_N, eps, pre_eps, mode)
   return (*out, X_BTND) if pass_streams else out
 
 

@@ -108,8 +108,9 @@ def _blocks(op: str, b: Blocks | None, m: int, d: int) -> Blocks:
 
 
 def resolved_blocks(op: str, blocks: Blocks | dict | None, shape_BTND) -> Blocks:
-  """The tiling `op` ('read_in', 'write_back' or 'normed_mix') runs with on streams of this
-  [B,T,N,D] shape (one device's) when given `blocks` (tools/bench_mhc.py records it)."""
+  """The tiling `op` ('read_in', 'write_back', 'normed_mix' or mix_read_in's 'mix_read_in_dx')
+  runs with on streams of this [B,T,N,D] shape (one device's) when given `blocks`
+  (tools/bench_mhc.py records it)."""
   B, T, N, D = shape_BTND
   b = Blocks(**blocks) if isinstance(blocks, dict) else blocks
   return _blocks(op, b, B * T, D)
