@@ -12,16 +12,144 @@ the table can live in host memory, with only the gathered rows moving to the dev
 """
 from __future__ import annotations
 
+import functools
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax.model.layers import const_param, constrain, dtype_of, matmul, param, rms_norm
+from v4jax.model.layers import const_param, constrain, dtype_of, matmul, param
 
 __all__ = ['Engram']
 
 _F32 = jnp.float32
 _GATE_CLAMP = 1e-6      # signed sqrt clamps |g| here (derivative 0 inside)
+
+
+class _Eps(NamedTuple):
+  """gate_conv's static settings: the q/k norms' eps, the conv norm's eps, the conv dilation."""
+  qk: float
+  conv: float
+  dilation: int
+
+
+def _shift(x, lag: int):
+  """x[:, t - lag] along T, zero where t < lag."""
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (lag, 0)
+  return jnp.pad(x, pad)[:, :x.shape[1]] if lag else x
+
+
+def _unshift(x, lag: int):
+  """x[:, t + lag] along T, zero where t + lag >= T."""
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, lag)
+  return jnp.pad(x, pad)[:, lag:] if lag else x
+
+
+def _with_bias(x, p, name):
+  x = x.astype(_F32)
+  return x + p[name].astype(_F32) if name in p else x
+
+
+def _gate_rows(X_BTND, k_BTND, v_BTD, p, eps: _Eps):
+  """The gate's per-(token, stream) statistics, fp32 [B,T,N]: rq, rk (the q and k norms'
+  1/rms), P (the scaled dot before normalising), g, alpha; with the conv also den and
+  a = alpha/sqrt(den), since RMSNorm(alpha*v) = a*v (the conv's input is never formed)."""
+  Xf, kb, vb = X_BTND.astype(_F32), _with_bias(k_BTND, p, 'bk'), _with_bias(v_BTD, p, 'bv')
+  rq = jax.lax.rsqrt(jnp.mean(Xf * Xf, -1) + eps.qk)
+  rk = jax.lax.rsqrt(jnp.mean(kb * kb, -1) + eps.qk)
+  P = jnp.sum(Xf * kb * (p['sq'].astype(_F32) * p['sk'].astype(_F32)), -1)
+  g = rq * rk * P / math.sqrt(X_BTND.shape[-1])
+  alpha = jax.nn.sigmoid(jnp.sign(g) * jnp.sqrt(jnp.maximum(jnp.abs(g), _GATE_CLAMP)))
+  rows = dict(rq=rq, rk=rk, P=P, g=g, alpha=alpha)
+  if 'w' in p:
+    rows['den'] = alpha * alpha * jnp.mean(vb * vb, -1)[..., None] + eps.conv
+    rows['a'] = alpha * jax.lax.rsqrt(rows['den'])
+  return rows
+
+
+def _conv_taps(p, eps: _Eps, n: int):
+  """[(lag_j, W[j] * conv scale [N,D])] per tap j, which reads position t - (w-1-j)*dilation."""
+  w = p['w'].astype(_F32)
+  w_WND = w.reshape(w.shape[0], n, -1) * p['sc'].astype(_F32)
+  return [((w.shape[0] - 1 - j) * eps.dilation, w_WND[j]) for j in range(w.shape[0])]
+
+
+def _conv_pre(vb_BTD, a_BTN, taps):
+  """C [B,T,N,D] = sum_j W[j] * Z[t - lag_j], Z = sc * v * a formed per tap from its factors."""
+  return sum(ws * _shift(vb_BTD, lag)[:, :, None] * _shift(a_BTN, lag)[..., None]
+             for lag, ws in taps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def gate_conv(X_BTND, k_BTND, v_BTD, p, eps: _Eps):
+  """SPEC §6.3 steps 3-5 from the projections: Y [B,T,N,D] in X's dtype. k_BTND and v_BTD are
+  the key and value GEMMs' outputs before their biases; p holds sq, sk (the q and k norm scales),
+  optionally bk, bv (the biases) and sc, w (the conv norm's scale and the conv kernel [w, N*D];
+  without them Y is the gated value alone).
+
+  The math is fp32 inside fused passes. The custom VJP keeps no stream-sized fp32 tensor: it
+  recomputes from the bf16 inputs and [B,T,N], [B,T,D] factors what autodiff stored in fp32 (the
+  normed q and k, the gated value, the conv's input and output: ~5 GB per Engram layer at
+  bench_h200's micro-batch)."""
+  return _gate_conv_fwd(X_BTND, k_BTND, v_BTD, p, eps)[0]
+
+
+def _gate_conv_fwd(X_BTND, k_BTND, v_BTD, p, eps):
+  rows = _gate_rows(X_BTND, k_BTND, v_BTD, p, eps)
+  vb = _with_bias(v_BTD, p, 'bv')
+  y = rows['alpha'][..., None] * vb[:, :, None]
+  if 'w' in p:
+    y = y + jax.nn.silu(_conv_pre(vb, rows['a'], _conv_taps(p, eps, X_BTND.shape[2])))
+  return y.astype(X_BTND.dtype), (X_BTND, k_BTND, v_BTD, p, rows)
+
+
+def _gate_conv_bwd(eps, res, dy_BTND):
+  X_BTND, k_BTND, v_BTD, p, r = res
+  N, D = X_BTND.shape[2:]
+  Xf, kb, vb = X_BTND.astype(_F32), _with_bias(k_BTND, p, 'bk'), _with_bias(v_BTD, p, 'bv')
+  dy, alpha = dy_BTND.astype(_F32), r['alpha']
+  dalpha = jnp.sum(dy * vb[:, :, None], -1)
+  dvb = jnp.sum(dy * alpha[..., None], 2)
+  grads = {}
+  if 'w' in p:
+    a, taps = r['a'], _conv_taps(p, eps, N)
+    C = _conv_pre(vb, a, taps)
+    sig = jax.nn.sigmoid(C)
+    dC = (dy * sig * (1 + C * (1 - sig))).astype(dy_BTND.dtype).astype(_F32)   # through SiLU
+    w, sc = p['w'].astype(_F32).reshape(len(taps), N, D), p['sc'].astype(_F32)
+    dz = sum(w[j] * _unshift(dC, lag) for j, (lag, _) in enumerate(taps))      # dL/dZ
+    grads['sc'] = jnp.sum(dz * vb[:, :, None] * a[..., None], (0, 1))
+    grads['w'] = jnp.stack([
+        jnp.sum(dC * sc * _shift(vb, lag)[:, :, None] * _shift(a, lag)[..., None], (0, 1))
+        for lag, _ in taps]).reshape(p['w'].shape)
+    da = jnp.sum(dz * sc * vb[:, :, None], -1)
+    dvb = dvb + jnp.sum(dz * sc * a[..., None], 2)
+    inv3 = jax.lax.rsqrt(r['den']) ** 3               # a = alpha (alpha^2 mean(v^2) + eps)^-1/2
+    dalpha = dalpha + da * eps.conv * inv3
+    dvb = dvb + jnp.sum(da * alpha ** 3 * inv3, -1)[..., None] * (-1.0 / D) * vb
+  g = r['g']
+  big = jnp.abs(g) > _GATE_CLAMP                      # inside the clamp: no gradient
+  dg = jnp.where(big, dalpha * alpha * (1 - alpha) * 0.5 * jax.lax.rsqrt(
+      jnp.where(big, jnp.abs(g), 1.0)), 0.0)
+  c = dg / math.sqrt(D)
+  dP, drq, drk = c * r['rq'] * r['rk'], c * r['rk'] * r['P'], c * r['rq'] * r['P']
+  sq, sk = p['sq'].astype(_F32), p['sk'].astype(_F32)
+  dX = dP[..., None] * kb * (sq * sk) - (drq * r['rq'] ** 3 / D)[..., None] * Xf
+  dkb = dP[..., None] * Xf * (sq * sk) - (drk * r['rk'] ** 3 / D)[..., None] * kb
+  grads['sq'] = jnp.sum(dP[..., None] * Xf * kb * sk, (0, 1))
+  grads['sk'] = jnp.sum(dP[..., None] * Xf * kb * sq, (0, 1))
+  if 'bk' in p:
+    grads['bk'] = jnp.sum(dkb, (0, 1))
+    grads['bv'] = jnp.sum(dvb, (0, 1))
+  return (dX.astype(X_BTND.dtype), dkb.astype(k_BTND.dtype), dvb.astype(v_BTD.dtype),
+          {name: grads[name].astype(x.dtype) for name, x in p.items()})
+
+
+gate_conv.defvjp(_gate_conv_fwd, _gate_conv_bwd)
 
 
 class _Proj(nnx.Module):
@@ -33,14 +161,12 @@ class _Proj(nnx.Module):
 
 
 class _Scale(nnx.Module):
-  """Per-stream RMSNorm scales [N, D] (init 1)."""
+  """Per-stream RMSNorm scales [N, D] (init 1) and the norm's eps."""
 
   def __init__(self, n: int, d: int, eps: float):
     self.scale = const_param(1.0, (n, d), ('streams', 'norm'))
     self.eps = eps
 
-  def __call__(self, x_BTND: jax.Array) -> jax.Array:
-    return rms_norm(x_BTND.astype(_F32), self.scale[...], self.eps)
 
 
 class _Conv(nnx.Module):
@@ -101,27 +227,17 @@ class Engram(nnx.Module):
     if e_BTM.shape != X_BTND.shape[:2] + (self.d_mem,):
       raise ValueError(f'Engram layer {self.layer_id}: e_BTM has shape {e_BTM.shape}, expected '
                        f'{X_BTND.shape[:2] + (self.d_mem,)} (engram.d_mem)')
-    B, T, N, D = X_BTND.shape
-    v_BTD = matmul('btm,md->btd', e_BTM, self.value_proj.kernel[...], self.dtype).astype(_F32)
-    k_BTND = matmul('btm,nmd->btnd', e_BTM, self.key_proj.kernel[...], self.dtype).astype(_F32)
+    v_BTD = matmul('btm,md->btd', e_BTM, self.value_proj.kernel[...], self.dtype)
+    k_BTND = matmul('btm,nmd->btnd', e_BTM, self.key_proj.kernel[...], self.dtype)
+    p = {'sq': self.q_norm.scale[...], 'sk': self.k_norm.scale[...]}
     if self.value_proj.bias is not None:
-      v_BTD = v_BTD + self.value_proj.bias[...].astype(_F32)
-      k_BTND = k_BTND + self.key_proj.bias[...].astype(_F32)
-    gate = jnp.sum(self.q_norm(X_BTND) * self.k_norm(k_BTND), axis=-1) / jnp.sqrt(float(D))
-    gate = jnp.sign(gate) * jnp.sqrt(jnp.maximum(jnp.abs(gate), _GATE_CLAMP))
-    val_BTND = jax.nn.sigmoid(gate)[..., None] * v_BTD[:, :, None, :]
-    y = val_BTND if self.conv is None else self._short_conv(val_BTND) + val_BTND
-    return constrain(y.astype(X_BTND.dtype), ('batch', 'seq', 'streams', 'act_embed'))
-
-  def _short_conv(self, val_BTND: jax.Array) -> jax.Array:
-    """SiLU(sum_j W[j] * Z[t - (W-1-j)*dilation]) over Z = per-stream RMSNorm(val), zero-padded."""
-    B, T, N, D = val_BTND.shape
-    z = self.conv_norm(val_BTND).reshape(B, T, N * D)             # channel m*D + d
-    w = self.conv.kernel[...].astype(_F32)
-    taps, step = w.shape[0], self.dilation
-    z = jnp.pad(z, ((0, 0), ((taps - 1) * step, 0), (0, 0)))
-    conv = sum(w[j] * z[:, j * step:j * step + T] for j in range(taps))
-    return jax.nn.silu(conv).reshape(B, T, N, D)
+      p.update(bv=self.value_proj.bias[...], bk=self.key_proj.bias[...])
+    if self.conv is not None:
+      p.update(sc=self.conv_norm.scale[...], w=self.conv.kernel[...])
+    eps = _Eps(self.q_norm.eps, self.conv_norm.eps if self.conv is not None else 0.0,
+               self.dilation)
+    y = gate_conv(X_BTND, k_BTND, v_BTD, p, eps)
+    return constrain(y, ('batch', 'seq', 'streams', 'act_embed'))
 
   def __call__(self, X_BTND: jax.Array, rows_BTJ: jax.Array) -> jax.Array:
     return self.mix(X_BTND, self.retrieve(rows_BTJ))
