@@ -150,6 +150,9 @@ def default_config() -> ConfigDict:
       hc_mix='auto',           # mHC stream passes (normed mix, read-in, write-back): auto (pallas
                                # on GPU) | reference (jnp custom VJPs) | pallas (Triton; interpret
                                # mode on CPU)
+      xent='auto',             # chunked LM-head loss, each chunk's loss and logits gradient: auto
+                               # (pallas on GPU unless the vocabulary is sharded) | reference
+                               # (jnp) | pallas (one Triton kernel; interpret mode on CPU)
       student_dq='auto',       # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
                                # | gather (each token's K selected keys) | auto (by T, S and K:
                                # gather from ~8K tokens; kernels/indexer/gpu.resolve_dq_form)
@@ -235,6 +238,7 @@ _CHOICES = {
     'kernels.attention': ('auto', 'reference', 'cudnn', 'pallas', 'tpu_flash'),
     'kernels.sinkhorn': ('auto', 'reference', 'pallas'),
     'kernels.hc_mix': ('auto', 'reference', 'pallas'),      # mHC's normed mix, read-in, write-back
+    'kernels.xent': ('auto', 'reference', 'pallas'),
     'kernels.student_dq': ('auto', 'dense', 'gather'),
     'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),
     'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),

@@ -6,7 +6,7 @@ import importlib
 # The Pallas kernel modules. The seams import their GPU and TPU modules together, whatever the
 # platform (each imports jax's Pallas backend for it), so all of them are preloaded.
 _PALLAS_MODULES = ('attention.gpu', 'attention.tpu', 'hc_mix.gpu', 'indexer.gpu', 'indexer.tpu',
-                   'sinkhorn.gpu', 'sparse_attention.gpu', 'sparse_attention.tpu')
+                   'sinkhorn.gpu', 'sparse_attention.gpu', 'sparse_attention.tpu', 'xent.gpu')
 
 
 def preload() -> None:

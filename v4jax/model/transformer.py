@@ -285,7 +285,7 @@ class Transformer(nnx.Module):
     X_BTND, auxes = self.trunk(tokens_BT, inp)
     h_BTD = self.norm(self.head_reduce(X_BTND))
     lm_sum = cross_entropy_sum(h_BTD, self.head[...], targets_BT, weight_BT, self.dtype,
-                               cfg.model.logits_chunk)
+                               cfg.model.logits_chunk, cfg.kernels.xent)
     lm = lm_sum / n_valid
 
     mtp_losses = []
@@ -306,7 +306,7 @@ class Transformer(nnx.Module):
       hk_BTD = mod.norm(mod.head_reduce(X_prev))
       n_k = jnp.maximum(jnp.sum(w_BT), 1.0)
       mtp_losses.append(cross_entropy_sum(hk_BTD, self.head[...], tgt_BT, w_BT, self.dtype,
-                                          cfg.model.logits_chunk) / n_k)
+                                          cfg.model.logits_chunk, cfg.kernels.xent) / n_k)
     mtp = sum(mtp_losses) / len(mtp_losses) if mtp_losses else jnp.zeros((), jnp.float32)
 
     bal = sum((a['bal_loss'] for a in auxes if 'bal_loss' in a), jnp.zeros((), jnp.float32))
