@@ -5,7 +5,7 @@ Times in one process, at bench_h200's chunk (micro-batch 8 x logits_chunk 1024 r
   reference   the jnp form (kernels.xent=reference): XLA's max, sum of exponentials and
               gradient passes over the logits
   pallas      the Triton kernel (v4jax/kernels/xent/gpu.py; interpret mode off GPU), one row per
-              (--block_m, --block_v, --num_warps, --num_stages) combination
+              (--block_m, --block_v, --num_warps, --num_stages, --programs) combination
   copy        the logits read once and written once (x + 1 in bf16): the floor's yardstick
 Each row: median ms over --iters calls after a compile call, GB/s = (one read of the logits +
 one write of the gradient) / time, the same floor at the copy's measured rate as a fraction of
@@ -14,6 +14,8 @@ the row's time, and the largest difference of the loss and of the gradient from 
   python tools/bench_xent.py --out bench_xent.json                       # GPU
   python tools/bench_xent.py --block_m 1,2,4 --block_v 2048,4096,8192 --num_warps 4,8,16 \
       --out bench_xent_sweep.json                                          # GPU: the sweep
+  python tools/bench_xent.py --block_v 4096,8192 --num_warps 8,16 --num_stages 1,2 \
+      --programs 0,132,264,528 --out bench_xent_programs.json              # GPU: rows in flight
   python tools/bench_xent.py --smoke                                       # any backend
 """
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main():
   ap.add_argument('--block_v', type=ints, default=[gpu.DEFAULT.block_v])
   ap.add_argument('--num_warps', type=ints, default=[gpu.DEFAULT.num_warps])
   ap.add_argument('--num_stages', type=ints, default=[gpu.DEFAULT.num_stages])
+  ap.add_argument('--programs', type=ints, default=[gpu.DEFAULT.programs],
+                  help='programs walking the row blocks (0 = one per block)')
   ap.add_argument('--iters', type=int, default=20)
   ap.add_argument('--smoke', action='store_true', help='tiny shapes, any backend')
   ap.add_argument('--out', default='')
@@ -66,8 +70,8 @@ def main():
   def record(row, ms):
     row.update(ms=ms * 1e3, gbps=nbytes / ms / 1e9)
     rows.append(row)
-    opts = ' '.join(f'{k}={row[k]}' for k in ('block_m', 'block_v', 'num_warps', 'num_stages')
-                    if k in row)
+    opts = ' '.join(f'{k}={row[k]}' for k in ('block_m', 'block_v', 'num_warps', 'num_stages',
+                                               'programs') if k in row)
     diff = f"loss {row['loss_diff']:.1e} grad {row['grad_diff']:.1e}" if 'grad_diff' in row \
         else ''
     print(f"{row['name']:<10} {row['ms']:8.3f} ms {row['gbps']:7.0f} GB/s {diff} {opts}",
@@ -82,9 +86,9 @@ def main():
   want = ref(logits, tgt, w)
   record({'name': 'reference'}, median_seconds(ref, logits, tgt, w, iters=iters))
   interpret = dev.platform != 'gpu'
-  for bm, bv, nw, ns in itertools.product(args.block_m, args.block_v, args.num_warps,
-                                          args.num_stages):
-    blocks = gpu.Blocks(bm, bv, nw, ns)
+  for bm, bv, nw, ns, pr in itertools.product(args.block_m, args.block_v, args.num_warps,
+                                              args.num_stages, args.programs):
+    blocks = gpu.Blocks(bm, bv, nw, ns, pr)
     def f(l, t, w, blocks=blocks):
       lse, tg, d = gpu.lse_target_grad(l, t, w, blocks, interpret=interpret)
       return jnp.sum((lse - tg) * w), d
@@ -95,6 +99,7 @@ def main():
       print(f'pallas {blocks}: {type(e).__name__}: {str(e).splitlines()[0][:200]}', flush=True)
       continue
     row = {'name': 'pallas', 'block_m': bm, 'block_v': bv, 'num_warps': nw, 'num_stages': ns,
+           'programs': pr,
            'loss_diff': float(abs(got[0] - want[0]) / abs(want[0])),
            'grad_diff': float(jnp.max(jnp.abs(got[1].astype(jnp.float32) -
                                               want[1].astype(jnp.float32))))}

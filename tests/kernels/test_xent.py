@@ -23,8 +23,10 @@ from v4jax.kernels.xent import gpu
 from v4jax.model.loss import cross_entropy_sum
 from v4jax.parallel import rules
 
-# (B, C, V, block_m, block_v): partial row block and column chunk; exact tiles; bm = 1
-CASES = [(2, 5, 1000, 4, 256), (2, 4, 1024, 4, 256), (3, 3, 777, 1, 128)]
+# (B, C, V, block_m, block_v, programs): partial row block and column chunk; exact tiles; bm = 1;
+# fewer programs than row blocks (each walks several, the last walk one block shorter)
+CASES = [(2, 5, 1000, 4, 256, 0), (2, 4, 1024, 4, 256, 0), (3, 3, 777, 1, 128, 0),
+         (2, 5, 1000, 2, 256, 2)]
 
 
 def _inputs(B, C, V, dtype, seed):
@@ -48,10 +50,11 @@ def oracle(logits, tgt, w):
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize('B,C,V,bm,bv', CASES)
-def test_kernel_matches_float64_oracle(B, C, V, bm, bv, dtype):
+@pytest.mark.parametrize('B,C,V,bm,bv,programs', CASES)
+def test_kernel_matches_float64_oracle(B, C, V, bm, bv, programs, dtype):
   logits, tgt, w = _inputs(B, C, V, dtype, seed=V + bm)
-  lse, t, d = gpu.lse_target_grad(logits, tgt, w, gpu.Blocks(bm, bv, 4, 1), interpret=True)
+  lse, t, d = gpu.lse_target_grad(logits, tgt, w, gpu.Blocks(bm, bv, 4, 1, programs),
+                                  interpret=True)
   want = oracle(logits, tgt, w)
   np.testing.assert_allclose(lse, want[0], rtol=1e-6, atol=1e-5)
   np.testing.assert_allclose(t, want[1], rtol=1e-6, atol=1e-5)
