@@ -168,7 +168,6 @@ class _Scale(nnx.Module):
     self.eps = eps
 
 
-
 class _Conv(nnx.Module):
   """Depthwise conv kernel [W, N*D], zero init (the conv branch starts as SiLU(0) = 0)."""
 

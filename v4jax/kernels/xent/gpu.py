@@ -5,11 +5,14 @@ Dims: R = B*C rows (tokens) of a device, V vocabulary, bm rows per program, bv c
 
 Each program owns bm whole rows and walks them twice in chunks of bv columns: first an online
 max and sum of exponentials (the logsumexp), then the gradient scale * (exp(x - lse) - onehot),
-stored in the logits' dtype, with the target's logit picked up on the way. A program's rows are
-re-read right after their first pass, so with few rows in flight the second read comes mostly
-from L2: the gradient costs about one read and one write of the logits, where XLA's passes
-(max, sum, gradient) read them three times. fp32 arithmetic throughout; columns past V load as
--inf (no exponential) and are not stored; rows past R are neither read nor stored.
+stored in the logits' dtype, with the target's logit picked up on the way. That is two reads and
+one write of the logits, where XLA's passes (max, sum of exponentials, gradient) make three
+reads and a write. A program re-reads its rows right after their first walk, so the second read
+can come from L2 while they are still there; at bench_h200's chunk (8K rows of 129,280) most of
+it does not (the kernel runs at 71% of a copy's rate), and bounding the rows in flight with
+`programs` cost more bandwidth than the L2 gave back (docs/performance.md row 79). fp32
+arithmetic throughout; columns past V load as -inf (no exponential) and are not stored; rows
+past R are neither read nor stored.
 """
 from __future__ import annotations
 
