@@ -13,6 +13,14 @@ from v4jax.config import default_config
 from v4jax.model.engram import Engram, _Eps, gate_conv
 
 B, T, N, D, G, K_E, D_MEM, R, W, DELTA = 2, 16, 4, 64, 3, 2, 32, 101, 4, 3
+
+
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+  """fp32 matmuls at full precision on every backend: on a GPU the default runs them in TF32
+  (~1e-3 relative), far outside the fp32 tolerances below (CPU runs fp32 either way)."""
+  with jax.default_matmul_precision('highest'):
+    yield
 J = (G - 1) * K_E
 D_H = D_MEM // J
 
