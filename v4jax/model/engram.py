@@ -218,14 +218,9 @@ class Engram(nnx.Module):
     e = self.table[...].at[rows_BTJ].get(mode='promise_in_bounds')      # [B,T,J,H]
     return e.reshape(B, T, J * self.d_h).astype(self.dtype)
 
-  def mix(self, X_BTND: jax.Array, e_BTM: jax.Array) -> jax.Array:
-    """Y [B,T,N,D] to add to the streams: gated value plus SiLU of the short conv."""
-    if X_BTND.ndim != 4 or X_BTND.shape[2:] != (self.n, self.d):
-      raise ValueError(f'Engram layer {self.layer_id}: X_BTND has shape {X_BTND.shape}, expected '
-                       f'[B, T, mhc.streams={self.n}, model.d_model={self.d}]')
-    if e_BTM.shape != X_BTND.shape[:2] + (self.d_mem,):
-      raise ValueError(f'Engram layer {self.layer_id}: e_BTM has shape {e_BTM.shape}, expected '
-                       f'{X_BTND.shape[:2] + (self.d_mem,)} (engram.d_mem)')
+  def projections(self, e_BTM: jax.Array):
+    """gate_conv's inputs besides the streams: (k [B,T,N,D], v [B,T,D] in the compute dtype,
+    before their biases; the parameters p; the static eps)."""
     v_BTD = matmul('btm,md->btd', e_BTM, self.value_proj.kernel[...], self.dtype)
     k_BTND = matmul('btm,nmd->btnd', e_BTM, self.key_proj.kernel[...], self.dtype)
     p = {'sq': self.q_norm.scale[...], 'sk': self.k_norm.scale[...]}
@@ -235,7 +230,17 @@ class Engram(nnx.Module):
       p.update(sc=self.conv_norm.scale[...], w=self.conv.kernel[...])
     eps = _Eps(self.q_norm.eps, self.conv_norm.eps if self.conv is not None else 0.0,
                self.dilation)
-    y = gate_conv(X_BTND, k_BTND, v_BTD, p, eps)
+    return k_BTND, v_BTD, p, eps
+
+  def mix(self, X_BTND: jax.Array, e_BTM: jax.Array) -> jax.Array:
+    """Y [B,T,N,D] to add to the streams: gated value plus SiLU of the short conv."""
+    if X_BTND.ndim != 4 or X_BTND.shape[2:] != (self.n, self.d):
+      raise ValueError(f'Engram layer {self.layer_id}: X_BTND has shape {X_BTND.shape}, expected '
+                       f'[B, T, mhc.streams={self.n}, model.d_model={self.d}]')
+    if e_BTM.shape != X_BTND.shape[:2] + (self.d_mem,):
+      raise ValueError(f'Engram layer {self.layer_id}: e_BTM has shape {e_BTM.shape}, expected '
+                       f'{X_BTND.shape[:2] + (self.d_mem,)} (engram.d_mem)')
+    y = gate_conv(X_BTND, *self.projections(e_BTM))
     return constrain(y, ('batch', 'seq', 'streams', 'act_embed'))
 
   def __call__(self, X_BTND: jax.Array, rows_BTJ: jax.Array) -> jax.Array:
