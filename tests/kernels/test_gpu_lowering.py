@@ -1,6 +1,6 @@
-"""Every DSA, mHC-mixing and cross-entropy GPU kernel lowers to Triton for a CUDA target on this CPU host, forward
-and (where differentiable) backward, at the bench config's head counts and widths (mHC: N = 4 and
-N = 3, tokens and D not whole blocks): every primitive inside
+"""Every DSA, mHC-mixing and cross-entropy GPU kernel lowers to Triton for a CUDA target on this
+CPU host, forward and (where differentiable) backward, at the bench config's head counts and
+widths (mHC: N = 4 and N = 3, tokens and D not whole blocks): every primitive inside
 has a Triton lowering and every block shape is legal. Values are tested in interpret mode beside
 each kernel; PTX compilation and the run itself need a GPU (tools/bench_kernels.py). This is the
 CI guard for kernel code that only a GPU would otherwise exercise."""
