@@ -359,7 +359,6 @@ def _hc_rows(args, X, pre, post, comb, iters, record):
                     gbps=_hc_bytes(op, pass_, X, C) / ms / 1e6, max_rel_diff=diff, **opts))
 
 
-
 def _hc_bwd_rows(args, X, pre, iters, record):
   """Rows hc_mix_read_in_dx / hc_mix_read_in_dots: mix_read_in's backward kernels alone at each
   --hc_* tiling (hc_mix.gpu's drivers, as its custom VJP calls them); GB/s = each kernel's own
