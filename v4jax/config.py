@@ -38,7 +38,7 @@ def default_config() -> ConfigDict:
       remat='block',           # none | block | full
       remat_save=(),           # block remat: named values kept besides its defaults, from
                                # REMAT_SAVE_NAMES (moe_dispatch: the rows sorted by expert;
-                               # moe_gemms: the experts' gate, up and down outputs; mla_ckv:
+                               # moe_gemms: the experts' gate and up outputs; mla_ckv:
                                # the normed latent kv and its rope key; mhc_coeffs: each mHC
                                # site's post and comb)
       scan_layers=False,       # build each run of identical blocks as one stacked module run by

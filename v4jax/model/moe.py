@@ -75,17 +75,21 @@ class Experts(nnx.Module):
     self.dtype = dtype_of(m.dtype)
     self.impl = cfg.kernels.grouped_matmul
 
-  def sorted_rows(self, x_MD: jax.Array, sizes_E: jax.Array) -> jax.Array:
-    """Rows sorted by expert (sizes_E rows each) through their expert: grouped matmuls."""
-    return self.ffn(x_MD, *self.weights(), sizes_E, all_rows_grouped=True)
+  def sorted_rows(self, x_MD: jax.Array, sizes_E: jax.Array, gate_M: jax.Array) -> jax.Array:
+    """Rows sorted by expert (sizes_E rows each) through their expert, times their gates."""
+    return self.ffn(x_MD, *self.weights(), sizes_E, gate_M, all_rows_grouped=True)
 
   def weights(self):
     """(w_gate, w_up, w_down) in the compute dtype."""
     return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
 
-  def ffn(self, x_MD, w_gate, w_up, w_down, sizes_E, all_rows_grouped=False):
-    """Grouped SwiGLU of rows sorted by expert through the given expert weights.
-    all_rows_grouped: sum(sizes_E) == M always (the kernels then skip zeroing rows past it)."""
+  def ffn(self, x_MD, w_gate, w_up, w_down, sizes_E, gate_M, all_rows_grouped=False):
+    """gate_m * SwiGLU_e(x_m) for rows sorted by expert, through grouped matmuls.
+
+    The gate scales the hidden row before the down projection, (g_m h_m) W_d, so the gradient
+    needs no down-projection output (dgate_m = <h_m, dy_m W_d^T>): block remat reruns the gate
+    and up GEMMs only. all_rows_grouped: sum(sizes_E) == M always (the kernels then skip zeroing
+    rows past it)."""
     dt = self.dtype   # results in the compute dtype, accumulated in fp32 inside the kernels
     gmm = functools.partial(grouped_matmul, impl=self.impl, preferred_element_type=dt,
                             all_rows_grouped=all_rows_grouped)
@@ -94,14 +98,20 @@ class Experts(nnx.Module):
     x_MD = checkpoint_name(x_MD.astype(dt), 'moe_dispatch')
     g_MF = checkpoint_name(gmm(x_MD, w_gate, sizes_E), 'moe_gemms')
     u_MF = checkpoint_name(gmm(x_MD, w_up, sizes_E), 'moe_gemms')
-    return checkpoint_name(gmm(jax.nn.silu(g_MF) * u_MF, w_down, sizes_E), 'moe_gemms')
+    return gmm(_gated_swiglu(g_MF, u_MF, gate_M[:, None], dt), w_down, sizes_E)
 
-  def padded(self, x_ECD: jax.Array) -> jax.Array:
-    """Fixed-capacity buffers [E,C,D] through their expert: batched matmuls."""
+  def padded(self, x_ECD: jax.Array, gate_EC: jax.Array) -> jax.Array:
+    """Fixed-capacity buffers [E,C,D] through their expert, times their gates [E,C]."""
     dt = self.dtype
     g_ECF = matmul('ecd,edf->ecf', x_ECD, self.w_gate[...], dt)
     u_ECF = matmul('ecd,edf->ecf', x_ECD, self.w_up[...], dt)
-    return matmul('ecf,efd->ecd', jax.nn.silu(g_ECF) * u_ECF, self.w_down[...], dt)
+    h_ECF = _gated_swiglu(g_ECF, u_ECF, gate_EC[..., None], dt)
+    return matmul('ecf,efd->ecd', h_ECF, self.w_down[...], dt)
+
+
+def _gated_swiglu(g, u, gate, dt):
+  """gate * SiLU(g) * u in fp32, rounded once to dt."""
+  return (jax.nn.silu(g.astype(f32)) * u.astype(f32) * gate.astype(f32)).astype(dt)
 
 
 def route(logits_AE: jax.Array, bias_E: jax.Array, *, top_k: int, n_groups: int,
@@ -208,12 +218,10 @@ class MoE(nnx.Module):
     if ep is not None:  # the active mesh shards experts (or needs per-device kernels)
       y_AD, dropped = expert.moe_ep(ep, x_AD, sel_AK, g_AK, valid_A, *self.experts.weights(),
                                     self.experts.ffn)
+    elif self.dispatch == 'capacity':
+      y_AD, dropped = self._capacity(x_AD, sel_AK, g_AK, valid_A)
     else:
-      if self.dispatch == 'capacity':
-        y_AKD, dropped = self._capacity(x_AD, sel_AK, valid_A)
-      else:
-        y_AKD, dropped = self._dropless(x_AD, sel_AK), jnp.zeros((), f32)
-      y_AD = jnp.einsum('ak,akd->ad', g_AK, y_AKD.astype(f32))
+      y_AD, dropped = self._dropless(x_AD, sel_AK, g_AK), jnp.zeros((), f32)
     y_BTD = y_AD.reshape(B, T, D).astype(self.dtype)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
@@ -230,20 +238,22 @@ class MoE(nnx.Module):
     }
     return constrain(y_BTD, ('batch', 'seq', 'act_embed')), aux
 
-  def _dropless(self, x_AD, sel_AK):
-    """Sort token-slots by expert, grouped matmuls, unsort -> per-slot outputs [A,K,D]."""
+  def _dropless(self, x_AD, sel_AK, g_AK):
+    """Sort token-slots by expert, grouped matmuls (gates applied inside), unsort and sum the
+    K slots of each token -> [A,D] fp32."""
     A, K = sel_AK.shape
     M = A * K
     e_M = sel_AK.reshape(M)
     order_M = jnp.argsort(e_M, stable=True).astype(jnp.int32)
     sizes_E = jnp.bincount(e_M, length=self.n_experts).astype(jnp.int32)
     inv_M = expert.inverse_permutation(order_M)
-    ys_MD = self.experts.sorted_rows(expert.permuted_rows(x_AD, order_M, inv_M, K), sizes_E)
-    return expert.permuted_rows(ys_MD, inv_M, order_M, 1).reshape(A, K, -1)
+    ys_MD = self.experts.sorted_rows(expert.permuted_rows(x_AD, order_M, inv_M, K), sizes_E,
+                                     expert.sorted_gates(g_AK, order_M, inv_M))
+    return expert.slot_sum(ys_MD, inv_M, order_M, K)
 
-  def _capacity(self, x_AD, sel_AK, valid_A):
+  def _capacity(self, x_AD, sel_AK, g_AK, valid_A):
     """Fixed capacity C = ceil(cf*A*K/E) per expert, first come (token order) first served;
-    padding tokens take no capacity. Overflow slots output 0 -> ([A,K,D], dropped count)."""
+    padding tokens take no capacity; overflow slots output 0 -> ([A,D] fp32, dropped count)."""
     A, K = sel_AK.shape
     E, M, D = self.n_experts, A * K, x_AD.shape[-1]
     C = math.ceil(self.capacity_factor * A * K / E)
@@ -259,7 +269,8 @@ class MoE(nnx.Module):
     slot_M = jnp.where(keep_M, e_M * C + rank_M, E * C)   # E*C is out of range: dropped
     x_MD = jnp.repeat(x_AD, K, axis=0).astype(self.dtype)
     x_ECD = jnp.zeros((E * C, D), self.dtype).at[slot_M].set(x_MD, mode='drop')
-    y_ECD = self.experts.padded(x_ECD.reshape(E, C, D))
+    gate_EC = jnp.zeros((E * C,), f32).at[slot_M].set(g_AK.reshape(M), mode='drop')
+    y_ECD = self.experts.padded(x_ECD.reshape(E, C, D), gate_EC.reshape(E, C))
     y_MD = y_ECD.reshape(E * C, D).at[slot_M].get(mode='fill', fill_value=0)
     dropped = jnp.sum((valid_M & ~keep_M).astype(f32))
-    return y_MD.reshape(A, K, D), dropped
+    return jnp.sum(y_MD.reshape(A, K, D).astype(f32), axis=1), dropped

@@ -2,7 +2,8 @@
 
 Per device: route (done by the caller) -> sort token-slots by expert -> exchange over the expert
 mesh axes so each slot reaches the device that holds its expert -> group the received rows by
-local expert -> grouped-matmul SwiGLU -> exchange back -> un-sort -> gate-weighted combine.
+local expert -> grouped-matmul SwiGLU, each row scaled by its gate (the gates travel with the
+rows) -> exchange back -> un-sort -> sum of each token's K slots.
 
 The exchange is `jax.lax.ragged_all_to_all` where the backend has it (GPU, TPU) or a padded
 `all_to_all` with the same semantics (XLA:CPU has no ragged-all-to-all). Buffers are static:
@@ -131,6 +132,18 @@ def _permuted_rows_bwd(k, inv_M, dy_MD):
 permuted_rows.defvjp(_permuted_rows_fwd, _permuted_rows_bwd)
 
 
+def sorted_gates(g_AK: jax.Array, order_M: jax.Array, inv_M: jax.Array) -> jax.Array:
+  """The token-slots' gates [A,K] in the slots' expert-sorted order -> [M] fp32."""
+  M = g_AK.size
+  return permuted_rows(g_AK.reshape(M, 1).astype(f32), order_M, inv_M, 1)[:, 0]
+
+
+def slot_sum(ys_MD: jax.Array, inv_M: jax.Array, order_M: jax.Array, k: int) -> jax.Array:
+  """Unsort gated slot outputs and sum each token's k slots: y[n] = Σ_j ys[inv[n*k + j]], fp32."""
+  ys_NkD = permuted_rows(ys_MD, inv_M, order_M, 1).reshape(-1, k, ys_MD.shape[-1])
+  return jnp.sum(ys_NkD.astype(f32), axis=1)
+
+
 def _accept(S_PP, cap_peer: int, R: int):
   """Rows accepted per (src, dst): at most cap_peer per pair, at most R per receiver (first
   sources first). Every device computes the same matrix from the gathered counts."""
@@ -153,8 +166,10 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
            ffn: Callable) -> tuple[jax.Array, jax.Array]:
   """Routed-expert output y [A,D] fp32 = sum_k g[a,k] * FFN_{sel[a,k]}(x[a]), and the number
   of valid slots dropped (fp32 scalar, global). `ffn(x_MD, w_gate, w_up, w_down, sizes_L,
-  all_rows_grouped=False)` runs rows sorted by local expert through their experts (rows past
-  sum(sizes_L) give 0; all_rows_grouped=True promises there are none)."""
+  gate_M, all_rows_grouped=False)` runs rows sorted by local expert through their experts and
+  scales each by its gate (rows past sum(sizes_L) give 0; all_rows_grouped=True promises there
+  are none). The gates travel with their rows, so the rows come back gated and each token sums
+  its K slots."""
   mesh, ep, L = plan.mesh, plan.ep, w_gate_EDF.shape[0] // plan.ep
   A, D = x_AD.shape
   K = sel_AK.shape[1]
@@ -177,8 +192,9 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
     order_M = jnp.argsort(e_M, stable=True).astype(i32)
     inv_M = inverse_permutation(order_M)
     xs_MD = permuted_rows(x_AD, order_M, inv_M, K)
+    gs_M = sorted_gates(g_AK, order_M, inv_M)
     if ep == 1:
-      ys_MD = ffn(xs_MD, wg, wu, wd, jnp.bincount(e_M, length=L).astype(i32),   # sums to A*K
+      ys_MD = ffn(xs_MD, wg, wu, wd, jnp.bincount(e_M, length=L).astype(i32), gs_M,  # sums to A*K
                   all_rows_grouped=True)
       dropped = jnp.zeros((), f32)
     else:
@@ -189,15 +205,17 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
       acc_PP = _accept(S_PP, cap_peer, R)
       send_P, recv_P = acc_PP[me], acc_PP[:, me]
       off_P = _excl_cumsum(S_PP[me])                                 # my chunk starts (sorted)
-      buf_RD = exchange(xs_MD, jnp.zeros((R, D), xs_MD.dtype), off_P, send_P,
-                        _excl_cumsum(acc_PP, 0)[me], recv_P)
+      sent = (off_P, send_P, _excl_cumsum(acc_PP, 0)[me], recv_P)
+      buf_RD = exchange(xs_MD, jnp.zeros((R, D), xs_MD.dtype), *sent)
+      gbuf_R1 = exchange(gs_M[:, None], jnp.zeros((R, 1), f32), *sent)
       # received rows come as (src, local expert) runs; regroup them by local expert
       mine_PL = cnt_PPL[:, me]
       acc_PL = jnp.clip(recv_P[:, None] - _excl_cumsum(mine_PL, 1), 0, mine_PL)
       run_R = jnp.searchsorted(jnp.cumsum(acc_PL.reshape(-1)), jnp.arange(R), side='right')
       order_R = jnp.argsort(jnp.where(run_R < ep * L, run_R % L, L), stable=True).astype(i32)
       inv_R = inverse_permutation(order_R)
-      y_RD = ffn(permuted_rows(buf_RD, order_R, inv_R, 1), wg, wu, wd, jnp.sum(acc_PL, axis=0))
+      y_RD = ffn(permuted_rows(buf_RD, order_R, inv_R, 1), wg, wu, wd, jnp.sum(acc_PL, axis=0),
+                 permuted_rows(gbuf_R1, order_R, inv_R, 1)[:, 0])
       y_RD = permuted_rows(y_RD, inv_R, order_R, 1)                   # back to (src, expert) runs
       ys_MD = exchange(y_RD, jnp.zeros((A * K, D), y_RD.dtype), _excl_cumsum(recv_P), recv_P,
                        _excl_cumsum(S_PP, 1)[:, me], send_P)
@@ -205,8 +223,7 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
       kept_M = jnp.arange(A * K) - off_P[dst_M] < send_P[dst_M]
       valid_M = jnp.repeat(valid_A, K)[order_M]
       dropped = jnp.sum((valid_M & ~kept_M).astype(f32))
-    y_AKD = permuted_rows(ys_MD, inv_M, order_M, 1).reshape(A, K, D).astype(f32)
-    y_AD = jnp.einsum('ak,akd->ad', g_AK.astype(f32), y_AKD)
+    y_AD = slot_sum(ys_MD, inv_M, order_M, K)
     if plan.ff_axes:
       y_AD = jax.lax.psum(y_AD, _entry(plan.ff_axes))
     if tok_axes:
