@@ -277,6 +277,29 @@ def test_remat_save_keeps_the_moe_rows_and_gemm_outputs(capsys):
   assert n_moe > 0 and runs == {(): 11 * n_moe, ('moe_dispatch', 'moe_gemms'): 9 * n_moe}, runs
 
 
+def test_block_remat_keeps_the_moe_routing(capsys):
+  """Block remat keeps the MoE's routing by default (name 'moe_route': the selected experts, the
+  slots' expert order, its inverse, the group sizes and the balance loss's counts, all a few
+  bytes per token-slot), so the gradient reruns no top-k and no sort of the forward; 'full'
+  keeps none and reruns them. Counted in the jaxprs of the loss and of its gradient."""
+  off = {'mtp.depth': 0, 'mhc.streams': 1, 'engram.enabled': False, 'dsa.enabled': False,
+         'dsa.stage': 'dense'}
+  for remat in ('block', 'full'):
+    cfg = small_tiny(**{'model.remat': remat, **off})
+    n_moe = cfg.model.n_layers - cfg.model.n_dense_layers
+    model = _model(cfg)
+    batch = _batch(cfg, 2)
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0]
+    jax.ad_checkpoint.print_saved_residuals(loss, params)
+    saved = capsys.readouterr().out.count("named 'moe_route'")
+    assert saved == (5 * n_moe if remat == 'block' else 0), (remat, saved)
+    fwd, grad = (str(jax.make_jaxpr(f)(params)) for f in (loss, jax.grad(loss)))
+    for op in ('top_k', 'sort'):
+      n_f, n_g = (len(re.findall(rf'\b{op}\[', t)) for t in (fwd, grad))
+      assert n_f >= n_moe and n_g == (n_f if remat == 'block' else 2 * n_f), (remat, op, n_f, n_g)
+
+
 def test_remat_save_keeps_the_mhc_coefficients(capsys):
   """model.remat_save=('mhc_coeffs',) keeps each mHC site's post and comb (two sites per block;
   pre is internal to the fused normed mix and read-in): the gradient then no longer reruns the

@@ -132,9 +132,10 @@ def route(logits_AE: jax.Array, bias_E: jax.Array, *, top_k: int, n_groups: int,
     keep_AG = jnp.any(kept_AK[:, :, None] == jnp.arange(n_groups), axis=1)
     biased_AE = jnp.where(jnp.repeat(keep_AG, per_group, axis=1), biased_AE, -jnp.inf)
   _, sel_AK = jax.lax.top_k(biased_AE, top_k)
+  sel_AK = checkpoint_name(sel_AK.astype(jnp.int32), 'moe_route')   # block remat keeps it
   s_sel_AK = jnp.take_along_axis(s_AE, sel_AK, axis=-1)
   g_AK = route_scale * s_sel_AK / jnp.sum(s_sel_AK, axis=-1, keepdims=True)
-  return s_AE, sel_AK.astype(jnp.int32), g_AK
+  return s_AE, sel_AK, g_AK
 
 
 def hits_per_row(sel_BTK: jax.Array, valid_BT: jax.Array, n_experts: int) -> jax.Array:
@@ -155,6 +156,7 @@ def balance_loss(s_BTE: jax.Array, sel_BTK: jax.Array, valid_BT: jax.Array, alph
   T_B = jnp.sum(v_BT, axis=1)
   inv_B = 1.0 / jnp.maximum(T_B, 1.0)
   f_BE = jax.lax.stop_gradient(hits_per_row(sel_BTK, valid_BT, E) * (E / K) * inv_B[:, None])
+  f_BE = checkpoint_name(f_BE, 'moe_route')
   p_BTE = s_BTE / jnp.sum(s_BTE, axis=-1, keepdims=True)
   P_BE = jnp.einsum('bte,bt->be', p_BTE, v_BT) * inv_B[:, None]
   has_B = T_B > 0
@@ -243,10 +245,7 @@ class MoE(nnx.Module):
     K slots of each token -> [A,D] fp32."""
     A, K = sel_AK.shape
     M = A * K
-    e_M = sel_AK.reshape(M)
-    order_M = jnp.argsort(e_M, stable=True).astype(jnp.int32)
-    sizes_E = jnp.bincount(e_M, length=self.n_experts).astype(jnp.int32)
-    inv_M = expert.inverse_permutation(order_M)
+    order_M, inv_M, sizes_E = expert.sort_slots(sel_AK.reshape(M), self.n_experts)
     ys_MD = self.experts.sorted_rows(expert.permuted_rows(x_AD, order_M, inv_M, K), sizes_E,
                                      expert.sorted_gates(g_AK, order_M, inv_M))
     return expert.slot_sum(ys_MD, inv_M, order_M, K)

@@ -27,6 +27,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 from v4jax.kernels.grouped_matmul import PALLAS_IMPLS, resolve_impl
@@ -132,6 +133,14 @@ def _permuted_rows_bwd(k, inv_M, dy_MD):
 permuted_rows.defvjp(_permuted_rows_fwd, _permuted_rows_bwd)
 
 
+def sort_slots(e_M: jax.Array, n_experts: int):
+  """Token-slots by expert: (order_M, its inverse inv_M, sizes_E), int32. Named 'moe_route',
+  which block remat keeps (~4 bytes per slot): the backward sorts nothing again."""
+  order_M = jnp.argsort(e_M, stable=True).astype(i32)
+  out = (order_M, inverse_permutation(order_M), jnp.bincount(e_M, length=n_experts).astype(i32))
+  return tuple(checkpoint_name(a, 'moe_route') for a in out)
+
+
 def sorted_gates(g_AK: jax.Array, order_M: jax.Array, inv_M: jax.Array) -> jax.Array:
   """The token-slots' gates [A,K] in the slots' expert-sorted order -> [M] fp32."""
   M = g_AK.size
@@ -189,17 +198,15 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
   def local(x_AD, sel_AK, g_AK, valid_A, wg, wu, wd):
     A = x_AD.shape[0]
     e_M = sel_AK.reshape(A * K)
-    order_M = jnp.argsort(e_M, stable=True).astype(i32)
-    inv_M = inverse_permutation(order_M)
+    order_M, inv_M, sizes_E = sort_slots(e_M, ep * L)
     xs_MD = permuted_rows(x_AD, order_M, inv_M, K)
     gs_M = sorted_gates(g_AK, order_M, inv_M)
     if ep == 1:
-      ys_MD = ffn(xs_MD, wg, wu, wd, jnp.bincount(e_M, length=L).astype(i32), gs_M,  # sums to A*K
-                  all_rows_grouped=True)
+      ys_MD = ffn(xs_MD, wg, wu, wd, sizes_E, gs_M, all_rows_grouped=True)   # sums to A*K
       dropped = jnp.zeros((), f32)
     else:
       me = jax.lax.axis_index(ep_axes)
-      cnt_PPL = jax.lax.all_gather(jnp.bincount(e_M, length=ep * L).astype(i32), ep_axes)
+      cnt_PPL = jax.lax.all_gather(sizes_E, ep_axes)
       cnt_PPL = cnt_PPL.reshape(ep, ep, L)                          # [src, dst, local expert]
       S_PP = jnp.sum(cnt_PPL, axis=-1)
       acc_PP = _accept(S_PP, cap_peer, R)
