@@ -227,6 +227,9 @@ class MoE(nnx.Module):
     y_BTD = y_AD.reshape(B, T, D).astype(self.dtype)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
+    # block remat keeps the output ([B,T,D], the compute dtype): mHC's write-back differentiates
+    # its post coefficients against it, which would otherwise rerun the down GEMM and the unsort
+    y_BTD = checkpoint_name(y_BTD, 'moe_out')
 
     sel_BTK = sel_AK.reshape(B, T, K)
     s_BTE = s_AE.reshape(B, T, E)

@@ -84,7 +84,8 @@ class Block(nnx.Module):
     return constrain(X_BTND, ACT_BTND), aux
 
 
-BLOCK_SAVED_NAMES = ('indexer_topk', 'attn_lse', 'dsa_teacher', 'dsa_student', 'moe_route')
+BLOCK_SAVED_NAMES = ('indexer_topk', 'attn_lse', 'dsa_teacher', 'dsa_student', 'moe_route',
+                     'moe_out')
 
 
 def _checkpoint(cfg, fn):
@@ -96,7 +97,8 @@ def _checkpoint(cfg, fn):
       # weight matmuls, the attention forward kernel's outputs (o and its lse: the backward
       # kernel's inputs; cuDNN or Pallas) and the DSA tensors that are costly to redo and small
       # to keep ([B,T,K] per layer): the top-k set, the attention lse, the KL teacher and student;
-      # the MoE's routing (selection, slot order, balance counts: a few bytes per token-slot);
+      # the MoE's routing (selection, slot order, balance counts: a few bytes per token-slot) and
+      # its output (mHC's write-back needs it; recomputing it costs the down GEMM);
       # and the names in model.remat_save
       'block': cp.save_from_both_policies(
           cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
