@@ -257,8 +257,9 @@ def test_remat_save_keeps_the_moe_rows_and_gemm_outputs(capsys):
   the backward); without it none are saved. The down projection's output is never needed: the
   gates scale its input rows. Saved residuals as jax reports them, and the grouped matmuls in the
   gradient's jaxpr per MoE layer: 3 forward + 6 backward (dx, dw), plus 2 in the remat forward
-  when nothing is kept."""
-  off = {'mtp.depth': 0, 'mhc.streams': 1, 'engram.enabled': False}
+  when nothing is kept. With mHC's streams on, its write-back differentiates its post
+  coefficients against the MoE output, which block remat keeps ('moe_out') for that reason."""
+  off = {'mtp.depth': 0, 'mhc.streams': 4, 'engram.enabled': False}
   runs = {}
   for save in ((), ('moe_dispatch', 'moe_gemms')):
     cfg = small_tiny(**{'model.remat': 'block', 'model.remat_save': save, **off})
@@ -280,9 +281,10 @@ def test_remat_save_keeps_the_moe_rows_and_gemm_outputs(capsys):
 def test_block_remat_keeps_the_moe_routing(capsys):
   """Block remat keeps the MoE's routing by default (name 'moe_route': the selected experts, the
   slots' expert order, its inverse, the group sizes and the balance loss's counts, all a few
-  bytes per token-slot), so the gradient reruns no top-k and no sort of the forward; 'full'
-  keeps none and reruns them. Counted in the jaxprs of the loss and of its gradient."""
-  off = {'mtp.depth': 0, 'mhc.streams': 1, 'engram.enabled': False, 'dsa.enabled': False,
+  bytes per token-slot) and its output ('moe_out', [B,T,D]), so the gradient reruns no top-k
+  and no sort of the forward; 'full' keeps none and reruns them. Counted in the jaxprs of the
+  loss and of its gradient."""
+  off = {'mtp.depth': 0, 'mhc.streams': 4, 'engram.enabled': False, 'dsa.enabled': False,
          'dsa.stage': 'dense'}
   for remat in ('block', 'full'):
     cfg = small_tiny(**{'model.remat': remat, **off})
@@ -292,8 +294,10 @@ def test_block_remat_keeps_the_moe_routing(capsys):
     gdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss = lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0]
     jax.ad_checkpoint.print_saved_residuals(loss, params)
-    saved = capsys.readouterr().out.count("named 'moe_route'")
-    assert saved == (5 * n_moe if remat == 'block' else 0), (remat, saved)
+    out = capsys.readouterr().out
+    saved = {n: out.count(f"named '{n}'") for n in ('moe_route', 'moe_out')}
+    assert saved == ({'moe_route': 5 * n_moe, 'moe_out': n_moe} if remat == 'block' else
+                     {'moe_route': 0, 'moe_out': 0}), (remat, saved)
     fwd, grad = (str(jax.make_jaxpr(f)(params)) for f in (loss, jax.grad(loss)))
     for op in ('top_k', 'sort'):
       n_f, n_g = (len(re.findall(rf'\b{op}\[', t)) for t in (fwd, grad))
