@@ -153,6 +153,9 @@ def default_config() -> ConfigDict:
       xent='auto',             # chunked LM-head loss, each chunk's loss and logits gradient: auto
                                # (pallas on GPU unless the vocabulary is sharded) | reference
                                # (jnp) | pallas (one Triton kernel; interpret mode on CPU)
+      gather_sum='reference',  # the MoE's slot sums (combine, dispatch backward): reference (jnp
+                               # gather then fp32 sum) | pallas (one Triton kernel; interpret
+                               # mode on CPU) | auto (pallas on GPU); reference until measured
       student_dq='auto',       # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
                                # | gather (each token's K selected keys) | auto (by T, S and K:
                                # gather from ~8K tokens; kernels/indexer/gpu.resolve_dq_form)
@@ -239,6 +242,7 @@ _CHOICES = {
     'kernels.sinkhorn': ('auto', 'reference', 'pallas'),
     'kernels.hc_mix': ('auto', 'reference', 'pallas'),      # mHC's normed mix, read-in, write-back
     'kernels.xent': ('auto', 'reference', 'pallas'),
+    'kernels.gather_sum': ('auto', 'reference', 'pallas'),
     'kernels.student_dq': ('auto', 'dense', 'gather'),
     'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),
     'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),

@@ -1,6 +1,6 @@
-"""Every DSA, mHC-mixing and cross-entropy GPU kernel lowers to Triton for a CUDA target on this
-CPU host, forward and (where differentiable) backward, at the bench config's head counts and
-widths (mHC: N = 4 and N = 3, tokens and D not whole blocks): every primitive inside
+"""Every DSA, mHC-mixing, cross-entropy and gather-sum GPU kernel lowers to Triton for a CUDA
+target on this CPU host, forward and (where differentiable) backward, at the bench config's head
+counts and widths (mHC: N = 4 and N = 3, tokens and D not whole blocks): every primitive inside
 has a Triton lowering and every block shape is legal. Values are tested in interpret mode beside
 each kernel; PTX compilation and the run itself need a GPU (tools/bench_kernels.py). This is the
 CI guard for kernel code that only a GPU would otherwise exercise."""
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
+from v4jax.kernels.gather_sum import gpu as gather_sum_gpu
 from v4jax.kernels.hc_mix import gpu as hc_gpu
 from v4jax.kernels.indexer import gpu as indexer_gpu
 from v4jax.kernels.sparse_attention import gpu as sparse_gpu
@@ -37,14 +38,14 @@ def _sum_grad(f, argnums):
 # (absorbed 'probs', MHA 'masked_probs': D = 128 + 64); mHC's read-in, write-back and normed mix:
 # one forward and one backward kernel each; the normed mix and read-in as one op: one forward (the
 # read-in's, after XLA's GEMMs), two backward (the stream dots, then dX); the LM head's cross
-# entropy: 1 (not differentiated: it forms the gradient itself).
+# entropy: 1 (not differentiated: it forms the gradient itself); the MoE's gather-sum: 1.
 @pytest.mark.parametrize('name,calls', [('scores', 1), ('topk', 2), ('topk_words', 2),
                                         ('scores_at', 2),
                                         ('scores_at_gather_dq', 2), ('scores_at_given', 2),
                                         ('sparse_mla', 3), ('probs', 1), ('masked_probs', 1),
                                         ('hc_read_in', 2), ('hc_write_back', 2),
                                         ('hc_normed_mix', 2), ('hc_mix_read_in', 3),
-                                        ('xent', 1)])
+                                        ('xent', 1), ('gather_sum', 1)])
 def test_kernel_lowers_for_cuda(name, calls):
   qi, ki, wi = bf16(B, T, HI, DI), bf16(B, T, DI), f32(B, T, HI)
   q, kv, idx, lse = bf16(B, T, H, C + 64), bf16(B, T, C + 64), i32(B, T, K), f32(B, T, H)
@@ -77,6 +78,9 @@ def test_kernel_lowers_for_cuda(name, calls):
     n = _triton_calls(lambda l, t, w: xent_gpu.lse_target_grad(
         l, t, w, xent_gpu.Blocks(block_m=4), interpret=False), bf16(3, 100, 129280),
         i32(3, 100), f32(3, 100))
+  elif name == 'gather_sum':  # the MoE's slot sums at bench_h200's D and K, a partial row block
+    n = _triton_calls(lambda x, i: gather_sum_gpu.gather_sum(x, i, jnp.float32, interpret=False),
+                      bf16(1000, 1536), i32(300, 6))
   elif name == 'probs':
     n = _triton_calls(lambda q, kv, i, l: sparse_gpu.attention_probs_mean(
         q, kv, i, l, V, 0.1, interpret=False), q, kv, idx, lse)

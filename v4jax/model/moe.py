@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.kernels.grouped_matmul import grouped_matmul
 from v4jax.model.layers import constrain, dtype_of, f32_mode, linear_f32, matmul, param
-from v4jax.parallel import expert
+from v4jax.parallel import expert, rules
 
 f32 = jnp.float32
 
@@ -194,9 +194,11 @@ class MoE(nnx.Module):
     self.n_groups, self.topk_groups, self.route_scale = e.n_groups, e.topk_groups, e.route_scale
     self.alpha, self.bal_indicator = e.bal_loss_alpha, e.bal_indicator
     self.dispatch, self.capacity_factor = e.dispatch, e.capacity_factor
+    self.gather_sum = cfg.kernels.gather_sum
     self.ep_args = dict(n_experts=e.num_experts, d_expert=e.d_expert, dtype=self.dtype,
                         impl=cfg.kernels.grouped_matmul, exchange=e.ep_exchange,
-                        capacity_factor=e.ep_capacity_factor)
+                        capacity_factor=e.ep_capacity_factor,
+                        gather_sum_impl=cfg.kernels.gather_sum)
 
   def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
     """aux: bal_loss (fp32 scalar, includes alpha), expert_counts (fp32 [E], valid
@@ -249,9 +251,13 @@ class MoE(nnx.Module):
     A, K = sel_AK.shape
     M = A * K
     order_M, inv_M, sizes_E = expert.sort_slots(sel_AK.reshape(M), self.n_experts)
-    ys_MD = self.experts.sorted_rows(expert.permuted_rows(x_AD, order_M, inv_M, K), sizes_E,
+    # the slot sums' kernel needs whole arrays: here only without a multi-device mesh (on one,
+    # the Pallas grouped matmuls route through expert.moe_ep, which runs it per device)
+    cur = rules.current()
+    gs = self.gather_sum if cur is None or cur[0].size == 1 else 'reference'
+    ys_MD = self.experts.sorted_rows(expert.permuted_rows(x_AD, order_M, inv_M, K, gs), sizes_E,
                                      expert.sorted_gates(g_AK, order_M, inv_M))
-    return expert.slot_sum(ys_MD, inv_M, order_M, K)
+    return expert.slot_sum(ys_MD, inv_M, order_M, K, gs)
 
   def _capacity(self, x_AD, sel_AK, g_AK, valid_A):
     """Fixed capacity C = ceil(cf*A*K/E) per expert, first come (token order) first served;

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
+from v4jax.kernels import gather_sum
 from v4jax.kernels.grouped_matmul import PALLAS_IMPLS, resolve_impl
 from v4jax.kernels.pallas_common import round_up, target_platform
 from v4jax.parallel import rules as rules_lib
@@ -47,6 +48,7 @@ class Plan:
   ff_axes: tuple[str, ...]      # mesh axes splitting F (partial sums over them)
   exchange: str                 # ragged | padded
   capacity_factor: float
+  gather_sum: str = 'reference'  # the slot sums' impl (kernels/gather_sum; per device here)
 
   @property
   def ep(self) -> int:
@@ -62,7 +64,7 @@ def _entry(axes: tuple[str, ...]):
 
 
 def plan(*, n_experts: int, d_expert: int, impl: str, dtype, exchange: str = 'auto',
-         capacity_factor: float = 0.0) -> Plan | None:
+         capacity_factor: float = 0.0, gather_sum_impl: str = 'reference') -> Plan | None:
   """A Plan when a mesh is active and either experts are sharded over it or the grouped matmul
   is a per-device Pallas kernel on more than one device; None -> the caller's local path."""
   cur = rules_lib.current()
@@ -80,7 +82,8 @@ def plan(*, n_experts: int, d_expert: int, impl: str, dtype, exchange: str = 'au
   if set(ff_axes) & set(ep_axes):
     raise ValueError(f'expert parallelism: the rules put experts on {ep_axes} and the expert FFN '
                      f'dim on {ff_axes}; they must be different mesh axes')
-  return Plan(mesh, dict(rules), ep_axes, ff_axes, exchange, float(capacity_factor))
+  return Plan(mesh, dict(rules), ep_axes, ff_axes, exchange, float(capacity_factor),
+              gather_sum_impl)
 
 
 def _excl_cumsum(x, axis=0):
@@ -111,26 +114,52 @@ def inverse_permutation(perm):
   return jnp.zeros((n,), i32).at[perm].set(jnp.arange(n, dtype=i32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def permuted_rows(x_ND: jax.Array, src_M: jax.Array, inv_M: jax.Array, k: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def permuted_rows(x_ND: jax.Array, src_M: jax.Array, inv_M: jax.Array, k: int,
+                  impl: str = 'reference') -> jax.Array:
   """y[m] = x[src[m] // k] for a permutation src of range(N*k) (each row of x repeated k
   times, then permuted) with inverse inv: the sort and unsort of token-slots by expert. The VJP
-  gathers too, dx[n] = Σ_j dy[inv[n*k + j]], where autodiff of the gather would scatter-add
-  rows into dx (atomics on GPU)."""
+  gathers too, dx[n] = Σ_j dy[inv[n*k + j]] (`slot_sum`'s form, through the gather_sum seam's
+  `impl` for k > 1), where autodiff of the gather would scatter-add rows into dx (atomics on
+  GPU)."""
   return x_ND[src_M // k]
 
 
-def _permuted_rows_fwd(x_ND, src_M, inv_M, k):
+def _permuted_rows_fwd(x_ND, src_M, inv_M, k, impl):
   return x_ND[src_M // k], inv_M
 
 
-def _permuted_rows_bwd(k, inv_M, dy_MD):
-  dy_NkD = dy_MD[inv_M].reshape(-1, k, dy_MD.shape[-1])
-  dx_ND = dy_NkD[:, 0] if k == 1 else jnp.sum(dy_NkD.astype(f32), axis=1).astype(dy_MD.dtype)
+def _permuted_rows_bwd(k, impl, inv_M, dy_MD):
+  dx_ND = dy_MD[inv_M] if k == 1 else \
+      gather_sum.gather_sum(dy_MD, inv_M.reshape(-1, k), dy_MD.dtype, impl=impl)
   return dx_ND, None, None
 
 
 permuted_rows.defvjp(_permuted_rows_fwd, _permuted_rows_bwd)
+
+
+def slot_sum(ys_MD: jax.Array, inv_M: jax.Array, order_M: jax.Array, k: int,
+             impl: str = 'reference') -> jax.Array:
+  """Unsort gated slot outputs and sum each token's k slots: y[n] = Σ_j ys[inv[n*k + j]] in
+  fp32 (the gather_sum seam's `impl`). Its VJP is `permuted_rows`' forward, dys[m] =
+  dy[order[m] // k]: one gather."""
+  return _slot_sum(ys_MD, inv_M, order_M, k, impl, ys_MD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _slot_sum(ys_MD, inv_M, order_M, k, impl, dtype):
+  return gather_sum.gather_sum(ys_MD, inv_M.reshape(-1, k), f32, impl=impl)
+
+
+def _slot_sum_fwd(ys_MD, inv_M, order_M, k, impl, dtype):
+  return _slot_sum(ys_MD, inv_M, order_M, k, impl, dtype), order_M
+
+
+def _slot_sum_bwd(k, impl, dtype, order_M, dy_ND):
+  return dy_ND[order_M // k].astype(dtype), None, None
+
+
+_slot_sum.defvjp(_slot_sum_fwd, _slot_sum_bwd)
 
 
 def sort_slots(e_M: jax.Array, n_experts: int):
@@ -145,12 +174,6 @@ def sorted_gates(g_AK: jax.Array, order_M: jax.Array, inv_M: jax.Array) -> jax.A
   """The token-slots' gates [A,K] in the slots' expert-sorted order -> [M] fp32."""
   M = g_AK.size
   return permuted_rows(g_AK.reshape(M, 1).astype(f32), order_M, inv_M, 1)[:, 0]
-
-
-def slot_sum(ys_MD: jax.Array, inv_M: jax.Array, order_M: jax.Array, k: int) -> jax.Array:
-  """Unsort gated slot outputs and sum each token's k slots: y[n] = Σ_j ys[inv[n*k + j]], fp32."""
-  ys_NkD = permuted_rows(ys_MD, inv_M, order_M, 1).reshape(-1, k, ys_MD.shape[-1])
-  return jnp.sum(ys_NkD.astype(f32), axis=1)
 
 
 def _accept(S_PP, cap_peer: int, R: int):
@@ -199,7 +222,7 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
     A = x_AD.shape[0]
     e_M = sel_AK.reshape(A * K)
     order_M, inv_M, sizes_E = sort_slots(e_M, ep * L)
-    xs_MD = permuted_rows(x_AD, order_M, inv_M, K)
+    xs_MD = permuted_rows(x_AD, order_M, inv_M, K, plan.gather_sum)
     gs_M = sorted_gates(g_AK, order_M, inv_M)
     if ep == 1:
       ys_MD = ffn(xs_MD, wg, wu, wd, sizes_E, gs_M, all_rows_grouped=True)   # sums to A*K
@@ -230,7 +253,7 @@ def moe_ep(plan: Plan, x_AD: jax.Array, sel_AK: jax.Array, g_AK: jax.Array, vali
       kept_M = jnp.arange(A * K) - off_P[dst_M] < send_P[dst_M]
       valid_M = jnp.repeat(valid_A, K)[order_M]
       dropped = jnp.sum((valid_M & ~kept_M).astype(f32))
-    y_AD = slot_sum(ys_MD, inv_M, order_M, K)
+    y_AD = slot_sum(ys_MD, inv_M, order_M, K, plan.gather_sum)
     if plan.ff_axes:
       y_AD = jax.lax.psum(y_AD, _entry(plan.ff_axes))
     if tok_axes:
