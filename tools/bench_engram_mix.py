@@ -19,8 +19,6 @@ dY, X, k read and dX, dk written) / time, GEMMs included in the time.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
@@ -30,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from v4jax.cli import median_seconds  # noqa: E402
+from v4jax.cli import BenchReport, median_seconds  # noqa: E402
 from v4jax.config import load_config_file  # noqa: E402
 from v4jax.model import engram  # noqa: E402
 
@@ -72,15 +70,13 @@ def main():
   R = jax.random.normal(next(keys), (B, T, N, D)).astype(dtype)
   gdef, state = nnx.split(mod)
   dev = jax.devices()[0]
-  meta = {'jax': jax.__version__, 'device': dev.device_kind, 'platform': dev.platform,
-          'date': datetime.date.today().isoformat(), 'iters': iters,
-          'shape': dict(B=B, T=T, N=N, D=D, d_mem=M)}
+  report = BenchReport(args.out, iters=iters, shape=dict(B=B, T=T, N=N, D=D, d_mem=M))
   print(f'jax {jax.__version__}, {dev.platform} {dev.device_kind}, B={B} T={T} N={N} D={D} '
         f'd_mem={M}')
   stream = B * T * N * D * jnp.dtype(dtype).itemsize
   moved = {'fwd': 3 * stream, 'fwd+bwd': 8 * stream}
   plain = lambda X, k, v, p, eps: engram._gate_conv_fwd(X, k, v, p, eps)[0]   # no VJP rule
-  rows, results = [], {}
+  results = {}
   for name, op in (('custom_vjp', engram.gate_conv), ('autodiff', plain)):
     def mix(s, X, e, op=op):
       return op(X, *nnx.merge(gdef, s).projections(e))
@@ -92,12 +88,9 @@ def main():
       row = {'name': name, 'pass_': pass_, 'ms': ms, 'gbps': moved[pass_] / ms / 1e6,
              'temp_gb': getattr(mem, 'temp_size_in_bytes', 0) / 1e9,
              'diff': _rel_diff(results[name, pass_], results['custom_vjp', pass_])}
-      rows.append(row)
+      report.add(row)
       print(f"{name:<11} {pass_:<8} {ms:8.3f} ms {row['gbps']:7.0f} GB/s "
             f"temporaries {row['temp_gb']:.2f} GB  diff {row['diff']:.1e}", flush=True)
-      if args.out:
-        with open(args.out, 'w') as fh:
-          json.dump({'meta': meta, 'rows': rows}, fh, indent=1)
 
 
 if __name__ == '__main__':

@@ -20,9 +20,7 @@ the output written) / time, and the largest difference from the reference's outp
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import os
 import sys
 
@@ -31,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from v4jax.cli import median_seconds  # noqa: E402
+from v4jax.cli import BenchReport, median_seconds  # noqa: E402
 from v4jax.kernels import gather_sum  # noqa: E402
 from v4jax.kernels.gather_sum import gpu  # noqa: E402
 
@@ -52,26 +50,21 @@ def main():
   N, K, D = (24, 3, 64) if args.smoke else args.shape
   M, iters = N * K, (2 if args.smoke else args.iters)
   dev = jax.devices()[0]
-  meta = {'jax': jax.__version__, 'device': dev.device_kind, 'platform': dev.platform,
-          'date': datetime.date.today().isoformat(), 'iters': iters,
-          'shape': dict(N=N, K=K, D=D, M=M)}
+  report = BenchReport(args.out, iters=iters, shape=dict(N=N, K=K, D=D, M=M))
+  rows = report.rows
   print(f'jax {jax.__version__}, {dev.platform} {dev.device_kind}, N={N} K={K} D={D} M={M}')
   k = jax.random.split(jax.random.key(0), 2)
   x = jax.random.normal(k[0], (M, D), jnp.float32).astype(jnp.bfloat16)
   idx = jax.random.permutation(k[1], M).astype(jnp.int32).reshape(N, K)   # a slot order
-  rows = []
 
   def record(row, s, out_bytes):
     nbytes = M * D * 2 + N * D * out_bytes
     row.update(ms=s * 1e3, gbps=nbytes / s / 1e9)
-    rows.append(row)
+    report.add(row)
     opts = ' '.join(f'{k}={row[k]}' for k in ('block_n', 'block_d', 'num_warps') if k in row)
     diff = f"diff {row['diff']:.1e}" if 'diff' in row else ''
     print(f"{row['use']:<9} {row['name']:<10} {row['ms']:8.3f} ms {row['gbps']:7.0f} GB/s "
           f"{diff} {opts}", flush=True)
-    if args.out:
-      with open(args.out, 'w') as f:
-        json.dump({'meta': meta, 'rows': rows}, f, indent=1)
 
   interpret = dev.platform != 'gpu'
   for use, out_dtype in (('combine', jnp.float32), ('dispatch', jnp.bfloat16)):
@@ -100,9 +93,6 @@ def main():
       ref_ms = next(r['ms'] for r in mine if r['name'] == 'reference')
       print(f"{use}: best pallas {best['ms']:.3f} ms vs reference {ref_ms:.3f} ms "
             f"({ref_ms / best['ms']:.2f}x); copy {mine[0]['ms']:.3f} ms")
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump({'meta': meta, 'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':

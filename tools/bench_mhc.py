@@ -52,10 +52,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import itertools
-import json
 import os
 import sys
 import time
@@ -66,7 +64,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from v4jax.cli import median_seconds  # noqa: E402
+from v4jax.cli import BenchReport, median_seconds  # noqa: E402
 from v4jax.config import default_config  # noqa: E402
 from v4jax.kernels import hc_mix  # noqa: E402
 from v4jax.kernels.hc_mix import gpu as hc_mix_gpu  # noqa: E402
@@ -159,24 +157,20 @@ def main():
   iters = 2 if args.smoke else args.iters
   eps = 1e-6
   dev = jax.devices()[0]
-  meta = {'jax': jax.__version__, 'device': dev.device_kind, 'platform': dev.platform,
-          'date': datetime.date.today().isoformat(), 'iters': iters,
-          'shape': dict(B=B, T=T, N=N, D=D), 'sinkhorn_iters': args.sinkhorn_iters}
+  report = BenchReport(args.out, iters=iters, shape=dict(B=B, T=T, N=N, D=D),
+                       sinkhorn_iters=args.sinkhorn_iters)
+  rows = report.rows
   print(f'jax {jax.__version__}, {dev.platform} {dev.device_kind}, B={B} T={T} N={N} D={D}')
   lam = jax.random.normal(jax.random.key(0), (B, T, N, N), jnp.float32)
   g = jax.random.normal(jax.random.key(1), (B, T, N, N), jnp.float32)
-  rows = []
 
   def record(row):
     """Print and save each row as soon as it is measured (a run cut short keeps its rows)."""
-    rows.append(row)
+    report.add(row)
     opts = ' '.join(f'{k}={row[k]}' for k in _OPTS if k in row)
     gbps = f"{row['gbps']:7.0f} GB/s" if 'gbps' in row else ''
     print(f"{row['name']:<16} {row['pass_']:<8} compile {row['compile_s']:6.1f} s "
           f"{row['ms']:9.3f} ms {gbps} {opts}", flush=True)
-    if args.out:
-      with open(args.out, 'w') as f:
-        json.dump({'meta': meta, 'rows': rows}, f, indent=1)
 
   want = jax.jit(sinkhorn, static_argnums=(1, 2))(lam, args.sinkhorn_iters, eps)
   vjp_of = lambda fn: jax.jit(

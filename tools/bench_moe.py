@@ -33,9 +33,7 @@ the best tiling per kernel and shape: the entries of mgpu.TUNED.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import os
 import sys
 
@@ -45,7 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from v4jax.cli import median_seconds, paired_seconds  # noqa: E402
+from v4jax.cli import BenchReport, median_seconds, paired_seconds  # noqa: E402
 from v4jax.kernels.grouped_matmul import grouped_matmul, resolve_impl  # noqa: E402
 
 SHAPES = {   # name: (groups, slots M, model dim D, expert dim F)
@@ -286,10 +284,8 @@ def main():
   reps = 1 if args.smoke else args.reps
   dev = jax.devices()[0]
   print(f'jax {jax.__version__}, {dev.platform} {dev.device_kind}', flush=True)
-  meta = {'jax': jax.__version__, 'device': dev.device_kind, 'platform': dev.platform,
-          'date': datetime.date.today().isoformat(), 'iters': iters, 'reps': reps,
-          'dtype': 'bfloat16'}
-  rows = []
+  report = BenchReport(args.out, iters=iters, reps=reps, dtype='bfloat16')
+  rows = report.rows
   if args.sweep:
     import time
     if resolve_impl('auto', dtype) != 'mgpu':
@@ -298,12 +294,10 @@ def main():
     t0 = time.time()
     for name, (G, M, D, F) in shapes.items():
       for K, N in (GEMMS[g](D, F) for g in gemms):
-        rows += sweep_case(name, G, M, K, N, iters, dtype, args.budget_s, t0,
-                           which=tuple(args.sweep_kernels.split(',')), threads=args.sweep_threads,
-                           consumers=args.sweep_consumers, reps=reps)
-        if args.out:
-          with open(args.out, 'w') as f:
-            json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+        report.add(*sweep_case(name, G, M, K, N, iters, dtype, args.budget_s, t0,
+                               which=tuple(args.sweep_kernels.split(',')),
+                               threads=args.sweep_threads, consumers=args.sweep_consumers,
+                               reps=reps))
     print('\nbest tilings (mgpu.TUNED entries):')
     for r in rows:
       if r.get('best'):
@@ -319,11 +313,8 @@ def main():
         for r in bench_case(name, G, M, K, N, routing, use, iters, dtype,
                             no_bwd=() if full else ('ragged',), reps=reps):
           r['gemm'] = gemm
-          rows.append(r)
+          report.add(r)      # saved after every row, so a run cut short still leaves them
           print(table([r]).splitlines()[-1], flush=True)
-        if args.out:   # after every case, so a run cut short still leaves its rows
-          with open(args.out, 'w') as f:
-            json.dump({'meta': meta, 'rows': rows}, f, indent=1)
   print()
   print(table(rows))
 

@@ -21,9 +21,7 @@ the row's time, and the largest difference of the loss and of the gradient from 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import os
 import sys
 
@@ -32,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from v4jax.cli import median_seconds  # noqa: E402
+from v4jax.cli import BenchReport, median_seconds  # noqa: E402
 from v4jax.kernels import xent  # noqa: E402
 from v4jax.kernels.xent import gpu  # noqa: E402
 
@@ -56,29 +54,24 @@ def main():
   B, C, V = (2, 8, 1000) if args.smoke else args.shape
   iters = 2 if args.smoke else args.iters
   dev = jax.devices()[0]
-  meta = {'jax': jax.__version__, 'device': dev.device_kind, 'platform': dev.platform,
-          'date': datetime.date.today().isoformat(), 'iters': iters,
-          'shape': dict(B=B, C=C, V=V)}
+  report = BenchReport(args.out, iters=iters, shape=dict(B=B, C=C, V=V))
+  rows = report.rows
   print(f'jax {jax.__version__}, {dev.platform} {dev.device_kind}, B={B} C={C} V={V}')
   k = jax.random.split(jax.random.key(0), 3)
   logits = (4 * jax.random.normal(k[0], (B, C, V), jnp.float32)).astype(jnp.bfloat16)
   tgt = jax.random.randint(k[1], (B, C), 0, V)
   w = (jax.random.uniform(k[2], (B, C)) > 0.1).astype(jnp.float32)
   nbytes = 2 * logits.size * logits.dtype.itemsize      # one read + one write
-  rows = []
 
   def record(row, ms):
     row.update(ms=ms * 1e3, gbps=nbytes / ms / 1e9)
-    rows.append(row)
+    report.add(row)
     opts = ' '.join(f'{k}={row[k]}' for k in ('block_m', 'block_v', 'num_warps', 'num_stages',
                                                'programs') if k in row)
     diff = f"loss {row['loss_diff']:.1e} grad {row['grad_diff']:.1e}" if 'grad_diff' in row \
         else ''
     print(f"{row['name']:<10} {row['ms']:8.3f} ms {row['gbps']:7.0f} GB/s {diff} {opts}",
           flush=True)
-    if args.out:
-      with open(args.out, 'w') as f:
-        json.dump({'meta': meta, 'rows': rows}, f, indent=1)
 
   copy = jax.jit(lambda x: x + jnp.ones((), x.dtype))
   record({'name': 'copy'}, median_seconds(copy, logits, iters=iters))
@@ -112,9 +105,7 @@ def main():
     print(f"best pallas {best['ms']:.3f} ms vs reference {rows[1]['ms']:.3f} ms "
           f"({rows[1]['ms'] / best['ms']:.2f}x); copy floor {floor:.3f} ms "
           f"({floor / best['ms']:.0%} of the best)")
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+  report.save()
 
 
 if __name__ == '__main__':

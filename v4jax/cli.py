@@ -205,3 +205,27 @@ def median_seconds(f: Callable, *args, iters: int, reps: int = 1) -> float:
   import numpy as np
   jax.block_until_ready(f(*args))
   return float(np.median([_block_seconds(f, args, reps) for _ in range(iters)]))
+
+
+class BenchReport:
+  """A benchmark's rows with its run's metadata (jax version, device, date and the tool's own
+  fields), written to `out` (if set) as {'meta', 'rows'} JSON after every `add`, so a run cut
+  short keeps what it measured."""
+
+  def __init__(self, out: str | None, **meta):
+    import datetime
+    import jax
+    dev = jax.devices()[0]
+    self.out, self.rows = out, []
+    self.meta = {'jax': jax.__version__, 'device': dev.device_kind, 'platform': dev.platform,
+                 'date': datetime.date.today().isoformat(), **meta}
+
+  def add(self, *rows: dict) -> None:
+    self.rows.extend(rows)
+    self.save()
+
+  def save(self) -> None:
+    if self.out:
+      import json
+      with open(self.out, 'w') as f:
+        json.dump({'meta': self.meta, 'rows': self.rows}, f, indent=1)

@@ -227,6 +227,17 @@ def test_tiny_golden_one_step_and_loss_falls(tmp_path):
   assert losses[-1] < losses[0] - 0.1, losses
 
 
+def _saved_residuals(cfg, capsys):
+  """(the model's loss on a 2-row batch as a function of its params, the params, jax's report of
+  the residuals its gradient saves)."""
+  model = _model(cfg)
+  batch = _batch(cfg, 2)
+  gdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss = lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0]
+  jax.ad_checkpoint.print_saved_residuals(loss, params)
+  return loss, params, capsys.readouterr().out
+
+
 @pytest.mark.parametrize('sparse_attention', ['gather', 'masked'])
 def test_block_remat_keeps_the_dsa_tensors(capsys, sparse_attention):
   """model.remat='block' saves the sparse stage's top-k set, KL teacher and student (one [B,T,K]
@@ -238,12 +249,7 @@ def test_block_remat_keeps_the_dsa_tensors(capsys, sparse_attention):
   names = ('indexer_topk', 'dsa_teacher', 'dsa_student')
   for remat, kept in (('block', names), ('full', ())):
     cfg = small_tiny(**{'model.remat': remat, **off})
-    model = _model(cfg)
-    batch = _batch(cfg, 2)
-    gdef, params, rest = nnx.split(model, nnx.Param, ...)
-    jax.ad_checkpoint.print_saved_residuals(
-        lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0], params)
-    out = capsys.readouterr().out
+    _, _, out = _saved_residuals(cfg, capsys)
     for n in names:
       saved = out.count(f"named '{n}'")
       assert saved == (cfg.model.n_layers if n in kept else 0), (remat, n, out)
@@ -264,12 +270,7 @@ def test_remat_save_keeps_the_moe_rows_and_gemm_outputs(capsys):
   for save in ((), ('moe_dispatch', 'moe_gemms')):
     cfg = small_tiny(**{'model.remat': 'block', 'model.remat_save': save, **off})
     n_moe = cfg.model.n_layers - cfg.model.n_dense_layers
-    model = _model(cfg)
-    batch = _batch(cfg, 2)
-    gdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss = lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0]
-    jax.ad_checkpoint.print_saved_residuals(loss, params)
-    out = capsys.readouterr().out
+    loss, params, out = _saved_residuals(cfg, capsys)
     counts = {n: out.count(f"named '{n}'") for n in ('moe_dispatch', 'moe_gemms')}
     assert counts == ({'moe_dispatch': n_moe, 'moe_gemms': 2 * n_moe} if save else
                       {'moe_dispatch': 0, 'moe_gemms': 0}), (save, counts)
@@ -289,12 +290,7 @@ def test_block_remat_keeps_the_moe_routing(capsys):
   for remat in ('block', 'full'):
     cfg = small_tiny(**{'model.remat': remat, **off})
     n_moe = cfg.model.n_layers - cfg.model.n_dense_layers
-    model = _model(cfg)
-    batch = _batch(cfg, 2)
-    gdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss = lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0]
-    jax.ad_checkpoint.print_saved_residuals(loss, params)
-    out = capsys.readouterr().out
+    loss, params, out = _saved_residuals(cfg, capsys)
     saved = {n: out.count(f"named '{n}'") for n in ('moe_route', 'moe_out')}
     assert saved == ({'moe_route': 5 * n_moe, 'moe_out': n_moe} if remat == 'block' else
                      {'moe_route': 0, 'moe_out': 0}), (remat, saved)
@@ -314,12 +310,8 @@ def test_remat_save_keeps_the_mhc_coefficients(capsys):
     cfg = small_tiny(**{'model.remat': 'block', 'model.remat_save': save,
                         'kernels.sinkhorn': 'reference', **off})
     assert cfg.mhc.streams > 1
-    model = _model(cfg)
-    batch = _batch(cfg, 2)
-    gdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss = lambda p: nnx.merge(gdef, p, rest)(batch, 0.0)[0]
-    jax.ad_checkpoint.print_saved_residuals(loss, params)
-    saved = capsys.readouterr().out.count("named 'mhc_coeffs'")
+    loss, params, out = _saved_residuals(cfg, capsys)
+    saved = out.count("named 'mhc_coeffs'")
     assert saved == (2 * 2 * cfg.model.n_layers if save else 0), (save, saved)
     # the reference Sinkhorn's iterations: a fori_loop, a scan of length iters - 1 in the jaxpr
     text = str(jax.make_jaxpr(jax.grad(loss))(params))
