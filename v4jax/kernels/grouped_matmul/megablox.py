@@ -62,7 +62,8 @@ def _gmm_primal(x_MK, w_GKN, sizes_G, out_dtype, interpret, mask_rows):
 
 
 def _fwd(x_MK, w_GKN, sizes_G, out_dtype, interpret, mask_rows):
-  return _gmm_primal(x_MK, w_GKN, sizes_G, out_dtype, interpret, mask_rows), (x_MK, w_GKN, sizes_G)
+  out = _gmm_primal(x_MK, w_GKN, sizes_G, out_dtype, interpret, mask_rows)
+  return out, (x_MK, w_GKN, sizes_G)
 
 
 def _bwd(out_dtype, interpret, mask_rows, res, dy_MN):
