@@ -119,6 +119,17 @@ def test_ep_with_tensor_parallel_experts(single):
   _close(g, g1)
 
 
+def test_ep_slot_sums_through_the_gather_sum_kernel(single):
+  """kernels.gather_sum='pallas' (interpret mode on CPU) runs the MoE's slot sums per device
+  inside expert parallelism's shard_map and matches the single-device reference path."""
+  bias, x, valid, (y1, aux1, g1) = single
+  cfg = _cfg(ep_exchange='padded')
+  cfg.kernels.gather_sum = 'pallas'
+  y, aux, g = _run(_model(cfg, bias), x, valid, _mesh(fsdp=4, expert=2), 'fsdp_ep')
+  _close(y, y1)
+  _close(g, g1)
+
+
 def _swiglu_oracle(m, x_AD, sel_AK, g_AK, keep_AK):
   """numpy: sum over kept slots of g * W_d(silu(x W_g) * x W_u), float64."""
   wg, wu, wd = (np.asarray(w[...], np.float64) for w in (m.experts.w_gate, m.experts.w_up,
