@@ -10,8 +10,8 @@ parameters), unless --smoke:
 Each row: pass 'fwd' (the mix) and 'fwd+bwd' (the gradient of sum(R * mix) in the parameters,
 X and e), median ms over --iters calls after a compile call, the compiled program's temporaries,
 the largest difference of its outputs (or gradients) from custom_vjp's relative to their
-largest magnitude, and GB/s = the streams' bytes each pass must move (fwd: X, k read and Y written; fwd+bwd adds
-dY, X, k read and dX, dk written) / time, GEMMs included in the time.
+largest magnitude, and GB/s = the streams' bytes each pass must move (fwd: X, k read and Y
+written; fwd+bwd adds dY, X, k read and dX, dk written) / time, GEMMs included in the time.
 
   python tools/bench_engram_mix.py --out bench_engram_mix.json     # GPU
   python tools/bench_engram_mix.py --smoke                           # any backend, tiny shapes

@@ -13,6 +13,8 @@ from v4jax.config import default_config
 from v4jax.model.engram import Engram, _Eps, gate_conv
 
 B, T, N, D, G, K_E, D_MEM, R, W, DELTA = 2, 16, 4, 64, 3, 2, 32, 101, 4, 3
+J = (G - 1) * K_E
+D_H = D_MEM // J
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +23,6 @@ def _exact_matmuls():
   (~1e-3 relative), far outside the fp32 tolerances below (CPU runs fp32 either way)."""
   with jax.default_matmul_precision('highest'):
     yield
-J = (G - 1) * K_E
-D_H = D_MEM // J
 
 
 def _cfg(streams=N, conv=True, bias=True):
