@@ -11,6 +11,7 @@ device: Mosaic kernels are not auto-partitioned).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -57,13 +58,13 @@ def _tgmm_call(x_MK, dy_MN, sizes_G, out_dtype, interpret):
                               tiling=tiling, interpret=tpu_interpret(interpret))
 
 
-def _gmm_primal(x_MK, w_GKN, sizes_G, out_dtype, interpret, mask_rows):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(x_MK, w_GKN, sizes_G, out_dtype, interpret, mask_rows):
   return _gmm_call(x_MK, w_GKN, sizes_G, out_dtype, False, interpret, mask_rows)
 
 
 def _fwd(x_MK, w_GKN, sizes_G, out_dtype, interpret, mask_rows):
-  out = _gmm_primal(x_MK, w_GKN, sizes_G, out_dtype, interpret, mask_rows)
-  return out, (x_MK, w_GKN, sizes_G)
+  return _gmm(x_MK, w_GKN, sizes_G, out_dtype, interpret, mask_rows), (x_MK, w_GKN, sizes_G)
 
 
 def _bwd(out_dtype, interpret, mask_rows, res, dy_MN):
@@ -77,12 +78,7 @@ def _bwd(out_dtype, interpret, mask_rows, res, dy_MN):
   return dx_MK.astype(x_MK.dtype), dw_GKN.astype(w_GKN.dtype), None
 
 
-# Compiled kernels take optimize_remat: under jax.checkpoint a call whose output the backward
-# does not need is dropped (its residuals are its inputs; jax cannot prune inside the kernel).
-# Interpret mode's callbacks are effects, which optimize_remat refuses: it keeps the plain form.
-_gmm, _gmm_interpret = (jax.custom_vjp(_gmm_primal, nondiff_argnums=(3, 4, 5)) for _ in range(2))
-_gmm.defvjp(_fwd, _bwd, optimize_remat=True)
-_gmm_interpret.defvjp(_fwd, _bwd)
+_gmm.defvjp(_fwd, _bwd)
 
 
 def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *,
@@ -93,7 +89,5 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, 
   if x_MK.dtype != w_GKN.dtype:
     raise ValueError(f'grouped_matmul impl=megablox: x_MK {x_MK.dtype} and w_GKN {w_GKN.dtype} '
                      'must have the same dtype')
-  interpret = tpu_interpret(interpret)
-  gmm = _gmm if interpret is False else _gmm_interpret
-  return gmm(x_MK, w_GKN, group_sizes_G, jnp.dtype(preferred_element_type), interpret,
-             not all_rows_grouped)
+  return _gmm(x_MK, w_GKN, group_sizes_G, jnp.dtype(preferred_element_type),
+              tpu_interpret(interpret), not all_rows_grouped)

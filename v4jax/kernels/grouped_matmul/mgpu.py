@@ -170,9 +170,7 @@ def _bwd(out_dtype, mask_rows, res, dy_MN):
   return dx_MK.astype(x_MK.dtype), dw_GKN.astype(w_GKN.dtype), None
 
 
-# optimize_remat: under jax.checkpoint a call whose output the backward does not need is dropped
-# (its residuals are its inputs); jax cannot see into the kernel to prune it otherwise
-_gmm.defvjp(_fwd, _bwd, optimize_remat=True)
+_gmm.defvjp(_fwd, _bwd)
 
 
 def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, *,
