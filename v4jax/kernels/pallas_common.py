@@ -69,14 +69,19 @@ def tpu_interpret(interpret):
   return bool(interpret) if interpret in (None, False, True) else interpret
 
 
+def whole_arrays() -> bool:
+  """True when no multi-device `rules.activate` mesh is current: a kernel sees whole arrays."""
+  cur = _rules.current()
+  return cur is None or cur[0].size == 1
+
+
 def per_device(fn: Callable, in_axes: Sequence, out_axes: Sequence) -> Callable:
   """fn run on each device's shard (shard_map) when a multi-device `rules.activate` mesh is
   current; fn itself otherwise. in_axes / out_axes: logical names per array (None = whole dim).
   """
-  cur = _rules.current()
-  if cur is None or cur[0].size == 1:
+  if whole_arrays():
     return fn
-  mesh, table = cur
+  mesh, table = _rules.current()
 
   def wrapped(*args):
     spec = lambda axes, shape: _rules.logical_to_spec(axes, table, mesh, shape)

@@ -19,8 +19,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.kernels.grouped_matmul import grouped_matmul
+from v4jax.kernels.pallas_common import whole_arrays
 from v4jax.model.layers import constrain, dtype_of, f32_mode, linear_f32, matmul, param
-from v4jax.parallel import expert, rules
+from v4jax.parallel import expert
 
 f32 = jnp.float32
 
@@ -194,7 +195,6 @@ class MoE(nnx.Module):
     self.n_groups, self.topk_groups, self.route_scale = e.n_groups, e.topk_groups, e.route_scale
     self.alpha, self.bal_indicator = e.bal_loss_alpha, e.bal_indicator
     self.dispatch, self.capacity_factor = e.dispatch, e.capacity_factor
-    self.gather_sum = cfg.kernels.gather_sum
     self.ep_args = dict(n_experts=e.num_experts, d_expert=e.d_expert, dtype=self.dtype,
                         impl=cfg.kernels.grouped_matmul, exchange=e.ep_exchange,
                         capacity_factor=e.ep_capacity_factor,
@@ -253,8 +253,7 @@ class MoE(nnx.Module):
     order_M, inv_M, sizes_E = expert.sort_slots(sel_AK.reshape(M), self.n_experts)
     # the slot sums' kernel needs whole arrays: here only without a multi-device mesh (on one,
     # the Pallas grouped matmuls route through expert.moe_ep, which runs it per device)
-    cur = rules.current()
-    gs = self.gather_sum if cur is None or cur[0].size == 1 else 'reference'
+    gs = self.ep_args['gather_sum_impl'] if whole_arrays() else 'reference'
     ys_MD = self.experts.sorted_rows(expert.permuted_rows(x_AD, order_M, inv_M, K, gs), sizes_E,
                                      expert.sorted_gates(g_AK, order_M, inv_M))
     return expert.slot_sum(ys_MD, inv_M, order_M, K, gs)
