@@ -155,7 +155,8 @@ def default_config() -> ConfigDict:
                                # (jnp) | pallas (one Triton kernel; interpret mode on CPU)
       gather_sum='reference',  # the MoE's slot sums (combine, dispatch backward): reference (jnp
                                # gather then fp32 sum) | pallas (one Triton kernel; interpret
-                               # mode on CPU) | auto (pallas on GPU); reference until measured
+                               # mode on CPU) | auto (pallas on GPU); reference: the kernel
+                               # lost to XLA's fused pass on the H200 (performance.md row 83)
       student_dq='auto',       # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
                                # | gather (each token's K selected keys) | auto (by T, S and K:
                                # gather from ~8K tokens; kernels/indexer/gpu.resolve_dq_form)

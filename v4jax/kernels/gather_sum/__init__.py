@@ -5,9 +5,12 @@ Dims: M source rows, D row width, N output rows, K rows summed per output row.
 The MoE sums each token's K expert-sorted slot rows twice per layer: its forward combine
 (parallel/expert.py `slot_sum`) and the dispatch gather's backward (`permuted_rows`). `impl`
 takes `config.kernels.gather_sum`:
-  reference -> reference.py in jnp (XLA gathers [N,K,D], widens it to fp32, then reduces);
+  reference -> reference.py in jnp (XLA fuses the gather, the fp32 widening and the sum into one
+               pass: 96-97% of a copy's rate on the H200 at bench_h200's shapes);
   pallas    -> gpu.py: one Triton kernel reading each gathered row once and writing the sum once
-               (interpret mode on CPU; no TPU kernel). Not yet measured on the H200;
+               (interpret mode on CPU; no TPU kernel). On the H200 it ran 0.86x (combine) and
+               0.98x (dispatch) XLA's pass alone and added 30 ms to bench_h200's step
+               (docs/performance.md row 83), so the config default is `reference`;
   auto      -> pallas on GPU, reference elsewhere.
 The arrays must be whole on the device that runs the kernel (the MoE calls it per device: in
 `shard_map` under expert parallelism, or on a one-device mesh).
