@@ -30,6 +30,8 @@ BAD = [
     ('mesh.rules', 'tp', "config.mesh.rules='tp' is not one of"),
     ('model.remat_save', ('moe_out',), "config.model.remat_save=('moe_out',) must be a tuple of "
      "names from ('moe_dispatch', 'moe_gemms', 'mla_ckv', 'mhc_coeffs')"),
+    ('model.remat_recompute', ('moe_gemms',), "config.model.remat_recompute=('moe_gemms',) must "
+     "be a tuple of names from ('mla_up', 'indexer_q', 'ffn_in')"),
     ('optim.moment_dtype', 'float16', "config.optim.moment_dtype='float16' is not one of"),
     ('kernels.hc_mix', 'triton', "config.kernels.hc_mix='triton' is not one of"),
 ]

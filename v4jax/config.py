@@ -41,6 +41,11 @@ def default_config() -> ConfigDict:
                                # moe_gemms: the experts' gate and up outputs; mla_ckv:
                                # the normed latent kv and its rope key; mhc_coeffs: each mHC
                                # site's post and comb)
+      remat_recompute=(),      # block remat: weight matmuls recomputed in the backward instead of
+                               # kept, from REMAT_RECOMPUTE_NAMES (mla_up: MLA's up-projections
+                               # from the q and kv latents; indexer_q: the DSA indexer's queries;
+                               # ffn_in: the dense and shared-expert FFNs' gate and up): memory
+                               # for remat_save, at a GEMM each
       scan_layers=False,       # build each run of identical blocks as one stacked module run by
                                # lax.scan (params get a leading 'layers' dim): compile time and
                                # HLO size stop growing with depth (docs/architecture.md)
@@ -270,6 +275,8 @@ def host_tables(c: ConfigDict) -> bool:
 
 # Named values that model.remat_save can keep under block remat (model/moe.py tags them).
 REMAT_SAVE_NAMES = ('moe_dispatch', 'moe_gemms', 'mla_ckv', 'mhc_coeffs')
+# Weight matmuls that model.remat_recompute can leave to the backward (layers.matmul saveable).
+REMAT_RECOMPUTE_NAMES = ('mla_up', 'indexer_q', 'ffn_in')
 
 
 def validate(c: ConfigDict) -> ConfigDict:
@@ -293,6 +300,10 @@ def validate(c: ConfigDict) -> ConfigDict:
   m = c.model
   if not isinstance(m.remat_save, tuple) or not set(m.remat_save) <= set(REMAT_SAVE_NAMES):
     _fail('model.remat_save', m.remat_save, f'must be a tuple of names from {REMAT_SAVE_NAMES}')
+  if (not isinstance(m.remat_recompute, tuple)
+      or not set(m.remat_recompute) <= set(REMAT_RECOMPUTE_NAMES)):
+    _fail('model.remat_recompute', m.remat_recompute,
+          f'must be a tuple of names from {REMAT_RECOMPUTE_NAMES}')
   for path in ['model.scan_layers', 'train.cast_params_once', 'engram.donate_rows',
                'engram.late_moments']:
     if not isinstance(_get(c, path), bool):

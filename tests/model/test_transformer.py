@@ -10,6 +10,7 @@ its sparse top-8 path) with all other components on, except MTP where it is not 
 mHC and Engram in the gradient test): fewer blocks keep the compile time, which dominates this
 file, near 40 s of CPU.
 """
+import collections
 import math
 import re
 
@@ -298,6 +299,40 @@ def test_block_remat_keeps_the_moe_routing(capsys):
     for op in ('top_k', 'sort'):
       n_f, n_g = (len(re.findall(rf'\b{op}\[', t)) for t in (fwd, grad))
       assert n_f >= n_moe and n_g == (n_f if remat == 'block' else 2 * n_f), (remat, op, n_f, n_g)
+
+
+def test_remat_recompute_leaves_the_named_matmuls_to_the_backward(capsys):
+  """model.remat_recompute=('mla_up', 'indexer_q', 'ffn_in'): block remat no longer keeps MLA's
+  up-projected q and k/v, the indexer's queries (one of each per layer), or the FFNs' gate and up
+  outputs (two per layer: the dense layer's and the shared experts'); nothing else changes, and
+  the gradient's jaxpr runs those matmuls again (as unit-batch dots). The loss and gradients are
+  the default's (fp32 on the CPU, 1e-6 relative). Saved residuals as jax reports them."""
+  off = {'mtp.depth': 0, 'mhc.streams': 4, 'engram.enabled': False,
+         'dsa.sparse_attention': 'masked', 'model.remat': 'block'}
+  names = ('mla_up', 'indexer_q', 'ffn_in')
+  runs = {}
+  for rec in ((), names):
+    cfg = small_tiny(**{'model.remat_recompute': rec, **off})
+    loss, params, out = _saved_residuals(cfg, capsys)
+    dots = collections.Counter(ln.split()[0] for ln in out.splitlines()
+                               if 'output of dot_general' in ln)
+    grad = jax.grad(loss)
+    batched = str(jax.make_jaxpr(grad)(params)).count('([0], [0]))')
+    runs[rec] = (dots, batched, *jax.jit(jax.value_and_grad(loss))(params))
+  m, e, d = cfg.model, cfg.moe, cfg.dsa
+  per_layer = [f'f32[{B},{T},{m.n_heads},{m.qk_nope_dim + m.qk_rope_dim}]',
+               f'f32[{B},{T},{m.n_heads},{m.qk_nope_dim + m.v_head_dim}]',
+               f'f32[{B},{T},{d.n_heads},{d.head_dim}]']
+  dense, moe = m.n_dense_layers, m.n_layers - m.n_dense_layers
+  removed = collections.Counter({s: m.n_layers for s in per_layer})
+  removed[f'f32[{B},{T},{m.d_ff}]'] += 2 * dense
+  removed[f'f32[{B},{T},{e.num_shared * e.d_expert}]'] += 2 * moe
+  (d0, b0, l0, g0), (d1, b1, l1, g1) = runs[()], runs[names]
+  assert dense > 0 and moe > 0 and d0 - d1 == removed and not d1 - d0, (d0, d1)
+  assert b1 >= b0 + sum(removed.values()), (b0, b1)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-9)
 
 
 def test_remat_save_keeps_the_mhc_coefficients(capsys):

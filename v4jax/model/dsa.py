@@ -60,6 +60,7 @@ class Indexer(nnx.Module):
     self.cos_sin_scale = rope_cos_sin_scale(cfg)
     self.hadamard = d.hadamard
     self.dtype = dtype_of(m.dtype)
+    self.keep_q = 'indexer_q' not in m.remat_recompute   # block remat keeps the queries
 
   def _rope(self, a, positions_BT):
     r = self.rope_dim
@@ -70,7 +71,8 @@ class Indexer(nnx.Module):
     """(q [B,T,J,I], k [B,T,I], w [B,T,J] fp32) with both scales folded into w (they commute
     with ReLU), so that I = Σ_j w_j·ReLU(q_j·k)."""
     x_BTD, c_q_BTR = sg(x_BTD), sg(c_q_BTR)
-    q_BTJI = self._rope(matmul('btr,rji->btji', c_q_BTR, self.wq_b[...], self.dtype), positions_BT)
+    q_BTJI = self._rope(matmul('btr,rji->btji', c_q_BTR, self.wq_b[...], self.dtype,
+                               saveable=self.keep_q), positions_BT)
     k_BTI = self.k_norm(matmul('btd,di->bti', x_BTD, self.wk[...], self.dtype))
     k_BTI = self._rope(k_BTI, positions_BT)
     if self.hadamard:

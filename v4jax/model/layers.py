@@ -90,14 +90,26 @@ def const_param(value: float, shape: Sequence[int], axes: Sequence[str | None],
   return nnx.Param(jnp.full(tuple(shape), value, dtype), logical_axes=tuple(axes))
 
 
-def matmul(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, *, saveable: bool = True) -> jax.Array:
   """einsum with inputs and output in the compute dtype (GPU/TPU accumulate bf16 dots in fp32).
 
   The output dtype is the compute dtype itself rather than an fp32 result cast down: a cast after
   the dot would give the backward an fp32 cotangent, and the transposed dots would then run as
   mixed fp32 x bf16 matmuls (fp32 speed). This way forward and backward are all bf16 GEMMs.
+
+  saveable=False: the same product as a dot with a unit batch dimension, which block remat's
+  policy (dots without batch dimensions) does not keep, so the backward recomputes it from its
+  input (`model.remat_recompute`); XLA drops the unit dimension. The casts come first, so that a
+  weight's one use is still its cast (cast_once.py).
   """
-  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=dtype)
+  x, w = x.astype(dtype), w.astype(dtype)
+  if saveable:
+    return jnp.einsum(spec, x, w, preferred_element_type=dtype)
+  ins, out = spec.split('->')
+  lhs, rhs = ins.split(',')
+  u = next(c for c in 'ZYXWVU' if c not in spec)          # the unit batch dimension's letter
+  return jnp.einsum(f'{u}{lhs},{u}{rhs}->{u}{out}', x[None], w[None],
+                    preferred_element_type=dtype)[0]
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

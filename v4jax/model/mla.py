@@ -84,12 +84,14 @@ class MLA(nnx.Module):
     self.sparse_attention = d.sparse_attention
     self.impl, self.attention_impl = cfg.kernels.impl, cfg.kernels.attention
     self.student_dq = cfg.kernels.student_dq
+    self.keep_up = 'mla_up' not in m.remat_recompute   # block remat keeps the up-projections
 
   def project(self, x_BTD: jax.Array, positions_BT: jax.Array) -> Projections:
     """SPEC §2 steps 1-3: q latent, per-head [nope | rope] queries, kv latent and rope key."""
     dt, N, C = self.dtype, self.nope, self.kv_rank
     c_q_BTR = self.q_norm(matmul('btd,dr->btr', x_BTD, self.wq_a[...], dt))
-    q_BTHK = constrain(matmul('btr,rhk->bthk', c_q_BTR, self.wq_b[...], dt), ACT_BTHK)
+    q_BTHK = constrain(matmul('btr,rhk->bthk', c_q_BTR, self.wq_b[...], dt,
+                              saveable=self.keep_up), ACT_BTHK)
     q_r_BTHP = apply_rope_interleaved(q_BTHK[..., N:], positions_BT, self.inv_freq,
                                       self.cos_sin_scale)
     a_BTC = matmul('btd,dc->btc', x_BTD, self.wkv_a[...], dt)
@@ -100,7 +102,8 @@ class MLA(nnx.Module):
 
   def mha_qkv(self, p: Projections):
     """MHA form: q [B,T,H,N+P], k [B,S,H,N+P] (k_r broadcast to heads), v [B,S,H,V]."""
-    kv_BSHK = matmul('bsc,chk->bshk', p.c_kv_BSC, self.wkv_b[...], self.dtype)
+    kv_BSHK = matmul('bsc,chk->bshk', p.c_kv_BSC, self.wkv_b[...], self.dtype,
+                     saveable=self.keep_up)
     k_n_BSHN, v_BSHV = kv_BSHK[..., :self.nope], kv_BSHK[..., self.nope:]
     k_r_BSHP = jnp.broadcast_to(p.k_r_BSP[:, :, None], k_n_BSHN.shape[:3] + (self.rope,))
     q_BTHK = jnp.concatenate([p.q_n_BTHN, p.q_r_BTHP], axis=-1)
@@ -109,7 +112,8 @@ class MLA(nnx.Module):
   def mqa_qkv(self, p: Projections):
     """Absorbed form: q̄ [B,T,H,C+P] = [W^UK_h q_n ; q_r] and entries e [B,S,C+P] = [c_kv ; k_r]."""
     w_uk_CHN = self.wkv_b[...][..., :self.nope]
-    q_c_BTHC = matmul('bthn,chn->bthc', p.q_n_BTHN, w_uk_CHN, self.dtype)
+    q_c_BTHC = matmul('bthn,chn->bthc', p.q_n_BTHN, w_uk_CHN, self.dtype,
+                      saveable=self.keep_up)
     q_abs_BTHC = jnp.concatenate([q_c_BTHC, p.q_r_BTHP.astype(self.dtype)], axis=-1)
     return q_abs_BTHC, jnp.concatenate([p.c_kv_BSC, p.k_r_BSP.astype(self.dtype)], axis=-1)
 

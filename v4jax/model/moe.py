@@ -36,11 +36,12 @@ class DenseFFN(nnx.Module):
     self.w_up = param(rngs, (m.d_model, d_ff), ('embed', 'mlp'), std, pd)
     self.w_down = param(rngs, (d_ff, m.d_model), ('mlp', 'embed'), std, pd)
     self.dtype = dtype_of(m.dtype)
+    self.keep_in = 'ffn_in' not in m.remat_recompute   # block remat keeps the gate and up
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = self.dtype
-    g_BTF = matmul('btd,df->btf', x_BTD, self.w_gate[...], dt)
-    u_BTF = matmul('btd,df->btf', x_BTD, self.w_up[...], dt)
+    g_BTF = matmul('btd,df->btf', x_BTD, self.w_gate[...], dt, saveable=self.keep_in)
+    u_BTF = matmul('btd,df->btf', x_BTD, self.w_up[...], dt, saveable=self.keep_in)
     h_BTF = constrain(jax.nn.silu(g_BTF) * u_BTF, ('batch', 'seq', 'act_mlp'))
     return matmul('btf,fd->btd', h_BTF, self.w_down[...], dt)
 
