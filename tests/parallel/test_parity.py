@@ -25,6 +25,8 @@ CASES = {
     'fsdp_ep': dict(data=1, fsdp=4, expert=2, tensor=1),         # dropless exchange buffers
     'fsdp_tp': dict(data=1, fsdp=4, expert=1, tensor=2),
     'fsdp_ep_capacity': dict(data=1, fsdp=2, expert=4, tensor=1),  # fixed-capacity exchange
+    # heads and FFN columns split over `tensor` in the unit-batch dots of model.remat_recompute
+    'fsdp_tp_recompute': dict(data=1, fsdp=4, expert=1, tensor=2),
 }
 
 
@@ -45,10 +47,13 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_preset_matches_single_device(reference, tmp_path, case):
   batch, (m1, g1) = reference
-  over = {'checkpoint.enabled': False, 'mesh.rules': case.replace('_capacity', '')}
+  over = {'checkpoint.enabled': False,
+          'mesh.rules': case.replace('_capacity', '').replace('_recompute', '')}
   over.update({f'mesh.{k}': v for k, v in CASES[case].items()})
   if case == 'fsdp_ep_capacity':
     over.update({'moe.ep_exchange': 'padded', 'moe.ep_capacity_factor': 2.0})
+  if case == 'fsdp_tp_recompute':
+    over['model.remat_recompute'] = ('mla_up', 'indexer_q', 'ffn_in')
   tr = Trainer(small_tiny(**over), str(tmp_path))
   assert dict(tr.mesh.shape) == CASES[case]
   m8, g8 = _loss_and_grads(tr, batch)
