@@ -25,7 +25,8 @@ CASES = {
     'fsdp_ep': dict(data=1, fsdp=4, expert=2, tensor=1),         # dropless exchange buffers
     'fsdp_tp': dict(data=1, fsdp=4, expert=1, tensor=2),
     'fsdp_ep_capacity': dict(data=1, fsdp=2, expert=4, tensor=1),  # fixed-capacity exchange
-    # heads and FFN columns split over `tensor` in the unit-batch dots of model.remat_recompute
+    # block remat recomputing model.remat_recompute's unit-batch dots, heads and FFN columns
+    # split over `tensor`
     'fsdp_tp_recompute': dict(data=1, fsdp=4, expert=1, tensor=2),
 }
 
@@ -53,7 +54,8 @@ def test_preset_matches_single_device(reference, tmp_path, case):
   if case == 'fsdp_ep_capacity':
     over.update({'moe.ep_exchange': 'padded', 'moe.ep_capacity_factor': 2.0})
   if case == 'fsdp_tp_recompute':
-    over['model.remat_recompute'] = ('mla_up', 'indexer_q', 'ffn_in')
+    over.update({'model.remat': 'block',
+                 'model.remat_recompute': ('mla_up', 'indexer_q', 'ffn_in')})
   tr = Trainer(small_tiny(**over), str(tmp_path))
   assert dict(tr.mesh.shape) == CASES[case]
   m8, g8 = _loss_and_grads(tr, batch)
