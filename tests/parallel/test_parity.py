@@ -23,11 +23,10 @@ LOSS_RTOL, LOSS_ATOL, GRAD_RTOL, GRAD_ATOL_FRAC, GRAD_ATOL_MIN = 1e-5, 1e-8, 1e-
 CASES = {
     'fsdp': dict(data=2, fsdp=4, expert=1, tensor=1),
     'fsdp_ep': dict(data=1, fsdp=4, expert=2, tensor=1),         # dropless exchange buffers
+    # under block remat recomputing model.remat_recompute's unit-batch dots, heads and FFN
+    # columns split over `tensor`
     'fsdp_tp': dict(data=1, fsdp=4, expert=1, tensor=2),
     'fsdp_ep_capacity': dict(data=1, fsdp=2, expert=4, tensor=1),  # fixed-capacity exchange
-    # block remat recomputing model.remat_recompute's unit-batch dots, heads and FFN columns
-    # split over `tensor`
-    'fsdp_tp_recompute': dict(data=1, fsdp=4, expert=1, tensor=2),
 }
 
 
@@ -48,12 +47,11 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_preset_matches_single_device(reference, tmp_path, case):
   batch, (m1, g1) = reference
-  over = {'checkpoint.enabled': False,
-          'mesh.rules': case.replace('_capacity', '').replace('_recompute', '')}
+  over = {'checkpoint.enabled': False, 'mesh.rules': case.replace('_capacity', '')}
   over.update({f'mesh.{k}': v for k, v in CASES[case].items()})
   if case == 'fsdp_ep_capacity':
     over.update({'moe.ep_exchange': 'padded', 'moe.ep_capacity_factor': 2.0})
-  if case == 'fsdp_tp_recompute':
+  if case == 'fsdp_tp':
     over.update({'model.remat': 'block',
                  'model.remat_recompute': ('mla_up', 'indexer_q', 'ffn_in')})
   tr = Trainer(small_tiny(**over), str(tmp_path))
