@@ -305,8 +305,9 @@ def test_remat_recompute_leaves_the_named_matmuls_to_the_backward(capsys):
   """model.remat_recompute=('mla_up', 'indexer_q', 'ffn_in'): block remat no longer keeps MLA's
   up-projected q and k/v, the indexer's queries (one of each per layer), or the FFNs' gate and up
   outputs (two per layer: the dense layer's and the shared experts'); nothing else changes, and
-  the gradient's jaxpr runs those matmuls again (as unit-batch dots). The loss and gradients are
-  the default's (fp32 on the CPU, 1e-6 relative). Saved residuals as jax reports them."""
+  the gradient's jaxpr runs those matmuls again (as unit-batch dots). Saved residuals as jax
+  reports them. (That the loss and gradients stay the default's is checked on the 8-device mesh
+  against one device: tests/parallel/test_parity.py, fsdp_tp.)"""
   off = {'mtp.depth': 0, 'mhc.streams': 4, 'engram.enabled': False,
          'dsa.sparse_attention': 'masked', 'model.remat': 'block'}
   names = ('mla_up', 'indexer_q', 'ffn_in')
@@ -316,9 +317,7 @@ def test_remat_recompute_leaves_the_named_matmuls_to_the_backward(capsys):
     loss, params, out = _saved_residuals(cfg, capsys)
     dots = collections.Counter(ln.split()[0] for ln in out.splitlines()
                                if 'output of dot_general' in ln)
-    grad = jax.grad(loss)
-    batched = str(jax.make_jaxpr(grad)(params)).count('([0], [0]))')
-    runs[rec] = (dots, batched, *jax.jit(jax.value_and_grad(loss))(params))
+    runs[rec] = (dots, str(jax.make_jaxpr(jax.grad(loss))(params)).count('([0], [0]))'))
   m, e, d = cfg.model, cfg.moe, cfg.dsa
   per_layer = [f'f32[{B},{T},{m.n_heads},{m.qk_nope_dim + m.qk_rope_dim}]',
                f'f32[{B},{T},{m.n_heads},{m.qk_nope_dim + m.v_head_dim}]',
@@ -327,12 +326,9 @@ def test_remat_recompute_leaves_the_named_matmuls_to_the_backward(capsys):
   removed = collections.Counter({s: m.n_layers for s in per_layer})
   removed[f'f32[{B},{T},{m.d_ff}]'] += 2 * dense
   removed[f'f32[{B},{T},{e.num_shared * e.d_expert}]'] += 2 * moe
-  (d0, b0, l0, g0), (d1, b1, l1, g1) = runs[()], runs[names]
+  (d0, b0), (d1, b1) = runs[()], runs[names]
   assert dense > 0 and moe > 0 and d0 - d1 == removed and not d1 - d0, (d0, d1)
   assert b1 >= b0 + sum(removed.values()), (b0, b1)
-  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-9)
 
 
 def test_remat_save_keeps_the_mhc_coefficients(capsys):
