@@ -119,22 +119,13 @@ def state_bytes_per_chip(state) -> int:
 def abstract_batch(tr):
   """ShapeDtypeStructs of one global batch, sharded over the batch axes like `to_global`."""
   import jax
-  import jax.numpy as jnp
   from jax.sharding import NamedSharding
 
+  from v4jax.data.pipeline import batch_fields
   from v4jax.parallel import rules as rules_lib
 
-  cfg = tr.cfg
-  B, T = cfg.data.global_batch, cfg.data.seq_len
-  fields = {k: ((B, T), jnp.int32) for k in ('tokens', 'targets', 'positions', 'segment_ids')}
-  fields['loss_mask'] = ((B, T), jnp.float32)
-  if cfg.engram.enabled:     # host tables: each slot's index into the step's unique rows
-    J = (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_ngram
-    key = 'engram_inv_{}' if cfg.engram.table_memory == 'host' else 'engram_rows_{}'
-    for lid in cfg.engram.layer_ids:
-      fields[key.format(lid)] = ((B, T, J), jnp.int32)
   out = {}
-  for k, (shape, dt) in fields.items():
+  for k, (shape, dt) in batch_fields(tr.cfg, tr.cfg.data.global_batch).items():
     spec = rules_lib.logical_to_spec(('batch',) + (None,) * (len(shape) - 1), tr.rules)
     out[k] = jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(tr.mesh, spec))
   return out

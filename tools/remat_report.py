@@ -52,9 +52,9 @@ def residual_lines(cfg, batch: int) -> list[str]:
   """jax's report lines for one micro-batch of `batch` sequences of the (validated) config."""
   import jax
   import jax.ad_checkpoint
-  import jax.numpy as jnp
   from flax import nnx
 
+  from v4jax.data.pipeline import batch_fields
   from v4jax.model.transformer import Transformer
   from v4jax.trainer import engram_setup
 
@@ -62,14 +62,8 @@ def residual_lines(cfg, batch: int) -> list[str]:
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0),
                                              engram_rows_per_layer=rows))
   gdef, params, rest = nnx.split(model, nnx.Param, ...)
-  shape = (batch, cfg.data.seq_len)
-  spec = lambda dt: jax.ShapeDtypeStruct(shape, dt)
-  inputs = {k: spec(jnp.int32) for k in ('tokens', 'targets', 'positions', 'segment_ids')}
-  inputs['loss_mask'] = spec(jnp.float32)
-  if cfg.engram.enabled:
-    J = (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_ngram
-    for lid in cfg.engram.layer_ids:
-      inputs[f'engram_rows_{lid}'] = jax.ShapeDtypeStruct(shape + (J,), jnp.int32)
+  inputs = {k: jax.ShapeDtypeStruct(shape, dt)
+            for k, (shape, dt) in batch_fields(cfg, batch).items()}
   loss = lambda p, b: nnx.merge(gdef, p, rest)(b, 0.5)[0]
   out = io.StringIO()
   with contextlib.redirect_stdout(out):

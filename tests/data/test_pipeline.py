@@ -9,6 +9,7 @@ import pytest
 
 from v4jax.config import ConfigError, default_config
 from v4jax.data import pipeline, sources
+from v4jax.data.engram_hash import make_hash_spec
 
 T, G = 32, 4
 EOS, PAD = 256, 257
@@ -235,3 +236,17 @@ def test_config_errors(tmp_path):
     pipeline.make_dataset(_cfg(), 'eval')
   with pytest.raises(FileNotFoundError, match='has no manifest.json'):
     pipeline.make_dataset(_cfg(source='array_record', path=str(tmp_path)), 'train')
+
+
+@pytest.mark.parametrize('engram', [False, True])
+def test_batch_fields_describe_the_batches(engram):
+  """pipeline.batch_fields (the abstract batch of tools/aot_compile.py and remat_report.py) names
+  exactly the fields, shapes and dtypes of a real batch, Engram row ids included."""
+  cfg = _cfg()
+  cfg.engram.enabled = engram
+  cfg.engram.table_memory = 'device'
+  spec = make_hash_spec(cfg) if engram else None
+  b = next(iter(pipeline.make_dataset(cfg, 'validation', hash_spec=spec)))
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == \
+      {k: (shape, np.dtype(dt)) for k, (shape, dt) in pipeline.batch_fields(cfg, G).items()}
+  assert any(k.startswith('engram_rows_') for k in b) == engram

@@ -190,6 +190,21 @@ class RowFeatures:
     return out
 
 
+def batch_fields(cfg, rows: int) -> dict[str, tuple[tuple[int, ...], type]]:
+  """(shape, dtype) of each field of a batch of `rows` rows as the train step takes it (module
+  docstring). With Engram tables in host memory the step gets `engram_inv_<layer>` instead of
+  the row ids: each slot's index into the step's unique rows (memory/host_tables.py)."""
+  shape = (rows, cfg.data.seq_len)
+  fields = {k: (shape, np.int32) for k in ('tokens', 'targets', 'positions', 'segment_ids')}
+  fields['loss_mask'] = (shape, np.float32)
+  g = cfg.engram
+  if g.enabled:
+    key = 'engram_inv_{}' if g.table_memory == 'host' else 'engram_rows_{}'
+    for lid in g.layer_ids:
+      fields[key.format(lid)] = (shape + ((g.max_ngram - 1) * g.heads_per_ngram,), np.int32)
+  return fields
+
+
 def open_source(cfg, split: str):
   """(source, tokenizer or None, vocab_size, eos_id, pad_id) for cfg.data.source and split."""
   d = cfg.data
