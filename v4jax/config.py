@@ -298,12 +298,10 @@ def validate(c: ConfigDict) -> ConfigDict:
     if not _get(c, path) > 0:
       _fail(path, _get(c, path), 'must be > 0')
   m = c.model
-  if not isinstance(m.remat_save, tuple) or not set(m.remat_save) <= set(REMAT_SAVE_NAMES):
-    _fail('model.remat_save', m.remat_save, f'must be a tuple of names from {REMAT_SAVE_NAMES}')
-  if (not isinstance(m.remat_recompute, tuple)
-      or not set(m.remat_recompute) <= set(REMAT_RECOMPUTE_NAMES)):
-    _fail('model.remat_recompute', m.remat_recompute,
-          f'must be a tuple of names from {REMAT_RECOMPUTE_NAMES}')
+  for field, names in (('remat_save', REMAT_SAVE_NAMES),
+                       ('remat_recompute', REMAT_RECOMPUTE_NAMES)):
+    if not isinstance(m[field], tuple) or not set(m[field]) <= set(names):
+      _fail(f'model.{field}', m[field], f'must be a tuple of names from {names}')
   for path in ['model.scan_layers', 'train.cast_params_once', 'engram.donate_rows',
                'engram.late_moments']:
     if not isinstance(_get(c, path), bool):

@@ -4,6 +4,7 @@ and `model.remat_recompute=('mla_up','indexer_q','ffn_in')` takes out only weigh
 at least one per layer and name, and nothing comes in."""
 import collections
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,3 +36,8 @@ def test_remat_report_sees_what_remat_recompute_frees(tmp_path):
   assert gone and all('output of dot_general' in k and '(matmul)' in k for k in gone), gone
   assert sum(gone.values()) >= 3 * 4, gone        # q, k/v, indexer q in each of the 4 layers
   assert rec['residual_bytes'] < base['residual_bytes']
+  # the drop is the gone arrays' bytes, each counted here from its printed fp32 shape
+  shape_bytes = lambda k: 4 * math.prod(int(d) for d in k[len('f32['):k.index(']')].split(','))
+  assert all(k.startswith('f32[') for k in gone), gone
+  assert base['residual_bytes'] - rec['residual_bytes'] == sum(
+      n * shape_bytes(k) for k, n in gone.items())
