@@ -4,6 +4,7 @@ largest table the trainer runs with, all in one process.
   python tools/bench_engram.py --out bench_engram.json --budget-s 540   # H200, one run
   python tools/bench_engram.py --smoke --out /tmp/e.json          # CPU: tiny config, tiny tables
   python tools/bench_engram.py --update-only --sizes-gib 1 --out /tmp/u.json   # sparse update only
+  python tools/bench_engram.py --sizes-gib 32 --config.engram.donate_rows=false  # config overrides
 
 Method:
 - One Trainer at configs/bench_h200.py reduced to --layers blocks (Engram in every kept block up
@@ -62,6 +63,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from v4jax.cli import ToolError, claim_gpu_memory  # noqa: E402  (no jax import: env first)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import apply_overrides, parse_overrides  # noqa: E402  (no jax import either)
+
 GIB = 1 << 30
 
 
@@ -97,7 +101,9 @@ def _parse():
                  'compiled with numba (needs `pip install numba`)')
   p.add_argument('--chunk-mib', type=int, default=0,
                  help='engram.host_chunk_mib: pinned chunk size (0: the config default, 2048)')
-  return p.parse_args()
+  args, rest = p.parse_known_args()
+  args.overrides = parse_overrides(rest)
+  return args
 
 
 def _setup_env(args, sizes):
@@ -149,7 +155,7 @@ def bench_config(args):
     c.engram.host_chunk_mib = args.chunk_mib
   c.checkpoint.enabled = False
   c.log.update(tensorboard=False, progress=False)
-  return c
+  return apply_overrides(c, getattr(args, 'overrides', {}))
 
 
 class _Cycle:

@@ -166,6 +166,17 @@ def apply_overrides(cfg, overrides: dict[str, object]):
   return cfg
 
 
+def parse_overrides(rest: list[str]) -> dict[str, str]:
+  """['--config.a.b=1', ...] (the arguments argparse left) -> {'a.b': '1'}; anything else fails."""
+  overrides = {}
+  for a in rest:
+    m = re.fullmatch(r'--config\.([\w.]+)=(.*)', a, re.S)
+    if not m:
+      raise ToolError(f'unknown argument {a!r} (config overrides are --config.section.field=value)')
+    overrides[m.group(1)] = m.group(2)
+  return overrides
+
+
 def parse_args(argv: list[str]):
   ap = argparse.ArgumentParser(prog='bench_train', description=__doc__.split('\n')[0])
   ap.add_argument('--config', required=True, help='config file, optionally path.py:variant')
@@ -191,12 +202,7 @@ def parse_args(argv: list[str]):
                   'process, one after another (default), or all in this one (none)')
   ap.add_argument('--measure_spec', default='', help=argparse.SUPPRESS)   # a child's one run
   args, rest = ap.parse_known_args(argv)
-  overrides = {}
-  for a in rest:
-    m = re.fullmatch(r'--config\.([\w.]+)=(.*)', a, re.S)
-    if not m:
-      raise ToolError(f'unknown argument {a!r} (config overrides are --config.section.field=value)')
-    overrides[m.group(1)] = m.group(2)
+  overrides = parse_overrides(rest)
   for name in ('steps', 'profile_steps'):
     if getattr(args, name) <= 0:
       raise ToolError(f'--{name}={getattr(args, name)} must be a positive integer')
