@@ -131,6 +131,9 @@ def default_config() -> ConfigDict:
                                # for the optimizer at its end, apart from theta (2/3 of the rows'
                                # bytes not live through the backward); False: at its start, with
                                # theta (for A/B)
+      rows_ahead=(),           # host tables, one device: parts of the step's rows ('theta',
+                               # 'moments') DMA'd to the device while the previous step runs
+                               # (device memory for one more set) instead of copied in by the step
       table_optimizer='lazy_adam',  # lazy_adam | dense_adam
       table_init_std=0.006,
       lr_mult=5.0,
@@ -277,6 +280,8 @@ def host_tables(c: ConfigDict) -> bool:
 REMAT_SAVE_NAMES = ('moe_dispatch', 'moe_gemms', 'mla_ckv', 'mhc_coeffs')
 # Weight matmuls that model.remat_recompute can leave to the backward (layers.matmul saveable).
 REMAT_RECOMPUTE_NAMES = ('mla_up', 'indexer_q', 'ffn_in')
+# The parts of a step's host-table rows that engram.rows_ahead can move before the step.
+ROW_PARTS = ('theta', 'moments')
 
 
 def validate(c: ConfigDict) -> ConfigDict:
@@ -298,10 +303,11 @@ def validate(c: ConfigDict) -> ConfigDict:
     if not _get(c, path) > 0:
       _fail(path, _get(c, path), 'must be > 0')
   m = c.model
-  for field, names in (('remat_save', REMAT_SAVE_NAMES),
-                       ('remat_recompute', REMAT_RECOMPUTE_NAMES)):
-    if not isinstance(m[field], tuple) or not set(m[field]) <= set(names):
-      _fail(f'model.{field}', m[field], f'must be a tuple of names from {names}')
+  for path, names in (('model.remat_save', REMAT_SAVE_NAMES),
+                      ('model.remat_recompute', REMAT_RECOMPUTE_NAMES),
+                      ('engram.rows_ahead', ROW_PARTS)):
+    if not isinstance(_get(c, path), tuple) or not set(_get(c, path)) <= set(names):
+      _fail(path, _get(c, path), f'must be a tuple of names from {names}')
   for path in ['model.scan_layers', 'train.cast_params_once', 'engram.donate_rows',
                'engram.late_moments']:
     if not isinstance(_get(c, path), bool):

@@ -326,27 +326,39 @@ def test_donated_rows_become_the_new_rows():
   assert mem[False].peak_memory_in_bytes - mem[True].peak_memory_in_bytes >= rows
 
 
-def test_one_device_copies_staged_rows_inside_the_step(runs, tmp_path):
+@pytest.mark.parametrize('over', [
+    {'engram.donate_rows': False, 'engram.late_moments': False},
+    {'engram.rows_ahead': ('theta',)}], ids=['kept_rows_early_moments', 'theta_ahead'])
+def test_one_device_copies_staged_rows_inside_the_step(runs, tmp_path, over):
   """On one device the step takes the pinned staging arrays and copies them to the device itself
   (two staging sets in turn): its losses follow the 8-device run, whose rows are placed before
-  the step (fp32, other reduction order), and rows no batch touched keep their bits. This run
-  keeps the last step's rows (`engram.donate_rows=False`; the 8-device run donates them) and
-  takes the rows' moments in at the step's start (`engram.late_moments=False`; the 8-device run
-  uses them only at its end)."""
+  the step (fp32, other reduction order), and rows no batch touched keep their bits. The first
+  case keeps the last step's rows (`engram.donate_rows=False`; the 8-device run donates them)
+  and takes the rows' moments in at the step's start (`engram.late_moments=False`; the 8-device
+  run uses them only at its end). The second DMAs theta to the device ahead of the step
+  (`engram.rows_ahead`) and stages only the moments."""
   n = 6
   one = Trainer(small_tiny(**{'engram.base_rows': 1009, 'engram.table_memory': 'host',
-                              'engram.donate_rows': False, 'engram.late_moments': False,
-                              'checkpoint.enabled': False}),
+                              'checkpoint.enabled': False, **over}),
                 str(tmp_path), devices=jax.devices()[:1])
   assert one.tables.rows_in_step and not runs.host.tables.rows_in_step
   np.testing.assert_array_equal(one.tables.slots(1), runs.init)
+  kinds, gather = [], one.tables.store.gather
+
+  def recording_gather(*a):
+    out = gather(*a)
+    kinds.append(tuple(x.sharding.memory_kind for part in out for x in part.values()))
+    return out
+  one.tables.store.gather = recording_gather
   losses, touched = [], set()
   for _ in range(n):
     b = next(one.train_iter)
     touched.update(np.unique(b['engram_rows_1']).tolist())
     prev = dict(one.tables._prev_rows)   # pylint: disable=protected-access
     losses.append(float(one.step(b)['loss']))
-    assert not any(a.is_deleted() for a in prev.values())
+    assert all(a.is_deleted() == one.cfg.engram.donate_rows for a in prev.values())
+  theta_kind = 'device' if over.get('engram.rows_ahead') else 'pinned_host'
+  assert set(kinds) == {(theta_kind, 'pinned_host')}, kinds      # (theta, moments) of layer 1
   # one device vs 8: other reduction orders, drifting over the steps; 2.1e-5 seen at step 4 with
   # the batched init draws (wrong or stale rows move the loss by ~1e-2)
   np.testing.assert_allclose(losses, runs.losses['host'][:n], rtol=5e-5)

@@ -20,8 +20,11 @@ second thread; NumPy, which releases the GIL, is spread over a thread pool):
      them: theta at the start (XLA overlaps the copy with the layers before the first Engram
      layer), the moments only for the optimizer at the end (`engram.late_moments`), so 2/3 of
      the rows' bytes are neither copied ahead of the first layers nor live through the backward;
-     two staging sets so the next gather never writes rows a running step still reads; otherwise
-     one DMA per layer and part to the device before the step;
+     two staging sets so the next gather never writes rows a running step still reads. The
+     parts in `engram.rows_ahead` are instead DMA'd to the device by the job thread as soon as
+     they are gathered, while the previous step runs (for an Engram layer that comes first,
+     whose copy nothing in the step would hide). Several devices: one DMA per layer and part
+     to the device before the step;
   3. the jitted train step patches in the rows step s-1 updated (`rows.patch_rows`), runs the model
      on theta, sums duplicate references deterministically, clips the row gradients with the main
      group and applies row-wise lazy Adam on the device (`rows.lazy_adam_rows`) to theta and the
@@ -130,6 +133,11 @@ def _row_void(a: np.ndarray) -> np.ndarray:
   return a.reshape(n, -1).view(np.dtype((np.void, a[0].nbytes))).reshape(n)
 
 
+def _parts(place: dict) -> tuple:
+  """(place['theta'], place['moments']): the order of a gathered row pair."""
+  return place['theta'], place['moments']
+
+
 def _unzip(pairs: dict) -> tuple[dict, dict]:
   """{l: (theta, moments)} -> ({l: theta}, {l: moments})."""
   return {l: p[0] for l, p in pairs.items()}, {l: p[1] for l, p in pairs.items()}
@@ -230,20 +238,20 @@ class _HostStore:
     """Set k may be overwritten once `readers` (outputs of the step that took it) are ready."""
     self.readers[k] = readers
 
-  def gather(self, sel: dict, place, stats) -> tuple[dict, dict]:
-    """({layer: place(theta [u_max, H])}, {layer: place(moments [u_max, 2, H])}): the selected
-    rows at their positions, the other positions stale filler. `place` moves an array to the
-    step's devices; with place=None the pinned staging arrays themselves are returned (set
-    `last_set`), for a step that copies them to the device itself and is then registered with
-    `mark_read`."""
+  def gather(self, sel: dict, place: dict, stats) -> tuple[dict, dict]:
+    """({layer: theta [u_max, H]}, {layer: moments [u_max, 2, H]}): the selected rows at their
+    positions, the other positions stale filler. place[part] moves that part to the step's
+    devices; for a part whose place is None the pinned staging arrays themselves are returned
+    (set `last_set`), for a step that copies them to the device itself and is then registered
+    with `mark_read`."""
     t0 = time.perf_counter()
-    if self.gather_mode == 'xla':     # one process: sel[l] = (all U rows, 0)
+    if self.gather_mode == 'xla':     # one process: sel[l] = (all U rows, 0); both parts placed
       out = {}
       for l, (ids, _) in sel.items():
         idx = np.full((self.u_max,), ids[-1] if len(ids) else 0, np.int32)
         idx[:len(ids)] = ids
         idx = jax.device_put(idx + self.base[l], self.sh)
-        out[l] = tuple(map(place, _xla_host_gather(self.slots, idx)))
+        out[l] = tuple(f(a) for f, a in zip(_parts(place), _xla_host_gather(self.slots, idx)))
       jax.block_until_ready(out)
       stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
       return _unzip(out)
@@ -265,10 +273,13 @@ class _HostStore:
     self._run(copy, self._row_tasks(sel))
     t1 = time.perf_counter()
     stats['gather_ms'].append(1e3 * (t1 - t0))
-    if place is None:
-      return _unzip(stage)
-    out = jax.block_until_ready({l: tuple(map(place, pair)) for l, pair in stage.items()})
-    stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))   # the set is free again after this
+    out = {l: tuple(a if f is None else f(a) for f, a in zip(_parts(place), pair))
+           for l, pair in stage.items()}
+    if all(f is not None for f in _parts(place)):
+      # Nothing staged for the step: the set is free again once the DMAs are done. (With a
+      # part staged, the step that reads it also waited for these DMAs: `mark_read` covers them.)
+      jax.block_until_ready(out)
+      stats['h2d_ms'].append(1e3 * (time.perf_counter() - t1))
     return _unzip(out)
 
   def fetch(self, sel: dict, new_dev: dict, stats) -> dict:
@@ -329,7 +340,7 @@ class _DeviceStore:
       idx[off:off + len(ids)] = ids
       idx = jax.device_put(idx + self.base[l], self.sh)
       with self._lock:
-        out[l] = tuple(map(place, _device_gather(self.slots, idx)))
+        out[l] = tuple(f(a) for f, a in zip(_parts(place), _device_gather(self.slots, idx)))
     stats['gather_ms'].append(1e3 * (time.perf_counter() - t0))
     return _unzip(out)
 
@@ -489,9 +500,12 @@ class HostTables:
       self.device = next(d for d in mesh.devices.flat if d.process_index == self.pid)
     self.row_sharding = NamedSharding(mesh, P())
     # One device (one process), NumPy gather into pinned staging: the step copies its rows to
-    # the device. Meshes of several devices take replicated rows placed before the step.
+    # the device, but for the parts in engram.rows_ahead, which are DMA'd while the previous
+    # step runs. Meshes of several devices take replicated rows placed before the step.
     self.rows_in_step = (memory_kind == 'pinned_host' and g.host_gather == 'numpy' and
                          mesh.devices.size == 1)
+    self.parts_in_step = tuple(p for p in ('theta', 'moments')
+                               if self.rows_in_step and p not in g.rows_ahead)
     self._ckpt_kind = 'pinned_host' if memory_kind == 'pinned_host' else None
     if self.nproc > 1:
       self._setup_processes(cfg, mesh)
@@ -701,7 +715,7 @@ class HostTables:
         raise KeyError(f'batch has no engram_rows_{l}: the data pipeline must hash Engram rows')
       rows[l] = np.asarray(r)
     uniq = self._prep.submit(self._unique, rows)
-    return self._jobs.submit(self._gather, uniq, prev, in_step and self.rows_in_step)
+    return self._jobs.submit(self._gather, uniq, prev, in_step)
 
   def _unique(self, rows):
     """{l: (uniq, inv, n)} of the global batch: from this batch (one process), or from every
@@ -741,10 +755,12 @@ class HostTables:
       sel[l] = (u[a0:a1] - self.lo[l], a0)
     self.stats['maps_ms'].append(1e3 * (time.perf_counter() - t0))   # incl. waiting for unique
     self.stats['rows'].append(sum(n.values()))
-    theta, moments = self.store.gather(sel, None if in_step else self._place, self.stats)
+    staged = self.parts_in_step if in_step else ()
+    place = {p: None if p in staged else self._place for p in ('theta', 'moments')}
+    theta, moments = self.store.gather(sel, place, self.stats)
     got = {'uniq': uniq, 'inv': inv, 'n': n, 'src': src, 'sel': sel, 'theta': theta,
            'moments': moments}
-    if in_step:
+    if staged:
       got['stage'] = self.store.last_set
     if bounds:
       got['bounds'] = bounds
