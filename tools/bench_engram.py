@@ -371,8 +371,9 @@ def extras(tabs, batches, log):
   except Exception as e:  # noqa: BLE001
     out['gather_xla_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
   sel = {l: (uniq[:n], 0)}
+  to_dev = lambda a: jax.device_put(a, tabs.row_sharding)
   rows_dev = rows_lib.join_rows(*(part[l] for part in store.gather(
-      sel, lambda a: jax.device_put(a, tabs.row_sharding), stats)))
+      sel, {'theta': to_dev, 'moments': to_dev}, stats)))
   out['writeback_numpy_ms'] = timed(    # DMA + scatter of the same rows
       lambda: store.write(sel, store.fetch(sel, {l: rows_dev}, stats), stats))
   try:   # the donated XLA host scatter on a table of the same shape (our table stays intact)
@@ -488,7 +489,8 @@ def bench_update(args, log, report, save):
       report['host_bandwidth_gbs'] = measure_bandwidth(tabs._pool, mib) / 1e9  # pylint: disable=protected-access
       log(f'host bandwidth {report["host_bandwidth_gbs"]:.1f} GB/s ({tabs.threads} threads)')
     times = collections.defaultdict(list)
-    place = lambda a, sh=tabs.row_sharding: jax.device_put(a, sh)
+    to_dev = lambda a, sh=tabs.row_sharding: jax.device_put(a, sh)
+    place = {'theta': to_dev, 'moments': to_dev}
     for i in range(args.warmup + args.steps):
       sel, n = {}, {}
       for l in (0, 1):
