@@ -8,7 +8,6 @@ never stacked; the model test covers them).
 """
 import re
 
-import jax
 import numpy as np
 from flax import nnx
 

@@ -68,7 +68,6 @@ def np_mix(p, X, e, conv=True):
   X, e = X.astype(np.float64), e.astype(np.float64)
   b, t, n, d = X.shape
   v = e @ p['value_proj.kernel'] + p['value_proj.bias']
-  y = np.zeros_like(X)
   gated = np.zeros_like(X)
   for m in range(n):
     k = e @ p['key_proj.kernel'][m] + p['key_proj.bias'][m]
