@@ -84,7 +84,9 @@ def _parse():
                  help='micro-batches per step (train.grad_accum; must divide --batch)')
   p.add_argument('--seq', type=int, default=0, help='0 = the config seq_len')
   p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--steps', type=int, default=6)
+  p.add_argument('--steps', type=int, default=20,
+                 help='timed steps per phase (the cut model\'s ~0.1 s steps spread by +-6%%: '
+                 'a few steps cannot resolve the 1-2%% between the phases)')
   p.add_argument('--tokens', choices=('random', 'corpus'), default='random')
   p.add_argument('--init', choices=('zeros', 'normal'), default='zeros',
                  help='table init (zeros saves setup time; step time does not depend on it)')
