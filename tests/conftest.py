@@ -30,26 +30,28 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # files -- one or two whole-Trainer or multi-process tests each -- last, so one worker ran a 1-2
 # minute file while the other had nothing left. Instead the files below go first, heaviest first
 # (longest-processing-time-first scheduling); every other file follows in collection order, so
-# the many short files fill the end evenly. Seconds are from a `--durations=0` run of the suite
-# on the 2-core CI machine (dev venv), for ordering only; keep the list roughly current.
+# the many short files fill the end evenly. Seconds per file are the sums of a `--durations=60`
+# run of the README's test command on the 2-core CPU VM (2026-12-02, two workers sharing the
+# cores), for ordering only; keep the list roughly current.
 HEAVY_FILES = {
-    'tests/memory/test_host_tables.py': 172,
-    'tests/test_trainer_scan.py': 147,
-    'tests/parallel/test_parity.py': 120,
-    'tests/test_trainer.py': 105,
-    'tests/parallel/test_multiprocess_engram.py': 96,
-    'tests/test_trainer_resume.py': 90,
-    'tests/model/test_scan_layers.py': 85,
-    'tests/tools/test_convert.py': 65,
-    'tests/test_cast_once.py': 61,
-    'tests/tools/test_aot_compile.py': 60,      # libtpu only (CI's tpu extra); a guess
-    'tests/tools/test_bench_engram.py': 54,
-    'tests/model/test_transformer.py': 52,
-    'tests/tools/test_bench_train.py': 52,
-    'tests/tools/test_convert_scan.py': 43,
-    'tests/model/test_dsa.py': 40,
-    'tests/tools/test_bench_kernels.py': 36,
-    'tests/kernels/test_tpu_aot.py': 30,         # libtpu only; a guess
+    'tests/memory/test_host_tables.py': 215,
+    'tests/parallel/test_parity.py': 161,
+    'tests/test_trainer.py': 150,
+    'tests/tools/test_aot_compile.py': 122,      # libtpu only (CI's tpu extra)
+    'tests/parallel/test_multiprocess_engram.py': 116,
+    'tests/model/test_scan_layers.py': 102,
+    'tests/test_trainer_resume.py': 96,
+    'tests/test_trainer_scan.py': 93,
+    'tests/kernels/test_tpu_aot.py': 72,         # libtpu only
+    'tests/tools/test_bench_train.py': 67,
+    'tests/test_cast_once.py': 59,
+    'tests/model/test_transformer.py': 54,
+    'tests/tools/test_convert_scan.py': 52,
+    'tests/tools/test_bench_kernels.py': 44,
+    'tests/tools/test_bench_engram.py': 41,
+    'tests/kernels/test_preload.py': 30,
+    'tests/tools/test_convert.py': 28,
+    'tests/tools/test_bench_mhc.py': 28,
 }
 
 
