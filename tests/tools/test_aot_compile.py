@@ -48,14 +48,16 @@ def test_host_table_step_compiles(monkeypatch):
   """engram.table_memory=host on two hosts (v5p 2x2x2): the step takes the [P*U,H] theta and
   [P*U,2,H] moment parts arrays of the hosts' gathered rows, assembles each row from its owner by
   a u32 sum, and returns the [U,3,H] rows after lazy Adam. One host hands over replicated [U,H]
-  and [U,2,H] rows instead."""
+  and [U,2,H] rows instead. DSA and MTP are off (the first test compiles them for TPU; they do
+  not touch the rows), which shortens this compile."""
   from jax.sharding import PartitionSpec as P
   from v4jax.memory.host_tables import abstract_step_inputs, row_dims
   from v4jax.parallel.mesh import make_mesh
   from v4jax.trainer import engram_setup
   monkeypatch.setenv('V4JAX_TARGET_PLATFORM', 'tpu')
   cfg = small_tiny(**{'checkpoint.enabled': False, 'engram.table_memory': 'host',
-                      'mesh.fsdp': -1, 'model.logits_chunk': 16})
+                      'mesh.fsdp': -1, 'model.logits_chunk': 16, 'dsa.enabled': False,
+                      'dsa.stage': 'dense', 'mtp.depth': 0})
   u_max, width = row_dims(cfg)
   one_host = abstract_step_inputs(cfg, make_mesh(cfg.mesh, aot_compile.topology_desc(
       'v5p:2x2x1').devices))
