@@ -157,7 +157,7 @@ def bench_config(args):
     c.engram.host_chunk_mib = args.chunk_mib
   c.checkpoint.enabled = False
   c.log.update(tensorboard=False, progress=False)
-  return apply_overrides(c, getattr(args, 'overrides', {}))
+  return apply_overrides(c, args.overrides)
 
 
 class _Cycle:
