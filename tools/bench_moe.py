@@ -28,7 +28,10 @@ of one process on the H200, which moved ratios taken from separate loops by as m
 dw: x_g^T dy_g; `--sweep-kernels` picks some) alone, as the dropless MoE calls them (no row mask),
 at each shape's GEMMs of --gemms (balanced routing) over candidate tilings
 (v4jax.kernels.grouped_matmul.mgpu.Tiles), against the dense matmul of the same FLOPs, and prints
-the best tiling per kernel and shape: the entries of mgpu.TUNED.
+the best tiling per kernel and shape: the entries of mgpu.TUNED. `--sweep-consumers 3` times only
+each GEMM's tiling in use (TUNED's, else DEFAULT_TILES) and, for the warp-specialized kernel, the
+same tiling with one WGMMA group in flight (`in_flight=1`), with 2-CTA clusters sharing the x
+tile (`cluster=2`) and with both: four candidates per kernel, no band round.
 """
 from __future__ import annotations
 
@@ -133,11 +136,17 @@ def bench_case(name, G, M, K, N, routing, impls, iters, dtype, no_bwd=(), reps=1
   return rows
 
 
-def sweep_candidates(kernel: str = 'fwd', consumers: int = 0):
+def sweep_candidates(kernel: str = 'fwd', consumers: int = 0, in_use=None):
   """Tilings of `kernel` that fit Hopper's 227 KB of shared memory and one warpgroup's registers
   (the fp32 accumulator block_m x block_n over 128 threads: at most 128 x 128); consumers 1 or 2:
-  only that kernel's tilings (2: with the default tiling as the baseline), 0: both."""
+  only that kernel's tilings (2: with the default tiling as the baseline), 0: both; 3: the tiling
+  in use (`in_use`) and, if it is the warp-specialized kernel's, its in_flight / cluster forms."""
   from v4jax.kernels.grouped_matmul.mgpu import DEFAULT_TILES, Tiles
+  if consumers == 3:
+    if in_use.consumers != 2:
+      return [in_use]
+    return [in_use._replace(in_flight=f, cluster=c) for f, c in ((0, 1), (1, 1), (0, 2), (1, 2))
+            if f < in_use.stages]
   shapes = ((128, 128, 64, (3, 4, 5)), (128, 128, 128, (2,)), (64, 256, 64, (3, 4)),
             (64, 256, 128, (2,)), (128, 64, 64, (4,)), (128, 64, 128, (3,)), (64, 128, 64, (4,)))
   one = [Tiles(bm, bn, bk, st, 4) for bm, bn, bk, stages in shapes for st in stages
@@ -201,9 +210,10 @@ def _sweep_kernel(rows, name, kernel, kk, nn, make, args, flops, dense, iters, b
   """Appends one kernel's candidate rows: every tile shape, then the snake band widths of the
   best one; stops where the budget ends."""
   import time
+  from v4jax.kernels.grouped_matmul.mgpu import tiles_for
   best = None
-  cands = sweep_candidates(kernel, consumers)
-  for _ in range(2):
+  cands = sweep_candidates(kernel, consumers, tiles_for(kernel, kk, nn))
+  for _ in range(1 if consumers == 3 else 2):
     if time.time() - t_start > budget_s:
       break
     compiled = compile_all([make(t) for t in cands], args, threads)
@@ -263,9 +273,10 @@ def main():
   ap.add_argument('--sweep', action='store_true',
                   help='tile sweep of the mgpu kernels (Hopper): the best tiling per kernel')
   ap.add_argument('--sweep-kernels', default='fwd,fwd_t,dw', help='--sweep: which kernels')
-  ap.add_argument('--sweep-consumers', type=int, default=0, choices=(0, 1, 2),
+  ap.add_argument('--sweep-consumers', type=int, default=0, choices=(0, 1, 2, 3),
                   help='--sweep: 1 = jax ragged_dot_mgpu tilings, 2 = the warp-specialized kernel '
-                  '(and the default tiling), 0 = both')
+                  '(and the default tiling), 0 = both; 3 = the tiling in use and its in_flight / '
+                  'cluster forms')
   ap.add_argument('--sweep-threads', type=int, default=0,
                   help='--sweep: candidates compiled at once (0: min(16, cores); 1: one by one)')
   ap.add_argument('--budget-s', type=float, default=1e9, help='stop the sweep after this long')

@@ -158,20 +158,29 @@ def test_mgpu_tiling_errors_name_the_entry(monkeypatch):
     with pytest.raises(ValueError, match=rf"\('{kernel}', 64, 32\): consumers="):
       mgpu.tiles_for(kernel, 64, 32)
   assert mgpu.tiles_for('fwd', 64, 64) == mgpu.DEFAULT_TILES
+  monkeypatch.setattr(mgpu, 'TUNED', {('fwd', 64, 32): mgpu.Tiles(in_flight=1),
+                                      ('fwd_t', 64, 32): mgpu.Tiles(consumers=2, cluster=4)})
+  for kernel, bad in (('fwd', 'in_flight=1, cluster=1'), ('fwd_t', 'in_flight=0, cluster=4')):
+    with pytest.raises(ValueError, match=rf"\('{kernel}', 64, 32\): {bad}; expected consumers=2"):
+      mgpu.tiles_for(kernel, 64, 32)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='interpret test (CPU only)')
-def test_ws_kernel_in_gpu_interpret_mode(monkeypatch):
+@pytest.mark.parametrize('in_flight', [0, 1])
+def test_ws_kernel_in_gpu_interpret_mode(monkeypatch, in_flight):
   """v4jax's warp-specialized kernel (a memory and two compute warpgroups; 2 SMs on a CPU):
-  groups that share a block, an empty group, several K steps and N tiles. Its transpose_rhs form
-  (dx) runs only on the GPU test below: jax's GPU interpreter has no transposed WGMMA operand."""
+  groups that share a block, an empty group, several K steps and N tiles; in_flight=1 leaves one
+  WGMMA group running across K steps (the slots released a step late). Its transpose_rhs form
+  (dx) and its 2-CTA clusters run only on the GPU test below: jax's GPU interpreter has no
+  transposed WGMMA operand and no cluster barriers."""
   _gpu_interpret(monkeypatch)
   from v4jax.kernels.grouped_matmul.mgpu_ws import ragged_dot_ws
-  rs = np.random.RandomState(7)
+  rs = np.random.RandomState(7 + in_flight)
   sizes = np.array([60, 0, 130, 40], np.int32)   # 230 of 256 rows
-  x = jnp.asarray(rs.randn(256, 128), jnp.bfloat16)
-  w = jnp.asarray(rs.randn(4, 128, 256) / 8, jnp.bfloat16)
-  y = ragged_dot_ws(x, w, jnp.asarray(sizes), block_m=64, block_n=64, block_k=64, stages=2)
+  x = jnp.asarray(rs.randn(256, 192), jnp.bfloat16)   # 3 K steps
+  w = jnp.asarray(rs.randn(4, 192, 256) / 8, jnp.bfloat16)
+  y = ragged_dot_ws(x, w, jnp.asarray(sizes), block_m=64, block_n=64, block_k=64, stages=2,
+                    in_flight=in_flight)
   want = _oracle(x, w, sizes, np.zeros((256, 256)))[0]
   # bf16 store of an fp32 accumulation: 2^-8 relative plus a small absolute term
   np.testing.assert_allclose(np.asarray(y[:230], np.float64), want[:230], rtol=8e-3, atol=1e-2)
@@ -205,15 +214,17 @@ def _is_hopper():
                     'Hopper GPU (H100/H200); CPU covers the forward in interpret mode')
 @pytest.mark.parametrize('M,K,N,grouped', [(1024, 256, 384, False), (1000, 200, 136, False),
                                             (1000, 200, 136, True)])
-@pytest.mark.parametrize('consumers', [1, 2])
-def test_mgpu_values_and_grads_on_hopper(M, K, N, grouped, consumers, monkeypatch):
+@pytest.mark.parametrize('ws', [{}, {'consumers': 2},
+                                {'consumers': 2, 'in_flight': 1, 'cluster': 2}])
+def test_mgpu_values_and_grads_on_hopper(M, K, N, grouped, ws, monkeypatch):
   """grouped: every row in a group (all_rows_grouped=True, no row mask); else 24 rows past.
-  consumers=2: y and dx through v4jax's warp-specialized kernel (dw always runs jax's)."""
+  consumers=2: y and dx through v4jax's warp-specialized kernel (dw always runs jax's), also
+  with one WGMMA group in flight and 2-CTA clusters sharing the x tile (N padded to 4 x 128)."""
   from v4jax.kernels.grouped_matmul import mgpu
   monkeypatch.setattr(mgpu, 'TUNED', {})
   default_tiles = mgpu.tiles_for
   monkeypatch.setattr(mgpu, 'tiles_for', lambda kernel, k, n: (
-      default_tiles(kernel, k, n) if kernel == 'dw' else mgpu.Tiles(consumers=consumers)))
+      default_tiles(kernel, k, n) if kernel == 'dw' else mgpu.Tiles(**ws)))
   rs = np.random.RandomState(3)
   n = M if grouped else M - 24
   sizes = np.bincount(rs.randint(0, 8, n), minlength=8).astype(np.int32)

@@ -61,3 +61,17 @@ def test_compile_all_compiles_side_by_side_and_returns_errors():
   for g in range(3):
     np.testing.assert_allclose(np.asarray(out[g](x, w)), x @ w[g], rtol=1e-5, atol=1e-5)
   assert isinstance(out[3], ValueError) and 'tiling rejected' in str(out[3])
+
+
+def test_sweep_around_the_tiling_in_use():
+  """--sweep-consumers 3: the tiling in use and, for the warp-specialized kernel, its forms with
+  one WGMMA group in flight and with 2-CTA clusters (in_flight only below the stage count)."""
+  from v4jax.kernels.grouped_matmul.mgpu import Tiles
+  mod = load_tool('bench_moe')
+  ws = Tiles(128, 128, 64, 3, 4, 2)
+  got = mod.sweep_candidates('fwd', 3, ws)
+  assert got == [ws, ws._replace(in_flight=1), ws._replace(cluster=2),
+                 ws._replace(in_flight=1, cluster=2)]
+  assert mod.sweep_candidates('fwd', 3, ws._replace(stages=1)) == [
+      ws._replace(stages=1), ws._replace(stages=1, cluster=2)]
+  assert mod.sweep_candidates('dw', 3, Tiles()) == [Tiles()]     # jax's kernels: as they are

@@ -31,13 +31,17 @@ class Tiles(NamedTuple):
   depth `stages`, and `grid_block_n` output tiles per snake band of the persistent grid.
   consumers (y = x w[g] and dx only): 1 = jax's ragged_dot_mgpu (one warpgroup loads and
   multiplies), 2 = v4jax's warp-specialized kernel (`mgpu_ws`: a memory warpgroup and two
-  compute warpgroups, CTA tile block_m x 2*block_n)."""
+  compute warpgroups, CTA tile block_m x 2*block_n). With consumers=2 only: in_flight WGMMA
+  groups left running across K steps (0 or 1), cluster CTAs along N sharing the x tile by TMA
+  multicast (1 or 2)."""
   block_m: int = 128
   block_n: int = 128
   block_k: int = 64
   stages: int = 4
   grid_block_n: int = 4
   consumers: int = 1
+  in_flight: int = 0
+  cluster: int = 1
 
 
 DEFAULT_TILES = Tiles()   # FACTS.md: 480-650 TFLOP/s for bf16 at DeepSeek-V3 expert shapes
@@ -67,6 +71,11 @@ def tiles_for(kernel: str, k: int, n: int) -> Tiles:
     raise ValueError(f'grouped_matmul mgpu tiling for {(kernel, k, n)}: consumers={t.consumers}; '
                      "expected 1 (jax's kernels) or 2 (v4jax's warp-specialized kernel, 'fwd' and "
                      "'fwd_t' only)")
+  if (t.in_flight, t.cluster) != (0, 1) and (t.consumers != 2 or t.in_flight not in (0, 1)
+                                             or t.in_flight >= t.stages or t.cluster not in (1, 2)):
+    raise ValueError(f'grouped_matmul mgpu tiling for {(kernel, k, n)}: in_flight={t.in_flight}, '
+                     f'cluster={t.cluster}; expected consumers=2 with in_flight 0 or 1 (below '
+                     f'stages={t.stages}) and cluster 1 or 2')
   return t
 
 
@@ -108,15 +117,17 @@ def _ragged(x_MK, w_GKN, sizes_G, transpose_rhs=False, tiles: Tiles | None = Non
   N = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
   t = tiles or tiles_for('fwd_t' if transpose_rhs else 'fwd', K, N)
   kp, mp = round_up(K, t.block_k), round_up(M, t.block_m)
-  np_ = round_up(N, t.consumers * t.block_n)
+  np_ = round_up(N, t.consumers * t.cluster * t.block_n)
   x = pad_axis(pad_axis(x_MK, 1, kp), 0, mp)
   k_ax, n_ax = (2, 1) if transpose_rhs else (1, 2)
   w = pad_axis(pad_axis(w_GKN, k_ax, kp), n_ax, np_)
   if t.consumers == 2:
     from v4jax.kernels.grouped_matmul.mgpu_ws import ragged_dot_ws
     y = ragged_dot_ws(x, w, sizes_G, block_m=t.block_m, block_n=t.block_n, block_k=t.block_k,
-                      stages=t.stages, transpose_rhs=transpose_rhs,
-                      grid_block_n=_grid_block_n(t.grid_block_n, np_ // (2 * t.block_n)))
+                      stages=t.stages, transpose_rhs=transpose_rhs, in_flight=t.in_flight,
+                      cluster=t.cluster,
+                      grid_block_n=_grid_block_n(t.grid_block_n,
+                                                 np_ // (2 * t.cluster * t.block_n)))
   else:
     mod, _ = kernel_modules()
     kw = dict(group_sizes=sizes_G.astype(jnp.int32), **_tile_kw(t, np_ // t.block_n))

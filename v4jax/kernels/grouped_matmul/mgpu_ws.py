@@ -12,7 +12,13 @@ layout of jax's `hopper_matmul_mgpu` applied to ragged rows:
     rows of one group inside one block_m-row block of x (a block that two groups share gives two
     tiles); tiles past the last group are skipped, not computed;
   - the epilogue stores only the tile's rows of its group, by TMA copies of 2^i rows (any count
-    from 1 to block_m), as `ragged_dot_mgpu` does.
+    from 1 to block_m), as `ragged_dot_mgpu` does;
+  - `in_flight=1` keeps one WGMMA group running while the next is issued (the pipeline releases a
+    stage's slots one step late, as jax's `hopper_matmul_mgpu` with `delay_release`), instead of
+    waiting for each K step's WGMMA before the next;
+  - `cluster=2` runs the persistent grid as clusters of two CTAs on neighbouring N tiles of one
+    M tile: they share the x tile, which TMA multicasts to both (each CTA issues half of it),
+    so x is read from L2 once per pair of output tiles.
 
 Dims: M rows of x (sorted by group, padded to block_m), K contraction (multiple of block_k), N
 output columns (multiple of 2 * block_n), G groups, T tiles along M (at most M/block_m + G - 1).
@@ -64,24 +70,30 @@ def _num_sms() -> int:
 
 def ragged_dot_ws(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, *, block_m: int = 128,
                   block_n: int = 128, block_k: int = 64, stages: int = 3, grid_block_n: int = 4,
-                  transpose_rhs: bool = False, num_sms: int | None = None) -> jax.Array:
+                  transpose_rhs: bool = False, in_flight: int = 0, cluster: int = 1,
+                  num_sms: int | None = None) -> jax.Array:
   """x [M,K] @ w[g] ([G,K,N]; with transpose_rhs w is [G,N,K] and w[g]^T is used) -> [M,N] in
-  x.dtype, fp32 accumulation. M % block_m == 0, K % block_k == 0, N % (2 * block_n) == 0.
-  num_sms: persistent CTAs (default `_num_sms()`)."""
+  x.dtype, fp32 accumulation. M % block_m == 0, K % block_k == 0, N % (2 * cluster * block_n)
+  == 0. in_flight: WGMMA groups left running across K steps (0 or 1, < stages); cluster: CTAs
+  per cluster along N sharing the x tile (1 or 2). num_sms: persistent CTAs (default
+  `_num_sms()`)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   M, K = x_MK.shape
   N = w_GKN.shape[1] if transpose_rhs else w_GKN.shape[2]
   cta_n = 2 * block_n
-  if M % block_m or K % block_k or N % cta_n:
+  if in_flight not in (0, 1) or in_flight >= stages or cluster not in (1, 2):
+    raise ValueError(f'ragged_dot_ws: in_flight={in_flight} must be 0 or 1 and below '
+                     f'stages={stages}; cluster={cluster} must be 1 or 2')
+  if M % block_m or K % block_k or N % (cluster * cta_n):
     raise ValueError(f'ragged_dot_ws: M={M}, K={K}, N={N} must be multiples of block_m={block_m}, '
-                     f'block_k={block_k} and 2*block_n={cta_n}')
+                     f'block_k={block_k} and {cluster}*2*block_n={cluster * cta_n}')
   if x_MK.dtype != w_GKN.dtype:
     raise ValueError(f'ragged_dot_ws: x {x_MK.dtype} and w {w_GKN.dtype} must have one dtype')
   dtype = x_MK.dtype
   tab = tile_table(sizes_G, M, block_m)
-  m_tiles, n_tiles, k_steps = tab.shape[1], N // cta_n, K // block_k
+  m_tiles, n_tiles, k_steps = tab.shape[1], N // (cluster * cta_n), K // block_k
   itemsize = jnp.dtype(dtype).itemsize
   swizzle = plgpu.find_swizzle(block_k * itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
@@ -93,9 +105,11 @@ def ragged_dot_ws(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, *, bloc
         body, grid=(k_steps,), memory_registers=40, max_concurrent_steps=stages,
         in_specs=[
             plgpu.BlockSpec((block_m, block_k), lambda k: (0, k), transforms=transforms,
-                            memory_space=plgpu.SMEM),
+                            memory_space=plgpu.SMEM, delay_release=in_flight,
+                            collective_axes=('cluster',) if cluster > 1 else ()),
             plgpu.BlockSpec(rhs_block, (lambda k: (0, k)) if transpose_rhs else (lambda k: (k, 0)),
-                            transforms=transforms, memory_space=plgpu.SMEM),
+                            transforms=transforms, memory_space=plgpu.SMEM,
+                            delay_release=in_flight),
         ],
         wg_axis='wg', num_compute_wgs=2, compute_context=compute_context)
 
@@ -114,6 +128,8 @@ def ragged_dot_ws(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, *, bloc
       @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes='sm')
       def _tiles(loop_info):
         mi, ni = plgpu.planar_snake(loop_info.index[0], (m_tiles, n_tiles), 1, grid_block_n)
+        if cluster > 1:   # the cluster's CTAs: neighbouring N tiles of one M tile
+          ni = ni * cluster + lax.axis_index('cluster')
         group, block = tab_gmem[0, mi], tab_gmem[1, mi]
         offset, count = tab_gmem[2, mi], tab_gmem[3, mi]
         wg_cols = pl.ds(wg * block_n, block_n)
@@ -142,7 +158,7 @@ def ragged_dot_ws(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, *, bloc
           rhs = (plgpu.transpose_ref(w_smem.at[wg_cols, :], (1, 0)) if transpose_rhs
                  else w_smem.at[:, wg_cols])
           plgpu.wgmma(acc_ref, x_smem, rhs)
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(in_flight)
           return acc_ref
 
         rhs = w_gmem.at[group]
@@ -156,8 +172,10 @@ def ragged_dot_ws(x_MK: jax.Array, w_GKN: jax.Array, sizes_G: jax.Array, *, bloc
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  clusters = dict(cluster=(cluster,), cluster_names=('cluster',)) if cluster > 1 else {}
   call = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((M, N), dtype), grid=(num_sms or _num_sms(),),
-      grid_names=('sm',), num_threads=3, thread_name='wg',
+      kernel, out_type=jax.ShapeDtypeStruct((M, N), dtype),
+      grid=(max(1, (num_sms or _num_sms()) // cluster),), grid_names=('sm',), **clusters,
+      num_threads=3, thread_name='wg',
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
   return call(tab, x_MK, w_GKN)
