@@ -152,6 +152,7 @@ def default_config() -> ConfigDict:
       grouped_matmul='auto',   # auto | ragged_dot | mgpu | megablox
       attention='auto',        # dense attention: auto | reference | cudnn (flash, GPU) | pallas
                                # (Triton flash, top-k set as bits; interpret mode on CPU) |
+                               # pallas_mgpu (pallas, its forward a Mosaic-GPU kernel: Hopper) |
                                # tpu_flash (jax's Pallas TPU flash kernels; no top-k set)
       sinkhorn='auto',         # mHC Sinkhorn: auto (pallas on GPU) | reference | pallas (Triton;
                                # interpret mode on CPU)
@@ -247,7 +248,7 @@ _CHOICES = {
     'engram.host_gather': ('numpy', 'xla'),
     'engram.table_optimizer': ('lazy_adam', 'dense_adam'),
     'kernels.impl': ('auto', 'reference', 'pallas'),
-    'kernels.attention': ('auto', 'reference', 'cudnn', 'pallas', 'tpu_flash'),
+    'kernels.attention': ('auto', 'reference', 'cudnn', 'pallas', 'pallas_mgpu', 'tpu_flash'),
     'kernels.sinkhorn': ('auto', 'reference', 'pallas'),
     'kernels.hc_mix': ('auto', 'reference', 'pallas'),      # mHC's normed mix, read-in, write-back
     'kernels.xent': ('auto', 'reference', 'pallas'),

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.kernels.attention import causal_attention, dense_attention
-from v4jax.kernels.attention import resolve_impl as resolve_attention_impl
+from v4jax.kernels.attention import BIT_WORD_IMPLS, resolve_impl as resolve_attention_impl
 from v4jax.kernels.indexer import indexer_topk
 from v4jax.kernels.sparse_attention import attention_probs_mean, masked_probs_mean, sparse_mla
 from v4jax.model.dsa import Indexer, dense_indexer_kl, sparse_indexer_kl
@@ -159,7 +159,7 @@ class MLA(nnx.Module):
         q, k, v = self.mha_qkv(p)
       # The Pallas masked attention reads the set as bits, which the top-k kernel then writes.
       want_words = masked and resolve_attention_impl(self.attention_impl, q, k,
-                                                     masked=True) == 'pallas'
+                                                     masked=True) in BIT_WORD_IMPLS
       # The top-k's scores at idx are the KL student's value. Unnamed: block remat keeps idx,
       # its bits and the student ('dsa_student', these same [B,T,K] values): top-k never reruns.
       idx_BTK, topk_scores_BTK, *words = indexer_topk(

@@ -7,6 +7,8 @@ Dims: B batch, T query positions, S key positions, H heads, K qk width, V value 
   cudnn -> cuDNN flash attention (library.py; GPU, bf16/fp16, per-head k/v), fp32 lse on request;
   pallas -> Pallas Triton flash attention (gpu.py; per-head k/v; the top-k set as packed bits;
     interpret mode on CPU), always with its fp32 lse;
+  pallas_mgpu -> the same with the forward as a Pallas Mosaic-GPU (WGMMA) kernel on Hopper
+    (mgpu.py) under a top-k set without segment ids; the backward stays Triton's;
   tpu_flash -> jax's bundled Pallas TPU flash attention kernels (tpu.py; per-head k/v, no top-k
     set; TPU interpret mode on CPU), always with its fp32 lse (differentiable). Compiled ahead
     of time for TPU in CI, not yet timed on a TPU;
@@ -22,7 +24,8 @@ import jax.numpy as jnp
 from v4jax.kernels.attention.reference import dense_attention
 from v4jax.kernels.pallas_common import per_device, target_platform
 
-IMPLS = ('auto', 'reference', 'cudnn', 'pallas', 'tpu_flash')
+IMPLS = ('auto', 'reference', 'cudnn', 'pallas', 'pallas_mgpu', 'tpu_flash')
+BIT_WORD_IMPLS = ('pallas', 'pallas_mgpu')   # impls that read the top-k set as packed bits
 
 
 def forward_kernel_saveable(prim, *_, **params) -> bool:
@@ -30,10 +33,12 @@ def forward_kernel_saveable(prim, *_, **params) -> bool:
   forward primitive, the Pallas forward pallas_calls on GPU and TPU), whose outputs (o, lse or
   the softmax statistics) are the backward kernels' inputs, so block remat keeps them instead of
   running the forward again."""
-  from v4jax.kernels.attention import gpu, tpu
+  from v4jax.kernels.attention import gpu, mgpu, tpu
   from v4jax.kernels.attention.library import CUDNN_FWD_PRIMITIVE
   if prim.name == CUDNN_FWD_PRIMITIVE:
     return True
+  if prim.name == 'name':     # the Mosaic-GPU forward's outputs carry a checkpoint name
+    return params.get('name') == mgpu.FWD_NAME
   if prim.name != 'pallas_call':
     return False
   name = params.get('name_and_src_info', params.get('name'))
@@ -74,7 +79,7 @@ def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scal
   instead of packing select_BTK themselves; the other impls read select_BTK.
   """
   impl = resolve_impl(impl, q_BTHK, k_BSK, masked=select_BTK is not None)
-  if impl in ('cudnn', 'pallas', 'tpu_flash') and k_BSK.ndim != 4:
+  if impl in ('cudnn', 'pallas', 'pallas_mgpu', 'tpu_flash') and k_BSK.ndim != 4:
     raise ValueError(f'config.kernels.attention={impl} needs per-head k/v [B,S,H,*] '
                      f'(k {k_BSK.shape}); use auto')
   heads = ('batch', None, 'act_heads', None)
@@ -86,10 +91,11 @@ def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scal
     fn = lambda q, k, v, seg: tpu.causal_attention(q, k, v, scale, seg)
     return per_device(fn, (heads, heads, heads, ('batch', None)),
                       (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT)
-  if impl == 'pallas':
+  if impl in BIT_WORD_IMPLS:
     from v4jax.kernels.attention import gpu
+    fwd_impl = 'mgpu' if impl == 'pallas_mgpu' else 'triton'
     fn = lambda q, k, v, seg, sel, words: gpu.causal_attention(
-        q, k, v, scale, seg, select_BTK=sel, select_words_BTW=words)
+        q, k, v, scale, seg, select_BTK=sel, select_words_BTW=words, fwd_impl=fwd_impl)
     rows = ('batch', None, None)
     return per_device(fn, (heads, heads, heads, ('batch', None), rows, rows),
                       (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT, select_BTK,

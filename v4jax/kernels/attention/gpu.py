@@ -38,6 +38,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -86,6 +87,7 @@ class _Cfg:
   dkv: Blocks
   dq: Blocks
   interpret: bool
+  fwd_impl: str = 'triton'    # triton | mgpu (mgpu.py's WGMMA forward; top-k words, no segments)
 
 
 def _parts(k: int) -> tuple[tuple[int, int], ...]:
@@ -246,6 +248,10 @@ def _opt_specs(H, bm, tp, sp, has_seg, has_mask, row_block):
 
 
 def _forward(q, k, v, seg, words, cfg):
+  if cfg.fwd_impl == 'mgpu' and seg is None and words is not None:
+    from v4jax.kernels.attention import mgpu
+    o, lse = mgpu.forward(q, k, v, words, cfg.scale)
+    return checkpoint_name(o, mgpu.FWD_NAME), checkpoint_name(lse, mgpu.FWD_NAME)
   B, T, H, K = q.shape
   V = v.shape[-1]
   f = cfg.fwd
@@ -414,14 +420,16 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                      select_BTK: jax.Array | None = None,
                      select_words_BTW: jax.Array | None = None,
                      fwd: Blocks | dict | None = None, dkv: Blocks | dict | None = None,
-                     dq: Blocks | dict | None = None,
+                     dq: Blocks | dict | None = None, fwd_impl: str = 'triton',
                      interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """(o [B,T,H,V] in q's dtype, lse [B,T,H] fp32) of causal softmax attention of query t over
   the keys s <= t in its top-k set (select_BTK, -1 = empty slot; all keys when None) and its
   document (segment_ids_BT, when given). select_words_BTW: the same set as uint32 words
   [B,T,ceil(S/32)] (blockwise.pack_mask's layout), used instead of select_BTK when given.
   Per-head k/v. Differentiable in q, k, v (kernels both ways); lse carries no gradient.
-  fwd / dkv / dq: each kernel's Blocks."""
+  fwd / dkv / dq: each kernel's Blocks. fwd_impl='mgpu': the forward is mgpu.py's Mosaic-GPU
+  (Hopper) kernel when a top-k set and no segment ids are given (Triton's otherwise); the
+  backward is Triton's either way."""
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
   if (k_BSHK.shape != (B, S, H, K) or v_BSHV.shape[:3] != (B, S, H)
@@ -435,8 +443,10 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                                        or select_words_BTW.dtype != jnp.uint32):
     raise ValueError(f'masked attention gpu: select_words_BTW {select_words_BTW.shape} '
                      f'{select_words_BTW.dtype} must be uint32 [B,T,ceil(S/32)]={(B, T, W)}')
+  if fwd_impl not in ('triton', 'mgpu'):
+    raise ValueError(f"masked attention gpu: fwd_impl={fwd_impl!r} is not 'triton' or 'mgpu'")
   cfg = _Cfg(float(scale), _blocks('fwd', fwd, T, S), _blocks('dkv', dkv, T, S),
-             _blocks('dq', dq, T, S), gpu_interpret(interpret))
+             _blocks('dq', dq, T, S), gpu_interpret(interpret), fwd_impl)
   words = select_words_BTW
   if words is None and select_BTK is not None:
     words = pack_mask(select_BTK, S)
