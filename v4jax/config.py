@@ -152,7 +152,7 @@ def default_config() -> ConfigDict:
       grouped_matmul='auto',   # auto | ragged_dot | mgpu | megablox
       attention='auto',        # dense attention: auto | reference | cudnn (flash, GPU) | pallas
                                # (Triton flash, top-k set as bits; interpret mode on CPU) |
-                               # pallas_mgpu (pallas, its forward a Mosaic-GPU kernel: Hopper) |
+                               # pallas_mgpu (pallas as Mosaic-GPU kernels: Hopper) |
                                # tpu_flash (jax's Pallas TPU flash kernels; no top-k set)
       sinkhorn='auto',         # mHC Sinkhorn: auto (pallas on GPU) | reference | pallas (Triton;
                                # interpret mode on CPU)

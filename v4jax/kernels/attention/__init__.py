@@ -7,8 +7,8 @@ Dims: B batch, T query positions, S key positions, H heads, K qk width, V value 
   cudnn -> cuDNN flash attention (library.py; GPU, bf16/fp16, per-head k/v), fp32 lse on request;
   pallas -> Pallas Triton flash attention (gpu.py; per-head k/v; the top-k set as packed bits;
     interpret mode on CPU), always with its fp32 lse;
-  pallas_mgpu -> the same with the forward as a Pallas Mosaic-GPU (WGMMA) kernel on Hopper
-    (mgpu.py) under a top-k set without segment ids; the backward stays Triton's;
+  pallas_mgpu -> the same as Pallas Mosaic-GPU (WGMMA) kernels on Hopper (mgpu.py: forward, dq,
+    dk/dv) under a top-k set without segment ids (the Triton kernels otherwise);
   tpu_flash -> jax's bundled Pallas TPU flash attention kernels (tpu.py; per-head k/v, no top-k
     set; TPU interpret mode on CPU), always with its fp32 lse (differentiable). Compiled ahead
     of time for TPU in CI, not yet timed on a TPU;
@@ -93,9 +93,9 @@ def causal_attention(q_BTHK: jax.Array, k_BSK: jax.Array, v_BSV: jax.Array, scal
                       (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT)
   if impl in BIT_WORD_IMPLS:
     from v4jax.kernels.attention import gpu
-    fwd_impl = 'mgpu' if impl == 'pallas_mgpu' else 'triton'
+    mosaic = ('fwd', 'dq', 'dkv') if impl == 'pallas_mgpu' else ()
     fn = lambda q, k, v, seg, sel, words: gpu.causal_attention(
-        q, k, v, scale, seg, select_BTK=sel, select_words_BTW=words, fwd_impl=fwd_impl)
+        q, k, v, scale, seg, select_BTK=sel, select_words_BTW=words, mgpu=mosaic)
     rows = ('batch', None, None)
     return per_device(fn, (heads, heads, heads, ('batch', None), rows, rows),
                       (heads, heads[:3]))(q_BTHK, k_BSK, v_BSV, segment_ids_BT, select_BTK,

@@ -87,7 +87,11 @@ class _Cfg:
   dkv: Blocks
   dq: Blocks
   interpret: bool
-  fwd_impl: str = 'triton'    # triton | mgpu (mgpu.py's WGMMA forward; top-k words, no segments)
+  mgpu: tuple = ()    # kernels ('fwd', 'dq', 'dkv') run as mgpu.py's Mosaic-GPU (WGMMA) kernels
+                      # when a top-k set and no segment ids are given
+
+  def mosaic(self, seg, words) -> tuple:
+    return self.mgpu if seg is None and words is not None else ()
 
 
 def _parts(k: int) -> tuple[tuple[int, int], ...]:
@@ -248,7 +252,7 @@ def _opt_specs(H, bm, tp, sp, has_seg, has_mask, row_block):
 
 
 def _forward(q, k, v, seg, words, cfg):
-  if cfg.fwd_impl == 'mgpu' and seg is None and words is not None:
+  if 'fwd' in cfg.mosaic(seg, words):
     from v4jax.kernels.attention import mgpu
     o, lse = mgpu.forward(q, k, v, words, cfg.scale)
     return checkpoint_name(o, mgpu.FWD_NAME), checkpoint_name(lse, mgpu.FWD_NAME)
@@ -348,6 +352,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, parts
 
 
 def _backward(q, k, v, seg, words, o, lse, do, cfg):
+  mosaic = tuple(n for n in ('dq', 'dkv') if n in cfg.mosaic(seg, words))
+  dq = dk = dv = None
+  if mosaic:
+    from v4jax.kernels.attention import mgpu
+    dq, dk, dv = mgpu.backward(q, k, v, words, o, lse, do, cfg.scale, kernels=mosaic)
+    if len(mosaic) == 2:
+      return dq, dk, dv
   B, T, H, K = q.shape
   S, V = k.shape[1], v.shape[-1]
   a, d = cfg.dkv, cfg.dq
@@ -365,33 +376,36 @@ def _backward(q, k, v, seg, words, o, lse, do, cfg):
               has_mask=has_mask)
 
   # dk, dv: one program per key block; all query rows (and keys) resident, sliced in the loop.
-  bn = a.block_n
-  rows, keys, stat = _specs(H, a.block_m, tp, sp, row_block=False)
-  key_block = lambda w: pl.BlockSpec((None, bn, None, w), lambda g, j: (g // H, j, g % H, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, bm=a.block_m, **opts),
-      grid=(B * H, sp // bn),
-      in_specs=[rows(wq), key_block(wq), key_block(wv), rows(wv), stat, stat]
-               + _opt_specs(H, a.block_m, tp, sp, has_seg, has_mask, False),
-      out_specs=[key_block(wq), key_block(wv)],
-      out_shape=[jax.ShapeDtypeStruct((B, sp, H, wq), k.dtype),
-                 jax.ShapeDtypeStruct((B, sp, H, wv), v.dtype)],
-      compiler_params=_params(a), interpret=cfg.interpret, name='masked_attention_bwd_dkv',
-  )(*args)
+  if dk is None:
+    bn = a.block_n
+    rows, keys, stat = _specs(H, a.block_m, tp, sp, row_block=False)
+    key_block = lambda w: pl.BlockSpec((None, bn, None, w), lambda g, j: (g // H, j, g % H, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, bm=a.block_m, **opts),
+        grid=(B * H, sp // bn),
+        in_specs=[rows(wq), key_block(wq), key_block(wv), rows(wv), stat, stat]
+                 + _opt_specs(H, a.block_m, tp, sp, has_seg, has_mask, False),
+        out_specs=[key_block(wq), key_block(wv)],
+        out_shape=[jax.ShapeDtypeStruct((B, sp, H, wq), k.dtype),
+                   jax.ShapeDtypeStruct((B, sp, H, wv), v.dtype)],
+        compiler_params=_params(a), interpret=cfg.interpret, name='masked_attention_bwd_dkv',
+    )(*args)
+    dk, dv = dk[:, :S, :, :K], dv[:, :S, :, :V]
 
   # dq: one program per query block; all keys resident.
-  bm = d.block_m
-  rows, keys, stat = _specs(H, bm, tp, sp, row_block=True)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, bn=d.block_n, **opts),
-      grid=(B * H, tp // bm),
-      in_specs=[rows(wq), keys(wq), keys(wv), rows(wv), stat, stat]
-               + _opt_specs(H, bm, tp, sp, has_seg, has_mask, True),
-      out_specs=rows(wq),
-      out_shape=jax.ShapeDtypeStruct((B, tp, H, wq), q.dtype),
-      compiler_params=_params(d), interpret=cfg.interpret, name='masked_attention_bwd_dq',
-  )(*args)
-  return dq[:, :T, :, :K], dk[:, :S, :, :K], dv[:, :S, :, :V]
+  if dq is None:
+    bm = d.block_m
+    rows, keys, stat = _specs(H, bm, tp, sp, row_block=True)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, bn=d.block_n, **opts),
+        grid=(B * H, tp // bm),
+        in_specs=[rows(wq), keys(wq), keys(wv), rows(wv), stat, stat]
+                 + _opt_specs(H, bm, tp, sp, has_seg, has_mask, True),
+        out_specs=rows(wq),
+        out_shape=jax.ShapeDtypeStruct((B, tp, H, wq), q.dtype),
+        compiler_params=_params(d), interpret=cfg.interpret, name='masked_attention_bwd_dq',
+    )(*args)[:, :T, :, :K]
+  return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -420,16 +434,16 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                      select_BTK: jax.Array | None = None,
                      select_words_BTW: jax.Array | None = None,
                      fwd: Blocks | dict | None = None, dkv: Blocks | dict | None = None,
-                     dq: Blocks | dict | None = None, fwd_impl: str = 'triton',
+                     dq: Blocks | dict | None = None, mgpu: tuple = (),
                      interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """(o [B,T,H,V] in q's dtype, lse [B,T,H] fp32) of causal softmax attention of query t over
   the keys s <= t in its top-k set (select_BTK, -1 = empty slot; all keys when None) and its
   document (segment_ids_BT, when given). select_words_BTW: the same set as uint32 words
   [B,T,ceil(S/32)] (blockwise.pack_mask's layout), used instead of select_BTK when given.
   Per-head k/v. Differentiable in q, k, v (kernels both ways); lse carries no gradient.
-  fwd / dkv / dq: each kernel's Blocks. fwd_impl='mgpu': the forward is mgpu.py's Mosaic-GPU
-  (Hopper) kernel when a top-k set and no segment ids are given (Triton's otherwise); the
-  backward is Triton's either way."""
+  fwd / dkv / dq: each kernel's Blocks. mgpu: the kernels ('fwd', 'dq', 'dkv') that run as
+  mgpu.py's Mosaic-GPU (Hopper) kernels when a top-k set and no segment ids are given (Triton's
+  otherwise)."""
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
   if (k_BSHK.shape != (B, S, H, K) or v_BSHV.shape[:3] != (B, S, H)
@@ -443,10 +457,11 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
                                        or select_words_BTW.dtype != jnp.uint32):
     raise ValueError(f'masked attention gpu: select_words_BTW {select_words_BTW.shape} '
                      f'{select_words_BTW.dtype} must be uint32 [B,T,ceil(S/32)]={(B, T, W)}')
-  if fwd_impl not in ('triton', 'mgpu'):
-    raise ValueError(f"masked attention gpu: fwd_impl={fwd_impl!r} is not 'triton' or 'mgpu'")
+  if not set(mgpu) <= {'fwd', 'dq', 'dkv'}:
+    raise ValueError(f"masked attention gpu: mgpu={mgpu!r} names kernels other than 'fwd', "
+                     "'dq', 'dkv'")
   cfg = _Cfg(float(scale), _blocks('fwd', fwd, T, S), _blocks('dkv', dkv, T, S),
-             _blocks('dq', dq, T, S), gpu_interpret(interpret), fwd_impl)
+             _blocks('dq', dq, T, S), gpu_interpret(interpret), tuple(mgpu))
   words = select_words_BTW
   if words is None and select_BTK is not None:
     words = pack_mask(select_BTK, S)

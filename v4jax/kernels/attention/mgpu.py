@@ -1,25 +1,30 @@
-"""Causal flash attention forward under DSA's top-k bit words: Pallas Mosaic GPU (Hopper WGMMA).
+"""Causal flash attention under DSA's top-k bit words: Pallas Mosaic GPU kernels (Hopper WGMMA).
 
 Dims: B batch, T query positions, S key positions, H heads, K qk width, V value width (K and V
-multiples of 64 after padding), W mask words per query (S/32), M query rows of a compute
-warpgroup (block_q = 64, the WGMMA height), N keys per step (block_kv).
+padded to multiples of 64), W mask words per query (S/32), M query rows and N keys of a compute
+warpgroup's tile (64 each: the WGMMA height; N = block_kv in the forward).
 
-The same function as gpu.py's Triton forward (o, and lse in natural log, -inf for a row without
-an allowed key), laid out as jax's `attention_mgpu` forward: one CTA per (head, 2 x M query rows,
-batch) runs three warpgroups, a memory warpgroup that streams k, v and the mask words of each
-key block through `stages` shared-memory slots by TMA, and two compute warpgroups of M query rows
-each that take turns on the tensor cores (one computes its softmax while the other's WGMMAs run;
-a shared barrier orders them). Per key block a compute warpgroup runs s = q k^T (WGMMA, fp32),
-the mask, an online softmax in base 2 and o += p v (WGMMA).
+The same functions as gpu.py's Triton kernels (o, and lse in natural log, -inf for a row without
+an allowed key; FA2's dq and dk/dv from the saved lse and delta = rowsum(do·o)), laid out as
+jax's `attention_mgpu`: each CTA runs three warpgroups, a memory warpgroup that streams the
+operands of each step through `stages` shared-memory slots by TMA, and two compute warpgroups
+that own 64 rows each and issue the WGMMAs.
+  forward  one CTA per (head, 2 x M query rows, batch); per key block s = q k^T, the mask, an
+           online softmax in base 2, o += p v. The two compute warpgroups take turns on the
+           tensor cores (one computes its softmax while the other's WGMMAs run).
+  dq       one CTA per (head, 2 x M query rows, batch), key blocks streamed: s = q k^T,
+           p = exp(s - lse), dp = do v^T, ds = p (dp - delta), dq += ds k.
+  dk, dv   one CTA per (head, 2 x N keys, batch), query blocks streamed from the diagonal down:
+           s^T = k q^T, p^T, dv += p^T do, dp^T = v do^T, ds^T, dk += ds^T q.
 
-The mask in registers: WGMMA's accumulator layout gives each thread whole-row fragments, so the
-words of one key block go in as row vectors (one int32 per query row and word, loaded in the
-layout of a row statistic like the softmax max), are broadcast over the block's columns,
-selected by column // 32 and shifted by column % 32. For that the words are transposed outside
-the kernel to [B, W, T] (T minor), so each key block's words for 2 x M query rows are one TMA
-box. Key blocks wholly below the diagonal skip the causal compare; the others make it. Segment
-ids are not read here: the caller uses gpu.py's Triton forward when they are given (the top-k
-kernels already restrict each query's words to its own document).
+The mask in registers: WGMMA's accumulator layout gives each thread fragments of whole rows, so
+the words of one (query block, key block) tile go in as vectors of one int32 per query (loaded
+in the layout of a row statistic, like the softmax max; in dk/dv, where queries are columns, of
+a column statistic), are broadcast across the tile, selected by key // 32 and shifted by
+key % 32. For that the words are transposed outside the kernel to [B, W, T] (T minor), so each
+tile's words are one TMA box. Tiles wholly below the diagonal skip the causal compare; the
+others make it. Segment ids are not read: the caller uses gpu.py's Triton kernels when they are
+given (the top-k kernels already keep each query's words inside its document).
 """
 from __future__ import annotations
 
@@ -33,9 +38,50 @@ from jax import lax
 from v4jax.kernels.pallas_common import pad_axis, round_up
 
 FWD_NAME = 'masked_attention_fwd_mgpu'   # checkpoint name of the outputs (remat keeps them)
-BLOCK_Q = 64                             # query rows per compute warpgroup (WGMMA M)
+BLOCK = 64                               # rows per compute warpgroup (WGMMA M)
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
+
+
+def _modules():
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return pl, plgpu
+
+
+def _padded(q, k, v, words, tile_t: int, tile_s: int):
+  """q, k, v padded to T % tile_t == S % tile_s == 0 and K, V % 64 == 0; the words as int32
+  [B, W, T] (padded rows and keys have no bit)."""
+  tp, sp = round_up(q.shape[1], tile_t), round_up(k.shape[1], tile_s)
+  kp, vp = round_up(q.shape[-1], 64), round_up(v.shape[-1], 64)
+  q = pad_axis(pad_axis(q, 3, kp), 1, tp)
+  k = pad_axis(pad_axis(k, 3, kp), 1, sp)
+  v = pad_axis(pad_axis(v, 3, vp), 1, sp)
+  w = pad_axis(pad_axis(lax.bitcast_convert_type(words, jnp.int32), 2, sp // 32), 1, tp)
+  return q, k, v, jnp.swapaxes(w, 1, 2)
+
+
+def _smem(plgpu, shape, dtype):
+  """A shared-memory tile in WGMMA's operand form (64-column tiles, 128-byte swizzle)."""
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                              plgpu.SwizzleTransform(128)))
+
+
+def _allowed(plgpu, word_at, nw: int, shape, keys_dim: int, t0, s0, causal: bool):
+  """Bool [rows, cols] in WGMMA layout: key s0 + (its index along keys_dim) is in the set of
+  query t0 + (its index along the other dim), and not after it when causal. word_at(i): query
+  vector of word i of the keys (the layout of a statistic along the queries' dim)."""
+  key = plgpu.broadcasted_iota(jnp.int32, shape, keys_dim, layout=plgpu.Layout.WGMMA)
+  q_dim = 1 - keys_dim
+  word = None
+  for i in range(nw):
+    wi = lax.broadcast_in_dim(word_at(i), shape, [q_dim])
+    word = wi if word is None else jnp.where(key >= 32 * i, wi, word)
+  ok = (lax.shift_right_logical(word, key & 31) & 1) != 0
+  if causal:
+    qry = plgpu.broadcasted_iota(jnp.int32, shape, q_dim, layout=plgpu.Layout.WGMMA)
+    ok = ok & (key + s0 <= qry + t0)
+  return ok
 
 
 def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: jax.Array,
@@ -43,30 +89,20 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
   """(o [B,T,H,V] in q's dtype, lse [B,T,H] fp32) of causal attention of query t over the keys
   s <= t whose bit is set in words_BTW (uint32 [B,T,ceil(S/32)], blockwise.pack_mask's layout).
   bf16/fp16 q, k, v; T, S, K, V are padded here to the kernel's multiples."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-
-  B, T, H, K = q_BTHK.shape
-  S, V = k_BSHK.shape[1], v_BSHV.shape[-1]
+  pl, plgpu = _modules()
+  B, T, H, _ = q_BTHK.shape
+  V = v_BSHV.shape[-1]
   dtype = q_BTHK.dtype
   if block_kv % 64 or stages < 2:
     raise ValueError(f'masked attention mgpu: block_kv={block_kv} must be a multiple of 64 and '
                      f'stages={stages} at least 2')
-  bq, bkv = BLOCK_Q, block_kv
-  tp, sp = round_up(T, 2 * bq), round_up(S, bkv)
-  kp, vp = round_up(K, 64), round_up(V, 64)
-  q = pad_axis(pad_axis(q_BTHK, 3, kp), 1, tp)
-  k = pad_axis(pad_axis(k_BSHK, 3, kp), 1, sp)
-  v = pad_axis(pad_axis(v_BSHV, 3, vp), 1, sp)
-  nw = bkv // 32                       # words per key block
-  W = sp // 32
-  # [B, W, T/M, M] int32: one TMA box [nw, 2, M] per (key block, CTA); padded rows/keys have no bit
-  words = pad_axis(pad_axis(lax.bitcast_convert_type(words_BTW, jnp.int32), 2, W), 1, tp)
-  words = jnp.swapaxes(words, 1, 2).reshape(B, W, tp // bq, bq)
-  n_q_tiles, n_kv = tp // (2 * bq), sp // bkv
+  bq, bkv, nw = BLOCK, block_kv, block_kv // 32
+  q, k, v, words = _padded(q_BTHK, k_BSHK, v_BSHV, words_BTW, 2 * bq, bkv)
+  tp, sp, kp, vp = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
+  words = words.reshape(B, sp // 32, tp // bq, bq)     # one box [nw, 2, M] per (key block, CTA)
+  n_kv = sp // bkv
   stages = min(stages, n_kv)
-  tiling = plgpu.TilingTransform((8, 64))
-  swizzle = plgpu.SwizzleTransform(128)
+  row = plgpu.Layout.WGMMA.reduce(1)
 
   def kernel(q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, scoped):
     b, h, qt = lax.axis_index('batch'), lax.axis_index('heads'), lax.axis_index('q_seq')
@@ -89,7 +125,6 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
       steps = jnp.minimum(pl.cdiv(t0 + bq, jnp.int32(bkv)), n_kv)
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t0, bq), h], q_smem, q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[wg])
-      row = plgpu.Layout.WGMMA.reduce(1)
       m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row)
       l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), row)
       acc = plgpu.layout_cast(jnp.full((bq, vp), 0, jnp.float32), plgpu.Layout.WGMMA)
@@ -110,19 +145,10 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
         plgpu.barrier_arrive(k_used.at[slot])
-
         plgpu.barrier_wait(w_ready.at[slot])
-        col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-        word = None
-        for i in range(nw):
-          wi = plgpu.load(w_smem.at[slot, i, wg], (), layout=row)
-          wi = lax.broadcast_in_dim(wi, (bq, bkv), [0])
-          word = wi if word is None else jnp.where(col >= 32 * i, wi, word)
+        ok = _allowed(plgpu, lambda i: plgpu.load(w_smem.at[slot, i, wg], (), layout=row), nw,
+                      (bq, bkv), 1, t0, j * bkv, causal)
         plgpu.barrier_arrive(w_used.at[slot])
-        ok = (lax.shift_right_logical(word, col & 31) & 1) != 0
-        if causal:
-          r = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
-          ok = ok & (col + j * bkv <= r + t0)
         s = jnp.where(ok, s * (scale * _LOG2E), -jnp.inf)
 
         m_new = jnp.maximum(m_i, s.max(axis=1))
@@ -150,9 +176,8 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
       def drain(j, _):
         # key blocks the other warpgroup still needs: release their slots, keep the turns
         slot = lax.rem(j, jnp.int32(stages))
-        plgpu.barrier_arrive(k_used.at[slot])
-        plgpu.barrier_arrive(w_used.at[slot])
-        plgpu.barrier_arrive(v_used.at[slot])
+        for used in consumed:
+          plgpu.barrier_arrive(used.at[slot])
         take_turn()
         take_turn()
 
@@ -181,24 +206,12 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
         plgpu.copy_gmem_to_smem(w_ref.at[b, pl.ds(j * nw, nw), pl.ds(qt * 2, 2)],
                                 w_smem.at[slot], w_ready.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-
-      for i in range(stages):
-        pl.when(i < cta_steps)(functools.partial(load, i, i))
-
-      @pl.loop(0, jnp.maximum(cta_steps - stages, 0))
-      def _(j):
-        slot = lax.rem(j, jnp.int32(stages))
-        plgpu.barrier_wait(k_used.at[slot])
-        plgpu.barrier_wait(w_used.at[slot])
-        plgpu.barrier_wait(v_used.at[slot])
-        load(j + stages, slot)
+      _stream(pl, plgpu, load, 0, cta_steps, stages, consumed)
 
   def entry(q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref):
-    smem = (plgpu.SMEM((2, bq, kp), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((2, bq, vp), dtype, transforms=(tiling, swizzle)),
+    smem = (_smem(plgpu, (2, bq, kp), dtype), _smem(plgpu, (2, bq, vp), dtype),
             plgpu.SMEM((2, bq), jnp.float32),
-            plgpu.SMEM((stages, bkv, kp), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, bkv, vp), dtype, transforms=(tiling, swizzle)),
+            _smem(plgpu, (stages, bkv, kp), dtype), _smem(plgpu, (stages, bkv, vp), dtype),
             plgpu.SMEM((stages, nw, 2, bq), jnp.int32))
     loaded = (plgpu.Barrier(num_barriers=stages),) * 3 + (plgpu.Barrier(num_barriers=2),)
     consumed = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 3
@@ -209,8 +222,257 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
       entry,
       out_type=(jax.ShapeDtypeStruct((B, tp, H, vp), dtype),
                 jax.ShapeDtypeStruct((B, H, tp), jnp.float32)),
-      grid=(H, n_q_tiles, B), grid_names=('heads', 'q_seq', 'batch'),
+      grid=(H, tp // (2 * bq), B), grid_names=('heads', 'q_seq', 'batch'),
       num_threads=3, thread_name='wg',
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, words)
   return o[:, :T, :, :V], jnp.swapaxes(lse, 1, 2)[:, :T]
+
+
+def _stream(pl, plgpu, load, first, end, stages: int, consumed):
+  """The memory warpgroup's loop: load(j, slot) for steps first..end-1, each into slot
+  (j - first) % stages once the compute warpgroups have released that slot's last use."""
+  for i in range(stages):
+    pl.when(first + i < end)(functools.partial(load, first + i, i))
+
+  @pl.loop(0, jnp.maximum(end - first - stages, 0))
+  def _(j):
+    slot = lax.rem(j, jnp.int32(stages))
+    for used in consumed:
+      plgpu.barrier_wait(used.at[slot])
+    load(first + j + stages, slot)
+
+
+def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale: float, *,
+             kernels=('dq', 'dkv'), stages: int = 2):
+  """(dq, dk, dv) of `forward`'s o for the cotangent do (lse has no gradient of its own), or
+  for the kernels not named in `kernels` None (the caller runs those elsewhere)."""
+  pl, plgpu = _modules()
+  B, T, H, K = q_BTHK.shape
+  S, V = k_BSHK.shape[1], v_BSHV.shape[-1]
+  dtype = q_BTHK.dtype
+  n = BLOCK
+  nw = n // 32
+  q, k, v, words = _padded(q_BTHK, k_BSHK, v_BSHV, words_BTW, 2 * n, 2 * n)
+  tp, sp, kp, vp = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
+  do = pad_axis(pad_axis(do_BTHV, 3, vp), 1, tp)
+  # per query row: lse in base 2 (+inf for rows without a key and padded rows: p = 0) and
+  # delta = rowsum(do·o), stacked [B, H, 2, T] so that one TMA box carries both
+  delta = jnp.einsum('bthv,bthv->bht', do_BTHV.astype(jnp.float32), o_BTHV.astype(jnp.float32))
+  lse2 = jnp.where(lse_BTH == -jnp.inf, jnp.inf, lse_BTH * _LOG2E)
+  stats = jnp.stack([pad_axis(jnp.swapaxes(lse2, 1, 2), 2, tp, value=jnp.inf),
+                     pad_axis(delta, 2, tp)], axis=2)
+  c = scale * _LOG2E
+  row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+  params = plgpu.CompilerParams(approx_math=True)
+  out = {}
+
+  if 'dq' in kernels:
+    n_kv = sp // n
+    st = min(stages, n_kv)
+    w4 = words.reshape(B, sp // 32, tp // n, n)
+
+    def dq_kernel(q_ref, k_ref, v_ref, do_ref, st_ref, w_ref, dq_ref, scoped):
+      b, h, qt = lax.axis_index('batch'), lax.axis_index('heads'), lax.axis_index('q_seq')
+      wg = lax.axis_index('wg')
+      (q_smem2, do_smem2, st_smem2, k_smem, v_smem, w_smem), loaded, own, consumed = scoped
+      k_ready, v_ready, w_ready = loaded
+      cta_steps = jnp.minimum(pl.cdiv((qt + 1) * (2 * n), jnp.int32(n)), n_kv)
+
+      @pl.when(wg < 2)
+      def _compute():
+        plgpu.set_max_registers(232, action='increase')
+        q_smem, do_smem, st_smem = q_smem2.at[wg], do_smem2.at[wg], st_smem2.at[wg]
+        t0 = qt * (2 * n) + wg * n
+        steps = jnp.minimum(pl.cdiv(t0 + n, jnp.int32(n)), n_kv)
+        rows = (b, pl.ds(t0, n), h)
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, own.at[3 * wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, own.at[3 * wg + 1])
+        plgpu.copy_gmem_to_smem(st_ref.at[b, h, :, pl.ds(t0, n)], st_smem, own.at[3 * wg + 2])
+        for i in range(3):
+          plgpu.barrier_wait(own.at[3 * wg + i])
+        lse = lax.broadcast_in_dim(plgpu.load(st_smem.at[0], (), layout=row), (n, n), [0])
+        dl = lax.broadcast_in_dim(plgpu.load(st_smem.at[1], (), layout=row), (n, n), [0])
+
+        def step(j, dq, causal: bool):
+          slot = lax.rem(j, jnp.int32(st))
+          plgpu.barrier_wait(k_ready.at[slot])
+
+          def s_ref(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            return acc_ref[...]
+          s = pl.run_scoped(s_ref, plgpu.ACC((n, n), jnp.float32))
+          plgpu.barrier_wait(v_ready.at[slot])
+
+          def dp_ref(acc_ref):
+            plgpu.wgmma(acc_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+            return acc_ref[...]
+          dp = pl.run_scoped(dp_ref, plgpu.ACC((n, n), jnp.float32))
+          plgpu.barrier_arrive(consumed[1].at[slot])
+          plgpu.barrier_wait(w_ready.at[slot])
+          ok = _allowed(plgpu, lambda i: plgpu.load(w_smem.at[slot, i, wg], (), layout=row),
+                        nw, (n, n), 1, t0, j * n, causal)
+          plgpu.barrier_arrive(consumed[2].at[slot])
+          p = jnp.where(ok, jnp.exp2(s * c - lse), 0.0)
+          ds = (p * (dp - dl)).astype(dtype)
+
+          def dq_ref(acc_ref):
+            plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
+          dq = pl.run_state(dq_ref)(plgpu.ACC.init(dq))
+          plgpu.barrier_arrive(consumed[0].at[slot])
+          return dq
+
+        def drain(j, _):
+          slot = lax.rem(j, jnp.int32(st))
+          for used in consumed:
+            plgpu.barrier_arrive(used.at[slot])
+
+        dq = plgpu.layout_cast(jnp.full((n, kp), 0, jnp.float32), plgpu.Layout.WGMMA)
+        full = jnp.minimum(lax.div(t0 + 1, jnp.int32(n)), steps)
+        dq = lax.fori_loop(0, full, functools.partial(step, causal=False), dq)
+        dq = lax.fori_loop(full, steps, functools.partial(step, causal=True), dq)
+        lax.fori_loop(steps, cta_steps, drain, None)
+        q_smem[...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+      @pl.when(wg == 2)
+      def _memory():
+        plgpu.set_max_registers(40, action='decrease')
+
+        def load(j, slot):
+          keys = (b, pl.ds(j * n, n), h)
+          plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+          plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+          plgpu.copy_gmem_to_smem(w_ref.at[b, pl.ds(j * nw, nw), pl.ds(qt * 2, 2)],
+                                  w_smem.at[slot], w_ready.at[slot])
+        _stream(pl, plgpu, load, 0, cta_steps, st, consumed)
+
+    def dq_entry(*refs):
+      smem = (_smem(plgpu, (2, n, kp), dtype), _smem(plgpu, (2, n, vp), dtype),
+              plgpu.SMEM((2, 2, n), jnp.float32),
+              _smem(plgpu, (st, n, kp), dtype), _smem(plgpu, (st, n, vp), dtype),
+              plgpu.SMEM((st, nw, 2, n), jnp.int32))
+      pl.run_scoped(lambda *a: dq_kernel(*refs, a), smem,
+                    (plgpu.Barrier(num_barriers=st),) * 3, plgpu.Barrier(num_barriers=6),
+                    (plgpu.Barrier(num_arrivals=2, num_barriers=st),) * 3, collective_axes='wg')
+
+    dq = plgpu.kernel(
+        dq_entry, out_type=jax.ShapeDtypeStruct((B, tp, H, kp), dtype),
+        grid=(H, tp // (2 * n), B), grid_names=('heads', 'q_seq', 'batch'),
+        num_threads=3, thread_name='wg', compiler_params=params,
+    )(q, k, v, do, stats, w4)
+    out['dq'] = dq[:, :T, :, :K]
+
+  if 'dkv' in kernels:
+    n_q = tp // n
+
+    def dkv_kernel(q_ref, k_ref, v_ref, do_ref, st_ref, w_ref, dk_ref, dv_ref, scoped):
+      b, h, kt = lax.axis_index('batch'), lax.axis_index('heads'), lax.axis_index('kv_seq')
+      wg = lax.axis_index('wg')
+      (k_smem2, v_smem2, q_smem, do_smem, st_smem, w_smem), loaded, own, consumed = scoped
+      q_ready, do_ready, st_ready, w_ready = loaded
+      first_cta = lax.div(kt * (2 * n), jnp.int32(n))   # first query block that sees its keys
+
+      @pl.when(wg < 2)
+      def _compute():
+        plgpu.set_max_registers(232, action='increase')
+        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        s0 = kt * (2 * n) + wg * n
+        keys = (b, pl.ds(s0, n), h)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, own.at[2 * wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, own.at[2 * wg + 1])
+        plgpu.barrier_wait(own.at[2 * wg])
+        plgpu.barrier_wait(own.at[2 * wg + 1])
+        first = lax.div(s0, jnp.int32(n))        # query blocks before it see none of its keys
+
+        def step(i, carry, causal: bool):
+          dk, dv = carry
+          slot = lax.rem(i - first_cta, jnp.int32(stages_kv))
+          plgpu.barrier_wait(q_ready.at[slot])
+
+          def sT_ref(acc_ref):
+            plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+            return acc_ref[...]
+          sT = pl.run_scoped(sT_ref, plgpu.ACC((n, n), jnp.float32))
+          plgpu.barrier_wait(st_ready.at[slot])
+          lse = lax.broadcast_in_dim(plgpu.load(st_smem.at[slot, 0], (), layout=col), (n, n), [1])
+          dl = lax.broadcast_in_dim(plgpu.load(st_smem.at[slot, 1], (), layout=col), (n, n), [1])
+          plgpu.barrier_arrive(consumed[2].at[slot])
+          plgpu.barrier_wait(w_ready.at[slot])
+          ok = _allowed(plgpu, lambda j: plgpu.load(w_smem.at[slot, wg * nw + j], (), layout=col),
+                        nw, (n, n), 0, i * n, s0, causal)
+          plgpu.barrier_arrive(consumed[3].at[slot])
+          pT = jnp.where(ok, jnp.exp2(sT * c - lse), 0.0)
+          plgpu.barrier_wait(do_ready.at[slot])
+
+          def dv_dpT(refs):
+            dv_ref, dpT_ref = refs
+            plgpu.wgmma(dv_ref, pT.astype(dtype), do_smem.at[slot])
+            plgpu.wgmma(dpT_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+          zeros = plgpu.layout_cast(jnp.full((n, n), 0, jnp.float32), plgpu.Layout.WGMMA)
+          dv, dpT = pl.run_state(dv_dpT)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+          plgpu.barrier_arrive(consumed[1].at[slot])
+          dsT = (pT * (dpT - dl)).astype(dtype)
+
+          def dk_ref(acc_ref):
+            plgpu.wgmma(acc_ref, dsT, q_smem.at[slot])
+          dk = pl.run_state(dk_ref)(plgpu.ACC.init(dk))
+          plgpu.barrier_arrive(consumed[0].at[slot])
+          return dk, dv
+
+        def drain(i, _):
+          slot = lax.rem(i - first_cta, jnp.int32(stages_kv))
+          for used in consumed:
+            plgpu.barrier_arrive(used.at[slot])
+
+        lax.fori_loop(first_cta, first, drain, None)
+        acc = lambda w: plgpu.layout_cast(jnp.full((n, w), 0, jnp.float32), plgpu.Layout.WGMMA)
+        # query blocks the diagonal crosses (some t < some s), then those wholly past it
+        past = jnp.minimum(pl.cdiv(s0 + n - 1, jnp.int32(n)), n_q)
+        carry = lax.fori_loop(first, past, functools.partial(step, causal=True),
+                              (acc(kp), acc(vp)))
+        dk, dv = lax.fori_loop(past, n_q, functools.partial(step, causal=False), carry)
+        k_smem[...] = (dk * scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[keys])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
+        plgpu.wait_smem_to_gmem(0)
+
+      @pl.when(wg == 2)
+      def _memory():
+        plgpu.set_max_registers(40, action='decrease')
+
+        def load(i, slot):
+          rows = (b, pl.ds(i * n, n), h)
+          plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+          plgpu.copy_gmem_to_smem(st_ref.at[b, h, :, pl.ds(i * n, n)], st_smem.at[slot],
+                                  st_ready.at[slot])
+          plgpu.copy_gmem_to_smem(w_ref.at[b, pl.ds(kt * 2 * nw, 2 * nw), pl.ds(i * n, n)],
+                                  w_smem.at[slot], w_ready.at[slot])
+          plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+        _stream(pl, plgpu, load, first_cta, n_q, stages_kv, consumed)
+
+    stages_kv = min(stages, n_q)
+
+    def dkv_entry(*refs):
+      smem = (_smem(plgpu, (2, n, kp), dtype), _smem(plgpu, (2, n, vp), dtype),
+              _smem(plgpu, (stages_kv, n, kp), dtype), _smem(plgpu, (stages_kv, n, vp), dtype),
+              plgpu.SMEM((stages_kv, 2, n), jnp.float32),
+              plgpu.SMEM((stages_kv, 2 * nw, n), jnp.int32))
+      pl.run_scoped(lambda *a: dkv_kernel(*refs, a), smem,
+                    (plgpu.Barrier(num_barriers=stages_kv),) * 4, plgpu.Barrier(num_barriers=4),
+                    (plgpu.Barrier(num_arrivals=2, num_barriers=stages_kv),) * 4,
+                    collective_axes='wg')
+
+    dk, dv = plgpu.kernel(
+        dkv_entry,
+        out_type=(jax.ShapeDtypeStruct((B, sp, H, kp), dtype),
+                  jax.ShapeDtypeStruct((B, sp, H, vp), dtype)),
+        grid=(H, sp // (2 * n), B), grid_names=('heads', 'kv_seq', 'batch'),
+        num_threads=3, thread_name='wg', compiler_params=params,
+    )(q, k, v, do, stats, words)
+    out['dk'], out['dv'] = dk[:, :S, :, :K], dv[:, :S, :, :V]
+  return out.get('dq'), out.get('dk'), out.get('dv')
