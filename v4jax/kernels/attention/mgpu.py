@@ -385,7 +385,7 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, own.at[2 * wg + 1])
         plgpu.barrier_wait(own.at[2 * wg])
         plgpu.barrier_wait(own.at[2 * wg + 1])
-        first = lax.div(s0, jnp.int32(n))        # query blocks before it see none of its keys
+        first = jnp.minimum(lax.div(s0, jnp.int32(n)), n_q)   # blocks before: none of its keys
 
         def step(i, carry, causal: bool):
           dk, dv = carry
@@ -423,7 +423,12 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
           return dk, dv
 
         def drain(i, _):
+          # a query block before this warpgroup's keys (the other one's diagonal block): wait
+          # for its loads all the same, since each wait advances this thread's phase of the
+          # slot's barrier, then release the slot
           slot = lax.rem(i - first_cta, jnp.int32(stages_kv))
+          for ready in loaded:
+            plgpu.barrier_wait(ready.at[slot])
           for used in consumed:
             plgpu.barrier_arrive(used.at[slot])
 
