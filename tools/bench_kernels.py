@@ -26,7 +26,8 @@ Sections (--sections, comma list; default all but attn_sweep):
   dense    cuDNN causal flash attention fwd+bwd and fwd (MLA MHA shapes), the same restricted
            to a top-K key set per query by a mask (dsa.sparse_attention=masked), the Pallas
            kernel of kernels.attention=pallas under the same set (fwd+bwd and fwd, its output
-           against cuDNN's: `o_max_abs_err_vs_cudnn`), and the DSA
+           against cuDNN's: `o_max_abs_err_vs_cudnn`; on Hopper also the Mosaic-GPU kernels of
+           kernels.attention=pallas_mgpu at bench_h200's shape), and the DSA
            crossover: per T, one DSA layer's forward+backward (indexer scores + top-k, sparse MLA
            fwd+bwd, and with the kl section in the run the KL teacher and student fwd+bwd:
            `kl_included`, the student in the form kernels.student_dq=auto picks at T
@@ -716,6 +717,11 @@ class Bench:
             # the same kernel over all causal keys: what reading and expanding the bits costs
             'pallas_unmasked': jax.jit(lambda q, k, v: attn_gpu.causal_attention(
                 q, k, v, dqk ** -0.5))}
+    if _hopper():   # kernels.attention=pallas_mgpu: the Mosaic-GPU kernels, and the forward
+      for name, mosaic in (('pallas_mgpu_masked', ('fwd', 'dq', 'dkv')),   # and dq alone
+                           ('pallas_mgpu_fwd_dq_masked', ('fwd', 'dq'))):
+        fwds[name] = jax.jit(lambda q, k, v, mosaic=mosaic: attn_gpu.causal_attention(
+            q, k, v, dqk ** -0.5, select_BTK=idx, mgpu=mosaic))
     for name, f in fwds.items():
       g = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v)[0].astype(jnp.float32)),
                            argnums=(0, 1, 2)))
@@ -751,6 +757,11 @@ class Bench:
         if student[other] is not None:    # the same layer with the other student form
           row[f'dsa_ms_student_dq_{other}'] = round(sum(parts) + kl[0] + student[other], 3)
       self.out['crossover'].append(row)
+
+
+def _hopper() -> bool:
+  from v4jax.kernels.grouped_matmul import resolve_impl
+  return jax.default_backend() == 'gpu' and resolve_impl('auto', jnp.bfloat16) == 'mgpu'
 
 
 def _plain(x):
