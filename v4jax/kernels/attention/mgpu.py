@@ -191,22 +191,16 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
       l_safe = jnp.where(has_key, l_i, 1.0)
       o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
       lse_smem[...] = jnp.where(has_key, (m_i + jnp.log2(l_safe)) * _LN2, -jnp.inf)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, pl.ds(t0, bq), h])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(t0, bq)])
-      plgpu.wait_smem_to_gmem(0)
+      _store(plgpu, (o_smem, o_ref.at[b, pl.ds(t0, bq), h]),
+             (lse_smem, lse_ref.at[b, h, pl.ds(t0, bq)]))
 
-    @pl.when(wg == 2)
-    def _memory():
-      plgpu.set_max_registers(40, action='decrease')
-
-      def load(j, slot):
-        keys = (b, pl.ds(j * bkv, bkv), h)
-        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-        plgpu.copy_gmem_to_smem(w_ref.at[b, pl.ds(j * nw, nw), pl.ds(qt * 2, 2)],
-                                w_smem.at[slot], w_ready.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-      _stream(pl, plgpu, load, 0, cta_steps, stages, consumed)
+    def copies(j, slot):
+      keys = (b, pl.ds(j * bkv, bkv), h)
+      return ((k_ref.at[keys], k_smem.at[slot], k_ready.at[slot]),
+              (w_ref.at[b, pl.ds(j * nw, nw), pl.ds(qt * 2, 2)], w_smem.at[slot],
+               w_ready.at[slot]),
+              (v_ref.at[keys], v_smem.at[slot], v_ready.at[slot]))
+    pl.when(wg == 2)(lambda: _memory_warpgroup(pl, plgpu, copies, 0, cta_steps, stages, consumed))
 
   def entry(q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref):
     smem = (_smem(plgpu, (2, bq, kp), dtype), _smem(plgpu, (2, bq, vp), dtype),
@@ -229,9 +223,24 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
   return o[:, :T, :, :V], jnp.swapaxes(lse, 1, 2)[:, :T]
 
 
-def _stream(pl, plgpu, load, first, end, stages: int, consumed):
-  """The memory warpgroup's loop: load(j, slot) for steps first..end-1, each into slot
-  (j - first) % stages once the compute warpgroups have released that slot's last use."""
+def _store(plgpu, *pairs):
+  """A compute warpgroup's results: its shared-memory tiles (src, gmem dst) to HBM by TMA."""
+  plgpu.commit_smem()
+  for src, dst in pairs:
+    plgpu.copy_smem_to_gmem(src, dst)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _memory_warpgroup(pl, plgpu, copies, first, end, stages: int, consumed):
+  """The memory warpgroup: for steps first..end-1 the TMA copies (src, dst, barrier) of
+  copies(j, slot), into slot (j - first) % stages once the compute warpgroups have released
+  that slot's last use (every barrier in `consumed`)."""
+  plgpu.set_max_registers(40, action='decrease')
+
+  def load(j, slot):
+    for src, dst, ready in copies(j, slot):
+      plgpu.copy_gmem_to_smem(src, dst, ready)
+
   for i in range(stages):
     pl.when(first + i < end)(functools.partial(load, first + i, i))
 
@@ -333,21 +342,15 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
         dq = lax.fori_loop(full, steps, functools.partial(step, causal=True), dq)
         lax.fori_loop(steps, cta_steps, drain, None)
         q_smem[...] = (dq * scale).astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
-        plgpu.wait_smem_to_gmem(0)
+        _store(plgpu, (q_smem, dq_ref.at[rows]))
 
-      @pl.when(wg == 2)
-      def _memory():
-        plgpu.set_max_registers(40, action='decrease')
-
-        def load(j, slot):
-          keys = (b, pl.ds(j * n, n), h)
-          plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-          plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-          plgpu.copy_gmem_to_smem(w_ref.at[b, pl.ds(j * nw, nw), pl.ds(qt * 2, 2)],
-                                  w_smem.at[slot], w_ready.at[slot])
-        _stream(pl, plgpu, load, 0, cta_steps, st, consumed)
+      def copies(j, slot):
+        keys = (b, pl.ds(j * n, n), h)
+        return ((k_ref.at[keys], k_smem.at[slot], k_ready.at[slot]),
+                (v_ref.at[keys], v_smem.at[slot], v_ready.at[slot]),
+                (w_ref.at[b, pl.ds(j * nw, nw), pl.ds(qt * 2, 2)], w_smem.at[slot],
+                 w_ready.at[slot]))
+      pl.when(wg == 2)(lambda: _memory_warpgroup(pl, plgpu, copies, 0, cta_steps, st, consumed))
 
     def dq_entry(*refs):
       smem = (_smem(plgpu, (2, n, kp), dtype), _smem(plgpu, (2, n, vp), dtype),
@@ -441,24 +444,17 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
         dk, dv = lax.fori_loop(past, n_q, functools.partial(step, causal=False), carry)
         k_smem[...] = (dk * scale).astype(dtype)
         v_smem[...] = dv.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[keys])
-        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
-        plgpu.wait_smem_to_gmem(0)
+        _store(plgpu, (k_smem, dk_ref.at[keys]), (v_smem, dv_ref.at[keys]))
 
-      @pl.when(wg == 2)
-      def _memory():
-        plgpu.set_max_registers(40, action='decrease')
-
-        def load(i, slot):
-          rows = (b, pl.ds(i * n, n), h)
-          plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
-          plgpu.copy_gmem_to_smem(st_ref.at[b, h, :, pl.ds(i * n, n)], st_smem.at[slot],
-                                  st_ready.at[slot])
-          plgpu.copy_gmem_to_smem(w_ref.at[b, pl.ds(kt * 2 * nw, 2 * nw), pl.ds(i * n, n)],
-                                  w_smem.at[slot], w_ready.at[slot])
-          plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
-        _stream(pl, plgpu, load, first_cta, n_q, stages_kv, consumed)
+      def copies(i, slot):
+        rows = (b, pl.ds(i * n, n), h)
+        return ((q_ref.at[rows], q_smem.at[slot], q_ready.at[slot]),
+                (st_ref.at[b, h, :, pl.ds(i * n, n)], st_smem.at[slot], st_ready.at[slot]),
+                (w_ref.at[b, pl.ds(kt * 2 * nw, 2 * nw), pl.ds(i * n, n)], w_smem.at[slot],
+                 w_ready.at[slot]),
+                (do_ref.at[rows], do_smem.at[slot], do_ready.at[slot]))
+      pl.when(wg == 2)(lambda: _memory_warpgroup(pl, plgpu, copies, first_cta, n_q, stages_kv,
+                                                 consumed))
 
     stages_kv = min(stages, n_q)
 
