@@ -223,6 +223,14 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
   return o[:, :T, :, :V], jnp.swapaxes(lse, 1, 2)[:, :T]
 
 
+def _dot_t(pl, plgpu, a_smem, b_smem, shape):
+  """a b^T of two shared-memory tiles by WGMMA, as a new fp32 array of `shape`."""
+  def run(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+    return acc_ref[...]
+  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
 def _store(plgpu, *pairs):
   """A compute warpgroup's results: its shared-memory tiles (src, gmem dst) to HBM by TMA."""
   plgpu.commit_smem()
@@ -307,16 +315,9 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
           slot = lax.rem(j, jnp.int32(st))
           plgpu.barrier_wait(k_ready.at[slot])
 
-          def s_ref(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-            return acc_ref[...]
-          s = pl.run_scoped(s_ref, plgpu.ACC((n, n), jnp.float32))
+          s = _dot_t(pl, plgpu, q_smem, k_smem.at[slot], (n, n))
           plgpu.barrier_wait(v_ready.at[slot])
-
-          def dp_ref(acc_ref):
-            plgpu.wgmma(acc_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-            return acc_ref[...]
-          dp = pl.run_scoped(dp_ref, plgpu.ACC((n, n), jnp.float32))
+          dp = _dot_t(pl, plgpu, do_smem, v_smem.at[slot], (n, n))
           plgpu.barrier_arrive(consumed[1].at[slot])
           plgpu.barrier_wait(w_ready.at[slot])
           ok = _allowed(plgpu, lambda i: plgpu.load(w_smem.at[slot, i, wg], (), layout=row),
@@ -395,10 +396,7 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
           slot = lax.rem(i - first_cta, jnp.int32(stages_kv))
           plgpu.barrier_wait(q_ready.at[slot])
 
-          def sT_ref(acc_ref):
-            plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-            return acc_ref[...]
-          sT = pl.run_scoped(sT_ref, plgpu.ACC((n, n), jnp.float32))
+          sT = _dot_t(pl, plgpu, k_smem, q_smem.at[slot], (n, n))
           plgpu.barrier_wait(st_ready.at[slot])
           lse = lax.broadcast_in_dim(plgpu.load(st_smem.at[slot, 0], (), layout=col), (n, n), [1])
           dl = lax.broadcast_in_dim(plgpu.load(st_smem.at[slot, 1], (), layout=col), (n, n), [1])
