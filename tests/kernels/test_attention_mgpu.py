@@ -45,10 +45,10 @@ def _inputs(seed, B, T, H, K, V, slots):
   return q, k, v, do, jnp.asarray(idx)
 
 
-def _grad_jaxpr_kernels(mosaic, seg=None):
+def _grad_jaxpr_kernels(mosaic, seg=None, dtype=jnp.bfloat16):
   """Names of the attention kernels in the gradient's jaxpr (traced on any backend)."""
   B, T, H = 1, 128, 2
-  q = jnp.ones((B, T, H, 64), jnp.bfloat16)
+  q = jnp.ones((B, T, H, 64), dtype)
   words = pack_mask(jnp.zeros((B, T, 4), jnp.int32), T)
   f = lambda q: jnp.sum(gpu.causal_attention(q, q, q, 0.1, seg, select_words_BTW=words,
                                              mgpu=mosaic)[0].astype(jnp.float32))
@@ -102,8 +102,8 @@ def test_values_and_gradients_match_reference_on_hopper(shape):
 
 
 def test_mosaic_kernels_replace_the_triton_ones_in_the_gradient():
-  """mgpu names the kernels that run as Mosaic-GPU kernels; segment ids keep all three Triton
-  (the Mosaic kernels read only the words)."""
+  """mgpu names the kernels that run as Mosaic-GPU kernels; segment ids (the Mosaic kernels
+  read only the words) and fp32 inputs (WGMMA takes 2-byte ones) keep all three Triton."""
   triton = ['pallas_call:masked_attention_bwd_dkv', 'pallas_call:masked_attention_bwd_dq',
             'pallas_call:masked_attention_fwd']
   assert _grad_jaxpr_kernels(()) == triton
@@ -112,6 +112,7 @@ def test_mosaic_kernels_replace_the_triton_ones_in_the_gradient():
   assert _grad_jaxpr_kernels(('fwd', 'dq')) == ['mpmd_map:dq_entry', 'mpmd_map:entry',
                                                 triton[0]]
   assert _grad_jaxpr_kernels(ALL, seg=jnp.ones((1, 128), jnp.int32)) == triton
+  assert _grad_jaxpr_kernels(ALL, dtype=jnp.float32) == triton
 
 
 def test_block_remat_keeps_the_mosaic_forward_outputs(capsys):

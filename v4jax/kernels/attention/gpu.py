@@ -88,10 +88,11 @@ class _Cfg:
   dq: Blocks
   interpret: bool
   mgpu: tuple = ()    # kernels ('fwd', 'dq', 'dkv') run as mgpu.py's Mosaic-GPU (WGMMA) kernels
-                      # when a top-k set and no segment ids are given
+                      # for bf16/fp16 inputs when a top-k set and no segment ids are given
 
-  def mosaic(self, seg, words) -> tuple:
-    return self.mgpu if seg is None and words is not None else ()
+  def mosaic(self, q, seg, words) -> tuple:
+    ok = seg is None and words is not None and q.dtype in (jnp.bfloat16, jnp.float16)
+    return self.mgpu if ok else ()
 
 
 def _parts(k: int) -> tuple[tuple[int, int], ...]:
@@ -252,7 +253,7 @@ def _opt_specs(H, bm, tp, sp, has_seg, has_mask, row_block):
 
 
 def _forward(q, k, v, seg, words, cfg):
-  if 'fwd' in cfg.mosaic(seg, words):
+  if 'fwd' in cfg.mosaic(q, seg, words):
     from v4jax.kernels.attention import mgpu
     o, lse = mgpu.forward(q, k, v, words, cfg.scale)
     return checkpoint_name(o, mgpu.FWD_NAME), checkpoint_name(lse, mgpu.FWD_NAME)
@@ -352,7 +353,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, scale, parts
 
 
 def _backward(q, k, v, seg, words, o, lse, do, cfg):
-  mosaic = tuple(n for n in ('dq', 'dkv') if n in cfg.mosaic(seg, words))
+  mosaic = tuple(n for n in ('dq', 'dkv') if n in cfg.mosaic(q, seg, words))
   dq = dk = dv = None
   if mosaic:
     from v4jax.kernels.attention import mgpu
@@ -442,8 +443,8 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
   [B,T,ceil(S/32)] (blockwise.pack_mask's layout), used instead of select_BTK when given.
   Per-head k/v. Differentiable in q, k, v (kernels both ways); lse carries no gradient.
   fwd / dkv / dq: each kernel's Blocks. mgpu: the kernels ('fwd', 'dq', 'dkv') that run as
-  mgpu.py's Mosaic-GPU (Hopper) kernels when a top-k set and no segment ids are given (Triton's
-  otherwise)."""
+  mgpu.py's Mosaic-GPU (Hopper) kernels for bf16/fp16 inputs when a top-k set and no segment
+  ids are given (Triton's otherwise)."""
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
   if (k_BSHK.shape != (B, S, H, K) or v_BSHV.shape[:3] != (B, S, H)
