@@ -5,7 +5,7 @@ One command writes everything to --out (JSON; default $OUT/bench_kernels.json):
   python tools/bench_kernels.py                  # H200: checks, sweep, V3.2 + bench shapes
   python tools/bench_kernels.py --smoke          # CPU: tiny shapes, Pallas interpret mode
 
-Sections (--sections, comma list; default all but attn_sweep):
+Sections (--sections, comma list; default all but attn_sweep and attn_scan):
   matmul   dense bf16 8192^3 matmul: the peak every kernel is quoted against (frac_dense);
   check    kernel vs jnp reference parity on the device (values, grads, top-k sets);
   sweep    sparse MLA forward and backward configurations (blocks, warps, stages of each kernel;
@@ -34,6 +34,8 @@ Sections (--sections, comma list; default all but attn_sweep):
            (`student_dq`), `dsa_ms_student_dq_<other>` with the other form)
            against cuDNN's fwd+bwd; then cuDNN's masked form against the Pallas kernel at
            bench_h200's attention shape (rows with shapes='bench');
+  attn_scan (opt-in) that Pallas kernel, and on Hopper its Mosaic-GPU form, inside a remat'd
+           lax.scan over 8 layers at bench_h200's micro-batch (the model's call), fwd+bwd;
   attn_sweep (opt-in) the tilings of that Pallas kernel (Blocks of fwd, dkv, dq) at the
            bench_h200 (B=4, H=16) and V3.2 (B=1, H=128) attention shapes (T=4096, d_qk 192,
            d_v 128, top-2048 sets), best kept; ends with `attn_config`, _DEFAULTS' form.
@@ -382,6 +384,44 @@ class Bench:
       self.save()
     for label, cfg in self.out['attn_config'].items():
       print(f'attn_config {label}: _DEFAULTS = {cfg!r}', flush=True)
+
+  def attn_scan(self):
+    """The masked attention as the model runs it: inside a remat'd `lax.scan` over layers (q
+    projected from the loop's carry, which is also k; o added back), fwd+bwd of the whole loop,
+    per form of kernels.attention (Triton's kernels; on Hopper the Mosaic-GPU ones, all three and
+    forward + dq). `ms_per_layer` against the dense section's kernels-alone rows: the
+    twenty-sixth measurement found the Mosaic kernels 14% faster alone and 1% faster here."""
+    from v4jax.kernels.attention import forward_kernel_saveable
+    from v4jax.kernels.attention import gpu as attn_gpu
+    from v4jax.kernels.blockwise import pack_mask
+    if self.smoke:
+      L, B, T, H, dqk, dv, K = 2, 1, 64, 2, 48, 32, 16
+    else:   # bench_h200's micro-batch: 8 x 4096, 16 heads, top-1024
+      L, B, T, H, dqk, dv, K = 8, 8, 4096, BENCH['H'], 192, 128, BENCH['K']
+    ks = jax.random.split(jax.random.key(11), 3)
+    w_LKK = jax.random.normal(ks[0], (L, dqk, dqk), self.dtype) * dqk ** -0.5
+    x = jax.random.normal(ks[1], (B, T, H, dqk), self.dtype)
+    v = jax.random.normal(ks[2], (B, T, H, dv), self.dtype)
+    words = pack_mask(self.idx(B, T, K), T)
+    forms = {'pallas': ()}
+    if _hopper():
+      forms.update(pallas_mgpu=('fwd', 'dq', 'dkv'), pallas_mgpu_fwd_dq=('fwd', 'dq'))
+    shape = dict(shapes='bench' if not self.smoke else 'smoke', L=L, B=B, T=T, H=H, dqk=dqk,
+                 dv=dv, K=K)
+    for name, mosaic in forms.items():
+      def layer(h, w, mosaic=mosaic):
+        q = jnp.einsum('bthk,kj->bthj', h, w)
+        o, _ = attn_gpu.causal_attention(q, h, v, dqk ** -0.5, select_words_BTW=words,
+                                         mgpu=mosaic)
+        return h + jnp.pad(o, ((0, 0), (0, 0), (0, 0), (0, dqk - dv))), None
+      step = jax.checkpoint(layer, policy=forward_kernel_saveable)
+      grad = jax.jit(jax.grad(lambda w, x, step=step: jnp.sum(
+          jax.lax.scan(step, x, w)[0].astype(jnp.float32))))
+      row = self.record('attn_scan', f'{name}_scan_fwd+bwd', shape,
+                        lambda grad=grad: self.timeit(grad, w_LKK, x))
+      if 'ms' in row:
+        row['ms_per_layer'] = round(row['ms'] / L, 4)
+    self.save()
 
   def sparse(self, seqs, ref_max_t):
     cases = [('v3.2', SMOKE, 64)] if self.smoke else (
@@ -807,7 +847,7 @@ def main():
   sections = args.sections.split(',')
   t0 = time.time()
   for name in ('matmul', 'check', 'sweep', 'profile', 'sparse', 'indexer', 'kl', 'peer', 'dense',
-               'attn_sweep'):
+               'attn_sweep', 'attn_scan'):
     if name not in sections:
       continue
     print(f'== {name} ({time.time() - t0:.0f}s)', flush=True)
