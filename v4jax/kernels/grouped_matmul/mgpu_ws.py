@@ -21,8 +21,8 @@ layout of jax's `hopper_matmul_mgpu` applied to ragged rows:
     so x is read from L2 once per pair of output tiles.
 
 Dims: M rows of x (sorted by group, padded to block_m), K contraction (multiple of block_k), N
-output columns (multiple of 2 * block_n), G groups, T tiles along M (at most M/block_m + G - 1).
-Rows past sum(group sizes) are not written (the caller masks them).
+output columns (multiple of 2 * cluster * block_n), G groups, T tiles along M (at most
+M/block_m + G - 1). Rows past sum(group sizes) are not written (the caller masks them).
 """
 from __future__ import annotations
 
