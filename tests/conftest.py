@@ -32,26 +32,30 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # (longest-processing-time-first scheduling); every other file follows in collection order, so
 # the many short files fill the end evenly. Seconds per file are the sums of a `--durations=60`
 # run of the README's test command on the 2-core CPU VM (2026-12-02, two workers sharing the
-# cores), for ordering only; keep the list roughly current.
+# cores; twenty-sixth session, `--durations=0`), for ordering only; keep the list roughly current.
 HEAVY_FILES = {
-    'tests/memory/test_host_tables.py': 215,
-    'tests/parallel/test_parity.py': 161,
-    'tests/test_trainer.py': 150,
-    'tests/tools/test_aot_compile.py': 122,      # libtpu only (CI's tpu extra)
-    'tests/parallel/test_multiprocess_engram.py': 116,
-    'tests/model/test_scan_layers.py': 102,
-    'tests/test_trainer_resume.py': 96,
-    'tests/test_trainer_scan.py': 93,
-    'tests/kernels/test_tpu_aot.py': 72,         # libtpu only
-    'tests/tools/test_bench_train.py': 67,
-    'tests/test_cast_once.py': 59,
-    'tests/model/test_transformer.py': 54,
-    'tests/tools/test_convert_scan.py': 52,
-    'tests/tools/test_bench_kernels.py': 44,
+    'tests/memory/test_host_tables.py': 203,
+    'tests/parallel/test_parity.py': 128,
+    'tests/tools/test_aot_compile.py': 128,      # libtpu only (CI's tpu extra)
+    'tests/parallel/test_multiprocess_engram.py': 110,
+    'tests/test_trainer.py': 97,
+    'tests/test_trainer_resume.py': 91,
+    'tests/kernels/test_indexer.py': 89,
+    'tests/tools/test_convert.py': 87,
+    'tests/model/test_scan_layers.py': 85,
+    'tests/kernels/test_hc_mix.py': 79,
+    'tests/model/test_transformer.py': 78,
+    'tests/model/test_dsa.py': 71,
+    'tests/test_trainer_scan.py': 70,
+    'tests/tools/test_bench_train.py': 68,
+    'tests/kernels/test_tpu_aot.py': 67,         # libtpu only
+    'tests/tools/test_convert_scan.py': 54,
+    'tests/test_cast_once.py': 51,
+    'tests/kernels/test_grouped_matmul_pallas.py': 46,
+    'tests/tools/test_bench_kernels.py': 43,
     'tests/tools/test_bench_engram.py': 41,
-    'tests/kernels/test_preload.py': 30,
-    'tests/tools/test_convert.py': 28,
-    'tests/tools/test_bench_mhc.py': 28,
+    'tests/parallel/test_expert.py': 37,
+    'tests/model/test_moe.py': 36,
 }
 
 
