@@ -35,7 +35,8 @@ Sections (--sections, comma list; default all but attn_sweep and attn_scan):
            against cuDNN's fwd+bwd; then cuDNN's masked form against the Pallas kernel at
            bench_h200's attention shape (rows with shapes='bench');
   attn_scan (opt-in) that Pallas kernel, and on Hopper its Mosaic-GPU form, inside a remat'd
-           lax.scan over 8 layers at bench_h200's micro-batch (the model's call), fwd+bwd;
+           lax.scan over 8 layers at bench_h200's micro-batch (the model's call), fwd+bwd, and
+           the same layers unrolled (scan_layers=false); device time per kernel of the scan;
   attn_sweep (opt-in) the tilings of that Pallas kernel (Blocks of fwd, dkv, dq) at the
            bench_h200 (B=4, H=16) and V3.2 (B=1, H=128) attention shapes (T=4096, d_qk 192,
            d_v 128, top-2048 sets), best kept; ends with `attn_config`, _DEFAULTS' form.
@@ -206,8 +207,17 @@ class Bench:
     s, T = (SMOKE, 64) if self.smoke else (V3, 4096)
     q, kv, idx = self.sparse_inputs(s, T)
     f, args = self.bwd_fn(s, **self.sa_cfg), self.bwd_args(s, q, kv, idx, self.sa_cfg.get('fwd'))
+    out = self.kernel_ms(f, *args)
+    self.out['profile'] = dict(T=T, config=self.sa_cfg, ms_per_call=out)
+    self.print_kernel_ms('profile', out)
+    self.save()
+
+  @staticmethod
+  def kernel_ms(f, *args, n=3, top=12):
+    """{device plane + line: [(ms per call, kernel name)] of the `top` largest}: device time
+    per kernel name of n calls of f under jax.profiler.trace (empty off GPU/TPU)."""
     jax.block_until_ready(f(*args))
-    n, d = 3, tempfile.mkdtemp()
+    d = tempfile.mkdtemp()
     with jax.profiler.trace(d):
       for _ in range(n):
         jax.block_until_ready(f(*args))
@@ -220,14 +230,15 @@ class Bench:
           acc = per_line.setdefault(f'{plane.name} {line.name}', {})
           for ev in line.events:
             acc[ev.name] = acc.get(ev.name, 0.0) + ev.duration_ns / n / 1e6
-    out = {ln: sorted(((round(ms, 3), k[:90]) for k, ms in ev.items()), reverse=True)[:12]
-           for ln, ev in per_line.items() if ev}
-    self.out['profile'] = dict(T=T, config=self.sa_cfg, ms_per_call=out)
+    return {ln: sorted(((round(ms, 3), k[:90]) for k, ms in ev.items()), reverse=True)[:top]
+            for ln, ev in per_line.items() if ev}
+
+  @staticmethod
+  def print_kernel_ms(label, out):
     for ln, evs in out.items():
-      print(f'profile {ln}: total {sum(m for m, _ in evs):.2f} ms/call (top 12 shown)')
+      print(f'{label} {ln}: total {sum(m for m, _ in evs):.2f} ms/call (top {len(evs)} shown)')
       for ms, name in evs:
         print(f'  {ms:9.3f} ms  {name}')
-    self.save()
 
   def run_check(self, row: dict, body):
     """Fills a parity-check row with body(row) (an exception is recorded in the row), keeps it,
@@ -389,7 +400,8 @@ class Bench:
     """The masked attention as the model runs it: inside a remat'd `lax.scan` over layers (q
     projected from the loop's carry, which is also k; o added back), fwd+bwd of the whole loop,
     per form of kernels.attention (Triton's kernels; on Hopper the Mosaic-GPU ones, all three and
-    forward + dq). `ms_per_layer` against the dense section's kernels-alone rows: the
+    forward + dq), as a scan and unrolled; the scan's device time per kernel (`kernel_ms`, a
+    trace of 2 calls: run it with command buffers off). `ms_per_layer` against the dense section's kernels-alone rows: the
     twenty-sixth measurement found the Mosaic kernels 14% faster alone and 1% faster here."""
     from v4jax.kernels.attention import forward_kernel_saveable
     from v4jax.kernels.attention import gpu as attn_gpu
@@ -415,12 +427,22 @@ class Bench:
                                          mgpu=mosaic)
         return h + jnp.pad(o, ((0, 0), (0, 0), (0, 0), (0, dqk - dv))), None
       step = jax.checkpoint(layer, policy=forward_kernel_saveable)
-      grad = jax.jit(jax.grad(lambda w, x, step=step: jnp.sum(
-          jax.lax.scan(step, x, w)[0].astype(jnp.float32))))
-      row = self.record('attn_scan', f'{name}_scan_fwd+bwd', shape,
-                        lambda grad=grad: self.timeit(grad, w_LKK, x))
-      if 'ms' in row:
-        row['ms_per_layer'] = round(row['ms'] / L, 4)
+
+      def unrolled(w, h, step=step):     # the same layers as a Python loop (scan_layers=false)
+        for i in range(L):
+          h = step(h, w[i])[0]
+        return h, None
+      for loop, body in (('scan', lambda w, x, step=step: jax.lax.scan(step, x, w)),
+                         ('unrolled', unrolled)):
+        grad = jax.jit(jax.grad(lambda w, x, body=body: jnp.sum(
+            body(w, x)[0].astype(jnp.float32))))
+        row = self.record('attn_scan', f'{name}_{loop}_fwd+bwd', shape,
+                          lambda grad=grad: self.timeit(grad, w_LKK, x))
+        if 'ms' in row:
+          row['ms_per_layer'] = round(row['ms'] / L, 4)
+          if loop == 'scan':
+            row['kernel_ms'] = self.kernel_ms(grad, w_LKK, x, n=2)
+            self.print_kernel_ms(f'attn_scan {name}', row['kernel_ms'])
     self.save()
 
   def sparse(self, seqs, ref_max_t):
