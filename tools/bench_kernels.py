@@ -36,7 +36,7 @@ Sections (--sections, comma list; default all but attn_sweep and attn_scan):
            bench_h200's attention shape (rows with shapes='bench');
   attn_scan (opt-in) that Pallas kernel, and on Hopper its Mosaic-GPU form, inside a remat'd
            lax.scan over 8 layers at bench_h200's micro-batch (the model's call), fwd+bwd, and
-           the same layers unrolled (scan_layers=false); device time per kernel of the scan;
+           the same layers unrolled (scan_layers=false); device time and launches per kernel;
   attn_sweep (opt-in) the tilings of that Pallas kernel (Blocks of fwd, dkv, dq) at the
            bench_h200 (B=4, H=16) and V3.2 (B=1, H=128) attention shapes (T=4096, d_qk 192,
            d_v 128, top-2048 sets), best kept; ends with `attn_config`, _DEFAULTS' form.
@@ -214,8 +214,8 @@ class Bench:
 
   @staticmethod
   def kernel_ms(f, *args, n=3, top=12):
-    """{device plane + line: [(ms per call, kernel name)] of the `top` largest}: device time
-    per kernel name of n calls of f under jax.profiler.trace (empty off GPU/TPU)."""
+    """{device plane + line: [(ms, launches, kernel name)] of the `top` largest, per call of f}:
+    device time per kernel name over n calls under jax.profiler.trace (empty off GPU/TPU)."""
     jax.block_until_ready(f(*args))
     d = tempfile.mkdtemp()
     with jax.profiler.trace(d):
@@ -229,16 +229,18 @@ class Bench:
         for line in plane.lines:
           acc = per_line.setdefault(f'{plane.name} {line.name}', {})
           for ev in line.events:
-            acc[ev.name] = acc.get(ev.name, 0.0) + ev.duration_ns / n / 1e6
-    return {ln: sorted(((round(ms, 3), k[:90]) for k, ms in ev.items()), reverse=True)[:top]
+            ms, calls = acc.get(ev.name, (0.0, 0))
+            acc[ev.name] = (ms + ev.duration_ns / n / 1e6, calls + 1)
+    return {ln: sorted(((round(ms, 3), calls / n, k[:90]) for k, (ms, calls) in ev.items()),
+                       reverse=True)[:top]
             for ln, ev in per_line.items() if ev}
 
   @staticmethod
   def print_kernel_ms(label, out):
     for ln, evs in out.items():
-      print(f'{label} {ln}: total {sum(m for m, _ in evs):.2f} ms/call (top {len(evs)} shown)')
-      for ms, name in evs:
-        print(f'  {ms:9.3f} ms  {name}')
+      print(f'{label} {ln}: total {sum(e[0] for e in evs):.2f} ms/call (top {len(evs)} shown)')
+      for ms, calls, name in evs:
+        print(f'  {ms:9.3f} ms  {calls:5g}x  {name}')
 
   def run_check(self, row: dict, body):
     """Fills a parity-check row with body(row) (an exception is recorded in the row), keeps it,
@@ -400,7 +402,7 @@ class Bench:
     """The masked attention as the model runs it: inside a remat'd `lax.scan` over layers (q
     projected from the loop's carry, which is also k; o added back), fwd+bwd of the whole loop,
     per form of kernels.attention (Triton's kernels; on Hopper the Mosaic-GPU ones, all three and
-    forward + dq), as a scan and unrolled; the scan's device time per kernel (`kernel_ms`, a
+    forward + dq), as a scan and unrolled; device time and launches per kernel (`kernel_ms`, a
     trace of 2 calls: run it with command buffers off). `ms_per_layer` against the dense section's kernels-alone rows: the
     twenty-sixth measurement found the Mosaic kernels 14% faster alone and 1% faster here."""
     from v4jax.kernels.attention import forward_kernel_saveable
@@ -440,9 +442,8 @@ class Bench:
                           lambda grad=grad: self.timeit(grad, w_LKK, x))
         if 'ms' in row:
           row['ms_per_layer'] = round(row['ms'] / L, 4)
-          if loop == 'scan':
-            row['kernel_ms'] = self.kernel_ms(grad, w_LKK, x, n=2)
-            self.print_kernel_ms(f'attn_scan {name}', row['kernel_ms'])
+          row['kernel_ms'] = self.kernel_ms(grad, w_LKK, x, n=2)
+          self.print_kernel_ms(f'attn_scan {name} {loop}', row['kernel_ms'])
     self.save()
 
   def sparse(self, seqs, ref_max_t):
