@@ -101,6 +101,30 @@ def test_values_and_gradients_match_reference_on_hopper(shape):
     assert np.abs(g - w).max() < 2e-2 * np.abs(w).max()
 
 
+@pytest.mark.skipif(not _hopper(), reason='Mosaic-GPU kernels: a Hopper GPU (H100/H200) only')
+def test_layer_scan_gradient_compiles_each_mosaic_kernel_once():
+  """In a remat'd lax.scan over layers (the model's form, block remat keeping the forward's
+  outputs) the compiled gradient holds each Mosaic kernel once: the forward in the forward loop,
+  dq and dk/dv in the backward one. Without mgpu.forward's barrier XLA's dynamic-slice fusion
+  cloned the forward into the stacking of its saved outputs (4 kernels, the forward run twice
+  per layer)."""
+  L, B, T, H, K = 2, 1, 256, 2, 64
+  rs = np.random.RandomState(7)
+  w = jnp.asarray(rs.randn(L, K, K) / 8, jnp.bfloat16)
+  x, v = (jnp.asarray(rs.randn(B, T, H, K), jnp.bfloat16) for _ in range(2))
+  words = pack_mask(jnp.asarray(rs.randint(-1, T, (B, T, 16)), jnp.int32), T)
+
+  def layer(h, w):
+    o, _ = gpu.causal_attention(jnp.einsum('bthk,kj->bthj', h, w), h, v, SCALE,
+                                select_words_BTW=words, mgpu=ALL)
+    return h + o, None
+  step = jax.checkpoint(layer, policy=forward_kernel_saveable)
+  grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jax.lax.scan(step, x, w)[0].astype(jnp.float32))))
+  hlo = grad.lower(w, x).compile().as_text()
+  assert hlo.count('custom_call_target="mosaic_gpu') == 3
+  assert np.all(np.isfinite(np.asarray(grad(w, x), np.float32)))
+
+
 def test_mosaic_kernels_replace_the_triton_ones_in_the_gradient():
   """mgpu names the kernels that run as Mosaic-GPU kernels; segment ids (the Mosaic kernels
   read only the words) and fp32 inputs (WGMMA takes 2-byte ones) keep all three Triton."""

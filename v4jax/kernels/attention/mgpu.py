@@ -220,6 +220,11 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
       num_threads=3, thread_name='wg',
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, words)
+  # Inside a layer scan the saved o and lse are stacked by dynamic-update-slices; XLA's
+  # dynamic-slice fusion writes a custom call's output into such a stack in place, and where the
+  # output has other users it clones the call: the kernel ran twice per layer (performance.md
+  # row 88). The barrier leaves the stacking a plain copy.
+  o, lse = lax.optimization_barrier((o, lse))
   return o[:, :T, :, :V], jnp.swapaxes(lse, 1, 2)[:, :T]
 
 
