@@ -9,6 +9,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # One persistent compilation cache per test session (inherited by subprocess runs), so the many
@@ -70,3 +72,15 @@ def pytest_collection_modifyitems(config, items):
     path = os.path.relpath(str(item.path), str(config.rootpath)).replace(os.sep, '/')
     return -HEAVY_FILES.get(path, 0)
   items.sort(key=weight)      # stable: tests keep their order within a file
+
+
+@pytest.fixture
+def quick_tpu_compile():
+  """TPU compiles at XLA's lowest execution-time effort (jax_exec_time_optimization_effort=-1):
+  the ahead-of-time tests check that a step or kernel compiles for a TPU topology and fits its
+  HBM, not how fast the program would run (the two files: 167 -> 107 s on the 2-core VM)."""
+  import jax
+  old = jax.config.jax_exec_time_optimization_effort
+  jax.config.update('jax_exec_time_optimization_effort', -1.0)
+  yield
+  jax.config.update('jax_exec_time_optimization_effort', old)

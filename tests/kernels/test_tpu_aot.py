@@ -30,6 +30,8 @@ from v4jax.kernels.attention import tpu as attention_tpu  # noqa: E402
 from v4jax.kernels.indexer import tpu as indexer_tpu  # noqa: E402
 from v4jax.kernels.sparse_attention import tpu as sparse_tpu  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures('quick_tpu_compile')   # conftest.py
+
 TOPOLOGIES = ['v5p:2x2x1', 'v6e:2x2']
 
 

@@ -21,6 +21,8 @@ if importlib.util.find_spec('libtpu') is None:
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import aot_compile  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures('quick_tpu_compile')   # conftest.py
+
 
 def test_tiny_train_step_compiles_for_v5p(monkeypatch):
   """... with the layer scans' stacked outputs uninitialised (train.scan_outputs='empty', as
