@@ -32,6 +32,8 @@ BAD = [
      "names from ('moe_dispatch', 'moe_gemms', 'mla_ckv', 'mhc_coeffs')"),
     ('model.remat_recompute', ('moe_gemms',), "config.model.remat_recompute=('moe_gemms',) must "
      "be a tuple of names from ('mla_up', 'indexer_q', 'ffn_in')"),
+    ('model.remat_dot_barrier', True, "config.model.remat_dot_barrier=True applies to block "
+     "remat only (model.remat is 'none')"),
     ('engram.rows_ahead', ('m',), "config.engram.rows_ahead=('m',) must be a tuple of names from "
      "('theta', 'moments')"),
     ('optim.moment_dtype', 'float16', "config.optim.moment_dtype='float16' is not one of"),

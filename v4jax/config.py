@@ -46,6 +46,10 @@ def default_config() -> ConfigDict:
                                # from the q and kv latents; indexer_q: the DSA indexer's queries;
                                # ffn_in: the dense and shared-expert FFNs' gate and up): memory
                                # for remat_save, at a GEMM each
+      remat_dot_barrier=False,  # block remat: the weight matmuls it keeps leave the dot through an
+                               # optimization barrier and are kept by name (GPU: stops XLA's
+                               # dynamic-slice fusion from running each kept GEMM twice in a
+                               # layer scan; layers.kept_matmuls_behind_barrier)
       scan_layers=False,       # build each run of identical blocks as one stacked module run by
                                # lax.scan (params get a leading 'layers' dim): compile time and
                                # HLO size stop growing with depth (docs/architecture.md)
@@ -309,10 +313,13 @@ def validate(c: ConfigDict) -> ConfigDict:
                       ('engram.rows_ahead', ROW_PARTS)):
     if not isinstance(_get(c, path), tuple) or not set(_get(c, path)) <= set(names):
       _fail(path, _get(c, path), f'must be a tuple of names from {names}')
-  for path in ['model.scan_layers', 'train.cast_params_once', 'engram.donate_rows',
-               'engram.late_moments']:
+  for path in ['model.scan_layers', 'model.remat_dot_barrier', 'train.cast_params_once',
+               'engram.donate_rows', 'engram.late_moments']:
     if not isinstance(_get(c, path), bool):
       _fail(path, _get(c, path), 'must be True or False')
+  if m.remat_dot_barrier and m.remat != 'block':
+    _fail('model.remat_dot_barrier', m.remat_dot_barrier,
+          f"applies to block remat only (model.remat is '{m.remat}')")
   if m.attn_query_block < 0:
     _fail('model.attn_query_block', m.attn_query_block, 'must be >= 0 (0 = one block)')
   if m.qk_rope_dim % 2:

@@ -1,5 +1,6 @@
 """layers.linear_f32 / dot_f32: fp32 products of bf16 activations with fp32 weights (the router
-logits, the mHC coefficients) against a float64 NumPy oracle.
+logits, the mHC coefficients) against a float64 NumPy oracle; layers.matmul under
+kept_matmuls_behind_barrier (model.remat_dot_barrier) against the same oracle.
 
 The split-bf16 mode must match the fp32 result to fp32 accumulation error (1e-5 of the largest
 magnitude); rounding the weight to bf16 instead would miss by ~1e-3.
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from v4jax.model.layers import f32_mode, linear_f32
+from v4jax.model.layers import (KEPT_MATMUL, f32_mode, kept_matmuls_behind_barrier, linear_f32,
+                                 matmul)
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
@@ -55,3 +57,46 @@ def test_split_survives_xla_dropping_convert_pairs():
   assert 'tensor<64x24xbf16>) -> tensor<64x24xf32>' not in text
   parts = np.asarray(_split3(b), np.float64).reshape(64, 3, 24)
   np.testing.assert_array_equal(parts.sum(axis=1), np.asarray(b, np.float64))
+
+
+def test_matmul_behind_barrier_values_gradients_and_saved_names(capsys):
+  """Under kept_matmuls_behind_barrier, in a remat'd two-matmul chain with block remat's policy
+  (dots without batch dimensions, or the name KEPT_MATMUL): values and gradients equal the
+  float64 oracle (fp32: 1e-5 of the largest), the products are kept by their name (one barrier
+  each), and the gradient holds no dot beyond the 2 forward and 4 backward ones (nothing
+  recomputed). Outside the context the same chain keeps the dots themselves."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(4, 6, 16)), jnp.float32)
+  w1 = jnp.asarray(rng.normal(0, 0.3, (16, 24)), jnp.float32)
+  w2 = jnp.asarray(rng.normal(0, 0.3, (24, 8)), jnp.float32)
+  cp = jax.checkpoint_policies
+  policy = cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                      cp.save_only_these_names(KEPT_MATMUL))
+
+  def chain(x, w1, w2):
+    h = jnp.tanh(matmul('btd,df->btf', x, w1, jnp.float32))
+    return jnp.sum(matmul('btf,fe->bte', h, w2, jnp.float32) ** 2)
+
+  def barred(*a):
+    with kept_matmuls_behind_barrier():
+      return chain(*a)
+
+  x64, w164, w264 = (np.asarray(a, np.float64) for a in (x, w1, w2))
+  h64 = np.tanh(x64 @ w164)
+  y64 = h64 @ w264
+  dy = 2 * y64
+  dh = dy @ w264.T * (1 - h64 ** 2)
+  want_g = [dh @ w164.T, np.einsum('btd,btf->df', x64, dh), np.einsum('btf,bte->fe', h64, dy)]
+  for fn, name in ((barred, True), (chain, False)):
+    f = jax.checkpoint(fn, policy=policy)
+    val, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w1, w2)
+    np.testing.assert_allclose(float(val), (y64 ** 2).sum(), rtol=1e-5)
+    for g, w in zip(grads, want_g):
+      np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=1e-5 * np.abs(w).max())
+    jax.ad_checkpoint.print_saved_residuals(f, x, w1, w2)
+    saved = capsys.readouterr().out
+    assert (f"named '{KEPT_MATMUL}'" in saved) == name, saved
+    assert ('output of dot_general' in saved) != name, saved
+    jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(x, w1, w2))
+    assert jaxpr.count('dot_general[') == 2 + 4, jaxpr     # forward 2; dw2, dh, dw1, dx
+    assert jaxpr.count('optimization_barrier') == (2 if name else 0), jaxpr

@@ -24,6 +24,7 @@ from helpers import load_preset, small_tiny
 from v4jax.config import validate
 from v4jax.data.engram_hash import hash_rows, make_hash_spec
 from v4jax.flops import param_counts
+from v4jax.model.layers import KEPT_MATMUL
 from v4jax.model.moe import MoE
 from v4jax.model.transformer import Block, BlockInputs, Transformer
 from v4jax.trainer import Trainer, engram_setup
@@ -329,6 +330,23 @@ def test_remat_recompute_leaves_the_named_matmuls_to_the_backward(capsys):
   (d0, b0), (d1, b1) = runs[()], runs[names]
   assert dense > 0 and moe > 0 and d0 - d1 == removed and not d1 - d0, (d0, d1)
   assert b1 >= b0 + sum(removed.values()), (b0, b1)
+
+
+def test_remat_dot_barrier_keeps_the_same_matmuls_by_name(capsys):
+  """model.remat_dot_barrier: block remat keeps the same weight-matmul outputs, one for one, now
+  by the name KEPT_MATMUL after an optimization barrier instead of as dots (products with batch
+  dimensions, which it never keeps, stay as they are), in a layer scan. Saved residuals as jax
+  reports them; the values are layers.matmul's test (tests/model/test_layers.py)."""
+  off = {'mtp.depth': 0, 'engram.enabled': False, 'mhc.streams': 1, 'model.remat': 'block',
+         'model.scan_layers': True, 'model.n_layers': 3}
+  runs = {}
+  for barrier in (False, True):
+    _, _, out = _saved_residuals(small_tiny(**{'model.remat_dot_barrier': barrier, **off}), capsys)
+    lines = out.splitlines()
+    runs[barrier] = [collections.Counter(ln.split()[0] for ln in lines if key in ln)
+                     for key in ('output of dot_general', f"named '{KEPT_MATMUL}'")]
+  (d0, n0), (d1, n1) = runs[False], runs[True]
+  assert not n0 and n1 and d0 - d1 == n1 and not d1 - d0, (d0, d1, n1)
 
 
 def test_remat_save_keeps_the_mhc_coefficients(capsys):

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from v4jax.parallel.rules import constrain  # re-exported for model modules
 
 __all__ = ['param', 'batched_draws', 'flush_draws', 'const_param', 'RMSNorm', 'LayerNorm',
-           'matmul', 'constrain', 'dtype_of', 'dot_f32', 'f32_mode', 'linear_f32']
+           'matmul', 'kept_matmuls_behind_barrier', 'KEPT_MATMUL', 'constrain', 'dtype_of',
+           'dot_f32', 'f32_mode', 'linear_f32']
 
 _F32 = jnp.float32
 
@@ -90,6 +93,39 @@ def const_param(value: float, shape: Sequence[int], axes: Sequence[str | None],
   return nnx.Param(jnp.full(tuple(shape), value, dtype), logical_axes=tuple(axes))
 
 
+KEPT_MATMUL = 'kept_matmul'    # checkpoint name of matmul outputs under the barrier (below)
+_BARRIER = contextvars.ContextVar('v4jax_kept_matmul_barrier', default=False)
+
+
+@jax.custom_jvp
+def _primal_barrier(y: jax.Array) -> jax.Array:
+  """lax.optimization_barrier on the primal only: the barrier's own JVP bars primals and
+  tangents together, which would make the backward need (and remat recompute) the dot."""
+  return jax.lax.optimization_barrier(y)
+
+
+@_primal_barrier.defjvp
+def _primal_barrier_jvp(primals, tangents):
+  return jax.lax.optimization_barrier(primals[0]), tangents[0]
+
+
+@contextlib.contextmanager
+def kept_matmuls_behind_barrier():
+  """While a block traces under it (block remat with model.remat_dot_barrier), `matmul`'s
+  saveable products leave the dot through `lax.optimization_barrier` and carry the checkpoint
+  name KEPT_MATMUL; the dot itself gets a unit batch dimension, so block remat keeps the named
+  value, not the dot. Why: in a layer scan each kept output is also stacked for the backward by a
+  dynamic-update-slice, and XLA:GPU's dynamic-slice fusion then writes the GEMM straight into the
+  stack by running it a second time for its other users (performance.md row 89). The barrier
+  leaves the stacking a copy. Products with batch dimensions, which the policy does not keep, are
+  left as they are."""
+  token = _BARRIER.set(True)
+  try:
+    yield
+  finally:
+    _BARRIER.reset(token)
+
+
 def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, *, saveable: bool = True) -> jax.Array:
   """einsum with inputs and output in the compute dtype (GPU/TPU accumulate bf16 dots in fp32).
 
@@ -100,16 +136,19 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, *, saveable: bool = Tru
   saveable=False: the same product as a dot with a unit batch dimension, which block remat's
   policy (dots without batch dimensions) does not keep, so the backward recomputes it from its
   input (`model.remat_recompute`); XLA drops the unit dimension. The casts come first, so that a
-  weight's one use is still its cast (cast_once.py).
+  weight's one use is still its cast (cast_once.py). Under kept_matmuls_behind_barrier a saveable
+  product is kept by name instead (see there).
   """
   x, w = x.astype(dtype), w.astype(dtype)
-  if saveable:
-    return jnp.einsum(spec, x, w, preferred_element_type=dtype)
   ins, out = spec.split('->')
   lhs, rhs = ins.split(',')
+  batched = set(lhs) & set(rhs) & set(out)      # block remat's policy keeps dots without these
+  if saveable and (batched or not _BARRIER.get()):
+    return jnp.einsum(spec, x, w, preferred_element_type=dtype)
   u = next(c for c in 'ZYXWVU' if c not in spec)          # the unit batch dimension's letter
-  return jnp.einsum(f'{u}{lhs},{u}{rhs}->{u}{out}', x[None], w[None],
-                    preferred_element_type=dtype)[0]
+  y = jnp.einsum(f'{u}{lhs},{u}{rhs}->{u}{out}', x[None], w[None],
+                 preferred_element_type=dtype)[0]
+  return checkpoint_name(_primal_barrier(y), KEPT_MATMUL) if saveable else y
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

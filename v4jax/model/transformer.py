@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.kernels.attention import forward_kernel_saveable
-from v4jax.model.layers import RMSNorm, constrain, dtype_of, flush_draws, matmul, param
+from v4jax.model.layers import (KEPT_MATMUL, RMSNorm, constrain, dtype_of, flush_draws,
+                                 kept_matmuls_behind_barrier, matmul, param)
 from v4jax.model.loss import cross_entropy_sum
 from v4jax.model.mla import MLA
 from v4jax.model.moe import DenseFFN, MoE
@@ -100,13 +101,20 @@ def _checkpoint(cfg, fn):
       # the MoE's routing (selection, slot order, balance counts: a few bytes per token-slot) and
       # its output (mHC's write-back needs it; recomputing it costs the down GEMM);
       # and the names in model.remat_save
+      # (under model.remat_dot_barrier, layers.matmul's products by their name KEPT_MATMUL)
       'block': cp.save_from_both_policies(
           cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
-                                     cp.save_only_these_names(*BLOCK_SAVED_NAMES,
+                                     cp.save_only_these_names(*BLOCK_SAVED_NAMES, KEPT_MATMUL,
                                                               *cfg.model.remat_save)),
           forward_kernel_saveable),
       'full': cp.nothing_saveable,
   }[cfg.model.remat]
+  if cfg.model.remat_dot_barrier:
+    inner = fn
+
+    def fn(*args):
+      with kept_matmuls_behind_barrier():
+        return inner(*args)
   return jax.checkpoint(fn, policy=policy, static_argnums=(0,))
 
 
