@@ -25,9 +25,9 @@ from v4jax.kernels.hc_mix import gpu
 from v4jax.parallel import rules
 
 EPS = 1e-6
-# (B, T, N, D, block_m, block_d): tails in tokens and features; whole blocks; a tail in features
-# alone; N = 3.
-CASES = [(2, 11, 4, 40, 8, 16), (2, 8, 4, 32, 8, 16), (2, 8, 4, 40, 8, 16), (1, 7, 3, 24, 4, 16)]
+# (B, T, N, D, block_m, block_d): tails in tokens and features; whole blocks; N = 3. (A tail in
+# features alone was a fourth case: the first case's feature tail covers it, -11 s of CI.)
+CASES = [(2, 11, 4, 40, 8, 16), (2, 8, 4, 32, 8, 16), (1, 7, 3, 24, 4, 16)]
 MIX_CASES = [(2, 11, 4, 40, 16, 32), (1, 9, 3, 24, 16, 16)]   # K = 160 / 72: partial chunks
 
 
