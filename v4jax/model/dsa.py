@@ -79,7 +79,7 @@ class Indexer(nnx.Module):
       h_II = jnp.asarray(_hadamard(self.head_dim))
       q_BTJI = jnp.einsum('btji,ik->btjk', q_BTJI.astype(F32), h_II)
       k_BTI = jnp.einsum('bti,ik->btk', k_BTI, h_II)
-    w_BTJ = jnp.einsum('btd,dj->btj', x_BTD.astype(F32), self.weights_proj[...].astype(F32))
+    w_BTJ = matmul('btd,dj->btj', x_BTD, self.weights_proj[...], F32)      # fp32 head weights
     w_BTJ = w_BTJ * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
     return q_BTJI.astype(self.dtype), k_BTI.astype(self.dtype), w_BTJ
 
