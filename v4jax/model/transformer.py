@@ -110,12 +110,12 @@ def _checkpoint(cfg, fn):
       'full': cp.nothing_saveable,
   }[cfg.model.remat]
   if cfg.model.remat_dot_barrier:
-    inner = fn
-
-    def fn(*args):
+    def body(*args):
       with kept_matmuls_behind_barrier():
-        return inner(*args)
-  return jax.checkpoint(fn, policy=policy, static_argnums=(0,))
+        return fn(*args)
+  else:
+    body = fn
+  return jax.checkpoint(body, policy=policy, static_argnums=(0,))
 
 
 def _remat(cfg, fn):
