@@ -99,8 +99,8 @@ _BARRIER = contextvars.ContextVar('v4jax_kept_matmul_barrier', default=False)
 
 @jax.custom_jvp
 def _primal_barrier(y: jax.Array) -> jax.Array:
-  """lax.optimization_barrier on the primal only: the barrier's own JVP bars primals and
-  tangents together, which would make the backward need (and remat recompute) the dot."""
+  """lax.optimization_barrier on the primal only: the barrier's own JVP bars the tangent too,
+  which transposes to a barrier on each cotangent in the backward, between the backward's ops."""
   return jax.lax.optimization_barrier(y)
 
 
