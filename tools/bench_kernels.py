@@ -403,8 +403,9 @@ class Bench:
     projected from the loop's carry, which is also k; o added back), fwd+bwd of the whole loop,
     per form of kernels.attention (Triton's kernels; on Hopper the Mosaic-GPU ones, all three and
     forward + dq), as a scan and unrolled; device time and launches per kernel (`kernel_ms`, a
-    trace of 2 calls: run it with command buffers off). `ms_per_layer` against the dense section's kernels-alone rows: the
-    twenty-sixth measurement found the Mosaic kernels 14% faster alone and 1% faster here."""
+    trace of 2 calls: run it with command buffers off). `ms_per_layer` against the dense
+    section's kernels-alone rows: the twenty-seventh measurement found the Mosaic forward
+    launched twice per layer in the scan (performance.md row 88, fixed by a barrier)."""
     from v4jax.kernels.attention import forward_kernel_saveable
     from v4jax.kernels.attention import gpu as attn_gpu
     from v4jax.kernels.blockwise import pack_mask

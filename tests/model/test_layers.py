@@ -87,7 +87,7 @@ def test_matmul_behind_barrier_values_gradients_and_saved_names(capsys):
   dy = 2 * y64
   dh = dy @ w264.T * (1 - h64 ** 2)
   want_g = [dh @ w164.T, np.einsum('btd,btf->df', x64, dh), np.einsum('btf,bte->fe', h64, dy)]
-  for fn, name in ((barred, True), (chain, False)):
+  for fn, barrier in ((barred, True), (chain, False)):
     f = jax.checkpoint(fn, policy=policy)
     val, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w1, w2)
     np.testing.assert_allclose(float(val), (y64 ** 2).sum(), rtol=1e-5)
@@ -95,8 +95,8 @@ def test_matmul_behind_barrier_values_gradients_and_saved_names(capsys):
       np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=1e-5 * np.abs(w).max())
     jax.ad_checkpoint.print_saved_residuals(f, x, w1, w2)
     saved = capsys.readouterr().out
-    assert (f"named '{KEPT_MATMUL}'" in saved) == name, saved
-    assert ('output of dot_general' in saved) != name, saved
+    assert (f"named '{KEPT_MATMUL}'" in saved) == barrier, saved
+    assert ('output of dot_general' in saved) != barrier, saved
     jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(x, w1, w2))
     assert jaxpr.count('dot_general[') == 2 + 4, jaxpr     # forward 2; dw2, dh, dw1, dx
     # the backward alone: no barrier (lax.optimization_barrier's own JVP would put one on each
