@@ -35,6 +35,7 @@ def get_config():
   m.dtype = 'bfloat16'
   m.param_dtype = 'float32'
   m.remat = 'block'
+  m.remat_dot_barrier = True     # kept GEMMs run once per layer, not twice (performance.md row 89)
   m.scan_layers = True           # stacked runs of identical blocks under lax.scan: compile time
                                  # independent of depth (docs/architecture.md, docs/scaling.md)
   m.logits_chunk = 1024          # chunked CE (full fp32 logits: 8.5 GB per 16K tokens); 4 chunks

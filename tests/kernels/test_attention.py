@@ -150,6 +150,10 @@ def test_impl_selection_and_errors(monkeypatch):
   monkeypatch.setattr(attention, 'target_platform', lambda: 'gpu')
   assert resolve_impl('auto', q, k4) == 'cudnn'                   # dense: cuDNN
   assert resolve_impl('auto', q, k4, masked=True) == 'pallas'     # under a top-k set: Triton
+  monkeypatch.setattr(attention, 'is_hopper', lambda: True)
+  assert resolve_impl('auto', q, k4, masked=True) == 'pallas_mgpu'   # on Hopper: Mosaic GPU
+  assert resolve_impl('auto', q, k4) == 'cudnn'
+  monkeypatch.setattr(attention, 'is_hopper', lambda: False)
   assert resolve_impl('auto', q, k3) == 'reference'               # shared k/v: neither
   assert resolve_impl('auto', q.astype(jnp.float32), k4, masked=True) == 'reference'
   with pytest.raises(ValueError, match='config.kernels.attention'):

@@ -36,6 +36,14 @@ def target_platform() -> str:
   return os.environ.get('V4JAX_TARGET_PLATFORM') or jax.default_backend()
 
 
+HOPPER = ('H100', 'H200', 'H800', 'GH200')   # device kinds with WGMMA (Mosaic-GPU kernels)
+
+
+def is_hopper() -> bool:
+  """Whether code is compiled for a Hopper GPU (what the Mosaic-GPU kernels need)."""
+  return target_platform() == 'gpu' and any(h in jax.devices()[0].device_kind for h in HOPPER)
+
+
 def use_pallas(impl: str) -> bool:
   """config.kernels.impl -> whether the Pallas kernels run: 'auto' picks them on GPU and TPU."""
   return impl == 'pallas' or (impl == 'auto' and target_platform() in ('gpu', 'tpu'))

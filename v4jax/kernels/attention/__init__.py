@@ -12,9 +12,9 @@ Dims: B batch, T query positions, S key positions, H heads, K qk width, V value 
   tpu_flash -> jax's bundled Pallas TPU flash attention kernels (tpu.py; per-head k/v, no top-k
     set; TPU interpret mode on CPU), always with its fp32 lse (differentiable). Compiled ahead
     of time for TPU in CI, not yet timed on a TPU;
-  auto -> on a GPU for bf16/fp16 per-head k/v: pallas under a DSA top-k set (bench_h200's step
-    3.0% shorter than with cuDNN's [B,1,T,S] bias, docs/performance.md row 53), cudnn without
-    one; on a TPU for per-head k/v without a top-k set: tpu_flash; the reference otherwise.
+  auto -> on a GPU for bf16/fp16 per-head k/v: under a DSA top-k set pallas_mgpu on Hopper
+    (bench_h200's step 3.2% shorter than with pallas, docs/performance.md row 90) and pallas
+    elsewhere (3.0% shorter than cuDNN's [B,1,T,S] bias, row 53), cudnn without one; on a TPU for per-head k/v without a top-k set: tpu_flash; the reference otherwise.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.kernels.attention.reference import dense_attention
-from v4jax.kernels.pallas_common import per_device, target_platform
+from v4jax.kernels.pallas_common import is_hopper, per_device, target_platform
 
 IMPLS = ('auto', 'reference', 'cudnn', 'pallas', 'pallas_mgpu', 'tpu_flash')
 BIT_WORD_IMPLS = ('pallas', 'pallas_mgpu')   # impls that read the top-k set as packed bits
@@ -61,7 +61,9 @@ def resolve_impl(impl: str, q_BTHK: jax.Array, k_BSK: jax.Array, masked: bool = 
   if platform == 'tpu' and not masked:
     return 'tpu_flash'
   if platform == 'gpu' and q_BTHK.dtype in (jnp.bfloat16, jnp.float16):
-    return 'pallas' if masked else 'cudnn'
+    if not masked:
+      return 'cudnn'
+    return 'pallas_mgpu' if is_hopper() else 'pallas'
   return 'reference'
 
 

@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.kernels.grouped_matmul import reference
-from v4jax.kernels.pallas_common import target_platform
+from v4jax.kernels.pallas_common import is_hopper, target_platform
 
 IMPLS = ('auto', 'ragged_dot', 'reference', 'mgpu', 'megablox')
 PALLAS_IMPLS = ('mgpu', 'megablox')   # kernels that must run per device (inside shard_map)
-HOPPER = ('H100', 'H200', 'H800', 'GH200')
 
 
 def resolve_impl(impl: str, dtype) -> str:
@@ -36,10 +35,8 @@ def resolve_impl(impl: str, dtype) -> str:
   platform = target_platform()
   if platform == 'tpu':
     return 'megablox'
-  if platform == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    kind = jax.devices()[0].device_kind
-    if any(h in kind for h in HOPPER):
-      return 'mgpu'
+  if is_hopper() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return 'mgpu'
   return 'ragged_dot'
 
 
