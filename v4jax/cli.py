@@ -23,9 +23,14 @@ def claim_gpu_memory():
   leaves after the step's arguments (`--xla_gpu_memory_limit_slop_factor`; XLA's default is 95).
   bench-1B's step plans 134.4 GiB: at 0.97 and 95% XLA's limit was 132.1 GiB, so it
   rematerialized and ran 5,248 ms per step; at 0.98 and 97% the limit is 134.8 GiB and the same
-  machine ran 5,087 ms (docs/performance.md row 48). The environment still wins. Call before
-  jax starts its backend."""
+  machine ran 5,087 ms (docs/performance.md row 48). Its pinned host pool, where Engram's host
+  tables live, may grow to 90% of the machine's RAM rather than the GPU client's default cap of
+  64 GiB (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`; the pool pins only what is allocated, so the cap
+  costs nothing until tables need it). The environment still wins. Call before jax starts its
+  backend."""
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.98')
+  ram_gib = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
+  os.environ.setdefault('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', str(max(64, int(0.9 * ram_gib))))
   flags = os.environ.get('XLA_FLAGS', '')
   if '--xla_gpu_memory_limit_slop_factor' not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_gpu_memory_limit_slop_factor=97'.strip()
