@@ -42,18 +42,19 @@ def test_claim_gpu_memory_sets_defaults_and_keeps_the_environment(monkeypatch):
   monkeypatch.delenv('XLA_PYTHON_CLIENT_MEM_FRACTION', raising=False)
   monkeypatch.delenv('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', raising=False)
   monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_enable_triton_gemm=false')
-  claim_gpu_memory()
+  claim_gpu_memory(64)          # no more than the GPU client's default cap: left alone
   assert os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.98'
-  ram_gib = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
-  assert int(os.environ['XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB']) == max(64, int(0.9 * ram_gib))
+  assert 'XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB' not in os.environ
+  claim_gpu_memory(105)
+  assert os.environ['XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB'] == '105'
   assert os.environ['XLA_FLAGS'] == ('--xla_gpu_enable_triton_gemm=false '
                                      '--xla_gpu_memory_limit_slop_factor=97')
   monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.9')
   monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_memory_limit_slop_factor=90')
-  monkeypatch.setenv('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', '40')
-  claim_gpu_memory()
+  monkeypatch.setenv('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', '80')
+  claim_gpu_memory(105)
   assert os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.9'
-  assert os.environ['XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB'] == '40'
+  assert os.environ['XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB'] == '80'
   assert os.environ['XLA_FLAGS'] == '--xla_gpu_memory_limit_slop_factor=90'
 
 

@@ -112,18 +112,10 @@ def _setup_env(args, sizes):
   if args.smoke:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   else:
-    # The GPU client's pinned pool (a BFC allocator) is capped at 64 GiB by default and never
-    # shrinks; it grows by regions of min(next power of two, what the cap leaves). With 2 GiB table
-    # chunks the cap only has to hold tables + moments, per Engram layer two staging sets and two
-    # sets of fetched new rows of [U_max, 3, H] fp32 (0.2 GiB each at the default cut model, 1.5
-    # GiB at the whole bench config), and the slack of the regions' last chunk (6.5 GiB).
-    from v4jax.memory.host_tables import row_dims   # imports jax; its backend starts later
-    cfg = bench_config(args)
-    u_max, width = row_dims(cfg)
-    sets = 4 * len(cfg.engram.layer_ids) * u_max * 3 * width * 4 / 2**30
-    need = int(3 * max(sizes) + sets + 6.5) + 1
-    os.environ.setdefault('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', str(max(need, 64)))
-    claim_gpu_memory()
+    # With 2 GiB table chunks the pinned pool's cap only has to hold the largest tables with
+    # their moments and staging sets (memory.host_tables.pinned_pool_gib).
+    from v4jax.memory.host_tables import pinned_pool_gib   # imports jax; its backend starts later
+    claim_gpu_memory(pinned_pool_gib(bench_config(args), max(sizes)))
 
 
 def _load(name):

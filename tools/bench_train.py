@@ -815,19 +815,25 @@ def profile_report(prof: dict) -> dict:
 def run(argv: list[str]) -> dict:
   """Parses argv, benchmarks, prints the summary, writes --out; returns the report."""
   args, overrides = parse_args(argv)
-  claim_gpu_memory()
   if args.profile and '--xla_gpu_enable_command_buffer=' not in os.environ.get('XLA_FLAGS', ''):
     # XLA:GPU wraps runs of kernels in command buffers (CUDA graphs), whose trace events carry
     # no HLO op: with them on, nearly all device time would be unattributed. Set before jax
     # starts its backend; the report records the flags.
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                ' --xla_gpu_enable_command_buffer=').strip()
-  if args.measure_spec:
-    return _measure_child(args, overrides, json.loads(args.measure_spec))
   from v4jax.config import ConfigError, validate
+  from v4jax.memory.host_tables import pinned_pool_gib
+  # Configs are built and checked before jax's backend starts (--per_device_batch needs it, so
+  # it is applied when measuring): claim_gpu_memory sizes the pinned pool from them.
+  check_args = argparse.Namespace(**dict(vars(args), per_device_batch=0))
+  if args.measure_spec:
+    spec = json.loads(args.measure_spec)
+    claim_gpu_memory(pinned_pool_gib(apply_overrides(bench_config(check_args, overrides),
+                                                     spec['overrides'])))
+    return _measure_child(args, overrides, spec)
   # Each run's config, checked before the first compile: a bad variant fails now, not after
   # the main measurement. In isolated mode this process never starts jax's backend (it would
-  # claim the GPU), so --per_device_batch is applied in the children.
+  # claim the GPU).
   comparisons = [(f'without_{n}', ABLATIONS[n], {}, 'ablations', {'without': n})
                  for n in args.ablate]
   for v in args.variant:
@@ -835,13 +841,14 @@ def run(argv: list[str]) -> dict:
     comparisons.append(('variant', ov, xla, 'variants',
                         dict({'overrides': ov}, **({'xla_options': xla} if xla else {}))))
   isolated = args.isolate == 'process' and bool(comparisons)
-  check_args = argparse.Namespace(**dict(vars(args), per_device_batch=0)) if isolated else args
   try:
     cfg = validate(bench_config(check_args, overrides))
-    for _, ov, _, _, _ in comparisons:
-      validate(apply_overrides(bench_config(check_args, overrides), ov))
+    pinned = [pinned_pool_gib(cfg)] + [
+        pinned_pool_gib(validate(apply_overrides(bench_config(check_args, overrides), ov)))
+        for _, ov, _, _, _ in comparisons]
   except ConfigError as e:
     raise ToolError(str(e)) from e
+  claim_gpu_memory(max(pinned))
   one = functools.partial(_measure_in_child, argv) if isolated else functools.partial(
       _measure_here, args, overrides)
   result = one('main', {}, {})

@@ -17,20 +17,21 @@ import time
 from typing import Callable, Iterator
 
 
-def claim_gpu_memory():
+def claim_gpu_memory(pinned_gib: int = 0):
   """A training or benchmark process owns its GPU: XLA's allocator may take 98% of it rather than
   JAX's default 75%, and XLA's scheduler and rematerialization may plan up to 97% of what that
   leaves after the step's arguments (`--xla_gpu_memory_limit_slop_factor`; XLA's default is 95).
   bench-1B's step plans 134.4 GiB: at 0.97 and 95% XLA's limit was 132.1 GiB, so it
   rematerialized and ran 5,248 ms per step; at 0.98 and 97% the limit is 134.8 GiB and the same
-  machine ran 5,087 ms (docs/performance.md row 48). Its pinned host pool, where Engram's host
-  tables live, may grow to 90% of the machine's RAM rather than the GPU client's default cap of
-  64 GiB (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`; the pool pins only what is allocated, so the cap
-  costs nothing until tables need it). The environment still wins. Call before jax starts its
-  backend."""
+  machine ran 5,087 ms (docs/performance.md row 48). pinned_gib: the pinned host pool Engram's
+  host tables need (`memory.host_tables.pinned_pool_gib`), set as the GPU client's cap
+  `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB` when above its default of 64. Not more than needed: the
+  pool pins whole regions as it grows, the last clipped to the cap, so a loose cap pins RAM that
+  the process then lacks (the H200 killed a run that capped it at 90% of RAM). The environment
+  still wins. Call before jax starts its backend."""
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.98')
-  ram_gib = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
-  os.environ.setdefault('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', str(max(64, int(0.9 * ram_gib))))
+  if pinned_gib > 64:
+    os.environ.setdefault('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', str(int(pinned_gib)))
   flags = os.environ.get('XLA_FLAGS', '')
   if '--xla_gpu_memory_limit_slop_factor' not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_gpu_memory_limit_slop_factor=97'.strip()

@@ -21,7 +21,8 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   del argv
   from v4jax.cli import claim_gpu_memory, use_compilation_cache
-  claim_gpu_memory()
+  from v4jax.memory.host_tables import pinned_pool_gib
+  claim_gpu_memory(pinned_pool_gib(_CONFIG.value))
   use_compilation_cache(_CONFIG.value.train.compilation_cache_dir)
   logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
   from v4jax.parallel.mesh import maybe_initialize_distributed

@@ -16,7 +16,7 @@ from helpers import ROOT, small_tiny
 from v4jax import compat
 from v4jax.config import ConfigError
 from v4jax.memory import rows as rows_lib
-from v4jax.memory.host_tables import HostTables, Lookahead, row_dims
+from v4jax.memory.host_tables import HostTables, Lookahead, pinned_bytes, pinned_pool_gib, row_dims
 from v4jax.optim import path_str
 from v4jax.trainer import Trainer
 
@@ -195,6 +195,26 @@ def test_pipeline_matches_dense_lazy_adam(memory_kind, gather, chunk_rows, ahead
   for l in R:
     np.testing.assert_array_equal(tabs.slots(l), saved[f'layer_{l}'][::-1])
   tabs.close()
+
+
+def test_pinned_pool_size_is_what_the_store_allocates():
+  """The pinned pool cap (`pinned_pool_gib`, what claim_gpu_memory sets) counts the store's own
+  buffers: its chunks (tables and moments) and two staging sets, plus two sets of fetched new
+  rows as large as the staging sets; the cap adds the pool's last-region slack."""
+  from v4jax.data.engram_hash import make_hash_spec
+  cfg = _pipeline_cfg()
+  cfg.engram.update(enabled=True, table_memory='host')
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  tabs = HostTables(cfg, make_hash_spec(cfg).total_rows, mesh, threads=2, chunk_rows=37,
+                    init=False)
+  chunks = sum(a.nbytes for a in tabs.store.chunks)
+  stages = sum(a.nbytes for st in tabs.store.stages for pair in st.values() for a in pair)
+  tabs.close()
+  assert pinned_bytes(cfg) == chunks + 2 * stages
+  assert pinned_pool_gib(cfg) == int(pinned_bytes(cfg) / 2**30 + 6.5) + 1
+  assert pinned_pool_gib(cfg, table_gib=32) == int(96 + 2 * stages / 2**30 + 6.5) + 1
+  cfg.engram.table_memory = 'device'
+  assert pinned_bytes(cfg) == pinned_pool_gib(cfg) == 0
 
 
 def test_missing_host_memory_names_the_device_fallback():

@@ -64,7 +64,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from v4jax import compat
-from v4jax.config import ConfigError
+from v4jax.config import ConfigError, host_tables
 from v4jax.memory import rows as rows_lib
 
 __all__ = ['HostTables', 'Lookahead', 'abstract_step_inputs', 'parts_layout', 'row_dims']
@@ -426,6 +426,31 @@ def row_dims(cfg) -> tuple[int, int]:
   g = cfg.engram
   heads = (g.max_ngram - 1) * g.heads_per_ngram
   return cfg.data.global_batch * cfg.data.seq_len * heads, g.d_mem // heads
+
+
+def pinned_bytes(cfg, table_bytes: int | None = None) -> int:
+  """Bytes of pinned host memory this config's host tables hold at once (0 without host
+  tables): the tables and both moments (3 x table_bytes, by default from the hash spec's rows;
+  fp32), and per Engram layer two staging sets and two sets of fetched new rows of
+  [U_max, 3, H] fp32."""
+  if not host_tables(cfg):
+    return 0
+  u_max, width = row_dims(cfg)
+  if table_bytes is None:
+    from v4jax.data.engram_hash import make_hash_spec
+    table_bytes = sum(make_hash_spec(cfg).total_rows.values()) * width * 4
+  return 3 * table_bytes + 4 * len(cfg.engram.layer_ids) * u_max * 3 * width * 4
+
+
+def pinned_pool_gib(cfg, table_gib: float | None = None) -> int:
+  """The GPU client's pinned pool cap this config needs (0 without host tables): `pinned_bytes`
+  and the slack of the BFC pool's last region (6.5 GiB), in whole GiB. The client caps its pool
+  at 64 GiB unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says more (`cli.claim_gpu_memory` sets it
+  from this)."""
+  if not host_tables(cfg):
+    return 0
+  table_bytes = None if table_gib is None else int(table_gib * 2**30)
+  return int(pinned_bytes(cfg, table_bytes) / 2**30 + 6.5) + 1
 
 
 def parts_layout(cfg, mesh, u_max: int):
