@@ -14,6 +14,9 @@ and dfn meet the fp32 oracle at 1e-5 too; dx is bf16 (2^-7). A transposed comb, 
 stream, an unmasked tail chunk (interpret mode fills what lies past an array with NaN) or a
 two-part fn split in the forward (~1e-4 off) each fail these bounds.
 """
+import contextlib
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,6 +147,42 @@ def test_mix_read_in_matches_fp32_oracle(B, T, N, D, C, bm, bd, pass_streams):
   _close(dX, w[0], 2.0 ** -7)
   for a, b in zip((dfn, dscale, dbase), w[1:]):
     _close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize('impl', ['pallas', 'reference'])
+def test_mix_read_in_under_the_remat_barrier_keeps_its_gemm_by_name(impl, capsys):
+  """Under block remat with model.remat_dot_barrier (layers.kept_matmuls_behind_barrier while
+  the block traces), the op's coefficient GEMM, which runs in a custom-VJP forward that jax
+  traces outside the block, is kept by the name KEPT_MATMUL instead of as a dot, with the same
+  values and gradients bit for bit. Saved residuals as jax reports them."""
+  from v4jax.model.layers import KEPT_MATMUL, kept_matmuls_behind_barrier
+  rng = np.random.default_rng(7)
+  B, T, N, D, C = 2, 24, 4, 32, (2 + 4) * 4
+  X = jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.bfloat16)
+  fn = jnp.asarray(rng.normal(0, 0.1, (N * D, C)), jnp.float32)
+  scale, base = jnp.float32(0.8), jnp.asarray(rng.normal(size=(N,)), jnp.float32)
+  w_mu = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
+  cp = jax.checkpoint_policies
+  policy = cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                      cp.save_only_these_names(KEPT_MATMUL))
+
+  def loss(barrier, X, fn):
+    def block(X, fn):
+      with kept_matmuls_behind_barrier() if barrier else contextlib.nullcontext():
+        mu, u = hc_mix.mix_read_in(X, fn, scale, base, EPS, EPS, 'split', impl=impl)
+      return jnp.sum(mu * w_mu) + jnp.sum(u.astype(jnp.float32) ** 2)
+    return jax.checkpoint(block, policy=policy)(X, fn)
+
+  got = {}
+  for barrier in (False, True):    # pallas: the Triton kernels in interpret mode on CPU
+    f = functools.partial(loss, barrier)
+    jax.ad_checkpoint.print_saved_residuals(f, X, fn)
+    out = capsys.readouterr().out
+    got[barrier] = (out.count('output of dot_general'), out.count(f"named '{KEPT_MATMUL}'"),
+                    jax.value_and_grad(f, argnums=(0, 1))(X, fn))
+  assert got[False][:2] == (1, 0) and got[True][:2] == (0, 1), (got[False][:2], got[True][:2])
+  for a, b in zip(jax.tree.leaves(got[False][2]), jax.tree.leaves(got[True][2])):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_seam_per_device_on_mesh_and_dtype_dispatch():

@@ -21,8 +21,8 @@ from jax.ad_checkpoint import checkpoint_name
 from v4jax.parallel.rules import constrain  # re-exported for model modules
 
 __all__ = ['param', 'batched_draws', 'flush_draws', 'const_param', 'RMSNorm', 'LayerNorm',
-           'matmul', 'kept_matmuls_behind_barrier', 'KEPT_MATMUL', 'constrain', 'dtype_of',
-           'dot_f32', 'f32_mode', 'linear_f32']
+           'matmul', 'kept_matmuls_behind_barrier', 'barrier_active', 'KEPT_MATMUL', 'constrain',
+           'dtype_of', 'dot_f32', 'f32_mode', 'linear_f32']
 
 _F32 = jnp.float32
 
@@ -126,6 +126,17 @@ def kept_matmuls_behind_barrier():
     _BARRIER.reset(token)
 
 
+def barrier_active() -> bool:
+  """Whether the block being traced keeps its matmuls behind the barrier: ops whose custom-VJP
+  forward rules jax traces later, outside the block's trace, read it when called and pass it on
+  (mHC's coefficient GEMM: `dot_f32(..., keep=True)`)."""
+  return _BARRIER.get()
+
+
+def _kept(y: jax.Array) -> jax.Array:
+  return checkpoint_name(_primal_barrier(y), KEPT_MATMUL)
+
+
 def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, *, saveable: bool = True) -> jax.Array:
   """einsum with inputs and output in the compute dtype (GPU/TPU accumulate bf16 dots in fp32).
 
@@ -148,7 +159,7 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, *, saveable: bool = Tru
   u = next(c for c in 'ZYXWVU' if c not in spec)          # the unit batch dimension's letter
   y = jnp.einsum(f'{u}{lhs},{u}{rhs}->{u}{out}', x[None], w[None],
                  preferred_element_type=dtype)[0]
-  return checkpoint_name(_primal_barrier(y), KEPT_MATMUL) if saveable else y
+  return _kept(y) if saveable else y
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -208,9 +219,11 @@ def f32_mode(dtype) -> str:
   return 'split' if jnp.dtype(dtype) == jnp.bfloat16 else 'highest'
 
 
-def dot_f32(a: jax.Array, b_f32: jax.Array, contract, mode: str) -> jax.Array:
+def dot_f32(a: jax.Array, b_f32: jax.Array, contract, mode: str, *,
+            keep: bool = False) -> jax.Array:
   """fp32 dot_general of `a` with fp32 `b` over `contract` (no batch dims; in mode 'split' b's
-  last dim must be free).
+  last dim must be free). keep: the GEMM's output as `matmul`'s under kept_matmuls_behind_barrier
+  (a unit-batch dot, then the barrier and the name KEPT_MATMUL).
 
   mode 'split' (a in bf16, so exact in bf16): b as three bf16 parts on tensor cores, exact
   products, fp32 accumulation: the fp32 result without an fp32 GEMM. The fp32 GEMMs of the mHC
@@ -218,14 +231,19 @@ def dot_f32(a: jax.Array, b_f32: jax.Array, contract, mode: str) -> jax.Array:
   dozen output columns and ran on the H200 at several times their memory time
   (docs/performance.md). 'highest' / 'tf32': one fp32 GEMM at that precision.
   """
-  dims = (contract, ((), ()))
+  def dot(x, y, **kw):
+    if not keep:
+      return jax.lax.dot_general(x, y, (contract, ((), ())), preferred_element_type=_F32, **kw)
+    shifted = tuple(tuple(d + 1 for d in c) for c in contract)
+    return _kept(jax.lax.dot_general(x[None], y[None], (shifted, ((0,), (0,))),
+                                     preferred_element_type=_F32, **kw)[0])
+
   if mode == 'split':
     C = b_f32.shape[-1]
-    out = jax.lax.dot_general(a, _split3(b_f32), dims, preferred_element_type=_F32)
+    out = dot(a, _split3(b_f32))
     return out[..., :C] + (out[..., C:2 * C] + out[..., 2 * C:])
   prec = jax.lax.Precision.DEFAULT if mode == 'tf32' else jax.lax.Precision.HIGHEST
-  return jax.lax.dot_general(a.astype(_F32), b_f32, dims, precision=prec,
-                             preferred_element_type=_F32)
+  return dot(a.astype(_F32), b_f32, precision=prec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -62,7 +62,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from v4jax.kernels.hc_mix import reference
 from v4jax.kernels.pallas_common import gpu_interpret, next_pow2, pad_axis, per_device
-from v4jax.model.layers import dot_f32
+from v4jax.model.layers import barrier_active, dot_f32
 
 _F32, _BF16 = jnp.float32, jnp.bfloat16
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
@@ -120,10 +120,12 @@ def resolved_blocks(op: str, blocks: Blocks | dict | None, shape_BTND) -> Blocks
 class _Cfg:
   blocks: Blocks | None
   interpret: bool
+  keep: bool = False    # mix_read_in: its GEMM's output behind the remat barrier (read at call)
 
 
-def _cfg(blocks, interpret) -> _Cfg:
-  return _Cfg(Blocks(**blocks) if isinstance(blocks, dict) else blocks, gpu_interpret(interpret))
+def _cfg(blocks, interpret, keep: bool = False) -> _Cfg:
+  return _Cfg(Blocks(**blocks) if isinstance(blocks, dict) else blocks, gpu_interpret(interpret),
+              keep)
 
 
 # ---- in-kernel helpers ------------------------------------------------------------------------
@@ -575,7 +577,7 @@ _normed_mix.defvjp(_normed_mix_vjp_fwd, _normed_mix_vjp_bwd)
 def _mix_read_in_residuals(X_BTND, fn_KC, scale, base_N, eps, pre_eps, cfg):
   """(mu [B,T,C], r [B,T], s [B,T,N] = the gate's sigmoid, u [B,T,D]): the normed mix's
   split-bf16 GEMMs in XLA (the module docstring says why), then the read-in kernel."""
-  mu, r = reference.normed_mix_and_rsqrt(X_BTND, fn_KC, eps, 'split')
+  mu, r = reference.normed_mix_and_rsqrt(X_BTND, fn_KC, eps, 'split', cfg.keep)
   s = reference.gate(mu, scale, base_N)
   u = per_device(functools.partial(_read_in_fwd_dev, cfg=cfg), (_BT__, _BT_), (_BT_,))(
       X_BTND, s + pre_eps)
@@ -655,4 +657,4 @@ def mix_read_in(X_BTND: jax.Array, fn_KC: jax.Array, scale: jax.Array, base_N: j
     raise ValueError(f'hc_mix gpu mix_read_in: X_BTND is {X_BTND.dtype}; the kernels take bf16 '
                      'streams (the seam keeps other dtypes on the reference)')
   return _mix_read_in(X_BTND, fn_KC, scale, base_N, float(eps), float(pre_eps), pass_streams,
-                      _cfg(blocks, interpret))
+                      _cfg(blocks, interpret, barrier_active()))

@@ -20,27 +20,29 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from v4jax.model.layers import dot_f32
+from v4jax.model.layers import barrier_active, dot_f32
 
 _F32 = jnp.float32
 
 
 # ---- the coefficients' normed mix -------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _mix_rows(x_MK: jax.Array, fn_KC: jax.Array, eps: float, mode: str) -> jax.Array:
-  """mu = (x @ fn) * rsqrt(mean(x^2) + eps) per row, fp32 [M,C]."""
-  return _mix_rows_fwd(x_MK, fn_KC, eps, mode)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _mix_rows(x_MK: jax.Array, fn_KC: jax.Array, eps: float, mode: str, keep: bool) -> jax.Array:
+  """mu = (x @ fn) * rsqrt(mean(x^2) + eps) per row, fp32 [M,C]. keep: the GEMM's output behind
+  the remat barrier (layers.barrier_active, read when the op is called: jax traces this forward
+  rule later, outside the block's trace)."""
+  return _mix_rows_fwd(x_MK, fn_KC, eps, mode, keep)[0]
 
 
-def _mix_rows_fwd(x_MK, fn_KC, eps, mode):
-  a_MC = dot_f32(x_MK, fn_KC, ((1,), (0,)), mode)
+def _mix_rows_fwd(x_MK, fn_KC, eps, mode, keep=False):
+  a_MC = dot_f32(x_MK, fn_KC, ((1,), (0,)), mode, keep=keep)
   xf = x_MK.astype(_F32)
   r_M1 = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
   return a_MC * r_M1, (x_MK, fn_KC, a_MC, r_M1)
 
 
-def _mix_rows_bwd(eps, mode, res, dmu_MC):
+def _mix_rows_bwd(eps, mode, keep, res, dmu_MC):
   """da = dmu r; dfn = x^T da; dx = da fn^T - (Σ_c dmu a) r^3 x / K (d r / d x = -r^3 x / K)."""
   x_MK, fn_KC, a_MC, r_M1 = res
   da_MC = dmu_MC * r_M1
@@ -54,13 +56,13 @@ def _mix_rows_bwd(eps, mode, res, dmu_MC):
 _mix_rows.defvjp(_mix_rows_fwd, _mix_rows_bwd)
 
 
-def normed_mix_and_rsqrt(X_BTND: jax.Array, fn_KC: jax.Array, eps: float,
-                         mode: str) -> tuple[jax.Array, jax.Array]:
+def normed_mix_and_rsqrt(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, mode: str,
+                         keep: bool = False) -> tuple[jax.Array, jax.Array]:
   """(mu [B,T,C], r [B,T]) by the GEMMs of _mix_rows' forward (no VJP): the forward of a custom
   VJP that keeps r for its own backward (gpu.py's mix_read_in)."""
   B, T, N, D = X_BTND.shape
   mu_MC, (_, _, _, r_M1) = _mix_rows_fwd(X_BTND.reshape(B * T, N * D), fn_KC.astype(_F32), eps,
-                                         mode)
+                                         mode, keep)
   return mu_MC.reshape(B, T, -1), r_M1.reshape(B, T)
 
 
@@ -68,7 +70,8 @@ def normed_mix(X_BTND: jax.Array, fn_KC: jax.Array, eps: float, mode: str) -> ja
   """mu [B,T,C] = (x . fn) / sqrt(mean(x^2) + eps) over each token's flattened ND features,
   fp32; the GEMMs in layers.dot_f32's `mode`."""
   B, T, N, D = X_BTND.shape
-  return _mix_rows(X_BTND.reshape(B * T, N * D), fn_KC.astype(_F32), eps, mode).reshape(B, T, -1)
+  return _mix_rows(X_BTND.reshape(B * T, N * D), fn_KC.astype(_F32), eps, mode,
+                   barrier_active()).reshape(B, T, -1)
 
 
 def gate(mu_BTC: jax.Array, scale: jax.Array, base_N: jax.Array) -> jax.Array:
