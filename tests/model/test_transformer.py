@@ -332,14 +332,14 @@ def test_remat_recompute_leaves_the_named_matmuls_to_the_backward(capsys):
   assert b1 >= b0 + sum(removed.values()), (b0, b1)
 
 
-@pytest.mark.parametrize('streams', [1, 4])
-def test_remat_dot_barrier_keeps_the_same_matmuls_by_name(capsys, streams):
+def test_remat_dot_barrier_keeps_the_same_matmuls_by_name(capsys):
   """model.remat_dot_barrier: block remat keeps the same weight-matmul outputs, one for one, now
   by the name KEPT_MATMUL after an optimization barrier instead of as dots (products with batch
   dimensions, which it never keeps, stay as they are), in a layer scan; with mHC its coefficient
   GEMMs too, whose custom-VJP forward jax traces outside the block. The only dots still kept are
   outside the blocks: the LM head's and the HyperHead's normed mix. Saved residuals as jax
   reports them; the values are layers.matmul's test (tests/model/test_layers.py)."""
+  streams = 4
   off = {'mtp.depth': 0, 'engram.enabled': False, 'mhc.streams': streams, 'model.remat': 'block',
          'model.scan_layers': True, 'model.n_layers': 3, 'kernels.hc_mix': 'reference'}
   runs = {}
@@ -352,7 +352,7 @@ def test_remat_dot_barrier_keeps_the_same_matmuls_by_name(capsys, streams):
   (d0, n0), (d1, n1) = runs[False], runs[True]
   assert not n0 and n1 and d0 - d1 == n1 and not d1 - d0, (d0, d1, n1)
   T, V = cfg.data.seq_len, cfg.model.vocab_size
-  outside = {f'f32[2,{T},{V}]': 1, **({f'f32[{2 * T},{streams}]': 1} if streams > 1 else {})}
+  outside = {f'f32[2,{T},{V}]': 1, f'f32[{2 * T},{streams}]': 1}
   assert d1 == outside, (d1, outside)
 
 
