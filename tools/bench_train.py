@@ -824,7 +824,8 @@ def run(argv: list[str]) -> dict:
   from v4jax.config import ConfigError, validate
   from v4jax.memory.host_tables import pinned_pool_gib
   # Configs are built and checked before jax's backend starts (--per_device_batch needs it, so
-  # it is applied when measuring): claim_gpu_memory sizes the pinned pool from them.
+  # it is applied when measuring): claim_gpu_memory sizes the pinned pool from them, at the
+  # config's global batch.
   check_args = argparse.Namespace(**dict(vars(args), per_device_batch=0))
   if args.measure_spec:
     spec = json.loads(args.measure_spec)

@@ -67,7 +67,8 @@ from v4jax import compat
 from v4jax.config import ConfigError, host_tables
 from v4jax.memory import rows as rows_lib
 
-__all__ = ['HostTables', 'Lookahead', 'abstract_step_inputs', 'parts_layout', 'row_dims']
+__all__ = ['HostTables', 'Lookahead', 'abstract_step_inputs', 'parts_layout', 'pinned_bytes',
+           'pinned_pool_gib', 'row_dims']
 
 _BLOCK = 4096            # init: rows per PRNG block (values do not depend on the chunking)
 _CHUNK_BLOCKS = 256      # init: blocks generated per device call
@@ -432,7 +433,8 @@ def pinned_bytes(cfg, table_bytes: int | None = None) -> int:
   """Bytes of pinned host memory this config's host tables hold at once (0 without host
   tables): the tables and both moments (3 x table_bytes, by default from the hash spec's rows;
   fp32), and per Engram layer two staging sets and two sets of fetched new rows of
-  [U_max, 3, H] fp32."""
+  [U_max, 3, H] fp32. All rows: with several processes, each of which holds its own row range,
+  an upper bound (the pool only grows as far as a process allocates)."""
   if not host_tables(cfg):
     return 0
   u_max, width = row_dims(cfg)

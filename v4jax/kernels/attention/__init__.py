@@ -14,7 +14,8 @@ Dims: B batch, T query positions, S key positions, H heads, K qk width, V value 
     of time for TPU in CI, not yet timed on a TPU;
   auto -> on a GPU for bf16/fp16 per-head k/v: under a DSA top-k set pallas_mgpu on Hopper
     (bench_h200's step 3.2% shorter than with pallas, docs/performance.md row 90) and pallas
-    elsewhere (3.0% shorter than cuDNN's [B,1,T,S] bias, row 53), cudnn without one; on a TPU for per-head k/v without a top-k set: tpu_flash; the reference otherwise.
+    elsewhere (3.0% shorter than cuDNN's [B,1,T,S] bias, row 53), cudnn without one; on a TPU
+    for per-head k/v without a top-k set: tpu_flash; the reference otherwise.
 """
 from __future__ import annotations
 
