@@ -1,5 +1,6 @@
 """v4jax.cli: use_compilation_cache (train.compilation_cache_dir: where the persistent XLA cache
-goes, and that a compile lands there) and claim_gpu_memory's environment defaults."""
+goes, and that a compile lands there), claim_gpu_memory's environment defaults, and the train
+entry point's config check before it sizes the pinned pool."""
 import os
 import subprocess
 import sys
@@ -68,3 +69,20 @@ def test_claimed_flags_start_jax():
                        'print(float(jnp.arange(4.0).sum()), os.environ["XLA_FLAGS"])\n',
                        'XLA_FLAGS')
   assert out.split() == ['6.0', '--xla_gpu_memory_limit_slop_factor=97']
+
+
+def test_train_names_a_bad_config_field_before_sizing_host_tables(tmp_path):
+  """`python -m v4jax.train` checks the config before it sizes the pinned pool for Engram's host
+  tables from it (which divides by fields the check bounds): a bad field is one usage line, no
+  traceback, and no workdir is made."""
+  work = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'v4jax.train', '--config', os.path.join(ROOT, 'configs', 'tiny.py'),
+       '--config.engram.enabled=True', '--config.engram.table_memory=host',
+       '--config.engram.max_ngram=1', '--workdir', str(work)],
+      capture_output=True, text=True, cwd=ROOT, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert 'config.engram.max_ngram=1 must be >= 2' in proc.stderr, proc.stderr[-2000:]
+  assert not work.exists()

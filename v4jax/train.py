@@ -21,13 +21,16 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   del argv
   from v4jax.cli import claim_gpu_memory, use_compilation_cache
+  from v4jax.config import ConfigError, validate
   from v4jax.memory.host_tables import pinned_pool_gib
-  claim_gpu_memory(pinned_pool_gib(_CONFIG.value))
+  try:   # checked before the pinned pool is sized from it (and again by the Trainer)
+    claim_gpu_memory(pinned_pool_gib(validate(_CONFIG.value)))
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
   use_compilation_cache(_CONFIG.value.train.compilation_cache_dir)
   logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
   from v4jax.parallel.mesh import maybe_initialize_distributed
   maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-  from v4jax.config import ConfigError
   from v4jax.trainer import Trainer
   try:
     trainer = Trainer(_CONFIG.value, _WORKDIR.value)
