@@ -65,6 +65,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from v4jax import compat
 from v4jax.config import ConfigError, host_tables
+from v4jax.data.engram_hash import make_hash_spec
 from v4jax.memory import rows as rows_lib
 
 __all__ = ['HostTables', 'Lookahead', 'abstract_step_inputs', 'parts_layout', 'pinned_bytes',
@@ -439,7 +440,6 @@ def pinned_bytes(cfg, table_bytes: int | None = None) -> int:
     return 0
   u_max, width = row_dims(cfg)
   if table_bytes is None:
-    from v4jax.data.engram_hash import make_hash_spec
     table_bytes = sum(make_hash_spec(cfg).total_rows.values()) * width * 4
   return 3 * table_bytes + 4 * len(cfg.engram.layer_ids) * u_max * 3 * width * 4
 

@@ -154,7 +154,7 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, *, saveable: bool = Tru
   ins, out = spec.split('->')
   lhs, rhs = ins.split(',')
   batched = set(lhs) & set(rhs) & set(out)      # block remat's policy keeps dots without these
-  if saveable and (batched or not _BARRIER.get()):
+  if saveable and (batched or not barrier_active()):
     return jnp.einsum(spec, x, w, preferred_element_type=dtype)
   u = next(c for c in 'ZYXWVU' if c not in spec)          # the unit batch dimension's letter
   y = jnp.einsum(f'{u}{lhs},{u}{rhs}->{u}{out}', x[None], w[None],
