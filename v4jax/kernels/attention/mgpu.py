@@ -8,14 +8,15 @@ The same functions as gpu.py's Triton kernels (o, and lse in natural log, -inf f
 an allowed key; FA2's dq and dk/dv from the saved lse and delta = rowsum(do·o)), laid out as
 jax's `attention_mgpu`: each CTA runs three warpgroups, a memory warpgroup that streams the
 operands of each step through `stages` shared-memory slots by TMA, and two compute warpgroups
-that own 64 rows each and issue the WGMMAs.
+that issue the WGMMAs (in the forward and dq each owns 64 query rows).
   forward  one CTA per (head, 2 x M query rows, batch); per key block s = q k^T, the mask, an
            online softmax in base 2, o += p v. The two compute warpgroups take turns on the
            tensor cores (one computes its softmax while the other's WGMMAs run).
   dq       one CTA per (head, 2 x M query rows, batch), key blocks streamed: s = q k^T,
            p = exp(s - lse), dp = do v^T, ds = p (dp - delta), dq += ds k.
-  dk, dv   one CTA per (head, 2 x N keys, batch), query blocks streamed from the diagonal down:
-           s^T = k q^T, p^T, dv += p^T do, dp^T = v do^T, ds^T, dk += ds^T q.
+  dk, dv   one CTA per (head, N keys, batch), query blocks streamed from the diagonal down;
+           one compute warpgroup s^T = k q^T, p^T, dv += p^T do, handing p^T to the other
+           through shared memory: dp^T = v do^T, ds^T, dk += ds^T q (`_dkv`).
 
 The mask in registers: WGMMA's accumulator layout gives each thread fragments of whole rows, so
 the words of one (query block, key block) tile go in as vectors of one int32 per query (loaded
@@ -285,7 +286,7 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
   stats = jnp.stack([pad_axis(jnp.swapaxes(lse2, 1, 2), 2, tp, value=jnp.inf),
                      pad_axis(delta, 2, tp)], axis=2)
   c = scale * _LOG2E
-  row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+  row = plgpu.Layout.WGMMA.reduce(1)
   params = plgpu.CompilerParams(approx_math=True)
   out = {}
 
@@ -375,108 +376,151 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
     out['dq'] = dq[:, :T, :, :K]
 
   if 'dkv' in kernels:
-    n_q = tp // n
-
-    def dkv_kernel(q_ref, k_ref, v_ref, do_ref, st_ref, w_ref, dk_ref, dv_ref, scoped):
-      b, h, kt = lax.axis_index('batch'), lax.axis_index('heads'), lax.axis_index('kv_seq')
-      wg = lax.axis_index('wg')
-      (k_smem2, v_smem2, q_smem, do_smem, st_smem, w_smem), loaded, own, consumed = scoped
-      q_ready, do_ready, st_ready, w_ready = loaded
-      first_cta = lax.div(kt * (2 * n), jnp.int32(n))   # first query block that sees its keys
-
-      @pl.when(wg < 2)
-      def _compute():
-        plgpu.set_max_registers(232, action='increase')
-        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-        s0 = kt * (2 * n) + wg * n
-        keys = (b, pl.ds(s0, n), h)
-        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, own.at[2 * wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, own.at[2 * wg + 1])
-        plgpu.barrier_wait(own.at[2 * wg])
-        plgpu.barrier_wait(own.at[2 * wg + 1])
-        first = jnp.minimum(lax.div(s0, jnp.int32(n)), n_q)   # blocks before: none of its keys
-
-        def step(i, carry, causal: bool):
-          dk, dv = carry
-          slot = lax.rem(i - first_cta, jnp.int32(stages_kv))
-          plgpu.barrier_wait(q_ready.at[slot])
-
-          sT = _dot_t(pl, plgpu, k_smem, q_smem.at[slot], (n, n))
-          plgpu.barrier_wait(st_ready.at[slot])
-          lse = lax.broadcast_in_dim(plgpu.load(st_smem.at[slot, 0], (), layout=col), (n, n), [1])
-          dl = lax.broadcast_in_dim(plgpu.load(st_smem.at[slot, 1], (), layout=col), (n, n), [1])
-          plgpu.barrier_arrive(consumed[2].at[slot])
-          plgpu.barrier_wait(w_ready.at[slot])
-          ok = _allowed(plgpu, lambda j: plgpu.load(w_smem.at[slot, wg * nw + j], (), layout=col),
-                        nw, (n, n), 0, i * n, s0, causal)
-          plgpu.barrier_arrive(consumed[3].at[slot])
-          pT = jnp.where(ok, jnp.exp2(sT * c - lse), 0.0)
-          plgpu.barrier_wait(do_ready.at[slot])
-
-          def dv_dpT(refs):
-            dv_ref, dpT_ref = refs
-            plgpu.wgmma(dv_ref, pT.astype(dtype), do_smem.at[slot])
-            plgpu.wgmma(dpT_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
-          zeros = plgpu.layout_cast(jnp.full((n, n), 0, jnp.float32), plgpu.Layout.WGMMA)
-          dv, dpT = pl.run_state(dv_dpT)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-          plgpu.barrier_arrive(consumed[1].at[slot])
-          dsT = (pT * (dpT - dl)).astype(dtype)
-
-          def dk_ref(acc_ref):
-            plgpu.wgmma(acc_ref, dsT, q_smem.at[slot])
-          dk = pl.run_state(dk_ref)(plgpu.ACC.init(dk))
-          plgpu.barrier_arrive(consumed[0].at[slot])
-          return dk, dv
-
-        def drain(i, _):
-          # a query block before this warpgroup's keys (the other one's diagonal block): wait
-          # for its loads all the same, since each wait advances this thread's phase of the
-          # slot's barrier, then release the slot
-          slot = lax.rem(i - first_cta, jnp.int32(stages_kv))
-          for ready in loaded:
-            plgpu.barrier_wait(ready.at[slot])
-          for used in consumed:
-            plgpu.barrier_arrive(used.at[slot])
-
-        lax.fori_loop(first_cta, first, drain, None)
-        acc = lambda w: plgpu.layout_cast(jnp.full((n, w), 0, jnp.float32), plgpu.Layout.WGMMA)
-        # query blocks the diagonal crosses (some t < some s), then those wholly past it
-        past = jnp.minimum(pl.cdiv(s0 + n - 1, jnp.int32(n)), n_q)
-        carry = lax.fori_loop(first, past, functools.partial(step, causal=True),
-                              (acc(kp), acc(vp)))
-        dk, dv = lax.fori_loop(past, n_q, functools.partial(step, causal=False), carry)
-        k_smem[...] = (dk * scale).astype(dtype)
-        v_smem[...] = dv.astype(dtype)
-        _store(plgpu, (k_smem, dk_ref.at[keys]), (v_smem, dv_ref.at[keys]))
-
-      def copies(i, slot):
-        rows = (b, pl.ds(i * n, n), h)
-        return ((q_ref.at[rows], q_smem.at[slot], q_ready.at[slot]),
-                (st_ref.at[b, h, :, pl.ds(i * n, n)], st_smem.at[slot], st_ready.at[slot]),
-                (w_ref.at[b, pl.ds(kt * 2 * nw, 2 * nw), pl.ds(i * n, n)], w_smem.at[slot],
-                 w_ready.at[slot]),
-                (do_ref.at[rows], do_smem.at[slot], do_ready.at[slot]))
-      pl.when(wg == 2)(lambda: _memory_warpgroup(pl, plgpu, copies, first_cta, n_q, stages_kv,
-                                                 consumed))
-
-    stages_kv = min(stages, n_q)
-
-    def dkv_entry(*refs):
-      smem = (_smem(plgpu, (2, n, kp), dtype), _smem(plgpu, (2, n, vp), dtype),
-              _smem(plgpu, (stages_kv, n, kp), dtype), _smem(plgpu, (stages_kv, n, vp), dtype),
-              plgpu.SMEM((stages_kv, 2, n), jnp.float32),
-              plgpu.SMEM((stages_kv, 2 * nw, n), jnp.int32))
-      pl.run_scoped(lambda *a: dkv_kernel(*refs, a), smem,
-                    (plgpu.Barrier(num_barriers=stages_kv),) * 4, plgpu.Barrier(num_barriers=4),
-                    (plgpu.Barrier(num_arrivals=2, num_barriers=stages_kv),) * 4,
-                    collective_axes='wg')
-
-    dk, dv = plgpu.kernel(
-        dkv_entry,
-        out_type=(jax.ShapeDtypeStruct((B, sp, H, kp), dtype),
-                  jax.ShapeDtypeStruct((B, sp, H, vp), dtype)),
-        grid=(H, sp // (2 * n), B), grid_names=('heads', 'kv_seq', 'batch'),
-        num_threads=3, thread_name='wg', compiler_params=params,
-    )(q, k, v, do, stats, words)
+    dk, dv = _dkv(pl, plgpu, q, k, v, do, stats, words, scale, stages, params)
     out['dk'], out['dv'] = dk[:, :S, :, :K], dv[:, :S, :, :V]
   return out.get('dq'), out.get('dk'), out.get('dv')
+
+
+def _dkv(pl, plgpu, q, k, v, do, stats, words, scale: float, stages: int, params):
+  """dk, dv ([B, Sp, H, K] and [B, Sp, H, V]) with the two compute warpgroups of a CTA on the
+  same 64 keys, one accumulator each (FA3-style producer/consumer hand-off of p^T):
+    warpgroup 0  s^T = k q^T, p^T = mask·exp2(s^T·c - lse), hands p^T (fp32) to warpgroup 1
+                 through a 2-slot shared-memory ring, dv += p^T do;
+    warpgroup 1  dp^T = v do^T, ds^T = p^T (dp^T - delta), dk += ds^T q.
+  Each holds one fp32 accumulator (64 x V or 64 x K) beside two 64 x 64 tiles. With a
+  warpgroup per 64 keys holding both (64 x (K + V): 160 registers per thread at K=192, V=128)
+  ptxas spilled ~1 KB per thread and the kernel ran at 278 TFLOP/s, against 425 so
+  (docs/performance.md row 91); the FLOPs and roundings are the same, and q and do are
+  streamed once per 64 keys instead of per 128."""
+  B, tp, H, kp = q.shape
+  sp, vp = k.shape[1], v.shape[-1]
+  dtype = q.dtype
+  n = BLOCK
+  nw = n // 32
+  n_q = tp // n
+  st = min(stages, n_q)
+  c = scale * _LOG2E
+  col = plgpu.Layout.WGMMA.reduce(0)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, st_ref, w_ref, dk_ref, dv_ref, scoped):
+    b, h, kt = lax.axis_index('batch'), lax.axis_index('heads'), lax.axis_index('kv_seq')
+    wg = lax.axis_index('wg')
+    (k_smem, v_smem, dv_smem, p_smem, q_smem, do_smem, st_smem, w_smem), loaded, own, \
+        consumed, p_ready, p_free = scoped
+    q_ready, do_ready, st_ready, w_ready = loaded
+    q_used, do_used, st_used, w_used = consumed
+    s0 = kt * n
+    keys = (b, pl.ds(s0, n), h)
+    first = kt                       # the query block on the diagonal: no earlier one sees s0..
+
+    def loop(step, init):
+      # the diagonal block with the causal compare, then those wholly past it
+      diag = jnp.minimum(first + 1, n_q)
+      carry = lax.fori_loop(first, diag, functools.partial(step, causal=True), init)
+      return lax.fori_loop(diag, n_q, functools.partial(step, causal=False), carry)
+
+    def stat(slot, r):
+      return lax.broadcast_in_dim(plgpu.load(st_smem.at[slot, r], (), layout=col), (n, n), [1])
+
+    @pl.when(wg == 0)
+    def _p_and_dv():
+      plgpu.set_max_registers(232, action='increase')
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, own.at[0])
+      plgpu.barrier_wait(own.at[0])
+
+      def step(i, dv, causal: bool):
+        j = i - first
+        slot, ps = lax.rem(j, jnp.int32(st)), lax.rem(j, jnp.int32(2))
+        plgpu.barrier_wait(q_ready.at[slot])
+        sT = _dot_t(pl, plgpu, k_smem, q_smem.at[slot], (n, n))
+        plgpu.barrier_wait(st_ready.at[slot])
+        lse = stat(slot, 0)
+        plgpu.barrier_wait(w_ready.at[slot])
+        ok = _allowed(plgpu, lambda w: plgpu.load(w_smem.at[slot, w], (), layout=col),
+                      nw, (n, n), 0, i * n, s0, causal)
+        plgpu.barrier_arrive(w_used.at[slot])
+        plgpu.barrier_arrive(st_used.at[slot])
+        pT = jnp.where(ok, jnp.exp2(sT * c - lse), 0.0)
+
+        @pl.when(j >= 2)
+        def _():
+          plgpu.barrier_wait(p_free.at[ps])       # warpgroup 1 has read this slot's last p^T
+        p_smem.at[ps][...] = pT
+        plgpu.barrier_arrive(p_ready.at[ps])
+        plgpu.barrier_wait(do_ready.at[slot])
+
+        def dv_ref(acc_ref):
+          plgpu.wgmma(acc_ref, pT.astype(dtype), do_smem.at[slot])
+        dv = pl.run_state(dv_ref)(plgpu.ACC.init(dv))
+        plgpu.barrier_arrive(q_used.at[slot])
+        plgpu.barrier_arrive(do_used.at[slot])
+        return dv
+
+      dv = loop(step, plgpu.layout_cast(jnp.full((n, vp), 0, jnp.float32), plgpu.Layout.WGMMA))
+      dv_smem[...] = dv.astype(dtype)
+      _store(plgpu, (dv_smem, dv_ref.at[keys]))
+
+    @pl.when(wg == 1)
+    def _ds_and_dk():
+      plgpu.set_max_registers(232, action='increase')
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, own.at[1])
+      plgpu.barrier_wait(own.at[1])
+
+      def step(i, dk, causal: bool):
+        del causal                                 # the mask is in p^T
+        j = i - first
+        slot, ps = lax.rem(j, jnp.int32(st)), lax.rem(j, jnp.int32(2))
+        plgpu.barrier_wait(do_ready.at[slot])
+        dpT = _dot_t(pl, plgpu, v_smem, do_smem.at[slot], (n, n))
+        plgpu.barrier_wait(st_ready.at[slot])
+        dl = stat(slot, 1)
+        plgpu.barrier_wait(w_ready.at[slot])      # unread here; waited to keep the phases
+        plgpu.barrier_arrive(w_used.at[slot])
+        plgpu.barrier_arrive(st_used.at[slot])
+        plgpu.barrier_arrive(do_used.at[slot])
+        plgpu.barrier_wait(p_ready.at[ps])
+        pT = plgpu.load(p_smem.at[ps], (), layout=plgpu.Layout.WGMMA)
+        plgpu.barrier_arrive(p_free.at[ps])
+        dsT = (pT * (dpT - dl)).astype(dtype)
+        plgpu.barrier_wait(q_ready.at[slot])
+
+        def dk_ref(acc_ref):
+          plgpu.wgmma(acc_ref, dsT, q_smem.at[slot])
+        dk = pl.run_state(dk_ref)(plgpu.ACC.init(dk))
+        plgpu.barrier_arrive(q_used.at[slot])
+        return dk
+
+      dk = loop(step, plgpu.layout_cast(jnp.full((n, kp), 0, jnp.float32), plgpu.Layout.WGMMA))
+      # warpgroup 0's last read of k_smem came before its last p^T: the tile is free
+      k_smem[...] = (dk * scale).astype(dtype)
+      _store(plgpu, (k_smem, dk_ref.at[keys]))
+
+    def copies(i, slot):
+      rows = (b, pl.ds(i * n, n), h)
+      return ((q_ref.at[rows], q_smem.at[slot], q_ready.at[slot]),
+              (do_ref.at[rows], do_smem.at[slot], do_ready.at[slot]),
+              (st_ref.at[b, h, :, pl.ds(i * n, n)], st_smem.at[slot], st_ready.at[slot]),
+              (w_ref.at[b, pl.ds(kt * nw, nw), pl.ds(i * n, n)], w_smem.at[slot],
+               w_ready.at[slot]))
+    pl.when(wg == 2)(lambda: _memory_warpgroup(pl, plgpu, copies, first, n_q, st, consumed))
+
+  def dkv_entry(*refs):
+    smem = (_smem(plgpu, (n, kp), dtype), _smem(plgpu, (n, vp), dtype),
+            _smem(plgpu, (n, vp), dtype),
+            plgpu.SMEM((2, n, n), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
+                                                           plgpu.SwizzleTransform(128))),
+            _smem(plgpu, (st, n, kp), dtype), _smem(plgpu, (st, n, vp), dtype),
+            plgpu.SMEM((st, 2, n), jnp.float32), plgpu.SMEM((st, nw, n), jnp.int32))
+    pl.run_scoped(lambda *a: kernel(*refs, a), smem,
+                  (plgpu.Barrier(num_barriers=st),) * 4, plgpu.Barrier(num_barriers=2),
+                  (plgpu.Barrier(num_arrivals=2, num_barriers=st),) * 4,
+                  plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+                  collective_axes='wg')
+
+  return plgpu.kernel(
+      dkv_entry,
+      out_type=(jax.ShapeDtypeStruct((B, sp, H, kp), dtype),
+                jax.ShapeDtypeStruct((B, sp, H, vp), dtype)),
+      grid=(H, sp // n, B), grid_names=('heads', 'kv_seq', 'batch'),
+      num_threads=3, thread_name='wg', compiler_params=params,
+  )(q, k, v, do, stats, words)
