@@ -422,15 +422,29 @@ def _dkv(pl, plgpu, q, k, v, do, stats, words, scale: float, stages: int, params
     def stat(slot, r):
       return lax.broadcast_in_dim(plgpu.load(st_smem.at[slot, r], (), layout=col), (n, n), [1])
 
+    def start(ref, smem, k):
+      # a compute warpgroup: its registers, then its own tile of the CTA's keys (k or v)
+      plgpu.set_max_registers(232, action='increase')
+      plgpu.copy_gmem_to_smem(ref.at[keys], smem, own.at[k])
+      plgpu.barrier_wait(own.at[k])
+
+    def slots(i):
+      # query block i: its step, its operands' slot and its p^T slot
+      j = i - first
+      return j, lax.rem(j, jnp.int32(st)), lax.rem(j, jnp.int32(2))
+
+    def run(step, width, out_smem, out_ref, mult=None):
+      acc = loop(step, plgpu.layout_cast(jnp.full((n, width), 0, jnp.float32),
+                                         plgpu.Layout.WGMMA))
+      out_smem[...] = (acc if mult is None else acc * mult).astype(dtype)
+      _store(plgpu, (out_smem, out_ref.at[keys]))
+
     @pl.when(wg == 0)
     def _p_and_dv():
-      plgpu.set_max_registers(232, action='increase')
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, own.at[0])
-      plgpu.barrier_wait(own.at[0])
+      start(k_ref, k_smem, 0)
 
       def step(i, dv, causal: bool):
-        j = i - first
-        slot, ps = lax.rem(j, jnp.int32(st)), lax.rem(j, jnp.int32(2))
+        j, slot, ps = slots(i)
         plgpu.barrier_wait(q_ready.at[slot])
         sT = _dot_t(pl, plgpu, k_smem, q_smem.at[slot], (n, n))
         plgpu.barrier_wait(st_ready.at[slot])
@@ -456,20 +470,15 @@ def _dkv(pl, plgpu, q, k, v, do, stats, words, scale: float, stages: int, params
         plgpu.barrier_arrive(do_used.at[slot])
         return dv
 
-      dv = loop(step, plgpu.layout_cast(jnp.full((n, vp), 0, jnp.float32), plgpu.Layout.WGMMA))
-      dv_smem[...] = dv.astype(dtype)
-      _store(plgpu, (dv_smem, dv_ref.at[keys]))
+      run(step, vp, dv_smem, dv_ref)
 
     @pl.when(wg == 1)
     def _ds_and_dk():
-      plgpu.set_max_registers(232, action='increase')
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, own.at[1])
-      plgpu.barrier_wait(own.at[1])
+      start(v_ref, v_smem, 1)
 
       def step(i, dk, causal: bool):
         del causal                                 # the mask is in p^T
-        j = i - first
-        slot, ps = lax.rem(j, jnp.int32(st)), lax.rem(j, jnp.int32(2))
+        _, slot, ps = slots(i)
         plgpu.barrier_wait(do_ready.at[slot])
         dpT = _dot_t(pl, plgpu, v_smem, do_smem.at[slot], (n, n))
         plgpu.barrier_wait(st_ready.at[slot])
@@ -490,10 +499,8 @@ def _dkv(pl, plgpu, q, k, v, do, stats, words, scale: float, stages: int, params
         plgpu.barrier_arrive(q_used.at[slot])
         return dk
 
-      dk = loop(step, plgpu.layout_cast(jnp.full((n, kp), 0, jnp.float32), plgpu.Layout.WGMMA))
-      # warpgroup 0's last read of k_smem came before its last p^T: the tile is free
-      k_smem[...] = (dk * scale).astype(dtype)
-      _store(plgpu, (k_smem, dk_ref.at[keys]))
+      # warpgroup 0's last read of k_smem came before its last p^T: the tile is free for dk
+      run(step, kp, k_smem, dk_ref, scale)
 
     def copies(i, slot):
       rows = (b, pl.ds(i * n, n), h)
