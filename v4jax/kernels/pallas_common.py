@@ -103,6 +103,20 @@ def per_device(fn: Callable, in_axes: Sequence, out_axes: Sequence) -> Callable:
   return wrapped
 
 
+def live_tile(compute: Callable[[], None], o_ref, live) -> None:
+  """A Pallas kernel's [rows, keys] score tile: compute() writes it where `live` (a traced bool;
+  None: every tile is), NEG_INF fills it where not (a tile wholly past the causal diagonal)."""
+  from jax.experimental import pallas as pl
+  if live is None:
+    compute()
+    return
+  pl.when(live)(compute)
+
+  @pl.when(jnp.logical_not(live))
+  def _():
+    o_ref[...] = jnp.full(o_ref.shape, NEG_INF, jnp.float32)
+
+
 def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
   """Pads axis `axis` of x at the end up to `size`."""
   if x.shape[axis] == size:

@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from v4jax.kernels.blockwise import MASK_BITS
 from v4jax.kernels.indexer import reference
-from v4jax.kernels.pallas_common import NEG_INF, given_value_vjp, with_reference_vjp, gpu_interpret, next_pow2, pad_axis, round_up
+from v4jax.kernels.pallas_common import NEG_INF, given_value_vjp, with_reference_vjp, gpu_interpret, live_tile, next_pow2, pad_axis, round_up
 
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
@@ -78,18 +78,7 @@ def _score_kernel(q_ref, k_ref, w_ref, sq_ref, sk_ref, o_ref, *, bt, bs, t0, n_k
       acc = jnp.where(ok, acc, NEG_INF)
     o_ref[...] = acc
 
-  if not masked:
-    compute()
-    return
-  live = si * bs <= t0 + qi * bt + bt - 1
-
-  @pl.when(live)
-  def _():
-    compute()
-
-  @pl.when(jnp.logical_not(live))
-  def _():
-    o_ref[...] = jnp.full((bt, bs), NEG_INF, jnp.float32)
+  live_tile(compute, o_ref, si * bs <= t0 + qi * bt + bt - 1 if masked else None)
 
 
 def _score_slab(qT, k, wT, seg_q, seg_k, *, t0, rows, n_cols, n_keys, masked, bt, bs, interpret,

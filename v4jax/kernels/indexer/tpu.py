@@ -31,8 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from v4jax.kernels.indexer import reference
-from v4jax.kernels.pallas_common import (NEG_INF, given_value_vjp, pad_axis, round_up, tpu_interpret,
-                                         with_reference_vjp)
+from v4jax.kernels.pallas_common import (NEG_INF, given_value_vjp, live_tile, pad_axis, round_up,
+                                         tpu_interpret, with_reference_vjp)
 from v4jax.kernels.sparse_attention.tpu import (RowGather, chunk_rows, chunk_valid, prep_indices,
                                                 rmw_rows)
 
@@ -57,18 +57,7 @@ def _score_kernel(q_ref, k_ref, w_ref, sq_ref, sk_ref, o_ref, *, bt, bs, t0, n_k
       acc = jnp.where(ok, jnp.where(acc == 0.0, 0.0, acc), NEG_INF)
     o_ref[...] = acc
 
-  if not masked:
-    compute()
-    return
-  live = si * bs <= t0 + qi * bt + bt - 1
-
-  @pl.when(live)
-  def _():
-    compute()
-
-  @pl.when(jnp.logical_not(live))
-  def _():
-    o_ref[...] = jnp.full((bt, bs), NEG_INF, jnp.float32)
+  live_tile(compute, o_ref, si * bs <= t0 + qi * bt + bt - 1 if masked else None)
 
 
 def _score_slab(qT, k, w, seg_q, seg_k, *, t0, rows, n_cols, n_keys, masked, bt, bs, interpret):
