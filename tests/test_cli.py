@@ -1,11 +1,13 @@
 """v4jax.cli: use_compilation_cache (train.compilation_cache_dir: where the persistent XLA cache
-goes, and that a compile lands there), claim_gpu_memory's environment defaults, and the train
-entry point's config check before it sizes the pinned pool."""
+goes, and that a compile lands there), claim_gpu_memory's environment defaults, the train
+entry point's config check before it sizes the pinned pool, and ptxas' kernel report (parsed
+from the H200's own output; captured at the file-descriptor level)."""
 import os
 import subprocess
 import sys
 
 from helpers import ROOT
+from v4jax import cli
 from v4jax.cli import claim_gpu_memory, use_compilation_cache
 
 
@@ -86,3 +88,53 @@ def test_train_names_a_bad_config_field_before_sizing_host_tables(tmp_path):
   assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert 'config.engram.max_ngram=1 must be >= 2' in proc.stderr, proc.stderr[-2000:]
   assert not work.exists()
+
+
+# ptxas' report as Mosaic GPU printed it on the H200 (MOSAIC_GPU_DUMP_PTXAS=1; twenty-ninth
+# session): a kernel without spills, then one that spilled and serialized its WGMMAs.
+PTXAS_SAMPLE = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'entry_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for entry_mosaic_gpu_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 1 bytes smem
+ptxas info    : Compile time = 220.080 ms
+ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the function 'dkv_entry_mosaic_gpu_kernel'
+ptxas warning : Registers are spilled to local memory in function 'dkv_entry_mosaic_gpu_kernel', 928 bytes spill stores, 1032 bytes spill loads
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'dkv_entry_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for dkv_entry_mosaic_gpu_kernel
+    504 bytes stack frame, 928 bytes spill stores, 1032 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 504 bytes cumulative stack size, 1 bytes smem
+"""
+
+
+def test_parse_ptxas_reports_registers_spills_and_losses():
+  fwd, dkv = cli.parse_ptxas('fwd 1.4 ms\n' + PTXAS_SAMPLE)
+  assert fwd == {'kernel': 'entry_mosaic_gpu_kernel', 'registers': 168, 'stack_bytes': 0,
+                 'spill_store_bytes': 0, 'spill_load_bytes': 0, 'performance_loss': []}
+  assert (dkv['kernel'], dkv['registers'], dkv['stack_bytes'], dkv['spill_store_bytes'],
+          dkv['spill_load_bytes']) == ('dkv_entry_mosaic_gpu_kernel', 168, 504, 928, 1032)
+  assert dkv['performance_loss'] == ['wgmma.mma_async instructions are serialized due to '
+                                     'insufficient register resources']
+  assert cli.parse_ptxas('no compiler output') == []
+
+
+def test_ptxas_report_captures_both_descriptors_and_gives_them_back(capfd, monkeypatch):
+  """What the compiler's C++ side writes to fd 1 or 2 inside the block is parsed and then
+  written to the same stream; the environment variable is set inside only."""
+  monkeypatch.delenv('MOSAIC_GPU_DUMP_PTXAS', raising=False)
+  head, tail = PTXAS_SAMPLE.split("ptxas info    : (C7512)")
+  with cli.ptxas_report() as kernels:
+    assert os.environ['MOSAIC_GPU_DUMP_PTXAS'] == '1'
+    os.write(1, head.encode())
+    os.write(2, ('ptxas info    : (C7512)' + tail).encode())
+    assert kernels == []
+  assert 'MOSAIC_GPU_DUMP_PTXAS' not in os.environ
+  assert [k['kernel'] for k in kernels] == ['entry_mosaic_gpu_kernel', 'dkv_entry_mosaic_gpu_kernel']
+  assert kernels[1]['spill_store_bytes'] == 928 and kernels[1]['performance_loss']
+  out, err = capfd.readouterr()
+  assert head in out and tail in err
+  with cli.ptxas_report(enabled=False) as none:
+    assert 'MOSAIC_GPU_DUMP_PTXAS' not in os.environ
+  assert none == []

@@ -38,6 +38,11 @@ Method (docs/performance.md):
   (tools/hlo_report.py: what the unattributed time is). If the trace cannot be read, the profile
   section says so and `--ablate` (timing with one component switched off at a time) is the
   fallback.
+- Kernel registers (--ptxas): the first step (where the Mosaic GPU kernels compile) runs with
+  MOSAIC_GPU_DUMP_PTXAS=1 and its output captured (v4jax.cli.ptxas_report): `mosaic_kernels`
+  lists each kernel's registers, stack and spill bytes and ptxas' performance-loss notes, and
+  the summary names the kernels that spill. A spilling kernel runs well below its peers (the
+  attention's dk/dv: 278 TFLOP/s spilling, 425 without; performance.md row 91).
 - `--ablate` and `--variant` repeat the measurement with config overrides, one after another on
   the same machine, so their step times compare with the main one. By default (`--isolate
   process`) the main measurement and each comparison run in a fresh child process: on a GPU the
@@ -71,7 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hlo_report  # noqa: E402
-from v4jax.cli import ToolError, claim_gpu_memory, run_tool  # noqa: E402
+from v4jax.cli import ToolError, claim_gpu_memory, ptxas_report, run_tool  # noqa: E402
 from v4jax.config import load_config_file  # noqa: E402
 
 # Components switched off by --ablate, as config overrides.
@@ -197,6 +202,9 @@ def parse_args(argv: list[str]):
                   '(repeatable), e.g. --variant dsa.sparse_attention=masked; xla_* keys are XLA '
                   'compiler options for that build, e.g. xla_gpu_memory_limit_slop_factor=95')
   ap.add_argument('--workdir', default='', help='Trainer workdir (default: a temp dir)')
+  ap.add_argument('--ptxas', action='store_true',
+                  help="report ptxas' registers and spills of each Mosaic GPU kernel the step "
+                       "compiles (MOSAIC_GPU_DUMP_PTXAS=1 during the first step)")
   ap.add_argument('--isolate', choices=('process', 'none'), default='process',
                   help='with --ablate/--variant: each measurement (the main one too) in its own '
                   'process, one after another (default), or all in this one (none)')
@@ -431,8 +439,9 @@ def measure(cfg, args, *, profile: bool, label: str = 'main',
   with scope as missing_scopes:
     aot = trainer._train_step = AotStep(trainer._train_step, compiler_options)
     t0 = time.perf_counter()
-    run_steps(trainer, 1)
-    _sync(trainer)
+    with ptxas_report(args.ptxas) as kernels:     # Mosaic kernels compile in the first step
+      run_steps(trainer, 1)
+      _sync(trainer)
     first_step_s = time.perf_counter() - t0
     progress(label, f'trace+lower {aot.trace_lower_s:.1f} s  compile {aot.compile_s:.1f} s  '
                     f'first step {first_step_s:.1f} s')
@@ -490,6 +499,7 @@ def measure(cfg, args, *, profile: bool, label: str = 'main',
       'trace_lower_s': aot.trace_lower_s,
       'compile_s': aot.compile_s,
       'first_step_s': first_step_s,
+      **({'mosaic_kernels': kernels} if args.ptxas else {}),
       'warmup_steps': args.warmup,
       'steps': args.steps,
       'step_time_s': step_s,
@@ -744,6 +754,14 @@ def _xla_memory(run: dict) -> str:
           f'temps {temps:.2f}  peak {peak:.2f}')
 
 
+def _ptxas_line(kernels: list[dict]) -> str:
+  bad = [k for k in kernels if k['spill_store_bytes'] or k['performance_loss']]
+  return (f'Mosaic GPU kernels (ptxas): {len(kernels)} compiled, '
+          + ('; '.join(f"{k['kernel']}: {k['registers']} registers, {k['spill_store_bytes']} B "
+                       f"spill stores{', ' + k['performance_loss'][0] if k['performance_loss'] else ''}"
+                       for k in bad) if bad else 'none spilling'))
+
+
 def summary(rep: dict) -> str:
   r = rep['result']
   gib = 1024 ** 3
@@ -759,6 +777,8 @@ def summary(rep: dict) -> str:
   ]
   if mem_line := _xla_memory(r):
     lines.append(mem_line)
+  if 'mosaic_kernels' in r:
+    lines.append(_ptxas_line(r['mosaic_kernels']))
   hosts = [(name, r.get(key) or {}) for name, key in
            (('main thread', 'host_main_thread_ms'), ('engram tables', 'engram_host_ms'))]
   for name, ms in hosts:

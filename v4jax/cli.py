@@ -8,8 +8,10 @@ at most every few seconds (log files stay short).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -211,6 +213,75 @@ def median_seconds(f: Callable, *args, iters: int, reps: int = 1) -> float:
   import numpy as np
   jax.block_until_ready(f(*args))
   return float(np.median([_block_seconds(f, args, reps) for _ in range(iters)]))
+
+
+_PTXAS_FUNCTION = re.compile(r"Function properties for (\S+)")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_LOSS = re.compile(r"Potential Performance Loss: (.*) for the function '([^']+)'")
+
+
+def parse_ptxas(text: str) -> list[dict]:
+  """ptxas' verbose report (`-v`, as Mosaic GPU prints it with MOSAIC_GPU_DUMP_PTXAS=1) as one
+  record per compiled function: kernel, registers, stack / spill-store / spill-load bytes and
+  ptxas' performance-loss notes (e.g. WGMMAs serialized for want of registers)."""
+  out, losses, cur = [], collections.defaultdict(list), None
+  for line in text.splitlines():
+    if m := _PTXAS_LOSS.search(line):
+      losses[m.group(2)].append(m.group(1).strip())
+    elif m := _PTXAS_FUNCTION.search(line):
+      cur = {'kernel': m.group(1), 'registers': None, 'stack_bytes': 0, 'spill_store_bytes': 0,
+             'spill_load_bytes': 0}
+      out.append(cur)
+    elif cur is not None and (m := _PTXAS_FRAME.search(line)):
+      cur.update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
+                 spill_load_bytes=int(m.group(3)))
+    elif cur is not None and (m := _PTXAS_USED.search(line)):
+      cur['registers'] = int(m.group(1))
+      cur = None
+  for r in out:
+    r['performance_loss'] = losses.get(r['kernel'], [])
+  return out
+
+
+@contextlib.contextmanager
+def ptxas_report(enabled: bool = True) -> Iterator[list]:
+  """Within the block every Mosaic GPU kernel compile prints ptxas' report
+  (MOSAIC_GPU_DUMP_PTXAS=1); the process's stdout and stderr (file descriptors 1 and 2, where
+  the compiler's C++ side writes) go to temporary files meanwhile and are written back to their
+  streams at the end, and the yielded list receives `parse_ptxas` of them. A no-op (an empty
+  list) when not enabled."""
+  records: list = []
+  if not enabled:
+    yield records
+    return
+  old = os.environ.get('MOSAIC_GPU_DUMP_PTXAS')
+  os.environ['MOSAIC_GPU_DUMP_PTXAS'] = '1'
+  streams = ((1, sys.stdout), (2, sys.stderr))
+  saved = []
+  try:
+    for fd, stream in streams:
+      stream.flush()
+      tmp = tempfile.TemporaryFile()
+      saved.append((fd, stream, os.dup(fd), tmp))
+      os.dup2(tmp.fileno(), fd)
+    yield records
+  finally:
+    texts = []
+    for fd, stream, keep, tmp in saved:
+      stream.flush()
+      os.dup2(keep, fd)
+      os.close(keep)
+      tmp.seek(0)
+      texts.append(tmp.read().decode(errors='replace'))
+      tmp.close()
+      stream.write(texts[-1])
+      stream.flush()
+    if old is None:
+      os.environ.pop('MOSAIC_GPU_DUMP_PTXAS', None)
+    else:
+      os.environ['MOSAIC_GPU_DUMP_PTXAS'] = old
+    records.extend(parse_ptxas('\n'.join(texts)))
 
 
 class BenchReport:

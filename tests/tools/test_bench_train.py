@@ -34,7 +34,7 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))
   out = tmp_path / 'bench.json'
   rep = bench_train.run(TINY + ['--steps', '2', '--warmup', '1', '--window', '1', '--profile',
-                                '--profile_steps', '1', '--out', str(out),
+                                '--profile_steps', '1', '--out', str(out), '--ptxas',
                                 '--workdir', str(tmp_path / 'w'),
                                 # a config override and an XLA compiler option for its compile
                                 '--variant', 'dsa.sparse_attention=masked,'
@@ -64,6 +64,9 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
   assert r['tflops_per_device'] == pytest.approx(
       r['model_flops_per_token'] * r['tokens_per_s'] / n_dev / 1e12)
   assert r['mfu'] is None and r['finite'] and np.isfinite(r['final_loss'])   # CPU: no peak
+  # --ptxas: no Mosaic GPU kernel compiles on the CPU (the parser's own test: tests/test_cli.py)
+  assert r['mosaic_kernels'] == []
+  assert 'Mosaic GPU kernels (ptxas): 0 compiled, none spilling' in printed.out, printed.out
   v, bad = on_disk['variants']             # the same steps again with each variant's overrides
   assert bad['overrides'] == {'dsa.sparse_attention': 'masked', 'kernels.attention': 'cudnn'}
   assert bad['error'] and 'step_time_s' not in bad
