@@ -27,7 +27,8 @@ Sections (--sections, comma list; default all but attn_sweep and attn_scan):
            to a top-K key set per query by a mask (dsa.sparse_attention=masked), the Pallas
            kernel of kernels.attention=pallas under the same set (fwd+bwd and fwd, its output
            against cuDNN's: `o_max_abs_err_vs_cudnn`; on Hopper also the Mosaic-GPU kernels of
-           kernels.attention=pallas_mgpu at bench_h200's shape), and the DSA
+           kernels.attention=pallas_mgpu at bench_h200's shape, their backward kernels one at
+           a time too), and the DSA
            crossover: per T, one DSA layer's forward+backward (indexer scores + top-k, sparse MLA
            fwd+bwd, and with the kl section in the run the KL teacher and student fwd+bwd:
            `kl_included`, the student in the form kernels.student_dq=auto picks at T
@@ -759,7 +760,8 @@ class Bench:
     """The masked form at bench_h200's attention shape (B=4, T=4096, 16 heads, d_qk 192, d_v
     128, top-1024 sets): cuDNN under the [B,1,T,S] bias against the Pallas bit-mask kernel that
     `kernels.attention=auto` picks there, that kernel with document ids (the model's call) and
-    without the mask (causal only), fwd+bwd and fwd, in one run."""
+    without the mask (causal only), fwd+bwd and fwd, in one run; on Hopper also the Mosaic-GPU
+    kernels, and their dq and dk/dv kernels one at a time (`pallas_mgpu_dq`, `_dkv`)."""
     from v4jax.kernels.attention import gpu as attn_gpu
     from v4jax.kernels.attention import library
     B, T, H, dqk, dv, K = BENCH['B'], 4096, BENCH['H'], 192, 128, BENCH['K']
@@ -792,6 +794,16 @@ class Bench:
       self.record('dense', f'{name}_fwd+bwd', shape, lambda: self.timeit(g, q, k, v),
                   flops=3.5 * fl_f)
       self.record('dense', f'{name}_fwd', shape, lambda: self.timeit(f, q, k, v), flops=fl_f)
+    if _hopper():   # the Mosaic backward kernels one at a time (dq: 2 K + V, dk/dv: 2 K + 2 V)
+      from v4jax.kernels.attention import mgpu
+      from v4jax.kernels.blockwise import pack_mask
+      words = pack_mask(idx, T)
+      o, lse = jax.jit(lambda q, k, v: mgpu.forward(q, k, v, words, dqk ** -0.5))(q, k, v)
+      pairs = B * H * (T * (T + 1) // 2)
+      for kern, width in (('dq', 2 * dqk + dv), ('dkv', 2 * dqk + 2 * dv)):
+        bwd = jax.jit(lambda *a, kern=kern: mgpu.backward(*a, dqk ** -0.5, kernels=(kern,)))
+        self.record('dense', f'pallas_mgpu_{kern}', shape,
+                    lambda: self.timeit(bwd, q, k, v, words, o, lse, v), flops=2 * pairs * width)
     del q, k, v, idx, seg
 
   def crossover(self, seqs):
