@@ -131,7 +131,8 @@ def test_ptxas_report_captures_both_descriptors_and_gives_them_back(capfd, monke
     os.write(2, ('ptxas info    : (C7512)' + tail).encode())
     assert kernels == []
   assert 'MOSAIC_GPU_DUMP_PTXAS' not in os.environ
-  assert [k['kernel'] for k in kernels] == ['entry_mosaic_gpu_kernel', 'dkv_entry_mosaic_gpu_kernel']
+  assert [k['kernel'] for k in kernels] == ['entry_mosaic_gpu_kernel',
+                                            'dkv_entry_mosaic_gpu_kernel']
   assert kernels[1]['spill_store_bytes'] == 928 and kernels[1]['performance_loss']
   out, err = capfd.readouterr()
   assert head in out and tail in err

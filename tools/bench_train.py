@@ -755,11 +755,14 @@ def _xla_memory(run: dict) -> str:
 
 
 def _ptxas_line(kernels: list[dict]) -> str:
-  bad = [k for k in kernels if k['spill_store_bytes'] or k['performance_loss']]
+  """The summary's line for --ptxas: the kernels that spill or that ptxas warns about."""
+  def one(k):
+    loss = f", {k['performance_loss'][0]}" if k['performance_loss'] else ''
+    return (f"{k['kernel']}: {k['registers']} registers, {k['spill_store_bytes']} B spill "
+            f"stores{loss}")
+  bad = [one(k) for k in kernels if k['spill_store_bytes'] or k['performance_loss']]
   return (f'Mosaic GPU kernels (ptxas): {len(kernels)} compiled, '
-          + ('; '.join(f"{k['kernel']}: {k['registers']} registers, {k['spill_store_bytes']} B "
-                       f"spill stores{', ' + k['performance_loss'][0] if k['performance_loss'] else ''}"
-                       for k in bad) if bad else 'none spilling'))
+          + ('; '.join(bad) if bad else 'none spilling'))
 
 
 def summary(rep: dict) -> str:

@@ -216,7 +216,8 @@ def median_seconds(f: Callable, *args, iters: int, reps: int = 1) -> float:
 
 
 _PTXAS_FUNCTION = re.compile(r"Function properties for (\S+)")
-_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_FRAME = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_LOSS = re.compile(r"Potential Performance Loss: (.*) for the function '([^']+)'")
 
