@@ -771,7 +771,8 @@ class Bench:
     v = jax.random.normal(ks[2], (B, T, H, dv), jnp.bfloat16)
     idx = self.idx(B, T, K)
     seg = jnp.ones((B, T), jnp.int32)
-    fl_f = 2 * B * H * (T * (T + 1) // 2) * (dqk + dv)
+    pairs = B * H * (T * (T + 1) // 2)          # causal (query, key) pairs of all heads
+    fl_f = 2 * pairs * (dqk + dv)
     shape = dict(shapes='bench', B=B, T=T, H=H, dqk=dqk, dv=dv, K=K)
     fwds = {'cudnn_masked': jax.jit(lambda q, k, v: library.causal_attention(
                 q, k, v, dqk ** -0.5, select_BTK=idx, return_lse=True)),
@@ -799,7 +800,6 @@ class Bench:
       from v4jax.kernels.blockwise import pack_mask
       words = pack_mask(idx, T)
       o, lse = jax.jit(lambda q, k, v: mgpu.forward(q, k, v, words, dqk ** -0.5))(q, k, v)
-      pairs = B * H * (T * (T + 1) // 2)
       for kern, width in (('dq', 2 * dqk + dv), ('dkv', 2 * dqk + 2 * dv)):
         bwd = jax.jit(lambda *a, kern=kern: mgpu.backward(*a, dqk ** -0.5, kernels=(kern,)))
         self.record('dense', f'pallas_mgpu_{kern}', shape,
