@@ -8,6 +8,8 @@ Inputs: distinct allowed keys per token (s <= t + S - T) in random order, fewer 
 rows (top-k larger than the allowed count), -1 holes, one token with no key (lse = -inf, p = 0).
 Tolerances: fp32 q/k, atol 1e-6 (p <= 1; summation order only); bf16 q/k against the oracle on the
 same bf16 values, atol 1e-6 (products of bf16 values are exact in fp32, fp32 accumulation).
+On a Hopper GPU the Mosaic GPU kernel (mgpu.py, taken under causal top-k) against the same
+oracle, atol 1e-5 (its exp2 is the hardware's approximate one).
 """
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh
 
 from helpers import random_topk_indices
+from v4jax.kernels import pallas_common
 from v4jax.kernels.sparse_attention import gpu, masked_probs_mean, reference
 from v4jax.parallel import rules
 
@@ -94,8 +97,33 @@ def test_gpu_kernel_matches_oracle(B, T, S, H, D, K, bq, bs, buf, dtype):
   _check(p, want, idx, 1e-6)
 
 
+def _hopper():
+  return jax.default_backend() == 'gpu' and pallas_common.is_hopper()
+
+
+# B, T, H, D, K, block_s, stages, buf_bytes: T not a multiple of the 128-row CTA; D = 192 (3
+# streamed chunks of 64) or 96 (padded to 128); 64-key tiles with 2 stages; a buffer of 128
+# query rows, so T runs in 3 chunks through lax.map.
+@pytest.mark.skipif(not _hopper(), reason='Mosaic-GPU kernel: a Hopper GPU (H100/H200) only')
+@pytest.mark.parametrize('B,T,H,D,K,bs,stages,buf', [
+    (2, 200, 4, 192, 64, None, None, None),
+    (1, 333, 16, 192, 128, 64, 2, None),
+    (2, 300, 3, 96, 40, 128, 3, 4 * 2 * 384 * 128),
+])
+def test_mosaic_kernel_matches_oracle_on_hopper(B, T, H, D, K, bs, stages, buf):
+  q, k, idx = _inputs(B, T, T, H, D, K, jnp.bfloat16, seed=T + D)
+  scale = D ** -0.5
+  lse, want = _oracle(q, k, idx, scale)
+  opts = dict(block_s=bs, num_stages=stages, causal=True) | ({'buf_bytes': buf} if buf else {})
+  f = lambda *a: gpu.masked_probs_mean(*a, scale, **opts)
+  args = (q, k, idx, jnp.asarray(lse, jnp.float32))
+  assert 'name=masked_probs_mean' not in str(jax.make_jaxpr(f)(*args))   # not the Triton one
+  _check(jax.jit(f)(*args), want, idx, 1e-5)
+
+
+@pytest.mark.parametrize('causal', [False, True])
 @pytest.mark.parametrize('impl,mesh_shape', [('reference', None), ('pallas', (2, 1, 1, 4))])
-def test_seam(impl, mesh_shape):
+def test_seam(impl, mesh_shape, causal):
   """The seam: the reference, or the GPU kernel (interpret) per device over a batch x heads mesh;
   no gradient flows into q, k or lse."""
   B, T, S, H, D, K = 2, 9, 9, 4, 24, 6
@@ -103,7 +131,7 @@ def test_seam(impl, mesh_shape):
   scale = 0.25
   lse, want = _oracle(q, k, idx, scale)
   args = (q, k, idx, jnp.asarray(lse, jnp.float32))
-  f = lambda *a: masked_probs_mean(*a, scale, query_block=4, impl=impl)
+  f = lambda *a: masked_probs_mean(*a, scale, query_block=4, impl=impl, causal=causal)
   if mesh_shape is None:
     p = _jit(f, *args)
   else:

@@ -20,6 +20,7 @@ masked, the MHA-form q and k by a dense tile kernel (masked_probs_mean), so mqa_
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -172,7 +173,7 @@ class MLA(nnx.Module):
                                            select_BTK=idx_BTK, select_words_BTW=words_BTW,
                                            query_block=self.attn_query_block,
                                            impl=self.attention_impl)
-        probs_mean = masked_probs_mean
+        probs_mean = functools.partial(masked_probs_mean, causal=True)   # causal top-k
       else:
         q, k = self.mqa_qkv(p)
         o_c, lse_BTH = sparse_mla(q, k, idx_BTK, self.kv_rank, self.scale, query_block=qb,

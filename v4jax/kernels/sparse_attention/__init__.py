@@ -77,13 +77,15 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
 
 def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
                       lse_BTH: jax.Array, scale: float, *, query_block: int = 0,
-                      impl: str = 'auto') -> jax.Array:
+                      impl: str = 'auto', causal: bool = False) -> jax.Array:
   """fp32 p [B,T,K] = (1/H) Σ_h exp(scale·q_h·k_h[idx] - lse_h), 0 at -1 slots; no gradient.
 
   attention_probs_mean in the MHA form (per-head keys): the KL teacher of DSA's masked form from
-  the q/k it attends with and its lse. GPU (pallas): a dense tile kernel (gpu.py), then an XLA
-  gather at idx; TPU: always the reference (dense XLA einsums per query block, which XLA does
-  well there; no Mosaic kernel).
+  the q/k it attends with and its lse. GPU (pallas): a dense tile kernel (gpu.py; on Hopper the
+  Mosaic GPU kernel of mgpu.py when `causal`), then an XLA gather at idx; TPU: always the
+  reference (dense XLA einsums per query block, which XLA does well there; no Mosaic kernel).
+  causal: the caller promises S == T and idx[t] <= t (DSA's causal top-k), so tiles past the
+  diagonal need not be computed; the result is the same.
   """
   B, T, H, D = q_BTHD.shape if q_BTHD.ndim == 4 else (None,) * 4
   if (B is None or k_BSHD.ndim != 4 or (k_BSHD.shape[0],) + k_BSHD.shape[2:] != (B, H, D)
@@ -94,7 +96,7 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   _check_impl(impl)
   if pallas_common.use_pallas(impl) and pallas_common.target_platform() != 'tpu':
     from v4jax.kernels.sparse_attention import gpu
-    fn = lambda q, k, idx, lse: gpu.masked_probs_mean(q, k, idx, lse, scale)
+    fn = lambda q, k, idx, lse: gpu.masked_probs_mean(q, k, idx, lse, scale, causal=causal)
     tok = ('batch', 'seq', None)
     return pallas_common.per_device(fn, (tok + (None,), ('batch', None, None, None), tok, tok),
                                     (tok,))(q_BTHD, k_BSHD, idx_BTK, lse_BTH)

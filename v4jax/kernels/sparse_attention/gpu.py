@@ -48,7 +48,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from v4jax.kernels.blockwise import join_blocks, split_blocks
-from v4jax.kernels.pallas_common import NEG_INF, sparse_attention_op, gpu_interpret, next_pow2, pad_axis, round_up
+from v4jax.kernels.pallas_common import (NEG_INF, gpu_interpret, is_hopper, next_pow2,
+                                         pad_axis, round_up, sparse_attention_op)
+from v4jax.kernels.sparse_attention import mgpu
 
 _NT = (((1,), (1,)), ((), ()))   # a [M,C] . b [N,C] -> [M,N]
 _TN = (((0,), (0,)), ((), ()))   # a [C,M] . b [C,N] -> [M,N]
@@ -558,6 +560,18 @@ def _dense_probs_chunk(q, lse, idx, k, *, scale, vp, rp, bq, bs, num_warps, num_
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name='masked_probs_mean',
   )(lim, q, jnp.swapaxes(lse, 1, 2), k)
+  return _at_selected(buf, idx)
+
+
+def _mosaic_probs_chunk(q, lse, idx, k, *, scale, bs, stages, row0=0):
+  """`_dense_probs_chunk` by the Mosaic GPU kernel (Hopper; mgpu.py) for the query rows
+  row0.. of q [B,Tc,H,D] (D whole)."""
+  buf = mgpu.dense_probs(q, k, lse, scale, block_kv=bs, stages=stages, row0=row0)
+  return _at_selected(buf, idx)
+
+
+def _at_selected(buf, idx):
+  """The dense [B, Tc, Sp] probabilities at the top-k slots idx [B, Tc, K]; 0 at -1 slots."""
   p = jnp.take_along_axis(buf, jnp.maximum(idx, 0), axis=2)
   return jnp.where(idx >= 0, p, 0.0)
 
@@ -566,10 +580,15 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
                       lse_BTH: jax.Array, scale: float, *, block_q: int | None = None,
                       block_s: int | None = None, num_warps: int | None = None,
                       num_stages: int | None = None, buf_bytes: int = _PROBS_BUF_BYTES,
-                      interpret: bool | None = None) -> jax.Array:
+                      interpret: bool | None = None, causal: bool = False,
+                      mosaic_teacher: bool = True) -> jax.Array:
   """fp32 [B,T,K]: (1/H) Σ_h exp(scale·q_h·k_h[idx] - lse_h), 0 at -1 slots; no gradient.
 
-  The KL teacher of DSA's masked form from dense block_q x block_s tiles (powers of two >= 16;
+  The KL teacher of DSA's masked form from dense tiles. On a Hopper GPU with 2-byte q/k, when
+  `causal` (S == T and idx[t] <= t: the kernel computes tiles up to the diagonal only) and
+  mosaic_teacher, the tiles come from mgpu.dense_probs (WGMMA; 128 query rows x block_s keys,
+  default 128; num_stages its pipeline depth, default 4; block_q and num_warps unused).
+  Otherwise from the Triton kernel's block_q x block_s tiles (powers of two >= 16;
   default 128 x 128 with 8 warps for 2-byte q/k, 64 x 64 with 4 warps for fp32, capped at the
   padded T and S; 2 stages). D splits into its largest power of two and the rest, each part
   padded to a power of two >= 16 (192 = 128 + 64 unpadded). Chunk rule: Tc = the most query rows
@@ -579,26 +598,49 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   B, T, H, D = q_BTHD.shape
   S = k_BSHD.shape[1]
   two_byte = q_BTHD.dtype.itemsize <= 2
-  bq = block_q or min(128 if two_byte else 64, max(16, next_pow2(T)))
-  bs = block_s or min(128 if two_byte else 64, max(16, next_pow2(S)))
-  for name, v in (('block_q', bq), ('block_s', bs)):
-    if v < 16 or v != next_pow2(v):
-      raise ValueError(f'masked_probs_mean gpu: {name}={v} must be a power of two >= 16')
+  interpret = gpu_interpret(interpret)
+  mosaic = causal and S == T and mosaic_teacher and two_byte and not interpret and is_hopper()
+  if mosaic:
+    bq, bs = 2 * mgpu.BLOCK, block_s or 128
+  else:
+    bq = block_q or min(128 if two_byte else 64, max(16, next_pow2(T)))
+    bs = block_s or min(128 if two_byte else 64, max(16, next_pow2(S)))
+    for name, v in (('block_q', bq), ('block_s', bs)):
+      if v < 16 or v != next_pow2(v):
+        raise ValueError(f'masked_probs_mean gpu: {name}={v} must be a power of two >= 16')
   q, k, lse = (jax.lax.stop_gradient(x) for x in (q_BTHD, k_BSHD, lse_BTH))
-  v = 1 << (D.bit_length() - 1)
-  vp, rp = max(16, v), (max(16, next_pow2(D - v)) if D > v else 0)
-  q = _split_pad(q, v, vp, rp)
-  k = pad_axis(_split_pad(k.astype(q.dtype), v, vp, rp), 1, round_up(S, bs))
   lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)      # tokens without a key: p = 0
+  if mosaic:
+    k = pad_axis(k.astype(q.dtype), 1, round_up(S, bs))
+    chunk = functools.partial(_mosaic_probs_chunk, k=k, scale=scale, bs=bs,
+                              stages=num_stages or 4)
+  else:
+    v = 1 << (D.bit_length() - 1)
+    vp, rp = max(16, v), (max(16, next_pow2(D - v)) if D > v else 0)
+    q = _split_pad(q, v, vp, rp)
+    k = pad_axis(_split_pad(k.astype(q.dtype), v, vp, rp), 1, round_up(S, bs))
+    chunk = functools.partial(
+        _dense_probs_chunk, k=k, scale=scale, vp=vp, rp=rp, bq=bq, bs=bs,
+        num_warps=num_warps or (8 if bq * bs >= 128 * 128 else 4), num_stages=num_stages or 2,
+        interpret=interpret)
   rows = max(bq, min(round_up(T, bq), buf_bytes // (4 * B * k.shape[1]) // bq * bq))
   n = -(-T // rows)
   rows = round_up(-(-T // n), bq)
-  chunk = functools.partial(
-      _dense_probs_chunk, k=k, scale=scale, vp=vp, rp=rp, bq=bq, bs=bs,
-      num_warps=num_warps or (8 if bq * bs >= 128 * 128 else 4), num_stages=num_stages or 2,
-      interpret=gpu_interpret(interpret))
   xs = (split_blocks(q, rows, 0), split_blocks(lse, rows, jnp.inf),
         split_blocks(idx_BTK.astype(jnp.int32), rows, -1))
-  if n == 1:
-    return chunk(*(x[0] for x in xs))[:, :T]
-  return join_blocks(jax.lax.map(lambda x: chunk(*x), xs), T)
+  if not mosaic:
+    if n == 1:
+      return chunk(*(x[0] for x in xs))[:, :T]
+    return join_blocks(jax.lax.map(lambda x: chunk(*x), xs), T)
+  # The Mosaic kernel stops at each CTA's diagonal, so it needs the chunk's first row as a
+  # constant: the chunks unrolled, each one's inputs behind the last one's result, so that
+  # again one buffer is live at a time. The barrier at the end materialises the gathered
+  # probabilities once; without it XLA fused the gather into each consumer (the KL loss, the
+  # stack of saved residuals under remat) and read the buffer again in each.
+  outs = []
+  for i in range(n):
+    args = tuple(x[i] for x in xs)
+    if outs:
+      args = jax.lax.optimization_barrier((args, outs[-1]))[0]
+    outs.append(chunk(*args, row0=i * rows))
+  return jax.lax.optimization_barrier(join_blocks(jnp.stack(outs), T))
