@@ -67,6 +67,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from v4jax.kernels.pallas_common import is_hopper  # noqa: E402
 from v4jax.kernels.indexer import gpu as ix_gpu  # noqa: E402
 from v4jax.kernels.indexer import reference as ix_ref  # noqa: E402
 from v4jax.kernels.sparse_attention import attention_probs_mean  # noqa: E402
@@ -568,10 +569,16 @@ class Bench:
     tilings = [{}, dict(block_q=32, block_s=16)] if self.smoke else [
         {}, dict(block_q=64, block_s=64, num_warps=4), dict(block_q=128, block_s=64, num_warps=4),
         dict(block_q=64, block_s=128, num_warps=4)]
+    tilings = [('pallas', dict(cfg, mosaic_teacher=False)) for cfg in tilings]
+    if is_hopper():
+      # the Mosaic GPU kernel (taken under causal top-k): its default (128 keys, 4 stages), 2
+      # stages, and 64-key tiles with 2 and 6 stages
+      tilings += [('pallas_mgpu', dict(causal=True, **cfg)) for cfg in (
+          {}, dict(num_stages=2), dict(block_s=64, num_stages=2), dict(block_s=64, num_stages=6))]
     fl = 2 * s['H'] * D * s['B'] * T * (T + 1) // 2
-    for cfg in tilings:
+    for impl, cfg in tilings:
       f = jax.jit(lambda *a, cfg=cfg: sa_gpu.masked_probs_mean(*a, D ** -0.5, **cfg))
-      self.record('kl', 'teacher_masked_probs_mean', dict(shape, D=D, impl='pallas', **cfg),
+      self.record('kl', 'teacher_masked_probs_mean', dict(shape, D=D, impl=impl, **cfg),
                   lambda: self.timeit(f, q, k, idx, lse), flops=fl)
 
   def peer(self, seqs):
