@@ -6,7 +6,7 @@ tables (1.324B host params), DSA sparse stage, MTP depth 1: 7.19 GFLOP/token of 
 with the AdamW moments stored in bf16 (DeepSeek-V3's recipe; SPEC §9 keeps fp32, the default of
 every other config): the bf16 moments free ~22 GB, which the larger micro-batch uses. It trains
 on one H200 with 98% of the memory claimed and XLA planning up to 97% of it
-(v4jax.cli.claim_gpu_memory) at 33,133 tokens/s, 24.1% MFU (twenty-ninth session; machines of
+(v4jax.cli.claim_gpu_memory) at 34,374 tokens/s, 25.0% MFU (thirtieth session; machines of
 this kind differ by ~3%), peaking at 133.9 of the 137.0 GiB claimed (docs/benchmarks.md).
 The fp32-moment form of SPEC §9:
 `--config.optim.moment_dtype=float32 --config.train.grad_accum=8` (micro-batch 4; 1.3% slower
