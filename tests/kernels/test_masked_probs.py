@@ -20,7 +20,7 @@ from jax.sharding import AxisType, Mesh
 
 from helpers import random_topk_indices
 from v4jax.kernels import pallas_common
-from v4jax.kernels.sparse_attention import gpu, masked_probs_mean, reference
+from v4jax.kernels.sparse_attention import gpu, masked_probs_mean, mgpu, reference
 from v4jax.parallel import rules
 
 FAST = {'xla_backend_optimization_level': 0}
@@ -142,6 +142,20 @@ def test_seam(impl, mesh_shape, causal):
   _check(p, want, idx, 1e-6)
   g = jax.grad(lambda q, k, l: jnp.sum(f(q, k, idx, l)), argnums=(0, 1, 2))(*args[:2], args[3])
   assert all(not np.asarray(x).any() for x in g)
+
+
+def test_mosaic_kernel_limits():
+  """The Mosaic kernel's shared-memory budget: 4 slots at 16 heads and 128-key tiles, fewer at
+  more heads, none past ~200 heads (the seam then keeps the Triton kernel); bad tiles and
+  stage counts are refused before anything lowers."""
+  assert mgpu.max_stages(16, 128, 2) == 4 and mgpu.max_stages(16, 64, 2) == 7
+  assert mgpu.max_stages(128, 128, 2) == 3 and mgpu.max_stages(256, 128, 2) < 2
+  q = jnp.zeros((1, 8, 2, 192), jnp.bfloat16)
+  lse = jnp.zeros((1, 8, 2))
+  with pytest.raises(ValueError, match='block_kv=96 must be 64 or 128'):
+    mgpu.dense_probs(q, q, lse, 1.0, block_kv=96)
+  with pytest.raises(ValueError, match=r'stages=6 in \[2, 5\]'):
+    mgpu.dense_probs(q, q, lse, 1.0, stages=6)
 
 
 def test_bad_arguments_raise():

@@ -587,7 +587,9 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   The KL teacher of DSA's masked form from dense tiles. On a Hopper GPU with 2-byte q/k, when
   `causal` (S == T and idx[t] <= t: the kernel computes tiles up to the diagonal only) and
   mosaic_teacher, the tiles come from mgpu.dense_probs (WGMMA; 128 query rows x block_s keys,
-  default 128; num_stages its pipeline depth, default 4; block_q and num_warps unused).
+  64 or 128, default 128; num_stages its pipeline depth, default the most that fit shared
+  memory up to 4; block_q and num_warps unused; with other key tiles, or more heads than its
+  shared memory holds, the Triton kernel runs instead).
   Otherwise from the Triton kernel's block_q x block_s tiles (powers of two >= 16;
   default 128 x 128 with 8 warps for 2-byte q/k, 64 x 64 with 4 warps for fp32, capped at the
   padded T and S; 2 stages). D splits into its largest power of two and the rest, each part
@@ -599,9 +601,11 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   S = k_BSHD.shape[1]
   two_byte = q_BTHD.dtype.itemsize <= 2
   interpret = gpu_interpret(interpret)
-  mosaic = causal and S == T and mosaic_teacher and two_byte and not interpret and is_hopper()
+  bs = block_s or 128
+  mosaic = (causal and S == T and mosaic_teacher and two_byte and not interpret and is_hopper()
+            and bs in (64, 128) and mgpu.max_stages(H, bs, q_BTHD.dtype.itemsize) >= 2)
   if mosaic:
-    bq, bs = 2 * mgpu.BLOCK, block_s or 128
+    bq = 2 * mgpu.BLOCK
   else:
     bq = block_q or min(128 if two_byte else 64, max(16, next_pow2(T)))
     bs = block_s or min(128 if two_byte else 64, max(16, next_pow2(S)))
@@ -612,8 +616,7 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)      # tokens without a key: p = 0
   if mosaic:
     k = pad_axis(k.astype(q.dtype), 1, round_up(S, bs))
-    chunk = functools.partial(_mosaic_probs_chunk, k=k, scale=scale, bs=bs,
-                              stages=num_stages or 4)
+    chunk = functools.partial(_mosaic_probs_chunk, k=k, scale=scale, bs=bs, stages=num_stages)
   else:
     v = 1 << (D.bit_length() - 1)
     vp, rp = max(16, v), (max(16, next_pow2(D - v)) if D > v else 0)

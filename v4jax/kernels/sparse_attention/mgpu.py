@@ -13,8 +13,10 @@ shared-memory slots by TMA. Each compute warpgroup accumulates one head's s = q 
 chunks by WGMMA, adds exp2(s·c - lse_h) (c = scale·log2 e, lse in base 2) to a register tile,
 and after the last head writes the tile, zero above the diagonal, by TMA. A slot holds
 (2M + N) x 64 bf16 (32 KB at N = 128), so 4 stages and the two fp32 output tiles fit shared
-memory; each loaded byte feeds M·N / (M + N/2) = 64 FLOPs per warpgroup. The Triton kernel
-reads the same tiles per head from L2 at about 195 TFLOP/s in the bench_h200 step.
+memory. Each loaded byte feeds 2·M·N / (2M + N) = 64 FLOPs of the CTA, and the operands come
+from L2 per (key tile, head): in the bench_h200 step the kernel runs at ~270 TFLOP/s (the
+Triton one at ~195), which is ~4.2 TB/s of L2 reads, the likely limit rather than the tensor
+cores or the exp2s (docs/performance.md row 92 and open item 1).
 """
 from __future__ import annotations
 
@@ -28,23 +30,35 @@ from v4jax.kernels.attention.mgpu import BLOCK, _LOG2E, _memory_warpgroup, _modu
 from v4jax.kernels.pallas_common import pad_axis, round_up
 
 CHUNK = 64          # qk columns per streamed step (one 128-byte swizzled tile of bf16)
+SMEM_BYTES = 227 * 1024   # shared memory a Hopper CTA may claim
+
+
+def max_stages(H: int, block_kv: int, itemsize: int) -> int:
+  """The most pipeline slots that fit shared memory beside the two fp32 output tiles and the
+  CTA's lse rows (0 or 1: the kernel cannot run at this H)."""
+  fixed = 2 * BLOCK * block_kv * 4 + 2 * H * BLOCK * 4
+  return max(0, (SMEM_BYTES - fixed) // ((2 * BLOCK + block_kv) * CHUNK * itemsize))
 
 
 def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale: float, *,
-                block_kv: int = 128, stages: int = 4, row0: int = 0) -> jax.Array:
+                block_kv: int = 128, stages: int | None = None, row0: int = 0) -> jax.Array:
   """fp32 [B, Tp, Sp] (T rounded up to 2 x 64, S to block_kv): the head-mean probabilities of
   every key tile up to each CTA's last query row, 0 for keys after the query; key tiles past
   that row are not written. q holds the query rows row0.. of the sequence whose keys k holds
   (a chunk of it), so query row t of q sees keys s <= row0 + t. bf16/fp16 q, k; lse fp32 in
-  natural log, -inf or +inf for a row without keys (p = 0)."""
+  natural log, -inf or +inf for a row without keys (p = 0). stages: pipeline slots, default
+  the most that fit up to 4."""
   pl, plgpu = _modules()
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
   dtype = q_BTHK.dtype
-  if block_kv % 64 or not 64 <= block_kv <= 256 or stages < 2:
-    raise ValueError(f'masked_probs_mean mgpu: block_kv={block_kv} must be 64, 128, 192 or 256 '
-                     f'and stages={stages} at least 2')
   m, n = BLOCK, block_kv
+  most = max_stages(H, block_kv, dtype.itemsize)
+  stages = min(4, most) if stages is None else stages
+  if block_kv not in (64, 128) or not 2 <= stages <= most:
+    raise ValueError(f'masked_probs_mean mgpu: block_kv={block_kv} must be 64 or 128 (the s and '
+                     f'p tiles in registers) and stages={stages} in [2, {most}] (what fits '
+                     f'shared memory at H={H})')
   tp, sp, kp = round_up(T, 2 * m), round_up(S, n), round_up(K, CHUNK)
   q = pad_axis(pad_axis(q_BTHK, 3, kp), 1, tp)
   k = pad_axis(pad_axis(k_BSHK.astype(dtype), 3, kp), 1, sp)
