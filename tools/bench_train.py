@@ -28,7 +28,11 @@ Method (docs/performance.md):
   op_name metadata, which holds the jax.named_scope path. The model is instrumented for the run
   by wrapping component entry points in named scopes (`instrument`; nothing in v4jax is edited,
   the originals are restored afterwards); the innermost `v4_<tag>` scope names the component.
-  Self time per event (children on the same line subtracted) is summed per component; memcpy
+  Self time per event (children on the same line subtracted) is summed per component
+  (`s_per_step`, op time: an async copy overlapping a kernel counts in full on both, and
+  stretches while it shares the GPU); `busy_s_per_step` splits the busy time instead, each
+  instant in equal parts among the ops running then (one per line), so it sums to the busy time
+  and an overlap costs each side only its share. Memcpy
   events and host-memory copies count as host transfers; ops of other programs (Engram table
   gather/scatter jits, transfers) are listed per program. `top_ops` lists the costliest HLO ops,
   `top_op_groups` the costliest kernels with their ops summed per op_name (one row for a kernel
@@ -649,6 +653,32 @@ def _union_ns(intervals) -> float:
   return total + ((cur_e - cur_s) if cur_e is not None else 0.0)
 
 
+def _busy_split(timed) -> collections.Counter:
+  """Component -> ns of busy time, [(start, end, component, line)] of one plane: each instant
+  where ops run goes to them in equal parts, one per line (on a line the innermost, latest
+  started event). The parts sum to the interval union, so the components add up to the busy
+  time, where self times count an async copy that overlaps a kernel in full on both."""
+  bounds = sorted({t for s, e, _, _ in timed for t in (s, e)})
+  starts = sorted(timed, key=lambda x: (x[0], -x[1]))
+  active, out, k = collections.defaultdict(list), collections.Counter(), 0
+  for lo, hi in zip(bounds, bounds[1:]):
+    while k < len(starts) and starts[k][0] <= lo:
+      s, e, comp, line = starts[k]
+      active[line].append((s, e, comp))
+      k += 1
+    inner = []
+    for line in list(active):
+      evs = [ev for ev in active[line] if ev[1] > lo]
+      if evs:
+        active[line] = evs
+        inner.append(max(evs, key=lambda ev: (ev[0], -ev[1]))[2])
+      else:
+        del active[line]
+    for comp in inner:
+      out[comp] += (hi - lo) / len(inner)
+  return out
+
+
 def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> dict:
   """Per-component device time of the traced steps (see the module docstring). Times are per
   step and per device (averaged over the device planes)."""
@@ -662,7 +692,7 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
   kernels = {k.replace('.', '_'): k for k in info if not k.startswith('@')}
   kernels.update({k: k for k in info if not k.startswith('@')})
   data = ProfileData.from_file(paths[-1])
-  per_comp, per_op, per_module, per_tag = (collections.Counter() for _ in range(4))
+  per_comp, per_op, per_module, per_tag, busy_comp = (collections.Counter() for _ in range(5))
   busy = []                                     # per counted plane: busy ns (interval union)
   # GPU/TPU: device planes only (host threads may carry hlo_op stats too); CPU: the host plane.
   has_device = any(p.name.startswith('/device:') and any(True for ln in p.lines for _ in ln.events)
@@ -671,8 +701,8 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
     is_device = plane.name.startswith('/device:')
     if has_device != is_device:
       continue
-    intervals = []
-    for evs in _line_events(plane, is_device, kernels):
+    intervals, timed = [], []
+    for line, evs in enumerate(_line_events(plane, is_device, kernels)):
       for (ev, start, dur, st), self_ns in _self_times(evs):
         hlo_op, mod, name = str(st.get('hlo_op', '')), str(st.get('hlo_module', '')), \
             ev.name.lower()
@@ -689,8 +719,10 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
         per_comp[comp] += self_ns
         per_op[(comp, hlo_op or ev.name)] += self_ns
         intervals.append((start, start + dur))
+        timed.append((start, start + dur, comp, line))
     if intervals:
       busy.append(_union_ns(intervals))
+      busy_comp += _busy_split(timed)
   total = sum(per_comp.values())
   if not total:
     raise RuntimeError('the trace holds no device op events of the step')
@@ -713,6 +745,7 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
       'op_time_s_per_step': total / per,
       'shares': {c: per_comp.get(c, 0.0) / total for c in COMPONENTS},
       's_per_step': {c: per_comp.get(c, 0.0) / per for c in COMPONENTS},
+      'busy_s_per_step': {c: busy_comp.get(c, 0.0) / per for c in COMPONENTS},
       'shares_by_scope': {t: v / total for t, v in per_tag.most_common()},   # attn vs indexer
       'other_programs_s_per_step': {m: t / per for m, t in per_module.most_common(10)},
       'top_ops': [{'component': c, 'op': o, 's_per_step': t / per,
@@ -790,6 +823,10 @@ def summary(rep: dict) -> str:
   p = rep.get('profile')
   if p and 'shares' in p:
     lines.append(f"profile ({p['steps']} steps): " + _shares(p))
+    if 'busy_s_per_step' in p:
+      lines.append('  busy ms/step, overlaps shared: ' + ', '.join(
+          f'{c} {t * 1e3:.1f}' for c, t in sorted(p['busy_s_per_step'].items(),
+                                                  key=lambda x: -x[1]) if t >= 5e-5))
     for g in p.get('top_op_groups', [])[:8]:    # the costliest kernels, summed over layers
       name = '/'.join(g['op_name'].split('/')[-3:])
       lines.append(f"  {g['s_per_step'] * 1e3:8.2f} ms/step  {g['component']:<18} x{g['ops']:<3} "

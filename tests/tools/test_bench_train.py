@@ -184,6 +184,9 @@ def test_trace_attribution(tmp_path):
   g = p['top_op_groups']      # ops summed per op_name: every op lands in exactly one group
   assert sum(r['s_per_step'] for r in g) == pytest.approx(p['op_time_s_per_step'], rel=1e-6)
   assert sum(r['ops'] for r in g) >= len(g) and any('v4_moe' in r['op_name'] for r in g)
+  busy = p['busy_s_per_step']     # the busy time split among the components
+  assert sum(busy.values()) == pytest.approx(p['device_busy_s_per_step'], rel=1e-6)
+  assert busy['moe'] > 0 and busy['attention+indexer'] > 0
   for r in g:
     if 'v4_moe' in r['op_name']:
       assert r['component'] == 'moe', r
@@ -199,6 +202,17 @@ def test_self_times():
   ev = lambda s, d: (None, float(s), float(d), {})
   got = [t for _, t in bench_train._self_times([ev(0, 10), ev(2, 3), ev(6, 2), ev(20, 5)])]
   assert got == [5, 3, 2, 5]
+
+
+def test_busy_split():
+  """Overlapping ops share each instant; on one line the nested (innermost) event takes it;
+  the parts sum to the busy time (the interval union), gaps count for nothing."""
+  timed = [(0., 10., 'moe', 0), (2., 5., 'mhc', 0), (4., 8., 'host_transfer', 1),
+           (12., 13., 'optimizer', 1)]
+  got = bench_train._busy_split(timed)
+  assert got == pytest.approx({'moe': 2 + 1.5 + 2, 'mhc': 2 + 0.5, 'host_transfer': 0.5 + 1.5,
+                               'optimizer': 1.0})
+  assert sum(got.values()) == pytest.approx(bench_train._union_ns([t[:2] for t in timed]))
 
 
 def _peer(variant):
