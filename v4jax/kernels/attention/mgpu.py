@@ -36,18 +36,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from v4jax.kernels.mgpu_common import (BLOCK, LOG2E, memory_warpgroup, modules, smem_tile,
+                                       store)
 from v4jax.kernels.pallas_common import pad_axis, round_up
 
 FWD_NAME = 'masked_attention_fwd_mgpu'   # checkpoint name of the outputs (remat keeps them)
-BLOCK = 64                               # rows per compute warpgroup (WGMMA M)
-_LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-
-
-def _modules():
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  return pl, plgpu
 
 
 def _padded(q, k, v, words, tile_t: int, tile_s: int):
@@ -60,12 +54,6 @@ def _padded(q, k, v, words, tile_t: int, tile_s: int):
   v = pad_axis(pad_axis(v, 3, vp), 1, sp)
   w = pad_axis(pad_axis(lax.bitcast_convert_type(words, jnp.int32), 2, sp // 32), 1, tp)
   return q, k, v, jnp.swapaxes(w, 1, 2)
-
-
-def _smem(plgpu, shape, dtype):
-  """A shared-memory tile in WGMMA's operand form (64-column tiles, 128-byte swizzle)."""
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
-                                              plgpu.SwizzleTransform(128)))
 
 
 def _allowed(plgpu, word_at, nw: int, shape, keys_dim: int, t0, s0, causal: bool):
@@ -90,7 +78,7 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
   """(o [B,T,H,V] in q's dtype, lse [B,T,H] fp32) of causal attention of query t over the keys
   s <= t whose bit is set in words_BTW (uint32 [B,T,ceil(S/32)], blockwise.pack_mask's layout).
   bf16/fp16 q, k, v; T, S, K, V are padded here to the kernel's multiples."""
-  pl, plgpu = _modules()
+  pl, plgpu = modules()
   B, T, H, _ = q_BTHK.shape
   V = v_BSHV.shape[-1]
   dtype = q_BTHK.dtype
@@ -150,7 +138,7 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
         ok = _allowed(plgpu, lambda i: plgpu.load(w_smem.at[slot, i, wg], (), layout=row), nw,
                       (bq, bkv), 1, t0, j * bkv, causal)
         plgpu.barrier_arrive(w_used.at[slot])
-        s = jnp.where(ok, s * (scale * _LOG2E), -jnp.inf)
+        s = jnp.where(ok, s * (scale * LOG2E), -jnp.inf)
 
         m_new = jnp.maximum(m_i, s.max(axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)       # rows with no key yet stay finite
@@ -192,7 +180,7 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
       l_safe = jnp.where(has_key, l_i, 1.0)
       o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
       lse_smem[...] = jnp.where(has_key, (m_i + jnp.log2(l_safe)) * _LN2, -jnp.inf)
-      _store(plgpu, (o_smem, o_ref.at[b, pl.ds(t0, bq), h]),
+      store(plgpu, (o_smem, o_ref.at[b, pl.ds(t0, bq), h]),
              (lse_smem, lse_ref.at[b, h, pl.ds(t0, bq)]))
 
     def copies(j, slot):
@@ -201,12 +189,12 @@ def forward(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, words_BTW: 
               (w_ref.at[b, pl.ds(j * nw, nw), pl.ds(qt * 2, 2)], w_smem.at[slot],
                w_ready.at[slot]),
               (v_ref.at[keys], v_smem.at[slot], v_ready.at[slot]))
-    pl.when(wg == 2)(lambda: _memory_warpgroup(pl, plgpu, copies, 0, cta_steps, stages, consumed))
+    pl.when(wg == 2)(lambda: memory_warpgroup(pl, plgpu, copies, 0, cta_steps, stages, consumed))
 
   def entry(q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref):
-    smem = (_smem(plgpu, (2, bq, kp), dtype), _smem(plgpu, (2, bq, vp), dtype),
+    smem = (smem_tile(plgpu, (2, bq, kp), dtype), smem_tile(plgpu, (2, bq, vp), dtype),
             plgpu.SMEM((2, bq), jnp.float32),
-            _smem(plgpu, (stages, bkv, kp), dtype), _smem(plgpu, (stages, bkv, vp), dtype),
+            smem_tile(plgpu, (stages, bkv, kp), dtype), smem_tile(plgpu, (stages, bkv, vp), dtype),
             plgpu.SMEM((stages, nw, 2, bq), jnp.int32))
     loaded = (plgpu.Barrier(num_barriers=stages),) * 3 + (plgpu.Barrier(num_barriers=2),)
     consumed = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 3
@@ -237,40 +225,11 @@ def _dot_t(pl, plgpu, a_smem, b_smem, shape):
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _store(plgpu, *pairs):
-  """A compute warpgroup's results: its shared-memory tiles (src, gmem dst) to HBM by TMA."""
-  plgpu.commit_smem()
-  for src, dst in pairs:
-    plgpu.copy_smem_to_gmem(src, dst)
-  plgpu.wait_smem_to_gmem(0)
-
-
-def _memory_warpgroup(pl, plgpu, copies, first, end, stages: int, consumed):
-  """The memory warpgroup: for steps first..end-1 the TMA copies (src, dst, barrier) of
-  copies(j, slot), into slot (j - first) % stages once the compute warpgroups have released
-  that slot's last use (every barrier in `consumed`)."""
-  plgpu.set_max_registers(40, action='decrease')
-
-  def load(j, slot):
-    for src, dst, ready in copies(j, slot):
-      plgpu.copy_gmem_to_smem(src, dst, ready)
-
-  for i in range(stages):
-    pl.when(first + i < end)(functools.partial(load, first + i, i))
-
-  @pl.loop(0, jnp.maximum(end - first - stages, 0))
-  def _(j):
-    slot = lax.rem(j, jnp.int32(stages))
-    for used in consumed:
-      plgpu.barrier_wait(used.at[slot])
-    load(first + j + stages, slot)
-
-
 def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale: float, *,
              kernels=('dq', 'dkv'), stages: int = 2):
   """(dq, dk, dv) of `forward`'s o for the cotangent do (lse has no gradient of its own), or
   for the kernels not named in `kernels` None (the caller runs those elsewhere)."""
-  pl, plgpu = _modules()
+  pl, plgpu = modules()
   B, T, H, K = q_BTHK.shape
   S, V = k_BSHK.shape[1], v_BSHV.shape[-1]
   dtype = q_BTHK.dtype
@@ -282,10 +241,10 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
   # per query row: lse in base 2 (+inf for rows without a key and padded rows: p = 0) and
   # delta = rowsum(do·o), stacked [B, H, 2, T] so that one TMA box carries both
   delta = jnp.einsum('bthv,bthv->bht', do_BTHV.astype(jnp.float32), o_BTHV.astype(jnp.float32))
-  lse2 = jnp.where(lse_BTH == -jnp.inf, jnp.inf, lse_BTH * _LOG2E)
+  lse2 = jnp.where(lse_BTH == -jnp.inf, jnp.inf, lse_BTH * LOG2E)
   stats = jnp.stack([pad_axis(jnp.swapaxes(lse2, 1, 2), 2, tp, value=jnp.inf),
                      pad_axis(delta, 2, tp)], axis=2)
-  c = scale * _LOG2E
+  c = scale * LOG2E
   row = plgpu.Layout.WGMMA.reduce(1)
   params = plgpu.CompilerParams(approx_math=True)
   out = {}
@@ -349,7 +308,7 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
         dq = lax.fori_loop(full, steps, functools.partial(step, causal=True), dq)
         lax.fori_loop(steps, cta_steps, drain, None)
         q_smem[...] = (dq * scale).astype(dtype)
-        _store(plgpu, (q_smem, dq_ref.at[rows]))
+        store(plgpu, (q_smem, dq_ref.at[rows]))
 
       def copies(j, slot):
         keys = (b, pl.ds(j * n, n), h)
@@ -357,12 +316,12 @@ def backward(q_BTHK, k_BSHK, v_BSHV, words_BTW, o_BTHV, lse_BTH, do_BTHV, scale:
                 (v_ref.at[keys], v_smem.at[slot], v_ready.at[slot]),
                 (w_ref.at[b, pl.ds(j * nw, nw), pl.ds(qt * 2, 2)], w_smem.at[slot],
                  w_ready.at[slot]))
-      pl.when(wg == 2)(lambda: _memory_warpgroup(pl, plgpu, copies, 0, cta_steps, st, consumed))
+      pl.when(wg == 2)(lambda: memory_warpgroup(pl, plgpu, copies, 0, cta_steps, st, consumed))
 
     def dq_entry(*refs):
-      smem = (_smem(plgpu, (2, n, kp), dtype), _smem(plgpu, (2, n, vp), dtype),
+      smem = (smem_tile(plgpu, (2, n, kp), dtype), smem_tile(plgpu, (2, n, vp), dtype),
               plgpu.SMEM((2, 2, n), jnp.float32),
-              _smem(plgpu, (st, n, kp), dtype), _smem(plgpu, (st, n, vp), dtype),
+              smem_tile(plgpu, (st, n, kp), dtype), smem_tile(plgpu, (st, n, vp), dtype),
               plgpu.SMEM((st, nw, 2, n), jnp.int32))
       pl.run_scoped(lambda *a: dq_kernel(*refs, a), smem,
                     (plgpu.Barrier(num_barriers=st),) * 3, plgpu.Barrier(num_barriers=6),
@@ -399,7 +358,7 @@ def _dkv(pl, plgpu, q, k, v, do, stats, words, scale: float, stages: int, params
   nw = n // 32
   n_q = tp // n
   st = min(stages, n_q)
-  c = scale * _LOG2E
+  c = scale * LOG2E
   col = plgpu.Layout.WGMMA.reduce(0)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, st_ref, w_ref, dk_ref, dv_ref, scoped):
@@ -437,7 +396,7 @@ def _dkv(pl, plgpu, q, k, v, do, stats, words, scale: float, stages: int, params
       acc = loop(step, plgpu.layout_cast(jnp.full((n, width), 0, jnp.float32),
                                          plgpu.Layout.WGMMA))
       out_smem[...] = (acc if mult is None else acc * mult).astype(dtype)
-      _store(plgpu, (out_smem, out_ref.at[keys]))
+      store(plgpu, (out_smem, out_ref.at[keys]))
 
     @pl.when(wg == 0)
     def _p_and_dv():
@@ -509,14 +468,14 @@ def _dkv(pl, plgpu, q, k, v, do, stats, words, scale: float, stages: int, params
               (st_ref.at[b, h, :, pl.ds(i * n, n)], st_smem.at[slot], st_ready.at[slot]),
               (w_ref.at[b, pl.ds(kt * nw, nw), pl.ds(i * n, n)], w_smem.at[slot],
                w_ready.at[slot]))
-    pl.when(wg == 2)(lambda: _memory_warpgroup(pl, plgpu, copies, first, n_q, st, consumed))
+    pl.when(wg == 2)(lambda: memory_warpgroup(pl, plgpu, copies, first, n_q, st, consumed))
 
   def dkv_entry(*refs):
-    smem = (_smem(plgpu, (n, kp), dtype), _smem(plgpu, (n, vp), dtype),
-            _smem(plgpu, (n, vp), dtype),
+    smem = (smem_tile(plgpu, (n, kp), dtype), smem_tile(plgpu, (n, vp), dtype),
+            smem_tile(plgpu, (n, vp), dtype),
             plgpu.SMEM((2, n, n), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
                                                            plgpu.SwizzleTransform(128))),
-            _smem(plgpu, (st, n, kp), dtype), _smem(plgpu, (st, n, vp), dtype),
+            smem_tile(plgpu, (st, n, kp), dtype), smem_tile(plgpu, (st, n, vp), dtype),
             plgpu.SMEM((st, 2, n), jnp.float32), plgpu.SMEM((st, nw, n), jnp.int32))
     pl.run_scoped(lambda *a: kernel(*refs, a), smem,
                   (plgpu.Barrier(num_barriers=st),) * 4, plgpu.Barrier(num_barriers=2),

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from v4jax.kernels.attention.mgpu import BLOCK, _LOG2E, _memory_warpgroup, _modules, _smem
+from v4jax.kernels.mgpu_common import BLOCK, LOG2E, memory_warpgroup, modules, smem_tile
 from v4jax.kernels.pallas_common import pad_axis, round_up
 
 CHUNK = 64          # qk columns per streamed step (one 128-byte swizzled tile of bf16)
@@ -48,7 +48,7 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
   (a chunk of it), so query row t of q sees keys s <= row0 + t. bf16/fp16 q, k; lse fp32 in
   natural log, -inf or +inf for a row without keys (p = 0). stages: pipeline slots, default
   the most that fit up to 4."""
-  pl, plgpu = _modules()
+  pl, plgpu = modules()
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
   dtype = q_BTHK.dtype
@@ -62,11 +62,11 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
   tp, sp, kp = round_up(T, 2 * m), round_up(S, n), round_up(K, CHUNK)
   q = pad_axis(pad_axis(q_BTHK, 3, kp), 1, tp)
   k = pad_axis(pad_axis(k_BSHK.astype(dtype), 3, kp), 1, sp)
-  lse2 = jnp.where(jnp.isfinite(lse_BTH), lse_BTH * _LOG2E, jnp.inf)
+  lse2 = jnp.where(jnp.isfinite(lse_BTH), lse_BTH * LOG2E, jnp.inf)
   lse2 = pad_axis(jnp.swapaxes(lse2, 1, 2), 2, tp, value=jnp.inf)     # [B, H, Tp]
   nc, n_kv = kp // CHUNK, sp // n
   per_tile = H * nc
-  c = scale * _LOG2E
+  c = scale * LOG2E
   row = plgpu.Layout.WGMMA.reduce(1)
 
   def kernel(q_ref, k_ref, lse_ref, o_ref, scoped):
@@ -124,11 +124,11 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
       return tuple((q_ref.at[b, pl.ds(qt * (2 * m) + r * m, m), h, cols], q_smem.at[slot, r],
                     q_ready.at[2 * slot + r]) for r in range(2)) + (
           (k_ref.at[b, pl.ds(j * n, n), h, cols], k_smem.at[slot], k_ready.at[slot]),)
-    pl.when(wg == 2)(lambda: _memory_warpgroup(pl, plgpu, copies, 0, tiles * per_tile, stages,
+    pl.when(wg == 2)(lambda: memory_warpgroup(pl, plgpu, copies, 0, tiles * per_tile, stages,
                                                (consumed,)))
 
   def entry(q_ref, k_ref, lse_ref, o_ref):
-    smem = (_smem(plgpu, (stages, 2, m, CHUNK), dtype), _smem(plgpu, (stages, n, CHUNK), dtype),
+    smem = (smem_tile(plgpu, (stages, 2, m, CHUNK), dtype), smem_tile(plgpu, (stages, n, CHUNK), dtype),
             plgpu.SMEM((2, H, m), jnp.float32),
             plgpu.SMEM((2, m, n), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
                                                            plgpu.SwizzleTransform(128))))
