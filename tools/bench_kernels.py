@@ -554,16 +554,19 @@ class Bench:
       # tiles ('pallas'); the crossover counts the form the model's default 'auto' picks at T
       student('pallas_gather_dq', lambda *a: ix_gpu.indexer_scores_at(*a, dq_form='gather'))
       if label != 'v3.2' or self.smoke:
-        self.masked_teacher(s, T, idx, shape)
+        self.masked_teacher(s, T, shape)
       del q, kv, idx, qi, ki, wi
 
-  def masked_teacher(self, s, T, idx, shape):
-    """The masked form's teacher (MHA-form q/k, D = 128 + 64) by the dense tile kernel over a
-    few tilings; lse values are random (timing only). FLOPs: 2·H·D per causal (t, s) pair."""
-    D = 40 if self.smoke else 192
+  def masked_teacher(self, s, T, shape):
+    """The masked form's teacher (MHA-form q/k, D = 128 + 64) by the dense tile kernels over a
+    few tilings, at bench_h200's micro-batch (B = 8: the Mosaic kernel's CTAs per wave depend
+    on it); lse values are random (timing only). FLOPs: 2·H·D per causal (t, s) pair."""
+    D, B = (40, s['B']) if self.smoke else (192, 8)
+    shape = dict(shape, B=B)
+    idx = self.idx(B, T, s['K'])
     k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
-    q, k = (jax.random.normal(kk, (s['B'], T, s['H'], D), self.dtype) for kk in (k1, k2))
-    lse = jax.random.normal(k3, (s['B'], T, s['H']), jnp.float32) + 5.0
+    q, k = (jax.random.normal(kk, (B, T, s['H'], D), self.dtype) for kk in (k1, k2))
+    lse = jax.random.normal(k3, (B, T, s['H']), jnp.float32) + 5.0
     # the default (128 x 128, 8 warps, 2 stages) and its narrower neighbours; 3 stages and
     # 256-wide tiles exceed the H200's shared memory (docs/performance.md row 67)
     tilings = [{}, dict(block_q=32, block_s=16)] if self.smoke else [
@@ -575,7 +578,7 @@ class Bench:
       # stages, and 64-key tiles with 2 and 6 stages
       tilings += [('pallas_mgpu', dict(causal=True, **cfg)) for cfg in (
           {}, dict(num_stages=2), dict(block_s=64, num_stages=2), dict(block_s=64, num_stages=6))]
-    fl = 2 * s['H'] * D * s['B'] * T * (T + 1) // 2
+    fl = 2 * s['H'] * D * B * T * (T + 1) // 2
     for impl, cfg in tilings:
       f = jax.jit(lambda *a, cfg=cfg: sa_gpu.masked_probs_mean(*a, D ** -0.5, **cfg))
       self.record('kl', 'teacher_masked_probs_mean', dict(shape, D=D, impl=impl, **cfg),
