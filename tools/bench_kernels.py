@@ -574,10 +574,11 @@ class Bench:
         dict(block_q=64, block_s=128, num_warps=4)]
     tilings = [('pallas', dict(cfg, mosaic_teacher=False)) for cfg in tilings]
     if is_hopper():
-      # the Mosaic GPU kernel (taken under causal top-k): its default (128 keys, 4 stages), 2
-      # stages, and 64-key tiles with 2 and 6 stages
+      # the Mosaic GPU kernel (taken under causal top-k): its default (128 keys, 4 stages), key
+      # tiles in groups of 3 and 4 per CTA, 2 stages, and 64-key tiles with 2 and 6 stages
       tilings += [('pallas_mgpu', dict(causal=True, **cfg)) for cfg in (
-          {}, dict(num_stages=2), dict(block_s=64, num_stages=2), dict(block_s=64, num_stages=6))]
+          {}, dict(key_group=3), dict(key_group=4), dict(num_stages=2),
+          dict(block_s=64, num_stages=2), dict(block_s=64, num_stages=6))]
     fl = 2 * s['H'] * D * B * T * (T + 1) // 2
     for impl, cfg in tilings:
       f = jax.jit(lambda *a, cfg=cfg: sa_gpu.masked_probs_mean(*a, D ** -0.5, **cfg))

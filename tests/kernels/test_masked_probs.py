@@ -105,16 +105,19 @@ def _hopper():
 # streamed chunks of 64) or 96 (padded to 128); 64-key tiles with 2 stages; a buffer of 128
 # query rows, so T runs in 3 chunks through lax.map.
 @pytest.mark.skipif(not _hopper(), reason='Mosaic-GPU kernel: a Hopper GPU (H100/H200) only')
-@pytest.mark.parametrize('B,T,H,D,K,bs,stages,buf', [
-    (2, 200, 4, 192, 64, None, None, None),
-    (1, 333, 16, 192, 128, 64, 2, None),
-    (2, 300, 3, 96, 40, 128, 3, 4 * 2 * 384 * 128),
+@pytest.mark.parametrize('B,T,H,D,K,bs,stages,buf,group', [
+    (2, 200, 4, 192, 64, None, None, None, 0),
+    (1, 333, 16, 192, 128, 64, 2, None, 0),
+    (2, 300, 3, 96, 40, 128, 3, 4 * 2 * 384 * 128, 0),
+    (1, 333, 4, 192, 128, 64, None, None, 2),     # 6 key tiles: groups of 2, one CTA empty
+    (2, 300, 3, 96, 40, 128, 3, 4 * 2 * 384 * 128, 1),
 ])
-def test_mosaic_kernel_matches_oracle_on_hopper(B, T, H, D, K, bs, stages, buf):
+def test_mosaic_kernel_matches_oracle_on_hopper(B, T, H, D, K, bs, stages, buf, group):
   q, k, idx = _inputs(B, T, T, H, D, K, jnp.bfloat16, seed=T + D)
   scale = D ** -0.5
   lse, want = _oracle(q, k, idx, scale)
-  opts = dict(block_s=bs, num_stages=stages, causal=True) | ({'buf_bytes': buf} if buf else {})
+  opts = dict(block_s=bs, num_stages=stages, causal=True, key_group=group) | (
+      {'buf_bytes': buf} if buf else {})
   f = lambda *a: gpu.masked_probs_mean(*a, scale, **opts)
   args = (q, k, idx, jnp.asarray(lse, jnp.float32))
   assert 'name=masked_probs_mean' not in str(jax.make_jaxpr(f)(*args))   # not the Triton one
@@ -156,6 +159,8 @@ def test_mosaic_kernel_limits():
     mgpu.dense_probs(q, q, lse, 1.0, block_kv=96)
   with pytest.raises(ValueError, match=r'stages=6 in \[2, 5\]'):
     mgpu.dense_probs(q, q, lse, 1.0, stages=6)
+  with pytest.raises(ValueError, match='key_group=-1 >= 0'):
+    mgpu.dense_probs(q, q, lse, 1.0, key_group=-1)
 
 
 def test_bad_arguments_raise():

@@ -563,10 +563,11 @@ def _dense_probs_chunk(q, lse, idx, k, *, scale, vp, rp, bq, bs, num_warps, num_
   return _at_selected(buf, idx)
 
 
-def _mosaic_probs_chunk(q, lse, idx, k, *, scale, bs, stages, row0=0):
+def _mosaic_probs_chunk(q, lse, idx, k, *, scale, bs, stages, key_group, row0=0):
   """`_dense_probs_chunk` by the Mosaic GPU kernel (Hopper; mgpu.py) for the query rows
   row0.. of q [B,Tc,H,D] (D whole)."""
-  buf = mgpu.dense_probs(q, k, lse, scale, block_kv=bs, stages=stages, row0=row0)
+  buf = mgpu.dense_probs(q, k, lse, scale, block_kv=bs, stages=stages, row0=row0,
+                         key_group=key_group)
   return _at_selected(buf, idx)
 
 
@@ -581,15 +582,16 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
                       block_s: int | None = None, num_warps: int | None = None,
                       num_stages: int | None = None, buf_bytes: int = _PROBS_BUF_BYTES,
                       interpret: bool | None = None, causal: bool = False,
-                      mosaic_teacher: bool = True) -> jax.Array:
+                      mosaic_teacher: bool = True, key_group: int = 0) -> jax.Array:
   """fp32 [B,T,K]: (1/H) Σ_h exp(scale·q_h·k_h[idx] - lse_h), 0 at -1 slots; no gradient.
 
   The KL teacher of DSA's masked form from dense tiles. On a Hopper GPU with 2-byte q/k, when
   `causal` (S == T and idx[t] <= t: the kernel computes tiles up to the diagonal only) and
   mosaic_teacher, the tiles come from mgpu.dense_probs (WGMMA; 128 query rows x block_s keys,
   64 or 128, default 128; num_stages its pipeline depth, default the most that fit shared
-  memory up to 4; block_q and num_warps unused; with other key tiles, or more heads than its
-  shared memory holds, the Triton kernel runs instead).
+  memory up to 4; key_group its key tiles per CTA (0: all up to the diagonal); block_q and
+  num_warps unused; with other key tiles, or more heads than its shared memory holds, the
+  Triton kernel runs instead).
   Otherwise from the Triton kernel's block_q x block_s tiles (powers of two >= 16;
   default 128 x 128 with 8 warps for 2-byte q/k, 64 x 64 with 4 warps for fp32, capped at the
   padded T and S; 2 stages). D splits into its largest power of two and the rest, each part
@@ -616,7 +618,8 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)      # tokens without a key: p = 0
   if mosaic:
     k = pad_axis(k.astype(q.dtype), 1, round_up(S, bs))
-    chunk = functools.partial(_mosaic_probs_chunk, k=k, scale=scale, bs=bs, stages=num_stages)
+    chunk = functools.partial(_mosaic_probs_chunk, k=k, scale=scale, bs=bs, stages=num_stages,
+                              key_group=key_group)
   else:
     v = 1 << (D.bit_length() - 1)
     vp, rp = max(16, v), (max(16, next_pow2(D - v)) if D > v else 0)

@@ -41,13 +41,21 @@ def max_stages(H: int, block_kv: int, itemsize: int) -> int:
 
 
 def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale: float, *,
-                block_kv: int = 128, stages: int | None = None, row0: int = 0) -> jax.Array:
+                block_kv: int = 128, stages: int | None = None, row0: int = 0,
+                key_group: int = 0) -> jax.Array:
   """fp32 [B, Tp, Sp] (T rounded up to 2 x 64, S to block_kv): the head-mean probabilities of
   every key tile up to each CTA's last query row, 0 for keys after the query; key tiles past
   that row are not written. q holds the query rows row0.. of the sequence whose keys k holds
   (a chunk of it), so query row t of q sees keys s <= row0 + t. bf16/fp16 q, k; lse fp32 in
   natural log, -inf or +inf for a row without keys (p = 0). stages: pipeline slots, default
-  the most that fit up to 4."""
+  the most that fit up to 4. key_group: 0 (default, as measured), or at most this many key
+  tiles per CTA, the CTA grid then also over groups of key tiles. A CTA's work grows with its
+  query block (1 to T/128 tiles), and one CTA fits an SM: bench_h200's query chunks of 2,048
+  rows launch 128 CTAs each, one wave whose longest CTA sets the time (48 tile-times for the
+  two chunks against a mean of 32 per SM). Groups of 3 or 4 tiles make 4.5-6x the CTAs; a
+  list-scheduling simulation (a quarter tile of start-up per CTA, launch order as the grid)
+  ends them after 37-40 tile-times against 48.5. Untimed: to be measured before it is made
+  the default."""
   pl, plgpu = modules()
   B, T, H, K = q_BTHK.shape
   S = k_BSHK.shape[1]
@@ -55,16 +63,16 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
   m, n = BLOCK, block_kv
   most = max_stages(H, block_kv, dtype.itemsize)
   stages = min(4, most) if stages is None else stages
-  if block_kv not in (64, 128) or not 2 <= stages <= most:
+  if block_kv not in (64, 128) or not 2 <= stages <= most or key_group < 0:
     raise ValueError(f'masked_probs_mean mgpu: block_kv={block_kv} must be 64 or 128 (the s and '
-                     f'p tiles in registers) and stages={stages} in [2, {most}] (what fits '
-                     f'shared memory at H={H})')
+                     f'p tiles in registers), stages={stages} in [2, {most}] (what fits '
+                     f'shared memory at H={H}) and key_group={key_group} >= 0')
   tp, sp, kp = round_up(T, 2 * m), round_up(S, n), round_up(K, CHUNK)
   q = pad_axis(pad_axis(q_BTHK, 3, kp), 1, tp)
   k = pad_axis(pad_axis(k_BSHK.astype(dtype), 3, kp), 1, sp)
   lse2 = jnp.where(jnp.isfinite(lse_BTH), lse_BTH * LOG2E, jnp.inf)
   lse2 = pad_axis(jnp.swapaxes(lse2, 1, 2), 2, tp, value=jnp.inf)     # [B, H, Tp]
-  nc, n_kv = kp // CHUNK, sp // n
+  nc, n_kv, n_q = kp // CHUNK, sp // n, tp // (2 * m)
   per_tile = H * nc
   c = scale * LOG2E
   row = plgpu.Layout.WGMMA.reduce(1)
@@ -74,6 +82,10 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
     wg = lax.axis_index('wg')
     (q_smem, k_smem, lse_smem, o_smem), (q_ready, k_ready, own), consumed = scoped
     tiles = jnp.minimum(pl.cdiv(row0 + (qt + 1) * (2 * m), jnp.int32(n)), n_kv)
+    j0 = 0                                 # this CTA's key tiles: j0 .. end - 1
+    if key_group:
+      j0 = lax.axis_index('k_group') * key_group
+      tiles = jnp.maximum(jnp.minimum(tiles, j0 + key_group), j0)
 
     @pl.when(wg < 2)
     def _compute():
@@ -83,7 +95,7 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
       plgpu.barrier_wait(own.at[wg])
 
       def head(h, acc, j):
-        first = (j * H + h) * nc
+        first = ((j - j0 if key_group else j) * H + h) * nc    # steps from the CTA's first
 
         def slot(i):
           return lax.rem(first + i, jnp.int32(stages))
@@ -114,7 +126,7 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, pl.ds(t0, m), pl.ds(j * n, n)])
 
-      lax.fori_loop(0, tiles, tile, None)
+      lax.fori_loop(j0, tiles, tile, None)
       plgpu.wait_smem_to_gmem(0)
 
     def copies(step, slot):
@@ -124,11 +136,12 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
       return tuple((q_ref.at[b, pl.ds(qt * (2 * m) + r * m, m), h, cols], q_smem.at[slot, r],
                     q_ready.at[2 * slot + r]) for r in range(2)) + (
           (k_ref.at[b, pl.ds(j * n, n), h, cols], k_smem.at[slot], k_ready.at[slot]),)
-    pl.when(wg == 2)(lambda: memory_warpgroup(pl, plgpu, copies, 0, tiles * per_tile, stages,
-                                               (consumed,)))
+    pl.when(wg == 2)(lambda: memory_warpgroup(pl, plgpu, copies, j0 * per_tile,
+                                              tiles * per_tile, stages, (consumed,)))
 
   def entry(q_ref, k_ref, lse_ref, o_ref):
-    smem = (smem_tile(plgpu, (stages, 2, m, CHUNK), dtype), smem_tile(plgpu, (stages, n, CHUNK), dtype),
+    smem = (smem_tile(plgpu, (stages, 2, m, CHUNK), dtype),
+            smem_tile(plgpu, (stages, n, CHUNK), dtype),
             plgpu.SMEM((2, H, m), jnp.float32),
             plgpu.SMEM((2, m, n), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
                                                            plgpu.SwizzleTransform(128))))
@@ -139,7 +152,8 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
 
   return plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct((B, tp, sp), jnp.float32),
-      grid=(tp // (2 * m), B), grid_names=('q_seq', 'batch'),
+      grid=(n_q, -(-n_kv // key_group), B) if key_group else (n_q, B),
+      grid_names=('q_seq', 'k_group', 'batch') if key_group else ('q_seq', 'batch'),
       num_threads=3, thread_name='wg',
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, lse2)
