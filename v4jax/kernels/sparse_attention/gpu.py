@@ -35,7 +35,8 @@ head-mean probabilities (1/H) Σ_h exp(scale·q_h·k_h^T - lse_h) of the tile in
 [B, Tc, S] buffer, then XLA takes them at idx. Tiles past the last key block that the query
 block's idx reaches are skipped (under causal top-k, every tile above the diagonal), so buffer
 entries that no slot reads stay unwritten. Queries go in chunks of Tc rows whose buffer fits
-`_PROBS_BUF_BYTES`.
+`_PROBS_BUF_BYTES`. On Hopper, under causal top-k (`causal=True`), mgpu.py's WGMMA kernel
+writes the same tiles (up to each query block's diagonal) in place of the Triton one.
 """
 from __future__ import annotations
 
