@@ -67,9 +67,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from v4jax.kernels.pallas_common import is_hopper  # noqa: E402
 from v4jax.kernels.indexer import gpu as ix_gpu  # noqa: E402
 from v4jax.kernels.indexer import reference as ix_ref  # noqa: E402
+from v4jax.kernels.pallas_common import is_hopper  # noqa: E402
 from v4jax.kernels.sparse_attention import attention_probs_mean  # noqa: E402
 from v4jax.kernels.sparse_attention import gpu as sa_gpu  # noqa: E402
 from v4jax.kernels.sparse_attention import reference as sa_ref  # noqa: E402
