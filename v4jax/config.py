@@ -170,6 +170,9 @@ def default_config() -> ConfigDict:
                                # gather then fp32 sum) | pallas (one Triton kernel; interpret
                                # mode on CPU) | auto (pallas on GPU); reference: the kernel
                                # lost to XLA's fused pass on the H200 (performance.md row 83)
+      kl_teacher='auto',       # DSA's masked-form KL teacher on GPU: auto (pallas_mgpu on Hopper,
+                               # else pallas) | pallas (Triton tiles) | pallas_mgpu (Mosaic-GPU
+                               # tiles: Hopper only; performance.md row 92)
       student_dq='auto',       # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
                                # | gather (each token's K selected keys) | auto (by T, S and K:
                                # gather from ~8K tokens; kernels/indexer/gpu.resolve_dq_form)
@@ -258,6 +261,7 @@ _CHOICES = {
     'kernels.xent': ('auto', 'reference', 'pallas'),
     'kernels.gather_sum': ('auto', 'reference', 'pallas'),
     'kernels.student_dq': ('auto', 'dense', 'gather'),
+    'kernels.kl_teacher': ('auto', 'pallas', 'pallas_mgpu'),
     'kernels.grouped_matmul': ('auto', 'ragged_dot', 'mgpu', 'megablox'),
     'mesh.rules': ('fsdp', 'fsdp_ep', 'fsdp_tp'),
     'data.source': ('builtin', 'array_record', 'synthetic'),

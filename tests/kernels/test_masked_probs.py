@@ -170,5 +170,10 @@ def test_bad_arguments_raise():
     masked_probs_mean(q, k[:, :, :1].repeat(3, 2), idx, lse, 1.0)
   with pytest.raises(ValueError, match='config.kernels.impl'):
     masked_probs_mean(q, k, idx, lse, 1.0, impl='triton')
+  with pytest.raises(ValueError, match='config.kernels.kl_teacher'):
+    masked_probs_mean(q, k, idx, lse, 1.0, teacher='mosaic')
+  if not _hopper():
+    with pytest.raises(ValueError, match="kl_teacher='pallas_mgpu' needs a Hopper GPU"):
+      masked_probs_mean(q, k, idx, lse, 1.0, causal=True, teacher='pallas_mgpu')
   with pytest.raises(ValueError, match='block_s=24'):
     gpu.masked_probs_mean(q, k, idx, lse, 1.0, block_s=24)

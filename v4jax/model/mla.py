@@ -84,7 +84,7 @@ class MLA(nnx.Module):
     self.topk, self.min_seq_len, self.dsa_query_block = d.topk, d.min_seq_len, d.query_block
     self.sparse_attention = d.sparse_attention
     self.impl, self.attention_impl = cfg.kernels.impl, cfg.kernels.attention
-    self.student_dq = cfg.kernels.student_dq
+    self.student_dq, self.kl_teacher = cfg.kernels.student_dq, cfg.kernels.kl_teacher
     self.keep_up = 'mla_up' not in m.remat_recompute   # block remat keeps the up-projections
 
   def project(self, x_BTD: jax.Array, positions_BT: jax.Array) -> Projections:
@@ -173,7 +173,8 @@ class MLA(nnx.Module):
                                            select_BTK=idx_BTK, select_words_BTW=words_BTW,
                                            query_block=self.attn_query_block,
                                            impl=self.attention_impl)
-        probs_mean = functools.partial(masked_probs_mean, causal=True)   # causal top-k
+        probs_mean = functools.partial(masked_probs_mean, causal=True,   # causal top-k
+                                       teacher=self.kl_teacher)
       else:
         q, k = self.mqa_qkv(p)
         o_c, lse_BTH = sparse_mla(q, k, idx_BTK, self.kv_rank, self.scale, query_block=qb,

@@ -15,6 +15,7 @@ from v4jax.kernels import pallas_common
 from v4jax.kernels.sparse_attention import reference
 
 IMPLS = ('auto', 'reference', 'pallas')
+TEACHERS = ('auto', 'pallas', 'pallas_mgpu')   # masked_probs_mean's GPU kernel
 
 
 def _check_impl(impl):
@@ -77,7 +78,8 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
 
 def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
                       lse_BTH: jax.Array, scale: float, *, query_block: int = 0,
-                      impl: str = 'auto', causal: bool = False) -> jax.Array:
+                      impl: str = 'auto', causal: bool = False,
+                      teacher: str = 'auto') -> jax.Array:
   """fp32 p [B,T,K] = (1/H) Σ_h exp(scale·q_h·k_h[idx] - lse_h), 0 at -1 slots; no gradient.
 
   attention_probs_mean in the MHA form (per-head keys): the KL teacher of DSA's masked form from
@@ -85,7 +87,9 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   Mosaic GPU kernel of mgpu.py when `causal`), then an XLA gather at idx; TPU: always the
   reference (dense XLA einsums per query block, which XLA does well there; no Mosaic kernel).
   causal: the caller promises S == T and idx[t] <= t (DSA's causal top-k), so tiles past the
-  diagonal need not be computed; the result is the same.
+  diagonal need not be computed; the result is the same. teacher (config.kernels.kl_teacher):
+  the GPU kernel, auto (the Mosaic one where it runs) | pallas (Triton) | pallas_mgpu (Mosaic:
+  a Hopper GPU and `causal` required).
   """
   B, T, H, D = q_BTHD.shape if q_BTHD.ndim == 4 else (None,) * 4
   if (B is None or k_BSHD.ndim != 4 or (k_BSHD.shape[0],) + k_BSHD.shape[2:] != (B, H, D)
@@ -94,9 +98,15 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
                      f'idx_BTK {idx_BTK.shape}, lse_BTH {lse_BTH.shape} must be [B,T,H,D], '
                      '[B,S,H,D], [B,T,K], [B,T,H]')
   _check_impl(impl)
+  if teacher not in TEACHERS:
+    raise ValueError(f'config.kernels.kl_teacher={teacher!r} is not one of {TEACHERS}')
+  if teacher == 'pallas_mgpu' and not (causal and pallas_common.is_hopper()):
+    raise ValueError("config.kernels.kl_teacher='pallas_mgpu' needs a Hopper GPU (H100/H200) "
+                     "and a causal top-k set (causal=True); 'auto' takes it where it runs")
   if pallas_common.use_pallas(impl) and pallas_common.target_platform() != 'tpu':
     from v4jax.kernels.sparse_attention import gpu
-    fn = lambda q, k, idx, lse: gpu.masked_probs_mean(q, k, idx, lse, scale, causal=causal)
+    fn = lambda q, k, idx, lse: gpu.masked_probs_mean(q, k, idx, lse, scale, causal=causal,
+                                                      mosaic_teacher=teacher != 'pallas')
     tok = ('batch', 'seq', None)
     return pallas_common.per_device(fn, (tok + (None,), ('batch', None, None, None), tok, tok),
                                     (tok,))(q_BTHD, k_BSHD, idx_BTK, lse_BTH)
