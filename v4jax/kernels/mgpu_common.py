@@ -12,6 +12,7 @@ from jax import lax
 
 BLOCK = 64                  # rows per compute warpgroup (WGMMA M)
 LOG2E = math.log2(math.e)
+SMEM_BYTES = 227 * 1024     # shared memory one Hopper CTA may claim
 
 
 def modules():

@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from v4jax.kernels.mgpu_common import BLOCK, LOG2E, memory_warpgroup, modules, smem_tile
+from v4jax.kernels.mgpu_common import (BLOCK, LOG2E, SMEM_BYTES, memory_warpgroup, modules,
+                                       smem_tile)
 from v4jax.kernels.pallas_common import pad_axis, round_up
 
 CHUNK = 64          # qk columns per streamed step (one 128-byte swizzled tile of bf16)
-SMEM_BYTES = 227 * 1024   # shared memory a Hopper CTA may claim
 
 
 def max_stages(H: int, block_kv: int, itemsize: int) -> int:
@@ -81,11 +81,12 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
     b, qt = lax.axis_index('batch'), lax.axis_index('q_seq')
     wg = lax.axis_index('wg')
     (q_smem, k_smem, lse_smem, o_smem), (q_ready, k_ready, own), consumed = scoped
-    tiles = jnp.minimum(pl.cdiv(row0 + (qt + 1) * (2 * m), jnp.int32(n)), n_kv)
-    j0 = 0                                 # this CTA's key tiles: j0 .. end - 1
+    # this CTA's key tiles: j0 .. end - 1, up to its last query row
+    end = jnp.minimum(pl.cdiv(row0 + (qt + 1) * (2 * m), jnp.int32(n)), n_kv)
+    j0 = 0
     if key_group:
       j0 = lax.axis_index('k_group') * key_group
-      tiles = jnp.maximum(jnp.minimum(tiles, j0 + key_group), j0)
+      end = jnp.maximum(jnp.minimum(end, j0 + key_group), j0)
 
     @pl.when(wg < 2)
     def _compute():
@@ -126,7 +127,7 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, pl.ds(t0, m), pl.ds(j * n, n)])
 
-      lax.fori_loop(j0, tiles, tile, None)
+      lax.fori_loop(j0, end, tile, None)
       plgpu.wait_smem_to_gmem(0)
 
     def copies(step, slot):
@@ -137,7 +138,7 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
                     q_ready.at[2 * slot + r]) for r in range(2)) + (
           (k_ref.at[b, pl.ds(j * n, n), h, cols], k_smem.at[slot], k_ready.at[slot]),)
     pl.when(wg == 2)(lambda: memory_warpgroup(pl, plgpu, copies, j0 * per_tile,
-                                              tiles * per_tile, stages, (consumed,)))
+                                              end * per_tile, stages, (consumed,)))
 
   def entry(q_ref, k_ref, lse_ref, o_ref):
     smem = (smem_tile(plgpu, (stages, 2, m, CHUNK), dtype),
