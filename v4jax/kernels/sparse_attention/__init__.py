@@ -79,7 +79,7 @@ def attention_probs_mean(q_BTHC: jax.Array, kv_BSC: jax.Array, idx_BTK: jax.Arra
 def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
                       lse_BTH: jax.Array, scale: float, *, query_block: int = 0,
                       impl: str = 'auto', causal: bool = False,
-                      teacher: str = 'auto') -> jax.Array:
+                      teacher: str = 'auto', key_group: int = 0) -> jax.Array:
   """fp32 p [B,T,K] = (1/H) Σ_h exp(scale·q_h·k_h[idx] - lse_h), 0 at -1 slots; no gradient.
 
   attention_probs_mean in the MHA form (per-head keys): the KL teacher of DSA's masked form from
@@ -89,7 +89,8 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   causal: the caller promises S == T and idx[t] <= t (DSA's causal top-k), so tiles past the
   diagonal need not be computed; the result is the same. teacher (config.kernels.kl_teacher):
   the GPU kernel, auto (the Mosaic one where it runs) | pallas (Triton) | pallas_mgpu (Mosaic:
-  a Hopper GPU and `causal` required).
+  a Hopper GPU and `causal` required). key_group (config.kernels.kl_key_group): the Mosaic
+  kernel's key tiles per CTA (0: all up to the diagonal).
   """
   B, T, H, D = q_BTHD.shape if q_BTHD.ndim == 4 else (None,) * 4
   if (B is None or k_BSHD.ndim != 4 or (k_BSHD.shape[0],) + k_BSHD.shape[2:] != (B, H, D)
@@ -106,7 +107,8 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   if pallas_common.use_pallas(impl) and pallas_common.target_platform() != 'tpu':
     from v4jax.kernels.sparse_attention import gpu
     fn = lambda q, k, idx, lse: gpu.masked_probs_mean(q, k, idx, lse, scale, causal=causal,
-                                                      mosaic_teacher=teacher != 'pallas')
+                                                      mosaic_teacher=teacher != 'pallas',
+                                                      key_group=key_group)
     tok = ('batch', 'seq', None)
     return pallas_common.per_device(fn, (tok + (None,), ('batch', None, None, None), tok, tok),
                                     (tok,))(q_BTHD, k_BSHD, idx_BTK, lse_BTH)
