@@ -173,9 +173,10 @@ def default_config() -> ConfigDict:
       kl_teacher='auto',       # DSA's masked-form KL teacher on GPU: auto (pallas_mgpu on Hopper,
                                # else pallas) | pallas (Triton tiles) | pallas_mgpu (Mosaic-GPU
                                # tiles: Hopper only; performance.md row 92)
-      kl_key_group=0,          # the Mosaic teacher's key tiles per CTA (0: each CTA runs its
-                               # query rows' tiles up to the diagonal; n: the grid also splits
-                               # them into groups of n, evening out the causal wave)
+      kl_key_group=3,          # the Mosaic teacher's key tiles per CTA (0: each CTA runs all
+                               # its query rows' tiles up to the diagonal; n: the grid also
+                               # splits them into groups of n, evening out the causal wave;
+                               # 3: -17% kernel time at bench_h200's shape, performance.md row 93)
       student_dq='auto',       # DSA's KL student backward on GPU, dq/dw: dense (live [T,S] tiles)
                                # | gather (each token's K selected keys) | auto (by T, S and K:
                                # gather from ~8K tokens; kernels/indexer/gpu.resolve_dq_form)
