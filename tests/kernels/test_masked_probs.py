@@ -147,6 +147,37 @@ def test_seam(impl, mesh_shape, causal):
   assert all(not np.asarray(x).any() for x in g)
 
 
+# T = 300 with a buffer of 128 query rows: 3 chunks of 128, the last one padded; T = 200: one
+# chunk of 256 (T rounded up to whole 128-row CTAs)
+@pytest.mark.parametrize('T,buf,chunks', [
+    (300, 4 * 2 * 384 * 128, [(128, 0), (128, 128), (128, 256)]), (200, None, [(256, 0)])])
+def test_mosaic_chunks_on_cpu_with_a_stand_in_kernel(monkeypatch, T, buf, chunks):
+  """The Mosaic path's XLA side on the CPU: query chunks sliced out of q, lse and idx (the last
+  one padded), each kernel call told its first row, the outputs joined along T. A jnp stand-in
+  for the kernel computes its contract (head-mean probabilities of keys <= row0 + t) and leaves
+  NaN where the kernel writes nothing (keys past a query), so reading those fails the oracle."""
+  B, H, D, K = 2, 3, 96, 40
+  q, k, idx = _inputs(B, T, T, H, D, K, jnp.bfloat16, seed=T)
+  scale = D ** -0.5
+  lse, want = _oracle(q, k, idx, scale)
+  calls = []
+
+  def dense_probs(q_c, k_c, lse_c, scale, *, block_kv, stages, row0, key_group):
+    calls.append((q_c.shape[1], row0))
+    s = scale * jnp.einsum('bthd,bshd->bhts', q_c.astype(jnp.float32), k_c.astype(jnp.float32))
+    p = jnp.exp(s - jnp.swapaxes(lse_c, 1, 2)[..., None]).mean(axis=1)
+    rows = row0 + jnp.arange(q_c.shape[1])[:, None]
+    return jnp.where(jnp.arange(k_c.shape[1])[None] <= rows, p, jnp.nan)
+
+  monkeypatch.setattr(gpu, 'is_hopper', lambda: True)
+  monkeypatch.setattr(gpu.mgpu, 'dense_probs', dense_probs)
+  opts = dict(causal=True, interpret=False) | ({'buf_bytes': buf} if buf else {})
+  p = jax.jit(lambda *a: gpu.masked_probs_mean(*a, scale, **opts))(
+      q, k, idx, jnp.asarray(lse, jnp.float32))
+  _check(p, want, idx, 1e-5)
+  assert calls == chunks, calls
+
+
 def test_seam_forwards_teacher_and_key_group(monkeypatch):
   """config.kernels.kl_teacher / kl_key_group reach the GPU kernel's arguments (the Mosaic
   kernel itself needs a Hopper GPU, so a recorder stands in for it here)."""

@@ -633,21 +633,26 @@ def masked_probs_mean(q_BTHD: jax.Array, k_BSHD: jax.Array, idx_BTK: jax.Array,
   rows = max(bq, min(round_up(T, bq), buf_bytes // (4 * B * k.shape[1]) // bq * bq))
   n = -(-T // rows)
   rows = round_up(-(-T // n), bq)
-  xs = (split_blocks(q, rows, 0), split_blocks(lse, rows, jnp.inf),
-        split_blocks(idx_BTK.astype(jnp.int32), rows, -1))
+  ins = ((q, 0), (lse, jnp.inf), (idx_BTK.astype(jnp.int32), -1))
   if not mosaic:
+    xs = tuple(split_blocks(x, rows, fill) for x, fill in ins)
     if n == 1:
       return chunk(*(x[0] for x in xs))[:, :T]
     return join_blocks(jax.lax.map(lambda x: chunk(*x), xs), T)
   # The Mosaic kernel stops at each CTA's diagonal, so it needs the chunk's first row as a
   # constant: the chunks unrolled, each one's inputs behind the last one's result, so that
-  # again one buffer is live at a time. The barrier at the end materialises the gathered
-  # probabilities once; without it XLA fused the gather into each consumer (the KL loss, the
-  # stack of saved residuals under remat) and read the buffer again in each.
+  # again one buffer is live at a time. Each chunk's rows are sliced out of q, lse and idx
+  # (the last one padded) and the outputs joined along T: one copy each way, where stacking
+  # the chunks first (split_blocks) transposed the whole of q and idx before slicing them. The
+  # barrier at the end materialises the gathered probabilities once; without it XLA fused the
+  # gather into each consumer (the KL loss, the stack of saved residuals under remat) and read
+  # the buffer again in each.
   outs = []
   for i in range(n):
-    args = tuple(x[i] for x in xs)
+    lo = i * rows
+    args = tuple(pad_axis(jax.lax.slice_in_dim(x, lo, min(lo + rows, T), axis=1), 1, rows, fill)
+                 for x, fill in ins)
     if outs:
       args = jax.lax.optimization_barrier((args, outs[-1]))[0]
-    outs.append(chunk(*args, row0=i * rows))
-  return jax.lax.optimization_barrier(join_blocks(jnp.stack(outs), T))
+    outs.append(chunk(*args, row0=lo))
+  return jax.lax.optimization_barrier(jnp.concatenate(outs, axis=1)[:, :T])
