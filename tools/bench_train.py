@@ -36,12 +36,16 @@ Method (docs/performance.md):
   events and host-memory copies count as host transfers; ops of other programs (Engram table
   gather/scatter jits, transfers) are listed per program. `top_ops` lists the costliest HLO ops,
   `top_op_groups` the costliest kernels with their ops summed per op_name (one row for a kernel
-  that every scanned or repeated layer runs), `top_op_groups_by_component` the 15 costliest
-  groups of each component, `data_movement` the compiled step's constant fills, copies,
-  transposes and dynamic(-update) slices by bytes per loop body and per step
-  (tools/hlo_report.py: what the unattributed time is). If the trace cannot be read, the profile
-  section says so and `--ablate` (timing with one component switched off at a time) is the
-  fallback.
+  that every scanned or repeated layer runs; each with the bytes its ops read and write per
+  step and the GB/s that makes), `top_op_groups_by_component` the 15 costliest groups of each
+  component (the same fields), `below_memory_speed` the groups of data-movement ops (XLA's
+  loop and reduction fusions, copies, ...) ranked by their time beyond their bytes at 3 TB/s
+  (a fusion reading its operands with a bad stride shows up here, as the attention backward's
+  `stack` did in the thirty-first session: 36 ms per step), `data_movement` the compiled
+  step's constant fills, copies, transposes and dynamic(-update) slices by bytes per loop body
+  and per step (tools/hlo_report.py: what the unattributed time is). If the trace cannot be
+  read, the profile section says so and `--ablate` (timing with one component switched off at
+  a time) is the fallback.
 - Kernel registers (--ptxas): the first step (where the Mosaic GPU kernels compile) runs with
   MOSAIC_GPU_DUMP_PTXAS=1 and its output captured (v4jax.cli.ptxas_report): `mosaic_kernels`
   lists each kernel's registers, stack and spill bytes and ptxas' performance-loss notes, and
@@ -679,6 +683,20 @@ def _busy_split(timed) -> collections.Counter:
   return out
 
 
+# The bandwidth a data-movement op should reach: ~60% of the H200's 4.8 TB/s peak, what its
+# streaming copies and reductions reach in practice. `below_memory_speed` ranks ops by time
+# beyond it; the figure is a yardstick, not a measured peak (on a CPU every op falls below it).
+MEMORY_SPEED = 3.0e12
+_DATA_OPCODES = ('copy', 'transpose', 'reduce', 'concatenate', 'gather', 'scatter', 'slice',
+                 'dynamic-slice', 'dynamic-update-slice', 'broadcast', 'select', 'convert', 'pad')
+
+
+def _is_data_op(m: hlo_report.Moved) -> bool:
+  """An op whose work is moving bytes: a loop or reduction fusion, or a bare data opcode (not a
+  library call, a kernel, or a custom fusion around a GEMM)."""
+  return m.kind in ('kLoop', 'kInput') if m.opcode == 'fusion' else m.opcode in _DATA_OPCODES
+
+
 def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> dict:
   """Per-component device time of the traced steps (see the module docstring). Times are per
   step and per device (averaged over the device planes)."""
@@ -688,11 +706,13 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
   if not paths:
     raise RuntimeError(f'no .xplane.pb under {trace_dir}')
   module, info = hlo_index(hlo_text)
+  moved = hlo_report.instruction_bytes(hlo_text)
   # XLA:GPU names a fusion's kernel after the instruction, '.' -> '_'
   kernels = {k.replace('.', '_'): k for k in info if not k.startswith('@')}
   kernels.update({k: k for k in info if not k.startswith('@')})
   data = ProfileData.from_file(paths[-1])
-  per_comp, per_op, per_module, per_tag, busy_comp = (collections.Counter() for _ in range(5))
+  per_comp, per_op, per_module, per_tag, busy_comp, runs = (collections.Counter()
+                                                             for _ in range(6))
   busy = []                                     # per counted plane: busy ns (interval union)
   # GPU/TPU: device planes only (host threads may carry hlo_op stats too); CPU: the host plane.
   has_device = any(p.name.startswith('/device:') and any(True for ln in p.lines for _ in ln.events)
@@ -718,6 +738,7 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
           per_tag[_infer_tag(hlo_op, info) or 'none'] += self_ns
         per_comp[comp] += self_ns
         per_op[(comp, hlo_op or ev.name)] += self_ns
+        runs[(comp, hlo_op or ev.name)] += 1
         intervals.append((start, start + dur))
         timed.append((start, start + dur, comp, line))
     if intervals:
@@ -729,11 +750,28 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
   per = 1e9 * steps * len(busy)                 # ns -> s per step per device
   # One kernel of a scanned or repeated layer shows up as several ops (fusion.12, fusion.40, ...)
   # under one op_name: summed here, so each kernel's total cost per step reads off one row.
-  groups, members = collections.Counter(), collections.Counter()
+  groups, members, group_bytes, mixed = (collections.Counter() for _ in range(4))
   for (comp, op), t in per_op.items():
     key = (comp, info.get(op, ('',))[0][:200] or re.sub(r'\.\d+$', '', op))
     groups[key] += t
     members[key] += 1
+    m = moved.get(op)
+    group_bytes[key] += m.bytes * runs[(comp, op)] if m else 0
+    mixed[key] += not (m and _is_data_op(m))      # a member that is not a data-movement op
+
+  def group(c, k, t):      # a group's row: its time, and the bytes its ops moved and the GB/s
+    b = group_bytes[(c, k)] / (steps * len(busy))
+    return {'op_name': k, 'ops': members[(c, k)], 's_per_step': t / per, 'bytes_per_step': b,
+            'gb_per_s': b / (t / per) / 1e9 if t and b else None}
+
+  # data-movement groups (XLA's loop and reduction fusions, copies, transposes, ...) by their
+  # time beyond what their bytes take at MEMORY_SPEED: glue that XLA fused badly
+  slow = []
+  for (c, k), t in groups.items():
+    if not mixed[(c, k)]:
+      r = group(c, k, t)
+      slow.append(dict(component=c, **r,
+                       excess_s_per_step=r['s_per_step'] - r['bytes_per_step'] / MEMORY_SPEED))
   return {
       'method': 'trace: jax.profiler xplane + HLO op_name named scopes',
       'trace_file': paths[-1],
@@ -751,11 +789,12 @@ def analyse_trace(trace_dir: str, hlo_text: str, steps: int, wall_s: float) -> d
       'top_ops': [{'component': c, 'op': o, 's_per_step': t / per,
                    'op_name': info.get(o, ('',))[0][:200]}
                   for (c, o), t in per_op.most_common(80)],
-      'top_op_groups': [{'component': c, 'op_name': k, 'ops': members[(c, k)], 's_per_step': t / per}
+      'top_op_groups': [dict(component=c, **group(c, k, t))
                         for (c, k), t in groups.most_common(80)],
+      'below_memory_speed': sorted((r for r in slow if r['excess_s_per_step'] > 0),
+                                   key=lambda r: -r['excess_s_per_step'])[:15],
       'top_op_groups_by_component': {
-          comp: [{'op_name': k, 'ops': members[(c, k)], 's_per_step': t / per}
-                 for (c, k), t in groups.most_common() if c == comp][:15]
+          comp: [group(c, k, t) for (c, k), t in groups.most_common() if c == comp][:15]
           for comp in per_comp},
       'top_unattributed_ops': [{'op': o, 's_per_step': t / per}
                                for (c, o), t in per_op.most_common() if c == 'unattributed'][:10],
@@ -831,6 +870,14 @@ def summary(rep: dict) -> str:
       name = '/'.join(g['op_name'].split('/')[-3:])
       lines.append(f"  {g['s_per_step'] * 1e3:8.2f} ms/step  {g['component']:<18} x{g['ops']:<3} "
                    f"{name}")
+    slow = p.get('below_memory_speed', [])[:5]        # data-movement ops below memory speed
+    if slow:
+      lines.append(f'  below {MEMORY_SPEED / 1e12:g} TB/s (data-movement ops, time beyond it):')
+    for g in slow:
+      name = '/'.join(g['op_name'].split('/')[-3:])
+      lines.append(f"  {g['excess_s_per_step'] * 1e3:+8.2f} ms/step  {g['component']:<18} "
+                   f"x{g['ops']:<3} {name}: {g['bytes_per_step'] / 1e9:,.1f} GB in "
+                   f"{g['s_per_step'] * 1e3:.2f} ms ({g['gb_per_s'] or 0:,.0f} GB/s)")
     moved = hlo_report.per_step(p.get('data_movement', []))
     if any(moved.values()):
       lines.append('  data movement, GB written per step (loop trips counted): ' +

@@ -48,6 +48,7 @@ _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u1
 _COMP = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{\s*$')
 _INSTR = re.compile(r'^\s*(ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$')
 _ARRAY = re.compile(r'\b([a-z]\w*)\[([\d,]*)\]')
+_OPERAND = re.compile(r'%([\w.\-]+)(?:#(\d+))?')     # `%name`, or `%tuple#k`: its element k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,44 @@ def parse(text: str) -> dict[str, list[Instr]]:
     if m:
       comps[cur].append(Instr(bool(m.group(1)), m.group(2), m.group(3), m.group(4), m.group(5)))
   return comps
+
+
+class Moved(NamedTuple):
+  """What one instruction is (opcode; a fusion's kind, e.g. kLoop, kInput, kCustom) and the
+  bytes it reads and writes."""
+  opcode: str
+  kind: str
+  bytes: int
+
+
+def instruction_bytes(text: str) -> dict[str, Moved]:
+  """{instruction: Moved} of every instruction outside fused computations: the bytes
+  of its result plus those of its array operands, i.e. what it reads and writes if it touches
+  each element once. An upper bound where an op reads part of an operand (a slice of a stacked
+  array) or updates a buffer in place, so a low bandwidth from it is never an artefact."""
+  comps = parse(text)
+  fused = {_called(i.rest) for instrs in comps.values() for i in instrs
+           if i.opcode in ('fusion', 'fusion-start')}
+  shapes = {i.name: i.shape for instrs in comps.values() for i in instrs}
+
+  def operand_bytes(name, element):
+    shape = shapes.get(name, '')
+    if element is None:                  # a whole operand; a tuple one is passed, not read
+      return 0 if shape.startswith('(') else shape_bytes(shape)
+    arrays = _ARRAY.findall(shape)       # `%t#k`: element k of a (flat) tuple
+    k = int(element)
+    return shape_bytes('{}[{}]'.format(*arrays[k])) if k < len(arrays) else 0
+
+  out = {}
+  for comp, instrs in comps.items():
+    if comp in fused:
+      continue
+    for i in instrs:
+      operands = _OPERAND.findall(i.rest.split(')', 1)[0])
+      reads = sum(operand_bytes(o, k or None) for o, k in operands)
+      kind = re.search(r'\bkind=(\w+)', i.rest)
+      out[i.name] = Moved(i.opcode, kind.group(1) if kind else '', shape_bytes(i.shape) + reads)
+  return out
 
 
 def _called(rest: str) -> str | None:

@@ -84,6 +84,8 @@ def test_tiny_cpu_json(tmp_path, capsys, monkeypatch):
   assert '    profile: device busy' in printed.out, printed.out   # the variant's, in the summary
   assert printed.out.count('XLA memory GB: args ') == 2, printed.out   # the main run's, v's
   p = on_disk['profile']
+  assert p['below_memory_speed']          # on a CPU every data-movement op is below 3 TB/s
+  assert '  below 3 TB/s (data-movement ops, time beyond it):' in printed.out, printed.out
   assert p['method'].startswith('trace'), p
   assert sum(p['shares'].values()) == pytest.approx(1.0)
   for comp in ('attention+indexer', 'moe', 'mhc', 'engram', 'optimizer', 'head+loss'):
@@ -192,6 +194,16 @@ def test_trace_attribution(tmp_path):
       assert r['component'] == 'moe', r
     elif 'v4_attn' in r['op_name']:
       assert r['component'] == 'attention+indexer', r
+  # bytes per step from the HLO shapes and the ops' runs: every group of a real op has some,
+  # and the data-movement view ranks whole-data groups by time beyond MEMORY_SPEED
+  assert all(r['bytes_per_step'] > 0 and r['gb_per_s'] > 0 for r in g), g
+  slow = p['below_memory_speed']
+  assert slow and [r['excess_s_per_step'] for r in slow] == sorted(
+      (r['excess_s_per_step'] for r in slow), reverse=True)
+  for r in slow:
+    assert r['excess_s_per_step'] == pytest.approx(
+        r['s_per_step'] - r['bytes_per_step'] / bench_train.MEMORY_SPEED)
+    assert r['gb_per_s'] == pytest.approx(r['bytes_per_step'] / r['s_per_step'] / 1e9)
   by = p['top_op_groups_by_component']   # the same groups, per component, costliest first
   assert by['moe'] and all(r in g for r in [dict(component='moe', **x) for x in by['moe']])
   assert [x['s_per_step'] for x in by['moe']] == sorted((x['s_per_step'] for x in by['moe']),

@@ -129,3 +129,32 @@ def test_cli_on_a_real_cpu_dump(tmp_path):
   assert json.loads(out.read_text())['file'] == rep['file']
   fills = [t for t in rep['totals'] if t['category'] == 'fill']
   assert any(t['bytes'] >= 6 * 4 * 8 * 4 for t in fills), rep['totals']
+
+
+def test_instruction_bytes():
+  """What each unfused instruction reads and writes: its result plus its array operands (a
+  tuple passed whole counts nothing; `%t#k` its element k); fused computations are not listed."""
+  got = hlo_report.instruction_bytes(MODULE)
+  assert got['loop_add_fusion.29'] == ('fusion', 'kLoop', 2 * 4 * 8 * 4)
+  assert got['transpose.28'] == ('transpose', '', 2 * 8 * 4 * 4)
+  assert got['loop_dynamic_slice_fusion.19'].bytes == 16 * 2 * 2 + 6 * 16 * 2 * 2 + 4
+  assert got['i.16'].bytes == 4                      # get-tuple-element of a tuple: the result
+  assert 'add.13' not in got and 'dynamic-slice.10' not in got
+  elements = textwrap.dedent('''\
+      HloModule m
+
+      %fused_r (a: f32[4,8], b: bf16[16]) -> f32[4] {
+        %a = f32[4,8]{1,0} parameter(0)
+        %b = bf16[16]{0} parameter(1)
+        %c = f32[] constant(0)
+        ROOT %r = f32[4]{0} reduce(%a, %c), dimensions={1}, to_apply=%add
+      }
+
+      ENTRY %main (p: (f32[4,8], bf16[16])) -> f32[4] {
+        %p = (f32[4,8]{1,0}, /*index=1*/bf16[16]{0}) parameter(0)
+        ROOT %input_reduce_fusion.1 = f32[4]{0} fusion(%p#0, %p#1), kind=kInput, calls=%fused_r
+      }
+      ''')
+  got = hlo_report.instruction_bytes(elements)
+  assert got['input_reduce_fusion.1'] == ('fusion', 'kInput', 4 * 4 + 4 * 8 * 4 + 16 * 2)
+  assert got['p'].bytes == 4 * 8 * 4 + 16 * 2 and 'r' not in got
