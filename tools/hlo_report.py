@@ -114,7 +114,8 @@ def instruction_bytes(text: str) -> dict[str, Moved]:
   """{instruction: Moved} of every instruction outside fused computations: the bytes
   of its result plus those of its array operands, i.e. what it reads and writes if it touches
   each element once. An upper bound where an op reads part of an operand (a slice of a stacked
-  array) or updates a buffer in place, so a low bandwidth from it is never an artefact."""
+  array) or updates a buffer in place, so such ops look faster, not slower; an operand whose
+  shape the text does not give (a nested tuple's element) counts nothing."""
   comps = parse(text)
   fused = {_called(i.rest) for instrs in comps.values() for i in instrs
            if i.opcode in ('fusion', 'fusion-start')}

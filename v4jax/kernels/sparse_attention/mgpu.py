@@ -50,8 +50,8 @@ def dense_probs(q_BTHK: jax.Array, k_BSHK: jax.Array, lse_BTH: jax.Array, scale:
   natural log, -inf or +inf for a row without keys (p = 0). stages: pipeline slots, default
   the most that fit up to 4. key_group: 0 (all of a CTA's key tiles), or at most this many key
   tiles per CTA, the CTA grid then also over groups of key tiles (the model's default, 3:
-  config.kernels.kl_key_group). A CTA's work grows with its
-  query block (1 to T/128 tiles), and one CTA fits an SM: bench_h200's query chunks of 2,048
+  config.kernels.kl_key_group). A CTA's work grows with its query block (1 to T/128 tiles),
+  and one CTA fits an SM: bench_h200's query chunks of 2,048
   rows launch 128 CTAs each, one wave whose longest CTA sets the time (48 tile-times for the
   two chunks against a mean of 32 per SM). Groups of 3 or 4 tiles make 4.5-6x the CTAs; a
   list-scheduling simulation (a quarter tile of start-up per CTA, launch order as the grid)
