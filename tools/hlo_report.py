@@ -117,8 +117,7 @@ def instruction_bytes(text: str) -> dict[str, Moved]:
   array) or updates a buffer in place, so such ops look faster, not slower; an operand whose
   shape the text does not give (a nested tuple's element) counts nothing."""
   comps = parse(text)
-  fused = {_called(i.rest) for instrs in comps.values() for i in instrs
-           if i.opcode in ('fusion', 'fusion-start')}
+  fused = _fused(comps)
   shapes = {i.name: i.shape for instrs in comps.values() for i in instrs}
 
   def operand_bytes(name, element):
@@ -139,6 +138,13 @@ def instruction_bytes(text: str) -> dict[str, Moved]:
       kind = re.search(r'\bkind=(\w+)', i.rest)
       out[i.name] = Moved(i.opcode, kind.group(1) if kind else '', shape_bytes(i.shape) + reads)
   return out
+
+
+def _fused(comps: dict[str, list[Instr]]) -> set[str]:
+  """The computations that fusions (sync or async) call: their instructions run inside one
+  kernel, not as ops of their own."""
+  return {_called(i.rest) for instrs in comps.values() for i in instrs
+          if i.opcode in ('fusion', 'fusion-start')}
 
 
 def _called(rest: str) -> str | None:
@@ -176,15 +182,11 @@ def report(text: str) -> list[Row]:
   shapes = {c: {i.name: i.shape for i in instrs} for c, instrs in comps.items()}
   roots = {c: next(((i.opcode, i.rest) for i in instrs if i.is_root), ('', ''))
            for c, instrs in comps.items()}
-  fused, caller = set(), {}      # fused computations; other callees -> the computation calling
+  fused, caller = _fused(comps), {}      # other callees -> the computation calling them
   for comp, instrs in comps.items():
     for i in instrs:
       callee = _called(i.rest)
-      if callee is None:
-        continue
-      if i.opcode in ('fusion', 'fusion-start'):
-        fused.add(callee)
-      else:
+      if callee is not None and i.opcode not in ('fusion', 'fusion-start'):
         caller.setdefault(callee, comp)
 
   def owner(comp):
